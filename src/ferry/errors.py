@@ -1,0 +1,131 @@
+"""The one exception tree of ferry.
+
+Every failure a user can meet is a :class:`FerryError` whose message says what
+failed, for which VM or host, and what to do. Foreign exceptions (``OSError``,
+``ssl.SSLError``, ``sqlite3.Error``, QMP errors) are translated where they
+enter, in the adapter that met them, with ``raise ... from exc``.
+
+::
+
+    FerryError                      code
+     +-- InvalidInputError          invalid-input     bad size, name, path, flag
+     +-- NotFoundError              not-found         unknown VM, host, file
+     +-- ConflictError              conflict          duplicate name, VM in use
+     +-- StateError                 wrong-state       operation not allowed now
+     +-- VersionError               version           config version / data dir
+     +-- AuthError                  forbidden         certificate refused, wrong role
+     +-- ConnectionFailedError      unreachable       agent cannot be reached
+     +-- PkiError                   pki               certificates cannot be made/read
+     +-- QemuError                  qemu              QEMU failed to start or answer
+     +-- CatalogError               catalog           the SQLite catalog failed
+     +-- GuestBuildError            guest-build       the test guest cannot be built/read
+     +-- ConfigError                config            a config file is missing or invalid
+
+The ``code`` travels over the API so the CLI can rebuild the same class on
+the other side.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class FerryError(Exception):
+    """Root of every error ferry reports to a user."""
+
+    code: ClassVar[str] = "error"
+    http_status: ClassVar[int] = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidInputError(FerryError):
+    code = "invalid-input"
+    http_status = 400
+
+
+class NotFoundError(FerryError):
+    code = "not-found"
+    http_status = 404
+
+
+class ConflictError(FerryError):
+    code = "conflict"
+    http_status = 409
+
+
+class StateError(FerryError):
+    """An operation was asked for in a state that does not allow it."""
+
+    code = "wrong-state"
+    http_status = 409
+
+
+class VersionError(FerryError):
+    code = "version"
+    http_status = 409
+
+
+class AuthError(FerryError):
+    code = "forbidden"
+    http_status = 403
+
+
+class ConnectionFailedError(FerryError):
+    code = "unreachable"
+    http_status = 502
+
+
+class PkiError(FerryError):
+    code = "pki"
+    http_status = 500
+
+
+class QemuError(FerryError):
+    code = "qemu"
+    http_status = 500
+
+
+class CatalogError(FerryError):
+    code = "catalog"
+    http_status = 500
+
+
+class GuestBuildError(FerryError):
+    code = "guest-build"
+    http_status = 500
+
+
+class ConfigError(FerryError):
+    code = "config"
+    http_status = 500
+
+
+_BY_CODE: dict[str, type[FerryError]] = {
+    cls.code: cls
+    for cls in (
+        FerryError,
+        InvalidInputError,
+        NotFoundError,
+        ConflictError,
+        StateError,
+        VersionError,
+        AuthError,
+        ConnectionFailedError,
+        PkiError,
+        QemuError,
+        CatalogError,
+        GuestBuildError,
+        ConfigError,
+    )
+}
+
+
+def error_from_code(code: str, message: str) -> FerryError:
+    """Rebuild the error class named by an API error ``code``."""
+    return _BY_CODE.get(code, FerryError)(message)
