@@ -1,0 +1,150 @@
+"""The host's catalog: VMs and their states in SQLite (WAL) in the data dir.
+
+The schema version is SQLite's ``user_version``. Opening applies every forward
+migration in :data:`MIGRATIONS` in one transaction, and refuses a catalog
+written by a newer ferry (see :func:`ferry.core.versions.check_data_schema`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ferry.core.spec import VmSpec
+from ferry.core.versions import DATA_SCHEMA_VERSION, check_data_schema
+from ferry.core.vmstate import VmState
+from ferry.errors import CatalogError, ConflictError, NotFoundError
+
+CATALOG_FILE = "catalog.sqlite"
+
+# schema version -> statements that bring the previous version to it.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE vms (
+            uuid TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            spec TEXT NOT NULL,
+            state TEXT NOT NULL,
+            created REAL NOT NULL,
+            updated REAL NOT NULL
+        )""",
+    ),
+}
+assert max(MIGRATIONS) == DATA_SCHEMA_VERSION
+
+
+@dataclass(frozen=True)
+class VmRecord:
+    spec: VmSpec
+    state: VmState
+    created: float
+    updated: float
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def uuid(self) -> str:
+        return self.spec.uuid
+
+
+class Catalog:
+    """One host's catalog; a thin, typed layer over one SQLite connection."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / CATALOG_FILE
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise CatalogError(f"cannot open catalog {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _migrate(self) -> None:
+        (found,) = self._db.execute("PRAGMA user_version").fetchone()
+        check_data_schema(found, data_dir=str(self.path.parent))
+        if found == DATA_SCHEMA_VERSION:
+            return
+        with self._transaction():
+            for version in range(found + 1, DATA_SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[version]:
+                    self._db.execute(statement)
+            self._db.execute(f"PRAGMA user_version={DATA_SCHEMA_VERSION}")
+
+    @property
+    def schema_version(self) -> int:
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        return int(version)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    @staticmethod
+    def _record(row: tuple[str, str, float, float]) -> VmRecord:
+        spec, state, created, updated = row
+        return VmRecord(VmSpec.model_validate_json(spec), VmState(state), created, updated)
+
+    def add_vm(self, spec: VmSpec, state: VmState = VmState.OFF) -> VmRecord:
+        now = time.time()
+        try:
+            self._db.execute(
+                "INSERT INTO vms (uuid, name, spec, state, created, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (spec.uuid, spec.name, spec.model_dump_json(), state.value, now, now),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise ConflictError(f"a VM named {spec.name!r} already exists on this host") from exc
+        except sqlite3.Error as exc:
+            raise CatalogError(f"cannot record VM {spec.name!r}: {exc}") from exc
+        return VmRecord(spec, state, now, now)
+
+    def vms(self) -> list[VmRecord]:
+        rows = self._db.execute(
+            "SELECT spec, state, created, updated FROM vms ORDER BY name"
+        ).fetchall()
+        return [self._record(row) for row in rows]
+
+    def find(self, name: str) -> VmRecord | None:
+        row = self._db.execute(
+            "SELECT spec, state, created, updated FROM vms WHERE name = ? OR uuid = ?",
+            (name, name),
+        ).fetchone()
+        return None if row is None else self._record(row)
+
+    def get(self, name: str) -> VmRecord:
+        record = self.find(name)
+        if record is None:
+            raise NotFoundError(f"no VM named {name!r} on this host")
+        return record
+
+    def set_state(self, uuid: str, state: VmState) -> None:
+        self._db.execute(
+            "UPDATE vms SET state = ?, updated = ? WHERE uuid = ?",
+            (state.value, time.time(), uuid),
+        )
+
+    def update_spec(self, spec: VmSpec) -> None:
+        self._db.execute(
+            "UPDATE vms SET spec = ?, updated = ? WHERE uuid = ?",
+            (spec.model_dump_json(), time.time(), spec.uuid),
+        )
+
+    def delete(self, uuid: str) -> None:
+        self._db.execute("DELETE FROM vms WHERE uuid = ?", (uuid,))

@@ -1,0 +1,153 @@
+"""QEMU processes and their QMP channels.
+
+QEMU runs daemonized (its own session, reparented away from the agent), so an
+agent can die or be upgraded while VMs run. A process is identified by its
+pidfile *and* by the VM's UUID on its command line, so a recycled pid is never
+mistaken for a VM. Every QMP or OS error is translated into
+:class:`ferry.errors.QemuError` here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ExecuteError, QMPClient, QMPError, Runstate
+
+from ferry.errors import QemuError
+
+log = logging.getLogger(__name__)
+
+
+def read_pidfile(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def process_matches(pid: int, uuid: str) -> bool:
+    """True if ``pid`` is a live QEMU running the VM with ``uuid``."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    # A zombie has an empty cmdline, so it never matches.
+    return uuid.encode() in cmdline.split(b"\0")
+
+
+def find_process(pidfile: Path, uuid: str) -> int | None:
+    pid = read_pidfile(pidfile)
+    return pid if pid is not None and process_matches(pid, uuid) else None
+
+
+async def wait_gone(pid: int, uuid: str, timeout: float) -> bool:
+    """Wait until the process is gone; True if it went within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while process_matches(pid, uuid):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def kill_process(pid: int, uuid: str, *, timeout: float = 10.0) -> None:
+    """SIGKILL the VM's QEMU (only if ``pid`` still is that QEMU) and wait."""
+    if not process_matches(pid, uuid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    if not await wait_gone(pid, uuid, timeout):
+        raise QemuError(f"QEMU pid {pid} did not die after SIGKILL within {timeout:.0f}s")
+
+
+async def launch(argv: Sequence[str], *, pidfile: Path, uuid: str, timeout: float = 60.0) -> int:
+    """Run a daemonizing QEMU command line; return the daemon's pid.
+
+    QEMU prints start-up errors before it daemonizes and exits non-zero, so
+    the first line of its stderr is the reason we report.
+    """
+    pidfile.unlink(missing_ok=True)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except OSError as exc:
+        raise QemuError(f"cannot run {argv[0]}: {exc.strerror}") from exc
+    try:
+        _, stderr = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise QemuError(f"QEMU did not finish starting within {timeout:.0f}s") from None
+    if proc.returncode != 0:
+        lines = [line for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise QemuError(f"QEMU refused to start: {reason}")
+    pid = read_pidfile(pidfile)
+    if pid is None or not process_matches(pid, uuid):
+        raise QemuError("QEMU started but left no usable pidfile")
+    return pid
+
+
+class QmpChannel:
+    """One QMP connection to one QEMU, with errors translated."""
+
+    def __init__(self, socket_path: Path, *, name: str) -> None:
+        self.socket_path = socket_path
+        self.name = name
+        self._client = QMPClient(name)
+
+    async def connect(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await self._client.connect(str(self.socket_path))
+                return
+            except QMPError as exc:
+                if time.monotonic() >= deadline:
+                    raise QemuError(
+                        f"cannot reach QMP of VM {self.name!r} at {self.socket_path}: {exc}"
+                    ) from exc
+                await asyncio.sleep(0.1)
+
+    @property
+    def connected(self) -> bool:
+        return self._client.runstate == Runstate.RUNNING
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        try:
+            return await self._client.execute(command, arguments)
+        except ExecuteError as exc:
+            raise QemuError(f"QEMU of VM {self.name!r} refused {command}: {exc}") from exc
+        except (QMPError, OSError, EOFError) as exc:
+            raise QemuError(f"QMP of VM {self.name!r} failed during {command}: {exc}") from exc
+
+    async def status(self) -> str:
+        reply = await self.execute("query-status")
+        return str(reply["status"])
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Yield every QMP event until the connection ends."""
+        with contextlib.suppress(QMPError):
+            async for event in self._client.events:
+                yield dict(event)
+
+    async def wait_closed(self) -> None:
+        """Return once the connection is down (QEMU quit or died)."""
+        while self._client.runstate == Runstate.RUNNING:
+            await self._client.runstate_changed()
+
+    async def close(self) -> None:
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await self._client.disconnect()
