@@ -1,0 +1,108 @@
+"""The ferry agent process: one per host.
+
+Start-up order matters: lock the data dir (one agent per host), open the
+catalog (refusing a newer schema), learn the accelerator, re-attach to every
+running QEMU, and only then serve HTTPS, so the first answer is already true.
+On SIGTERM/SIGINT it stops serving and lets go of its QEMUs, which keep
+running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from ferry.adapters.catalog import Catalog
+from ferry.adapters.pki import server_ssl_context
+from ferry.api.server import AgentApi
+from ferry.errors import ConfigError
+from ferry.host import facts
+from ferry.host.config import HostConfig, load_host_config
+from ferry.host.vms import VmService
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "agent.lock"
+PID_FILE = "agent.pid"
+
+
+def _lock_data_dir(data_dir: Path) -> int:
+    """Hold an exclusive lock on the data dir for the agent's lifetime."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid_path = data_dir / PID_FILE
+        holder = pid_path.read_text().strip() if pid_path.exists() else "?"
+        raise ConfigError(
+            f"another agent (pid {holder}) already runs on data dir {data_dir}"
+        ) from None
+    return fd
+
+
+async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> None:
+    lock_fd = _lock_data_dir(config.data_dir)
+    pidfile = config.data_dir / PID_FILE
+    catalog = Catalog(config.data_dir)
+    runner: web.AppRunner | None = None
+    vms: VmService | None = None
+    try:
+        tls = server_ssl_context(config.tls_dir)
+        qemu_version = await asyncio.to_thread(facts.qemu_version, config.qemu_binary)
+        accelerator = await facts.resolve_accelerator(config)
+        vms = VmService(
+            config,
+            catalog,
+            accelerator=accelerator,
+            host_memory=facts.host_memory(),
+            host_cpus=facts.host_cpus(),
+        )
+        await vms.reattach_all()
+        address, port = config.address
+        url = f"https://{address}:{port}"
+        api = AgentApi(vms, url=url, accelerator=accelerator, qemu_version=qemu_version)
+        runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, address, port, ssl_context=tls, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {config.listen}: {exc.strerror}") from exc
+        pidfile.write_text(f"{os.getpid()}\n")
+        log.info("agent %s serving %s (accelerator %s, QEMU %s)", config.name, url,
+                 accelerator, qemu_version)  # fmt: skip
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        log.info("agent %s stopping; VMs keep running", config.name)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        if vms is not None:
+            await vms.detach_all()
+        catalog.close()
+        with contextlib.suppress(OSError):
+            pidfile.unlink()
+        os.close(lock_fd)
+
+
+def run_agent(config_path: Path) -> None:
+    config = load_host_config(config_path)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(serve(config))

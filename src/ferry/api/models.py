@@ -1,0 +1,117 @@
+"""The agent's API payloads: the one place the wire format is written down.
+
+All bodies are JSON. Errors come back with a non-2xx status and
+``{"error": {"code": <FerryError.code>, "message": <one line>}}``.
+
+Admin endpoints (admin certificate)::
+
+    GET    /v1/host                     -> HostView
+    GET    /v1/vms                      -> [VmView]
+    POST   /v1/vms        CreateVmRequest -> VmView
+    GET    /v1/vms/{name}               -> VmView
+    POST   /v1/vms/{name}/start         -> VmView
+    POST   /v1/vms/{name}/stop  StopRequest -> StopResult
+    POST   /v1/vms/{name}/kill          -> VmView
+    DELETE /v1/vms/{name}?force=0|1     -> {"deleted": name}
+    GET    /v1/vms/{name}/console?offset=N -> ConsoleChunk
+
+Peer endpoints (a host certificate of the same CA, or an admin)::
+
+    GET    /v1/peer/hello               -> PeerHello
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_DISK = 64 * 1024**4
+
+
+class DiskView(BaseModel):
+    path: str
+    size: int
+    format: str
+
+
+class VmView(BaseModel):
+    name: str
+    uuid: str
+    host: str
+    state: str
+    config_version: int
+    memory: int
+    cpus: int
+    disks: list[DiskView]
+    kernel: str | None = None
+    append: str | None = None
+    pid: int | None = None
+    replication: None = None
+
+
+class HostView(BaseModel):
+    name: str
+    url: str
+    version: str
+    functional_level: int
+    supported_config_versions: tuple[int, int]
+    accelerator: str
+    qemu_version: str
+    memory: int
+    cpus: int
+    vms: int
+    running_vms: int
+    data_dir: str
+    schema_version: int
+
+
+class DiskRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    size: int | None = Field(default=None, gt=0, le=MAX_DISK)
+    image: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DiskRequest:
+        if (self.size is None) == (self.image is None):
+            raise ValueError("a disk needs exactly one of size or image")
+        return self
+
+
+class CreateVmRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    memory: int = Field(default=256 * 1024**2, gt=0)
+    cpus: int = Field(default=1, gt=0)
+    disks: list[DiskRequest] = []
+    guest: Literal["test"] | None = None
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str | None = None
+    config_version: int | None = None
+
+
+class StopRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_s: float | None = Field(default=None, gt=0, le=3600)
+
+
+class StopResult(BaseModel):
+    vm: VmView
+    forced: bool
+
+
+class ConsoleChunk(BaseModel):
+    text: str
+    offset: int
+
+
+class PeerHello(BaseModel):
+    name: str
+    version: str
+    functional_level: int
+    caller: str
+    caller_role: str

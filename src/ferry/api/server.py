@@ -1,0 +1,206 @@
+"""The agent's HTTPS API (aiohttp), mutual TLS only.
+
+The verified client certificate of each request decides its role: an *admin*
+certificate may call everything; a *host* certificate of the same CA (a peer)
+may only call ``/v1/peer/...``; anything else is cut off in the TLS handshake
+(no or foreign certificate) or answered 403. Payloads are in
+:mod:`ferry.api.models`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from ferry import __version__
+from ferry.adapters.catalog import VmRecord
+from ferry.adapters.pki import CertInfo, Role, cert_info_from_der
+from ferry.api.models import (
+    ConsoleChunk,
+    CreateVmRequest,
+    DiskView,
+    HostView,
+    PeerHello,
+    StopRequest,
+    StopResult,
+    VmView,
+)
+from ferry.core.versions import supported_range
+from ferry.core.vmstate import VmState
+from ferry.errors import AuthError, FerryError, InvalidInputError
+from ferry.host.vms import VmService
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(model: BaseModel | list[Any] | dict[str, Any], status: int = 200) -> web.Response:
+    if isinstance(model, BaseModel):
+        body = model.model_dump_json()
+    else:
+        body = web.json_response(model).text or "null"
+    return web.Response(text=body, status=status, content_type="application/json")
+
+
+def _error(exc: FerryError) -> web.Response:
+    payload = {"error": {"code": exc.code, "message": exc.message}}
+    return web.json_response(payload, status=exc.http_status)
+
+
+def _caller(request: web.Request) -> CertInfo:
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        raise AuthError("a client certificate is required")
+    return cert_info_from_der(der)
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Authorise by certificate role, and turn every error into one JSON line."""
+    try:
+        caller = _caller(request)
+        is_peer_path = request.path.startswith("/v1/peer/")
+        if caller.role is Role.HOST and not is_peer_path:
+            raise AuthError(
+                f"host certificate {caller.common_name!r} may only call peer endpoints; "
+                "use an admin certificate"
+            )
+        if caller.role not in (Role.ADMIN, Role.HOST):
+            raise AuthError(f"certificate {caller.subject!r} is neither a ferry admin nor a host")
+        request["caller"] = caller
+        return await handler(request)
+    except FerryError as exc:
+        return _error(exc)
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return _error(FerryError(f"internal error in the agent: {type(exc).__name__}: {exc}"))
+
+
+async def _body(request: web.Request, model: type[M]) -> M:
+    try:
+        raw = await request.read()
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise InvalidInputError(f"invalid request: {where}: {first['msg']}") from exc
+
+
+class AgentApi:
+    """Route handlers over one host's services."""
+
+    def __init__(self, vms: VmService, *, url: str, accelerator: str, qemu_version: str) -> None:
+        self.vms = vms
+        self.url = url
+        self.accelerator = accelerator
+        self.qemu_version = qemu_version
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[_guard], client_max_size=1024**2)
+        app.add_routes(
+            [
+                web.get("/v1/host", self.host),
+                web.get("/v1/vms", self.list_vms),
+                web.post("/v1/vms", self.create_vm),
+                web.get("/v1/vms/{name}", self.show_vm),
+                web.post("/v1/vms/{name}/start", self.start_vm),
+                web.post("/v1/vms/{name}/stop", self.stop_vm),
+                web.post("/v1/vms/{name}/kill", self.kill_vm),
+                web.delete("/v1/vms/{name}", self.delete_vm),
+                web.get("/v1/vms/{name}/console", self.console),
+                web.get("/v1/peer/hello", self.peer_hello),
+            ]
+        )
+        return app
+
+    def _view(self, record: VmRecord) -> VmView:
+        spec = record.spec
+        return VmView(
+            name=spec.name,
+            uuid=spec.uuid,
+            host=self.vms.config.name,
+            state=record.state.value,
+            config_version=spec.config_version,
+            memory=spec.memory,
+            cpus=spec.cpus,
+            disks=[DiskView(path=d.path, size=d.size, format=d.format) for d in spec.disks],
+            kernel=spec.kernel,
+            append=spec.append,
+            pid=self.vms.pid_of(spec.uuid),
+        )
+
+    async def host(self, request: web.Request) -> web.Response:
+        config = self.vms.config
+        records = self.vms.list()
+        view = HostView(
+            name=config.name,
+            url=self.url,
+            version=__version__,
+            functional_level=config.functional_level,
+            supported_config_versions=supported_range(config.functional_level),
+            accelerator=self.accelerator,
+            qemu_version=self.qemu_version,
+            memory=self.vms.host_memory,
+            cpus=self.vms.host_cpus,
+            vms=len(records),
+            running_vms=sum(r.state == VmState.RUNNING for r in records),
+            data_dir=str(config.data_dir),
+            schema_version=self.vms.catalog.schema_version,
+        )
+        return _json(view)
+
+    async def list_vms(self, request: web.Request) -> web.Response:
+        return _json([self._view(r).model_dump() for r in self.vms.list()])
+
+    async def create_vm(self, request: web.Request) -> web.Response:
+        create = await _body(request, CreateVmRequest)
+        return _json(self._view(await self.vms.create(create)), status=201)
+
+    async def show_vm(self, request: web.Request) -> web.Response:
+        return _json(self._view(self.vms.get(request.match_info["name"])))
+
+    async def start_vm(self, request: web.Request) -> web.Response:
+        return _json(self._view(await self.vms.start(request.match_info["name"])))
+
+    async def stop_vm(self, request: web.Request) -> web.Response:
+        stop = await _body(request, StopRequest)
+        record, forced = await self.vms.stop(request.match_info["name"], timeout=stop.timeout_s)
+        return _json(StopResult(vm=self._view(record), forced=forced))
+
+    async def kill_vm(self, request: web.Request) -> web.Response:
+        return _json(self._view(await self.vms.kill(request.match_info["name"])))
+
+    async def delete_vm(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        force = request.query.get("force", "0") in ("1", "true", "yes")
+        await self.vms.delete(name, force=force)
+        return _json({"deleted": name})
+
+    async def console(self, request: web.Request) -> web.Response:
+        try:
+            offset = max(0, int(request.query.get("offset", "0")))
+        except ValueError:
+            raise InvalidInputError("offset must be a whole number of bytes") from None
+        text, new_offset = self.vms.console(request.match_info["name"], offset)
+        return _json(ConsoleChunk(text=text, offset=new_offset))
+
+    async def peer_hello(self, request: web.Request) -> web.Response:
+        caller: CertInfo = request["caller"]
+        config = self.vms.config
+        hello = PeerHello(
+            name=config.name,
+            version=__version__,
+            functional_level=config.functional_level,
+            caller=caller.common_name,
+            caller_role=caller.role.value if caller.role else "none",
+        )
+        return _json(hello)

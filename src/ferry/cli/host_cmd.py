@@ -1,0 +1,101 @@
+"""``ferry host ...``: the hosts this client knows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ferry.cli.output import err, print_json, print_table, say
+from ferry.cli.vm_cmd import JsonOpt, with_fleet
+from ferry.client.fleet import Fleet
+from ferry.client.settings import HostEntry, load_settings, save_settings
+from ferry.core.spec import check_name
+from ferry.core.units import format_size
+from ferry.errors import FerryError, InvalidInputError
+
+app = typer.Typer(help="Hosts: list, show, add, remove.", no_args_is_help=True)
+
+_LIST_KEYS = ("name", "url", "version", "functional_level", "accelerator", "vms")
+
+
+@app.command("list")
+def list_hosts(as_json: bool = JsonOpt) -> None:
+    """List known hosts and what they report (unreachable ones say so)."""
+
+    async def run(fleet: Fleet) -> list[dict[str, Any]]:
+        rows = []
+        for name, result in (await fleet.each("/v1/host")).items():
+            if isinstance(result, FerryError):
+                entry = fleet.settings.host(name)
+                rows.append({"name": name, "url": entry.url, "version": None,
+                             "functional_level": None, "accelerator": None, "vms": None,
+                             "error": str(result)})  # fmt: skip
+            else:
+                rows.append({key: result[key] for key in _LIST_KEYS})
+        return rows
+
+    rows = with_fleet(run)
+    if as_json:
+        print_json(rows)
+        return
+    print_table(
+        ["NAME", "URL", "VERSION", "LEVEL", "ACCEL", "VMS"],
+        [[row[key] for key in _LIST_KEYS] for row in rows],
+    )
+    for row in rows:
+        if "error" in row:
+            err.print(f"ferry: warning: {row['error']}", markup=False)
+
+
+@app.command("show")
+def show_host(host: str, as_json: bool = JsonOpt) -> None:
+    """Show one host's facts."""
+    facts: dict[str, Any] = with_fleet(lambda fleet: fleet.client(host).get("/v1/host"))
+    if as_json:
+        print_json(facts)
+        return
+    low, high = facts["supported_config_versions"]
+    for label, value in [
+        ("name", facts["name"]), ("url", facts["url"]), ("version", facts["version"]),
+        ("functional level", facts["functional_level"]),
+        ("config versions", f"{low}..{high}"), ("accelerator", facts["accelerator"]),
+        ("qemu", facts["qemu_version"]), ("memory", format_size(facts["memory"])),
+        ("cpus", facts["cpus"]), ("vms", f"{facts['vms']} ({facts['running_vms']} running)"),
+        ("data dir", facts["data_dir"]),
+    ]:  # fmt: skip
+        say(f"{label:>17}: {value}")
+
+
+@app.command("add")
+def add_host(
+    name: str,
+    url: str,
+    server_name: str | None = typer.Option(
+        None, "--server-name", help="Name in the host's certificate (default: NAME)."
+    ),
+    admin_tls: Path | None = typer.Option(
+        None, "--admin-tls", help="Dir with ca-cert.pem, client-cert.pem, client-key.pem."
+    ),
+) -> None:
+    """Register a host so commands can reach it."""
+    check_name(name, what="host name")
+    if not url.startswith("https://"):
+        raise InvalidInputError(f"host URL {url!r} must start with https://")
+    settings = load_settings()
+    settings.hosts[name] = HostEntry(url=url, server_name=server_name or name)
+    if admin_tls is not None:
+        settings.admin_tls_dir = admin_tls.resolve()
+    path = save_settings(settings)
+    say(f"added host {name} ({url}) to {path}")
+
+
+@app.command("remove")
+def remove_host(name: str) -> None:
+    """Forget a host (its agent and VMs are not touched)."""
+    settings = load_settings()
+    settings.host(name)
+    del settings.hosts[name]
+    save_settings(settings)
+    say(f"removed host {name}")

@@ -1,0 +1,222 @@
+"""``ferry vm ...``: the VM life cycle on any known host."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import typer
+
+from ferry.cli.output import err, print_json, print_table, say
+from ferry.client.fleet import Fleet
+from ferry.client.settings import load_settings
+from ferry.core.units import format_size, parse_duration, parse_size
+from ferry.errors import FerryError, InvalidInputError
+
+app = typer.Typer(help="Create, run and remove VMs.", no_args_is_help=True)
+
+T = TypeVar("T")
+
+HostOpt = typer.Option(None, "--host", "-H", help="The host, where the name is ambiguous.")
+JsonOpt = typer.Option(False, "--json", help="Print JSON.")
+
+
+def with_fleet(body: Callable[[Fleet], Awaitable[T]]) -> T:
+    async def run() -> T:
+        async with Fleet(load_settings()) as fleet:
+            return await body(fleet)
+
+    return asyncio.run(run())
+
+
+def _vm_row(vm: dict[str, Any]) -> list[Any]:
+    return [vm["name"], vm["host"], vm["state"], vm["config_version"],
+            format_size(vm["memory"]), vm["cpus"], vm["uuid"]]  # fmt: skip
+
+
+_VM_COLUMNS = ["NAME", "HOST", "STATE", "VERSION", "MEMORY", "CPUS", "UUID"]
+
+
+def _show(vm: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(vm)
+        return
+    print_table(_VM_COLUMNS, [_vm_row(vm)])
+    for disk in vm.get("disks", []):
+        say(f"  disk {disk['path']} ({format_size(disk['size'])}, {disk['format']})")
+
+
+@app.command("create")
+def create(
+    name: str = typer.Argument(..., help="VM name, unique on its host."),
+    host: str = typer.Option(..., "--host", "-H", help="Host to create it on."),
+    memory: str = typer.Option("256M", "--memory", "-m", help="Memory, e.g. 256M, 1G."),
+    cpus: int = typer.Option(1, "--cpus", help="Virtual CPUs."),
+    disk: list[str] = typer.Option([], "--disk", help="New empty qcow2 disk of SIZE (repeat)."),
+    image: list[str] = typer.Option(
+        [], "--image", help="Disk copied from an image file on the host (repeat)."
+    ),
+    guest: str | None = typer.Option(None, "--guest", help="'test' boots ferry's test guest."),
+    kernel: str | None = typer.Option(None, "--kernel", help="Kernel file on the host."),
+    initrd: str | None = typer.Option(None, "--initrd", help="Initrd file on the host."),
+    append: str | None = typer.Option(None, "--append", help="Kernel command line."),
+    config_version: int | None = typer.Option(
+        None, "--config-version", help="Configuration version (default: the host's level)."
+    ),
+    start: bool = typer.Option(False, "--start", help="Start the VM once created."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Create a VM (off, unless --start)."""
+    if guest not in (None, "test"):
+        raise InvalidInputError(f"unknown guest {guest!r}: the only built-in guest is 'test'")
+    body: dict[str, Any] = {
+        "name": name,
+        "memory": parse_size(memory, what="memory"),
+        "cpus": cpus,
+        "disks": [{"size": parse_size(size, what="disk size")} for size in disk]
+        + [{"image": path} for path in image],
+        "guest": guest,
+        "kernel": kernel,
+        "initrd": initrd,
+        "append": append,
+        "config_version": config_version,
+    }
+
+    async def run(fleet: Fleet) -> dict[str, Any]:
+        client = fleet.client(host)
+        with err.status(f"creating VM {name} on {host}"):
+            vm: dict[str, Any] = await client.call("POST", "/v1/vms", body=body)
+        if start:
+            with err.status(f"starting VM {name}"):
+                vm = await client.post(f"/v1/vms/{name}/start")
+        return vm
+
+    vm = with_fleet(run)
+    if as_json:
+        print_json(vm)
+    else:
+        say(f"created VM {vm['name']} on {vm['host']} ({vm['state']}, uuid {vm['uuid']})")
+
+
+def _action(name: str, host: str | None, verb: str, body: dict[str, Any] | None = None) -> Any:
+    async def run(fleet: Fleet) -> Any:
+        where, _ = await fleet.locate(name, host)
+        with err.status(f"{verb}ing VM {name} on {where}"):
+            return await fleet.client(where).post(f"/v1/vms/{name}/{verb}", body)
+
+    return with_fleet(run)
+
+
+@app.command("start")
+def start_vm(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> None:
+    """Start a VM."""
+    vm = _action(name, host, "start")
+    print_json(vm) if as_json else say(f"VM {name} is {vm['state']} on {vm['host']}")
+
+
+@app.command("stop")
+def stop_vm(
+    name: str,
+    host: str | None = HostOpt,
+    timeout: str = typer.Option("30s", "--timeout", help="Wait this long, then force off."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Shut a VM down (ACPI power button), forcing it off after --timeout."""
+    result = _action(name, host, "stop", {"timeout_s": parse_duration(timeout, what="timeout")})
+    if as_json:
+        print_json(result)
+    else:
+        how = "forced off after the timeout" if result["forced"] else "shut down cleanly"
+        say(f"VM {name} {how}")
+
+
+@app.command("kill")
+def kill_vm(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> None:
+    """Turn a VM off at once (like pulling the plug)."""
+    vm = _action(name, host, "kill")
+    print_json(vm) if as_json else say(f"VM {name} is {vm['state']}")
+
+
+@app.command("delete")
+def delete_vm(
+    name: str,
+    host: str | None = HostOpt,
+    force: bool = typer.Option(False, "--force", help="Kill it first if it runs."),
+) -> None:
+    """Delete a VM and its disks."""
+
+    async def run(fleet: Fleet) -> None:
+        where, _ = await fleet.locate(name, host)
+        await fleet.client(where).delete(f"/v1/vms/{name}", force="1" if force else "0")
+
+    with_fleet(run)
+    say(f"deleted VM {name} and its disks")
+
+
+@app.command("list")
+def list_vms(host: str | None = HostOpt, as_json: bool = JsonOpt) -> None:
+    """List VMs on every known host (or one)."""
+
+    async def run(fleet: Fleet) -> tuple[list[dict[str, Any]], list[str]]:
+        vms: list[dict[str, Any]] = []
+        failed: list[str] = []
+        for name, result in (await fleet.each("/v1/vms", host)).items():
+            if isinstance(result, FerryError):
+                if host is not None:
+                    raise result
+                failed.append(f"{name}: {result}")
+            else:
+                vms += result
+        return vms, failed
+
+    vms, failed = with_fleet(run)
+    for line in failed:
+        err.print(f"ferry: warning: {line}", markup=False)
+    if as_json:
+        keys = ("name", "uuid", "host", "state", "config_version", "memory", "cpus")
+        print_json([{key: vm[key] for key in keys} for vm in vms])
+    else:
+        print_table(_VM_COLUMNS, [_vm_row(vm) for vm in vms])
+
+
+@app.command("show")
+def show_vm(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> None:
+    """Show one VM."""
+    _, vm = with_fleet(lambda fleet: fleet.locate(name, host))
+    _show(vm, as_json)
+
+
+@app.command("console")
+def console(
+    name: str,
+    host: str | None = HostOpt,
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new output."),
+    until: str | None = typer.Option(
+        None, "--until", help="With --follow: stop once this text appears."
+    ),
+    timeout: str | None = typer.Option(None, "--timeout", help="With --follow: give up after."),
+) -> None:
+    """Print the serial console log of the VM's current run."""
+    limit = parse_duration(timeout, what="timeout") if timeout else None
+
+    async def run(fleet: Fleet) -> None:
+        where, _ = await fleet.locate(name, host)
+        client = fleet.client(where)
+        offset, seen = 0, ""
+        started = time.monotonic()
+        while True:
+            chunk = await client.get(f"/v1/vms/{name}/console", offset=str(offset))
+            sys.stdout.write(chunk["text"])
+            sys.stdout.flush()
+            offset = chunk["offset"]
+            seen = (seen + chunk["text"])[-4096:]
+            if not follow or (until is not None and until in seen):
+                return
+            if limit is not None and time.monotonic() - started > limit:
+                raise FerryError(f"{until!r} did not appear on the console of {name} in time")
+            await asyncio.sleep(0.3)
+
+    with_fleet(run)

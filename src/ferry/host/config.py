@@ -1,0 +1,92 @@
+"""A host's configuration (``host.toml``), validated.
+
+Example::
+
+    name = "host-1"
+    listen = "127.0.0.1:8443"
+    data_dir = "/var/lib/ferry"
+    tls_dir = "/etc/ferry/tls"          # ca-cert.pem, server-*.pem, client-*.pem
+    functional_level = 3                # highest VM configuration version run here
+    accelerator = "auto"                # auto | kvm | tcg
+    image_dirs = ["/srv/images"]        # where --image/--kernel files may come from
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ferry.core.spec import check_name
+from ferry.core.versions import MAX_CONFIG_VERSION, check_functional_level
+from ferry.errors import ConfigError, FerryError
+
+
+class HostConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    listen: str = "127.0.0.1:8443"
+    data_dir: Path
+    tls_dir: Path
+    functional_level: int = MAX_CONFIG_VERSION
+    accelerator: Literal["auto", "kvm", "tcg"] = "auto"
+    image_dirs: tuple[Path, ...] = ()
+    guest_cache: Path | None = None
+    run_dir: Path | None = None
+    qemu_binary: str = "qemu-system-x86_64"
+    qemu_img: str = "qemu-img"
+    stop_timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_name(value, what="host name")
+
+    @field_validator("functional_level")
+    @classmethod
+    def _level(cls, value: int) -> int:
+        return check_functional_level(value)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("use ADDRESS:PORT, e.g. 127.0.0.1:8443")
+        return value
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @property
+    def runtime_dir(self) -> Path:
+        """Where QMP sockets live: short, because unix socket paths are."""
+        if self.run_dir is not None:
+            return self.run_dir
+        digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:10]
+        return Path(tempfile.gettempdir()) / f"ferry-{digest}"
+
+
+def load_host_config(path: Path) -> HostConfig:
+    """Read and validate ``path``; one clear ConfigError for anything wrong."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"host config {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read host config {path}: {exc}") from exc
+    try:
+        return HostConfig.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "config"
+        raise ConfigError(f"host config {path}: {where}: {first['msg']}") from exc
+    except FerryError as exc:
+        raise ConfigError(f"host config {path}: {exc}") from exc

@@ -1,0 +1,447 @@
+"""The VMs of one host: create, start, stop, kill, delete, and re-attach.
+
+Each VM has a directory ``<data_dir>/vms/<uuid>/`` with its disks, kernel
+files, pidfile and serial log; its QMP socket lives in the host's short
+runtime dir. The catalog state is written *before* an action that could leave
+a process behind (``starting``, ``stopping``), so an agent that dies midway
+finds out on restart what to look for: :meth:`VmService.reattach_all` checks
+every VM's pidfile against the live process table and records the truth.
+
+While a VM runs, a watcher task holds its QMP connection and turns QEMU events
+into state changes: a guest that powers itself off becomes ``off``, a QEMU that
+vanishes unasked becomes ``crashed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ferry.adapters import qemu, qemu_img
+from ferry.adapters.catalog import Catalog, VmRecord
+from ferry.api.models import CreateVmRequest, DiskRequest
+from ferry.core import vmstate
+from ferry.core.spec import DiskSpec, RunContext, VmSpec, check_name, check_resources, qemu_argv
+from ferry.core.versions import check_host_runs
+from ferry.core.vmstate import VmOp, VmState
+from ferry.errors import ConflictError, FerryError, InvalidInputError, NotFoundError, QemuError
+from ferry.guest.build import default_cache_dir, ensure_guest
+from ferry.host.config import HostConfig
+
+log = logging.getLogger(__name__)
+
+QUIT_GRACE_S = 10.0
+
+
+@dataclass
+class _Runtime:
+    """A live QEMU the agent is attached to."""
+
+    pid: int
+    channel: qemu.QmpChannel
+    shutdown_seen: asyncio.Event = field(default_factory=asyncio.Event)
+    expect_exit: bool = False
+    watcher: asyncio.Task[None] | None = None
+
+
+class VmService:
+    """Owns this host's VMs and their QEMU processes."""
+
+    def __init__(
+        self,
+        config: HostConfig,
+        catalog: Catalog,
+        *,
+        accelerator: str,
+        host_memory: int,
+        host_cpus: int,
+    ) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.accelerator = accelerator
+        self.host_memory = host_memory
+        self.host_cpus = host_cpus
+        self._runtimes: dict[str, _Runtime] = {}
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._background: set[asyncio.Task[None]] = set()
+        self.vms_dir = config.data_dir / "vms"
+        self.vms_dir.mkdir(parents=True, exist_ok=True)
+        config.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # -- paths -------------------------------------------------------------
+
+    def vm_dir(self, uuid: str) -> Path:
+        return self.vms_dir / uuid
+
+    def _ctx(self, uuid: str) -> RunContext:
+        vm_dir = self.vm_dir(uuid)
+        return RunContext(
+            qemu_binary=self.config.qemu_binary,
+            accelerator=self.accelerator,
+            pidfile=vm_dir / "qemu.pid",
+            qmp_socket=self.config.runtime_dir / f"{uuid.replace('-', '')[:16]}.qmp",
+            serial_log=vm_dir / "serial.log",
+        )
+
+    def _log(self, record: VmRecord) -> logging.LoggerAdapter[logging.Logger]:
+        return logging.LoggerAdapter(log.getChild(record.name), {"vm": record.uuid})
+
+    # -- reading -----------------------------------------------------------
+
+    def list(self) -> list[VmRecord]:
+        return self.catalog.vms()
+
+    def get(self, name: str) -> VmRecord:
+        record = self.catalog.find(name)
+        if record is None:
+            raise NotFoundError(f"no VM named {name!r} on host {self.config.name!r}")
+        return record
+
+    def pid_of(self, uuid: str) -> int | None:
+        runtime = self._runtimes.get(uuid)
+        return runtime.pid if runtime else None
+
+    def console(self, name: str, offset: int = 0) -> tuple[str, int]:
+        """The serial log of the VM's current run from byte ``offset``."""
+        record = self.get(name)
+        path = self._ctx(record.uuid).serial_log
+        try:
+            with path.open("rb") as log_file:
+                size = log_file.seek(0, 2)
+                if offset > size:  # a new run truncated the log
+                    offset = 0
+                log_file.seek(offset)
+                data = log_file.read()
+        except FileNotFoundError:
+            return "", 0
+        return data.decode(errors="replace"), offset + len(data)
+
+    # -- create / delete ---------------------------------------------------
+
+    def _allowed_file(self, raw: str, what: str) -> Path:
+        """Resolve a host path given by an admin; it must sit in image_dirs."""
+        path = Path(raw)
+        if not path.is_absolute():
+            raise InvalidInputError(f"{what} path {raw!r} must be absolute")
+        if ".." in path.parts:
+            raise InvalidInputError(f"{what} path {raw!r} must not contain '..'")
+        real = path.resolve()
+        roots = [d.resolve() for d in self.config.image_dirs]
+        if not any(real.is_relative_to(root) for root in roots):
+            allowed = ", ".join(str(r) for r in roots) or "none configured"
+            raise InvalidInputError(
+                f"{what} path {raw!r} is outside the allowed image dirs ({allowed}) of host "
+                f"{self.config.name!r}: move it there or add its dir to image_dirs"
+            )
+        if not real.is_file():
+            raise NotFoundError(f"{what} {raw!r} does not exist on host {self.config.name!r}")
+        return real
+
+    async def _make_disk(self, request: DiskRequest, dst: Path) -> DiskSpec:
+        qemu_img_bin = self.config.qemu_img
+        if request.image is None:
+            assert request.size is not None
+            await qemu_img.create(dst, request.size, qemu_img=qemu_img_bin)
+            return DiskSpec(path=str(dst), size=request.size)
+        src = self._allowed_file(request.image, "image")
+        src_info = await qemu_img.info(src, qemu_img=qemu_img_bin)
+        if src_info.get("backing-filename"):
+            raise InvalidInputError(
+                f"image {request.image!r} has a backing file; flatten it first "
+                "(qemu-img convert -O qcow2 IN OUT)"
+            )
+        await qemu_img.convert_to_qcow2(src, dst, qemu_img=qemu_img_bin)
+        return DiskSpec(path=str(dst), size=int(src_info["virtual-size"]))
+
+    async def create(self, request: CreateVmRequest) -> VmRecord:
+        name = check_name(request.name)
+        if self.catalog.find(name) is not None:
+            raise ConflictError(f"a VM named {name!r} already exists on host {self.config.name!r}")
+        check_resources(
+            request.memory, request.cpus, host_memory=self.host_memory, host_cpus=self.host_cpus
+        )
+        version = request.config_version or self.config.functional_level
+        check_host_runs(version, self.config.functional_level, host=self.config.name, vm=name)
+        if request.guest and (request.kernel or request.initrd):
+            raise InvalidInputError("use either --guest test or --kernel/--initrd, not both")
+        if request.initrd and not request.kernel:
+            raise InvalidInputError("--initrd needs --kernel")
+        disks = list(request.disks)
+        if request.guest == "test" and not disks:
+            disks = [DiskRequest(size=256 * 1024**2)]
+
+        spec = VmSpec(name=name, config_version=version, memory=request.memory, cpus=request.cpus)
+        vm_dir = self.vm_dir(spec.uuid)
+        vm_dir.mkdir(parents=True)
+        try:
+            kernel = initrd = None
+            append = request.append
+            if request.guest == "test":
+                cache = self.config.guest_cache or default_cache_dir()
+                guest = await asyncio.to_thread(ensure_guest, cache)
+                kernel, initrd = guest.kernel, guest.initrd
+                append = f"{guest.append} {request.append}" if request.append else guest.append
+            elif request.kernel:
+                kernel = self._allowed_file(request.kernel, "kernel")
+                initrd = self._allowed_file(request.initrd, "initrd") if request.initrd else None
+            # The VM keeps its own copies, so it stays whole when it moves.
+            if kernel is not None:
+                await asyncio.to_thread(shutil.copyfile, kernel, vm_dir / "kernel")
+            if initrd is not None:
+                await asyncio.to_thread(shutil.copyfile, initrd, vm_dir / "initrd")
+            disk_specs = [
+                await self._make_disk(disk, vm_dir / f"disk{index}.qcow2")
+                for index, disk in enumerate(disks)
+            ]
+            spec = spec.model_copy(
+                update={
+                    "disks": tuple(disk_specs),
+                    "kernel": str(vm_dir / "kernel") if kernel else None,
+                    "initrd": str(vm_dir / "initrd") if initrd else None,
+                    "append": append,
+                }
+            )
+            record = self.catalog.add_vm(spec)
+        except BaseException:
+            shutil.rmtree(vm_dir, ignore_errors=True)
+            raise
+        self._log(record).info("created (%d disks, config version %d)", len(disk_specs), version)
+        return record
+
+    async def delete(self, name: str, *, force: bool = False) -> None:
+        record = self.get(name)
+        async with self._locks[record.uuid]:
+            record = self.get(name)
+            if vmstate.is_live(record.state):
+                if not force:
+                    raise ConflictError(
+                        f"VM {name!r} is {record.state.value}: stop it first or use --force"
+                    )
+                await self._kill_locked(record)
+            else:
+                await self._kill_leftover(record)
+            vmstate.transition(self.get(name).state, VmOp.DELETE, vm=name)
+            self.catalog.delete(record.uuid)
+            await asyncio.to_thread(shutil.rmtree, self.vm_dir(record.uuid), True)
+        self._locks.pop(record.uuid, None)
+        self._log(record).info("deleted with its disks")
+
+    # -- start / stop / kill -----------------------------------------------
+
+    async def _kill_leftover(self, record: VmRecord) -> None:
+        """End a QEMU of an off/crashed VM (a panicked guest keeps one)."""
+        runtime = self._runtimes.pop(record.uuid, None)
+        if runtime is not None:
+            runtime.expect_exit = True
+            await self._detach(runtime)
+        pid = qemu.find_process(self._ctx(record.uuid).pidfile, record.uuid)
+        if pid is not None:
+            await qemu.kill_process(pid, record.uuid)
+
+    async def start(self, name: str) -> VmRecord:
+        record = self.get(name)
+        async with self._locks[record.uuid]:
+            record = self.get(name)
+            vmstate.transition(record.state, VmOp.START, vm=name)
+            check_host_runs(
+                record.spec.config_version,
+                self.config.functional_level,
+                host=self.config.name,
+                vm=name,
+            )
+            await self._kill_leftover(record)
+            ctx = self._ctx(record.uuid)
+            ctx.qmp_socket.unlink(missing_ok=True)
+            self.catalog.set_state(record.uuid, VmState.STARTING)
+            try:
+                pid = await qemu.launch(qemu_argv(record.spec, ctx), pidfile=ctx.pidfile,
+                                        uuid=record.uuid)  # fmt: skip
+                await self._attach(record, pid)
+            except BaseException:
+                pid_left = qemu.find_process(ctx.pidfile, record.uuid)
+                if pid_left is not None:
+                    await qemu.kill_process(pid_left, record.uuid)
+                self._runtimes.pop(record.uuid, None)
+                self.catalog.set_state(record.uuid, VmState.OFF)
+                raise
+            self._log(record).info("started, QEMU pid %d", pid)
+            return self.get(name)
+
+    async def stop(self, name: str, *, timeout: float | None = None) -> tuple[VmRecord, bool]:
+        """ACPI power-down; force off after ``timeout``. Returns (record, forced)."""
+        record = self.get(name)
+        deadline = timeout or self.config.stop_timeout_s
+        async with self._locks[record.uuid]:
+            record = self.get(name)
+            vmstate.transition(record.state, VmOp.STOP, vm=name)
+            runtime = self._runtimes.get(record.uuid)
+            if runtime is None:
+                raise QemuError(f"VM {name!r} has no attached QEMU; use kill")
+            self.catalog.set_state(record.uuid, VmState.STOPPING)
+            forced = True
+            with contextlib.suppress(QemuError):
+                await runtime.channel.execute("system_powerdown")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(runtime.shutdown_seen.wait(), deadline)
+                    forced = False
+            runtime.expect_exit = True
+            if not forced:
+                with contextlib.suppress(QemuError):
+                    await runtime.channel.execute("quit")
+            if forced or not await qemu.wait_gone(runtime.pid, record.uuid, QUIT_GRACE_S):
+                await qemu.kill_process(runtime.pid, record.uuid)
+            await self._finish_exit(record, runtime, VmState.OFF)
+            self._log(record).info("stopped (%s)", "forced" if forced else "clean")
+            return self.get(name), forced
+
+    async def kill(self, name: str) -> VmRecord:
+        record = self.get(name)
+        async with self._locks[record.uuid]:
+            record = self.get(name)
+            vmstate.transition(record.state, VmOp.KILL, vm=name)
+            await self._kill_locked(record)
+            self._log(record).info("killed")
+            return self.get(name)
+
+    async def _kill_locked(self, record: VmRecord) -> None:
+        runtime = self._runtimes.get(record.uuid)
+        if runtime is not None:
+            runtime.expect_exit = True
+            await qemu.kill_process(runtime.pid, record.uuid)
+            await self._finish_exit(record, runtime, VmState.OFF)
+        else:
+            await self._kill_leftover(record)
+            self.catalog.set_state(record.uuid, VmState.OFF)
+
+    async def _finish_exit(self, record: VmRecord, runtime: _Runtime, state: VmState) -> None:
+        self._runtimes.pop(record.uuid, None)
+        await self._detach(runtime)
+        self._ctx(record.uuid).qmp_socket.unlink(missing_ok=True)
+        self.catalog.set_state(record.uuid, state)
+
+    # -- attaching and watching --------------------------------------------
+
+    async def _attach(self, record: VmRecord, pid: int) -> VmState:
+        """Connect QMP, learn the true state, and start watching."""
+        channel = qemu.QmpChannel(self._ctx(record.uuid).qmp_socket, name=record.name)
+        await channel.connect()
+        runtime = _Runtime(pid=pid, channel=channel)
+        self._runtimes[record.uuid] = runtime
+        try:
+            status = await channel.status()
+        except BaseException:
+            self._runtimes.pop(record.uuid, None)
+            await channel.close()
+            raise
+        state = vmstate.state_from_qemu(status)
+        if status == "shutdown":
+            # The guest powered off while nobody watched; finish the job.
+            runtime.expect_exit = True
+            with contextlib.suppress(QemuError):
+                await channel.execute("quit")
+            if not await qemu.wait_gone(pid, record.uuid, QUIT_GRACE_S):
+                await qemu.kill_process(pid, record.uuid)
+            await self._finish_exit(record, runtime, VmState.OFF)
+            return VmState.OFF
+        self.catalog.set_state(record.uuid, state)
+        runtime.watcher = asyncio.create_task(
+            self._watch(record, runtime), name=f"watch-{record.name}"
+        )
+        return state
+
+    async def _detach(self, runtime: _Runtime) -> None:
+        watcher = runtime.watcher
+        if watcher is not None and watcher is not asyncio.current_task():
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        await runtime.channel.close()
+
+    async def _watch(self, record: VmRecord, runtime: _Runtime) -> None:
+        vm_log = self._log(record)
+        events = asyncio.create_task(self._handle_events(record, runtime))
+        try:
+            await runtime.channel.wait_closed()
+        finally:
+            events.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await events
+        if runtime.expect_exit or self._runtimes.get(record.uuid) is not runtime:
+            return
+        # QEMU went away on its own.
+        gone = await qemu.wait_gone(runtime.pid, record.uuid, QUIT_GRACE_S)
+        state = VmState.OFF if runtime.shutdown_seen.is_set() and gone else VmState.CRASHED
+        if not gone:
+            await qemu.kill_process(runtime.pid, record.uuid)
+        vm_log.warning("QEMU pid %d exited unexpectedly; VM is %s", runtime.pid, state.value)
+        self._runtimes.pop(record.uuid, None)
+        await runtime.channel.close()
+        self._ctx(record.uuid).qmp_socket.unlink(missing_ok=True)
+        self.catalog.set_state(record.uuid, state)
+
+    async def _handle_events(self, record: VmRecord, runtime: _Runtime) -> None:
+        async for event in runtime.channel.events():
+            kind = event.get("event")
+            if kind == "SHUTDOWN":
+                runtime.shutdown_seen.set()
+                data: dict[str, Any] = event.get("data") or {}
+                current = self.catalog.find(record.uuid)
+                if data.get("guest") and current and current.state != VmState.STOPPING:
+                    task = asyncio.create_task(self._guest_powered_off(record, runtime))
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
+            elif kind in ("STOP", "RESUME", "GUEST_PANICKED"):
+                current = self.catalog.find(record.uuid)
+                if current is None or current.state in (VmState.STOPPING, VmState.STARTING):
+                    continue
+                with contextlib.suppress(QemuError):
+                    status = await runtime.channel.status()
+                    if status != "shutdown":
+                        self.catalog.set_state(record.uuid, vmstate.state_from_qemu(status))
+
+    async def _guest_powered_off(self, record: VmRecord, runtime: _Runtime) -> None:
+        """A guest shut itself down: end its QEMU and record it off."""
+        async with self._locks[record.uuid]:
+            if self._runtimes.get(record.uuid) is not runtime:
+                return
+            runtime.expect_exit = True
+            with contextlib.suppress(QemuError):
+                await runtime.channel.execute("quit")
+            if not await qemu.wait_gone(runtime.pid, record.uuid, QUIT_GRACE_S):
+                await qemu.kill_process(runtime.pid, record.uuid)
+            await self._finish_exit(record, runtime, VmState.OFF)
+            self._log(record).info("guest powered off")
+
+    async def reattach_all(self) -> None:
+        """On agent start: find every VM's QEMU and record its true state."""
+        for record in self.catalog.vms():
+            vm_log = self._log(record)
+            pid = qemu.find_process(self._ctx(record.uuid).pidfile, record.uuid)
+            if pid is None:
+                if vmstate.is_live(record.state):
+                    # It was meant to run (or to be stopping) and is gone.
+                    was_stopping = record.state == VmState.STOPPING
+                    state = VmState.OFF if was_stopping else VmState.CRASHED
+                    self.catalog.set_state(record.uuid, state)
+                    vm_log.warning("QEMU gone while the agent was away; VM is %s", state.value)
+                continue
+            try:
+                state = await self._attach(record, pid)
+            except FerryError as exc:
+                vm_log.error("cannot re-attach to QEMU pid %d: %s", pid, exc)
+                self.catalog.set_state(record.uuid, VmState.CRASHED)
+                continue
+            vm_log.info("re-attached to QEMU pid %d; VM is %s", pid, state.value)
+
+    async def detach_all(self) -> None:
+        """On agent stop: let go of every QEMU and leave them running."""
+        for runtime in list(self._runtimes.values()):
+            runtime.expect_exit = True  # the connection drop is ours, not a crash
+            await self._detach(runtime)
+        self._runtimes.clear()

@@ -1,0 +1,249 @@
+"""A local lab: several ferry hosts on loopback on this one machine.
+
+Layout of a lab dir::
+
+    ca/                    the lab's certificate authority
+    admin/                 the admin client certificate the CLI uses
+    images/                a dir every lab host accepts --image files from
+    hosts/host-N/host.toml the host's config (its port is chosen once, then kept)
+    hosts/host-N/tls/      the host's certificate, usable by QEMU as is
+    hosts/host-N/data/     its catalog, VMs, agent.pid
+    hosts/host-N/agent.log
+
+Bringing a lab up is idempotent: what exists is kept, agents that run are left
+alone, the rest start. The same agent code runs here as on real hosts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+
+from ferry.adapters import pki, qemu
+from ferry.adapters.catalog import Catalog
+from ferry.agent import PID_FILE
+from ferry.client.agent_client import AgentClient
+from ferry.client.settings import HostEntry, load_settings, save_settings
+from ferry.core.vmstate import VmState
+from ferry.errors import ConfigError, FerryError, InvalidInputError
+from ferry.host.config import load_host_config
+
+AGENT_START_TIMEOUT_S = 60.0
+AGENT_STOP_TIMEOUT_S = 15.0
+MAX_LAB_HOSTS = 16
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class LabHost:
+    name: str
+    dir: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "host.toml"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.dir / "data"
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "agent.log"
+
+    def pid(self) -> int | None:
+        """The pid of this host's running agent, if one runs."""
+        pid = qemu.read_pidfile(self.data_dir / PID_FILE)
+        if pid is None:
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        return pid if str(self.config_path).encode() in cmdline else None
+
+
+class Lab:
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.ca_dir = self.root / "ca"
+        self.admin_dir = self.root / "admin"
+        self.images_dir = self.root / "images"
+
+    def hosts(self) -> list[LabHost]:
+        hosts_dir = self.root / "hosts"
+        if not hosts_dir.is_dir():
+            return []
+        found = [LabHost(p.name, p) for p in hosts_dir.iterdir() if (p / "host.toml").exists()]
+        return sorted(found, key=lambda h: (len(h.name), h.name))
+
+    def host(self, index: int) -> LabHost:
+        name = f"host-{index}"
+        return LabHost(name, self.root / "hosts" / name)
+
+    # -- up ------------------------------------------------------------------
+
+    def _prepare(self, count: int, progress: Progress) -> list[LabHost]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.images_dir.mkdir(exist_ok=True)
+        if not (self.ca_dir / "ca-cert.pem").exists():
+            progress("creating the lab's certificate authority")
+            pki.create_ca(self.ca_dir, name="ferry-lab-ca")
+        if not (self.admin_dir / "client-cert.pem").exists():
+            pki.issue_admin_cert(self.ca_dir, self.admin_dir, "admin")
+        hosts = [self.host(i) for i in range(1, count + 1)]
+        for host in hosts:
+            if host.config_path.exists():
+                continue
+            progress(f"creating {host.name}")
+            host.dir.mkdir(parents=True, exist_ok=True)
+            pki.issue_host_cert(self.ca_dir, host.dir / "tls", host.name, ips=["127.0.0.1"])
+            config = {
+                "name": host.name,
+                "listen": f"127.0.0.1:{_free_port()}",
+                "data_dir": str(host.data_dir),
+                "tls_dir": str(host.dir / "tls"),
+                "accelerator": "tcg",  # nested KVM hangs guests; see DESIGN.md section 4
+                "image_dirs": [str(self.images_dir)],
+            }
+            host.config_path.write_text(tomli_w.dumps(config))
+        return hosts
+
+    def _register(self, hosts: list[LabHost]) -> None:
+        settings = load_settings()
+        settings.admin_tls_dir = self.admin_dir
+        settings.lab_dir = self.root
+        for host in hosts:
+            config = load_host_config(host.config_path)
+            address, port = config.address
+            settings.hosts[host.name] = HostEntry(
+                url=f"https://{address}:{port}", server_name=host.name
+            )
+        save_settings(settings)
+
+    def up(self, count: int, progress: Progress = lambda _: None) -> list[LabHost]:
+        if not 1 <= count <= MAX_LAB_HOSTS:
+            raise InvalidInputError(f"--hosts must be 1..{MAX_LAB_HOSTS}, not {count}")
+        hosts = self._prepare(count, progress)
+        self._register(hosts)
+        started = []
+        for host in hosts:
+            if host.pid() is None:
+                progress(f"starting the agent of {host.name}")
+                started.append((host, self._spawn(host)))
+        for host, proc in started:
+            asyncio.run(self._wait_ready(host, proc))
+        return hosts
+
+    def _spawn(self, host: LabHost) -> subprocess.Popen[bytes]:
+        with host.log_path.open("ab") as log_file:
+            return subprocess.Popen(
+                [sys.executable, "-m", "ferry", "agent", "--config", str(host.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # survives the CLI; lab down ends it by pid
+            )
+
+    async def _wait_ready(self, host: LabHost, proc: subprocess.Popen[bytes]) -> None:
+        config = load_host_config(host.config_path)
+        address, port = config.address
+        tls = pki.client_ssl_context(self.admin_dir)
+        deadline = time.monotonic() + AGENT_START_TIMEOUT_S
+        async with AgentClient(host.name, f"https://{address}:{port}", tls, timeout=5) as client:
+            while True:
+                if proc.poll() is not None:
+                    raise ConfigError(
+                        f"the agent of {host.name} exited at start: {_last_line(host.log_path)} "
+                        f"(log: {host.log_path})"
+                    )
+                with contextlib.suppress(FerryError):
+                    await client.get("/v1/host")
+                    return
+                if time.monotonic() > deadline:
+                    raise ConfigError(
+                        f"the agent of {host.name} did not answer within "
+                        f"{AGENT_START_TIMEOUT_S:.0f}s (log: {host.log_path})"
+                    )
+                await asyncio.sleep(0.2)
+
+    # -- down ----------------------------------------------------------------
+
+    def down(self, progress: Progress = lambda _: None) -> None:
+        for host in self.hosts():
+            pid = host.pid()
+            if pid is not None:
+                with contextlib.suppress(FerryError):
+                    asyncio.run(self._kill_vms(host, progress))
+                progress(f"stopping the agent of {host.name} (pid {pid})")
+                _terminate(pid)
+            # An agent leaves QEMUs running by design; end any left by their pidfiles.
+            for pidfile in host.data_dir.glob("vms/*/qemu.pid"):
+                uuid = pidfile.parent.name
+                qemu_pid = qemu.find_process(pidfile, uuid)
+                if qemu_pid is None:
+                    continue
+                progress(f"killing QEMU pid {qemu_pid} on {host.name}")
+                asyncio.run(qemu.kill_process(qemu_pid, uuid))
+                catalog = Catalog(host.data_dir)
+                try:
+                    catalog.set_state(uuid, VmState.OFF)
+                finally:
+                    catalog.close()
+
+    async def _kill_vms(self, host: LabHost, progress: Progress) -> None:
+        config = load_host_config(host.config_path)
+        address, port = config.address
+        tls = pki.client_ssl_context(self.admin_dir)
+        async with AgentClient(host.name, f"https://{address}:{port}", tls, timeout=30) as client:
+            for vm in await client.get("/v1/vms"):
+                if vm["state"] not in ("off", "crashed"):
+                    progress(f"killing VM {vm['name']} on {host.name}")
+                    await client.post(f"/v1/vms/{vm['name']}/kill")
+
+
+def _terminate(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + AGENT_STOP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] == "Z"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1] if lines else "no output"
