@@ -1,0 +1,148 @@
+"""Shared fixtures: a real lab of agents on loopback, the CLI, the test guest.
+
+Every process a fixture starts is ended by pid in its finalizer, and the lab
+fixture checks that no QEMU or agent of its own is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ferry.guest.build import ensure_guest
+from ferry.lab import Lab
+
+
+@pytest.fixture(scope="session")
+def guest_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The test guest, built once per session (or taken from $FERRY_GUEST_CACHE)."""
+    preset = os.environ.get("FERRY_GUEST_CACHE")
+    cache = Path(preset) if preset else tmp_path_factory.mktemp("guest-cache")
+    ensure_guest(cache)
+    old = os.environ.get("FERRY_GUEST_CACHE")
+    os.environ["FERRY_GUEST_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("FERRY_GUEST_CACHE", None)
+
+
+@dataclass
+class Cli:
+    """Runs the real ``ferry`` command with this lab's $FERRY_HOME."""
+
+    home: Path
+
+    def __call__(
+        self, *args: str, check: bool = True, timeout: float = 180
+    ) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, FERRY_HOME=str(self.home))
+        env.pop("FERRY_DEBUG", None)
+        result = subprocess.run(
+            [sys.executable, "-m", "ferry", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"ferry {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}"
+            )
+        return result
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self(*args, "--json").stdout)
+
+    def fails(self, *args: str) -> str:
+        """Run a command that must fail; return its single stderr line."""
+        result = self(*args, check=False)
+        assert result.returncode != 0, f"ferry {' '.join(args)} unexpectedly succeeded"
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, f"expected one error line, got: {result.stderr!r}"
+        assert "Traceback" not in result.stderr
+        return lines[0]
+
+
+@dataclass
+class LabEnv:
+    lab: Lab
+    cli: Cli
+    home: Path
+
+    def vm(self, name: str, host: str | None = None) -> dict[str, Any]:
+        args = ["vm", "show", name] + (["--host", host] if host else [])
+        result: dict[str, Any] = self.cli.json(*args)
+        return result
+
+    def wait_console(self, name: str, pattern: Callable[[str], bool], timeout: float = 60) -> str:
+        """Poll the VM's serial log until ``pattern`` holds; return the log."""
+        deadline = time.monotonic() + timeout
+        text = ""
+        while time.monotonic() < deadline:
+            text = self.cli("vm", "console", name).stdout
+            if pattern(text):
+                return text
+            time.sleep(0.5)
+        raise AssertionError(f"console of {name} never matched; it holds:\n{text[-2000:]}")
+
+
+def qemu_pids_for(uuid: str) -> list[int]:
+    """Every live process whose command line carries ``uuid``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if uuid.encode() in argv:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _lab_processes(root: Path) -> list[int]:
+    """Agents and QEMUs that belong to the lab at ``root``."""
+    marker = str(root).encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def lab_env(tmp_path_factory: pytest.TempPathFactory, guest_cache: Path) -> Iterator[LabEnv]:
+    """Two lab hosts with running agents; torn down (and checked) afterwards."""
+    root = tmp_path_factory.mktemp("lab")
+    home = root / "home"
+    old_home = os.environ.get("FERRY_HOME")
+    os.environ["FERRY_HOME"] = str(home)
+    lab = Lab(root / "lab")
+    try:
+        lab.up(2)
+        yield LabEnv(lab=lab, cli=Cli(home), home=home)
+    finally:
+        lab.down()
+        if old_home is None:
+            os.environ.pop("FERRY_HOME", None)
+        else:
+            os.environ["FERRY_HOME"] = old_home
+        left = _lab_processes(lab.root)
+        assert not left, f"lab processes left running: {left}"
