@@ -5,6 +5,7 @@ Layout of a lab dir::
     ca/                    the lab's certificate authority
     admin/                 the admin client certificate the CLI uses
     images/                a dir every lab host accepts --image files from
+    shared/                volume "shared" on every host: disks here move without copying
     hosts/host-N/host.toml the host's config (its port is chosen once, then kept)
     hosts/host-N/tls/      the host's certificate, usable by QEMU as is
     hosts/host-N/data/     its catalog, VMs, agent.pid
@@ -42,6 +43,7 @@ from ferry.host.config import load_host_config
 AGENT_START_TIMEOUT_S = 60.0
 AGENT_STOP_TIMEOUT_S = 15.0
 MAX_LAB_HOSTS = 16
+SHARED_VOLUME = "shared"
 
 Progress = Callable[[str], None]
 
@@ -81,6 +83,7 @@ class Lab:
         self.ca_dir = self.root / "ca"
         self.admin_dir = self.root / "admin"
         self.images_dir = self.root / "images"
+        self.shared_dir = self.root / "shared"
 
     def hosts(self) -> list[LabHost]:
         hosts_dir = self.root / "hosts"
@@ -98,6 +101,7 @@ class Lab:
     def _prepare(self, count: int, progress: Progress) -> list[LabHost]:
         self.root.mkdir(parents=True, exist_ok=True)
         self.images_dir.mkdir(exist_ok=True)
+        self.shared_dir.mkdir(exist_ok=True)
         if not (self.ca_dir / "ca-cert.pem").exists():
             progress("creating the lab's certificate authority")
             pki.create_ca(self.ca_dir, name="ferry-lab-ca")
@@ -171,6 +175,10 @@ class Lab:
                     )
                 with contextlib.suppress(FerryError):
                     await client.get("/v1/host")
+                    volumes = await client.get("/v1/volumes")
+                    if SHARED_VOLUME not in volumes:
+                        volume = {"name": SHARED_VOLUME, "path": str(self.shared_dir)}
+                        await client.post("/v1/volumes", volume)
                     return
                 if time.monotonic() > deadline:
                     raise ConfigError(

@@ -33,6 +33,24 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             updated REAL NOT NULL
         )""",
     ),
+    2: (
+        # Jobs: long operations (moves, incoming moves), written before they act.
+        """CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            vm_uuid TEXT NOT NULL,
+            vm_name TEXT NOT NULL,
+            state TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            created REAL NOT NULL,
+            updated REAL NOT NULL
+        )""",
+        # Shared volumes: a dir this host sees that other hosts see too.
+        """CREATE TABLE volumes (
+            name TEXT PRIMARY KEY,
+            path TEXT NOT NULL
+        )""",
+    ),
 }
 assert max(MIGRATIONS) == DATA_SCHEMA_VERSION
 
@@ -51,6 +69,18 @@ class VmRecord:
     @property
     def uuid(self) -> str:
         return self.spec.uuid
+
+
+@dataclass(frozen=True)
+class JobRow:
+    id: str
+    kind: str
+    vm_uuid: str
+    vm_name: str
+    state: str
+    detail: str
+    created: float
+    updated: float
 
 
 class Catalog:
@@ -148,3 +178,45 @@ class Catalog:
 
     def delete(self, uuid: str) -> None:
         self._db.execute("DELETE FROM vms WHERE uuid = ?", (uuid,))
+
+    # -- jobs ----------------------------------------------------------------
+
+    def put_job(self, job: JobRow) -> None:
+        """Insert or update a job (its ``detail`` is a JSON document)."""
+        self._db.execute(
+            "INSERT INTO jobs (id, kind, vm_uuid, vm_name, state, detail, created, updated) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+            "state = excluded.state, detail = excluded.detail, updated = excluded.updated",
+            (job.id, job.kind, job.vm_uuid, job.vm_name, job.state, job.detail,
+             job.created, time.time()),
+        )  # fmt: skip
+
+    def jobs(self) -> list[JobRow]:
+        rows = self._db.execute(
+            "SELECT id, kind, vm_uuid, vm_name, state, detail, created, updated "
+            "FROM jobs ORDER BY created"
+        ).fetchall()
+        return [JobRow(*row) for row in rows]
+
+    def job(self, job_id: str) -> JobRow | None:
+        row = self._db.execute(
+            "SELECT id, kind, vm_uuid, vm_name, state, detail, created, updated "
+            "FROM jobs WHERE id = ?",
+            (job_id,),
+        ).fetchone()
+        return None if row is None else JobRow(*row)
+
+    # -- volumes -------------------------------------------------------------
+
+    def volumes(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT name, path FROM volumes ORDER BY name").fetchall())
+
+    def add_volume(self, name: str, path: str) -> None:
+        try:
+            self._db.execute("INSERT INTO volumes (name, path) VALUES (?, ?)", (name, path))
+        except sqlite3.IntegrityError as exc:
+            raise ConflictError(f"a volume named {name!r} already exists on this host") from exc
+
+    def remove_volume(self, name: str) -> None:
+        if self._db.execute("DELETE FROM volumes WHERE name = ?", (name,)).rowcount == 0:
+            raise NotFoundError(f"no volume named {name!r} on this host")

@@ -14,10 +14,30 @@ Admin endpoints (admin certificate)::
     POST   /v1/vms/{name}/kill          -> VmView
     DELETE /v1/vms/{name}?force=0|1     -> {"deleted": name}
     GET    /v1/vms/{name}/console?offset=N -> ConsoleChunk
+    POST   /v1/vms/{name}/move  MoveRequest -> job (202)
+    POST   /v1/vms/{name}/upgrade-version -> VmView
+    GET    /v1/jobs                     -> [job]
+    GET    /v1/jobs/{id}                -> job
+    POST   /v1/jobs/{id}/cancel         -> job
+    GET    /v1/volumes                  -> {name: path}
+    POST   /v1/volumes    VolumeRequest -> {name: path}
+    DELETE /v1/volumes/{name}           -> {name: path}
+
+A job is ``{"id","kind","vm","vm_uuid","host","state","created","updated",...}``;
+a move adds ``"phase","target","storage","progress":{...},"result","error"``.
 
 Peer endpoints (a host certificate of the same CA, or an admin)::
 
     GET    /v1/peer/hello               -> PeerHello
+    POST   /v1/peer/migrations {job_id, spec, storage, disk_volumes} -> {storage}
+    PUT    /v1/peer/migrations/{id}/files/{kernel|initrd}  (raw bytes)
+    POST   /v1/peer/migrations/{id}/launch -> {uri, nbd: {host, port} | null, tls}
+    POST   /v1/peer/migrations/{id}/finish -> {state}   (switch-over: resume here)
+    POST   /v1/peer/migrations/{id}/abort  -> {state}
+    GET    /v1/peer/migrations/{id}        -> {state, error}
+
+Migration endpoints need a *host* certificate: its DN becomes the QEMU
+``tls-authz`` identity that may feed the destination.
 """
 
 from __future__ import annotations
@@ -91,6 +111,24 @@ class CreateVmRequest(BaseModel):
     initrd: str | None = None
     append: str | None = None
     config_version: int | None = None
+    volume: str | None = None
+
+
+class MoveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    to: str
+    to_url: str
+    storage: Literal["auto", "shared", "copy"] = "auto"
+    max_bandwidth: int | None = Field(default=None, ge=0)
+    downtime_limit_ms: int | None = Field(default=None, gt=0, le=600_000)
+
+
+class VolumeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    path: str
 
 
 class StopRequest(BaseModel):

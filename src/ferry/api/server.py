@@ -24,14 +24,18 @@ from ferry.api.models import (
     CreateVmRequest,
     DiskView,
     HostView,
+    MoveRequest,
     PeerHello,
     StopRequest,
     StopResult,
     VmView,
+    VolumeRequest,
 )
+from ferry.core.migration import Storage
 from ferry.core.versions import supported_range
 from ferry.core.vmstate import VmState
 from ferry.errors import AuthError, FerryError, InvalidInputError
+from ferry.host.migration import MigrationService
 from ferry.host.vms import VmService
 
 log = logging.getLogger(__name__)
@@ -98,8 +102,18 @@ async def _body(request: web.Request, model: type[M]) -> M:
 class AgentApi:
     """Route handlers over one host's services."""
 
-    def __init__(self, vms: VmService, *, url: str, accelerator: str, qemu_version: str) -> None:
+    def __init__(
+        self,
+        vms: VmService,
+        migrations: MigrationService,
+        *,
+        url: str,
+        accelerator: str,
+        qemu_version: str,
+    ) -> None:
         self.vms = vms
+        self.migrations = migrations
+        self.jobs = migrations.jobs
         self.url = url
         self.accelerator = accelerator
         self.qemu_version = qemu_version
@@ -117,7 +131,21 @@ class AgentApi:
                 web.post("/v1/vms/{name}/kill", self.kill_vm),
                 web.delete("/v1/vms/{name}", self.delete_vm),
                 web.get("/v1/vms/{name}/console", self.console),
+                web.post("/v1/vms/{name}/move", self.move_vm),
+                web.post("/v1/vms/{name}/upgrade-version", self.upgrade_version),
+                web.get("/v1/jobs", self.list_jobs),
+                web.get("/v1/jobs/{id}", self.show_job),
+                web.post("/v1/jobs/{id}/cancel", self.cancel_job),
+                web.get("/v1/volumes", self.list_volumes),
+                web.post("/v1/volumes", self.add_volume),
+                web.delete("/v1/volumes/{name}", self.remove_volume),
                 web.get("/v1/peer/hello", self.peer_hello),
+                web.post("/v1/peer/migrations", self.peer_prepare),
+                web.put("/v1/peer/migrations/{id}/files/{file}", self.peer_file),
+                web.post("/v1/peer/migrations/{id}/launch", self.peer_launch),
+                web.post("/v1/peer/migrations/{id}/finish", self.peer_finish),
+                web.post("/v1/peer/migrations/{id}/abort", self.peer_abort),
+                web.get("/v1/peer/migrations/{id}", self.peer_status),
             ]
         )
         return app
@@ -192,6 +220,66 @@ class AgentApi:
             raise InvalidInputError("offset must be a whole number of bytes") from None
         text, new_offset = self.vms.console(request.match_info["name"], offset)
         return _json(ConsoleChunk(text=text, offset=new_offset))
+
+    async def move_vm(self, request: web.Request) -> web.Response:
+        move = await _body(request, MoveRequest)
+        job = self.migrations.start_move(
+            request.match_info["name"],
+            to=move.to,
+            to_url=move.to_url,
+            storage=Storage(move.storage),
+            max_bandwidth=move.max_bandwidth,
+            downtime_limit_ms=move.downtime_limit_ms,
+        )
+        return _json(job.view(self.vms.config.name), status=202)
+
+    async def upgrade_version(self, request: web.Request) -> web.Response:
+        return _json(self._view(await self.vms.upgrade_version(request.match_info["name"])))
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        return _json([job.view(self.vms.config.name) for job in self.jobs.all()])
+
+    async def show_job(self, request: web.Request) -> web.Response:
+        return _json(self.jobs.get(request.match_info["id"]).view(self.vms.config.name))
+
+    async def cancel_job(self, request: web.Request) -> web.Response:
+        job = self.migrations.cancel(request.match_info["id"])
+        return _json(job.view(self.vms.config.name))
+
+    async def list_volumes(self, request: web.Request) -> web.Response:
+        return _json(self.vms.catalog.volumes())
+
+    async def add_volume(self, request: web.Request) -> web.Response:
+        volume = await _body(request, VolumeRequest)
+        return _json(self.vms.add_volume(volume.name, volume.path), status=201)
+
+    async def remove_volume(self, request: web.Request) -> web.Response:
+        self.vms.catalog.remove_volume(request.match_info["name"])
+        return _json(self.vms.catalog.volumes())
+
+    async def peer_prepare(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        return _json(await self.migrations.prepare(request["caller"], body), status=201)
+
+    async def peer_file(self, request: web.Request) -> web.Response:
+        info = request.match_info
+        reply = await self.migrations.receive_file(
+            request["caller"], info["id"], info["file"], request
+        )
+        return _json(reply)
+
+    async def peer_launch(self, request: web.Request) -> web.Response:
+        return _json(await self.migrations.launch(request["caller"], request.match_info["id"]))
+
+    async def peer_finish(self, request: web.Request) -> web.Response:
+        return _json(await self.migrations.finish(request["caller"], request.match_info["id"]))
+
+    async def peer_abort(self, request: web.Request) -> web.Response:
+        return _json(await self.migrations.abort(request["caller"], request.match_info["id"]))
+
+    async def peer_status(self, request: web.Request) -> web.Response:
+        caller = request["caller"]
+        return _json(self.migrations.incoming_status(caller, request.match_info["id"]))
 
     async def peer_hello(self, request: web.Request) -> web.Response:
         caller: CertInfo = request["caller"]

@@ -99,3 +99,40 @@ def remove_host(name: str) -> None:
     del settings.hosts[name]
     save_settings(settings)
     say(f"removed host {name}")
+
+
+volume_app = typer.Typer(help="Shared volumes: dirs several hosts see.", no_args_is_help=True)
+app.add_typer(volume_app, name="volume")
+
+
+@volume_app.command("add")
+def add_volume(
+    name: str,
+    path: str,
+    host: str = typer.Option(..., "--host", "-H", help="The host that sees PATH."),
+) -> None:
+    """Register a shared volume (a dir other hosts see too) on a host."""
+    with_fleet(lambda fleet: fleet.client(host).post("/v1/volumes", {"name": name, "path": path}))
+    say(f"host {host} has volume {name} at {path}")
+
+
+@volume_app.command("list")
+def list_volumes(
+    host: str | None = typer.Option(None, "--host", "-H"), as_json: bool = JsonOpt
+) -> None:
+    """List shared volumes per host."""
+    results = with_fleet(lambda fleet: fleet.each("/v1/volumes", host))
+    rows = [{"host": name, "name": vol, "path": path}
+            for name, result in results.items() if not isinstance(result, FerryError)
+            for vol, path in result.items()]  # fmt: skip
+    if as_json:
+        print_json(rows)
+    else:
+        print_table(["HOST", "VOLUME", "PATH"], [[r["host"], r["name"], r["path"]] for r in rows])
+
+
+@volume_app.command("remove")
+def remove_volume(name: str, host: str = typer.Option(..., "--host", "-H")) -> None:
+    """Forget a shared volume on a host (files stay)."""
+    with_fleet(lambda fleet: fleet.client(host).delete(f"/v1/volumes/{name}"))
+    say(f"host {host} no longer has volume {name}")

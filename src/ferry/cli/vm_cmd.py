@@ -66,6 +66,9 @@ def create(
     config_version: int | None = typer.Option(
         None, "--config-version", help="Configuration version (default: the host's level)."
     ),
+    volume: str | None = typer.Option(
+        None, "--volume", help="Put the disks on this shared volume of the host."
+    ),
     start: bool = typer.Option(False, "--start", help="Start the VM once created."),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -83,6 +86,7 @@ def create(
         "initrd": initrd,
         "append": append,
         "config_version": config_version,
+        "volume": volume,
     }
 
     async def run(fleet: Fleet) -> dict[str, Any]:
@@ -220,3 +224,64 @@ def console(
             await asyncio.sleep(0.3)
 
     with_fleet(run)
+
+
+@app.command("upgrade-version")
+def upgrade_version(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> None:
+    """Raise a VM's configuration version to its host's functional level (one way)."""
+
+    async def run(fleet: Fleet) -> Any:
+        where, _ = await fleet.locate(name, host)
+        return await fleet.client(where).post(f"/v1/vms/{name}/upgrade-version")
+
+    vm = with_fleet(run)
+    if as_json:
+        print_json(vm)
+    else:
+        say(f"VM {name} now has configuration version {vm['config_version']}")
+
+
+@app.command("move")
+def move(
+    name: str,
+    to: str = typer.Option(..., "--to", help="Destination host."),
+    host: str | None = HostOpt,
+    storage: str = typer.Option(
+        "auto", "--storage", help="auto (shared if the destination sees the disks), shared, copy."
+    ),
+    max_bandwidth: str | None = typer.Option(
+        None, "--max-bandwidth", help="Bytes per second, e.g. 256M (default: the host's cap)."
+    ),
+    downtime_limit: int | None = typer.Option(
+        None, "--downtime-limit", help="Target downtime in ms at switch-over."
+    ),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Live-migrate a running VM to another host; the guest keeps running."""
+    from ferry.cli.progress import follow_job
+
+    if storage not in ("auto", "shared", "copy"):
+        raise InvalidInputError(f"--storage must be auto, shared or copy, not {storage!r}")
+    if downtime_limit is not None and downtime_limit <= 0:
+        raise InvalidInputError("--downtime-limit must be a positive number of milliseconds")
+    bandwidth = parse_size(max_bandwidth, what="bandwidth") if max_bandwidth else None
+
+    async def run(fleet: Fleet) -> dict[str, Any]:
+        source, _ = await fleet.locate(name, host)
+        target = fleet.settings.host(to)
+        job = await fleet.client(source).post(
+            f"/v1/vms/{name}/move",
+            {"to": to, "to_url": target.url, "storage": storage,
+             "max_bandwidth": bandwidth, "downtime_limit_ms": downtime_limit},
+        )  # fmt: skip
+        return await follow_job(fleet.client(source), job, as_json=as_json)
+
+    job = with_fleet(run)
+    if job["state"] != "done":
+        raise FerryError(f"move of VM {name} to {to} {job['state']}: {job.get('error')}")
+    result = job["result"]
+    if as_json:
+        print_json(result)
+    else:
+        say(f"VM {name} now runs on {result['host']} ({result['storage']} storage): "
+            f"{result['total_s']:.1f} s in all, {result['downtime_ms']} ms downtime")  # fmt: skip

@@ -60,6 +60,7 @@ class AgentClient:
         *,
         body: dict[str, Any] | None = None,
         params: dict[str, str] | None = None,
+        data: bytes | None = None,
     ) -> Any:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
@@ -69,6 +70,7 @@ class AgentClient:
                 method,
                 self.url + path,
                 json=body,
+                data=data,
                 params=params,
                 ssl=self._tls,
                 server_hostname=self._server_name,

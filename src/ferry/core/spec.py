@@ -30,6 +30,9 @@ class DiskSpec(BaseModel):
     path: str
     size: int
     format: str = "qcow2"
+    # On a shared volume two hosts' QEMUs open the file during a move, so
+    # neither may keep its own page cache of it.
+    direct: bool = False
 
 
 class VmSpec(BaseModel):
@@ -59,6 +62,7 @@ class RunContext(BaseModel):
     pidfile: Path
     qmp_socket: Path
     serial_log: Path
+    incoming: bool = False
 
 
 def check_name(name: str, *, what: str = "VM name") -> str:
@@ -123,9 +127,18 @@ def qemu_argv(spec: VmSpec, ctx: RunContext) -> list[str]:
         if spec.append:
             argv += ["-append", spec.append]
     for index, disk in enumerate(spec.disks):
-        file_node = {"driver": "file", "filename": disk.path, "node-name": f"file{index}"}
+        file_node: dict[str, object] = {
+            "driver": "file",
+            "filename": disk.path,
+            "node-name": f"file{index}",
+        }
+        if disk.direct:
+            file_node["cache"] = {"direct": True}
         fmt_node = {"driver": disk.format, "file": f"file{index}", "node-name": f"disk{index}"}
         argv += ["-blockdev", json.dumps(file_node, separators=(",", ":"))]
         argv += ["-blockdev", json.dumps(fmt_node, separators=(",", ":"))]
         argv += ["-device", f"virtio-blk-pci,drive=disk{index},id=vblk{index}"]
+    if ctx.incoming:
+        # Wait, paused, for a migration stream the agent points it at later.
+        argv += ["-incoming", "defer", "-S"]
     return argv

@@ -41,6 +41,8 @@ class VmOp(StrEnum):
     RESUME = "resume"
     CRASHED = "crashed"
     DELETE = "delete"
+    MIGRATE = "migrate"
+    MIGRATE_ABORTED = "migrate-aborted"
 
 
 S = VmState
@@ -58,6 +60,8 @@ TRANSITIONS: dict[VmOp, tuple[frozenset[VmState], VmState]] = {
     VmOp.RESUME: (frozenset({S.PAUSED}), S.RUNNING),
     VmOp.CRASHED: (_LIVE, S.CRASHED),
     VmOp.DELETE: (frozenset({S.OFF, S.CRASHED}), S.OFF),
+    VmOp.MIGRATE: (frozenset({S.RUNNING}), S.MIGRATING),
+    VmOp.MIGRATE_ABORTED: (frozenset({S.MIGRATING, S.PAUSED, S.RUNNING}), S.RUNNING),
 }
 
 # What each QEMU run state means for us. A QEMU in ``shutdown`` has a guest

@@ -22,6 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ferry.core.spec import check_name
+from ferry.core.units import parse_size
 from ferry.core.versions import MAX_CONFIG_VERSION, check_functional_level
 from ferry.errors import ConfigError, FerryError
 
@@ -41,6 +42,17 @@ class HostConfig(BaseModel):
     qemu_binary: str = "qemu-system-x86_64"
     qemu_img: str = "qemu-img"
     stop_timeout_s: float = Field(default=30.0, gt=0)
+    # Live migration: simultaneous moves per host (more wait in a queue), and
+    # the default bandwidth cap per move in bytes/s ("1G" style accepted).
+    max_live_migrations: int = Field(default=2, ge=1, le=16)
+    migration_max_bandwidth: int = Field(default=1024**3, ge=0)
+    # Plain TCP for memory and disk streams: only for a trusted network.
+    insecure_migration: bool = False
+
+    @field_validator("migration_max_bandwidth", mode="before")
+    @classmethod
+    def _bandwidth(cls, value: object) -> object:
+        return parse_size(value, what="bandwidth") if isinstance(value, str) else value
 
     @field_validator("name")
     @classmethod

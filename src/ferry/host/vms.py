@@ -19,6 +19,7 @@ import contextlib
 import logging
 import shutil
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,16 @@ from ferry.adapters.catalog import Catalog, VmRecord
 from ferry.api.models import CreateVmRequest, DiskRequest
 from ferry.core import vmstate
 from ferry.core.spec import DiskSpec, RunContext, VmSpec, check_name, check_resources, qemu_argv
-from ferry.core.versions import check_host_runs
+from ferry.core.versions import check_host_runs, machine_type
 from ferry.core.vmstate import VmOp, VmState
-from ferry.errors import ConflictError, FerryError, InvalidInputError, NotFoundError, QemuError
+from ferry.errors import (
+    ConflictError,
+    FerryError,
+    InvalidInputError,
+    NotFoundError,
+    QemuError,
+    StateError,
+)
 from ferry.guest.build import default_cache_dir, ensure_guest
 from ferry.host.config import HostConfig
 
@@ -70,6 +78,9 @@ class VmService:
         self._runtimes: dict[str, _Runtime] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._background: set[asyncio.Task[None]] = set()
+        # uuid -> what to do instead of "crashed" when that VM's QEMU exits
+        # unasked (an incoming migration that failed).
+        self.exit_hooks: dict[str, Callable[[], Awaitable[None]]] = {}
         self.vms_dir = config.data_dir / "vms"
         self.vms_dir.mkdir(parents=True, exist_ok=True)
         config.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -79,9 +90,10 @@ class VmService:
     def vm_dir(self, uuid: str) -> Path:
         return self.vms_dir / uuid
 
-    def _ctx(self, uuid: str) -> RunContext:
+    def _ctx(self, uuid: str, *, incoming: bool = False) -> RunContext:
         vm_dir = self.vm_dir(uuid)
         return RunContext(
+            incoming=incoming,
             qemu_binary=self.config.qemu_binary,
             accelerator=self.accelerator,
             pidfile=vm_dir / "qemu.pid",
@@ -143,12 +155,12 @@ class VmService:
             raise NotFoundError(f"{what} {raw!r} does not exist on host {self.config.name!r}")
         return real
 
-    async def _make_disk(self, request: DiskRequest, dst: Path) -> DiskSpec:
+    async def _make_disk(self, request: DiskRequest, dst: Path, *, direct: bool) -> DiskSpec:
         qemu_img_bin = self.config.qemu_img
         if request.image is None:
             assert request.size is not None
             await qemu_img.create(dst, request.size, qemu_img=qemu_img_bin)
-            return DiskSpec(path=str(dst), size=request.size)
+            return DiskSpec(path=str(dst), size=request.size, direct=direct)
         src = self._allowed_file(request.image, "image")
         src_info = await qemu_img.info(src, qemu_img=qemu_img_bin)
         if src_info.get("backing-filename"):
@@ -157,7 +169,7 @@ class VmService:
                 "(qemu-img convert -O qcow2 IN OUT)"
             )
         await qemu_img.convert_to_qcow2(src, dst, qemu_img=qemu_img_bin)
-        return DiskSpec(path=str(dst), size=int(src_info["virtual-size"]))
+        return DiskSpec(path=str(dst), size=int(src_info["virtual-size"]), direct=direct)
 
     async def create(self, request: CreateVmRequest) -> VmRecord:
         name = check_name(request.name)
@@ -178,7 +190,18 @@ class VmService:
 
         spec = VmSpec(name=name, config_version=version, memory=request.memory, cpus=request.cpus)
         vm_dir = self.vm_dir(spec.uuid)
+        disk_dir = vm_dir
+        if request.volume is not None:
+            volumes = self.catalog.volumes()
+            if request.volume not in volumes:
+                known = ", ".join(sorted(volumes)) or "none"
+                raise NotFoundError(
+                    f"no volume named {request.volume!r} on host {self.config.name!r} "
+                    f"(known: {known})"
+                )
+            disk_dir = Path(volumes[request.volume]) / spec.uuid
         vm_dir.mkdir(parents=True)
+        disk_dir.mkdir(parents=True, exist_ok=True)
         try:
             kernel = initrd = None
             append = request.append
@@ -195,8 +218,9 @@ class VmService:
                 await asyncio.to_thread(shutil.copyfile, kernel, vm_dir / "kernel")
             if initrd is not None:
                 await asyncio.to_thread(shutil.copyfile, initrd, vm_dir / "initrd")
+            on_volume = disk_dir != vm_dir
             disk_specs = [
-                await self._make_disk(disk, vm_dir / f"disk{index}.qcow2")
+                await self._make_disk(disk, disk_dir / f"disk{index}.qcow2", direct=on_volume)
                 for index, disk in enumerate(disks)
             ]
             spec = spec.model_copy(
@@ -210,6 +234,7 @@ class VmService:
             record = self.catalog.add_vm(spec)
         except BaseException:
             shutil.rmtree(vm_dir, ignore_errors=True)
+            shutil.rmtree(disk_dir, ignore_errors=True)
             raise
         self._log(record).info("created (%d disks, config version %d)", len(disk_specs), version)
         return record
@@ -227,10 +252,23 @@ class VmService:
             else:
                 await self._kill_leftover(record)
             vmstate.transition(self.get(name).state, VmOp.DELETE, vm=name)
-            self.catalog.delete(record.uuid)
-            await asyncio.to_thread(shutil.rmtree, self.vm_dir(record.uuid), True)
+            await self._remove(record, keep_disks=False)
         self._locks.pop(record.uuid, None)
         self._log(record).info("deleted with its disks")
+
+    async def _remove(self, record: VmRecord, *, keep_disks: bool) -> None:
+        """Forget the VM: catalog entry, VM dir, and (unless kept) its disks."""
+        self.catalog.delete(record.uuid)
+        vm_dir = self.vm_dir(record.uuid)
+        await asyncio.to_thread(shutil.rmtree, vm_dir, True)
+        if keep_disks:
+            return
+        for disk in record.spec.disks:
+            path = Path(disk.path)
+            if not path.is_relative_to(vm_dir):
+                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    path.parent.rmdir()  # the VM's dir on a volume, once empty
 
     # -- start / stop / kill -----------------------------------------------
 
@@ -374,6 +412,12 @@ class VmService:
                 await events
         if runtime.expect_exit or self._runtimes.get(record.uuid) is not runtime:
             return
+        hook = self.exit_hooks.pop(record.uuid, None)
+        if hook is not None:
+            self._runtimes.pop(record.uuid, None)
+            await runtime.channel.close()
+            await hook()
+            return
         # QEMU went away on its own.
         gone = await qemu.wait_gone(runtime.pid, record.uuid, QUIT_GRACE_S)
         state = VmState.OFF if runtime.shutdown_seen.is_set() and gone else VmState.CRASHED
@@ -398,7 +442,8 @@ class VmService:
                     task.add_done_callback(self._background.discard)
             elif kind in ("STOP", "RESUME", "GUEST_PANICKED"):
                 current = self.catalog.find(record.uuid)
-                if current is None or current.state in (VmState.STOPPING, VmState.STARTING):
+                busy = (VmState.STOPPING, VmState.STARTING, VmState.MIGRATING)
+                if current is None or current.state in busy:
                     continue
                 with contextlib.suppress(QemuError):
                     status = await runtime.channel.status()
@@ -417,6 +462,82 @@ class VmService:
                 await qemu.kill_process(runtime.pid, record.uuid)
             await self._finish_exit(record, runtime, VmState.OFF)
             self._log(record).info("guest powered off")
+
+    async def upgrade_version(self, name: str) -> VmRecord:
+        """Raise the VM's configuration version to this host's level (one way)."""
+        record = self.get(name)
+        async with self._locks[record.uuid]:
+            record = self.get(name)
+            current, target = record.spec.config_version, self.config.functional_level
+            if current >= target:
+                raise StateError(
+                    f"VM {name!r} already has configuration version {current}; host "
+                    f"{self.config.name!r} runs up to {target}"
+                )
+            old_type, new_type = machine_type(current), machine_type(target)
+            if vmstate.is_live(record.state) and old_type != new_type:
+                raise StateError(
+                    f"VM {name!r} is {record.state.value}: configuration version {target} "
+                    f"changes its machine type ({old_type} -> {new_type}), which needs a "
+                    "restart; stop it first"
+                )
+            self.catalog.update_spec(record.spec.model_copy(update={"config_version": target}))
+            self._log(record).info("configuration version %d -> %d", current, target)
+            return self.get(name)
+
+    # -- shared volumes ------------------------------------------------------
+
+    def add_volume(self, name: str, path: str) -> dict[str, str]:
+        check_name(name, what="volume name")
+        root = Path(path)
+        if not root.is_absolute() or ".." in root.parts:
+            raise InvalidInputError(f"volume path {path!r} must be absolute, without '..'")
+        if not root.is_dir():
+            raise NotFoundError(f"volume path {path!r} is not a dir on host {self.config.name!r}")
+        self.catalog.add_volume(name, str(root.resolve()))
+        return self.catalog.volumes()
+
+    # -- for live migration -------------------------------------------------
+
+    def lock(self, uuid: str) -> asyncio.Lock:
+        return self._locks[uuid]
+
+    def channel(self, record: VmRecord) -> qemu.QmpChannel:
+        runtime = self._runtimes.get(record.uuid)
+        if runtime is None:
+            raise QemuError(f"VM {record.name!r} has no attached QEMU")
+        return runtime.channel
+
+    async def launch_incoming(self, record: VmRecord) -> None:
+        """Start QEMU paused, waiting for a migration stream (``-incoming defer``)."""
+        ctx = self._ctx(record.uuid, incoming=True)
+        ctx.qmp_socket.unlink(missing_ok=True)
+        pid = await qemu.launch(qemu_argv(record.spec, ctx), pidfile=ctx.pidfile,
+                                uuid=record.uuid)  # fmt: skip
+        await self._attach(record, pid)
+        self.catalog.set_state(record.uuid, VmState.MIGRATING)
+
+    async def end_qemu(self, record: VmRecord) -> None:
+        """End the VM's QEMU on purpose (quit, else kill) without a state change."""
+        runtime = self._runtimes.pop(record.uuid, None)
+        if runtime is not None:
+            runtime.expect_exit = True
+            with contextlib.suppress(QemuError):
+                await asyncio.wait_for(runtime.channel.execute("quit"), 5)
+            if not await qemu.wait_gone(runtime.pid, record.uuid, QUIT_GRACE_S):
+                await qemu.kill_process(runtime.pid, record.uuid)
+            await self._detach(runtime)
+        await self._kill_leftover(record)
+        self._ctx(record.uuid).qmp_socket.unlink(missing_ok=True)
+
+    async def forget(self, record: VmRecord, *, keep_disks: bool) -> None:
+        """End the VM's QEMU and remove it from this host (it lives elsewhere now)."""
+        self.exit_hooks.pop(record.uuid, None)
+        await self.end_qemu(record)
+        if self.catalog.find(record.uuid) is not None:
+            await self._remove(record, keep_disks=keep_disks)
+        else:
+            await asyncio.to_thread(shutil.rmtree, self.vm_dir(record.uuid), True)
 
     async def reattach_all(self) -> None:
         """On agent start: find every VM's QEMU and record its true state."""

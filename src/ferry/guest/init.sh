@@ -1,0 +1,223 @@
+#!/bin/sh
+# /init of the ferry test guest (busybox sh, PID 1), built by ferry.guest.build.
+#
+# The guest counts: it finds the newest record on /dev/vda, prints
+# "ferry-guest up last-seq=N", then every 200 ms writes record N+1, N+2, ...,
+# makes it durable and only then prints "seq N". Tests read the disk back
+# with ferry.guest.records.read_records to see how far the guest got.
+#
+# Record format (version 1). The canonical description is the docstring of
+# ferry/guest/records.py, and this script must write exactly the bytes of
+# records.encode_record(seq). In short: one 4096-byte block at slot
+# (seq - 1) % (disk size / 4096), made of text lines:
+#   header (128 bytes): "FERRYREC1 " + seq as 20 digits + " " + sha256 hex
+#                       of bytes 128..4095 + 32 spaces + "\n"
+#   62 body lines (64 bytes each): "ferry-guest record " + seq as 20 digits +
+#                       " line " + line number (00..61) + 16 dots + "\n"
+#
+# Kernel parameters read from /proc/cmdline:
+#   ferry.dirty=SIZE  (bytes, or with a K/M/G suffix) keep rewriting that
+#                     much memory in the background, for live-migration tests.
+#
+# Anything else this script prints starts with "ferry-guest "; a fatal error
+# prints "ferry-guest error: ..." and powers the VM off.
+
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+
+RECORD=/tmp/record      # the record being written
+BODY=/tmp/body          # its bytes 128..4095
+PROBE=/tmp/probe        # a block read back from the disk
+ZEROS=00000000000000000000
+LINES="00 01 02 03 04 05 06 07 08 09 10 11 12 13 14 15 16 17 18 19 20
+21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 42 43 44
+45 46 47 48 49 50 51 52 53 54 55 56 57 58 59 60 61"
+
+fail() {
+	echo "ferry-guest error: $*"
+	sync
+	poweroff -f
+	sleep 60
+}
+
+# Sets DIGITS to $1 as 20 zero-padded digits.
+pad20() {
+	DIGITS=$ZEROS$1
+	DIGITS=${DIGITS#"${DIGITS%????????????????????}"}
+}
+
+# Sets SEQ to the seq of the valid record in slot $1, or to "" if the block
+# there is blank, foreign or torn. Called O(log slots) times at boot.
+slot_seq() {
+	SEQ=
+	dd if=/dev/vda of=$PROBE bs=4096 skip="$1" count=1 2>/dev/null || return 0
+	magic= digits= sum=
+	read -r magic digits sum rest <$PROBE
+	[ "$magic" = FERRYREC1 ] || return 0
+	case $digits in
+	*[!0-9]*) return 0 ;;
+	????????????????????) ;;
+	*) return 0 ;;
+	esac
+	set -- $(tail -c 3968 $PROBE | sha256sum)
+	[ "$1" = "$sum" ] || return 0
+	SEQ=${digits#"${digits%%[!0]*}"}
+}
+
+# Prints the newest seq on the disk (0 if none). Slots 0..k hold s0..s0+k
+# and every later slot something else, so binary-search for the last slot s
+# whose seq is s0 + s. If slot 0 is not valid, the write that wrapped around
+# was torn: then the newest record is in the last slot, if it belongs there.
+find_last() {
+	slot_seq 0
+	base=$SEQ
+	if [ -z "$base" ]; then
+		slot_seq $((SLOTS - 1))
+		if [ -n "$SEQ" ] && [ $((SEQ % SLOTS)) -eq 0 ]; then
+			LAST=$SEQ
+		else
+			LAST=0
+		fi
+		return
+	fi
+	lo=0
+	hi=$SLOTS
+	while [ $((hi - lo)) -gt 1 ]; do
+		mid=$(((lo + hi) / 2))
+		slot_seq $mid
+		if [ "$SEQ" = $((base + mid)) ]; then lo=$mid; else hi=$mid; fi
+	done
+	LAST=$((base + lo))
+}
+
+# Writes record $1 to its slot and returns once it is on the disk.
+write_record() {
+	pad20 "$1"
+	# printf reuses its format for each line number in $LINES.
+	# shellcheck disable=SC2086
+	printf "ferry-guest record $DIGITS line %s................\n" $LINES >$BODY
+	set -- "$1" $(sha256sum $BODY)
+	printf 'FERRYREC1 %s %s                                \n' "$DIGITS" "$2" >$RECORD
+	cat $BODY >>$RECORD
+	dd if=$RECORD of=/dev/vda bs=4096 seek=$((($1 - 1) % SLOTS)) count=1 \
+		conv=notrunc,fsync 2>/dev/null || fail "cannot write record $1 to /dev/vda"
+}
+
+# Sets NOW to the uptime in centiseconds. ("1" + the two decimals - 100
+# keeps a leading zero from reading as octal.)
+uptime_cs() {
+	read -r up _ </proc/uptime
+	NOW=$((${up%.*} * 100 + 1${up#*.} - 100))
+}
+
+# Rewrites $1 bytes (rounded up to whole MiB) of a tmpfs file forever, with
+# non-zero data that changes on every pass, so live migration always has
+# changed pages to chase. Each pass builds a 1 MiB chunk tagged with the pass
+# number by doubling a 32-byte line, then cat writes it over the whole file
+# (no truncation: the same guest pages are rewritten every pass).
+dirty_memory() {
+	mib=$((($1 + 1048575) / 1048576))
+	mkdir -p /run/dirty
+	mount -t tmpfs -o size=$(((mib + 3) * 1048576)) tmpfs /run/dirty ||
+		fail "cannot mount a tmpfs for ferry.dirty"
+	chunks=
+	i=0
+	while [ $i -lt $mib ]; do
+		chunks="$chunks /run/dirty/chunk"
+		i=$((i + 1))
+	done
+	pass=0
+	while :; do
+		pass=$((pass + 1))
+		printf '%-31.31s\n' "ferry-guest dirty pass $pass" >/run/dirty/chunk
+		i=0
+		while [ $i -lt 15 ]; do
+			cat /run/dirty/chunk /run/dirty/chunk >/run/dirty/double
+			mv /run/dirty/double /run/dirty/chunk
+			i=$((i + 1))
+		done
+		# shellcheck disable=SC2086
+		cat $chunks 1<>/run/dirty/mem
+	done
+}
+
+# Sets DIRTY to the byte count of ferry.dirty= ("" when not given).
+parse_cmdline() {
+	DIRTY=
+	read -r cmdline </proc/cmdline
+	for arg in $cmdline; do
+		case $arg in
+		ferry.dirty=*) value=${arg#ferry.dirty=} ;;
+		*) continue ;;
+		esac
+		number=${value%[KkMmGg]}
+		case $number in
+		'' | *[!0-9]*) fail "bad kernel parameter $arg: use e.g. ferry.dirty=128M" ;;
+		esac
+		case $value in
+		*[Kk]) DIRTY=$((number * 1024)) ;;
+		*[Mm]) DIRTY=$((number * 1048576)) ;;
+		*[Gg]) DIRTY=$((number * 1073741824)) ;;
+		*) DIRTY=$number ;;
+		esac
+	done
+}
+
+# ACPI power button (QMP system_powerdown) -> clean poweroff, when the
+# initramfs carries the modules for it.
+start_acpid() {
+	[ -f /lib/modules/evdev.ko ] && [ -f /lib/modules/button.ko ] || return 0
+	insmod /lib/modules/evdev.ko && insmod /lib/modules/button.ko || return 0
+	acpid -f -c /etc/acpi -l /dev/null -p /run/acpid.pid &
+}
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs -o size=1m tmpfs /run
+
+parse_cmdline
+
+for module in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+	insmod /lib/modules/$module.ko || fail "cannot load kernel module $module"
+done
+start_acpid
+
+tries=0
+while [ ! -b /dev/vda ]; do
+	tries=$((tries + 1))
+	[ $tries -le 300 ] || fail "no /dev/vda after 30 s: give the VM a virtio-blk disk"
+	sleep 0.1
+done
+
+read -r sectors </sys/block/vda/size
+SLOTS=$((sectors / 8))
+[ "$SLOTS" -ge 1 ] || fail "/dev/vda is smaller than 4096 bytes"
+
+find_last
+echo "ferry-guest up last-seq=$LAST"
+
+if [ -n "$DIRTY" ] && [ "$DIRTY" -gt 0 ]; then
+	dirty_memory "$DIRTY" &
+	renice -n 19 -p $! >/dev/null
+fi
+
+# One record every 200 ms (20 centiseconds of /proc/uptime), whatever the
+# write took; when behind (a paused VM, a slow host) go on without bursting.
+seq=$LAST
+uptime_cs
+next=$NOW
+while :; do
+	seq=$((seq + 1))
+	write_record $seq
+	echo "seq $seq"
+	next=$((next + 20))
+	uptime_cs
+	rest=$((next - NOW))
+	if [ $rest -le 0 ]; then
+		next=$NOW
+	elif [ $rest -lt 10 ]; then
+		sleep 0.0$rest
+	else
+		sleep 0.$rest
+	fi
+done
