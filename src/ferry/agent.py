@@ -57,6 +57,7 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
     catalog = Catalog(config.data_dir)
     runner: web.AppRunner | None = None
     vms: VmService | None = None
+    migrations: MigrationService | None = None
     try:
         tls = server_ssl_context(config.tls_dir)
         qemu_version = await asyncio.to_thread(facts.qemu_version, config.qemu_binary)
@@ -95,6 +96,8 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
     finally:
         if runner is not None:
             await runner.cleanup()
+        if migrations is not None:
+            await migrations.shutdown()
         if vms is not None:
             await vms.detach_all()
         catalog.close()

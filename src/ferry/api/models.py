@@ -67,6 +67,9 @@ class VmView(BaseModel):
     kernel: str | None = None
     append: str | None = None
     pid: int | None = None
+    # True while the VM is arriving here by live migration and still runs
+    # on its source host (which is where commands should go).
+    incoming: bool = False
     replication: None = None
 
 

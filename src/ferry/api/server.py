@@ -164,6 +164,7 @@ class AgentApi:
             kernel=spec.kernel,
             append=spec.append,
             pid=self.vms.pid_of(spec.uuid),
+            incoming=self.migrations.is_incoming(spec.uuid),
         )
 
     async def host(self, request: web.Request) -> web.Response:

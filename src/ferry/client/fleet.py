@@ -64,6 +64,10 @@ class Fleet:
                 unreachable.append(name)
                 continue
             found += [(name, view) for view in result if vm in (view["name"], view["uuid"])]
+        if len(found) > 1:
+            # A VM that is arriving somewhere still belongs to its source.
+            settled = [(name, view) for name, view in found if not view.get("incoming")]
+            found = settled or found
         if len(found) == 1:
             return found[0]
         if found:

@@ -102,7 +102,12 @@ def default_cache_dir() -> Path:
 
 
 def dirty_memory_param(nbytes: int) -> str:
-    """Return the kernel parameter that makes the guest keep ``nbytes`` of memory dirty."""
+    """Return the kernel parameter that makes the guest keep ``nbytes`` of memory dirty.
+
+    The guest rewrites that much of a tmpfs file (rounded up to whole MiB)
+    in a loop, with data that changes on every pass; the memory comes out of
+    the guest's RAM, so keep it well under ``-m`` (half is fine).
+    """
     if nbytes <= 0:
         raise InvalidInputError(f"memory to dirty must be larger than zero, got {nbytes}")
     for suffix, scale in (("G", 1024**3), ("M", 1024**2), ("K", 1024)):

@@ -63,7 +63,7 @@ slot_seq() {
 	SEQ=${digits#"${digits%%[!0]*}"}
 }
 
-# Prints the newest seq on the disk (0 if none). Slots 0..k hold s0..s0+k
+# Sets LAST to the newest seq on the disk (0 if none). Slots 0..k hold s0..s0+k
 # and every later slot something else, so binary-search for the last slot s
 # whose seq is s0 + s. If slot 0 is not valid, the write that wrapped around
 # was torn: then the newest record is in the last slot, if it belongs there.
@@ -153,6 +153,8 @@ parse_cmdline() {
 		case $number in
 		'' | *[!0-9]*) fail "bad kernel parameter $arg: use e.g. ferry.dirty=128M" ;;
 		esac
+		number=${number#"${number%%[!0]*}"} # no octal surprises
+		number=${number:-0}
 		case $value in
 		*[Kk]) DIRTY=$((number * 1024)) ;;
 		*[Mm]) DIRTY=$((number * 1048576)) ;;

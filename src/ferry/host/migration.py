@@ -411,6 +411,21 @@ class MigrationService:
                 # It cleans itself when its agent is back (see recover()).
                 log.warning("move %s: could not tell %s to clean up: %s", job.id, peer.name, exc)
 
+    async def shutdown(self) -> None:
+        """Agent stopping: undo moves under way (the VMs stay here), then return."""
+        running = [job.task for job in self.jobs.all()
+                   if job.task is not None and not job.task.done()]  # fmt: skip
+        for task in running:
+            task.cancel()
+        for task in running:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def is_incoming(self, uuid: str) -> bool:
+        """True while a VM is arriving here and still runs on its source."""
+        return any(job.kind == INCOMING and job.state == IncomingState.RECEIVING
+                   and job.vm_uuid == uuid for job in self.jobs.all())  # fmt: skip
+
     # == destination side ====================================================
 
     def _incoming(self, job_id: str, caller: CertInfo) -> Job:
