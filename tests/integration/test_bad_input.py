@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def running_vm(lab_env: LabEnv) -> str:
     lab_env.cli("vm", "create", "keeper", "--host", "host-1", "--guest", "test",
-                "--memory", "64M", "--disk", "16M", "--start")  # fmt: skip
+                "--memory", "128M", "--disk", "16M", "--start")  # fmt: skip
     return "keeper"
 
 
@@ -52,6 +52,7 @@ def test_duplicate_name_keeps_the_first_vm(lab_env: LabEnv, running_vm: str) -> 
         (["--cpus", "999"], "cpus 999 is out of range"),
         (["--image", "/etc/hostname"], "outside the allowed image dirs"),
         (["--guest", "windows"], "unknown guest 'windows'"),
+        (["--guest", "test", "--memory", "64M"], "the test guest needs at least 96M"),
         (["--config-version", "9"], "runs configuration versions 1..3"),
     ],
 )

@@ -45,6 +45,9 @@ from ferry.host.config import HostConfig
 log = logging.getLogger(__name__)
 
 QUIT_GRACE_S = 10.0
+# Below this the test guest's kernel does not get to /init (measured: 64M
+# hangs silently, 80M boots); refuse rather than let it hang.
+TEST_GUEST_MIN_MEMORY = 96 * 1024**2
 
 
 @dataclass
@@ -182,6 +185,10 @@ class VmService:
         check_host_runs(version, self.config.functional_level, host=self.config.name, vm=name)
         if request.guest and (request.kernel or request.initrd):
             raise InvalidInputError("use either --guest test or --kernel/--initrd, not both")
+        if request.guest == "test" and request.memory < TEST_GUEST_MIN_MEMORY:
+            raise InvalidInputError(
+                f"the test guest needs at least {TEST_GUEST_MIN_MEMORY // 1024**2}M of memory"
+            )
         if request.initrd and not request.kernel:
             raise InvalidInputError("--initrd needs --kernel")
         disks = list(request.disks)
