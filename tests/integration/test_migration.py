@@ -21,12 +21,17 @@ from tests.conftest import LabEnv, qemu_pids_for
 
 pytestmark = pytest.mark.integration
 
-UP = re.compile(r"ferry-guest up last-seq=(\d+)")
+UP = re.compile(r"ferry-guest up last-seq=(\d+)\n")
 SEQ = re.compile(r"^seq (\d+)", re.MULTILINE)
 
 
+def complete(text: str) -> str:
+    """Only whole lines: the serial log arrives a byte at a time."""
+    return text[: text.rfind("\n") + 1]
+
+
 def seqs(text: str) -> list[int]:
-    return [int(n) for n in SEQ.findall(text)]
+    return [int(n) for n in SEQ.findall(complete(text))]
 
 
 def boot(env: LabEnv, name: str, host: str, *extra: str) -> dict[str, Any]:
