@@ -21,7 +21,7 @@ from tests.conftest import LabEnv, qemu_pids_for
 
 pytestmark = pytest.mark.integration
 
-UP = re.compile(r"ferry-guest up last-seq=(\d+)\n")
+UP = re.compile(r"ferry-guest up last-seq=(\d+)\r?\n")
 SEQ = re.compile(r"^seq (\d+)", re.MULTILINE)
 
 

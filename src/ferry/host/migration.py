@@ -138,7 +138,9 @@ class MigrationService:
 
     def _phase(self, job: Job, phase: Phase, **detail: Any) -> None:
         new = advance(Phase(job.state), phase)
-        self.jobs.update(job, new.value, phase=new.value, **detail)
+        entered = dict(job.detail.get("phase_started") or {})
+        entered[new.value] = time.time()
+        self.jobs.update(job, new.value, phase=new.value, phase_started=entered, **detail)
         log.getChild(job.vm_name).info("move %s: %s", job.id, new.value)
 
     async def _run_move(self, job: Job) -> None:
@@ -265,9 +267,14 @@ class MigrationService:
         downtime_ms = int(info.get("downtime", 0))
         await self._switch_over(job, peer, record, storage, plan)
         total_s = round(time.monotonic() - started, 3)
+        entered = job.detail["phase_started"]
+        disk_s = (entered[Phase.COPYING_MEMORY] - entered[Phase.COPYING_DISKS]
+                  if Phase.COPYING_DISKS in entered else 0.0)  # fmt: skip
+        memory_s = time.time() - entered[Phase.COPYING_MEMORY]
         self._finish(job, Phase.DONE, result={"result": "ok", "host": job.detail["target"],
                      "total_s": total_s, "downtime_ms": downtime_ms,
-                     "storage": storage.value})  # fmt: skip
+                     "storage": storage.value, "disk_copy_s": round(disk_s, 3),
+                     "memory_copy_s": round(memory_s, 3)})  # fmt: skip
 
     async def _peer_alive(self, job: Job, peer: AgentClient, last_ok: list[float]) -> None:
         """Fail the move once the destination agent has been silent too long."""
