@@ -15,11 +15,11 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ExecuteError, QMPClient, QMPError, Runstate
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
 from ferry.errors import QemuError
 
@@ -100,6 +100,20 @@ async def launch(argv: Sequence[str], *, pidfile: Path, uuid: str, timeout: floa
     return pid
 
 
+class EventWaiter:
+    """Events heard by one :meth:`QmpChannel.listen` block."""
+
+    def __init__(self, listener: EventListener) -> None:
+        self._listener = listener
+
+    async def next(self, timeout: float) -> dict[str, Any] | None:
+        """The next event, or None after ``timeout`` (callers then poll state)."""
+        try:
+            return dict(await asyncio.wait_for(self._listener.get(), timeout))
+        except TimeoutError:
+            return None
+
+
 class QmpChannel:
     """One QMP connection to one QEMU, with errors translated."""
 
@@ -142,6 +156,13 @@ class QmpChannel:
         with contextlib.suppress(QMPError):
             async for event in self._client.events:
                 yield dict(event)
+
+    @contextlib.contextmanager
+    def listen(self, *names: str) -> Iterator[EventWaiter]:
+        """Hear events named ``names`` from now on (register before acting)."""
+        listener = EventListener(names=names)
+        with self._client.listen(listener):
+            yield EventWaiter(listener)
 
     async def wait_closed(self) -> None:
         """Return once the connection is down (QEMU quit or died)."""

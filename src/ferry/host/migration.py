@@ -24,6 +24,7 @@ from aiohttp import web
 from ferry.adapters import qemu_img
 from ferry.adapters.catalog import VmRecord
 from ferry.adapters.pki import CertInfo, Role, client_ssl_context, qemu_dn
+from ferry.adapters.qemu import EventWaiter, QmpChannel
 from ferry.client.agent_client import AgentClient
 from ferry.core import vmstate
 from ferry.core.migration import (
@@ -219,53 +220,60 @@ class MigrationService:
             params["downtime-limit"] = job.detail["downtime_limit_ms"]
         await channel.execute("migrate-set-parameters", params)
 
-        mirrors: list[str] = []
-        plan["mirrors"] = mirrors
-        plan["nbd_nodes"] = []
-        if storage is Storage.COPY and spec.disks:
-            self._phase(job, Phase.COPYING_DISKS)
-            nbd = launched["nbd"]
-            for index in range(len(spec.disks)):
-                node = f"nbd{index}-{job.id}"
-                server = {"type": "inet", "host": nbd["host"], "port": str(nbd["port"])}
-                node_args: dict[str, Any] = {
-                    "driver": "nbd",
-                    "node-name": node,
-                    "server": server,
-                    "export": f"disk{index}",
-                }
-                if tls:
-                    node_args["tls-creds"] = tls_id
-                    node_args["tls-hostname"] = job.detail["target"]
-                await channel.execute("blockdev-add", node_args)
-                plan["nbd_nodes"].append(node)
-                mirror = f"mirror{index}-{job.id}"
-                mirror_args: dict[str, Any] = {
-                    "job-id": mirror,
-                    "device": f"disk{index}",
-                    "target": node,
-                    "sync": "full",
-                }
-                if job.detail["max_bandwidth"]:
-                    mirror_args["speed"] = job.detail["max_bandwidth"]
-                await channel.execute("blockdev-mirror", mirror_args)
-                mirrors.append(mirror)
-            await self._wait_mirrors_ready(job, channel, peer, mirrors)
+        events_of_interest = ("MIGRATION", "BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED",
+                              "BLOCK_JOB_ERROR")  # fmt: skip
+        with channel.listen(*events_of_interest) as events:
+            mirrors: list[str] = []
+            plan["mirrors"] = mirrors
+            plan["nbd_nodes"] = []
+            if storage is Storage.COPY and spec.disks:
+                self._phase(job, Phase.COPYING_DISKS)
+                nbd = launched["nbd"]
+                for index in range(len(spec.disks)):
+                    node = f"nbd{index}-{job.id}"
+                    server = {"type": "inet", "host": nbd["host"], "port": str(nbd["port"])}
+                    node_args: dict[str, Any] = {
+                        "driver": "nbd",
+                        "node-name": node,
+                        "server": server,
+                        "export": f"disk{index}",
+                    }
+                    if tls:
+                        node_args["tls-creds"] = tls_id
+                        node_args["tls-hostname"] = job.detail["target"]
+                    await channel.execute("blockdev-add", node_args)
+                    plan["nbd_nodes"].append(node)
+                    mirror = f"mirror{index}-{job.id}"
+                    mirror_args: dict[str, Any] = {
+                        "job-id": mirror,
+                        "device": f"disk{index}",
+                        "target": node,
+                        "sync": "full",
+                    }
+                    if job.detail["max_bandwidth"]:
+                        mirror_args["speed"] = job.detail["max_bandwidth"]
+                    await channel.execute("blockdev-mirror", mirror_args)
+                    mirrors.append(mirror)
+                await self._wait_mirrors_ready(job, channel, events, peer, mirrors)
 
-        self._phase(job, Phase.COPYING_MEMORY)
-        await channel.execute("migrate", {"uri": launched["uri"]})
-        plan["migrating"] = True
-        await self._wait_migration(job, channel, peer, {"pre-switchover"})
+            self._phase(job, Phase.COPYING_MEMORY)
+            await channel.execute("migrate", {"uri": launched["uri"]})
+            plan["migrating"] = True
+            await self._wait_migration(job, channel, events, peer, {"pre-switchover"})
 
-        # Point of no return: the source is paused with its last pages unsent.
-        self._phase(job, Phase.SWITCHING_OVER)
-        for mirror in mirrors:
-            await channel.execute("block-job-cancel", {"device": mirror})
-        await self._wait_jobs_gone(channel, mirrors)
-        await channel.execute("migrate-continue", {"state": "pre-switchover"})
-        info = await self._wait_migration(job, channel, None, {"completed"})
-        downtime_ms = int(info.get("downtime", 0))
-        await self._switch_over(job, peer, record, storage, plan)
+            # Point of no return: the source is paused with its last pages unsent.
+            self._phase(job, Phase.SWITCHING_OVER)
+            for mirror in mirrors:
+                await channel.execute("block-job-cancel", {"device": mirror})
+            await self._wait_jobs_gone(channel, mirrors, events)
+            await channel.execute("migrate-continue", {"state": "pre-switchover"})
+            info = await self._wait_migration(job, channel, events, None, {"completed"})
+            downtime_ms = int(info.get("downtime", 0))
+            completed = time.monotonic()
+            await self._switch_over(job, peer, record, storage, plan)
+            # QEMU's downtime ends when the source sent its last page; the guest
+            # runs again once the destination resumed, this much later.
+            resume_ms = round((plan["resumed_at"] - completed) * 1000)
         total_s = round(time.monotonic() - started, 3)
         entered = job.detail["phase_started"]
         disk_s = (entered[Phase.COPYING_MEMORY] - entered[Phase.COPYING_DISKS]
@@ -273,6 +281,7 @@ class MigrationService:
         memory_s = time.time() - entered[Phase.COPYING_MEMORY]
         self._finish(job, Phase.DONE, result={"result": "ok", "host": job.detail["target"],
                      "total_s": total_s, "downtime_ms": downtime_ms,
+                     "resume_ms": resume_ms,
                      "storage": storage.value, "disk_copy_s": round(disk_s, 3),
                      "memory_copy_s": round(memory_s, 3)})  # fmt: skip
 
@@ -290,8 +299,8 @@ class MigrationService:
             raise MoveFailed(f"host {peer.name!r} gave up receiving: {state.get('error')}")
         last_ok[0] = time.monotonic()
 
-    async def _wait_mirrors_ready(self, job: Job, channel: Any, peer: AgentClient,
-                                  mirrors: list[str]) -> None:  # fmt: skip
+    async def _wait_mirrors_ready(self, job: Job, channel: QmpChannel, events: EventWaiter,
+                                  peer: AgentClient, mirrors: list[str]) -> None:  # fmt: skip
         last_ok = [time.monotonic()]
         while True:
             jobs = {j["device"]: j for j in await channel.execute("query-block-jobs")}
@@ -304,10 +313,16 @@ class MigrationService:
             if all(jobs[m].get("ready") for m in mirrors):
                 return
             await self._peer_alive(job, peer, last_ok)
-            await asyncio.sleep(POLL_S)
+            await events.next(POLL_S)
 
-    async def _wait_migration(self, job: Job, channel: Any, peer: AgentClient | None,
-                              until: set[str]) -> dict[str, Any]:  # fmt: skip
+    async def _wait_migration(
+        self,
+        job: Job,
+        channel: QmpChannel,
+        events: EventWaiter,
+        peer: AgentClient | None,
+        until: set[str],
+    ) -> dict[str, Any]:
         last_ok = [time.monotonic()]
         while True:
             info: dict[str, Any] = await channel.execute("query-migrate")
@@ -328,9 +343,11 @@ class MigrationService:
                 raise MoveFailed(f"memory copy failed: {reason}")
             if peer is not None:
                 await self._peer_alive(job, peer, last_ok)
-            await asyncio.sleep(POLL_S)
+            await events.next(POLL_S)  # a MIGRATION event ends the wait at once
 
-    async def _wait_jobs_gone(self, channel: Any, mirrors: list[str], timeout: float = 60) -> None:
+    async def _wait_jobs_gone(self, channel: QmpChannel, mirrors: list[str],
+                              events: EventWaiter | None = None,
+                              timeout: float = 60) -> None:  # fmt: skip
         deadline = time.monotonic() + timeout
         while True:
             present = {j["device"] for j in await channel.execute("query-block-jobs")}
@@ -338,7 +355,10 @@ class MigrationService:
                 return
             if time.monotonic() > deadline:
                 raise MoveFailed("disk copies did not finish at switch-over")
-            await asyncio.sleep(0.05)
+            if events is None:
+                await asyncio.sleep(0.05)
+            else:
+                await events.next(0.05)
 
     async def _switch_over(self, job: Job, peer: AgentClient, record: VmRecord,
                            storage: Storage, plan: dict[str, Any]) -> None:  # fmt: skip
@@ -346,6 +366,7 @@ class MigrationService:
         plan["finish_called"] = True
         outcome = await self._destination_outcome(job, peer, finish=True)
         if outcome == IncomingState.DONE:
+            plan["resumed_at"] = time.monotonic()
             await self.vms.forget(record, keep_disks=storage is Storage.SHARED)
             return
         # The destination does not run it: take the VM back.
