@@ -200,6 +200,11 @@ class MigrationService:
         launched = await peer.post(f"/v1/peer/migrations/{job.id}/launch")
         channel = self.vms.channel(record)
         tls = launched["tls"]
+        if not tls and not self.config.insecure_migration:
+            raise MoveFailed(
+                f"host {peer.name!r} offers only plain TCP for the memory and disk streams; "
+                "set insecure_migration on both hosts (trusted networks only) or on neither"
+            )
         tls_id = f"ferry-tls-{job.id}"
         if tls:
             await channel.execute("object-add", {
