@@ -25,6 +25,7 @@ from ferry.api.server import AgentApi
 from ferry.errors import ConfigError
 from ferry.host import facts
 from ferry.host.config import HostConfig, load_host_config
+from ferry.host.exchange import ExchangeService
 from ferry.host.jobs import JobRegistry
 from ferry.host.migration import MigrationService
 from ferry.host.vms import VmService
@@ -70,11 +71,16 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
             host_cpus=facts.host_cpus(),
         )
         await vms.reattach_all()
-        migrations = MigrationService(vms, JobRegistry(catalog))
+        jobs = JobRegistry(catalog)
+        migrations = MigrationService(vms, jobs)
         await migrations.recover()
+        exchange = ExchangeService(vms, jobs)
+        exchange.recover()
         address, port = config.address
         url = f"https://{address}:{port}"
-        api = AgentApi(vms, migrations, url=url, accelerator=accelerator, qemu_version=qemu_version)
+        api = AgentApi(
+            vms, migrations, exchange, url=url, accelerator=accelerator, qemu_version=qemu_version
+        )
         runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, address, port, ssl_context=tls, reuse_address=True)

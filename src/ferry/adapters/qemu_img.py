@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ferry.errors import QemuError
+from ferry.errors import InvalidInputError, QemuError
+
+_PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 
 async def _run(qemu_img: str, *args: str) -> str:
@@ -37,9 +41,59 @@ async def create(path: Path, size: int, *, qemu_img: str = "qemu-img") -> None:
     await _run(qemu_img, "create", "-q", "-f", "qcow2", str(path), str(size))
 
 
-async def convert_to_qcow2(src: Path, dst: Path, *, qemu_img: str = "qemu-img") -> None:
-    """Copy ``src`` (any format qemu-img reads) into a new sparse qcow2."""
-    await _run(qemu_img, "convert", "-q", "-O", "qcow2", str(src), str(dst))
+async def convert_to_qcow2(
+    src: Path,
+    dst: Path,
+    *,
+    src_format: str,
+    qemu_img: str = "qemu-img",
+    progress: Callable[[float], None] | None = None,
+) -> None:
+    """Copy ``src`` into a new sparse, consolidated qcow2 (no backing file).
+
+    The source format is always given (never probed: a raw image could pose
+    as another format). ``progress`` gets the fraction done as qemu-img -p
+    reports it.
+    """
+    args = ["convert", "-p", "-f", src_format, "-O", "qcow2", str(src), str(dst)]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            qemu_img, *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+    except OSError as exc:
+        raise QemuError(f"cannot run {qemu_img}: {exc.strerror}; install qemu-utils") from exc
+    assert proc.stdout is not None and proc.stderr is not None
+    buffer = b""
+    while chunk := await proc.stdout.read(256):
+        buffer += chunk
+        *done, buffer = re.split(rb"[\r\n]", buffer)
+        for line in done:
+            match = _PROGRESS.search(line)
+            if match and progress is not None:
+                progress(float(match.group(1)) / 100)
+    stderr = await proc.stderr.read()
+    if await proc.wait() != 0:
+        lines = [ln for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
+        reason = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise QemuError(f"qemu-img convert failed: {reason}")
+
+
+def check_self_contained(info: dict[str, Any], *, what: str) -> None:
+    """Refuse images that would make QEMU open other files."""
+    if info.get("backing-filename") or info.get("full-backing-filename"):
+        raise InvalidInputError(
+            f"{what} has a backing file ({info.get('backing-filename')}); only self-contained "
+            "images are accepted (flatten it with qemu-img convert)"
+        )
+    specific = (info.get("format-specific") or {}).get("data") or {}
+    if specific.get("data-file"):
+        raise InvalidInputError(f"{what} keeps its data in another file ({specific['data-file']})")
+    for extent in specific.get("extents") or []:
+        if extent.get("filename") and Path(extent["filename"]).name != Path(info["filename"]).name:
+            raise InvalidInputError(f"{what} is a multi-file VMDK; convert it to one file first")
 
 
 async def info(path: Path, *, qemu_img: str = "qemu-img") -> dict[str, Any]:

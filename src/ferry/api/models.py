@@ -16,6 +16,10 @@ Admin endpoints (admin certificate)::
     GET    /v1/vms/{name}/console?offset=N -> ConsoleChunk
     POST   /v1/vms/{name}/move  MoveRequest -> job (202)
     POST   /v1/vms/{name}/upgrade-version -> VmView
+    POST   /v1/vms/{name}/export ExportRequest -> job (202)
+    POST   /v1/imports    ImportRequest -> job (202)
+    POST   /v1/host/refresh-vms         -> {"host", "results": [{vm, old_pid, pid, ...}]}
+    GET    /v1/host/upgrade-check       -> {"host", "version", "schema_version", ...}
     GET    /v1/jobs                     -> [job]
     GET    /v1/jobs/{id}                -> job
     POST   /v1/jobs/{id}/cancel         -> job
@@ -125,6 +129,21 @@ class MoveRequest(BaseModel):
     storage: Literal["auto", "shared", "copy"] = "auto"
     max_bandwidth: int | None = Field(default=None, ge=0)
     downtime_limit_ms: int | None = Field(default=None, gt=0, le=600_000)
+
+
+class ExportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    to: str
+    live: bool = False
+
+
+class ImportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    folder: str
+    mode: Literal["register", "copy", "new-id"] = "copy"
+    name: str | None = None
 
 
 class VolumeRequest(BaseModel):

@@ -9,6 +9,7 @@ may only call ``/v1/peer/...``; anything else is cut off in the TLS handshake
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -23,7 +24,9 @@ from ferry.api.models import (
     ConsoleChunk,
     CreateVmRequest,
     DiskView,
+    ExportRequest,
     HostView,
+    ImportRequest,
     MoveRequest,
     PeerHello,
     StopRequest,
@@ -31,10 +34,13 @@ from ferry.api.models import (
     VmView,
     VolumeRequest,
 )
+from ferry.core import vmstate
 from ferry.core.migration import Storage
 from ferry.core.versions import supported_range
 from ferry.core.vmstate import VmState
-from ferry.errors import AuthError, FerryError, InvalidInputError
+from ferry.errors import AuthError, FerryError, InvalidInputError, StateError
+from ferry.host import facts
+from ferry.host.exchange import ExchangeService
 from ferry.host.migration import MigrationService
 from ferry.host.vms import VmService
 
@@ -106,6 +112,7 @@ class AgentApi:
         self,
         vms: VmService,
         migrations: MigrationService,
+        exchange: ExchangeService,
         *,
         url: str,
         accelerator: str,
@@ -113,6 +120,7 @@ class AgentApi:
     ) -> None:
         self.vms = vms
         self.migrations = migrations
+        self.exchange = exchange
         self.jobs = migrations.jobs
         self.url = url
         self.accelerator = accelerator
@@ -133,6 +141,10 @@ class AgentApi:
                 web.get("/v1/vms/{name}/console", self.console),
                 web.post("/v1/vms/{name}/move", self.move_vm),
                 web.post("/v1/vms/{name}/upgrade-version", self.upgrade_version),
+                web.post("/v1/vms/{name}/export", self.export_vm),
+                web.post("/v1/imports", self.import_vm),
+                web.post("/v1/host/refresh-vms", self.refresh_vms),
+                web.get("/v1/host/upgrade-check", self.upgrade_check),
                 web.get("/v1/jobs", self.list_jobs),
                 web.get("/v1/jobs/{id}", self.show_job),
                 web.post("/v1/jobs/{id}/cancel", self.cancel_job),
@@ -244,8 +256,48 @@ class AgentApi:
         return _json(self.jobs.get(request.match_info["id"]).view(self.vms.config.name))
 
     async def cancel_job(self, request: web.Request) -> web.Response:
-        job = self.migrations.cancel(request.match_info["id"])
+        job = self.jobs.get(request.match_info["id"])
+        if job.kind in ("export", "import"):
+            if job.state != "running" or job.task is None:
+                raise StateError(f"job {job.id} has already ended ({job.state})")
+            job.task.cancel()
+        else:
+            job = self.migrations.cancel(job.id)
         return _json(job.view(self.vms.config.name))
+
+    async def export_vm(self, request: web.Request) -> web.Response:
+        export = await _body(request, ExportRequest)
+        job = self.exchange.start_export(request.match_info["name"], export.to, live=export.live)
+        return _json(job.view(self.vms.config.name), status=202)
+
+    async def import_vm(self, request: web.Request) -> web.Response:
+        body = await _body(request, ImportRequest)
+        job = self.exchange.start_import(body.folder, mode=body.mode, new_name=body.name)
+        return _json(job.view(self.vms.config.name), status=202)
+
+    async def refresh_vms(self, request: web.Request) -> web.Response:
+        results = []
+        for record in self.vms.list():
+            if record.state is VmState.RUNNING:
+                try:
+                    results.append(await self.vms.refresh_process(record.name))
+                except FerryError as exc:
+                    results.append({"vm": record.name, "error": str(exc)})
+        return _json({"host": self.vms.config.name, "results": results})
+
+    async def upgrade_check(self, request: web.Request) -> web.Response:
+        records = self.vms.list()
+        installed = await asyncio.to_thread(facts.qemu_version, self.vms.config.qemu_binary)
+        return _json({
+            "host": self.vms.config.name,
+            "version": __version__,
+            "schema_version": self.vms.catalog.schema_version,
+            "running_vms": [r.name for r in records if vmstate.is_live(r.state)],
+            "outdated_qemu_vms": self.vms.outdated_binaries(),
+            "qemu_version": self.qemu_version,
+            "installed_qemu_version": installed,
+            "replication_relationships": 0,
+        })  # fmt: skip
 
     async def list_volumes(self, request: web.Request) -> web.Response:
         return _json(self.vms.catalog.volumes())

@@ -136,3 +136,60 @@ def remove_volume(name: str, host: str = typer.Option(..., "--host", "-H")) -> N
     """Forget a shared volume on a host (files stay)."""
     with_fleet(lambda fleet: fleet.client(host).delete(f"/v1/volumes/{name}"))
     say(f"host {host} no longer has volume {name}")
+
+
+@app.command("upgrade-check")
+def upgrade_check(host: str, as_json: bool = JsonOpt) -> None:
+    """Say what upgrading HOST to this ferry will do (nothing is changed)."""
+    from ferry import __version__
+    from ferry.core.versions import DATA_SCHEMA_VERSION
+
+    facts: dict[str, Any] = with_fleet(
+        lambda fleet: fleet.client(host).get("/v1/host/upgrade-check")
+    )
+    steps = []
+    current, new = facts["schema_version"], DATA_SCHEMA_VERSION
+    if new > current:
+        steps.append(f"the new agent migrates the data dir from schema {current} to {new} on "
+                     "start (forward only: the old ferry refuses it afterwards)")  # fmt: skip
+    elif new < current:
+        steps.append(f"REFUSED: this ferry ({__version__}, schema {new}) is older than the "
+                     f"host's data dir (schema {current}); its agent would not start")  # fmt: skip
+    else:
+        steps.append(f"the data dir stays at schema {current}: nothing to migrate")
+    running = facts["running_vms"]
+    steps.append(f"{len(running)} running VM(s) keep running: QEMU runs apart from the agent; "
+                 "stop the agent, install, start it, and it re-attaches")  # fmt: skip
+    if facts["outdated_qemu_vms"]:
+        names = ", ".join(facts["outdated_qemu_vms"])
+        steps.append(f"VMs {names} run a QEMU binary replaced on disk: "
+                     f"'ferry host refresh-vms {host}' moves them to the new one live")  # fmt: skip
+    steps.append(f"replication relationships to resume: {facts['replication_relationships']}")
+    report = {**facts, "new_version": __version__, "new_schema_version": new, "steps": steps,
+              "ok": new >= current}  # fmt: skip
+    if as_json:
+        print_json(report)
+        return
+    say(f"host {host}: ferry {facts['version']} (schema {current}) -> {__version__} (schema {new})")
+    for step in steps:
+        say(f"  - {step}")
+
+
+@app.command("refresh-vms")
+def refresh_vms(host: str, as_json: bool = JsonOpt) -> None:
+    """Move every running VM of HOST to a fresh QEMU process (after a QEMU upgrade)."""
+    with err.status(f"refreshing the VMs of {host}"):
+        report: dict[str, Any] = with_fleet(
+            lambda fleet: fleet.client(host).post("/v1/host/refresh-vms")
+        )
+    if as_json:
+        print_json(report)
+        return
+    for result in report["results"]:
+        if "error" in result:
+            err.print(f"ferry: error: {result['vm']}: {result['error']}", markup=False)
+        else:
+            say(f"VM {result['vm']}: QEMU pid {result['old_pid']} -> {result['pid']}, "
+                f"{result['downtime_ms']} ms downtime")  # fmt: skip
+    if any("error" in r for r in report["results"]):
+        raise FerryError(f"some VMs of {host} stay on their old QEMU (see above)")

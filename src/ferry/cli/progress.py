@@ -12,12 +12,14 @@ from ferry.client.agent_client import AgentClient
 from ferry.core.units import format_size
 
 POLL_S = 0.3
-FINAL = ("done", "failed", "cancelled")
+FINAL = ("done", "failed", "cancelled")  # every job kind ends in one of these
 
 
 def _describe(job: dict[str, Any]) -> str:
     progress = job.get("progress") or {}
     parts = [job.get("phase", job["state"])]
+    if progress.get("total"):
+        parts.append(f"{format_size(progress['bytes'])}/{format_size(progress['total'])}")
     if job.get("phase") == "copying-disks" and progress.get("disk_total"):
         parts.append(f"disks {format_size(progress['disk_bytes'])}/"
                      f"{format_size(progress['disk_total'])}")  # fmt: skip
@@ -34,6 +36,8 @@ def _describe(job: dict[str, Any]) -> str:
 
 def _fraction(job: dict[str, Any]) -> tuple[float, float]:
     progress = job.get("progress") or {}
+    if progress.get("total"):
+        return float(progress.get("bytes") or 0), float(progress["total"])
     disk_total = progress.get("disk_total") or 0
     ram_total = progress.get("ram_total") or 0
     done = (progress.get("disk_bytes") or 0) + (progress.get("ram_bytes") or 0)
@@ -67,7 +71,7 @@ async def follow_job(client: AgentClient, job: dict[str, Any], *, as_json: bool)
             console=err,
             transient=True,
         ) as bar:
-            task = bar.add_task(_describe(job), vm=job["vm"], total=1.0)
+            task = bar.add_task(_describe(job), vm=f"{job['kind']} {job['vm']}", total=1.0)
             while True:
                 done, total = _fraction(job)
                 bar.update(task, completed=done, total=total, description=_describe(job))

@@ -285,3 +285,80 @@ def move(
     else:
         say(f"VM {name} now runs on {result['host']} ({result['storage']} storage): "
             f"{result['total_s']:.1f} s in all, {result['downtime_ms']} ms downtime")  # fmt: skip
+
+
+def _run_job(
+    source: str, path: str, body: dict[str, Any], as_json: bool, *, what: str
+) -> dict[str, Any]:
+    from ferry.cli.progress import follow_job
+
+    async def run(fleet: Fleet) -> dict[str, Any]:
+        job = await fleet.client(source).post(path, body)
+        return await follow_job(fleet.client(source), job, as_json=as_json)
+
+    job = with_fleet(run)
+    if job["state"] != "done":
+        raise FerryError(f"{what} {job['state']}: {job.get('error')}")
+    result: dict[str, Any] = job["result"]
+    return result
+
+
+@app.command("export")
+def export_vm(
+    name: str,
+    to: str = typer.Option(..., "--to", help="New folder on the VM's host (in its image dirs)."),
+    live: bool = typer.Option(False, "--live", help="Export a running VM at one point in time."),
+    host: str | None = HostOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Export a VM as a self-contained folder (config, consolidated disks, manifest)."""
+    where, _ = with_fleet(lambda fleet: fleet.locate(name, host))
+    body = {"to": to, "live": live}
+    result = _run_job(where, f"/v1/vms/{name}/export", body, as_json, what=f"export of VM {name}")
+    if as_json:
+        print_json({"result": "ok", **result})
+    else:
+        say(f"exported VM {name} to {result['folder']} on {where} "
+            f"({format_size(result['bytes'])} in {result['files']} files)")  # fmt: skip
+
+
+@app.command("import")
+def import_vm(
+    folder: str = typer.Argument(..., help="An export folder on the host."),
+    host: str = typer.Option(..., "--host", "-H", help="The host that has the folder."),
+    mode: str = typer.Option(
+        "copy", "--mode", help="register (use in place), copy, new-id (copy with a new UUID)."
+    ),
+    new_name: str | None = typer.Option(None, "--name", help="Import under another name."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Import a VM from an export folder (checked before anything is registered)."""
+    if mode not in ("register", "copy", "new-id"):
+        raise InvalidInputError(f"--mode must be register, copy or new-id, not {mode!r}")
+    body = {"folder": folder, "mode": mode, "name": new_name}
+    result = _run_job(host, "/v1/imports", body, as_json, what=f"import from {folder}")
+    if as_json:
+        print_json({"result": "ok", **result})
+        return
+    say(f"imported VM {result['vm']} on {host} ({mode}, uuid {result['uuid']})")
+    for note in result.get("notes", []):
+        err.print(f"ferry: note: {note}", markup=False)
+
+
+@app.command("import-disk")
+def import_disk(
+    name: str,
+    images: list[str] = typer.Argument(
+        ..., help="Disk images on the host (qcow2, raw, VHDX, VMDK, VDI), in its image dirs."
+    ),
+    host: str = typer.Option(..., "--host", "-H", help="Host to create the VM on."),
+    memory: str = typer.Option("256M", "--memory", "-m"),
+    cpus: int = typer.Option(1, "--cpus"),
+    guest: str | None = typer.Option(None, "--guest", help="'test': boot ferry's test kernel."),
+    start: bool = typer.Option(False, "--start"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Create a VM from existing disk images, converted to qcow2 (sparse kept)."""
+    create(name=name, host=host, memory=memory, cpus=cpus, disk=[], image=images, guest=guest,
+           kernel=None, initrd=None, append=None, config_version=None, volume=None,
+           start=start, as_json=as_json)  # fmt: skip

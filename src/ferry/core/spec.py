@@ -63,6 +63,8 @@ class RunContext(BaseModel):
     qmp_socket: Path
     serial_log: Path
     incoming: bool = False
+    # Keep what an earlier process of the same run wrote (refresh-vms).
+    serial_append: bool = False
 
 
 def check_name(name: str, *, what: str = "VM name") -> str:
@@ -114,7 +116,8 @@ def qemu_argv(spec: VmSpec, ctx: RunContext) -> list[str]:
         "-pidfile", str(ctx.pidfile),
         "-chardev", f"socket,id=qmp,path={_opt(ctx.qmp_socket)},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
-        "-chardev", f"file,id=serial0,path={_opt(ctx.serial_log)}",
+        "-chardev", f"file,id=serial0,path={_opt(ctx.serial_log)}"
+                    + (",append=on" if ctx.serial_append else ""),
         "-serial", "chardev:serial0",
         "-msg", "timestamp=on",
     ]  # fmt: skip

@@ -15,9 +15,11 @@ vanishes unasked becomes ``crashed``.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import shutil
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -166,12 +168,10 @@ class VmService:
             return DiskSpec(path=str(dst), size=request.size, direct=direct)
         src = self._allowed_file(request.image, "image")
         src_info = await qemu_img.info(src, qemu_img=qemu_img_bin)
-        if src_info.get("backing-filename"):
-            raise InvalidInputError(
-                f"image {request.image!r} has a backing file; flatten it first "
-                "(qemu-img convert -O qcow2 IN OUT)"
-            )
-        await qemu_img.convert_to_qcow2(src, dst, qemu_img=qemu_img_bin)
+        qemu_img.check_self_contained(src_info, what=f"image {request.image!r}")
+        await qemu_img.convert_to_qcow2(
+            src, dst, src_format=str(src_info["format"]), qemu_img=qemu_img_bin
+        )
         return DiskSpec(path=str(dst), size=int(src_info["virtual-size"]), direct=direct)
 
     async def create(self, request: CreateVmRequest) -> VmRecord:
@@ -545,6 +545,102 @@ class VmService:
             await self._remove(record, keep_disks=keep_disks)
         else:
             await asyncio.to_thread(shutil.rmtree, self.vm_dir(record.uuid), True)
+
+    async def refresh_process(self, name: str) -> dict[str, Any]:
+        """Move a running VM to a fresh QEMU process on this host (new binary).
+
+        A local live migration over a unix socket: the new process starts
+        paused with ``-incoming``, the old one sends its memory, the new one
+        resumes, the old one quits. Disks stay where they are. Any failure
+        before the new process resumed leaves the old one running.
+        """
+        record = self.get(name)
+        async with self._locks[record.uuid]:
+            record = self.get(name)
+            vmstate.transition(record.state, VmOp.MIGRATE, vm=name)
+            old = self._runtimes.get(record.uuid)
+            if old is None:
+                raise QemuError(f"VM {name!r} has no attached QEMU")
+            final = self._ctx(record.uuid)
+            short = record.uuid.replace("-", "")[:16]
+            ctx = final.model_copy(update={
+                "incoming": True, "serial_append": True,
+                "pidfile": final.pidfile.with_suffix(".new"),
+                "qmp_socket": self.config.runtime_dir / f"{short}.new.qmp",
+            })  # fmt: skip
+            stream = self.config.runtime_dir / f"{short}.mig"
+            for path in (ctx.pidfile, ctx.qmp_socket, stream):
+                path.unlink(missing_ok=True)
+            started = time.monotonic()
+            self.catalog.set_state(record.uuid, VmState.MIGRATING)
+            new_pid: int | None = None
+            new = qemu.QmpChannel(ctx.qmp_socket, name=f"{name}-new")
+            resumed = False
+            try:
+                new_pid = await qemu.launch(qemu_argv(record.spec, ctx), pidfile=ctx.pidfile,
+                                            uuid=record.uuid)  # fmt: skip
+                await new.connect()
+                caps = [{"capability": "events", "state": True},
+                        {"capability": "dirty-bitmaps", "state": True}]  # fmt: skip
+                await new.execute("migrate-set-capabilities", {"capabilities": caps})
+                await new.execute("migrate-incoming", {"uri": f"unix:{stream}"})
+                await old.channel.execute("migrate-set-capabilities", {"capabilities": caps})
+                await old.channel.execute("migrate-set-parameters", {"max-bandwidth": 0})
+                with old.channel.listen("MIGRATION") as events:
+                    await old.channel.execute("migrate", {"uri": f"unix:{stream}"})
+                    while True:
+                        info = await old.channel.execute("query-migrate")
+                        if info.get("status") == "completed":
+                            break
+                        if info.get("status") in ("failed", "cancelled"):
+                            reason = info.get("error-desc", info.get("status"))
+                            raise QemuError(f"local migration of VM {name!r} failed: {reason}")
+                        await events.next(0.2)
+                await new.execute("cont")
+                resumed = True
+            except BaseException:
+                if not resumed:
+                    with contextlib.suppress(QemuError):
+                        await old.channel.execute("migrate_cancel")
+                    if new_pid is not None:
+                        await qemu.kill_process(new_pid, record.uuid)
+                    await new.close()
+                    with contextlib.suppress(QemuError):
+                        if await old.channel.status() != "running":
+                            await old.channel.execute("cont")
+                    self.catalog.set_state(record.uuid, VmState.RUNNING)
+                raise
+            finally:
+                stream.unlink(missing_ok=True)
+            # The new process runs the guest; retire the old one and take its names.
+            await new.close()
+            old.expect_exit = True
+            self._runtimes.pop(record.uuid, None)
+            with contextlib.suppress(QemuError):
+                await old.channel.execute("quit")
+            if not await qemu.wait_gone(old.pid, record.uuid, QUIT_GRACE_S):
+                await qemu.kill_process(old.pid, record.uuid)
+            await self._detach(old)
+            assert new_pid is not None
+            ctx.qmp_socket.rename(final.qmp_socket)
+            ctx.pidfile.rename(final.pidfile)
+            await self._attach(record, new_pid)
+            self._log(record).info("moved to a fresh QEMU, pid %d -> %d", old.pid, new_pid)
+            return {"vm": name, "old_pid": old.pid, "pid": new_pid,
+                    "downtime_ms": info.get("downtime"),
+                    "total_s": round(time.monotonic() - started, 3)}  # fmt: skip
+
+    def outdated_binaries(self) -> builtins.list[str]:
+        """Running VMs whose QEMU binary was replaced on disk since they started."""
+        stale = []
+        for record in self.catalog.vms():
+            runtime = self._runtimes.get(record.uuid)
+            if runtime is None:
+                continue
+            with contextlib.suppress(OSError):
+                if str(Path(f"/proc/{runtime.pid}/exe").readlink()).endswith(" (deleted)"):
+                    stale.append(record.name)
+        return stale
 
     async def reattach_all(self) -> None:
         """On agent start: find every VM's QEMU and record its true state."""

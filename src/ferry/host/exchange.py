@@ -1,0 +1,381 @@
+"""Export a VM as a self-contained folder, and import one (an untrusted folder).
+
+Both are jobs with progress. An export is built as a hidden ``.partial``
+sibling and renamed into place only when its manifest is written, so an
+interrupted export never leaves a folder that looks complete. An import trusts
+nothing in the folder until checked: names (no traversal, no symlinks), sizes
+and SHA-256 checksums from the manifest, the config's schema, and every disk's
+header (format as declared, no backing or data file, the declared size). The
+format itself is documented in :mod:`ferry.core.export_format`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import uuid as uuidlib
+from pathlib import Path
+from typing import Any
+
+from ferry.adapters import qemu_img
+from ferry.adapters.catalog import VmRecord
+from ferry.core import vmstate
+from ferry.core.export_format import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    VM_FILE,
+    ExportedDisk,
+    ExportedVm,
+    Manifest,
+    ManifestFile,
+    parse_manifest,
+    parse_vm,
+)
+from ferry.core.spec import DiskSpec, VmSpec, check_name
+from ferry.core.versions import check_host_runs
+from ferry.core.vmstate import VmState
+from ferry.errors import (
+    ConflictError,
+    FerryError,
+    InvalidInputError,
+    NotFoundError,
+    QemuError,
+    StateError,
+)
+from ferry.host.jobs import Job, JobRegistry
+from ferry.host.vms import VmService
+
+log = logging.getLogger(__name__)
+
+EXPORT = "export"
+IMPORT = "import"
+HASH_CHUNK = 4 * 1024 * 1024
+IMPORT_MODES = ("register", "copy", "new-id")
+
+
+def sha256_file(path: Path, on_bytes: Any = None) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ExchangeService:
+    """Exports and imports of this host's VMs."""
+
+    def __init__(self, vms: VmService, jobs: JobRegistry) -> None:
+        self.vms = vms
+        self.jobs = jobs
+        self.config = vms.config
+
+    def recover(self) -> None:
+        """After a restart: exports and imports that were running are failed and undone."""
+        for job in self.jobs.all():
+            if job.kind not in (EXPORT, IMPORT) or job.state != "running":
+                continue
+            if job.kind == EXPORT:
+                target = Path(job.detail["target"])
+                for partial in target.parent.glob(f".{target.name}.partial-{job.id}"):
+                    shutil.rmtree(partial, ignore_errors=True)
+            elif job.vm_uuid and self.vms.catalog.find(job.vm_uuid) is None:
+                shutil.rmtree(self.vms.vm_dir(job.vm_uuid), ignore_errors=True)
+            self.jobs.update(job, "failed", error="the agent restarted during the job")
+
+    def _folder(self, raw: str, what: str) -> Path:
+        path = Path(raw)
+        if not path.is_absolute() or ".." in path.parts:
+            raise InvalidInputError(f"{what} {raw!r} must be an absolute path without '..'")
+        real = path.parent.resolve() / path.name
+        roots = [d.resolve() for d in self.config.image_dirs]
+        if not any(real.is_relative_to(root) and real != root for root in roots):
+            allowed = ", ".join(str(r) for r in roots) or "none configured"
+            raise InvalidInputError(
+                f"{what} {raw!r} is outside the image dirs of host {self.config.name!r} ({allowed})"
+            )
+        return real
+
+    def _progress(self, job: Job, done: int, total: int) -> None:
+        self.jobs.update(job, progress={"bytes": done, "total": total})
+
+    def _run(self, job: Job, work: Any) -> None:
+        async def runner() -> None:
+            try:
+                result = await work
+            except asyncio.CancelledError:
+                self.jobs.update(job, "cancelled", error="cancelled by the admin")
+                raise
+            except FerryError as exc:
+                self.jobs.update(job, "failed", error=str(exc))
+            except Exception as exc:
+                log.exception("job %s failed unexpectedly", job.id)
+                self.jobs.update(job, "failed", error=f"internal error: {exc}")
+            else:
+                self.jobs.update(job, "done", result=result)
+
+        job.task = asyncio.create_task(runner(), name=f"{job.kind}-{job.id}")
+
+    # == export ==============================================================
+
+    def start_export(self, name: str, to: str, *, live: bool) -> Job:
+        record = self.vms.get(name)
+        target = self._folder(to, "export folder")
+        if live and record.state not in (VmState.RUNNING, VmState.PAUSED):
+            raise StateError(f"VM {name!r} is {record.state.value}: --live exports a running "
+                             "VM; export it without --live")  # fmt: skip
+        if not live and vmstate.is_live(record.state):
+            raise StateError(f"VM {name!r} is {record.state.value}: stop it first, or export "
+                             "a consistent copy while it runs with --live")  # fmt: skip
+        if target.exists():
+            raise ConflictError(f"export folder {to!r} already exists; choose a new one")
+        if not target.parent.is_dir():
+            raise NotFoundError(f"the parent of export folder {to!r} does not exist")
+        job = self.jobs.create(EXPORT, record.uuid, record.name, "running", target=str(target),
+                               live=live, progress={}, result=None, error=None)  # fmt: skip
+        self._run(job, self._export(job, record, target, live))
+        return job
+
+    async def _export(self, job: Job, record: VmRecord, target: Path, live: bool) -> dict[str, Any]:
+        partial = target.parent / f".{target.name}.partial-{job.id}"
+        partial.mkdir()
+        try:
+            spec = record.spec
+            total = sum(d.size for d in spec.disks)
+            disks: list[ExportedDisk] = []
+            if live:
+                await self._backup_live(job, record, partial, total)
+            else:
+                done = 0
+                for index, disk in enumerate(spec.disks):
+                    base = done
+
+                    def report(fraction: float, base: int = base, size: int = disk.size) -> None:
+                        self._progress(job, base + int(fraction * size), total)
+
+                    await qemu_img.convert_to_qcow2(
+                        Path(disk.path), partial / f"disk{index}.qcow2", src_format=disk.format,
+                        qemu_img=self.config.qemu_img, progress=report)  # fmt: skip
+                    done += disk.size
+            for index, disk in enumerate(spec.disks):
+                disks.append(ExportedDisk(file=f"disk{index}.qcow2", size=disk.size,
+                                          format="qcow2"))  # fmt: skip
+            for name in ("kernel", "initrd"):
+                source = getattr(spec, name)
+                if source:
+                    await asyncio.to_thread(shutil.copyfile, source, partial / name)
+            exported = ExportedVm(
+                name=spec.name, uuid=spec.uuid, config_version=spec.config_version,
+                memory=spec.memory, cpus=spec.cpus, append=spec.append,
+                kernel="kernel" if spec.kernel else None,
+                initrd="initrd" if spec.initrd else None,
+                disks=disks, replication=None,
+            )  # fmt: skip
+            (partial / VM_FILE).write_text(exported.model_dump_json(indent=2))
+            files = sorted(p.name for p in partial.iterdir())
+            entries = []
+            for name in files:
+                path = partial / name
+                digest = await asyncio.to_thread(sha256_file, path)
+                entries.append(ManifestFile(path=name, size=path.stat().st_size, sha256=digest))
+            manifest = Manifest(format=FORMAT, version=FORMAT_VERSION, vm=VM_FILE, files=entries)
+            await asyncio.to_thread(self._seal, partial, manifest)
+            partial.rename(target)
+            _fsync_dir(target.parent)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, partial, True)
+            raise
+        size = sum(e.size for e in entries)
+        log.getChild(record.name).info("exported to %s (%d bytes)", target, size)
+        return {"folder": str(target), "bytes": size, "files": len(entries), "live": live}
+
+    @staticmethod
+    def _seal(partial: Path, manifest: Manifest) -> None:
+        """Make every file durable, then write the manifest that marks it complete."""
+        for path in partial.iterdir():
+            with path.open("rb+") as handle:
+                os.fsync(handle.fileno())
+        manifest_path = partial / MANIFEST
+        manifest_path.write_text(manifest.model_dump_json(indent=2))
+        with manifest_path.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        _fsync_dir(partial)
+
+    async def _backup_live(self, job: Job, record: VmRecord, partial: Path, total: int) -> None:
+        """A point-in-time full copy of every disk, taken in one transaction."""
+        channel = self.vms.channel(record)
+        nodes, jobs = [], []
+        try:
+            for index, disk in enumerate(record.spec.disks):
+                path = partial / f"disk{index}.qcow2"
+                await qemu_img.create(path, disk.size, qemu_img=self.config.qemu_img)
+                node = f"export{index}-{job.id}"
+                await channel.execute("blockdev-add", {
+                    "driver": "qcow2", "node-name": node, "discard": "unmap",
+                    "detect-zeroes": "unmap",  # zeros stay holes: the export stays sparse
+                    "file": {"driver": "file", "filename": str(path)}})  # fmt: skip
+                nodes.append(node)
+                jobs.append(f"backup{index}-{job.id}")
+            actions = [
+                {
+                    "type": "blockdev-backup",
+                    "data": {
+                        "job-id": job_id,
+                        "device": f"disk{index}",
+                        "target": nodes[index],
+                        "sync": "full",
+                        "auto-dismiss": False,
+                    },
+                }
+                for index, job_id in enumerate(jobs)
+            ]
+            with channel.listen("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CONCLUDED") as events:
+                await channel.execute("transaction", {"actions": actions,
+                                      "properties": {"completion-mode": "grouped"}})  # fmt: skip
+                while True:
+                    states = {j["device"]: j for j in await channel.execute("query-block-jobs")
+                              if j["device"] in jobs}  # fmt: skip
+                    done = sum(j["offset"] for j in states.values())
+                    self._progress(job, done, total)
+                    if all(j["status"] == "concluded" for j in states.values()):
+                        break
+                    await events.next(0.2)
+            errors = [j.get("error") for j in states.values() if j.get("error")]
+            if errors:
+                raise QemuError(f"live export of VM {record.name!r} failed: {errors[0]}")
+        finally:
+            for job_id in jobs:
+                with contextlib.suppress(FerryError):
+                    await channel.execute("block-job-cancel", {"device": job_id, "force": True})
+                with contextlib.suppress(FerryError):
+                    await channel.execute("job-dismiss", {"id": job_id})
+            for node in nodes:
+                with contextlib.suppress(FerryError):
+                    await channel.execute("blockdev-del", {"node-name": node})
+
+    # == import ==============================================================
+
+    def start_import(self, folder: str, *, mode: str, new_name: str | None) -> Job:
+        if mode not in IMPORT_MODES:
+            raise InvalidInputError(f"--mode must be one of {', '.join(IMPORT_MODES)}")
+        source = self._folder(folder, "import folder")
+        if source.is_symlink() or not source.is_dir():
+            raise NotFoundError(f"import folder {folder!r} is not a folder on host "
+                                f"{self.config.name!r}")  # fmt: skip
+        if new_name is not None:
+            check_name(new_name)
+        job = self.jobs.create(IMPORT, "", new_name or "?", "running", source=str(source),
+                               mode=mode, progress={}, result=None, error=None)  # fmt: skip
+        self._run(job, self._import(job, source, mode, new_name))
+        return job
+
+    def _regular_file(self, folder: Path, name: str) -> Path:
+        path = folder / name
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            raise InvalidInputError(f"{folder}: {name} is missing") from None
+        if stat.S_ISLNK(info.st_mode):
+            raise InvalidInputError(f"{folder}: {name} is a symlink; exports hold plain files")
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidInputError(f"{folder}: {name} is not a regular file")
+        return path
+
+    async def _verify(self, job: Job, folder: Path) -> tuple[Manifest, ExportedVm]:
+        manifest = parse_manifest(self._regular_file(folder, MANIFEST).read_bytes(),
+                                  folder=str(folder))  # fmt: skip
+        total = sum(f.size for f in manifest.files)
+        done = 0
+
+        def count(n: int) -> None:
+            nonlocal done
+            done += n
+            self._progress(job, done, total)
+
+        for entry in manifest.files:
+            path = self._regular_file(folder, entry.path)
+            if path.stat().st_size != entry.size:
+                raise InvalidInputError(f"{folder}: {entry.path} is {path.stat().st_size} bytes, "
+                                        f"the manifest says {entry.size}")  # fmt: skip
+            digest = await asyncio.to_thread(sha256_file, path, count)
+            if digest != entry.sha256:
+                raise InvalidInputError(
+                    f"{folder}: {entry.path} does not match its SHA-256 checksum in the "
+                    "manifest (damaged or altered)"
+                )
+        vm = parse_vm((folder / manifest.vm).read_bytes(), manifest, folder=str(folder))
+        for disk in vm.disks:
+            info = await qemu_img.info(folder / disk.file, qemu_img=self.config.qemu_img)
+            what = f"{folder}: {disk.file}"
+            if info.get("format") != disk.format:
+                raise InvalidInputError(f"{what} is {info.get('format')}, not {disk.format}")
+            qemu_img.check_self_contained(info, what=what)
+            if int(info.get("virtual-size", -1)) != disk.size:
+                raise InvalidInputError(f"{what} has virtual size {info.get('virtual-size')}, "
+                                        f"the config says {disk.size}")  # fmt: skip
+        return manifest, vm
+
+    async def _import(self, job: Job, folder: Path, mode: str,
+                      new_name: str | None) -> dict[str, Any]:  # fmt: skip
+        _, vm = await self._verify(job, folder)
+        name = new_name or vm.name
+        check_host_runs(vm.config_version, self.config.functional_level,
+                        host=self.config.name, vm=name)  # fmt: skip
+        if self.vms.catalog.find(name) is not None:
+            raise ConflictError(f"a VM named {name!r} already exists on host "
+                                f"{self.config.name!r}; import with --name NEW")  # fmt: skip
+        uuid = str(uuidlib.uuid4()) if mode == "new-id" else vm.uuid
+        if self.vms.catalog.find(uuid) is not None:
+            raise ConflictError(f"VM {uuid} (from this export) already exists on host "
+                                f"{self.config.name!r}; import with --mode new-id")  # fmt: skip
+        self.jobs.update(job, vm_name=name)
+        job.vm_uuid, job.vm_name = uuid, name
+        vm_dir = self.vms.vm_dir(uuid)
+        vm_dir.mkdir(parents=True)
+        try:
+            disks = []
+            for index, disk in enumerate(vm.disks):
+                source = folder / disk.file
+                if mode == "register":
+                    disks.append(DiskSpec(path=str(source), size=disk.size, format=disk.format))
+                    continue
+                target = vm_dir / f"disk{index}.qcow2"
+                await qemu_img.convert_to_qcow2(source, target, src_format=disk.format,
+                                                qemu_img=self.config.qemu_img)  # fmt: skip
+                disks.append(DiskSpec(path=str(target), size=disk.size))
+            boot: dict[str, str | None] = {}
+            for key in ("kernel", "initrd"):
+                file_name = getattr(vm, key)
+                if file_name:
+                    await asyncio.to_thread(shutil.copyfile, folder / file_name, vm_dir / key)
+                boot[key] = str(vm_dir / key) if file_name else None
+            spec = VmSpec(uuid=uuid, name=name, config_version=vm.config_version,
+                          memory=vm.memory, cpus=vm.cpus, disks=tuple(disks),
+                          append=vm.append, **boot)  # fmt: skip
+            self.vms.catalog.add_vm(spec)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, vm_dir, True)
+            raise
+        notes = []
+        if vm.replication:
+            notes.append(
+                "the export's replication settings were not imported; enable replication "
+                "again, using the existing replica as the initial copy"
+            )
+        log.getChild(name).info("imported from %s (%s)", folder, mode)
+        return {"vm": name, "uuid": uuid, "mode": mode, "notes": notes}
