@@ -290,3 +290,43 @@ def test_a_data_dir_from_schema_1_is_migrated(lab_env: LabEnv, tmp_path: Path) -
         agent.terminate()
         agent.wait(timeout=30)
         lab_env.cli("host", "remove", "host-old", check=False)
+
+
+def test_an_interrupted_export_leaves_no_folder_that_looks_complete(lab_env: LabEnv) -> None:
+    image = lab_env.lab.images_dir / "heavy.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "3G"], check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 0x33 0 1536M", str(image)], check=True,
+                   capture_output=True)  # fmt: skip
+    lab_env.cli("vm", "create", "heavy", "--host", "host-1", "--image", str(image))
+    image.unlink()
+    folder = lab_env.lab.images_dir / "heavy-export"
+    env = dict(os.environ, FERRY_HOME=str(lab_env.home))
+    export = subprocess.Popen([sys.executable, "-m", "ferry", "vm", "export", "heavy", "--to",
+                               str(folder)], env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            jobs = [j for j in lab_env.cli.json("job", "list", "--host", "host-1")
+                    if j["kind"] == "export" and j["vm"] == "heavy"]  # fmt: skip
+            if jobs and jobs[-1]["progress"].get("bytes"):
+                break
+            assert time.monotonic() < deadline, "the export never made progress"
+            time.sleep(0.1)
+        host = lab_env.lab.host(1)
+        pid = host.pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        assert export.wait(timeout=60) != 0
+        assert not folder.exists()
+        lab_env.cli("lab", "up", "--hosts", "2", "--no-guest")
+        job = [j for j in lab_env.cli.json("job", "list", "--host", "host-1")
+               if j["kind"] == "export" and j["vm"] == "heavy"][-1]  # fmt: skip
+        assert job["state"] == "failed" and "restarted" in job["error"]
+        assert not folder.exists()
+        assert not list(lab_env.lab.images_dir.glob(".heavy-export.partial*"))
+    finally:
+        if export.poll() is None:
+            export.kill()
+            export.wait()
+        lab_env.cli("vm", "delete", "heavy", "--force", check=False)

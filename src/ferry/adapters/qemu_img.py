@@ -10,11 +10,19 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ferry.errors import InvalidInputError, QemuError
+
+# qemu-img works for the agent: if the agent dies, so does it (no orphan
+# writing into a folder a restarted agent cleans up). setpriv (util-linux, in
+# every Debian) sets the parent-death signal without a preexec_fn, which is
+# unsafe in a process with threads.
+_DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
+
 
 _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
@@ -22,7 +30,7 @@ _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 async def _run(qemu_img: str, *args: str) -> str:
     try:
         proc = await asyncio.create_subprocess_exec(
-            qemu_img, *args,
+            *_DIE_WITH_PARENT, qemu_img, *args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -58,7 +66,7 @@ async def convert_to_qcow2(
     args = ["convert", "-p", "-f", src_format, "-O", "qcow2", str(src), str(dst)]
     try:
         proc = await asyncio.create_subprocess_exec(
-            qemu_img, *args,
+            *_DIE_WITH_PARENT, qemu_img, *args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
