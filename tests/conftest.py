@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -17,9 +19,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 
 from ferry.guest.build import ensure_guest
 from ferry.lab import Lab
+
+# The test guest's console (serial lines end in CRLF; the CLI's text mode may
+# turn them into LF). The log arrives a byte at a time: parse whole lines only.
+UP = re.compile(r"ferry-guest up last-seq=(\d+)\r?\n")
+SEQ = re.compile(r"^seq (\d+)", re.MULTILINE)
+
+
+def complete(text: str) -> str:
+    """Only whole lines of a console log."""
+    return text[: text.rfind("\n") + 1]
+
+
+def seqs(text: str) -> list[int]:
+    """The record numbers the guest reported, in order."""
+    return [int(n) for n in SEQ.findall(complete(text))]
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +101,21 @@ class LabEnv:
         args = ["vm", "show", name] + (["--host", host] if host else [])
         result: dict[str, Any] = self.cli.json(*args)
         return result
+
+    def restart_agent(self, index: int, **config: object) -> None:
+        """Stop host-``index``'s agent (SIGTERM), change its host.toml, start it again."""
+        import tomllib
+
+        host = self.lab.host(index)
+        pid = host.pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+        while host.pid() is not None:
+            time.sleep(0.1)
+        settings = tomllib.loads(host.config_path.read_text())
+        settings.update(config)
+        host.config_path.write_text(tomli_w.dumps(settings))
+        self.cli("lab", "up", "--hosts", str(len(self.lab.hosts())), "--no-guest")
 
     def wait_console(self, name: str, pattern: Callable[[str], bool], timeout: float = 60) -> str:
         """Poll the VM's serial log until ``pattern`` holds; return the log."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -21,11 +20,10 @@ import tomli_w
 from ferry.adapters import pki
 from ferry.core.versions import DATA_SCHEMA_VERSION
 from ferry.guest.records import read_records
-from tests.conftest import LabEnv, qemu_pids_for
+from tests.conftest import UP, LabEnv, qemu_pids_for
 
 pytestmark = pytest.mark.integration
 
-UP = re.compile(r"ferry-guest up last-seq=(\d+)\r?\n")
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 
 

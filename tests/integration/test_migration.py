@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -17,21 +16,9 @@ import pytest
 
 from ferry.guest.records import read_records
 from ferry.host.config import load_host_config
-from tests.conftest import LabEnv, qemu_pids_for
+from tests.conftest import UP, LabEnv, qemu_pids_for, seqs
 
 pytestmark = pytest.mark.integration
-
-UP = re.compile(r"ferry-guest up last-seq=(\d+)\r?\n")
-SEQ = re.compile(r"^seq (\d+)", re.MULTILINE)
-
-
-def complete(text: str) -> str:
-    """Only whole lines: the serial log arrives a byte at a time."""
-    return text[: text.rfind("\n") + 1]
-
-
-def seqs(text: str) -> list[int]:
-    return [int(n) for n in SEQ.findall(complete(text))]
 
 
 def boot(env: LabEnv, name: str, host: str, *extra: str) -> dict[str, Any]:

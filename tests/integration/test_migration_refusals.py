@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import tomli_w
 
 from ferry.adapters import pki
 from ferry.host.config import load_host_config
@@ -85,16 +82,7 @@ def test_a_memory_stream_from_the_wrong_host_is_refused_by_qemu(lab_env: LabEnv)
 
 
 def test_moves_beyond_the_host_limit_wait_in_a_queue(lab_env: LabEnv) -> None:
-    host = lab_env.lab.host(1)
-    pid = host.pid()
-    assert pid is not None
-    os.kill(pid, signal.SIGTERM)
-    while host.pid() is not None:
-        time.sleep(0.1)
-    config = tomllib.loads(host.config_path.read_text())
-    config["max_live_migrations"] = 1
-    host.config_path.write_text(tomli_w.dumps(config))
-    lab_env.cli("lab", "up", "--hosts", "2", "--no-guest")
+    lab_env.restart_agent(1, max_live_migrations=1)
     env = dict(os.environ, FERRY_HOME=str(lab_env.home))
     moves = []
     try:

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import time
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-import tomli_w
 
 from ferry.adapters import pki
 from ferry.host.config import load_host_config
@@ -24,16 +19,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def mixed_lab(lab_env: LabEnv) -> Iterator[LabEnv]:
     """host-2 runs at functional level 2 (an older host), host-1 at 3."""
-    host = lab_env.lab.host(2)
-    pid = host.pid()
-    assert pid is not None
-    os.kill(pid, signal.SIGTERM)
-    while host.pid() is not None:
-        time.sleep(0.1)
-    config = tomllib.loads(host.config_path.read_text())
-    config["functional_level"] = 2
-    host.config_path.write_text(tomli_w.dumps(config))
-    lab_env.cli("lab", "up", "--hosts", "2", "--no-guest")
+    lab_env.restart_agent(2, functional_level=2)
     assert lab_env.cli.json("host", "show", "host-2")["functional_level"] == 2
     yield lab_env
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
 from pathlib import Path
@@ -11,21 +10,9 @@ from pathlib import Path
 import pytest
 
 from ferry.guest.records import read_records
-from tests.conftest import LabEnv, qemu_pids_for
+from tests.conftest import UP, LabEnv, qemu_pids_for, seqs
 
 pytestmark = pytest.mark.integration
-
-UP = re.compile(r"ferry-guest up last-seq=(\d+)\r?\n")
-SEQ = re.compile(r"^seq (\d+)", re.MULTILINE)
-
-
-def complete(text: str) -> str:
-    """Only whole lines: the serial log arrives a byte at a time."""
-    return text[: text.rfind("\n") + 1]
-
-
-def seqs(text: str) -> list[int]:
-    return [int(n) for n in SEQ.findall(complete(text))]
 
 
 def wait_state(env: LabEnv, name: str, state: str, timeout: float = 30) -> dict[str, object]:

@@ -27,9 +27,9 @@ _DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv")
 _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 
-async def _run(qemu_img: str, *args: str) -> str:
+async def _spawn(qemu_img: str, args: list[str]) -> asyncio.subprocess.Process:
     try:
-        proc = await asyncio.create_subprocess_exec(
+        return await asyncio.create_subprocess_exec(
             *_DIE_WITH_PARENT, qemu_img, *args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
@@ -37,11 +37,20 @@ async def _run(qemu_img: str, *args: str) -> str:
         )  # fmt: skip
     except OSError as exc:
         raise QemuError(f"cannot run {qemu_img}: {exc.strerror}; install qemu-utils") from exc
+
+
+def _failed(args: list[str], returncode: int | None, stderr: bytes) -> QemuError:
+    """qemu-img's own last line is the reason we report."""
+    lines = [ln for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
+    reason = lines[-1] if lines else f"exit status {returncode}"
+    return QemuError(f"qemu-img {args[0]} failed: {reason}")
+
+
+async def _run(qemu_img: str, *args: str) -> str:
+    proc = await _spawn(qemu_img, list(args))
     stdout, stderr = await proc.communicate()
     if proc.returncode != 0:
-        lines = [ln for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
-        reason = lines[-1] if lines else f"exit status {proc.returncode}"
-        raise QemuError(f"qemu-img {args[0]} failed: {reason}")
+        raise _failed(list(args), proc.returncode, stderr)
     return stdout.decode(errors="replace")
 
 
@@ -64,15 +73,7 @@ async def convert_to_qcow2(
     reports it.
     """
     args = ["convert", "-p", "-f", src_format, "-O", "qcow2", str(src), str(dst)]
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *_DIE_WITH_PARENT, qemu_img, *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-    except OSError as exc:
-        raise QemuError(f"cannot run {qemu_img}: {exc.strerror}; install qemu-utils") from exc
+    proc = await _spawn(qemu_img, args)
     assert proc.stdout is not None and proc.stderr is not None
     buffer = b""
     while chunk := await proc.stdout.read(256):
@@ -84,9 +85,7 @@ async def convert_to_qcow2(
                 progress(float(match.group(1)) / 100)
     stderr = await proc.stderr.read()
     if await proc.wait() != 0:
-        lines = [ln for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
-        reason = lines[-1] if lines else f"exit status {proc.returncode}"
-        raise QemuError(f"qemu-img convert failed: {reason}")
+        raise _failed(args, proc.returncode, stderr)
 
 
 def check_self_contained(info: dict[str, Any], *, what: str) -> None:

@@ -36,6 +36,7 @@ from ferry.api.models import (
 )
 from ferry.core import vmstate
 from ferry.core.migration import Storage
+from ferry.core.validation import first_error
 from ferry.core.versions import supported_range
 from ferry.core.vmstate import VmState
 from ferry.errors import AuthError, FerryError, InvalidInputError, StateError
@@ -100,9 +101,7 @@ async def _body(request: web.Request, model: type[M]) -> M:
         raw = await request.read()
         return model.model_validate_json(raw or b"{}")
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise InvalidInputError(f"invalid request: {where}: {first['msg']}") from exc
+        raise InvalidInputError(f"invalid request: {first_error(exc, whole='body')}") from exc
 
 
 class AgentApi:

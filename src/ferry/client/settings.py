@@ -19,6 +19,7 @@ from pathlib import Path
 import tomli_w
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ferry.core.validation import first_error
 from ferry.errors import ConfigError, NotFoundError
 
 CONFIG_FILE = "config.toml"
@@ -72,9 +73,7 @@ def load_settings(home: Path | None = None) -> ClientSettings:
     try:
         return ClientSettings.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ConfigError(f"{path}: {where}: {first['msg']}") from exc
+        raise ConfigError(f"{path}: {first_error(exc)}") from exc
 
 
 def save_settings(settings: ClientSettings, home: Path | None = None) -> Path:

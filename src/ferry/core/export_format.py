@@ -25,6 +25,7 @@ import re
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ferry.core.spec import NAME_RE
+from ferry.core.validation import first_error
 from ferry.errors import InvalidInputError
 
 FORMAT = "ferry-export"
@@ -102,19 +103,13 @@ class ExportedVm(BaseModel):
         return None if value is None else check_file_name(value)
 
 
-def _first_error(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "document"
-    return f"{where}: {first['msg']}"
-
-
 def parse_manifest(raw: bytes, *, folder: str) -> Manifest:
     if len(raw) > MAX_MANIFEST_BYTES:
         raise InvalidInputError(f"{folder}: {MANIFEST} is too large to be a ferry manifest")
     try:
         manifest = Manifest.model_validate_json(raw)
     except ValidationError as exc:
-        raise InvalidInputError(f"{folder}: malformed {MANIFEST}: {_first_error(exc)}") from exc
+        raise InvalidInputError(f"{folder}: malformed {MANIFEST}: {first_error(exc)}") from exc
     if manifest.format != FORMAT or manifest.version != FORMAT_VERSION:
         raise InvalidInputError(
             f"{folder}: not a ferry export of format version {FORMAT_VERSION} "
@@ -132,7 +127,7 @@ def parse_vm(raw: bytes, manifest: Manifest, *, folder: str) -> ExportedVm:
     try:
         vm = ExportedVm.model_validate_json(raw)
     except ValidationError as exc:
-        raise InvalidInputError(f"{folder}: malformed {manifest.vm}: {_first_error(exc)}") from exc
+        raise InvalidInputError(f"{folder}: malformed {manifest.vm}: {first_error(exc)}") from exc
     listed = {f.path for f in manifest.files}
     needed = [d.file for d in vm.disks] + [n for n in (vm.kernel, vm.initrd) if n]
     for name in needed:

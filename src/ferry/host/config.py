@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ferry.core.spec import check_name
 from ferry.core.units import parse_size
+from ferry.core.validation import first_error
 from ferry.core.versions import MAX_CONFIG_VERSION, check_functional_level
 from ferry.errors import ConfigError, FerryError
 
@@ -97,8 +98,6 @@ def load_host_config(path: Path) -> HostConfig:
     try:
         return HostConfig.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "config"
-        raise ConfigError(f"host config {path}: {where}: {first['msg']}") from exc
+        raise ConfigError(f"host config {path}: {first_error(exc, whole='config')}") from exc
     except FerryError as exc:
         raise ConfigError(f"host config {path}: {exc}") from exc

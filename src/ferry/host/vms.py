@@ -52,6 +52,11 @@ QUIT_GRACE_S = 10.0
 TEST_GUEST_MIN_MEMORY = 96 * 1024**2
 
 
+def _short(uuid: str) -> str:
+    """A VM's name in the runtime dir, where socket paths must stay short."""
+    return uuid.replace("-", "")[:16]
+
+
 @dataclass
 class _Runtime:
     """A live QEMU the agent is attached to."""
@@ -102,7 +107,7 @@ class VmService:
             qemu_binary=self.config.qemu_binary,
             accelerator=self.accelerator,
             pidfile=vm_dir / "qemu.pid",
-            qmp_socket=self.config.runtime_dir / f"{uuid.replace('-', '')[:16]}.qmp",
+            qmp_socket=self.config.runtime_dir / f"{_short(uuid)}.qmp",
             serial_log=vm_dir / "serial.log",
         )
 
@@ -364,6 +369,15 @@ class VmService:
             await self._kill_leftover(record)
             self.catalog.set_state(record.uuid, VmState.OFF)
 
+    @staticmethod
+    async def _quit(runtime: _Runtime, uuid: str) -> None:
+        """End a QEMU on purpose: ask it to quit, SIGKILL it if it lingers."""
+        runtime.expect_exit = True
+        with contextlib.suppress(QemuError, TimeoutError):
+            await asyncio.wait_for(runtime.channel.execute("quit"), 5)
+        if not await qemu.wait_gone(runtime.pid, uuid, QUIT_GRACE_S):
+            await qemu.kill_process(runtime.pid, uuid)
+
     async def _finish_exit(self, record: VmRecord, runtime: _Runtime, state: VmState) -> None:
         self._runtimes.pop(record.uuid, None)
         await self._detach(runtime)
@@ -387,11 +401,7 @@ class VmService:
         state = vmstate.state_from_qemu(status)
         if status == "shutdown":
             # The guest powered off while nobody watched; finish the job.
-            runtime.expect_exit = True
-            with contextlib.suppress(QemuError):
-                await channel.execute("quit")
-            if not await qemu.wait_gone(pid, record.uuid, QUIT_GRACE_S):
-                await qemu.kill_process(pid, record.uuid)
+            await self._quit(runtime, record.uuid)
             await self._finish_exit(record, runtime, VmState.OFF)
             return VmState.OFF
         self.catalog.set_state(record.uuid, state)
@@ -462,11 +472,7 @@ class VmService:
         async with self._locks[record.uuid]:
             if self._runtimes.get(record.uuid) is not runtime:
                 return
-            runtime.expect_exit = True
-            with contextlib.suppress(QemuError):
-                await runtime.channel.execute("quit")
-            if not await qemu.wait_gone(runtime.pid, record.uuid, QUIT_GRACE_S):
-                await qemu.kill_process(runtime.pid, record.uuid)
+            await self._quit(runtime, record.uuid)
             await self._finish_exit(record, runtime, VmState.OFF)
             self._log(record).info("guest powered off")
 
@@ -528,11 +534,7 @@ class VmService:
         """End the VM's QEMU on purpose (quit, else kill) without a state change."""
         runtime = self._runtimes.pop(record.uuid, None)
         if runtime is not None:
-            runtime.expect_exit = True
-            with contextlib.suppress(QemuError):
-                await asyncio.wait_for(runtime.channel.execute("quit"), 5)
-            if not await qemu.wait_gone(runtime.pid, record.uuid, QUIT_GRACE_S):
-                await qemu.kill_process(runtime.pid, record.uuid)
+            await self._quit(runtime, record.uuid)
             await self._detach(runtime)
         await self._kill_leftover(record)
         self._ctx(record.uuid).qmp_socket.unlink(missing_ok=True)
@@ -562,7 +564,7 @@ class VmService:
             if old is None:
                 raise QemuError(f"VM {name!r} has no attached QEMU")
             final = self._ctx(record.uuid)
-            short = record.uuid.replace("-", "")[:16]
+            short = _short(record.uuid)
             ctx = final.model_copy(update={
                 "incoming": True, "serial_append": True,
                 "pidfile": final.pidfile.with_suffix(".new"),
@@ -614,12 +616,8 @@ class VmService:
                 stream.unlink(missing_ok=True)
             # The new process runs the guest; retire the old one and take its names.
             await new.close()
-            old.expect_exit = True
             self._runtimes.pop(record.uuid, None)
-            with contextlib.suppress(QemuError):
-                await old.channel.execute("quit")
-            if not await qemu.wait_gone(old.pid, record.uuid, QUIT_GRACE_S):
-                await qemu.kill_process(old.pid, record.uuid)
+            await self._quit(old, record.uuid)
             await self._detach(old)
             assert new_pid is not None
             ctx.qmp_socket.rename(final.qmp_socket)
