@@ -132,3 +132,28 @@ def test_agent_killed_and_restarted_while_a_vm_runs(lab_env: LabEnv) -> None:
     assert int(UP.findall(text)[0]) > 0
     cli("vm", "delete", "steady", "--force")
     assert qemu_pids_for(before["uuid"]) == []
+
+
+def test_a_paused_vm_is_reported_paused_after_an_agent_restart(lab_env: LabEnv) -> None:
+    cli = lab_env.cli
+    cli("vm", "create", "sleepy", "--host", "host-1", "--guest", "test", "--memory", "128M",
+        "--disk", "16M", "--start")  # fmt: skip
+    lab_env.wait_console("sleepy", lambda t: len(seqs(t)) >= 2)
+    assert cli.json("vm", "pause", "sleepy")["state"] == "paused"
+    assert "cannot pause VM 'sleepy': it is paused" in cli.fails("vm", "pause", "sleepy")
+    frozen = seqs(cli("vm", "console", "sleepy").stdout)
+    time.sleep(1.0)
+    assert seqs(cli("vm", "console", "sleepy").stdout) == frozen  # the guest does not run
+
+    host = lab_env.lab.host(1)
+    pid = host.pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    while host.pid() is not None:
+        time.sleep(0.1)
+    cli("lab", "up", "--hosts", "2", "--no-guest")
+    assert lab_env.vm("sleepy")["state"] == "paused"  # QEMU's truth, not a guess
+
+    assert cli.json("vm", "resume", "sleepy")["state"] == "running"
+    lab_env.wait_console("sleepy", lambda t: len(seqs(t)) > len(frozen) + 1)
+    cli("vm", "delete", "sleepy", "--force")

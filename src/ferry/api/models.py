@@ -12,6 +12,8 @@ Admin endpoints (admin certificate)::
     POST   /v1/vms/{name}/start         -> VmView
     POST   /v1/vms/{name}/stop  StopRequest -> StopResult
     POST   /v1/vms/{name}/kill          -> VmView
+    POST   /v1/vms/{name}/pause         -> VmView
+    POST   /v1/vms/{name}/resume        -> VmView
     DELETE /v1/vms/{name}?force=0|1     -> {"deleted": name}
     GET    /v1/vms/{name}/console?offset=N -> ConsoleChunk
     POST   /v1/vms/{name}/move  MoveRequest -> job (202)

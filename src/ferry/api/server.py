@@ -136,6 +136,8 @@ class AgentApi:
                 web.post("/v1/vms/{name}/start", self.start_vm),
                 web.post("/v1/vms/{name}/stop", self.stop_vm),
                 web.post("/v1/vms/{name}/kill", self.kill_vm),
+                web.post("/v1/vms/{name}/pause", self.pause_vm),
+                web.post("/v1/vms/{name}/resume", self.resume_vm),
                 web.delete("/v1/vms/{name}", self.delete_vm),
                 web.get("/v1/vms/{name}/console", self.console),
                 web.post("/v1/vms/{name}/move", self.move_vm),
@@ -218,6 +220,13 @@ class AgentApi:
 
     async def kill_vm(self, request: web.Request) -> web.Response:
         return _json(self._view(await self.vms.kill(request.match_info["name"])))
+
+    async def pause_vm(self, request: web.Request) -> web.Response:
+        return _json(self._view(await self.vms.pause(request.match_info["name"])))
+
+    async def resume_vm(self, request: web.Request) -> web.Response:
+        record = await self.vms.pause(request.match_info["name"], resume=True)
+        return _json(self._view(record))
 
     async def delete_vm(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]

@@ -105,10 +105,14 @@ def create(
         say(f"created VM {vm['name']} on {vm['host']} ({vm['state']}, uuid {vm['uuid']})")
 
 
+_GERUNDS = {"start": "starting", "stop": "stopping", "kill": "killing", "pause": "pausing",
+            "resume": "resuming"}  # fmt: skip
+
+
 def _action(name: str, host: str | None, verb: str, body: dict[str, Any] | None = None) -> Any:
     async def run(fleet: Fleet) -> Any:
         where, _ = await fleet.locate(name, host)
-        with err.status(f"{verb}ing VM {name} on {where}"):
+        with err.status(f"{_GERUNDS[verb]} VM {name} on {where}"):
             return await fleet.client(where).post(f"/v1/vms/{name}/{verb}", body)
 
     return with_fleet(run)
@@ -141,6 +145,20 @@ def stop_vm(
 def kill_vm(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> None:
     """Turn a VM off at once (like pulling the plug)."""
     vm = _action(name, host, "kill")
+    print_json(vm) if as_json else say(f"VM {name} is {vm['state']}")
+
+
+@app.command("pause")
+def pause_vm(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> None:
+    """Freeze a running VM (its memory stays; resume continues where it was)."""
+    vm = _action(name, host, "pause")
+    print_json(vm) if as_json else say(f"VM {name} is {vm['state']}")
+
+
+@app.command("resume")
+def resume_vm(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> None:
+    """Let a paused VM run again."""
+    vm = _action(name, host, "resume")
     print_json(vm) if as_json else say(f"VM {name} is {vm['state']}")
 
 

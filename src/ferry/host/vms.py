@@ -350,6 +350,17 @@ class VmService:
             self._log(record).info("stopped (%s)", "forced" if forced else "clean")
             return self.get(name), forced
 
+    async def pause(self, name: str, *, resume: bool = False) -> VmRecord:
+        """Freeze the guest's vCPUs (``stop``) or let them run again (``cont``)."""
+        record = self.get(name)
+        async with self._locks[record.uuid]:
+            record = self.get(name)
+            op = VmOp.RESUME if resume else VmOp.PAUSE
+            state = vmstate.transition(record.state, op, vm=name)
+            await self.channel(record).execute("cont" if resume else "stop")
+            self.catalog.set_state(record.uuid, state)
+            return self.get(name)
+
     async def kill(self, name: str) -> VmRecord:
         record = self.get(name)
         async with self._locks[record.uuid]:
