@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
 from pathlib import Path
 
 import pytest
+from qemu.qmp import QMPClient
 
 from ferry.guest.records import read_records
+from ferry.host.config import load_host_config
 from tests.conftest import UP, LabEnv, qemu_pids_for, seqs
 
 pytestmark = pytest.mark.integration
@@ -134,7 +137,8 @@ def test_agent_killed_and_restarted_while_a_vm_runs(lab_env: LabEnv) -> None:
     assert qemu_pids_for(before["uuid"]) == []
 
 
-def test_a_paused_vm_is_reported_paused_after_an_agent_restart(lab_env: LabEnv) -> None:
+def test_true_states_after_an_agent_restart(lab_env: LabEnv) -> None:
+    """While no agent watches, QEMU is paused behind its back: the restarted agent says so."""
     cli = lab_env.cli
     cli("vm", "create", "sleepy", "--host", "host-1", "--guest", "test", "--memory", "128M",
         "--disk", "16M", "--start")  # fmt: skip
@@ -144,6 +148,8 @@ def test_a_paused_vm_is_reported_paused_after_an_agent_restart(lab_env: LabEnv) 
     frozen = seqs(cli("vm", "console", "sleepy").stdout)
     time.sleep(1.0)
     assert seqs(cli("vm", "console", "sleepy").stdout) == frozen  # the guest does not run
+    assert cli.json("vm", "resume", "sleepy")["state"] == "running"
+    uuid = lab_env.vm("sleepy")["uuid"]
 
     host = lab_env.lab.host(1)
     pid = host.pid()
@@ -151,8 +157,18 @@ def test_a_paused_vm_is_reported_paused_after_an_agent_restart(lab_env: LabEnv) 
     os.kill(pid, signal.SIGKILL)
     while host.pid() is not None:
         time.sleep(0.1)
+    config = load_host_config(host.config_path)
+    socket_path = config.runtime_dir / f"{uuid.replace('-', '')[:16]}.qmp"
+
+    async def pause_behind_its_back() -> None:
+        qmp = QMPClient("test")
+        await qmp.connect(str(socket_path))
+        await qmp.execute("stop")
+        await qmp.disconnect()
+
+    asyncio.run(pause_behind_its_back())
     cli("lab", "up", "--hosts", "2", "--no-guest")
-    assert lab_env.vm("sleepy")["state"] == "paused"  # QEMU's truth, not a guess
+    assert lab_env.vm("sleepy")["state"] == "paused"  # QEMU's truth; the catalog said running
 
     assert cli.json("vm", "resume", "sleepy")["state"] == "running"
     lab_env.wait_console("sleepy", lambda t: len(seqs(t)) > len(frozen) + 1)
