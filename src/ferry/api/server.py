@@ -304,7 +304,6 @@ class AgentApi:
             "outdated_qemu_vms": self.vms.outdated_binaries(),
             "qemu_version": self.qemu_version,
             "installed_qemu_version": installed,
-            "replication_relationships": 0,
         })  # fmt: skip
 
     async def list_volumes(self, request: web.Request) -> web.Response:

@@ -164,7 +164,6 @@ def upgrade_check(host: str, as_json: bool = JsonOpt) -> None:
         names = ", ".join(facts["outdated_qemu_vms"])
         steps.append(f"VMs {names} run a QEMU binary replaced on disk: "
                      f"'ferry host refresh-vms {host}' moves them to the new one live")  # fmt: skip
-    steps.append(f"replication relationships to resume: {facts['replication_relationships']}")
     report = {**facts, "new_version": __version__, "new_schema_version": new, "steps": steps,
               "ok": new >= current}  # fmt: skip
     if as_json:
