@@ -184,12 +184,12 @@ class MigrationService:
         spec = record.spec
         volumes = self.vms.catalog.volumes()
         locations = [locate_on_volume(disk.path, volumes) for disk in spec.disks]
+        plan["peer"] = peer  # from here on, a failure tells the destination to clean up
         prepared = await peer.post("/v1/peer/migrations", {
             "job_id": job.id, "spec": spec.model_dump(mode="json"),
             "storage": job.detail["storage"],
             "disk_volumes": [list(loc) if loc else None for loc in locations],
         })  # fmt: skip
-        plan["peer"] = peer
         storage = Storage(prepared["storage"])
         self.jobs.update(job, storage=storage.value)
         for name in KERNEL_FILES:
