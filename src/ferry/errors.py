@@ -20,6 +20,7 @@ enter, in the adapter that met them, with ``raise ... from exc``.
      +-- CatalogError               catalog           the SQLite catalog failed
      +-- GuestBuildError            guest-build       the test guest cannot be built/read
      +-- ConfigError                config            a config file is missing or invalid
+     +-- DeltaCorruptError          delta-corrupt     a replication delta arrived damaged
 
 The ``code`` travels over the API so the CLI can rebuild the same class on
 the other side.
@@ -106,6 +107,13 @@ class ConfigError(FerryError):
     http_status = 500
 
 
+class DeltaCorruptError(FerryError):
+    """A delta stream arrived corrupt or cut short; the primary resends it."""
+
+    code = "delta-corrupt"
+    http_status = 400
+
+
 _BY_CODE: dict[str, type[FerryError]] = {
     cls.code: cls
     for cls in (
@@ -122,6 +130,7 @@ _BY_CODE: dict[str, type[FerryError]] = {
         CatalogError,
         GuestBuildError,
         ConfigError,
+        DeltaCorruptError,
     )
 }
 
