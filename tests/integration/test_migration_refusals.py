@@ -123,3 +123,60 @@ def test_moves_beyond_the_host_limit_wait_in_a_queue(lab_env: LabEnv) -> None:
                 move.wait()
         for name in ("first", "second"):
             lab_env.cli("vm", "delete", name, "--force", "--host", "host-1", check=False)
+
+
+def _drop_connections_of(pid: int) -> int:
+    """Abort every established TCP connection process ``pid`` holds (a cut network)."""
+    out = subprocess.run(["ss", "-tnpH", "state", "established"], capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    dropped = 0
+    for line in out.splitlines():
+        if f"pid={pid}," not in line:
+            continue
+        peer = line.split()[3]
+        address, _, port = peer.rpartition(":")
+        subprocess.run(["ss", "-K", "dst", address, "dport", "=", f":{port}"],
+                       capture_output=True, check=False)  # fmt: skip
+        dropped += 1
+    return dropped
+
+
+def test_the_network_drops_mid_copy(lab_env: LabEnv) -> None:
+    lab_env.cli("vm", "create", "cutoff", "--host", "host-1", "--guest", "test", "--memory",
+                "128M", "--disk", "16M", "--start")  # fmt: skip
+    lab_env.wait_console("cutoff", lambda t: "seq 2\n" in t)
+    before = lab_env.vm("cutoff")
+    env = dict(os.environ, FERRY_HOME=str(lab_env.home))
+    move = subprocess.Popen(
+        [sys.executable, "-m", "ferry", "vm", "move", "cutoff", "--to", "host-2",
+         "--storage", "copy", "--max-bandwidth", "4M"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            jobs = [j for j in lab_env.cli.json("job", "list", "--host", "host-1")
+                    if j["vm"] == "cutoff" and j["kind"] == "move"]  # fmt: skip
+            if jobs and jobs[-1]["phase"] == "copying-memory":
+                break
+            assert time.monotonic() < deadline, "the move never reached copying-memory"
+            time.sleep(0.2)
+        assert _drop_connections_of(before["pid"]) >= 1  # the memory stream (and NBD) cut
+        _, err = move.communicate(timeout=90)
+        assert move.returncode != 0 and "failed" in err
+    finally:
+        if move.poll() is None:
+            move.kill()
+            move.wait()
+    after = lab_env.vm("cutoff")
+    assert after["host"] == "host-1" and after["state"] == "running"
+    assert after["pid"] == before["pid"]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(qemu_pids_for(before["uuid"])) > 1:
+        time.sleep(0.2)
+    assert qemu_pids_for(before["uuid"]) == [before["pid"]]
+    assert lab_env.cli.json("vm", "list", "--host", "host-2") == []
+    count = lab_env.cli("vm", "console", "cutoff").stdout.count("seq ")
+    lab_env.wait_console("cutoff", lambda t: t.count("seq ") > count + 1)
+    lab_env.cli("vm", "delete", "cutoff", "--force")
