@@ -58,6 +58,14 @@ async def create(path: Path, size: int, *, qemu_img: str = "qemu-img") -> None:
     await _run(qemu_img, "create", "-q", "-f", "qcow2", str(path), str(size))
 
 
+async def create_overlay(
+    path: Path, backing: Path, size: int, *, qemu_img: str = "qemu-img"
+) -> None:
+    """A new qcow2 over ``backing``: clusters it does not hold read through."""
+    await _run(qemu_img, "create", "-q", "-f", "qcow2", "-b", str(backing.resolve()),
+               "-F", "qcow2", str(path), str(size))  # fmt: skip
+
+
 async def convert_to_qcow2(
     src: Path,
     dst: Path,
