@@ -66,6 +66,22 @@ async def create_overlay(
                "-F", "qcow2", str(path), str(size))  # fmt: skip
 
 
+async def check(path: Path, *, qemu_img: str = "qemu-img") -> None:
+    """``qemu-img check``: refuses an image with corruption or leaks it cannot explain."""
+    await _run(qemu_img, "check", "-q", "-f", "qcow2", str(path))
+
+
+async def rebase_unsafe(path: Path, backing: Path, *, qemu_img: str = "qemu-img") -> None:
+    """Point ``path`` at ``backing`` without copying (both must read the same below it)."""
+    await _run(qemu_img, "rebase", "-u", "-f", "qcow2", "-b", str(backing.resolve()),
+               "-F", "qcow2", str(path))  # fmt: skip
+
+
+async def commit(overlay: Path, *, qemu_img: str = "qemu-img") -> None:
+    """Write ``overlay``'s clusters into its backing file; ``-d`` leaves it intact."""
+    await _run(qemu_img, "commit", "-q", "-d", "-f", "qcow2", str(overlay))
+
+
 async def convert_to_qcow2(
     src: Path,
     dst: Path,

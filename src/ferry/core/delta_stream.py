@@ -93,7 +93,7 @@ def encode_frame(
           8   16 vm_uuid        the VM's UUID, the same in every frame
          24    8 point_id       recovery point sequence number, the same in every frame
          32    2 disk           disk index in the VM's config (0 for END)
-         34    8 offset         byte offset in the disk (0 for END)
+         34    8 offset         byte offset in the disk's delta file (0 for END)
          42    8 length         bytes of disk covered, uncompressed (0 for END)
          50    4 payload_len    bytes following the header
          54   32 payload_sha256 SHA-256 of the payload as sent

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import shutil
 import stat
 import uuid as uuidlib
@@ -24,6 +23,7 @@ from typing import Any
 
 from ferry.adapters import qemu_img
 from ferry.adapters.catalog import VmRecord
+from ferry.adapters.durable import fsync_dir, fsync_file
 from ferry.core import vmstate
 from ferry.core.export_format import (
     FORMAT,
@@ -67,14 +67,6 @@ def sha256_file(path: Path, on_bytes: Any = None) -> str:
             if on_bytes is not None:
                 on_bytes(len(chunk))
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ExchangeService:
@@ -196,7 +188,7 @@ class ExchangeService:
             manifest = Manifest(format=FORMAT, version=FORMAT_VERSION, vm=VM_FILE, files=entries)
             await asyncio.to_thread(self._seal, partial, manifest)
             partial.rename(target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, partial, True)
             raise
@@ -208,13 +200,11 @@ class ExchangeService:
     def _seal(partial: Path, manifest: Manifest) -> None:
         """Make every file durable, then write the manifest that marks it complete."""
         for path in partial.iterdir():
-            with path.open("rb+") as handle:
-                os.fsync(handle.fileno())
+            fsync_file(path)
         manifest_path = partial / MANIFEST
         manifest_path.write_text(manifest.model_dump_json(indent=2))
-        with manifest_path.open("rb+") as handle:
-            os.fsync(handle.fileno())
-        _fsync_dir(partial)
+        fsync_file(manifest_path)
+        fsync_dir(partial)
 
     async def _backup_live(self, job: Job, record: VmRecord, partial: Path, total: int) -> None:
         """A point-in-time full copy of every disk, taken in one transaction."""

@@ -1,0 +1,151 @@
+"""Moving recovery points: delta files out of the primary, into the replica's chain.
+
+A cycle's delta is a qcow2 overlay file (see :mod:`ferry.adapters.cbt`). It
+travels as a delta stream (:mod:`ferry.core.delta_stream`) whose extents are
+the *file's* allocated byte ranges (holes of the sparse file travel as ZERO
+frames), zstd-compressed where that pays. The replica writes the extents into
+``<point>.partial``, and only when the trailer verified the whole stream does
+it check the image (``qemu-img check``), point it at the previous recovery
+point (``qemu-img rebase -u``), fsync it and rename it into place: a point is
+either whole or absent. Retention merges follow :class:`ferry.core.replication.Merge`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from uuid import UUID
+
+import zstandard
+
+from ferry.adapters import qemu_img
+from ferry.adapters.durable import fsync_dir, fsync_file
+from ferry.core.delta_stream import DeltaEncoder, DeltaEnd, Extent, FrameDecoder
+from ferry.core.replication import Merge
+from ferry.errors import DeltaCorruptError
+
+CHUNK = 4 * 1024 * 1024
+_ZSTD_LEVEL = 3
+
+
+def _compress(data: bytes) -> bytes:
+    return zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(data)
+
+
+def _decompress(payload: bytes, size: int) -> bytes:
+    return zstandard.ZstdDecompressor().decompress(payload, max_output_size=size)
+
+
+def _file_extents(path: Path) -> Iterator[tuple[int, int, bool]]:
+    """(offset, length, has_data) covering the whole file, holes included."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        fd = handle.fileno()
+        offset = 0
+        while offset < size:
+            try:
+                data = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:  # no data after offset: the rest is a hole
+                yield offset, size - offset, False
+                return
+            if data > offset:
+                yield offset, data - offset, False
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            yield data, hole - data, True
+            offset = hole
+
+
+def encode_point(files: list[Path], *, vm_uuid: UUID, point_id: int,
+                 compress: bool = True) -> Iterator[bytes]:  # fmt: skip
+    """The delta stream of one recovery point (one delta file per disk)."""
+    encoder = DeltaEncoder(vm_uuid, point_id, compress=_compress if compress else None)
+    for disk, path in enumerate(files):
+        with path.open("rb") as handle:
+            for offset, length, has_data in _file_extents(path):
+                if not has_data:
+                    yield encoder.zero(disk, offset, length)
+                    continue
+                handle.seek(offset)
+                done = 0
+                while done < length:
+                    chunk = handle.read(min(CHUNK, length - done))
+                    yield encoder.data(disk, offset + done, chunk)
+                    done += len(chunk)
+    yield encoder.end()
+
+
+class PointReceiver:
+    """Writes one incoming recovery point into ``.partial`` files, then links it."""
+
+    def __init__(self, targets: list[Path], *, vm_uuid: UUID, point_id: int,
+                 qemu_img_bin: str = "qemu-img") -> None:  # fmt: skip
+        self.targets = targets
+        self.partials = [t.with_name(t.name + ".partial") for t in targets]
+        self.qemu_img = qemu_img_bin
+        self._decoder = FrameDecoder(decompress=_decompress, vm_uuid=vm_uuid, point_id=point_id)
+        self._files = [p.open("wb") for p in self.partials]
+
+    def feed(self, chunk: bytes) -> None:
+        for item in self._decoder.feed(chunk):
+            if isinstance(item, Extent):
+                if item.disk >= len(self._files):
+                    raise DeltaCorruptError(f"the stream names disk {item.disk}, the VM has "
+                                            f"{len(self._files)}")  # fmt: skip
+                handle = self._files[item.disk]
+                if item.data is None:  # a hole: leave it sparse
+                    handle.truncate(max(handle.seek(0, 2), item.offset + item.length))
+                else:
+                    handle.seek(item.offset)
+                    handle.write(item.data)
+
+    def abandon(self) -> None:
+        for handle in self._files:
+            handle.close()
+        for partial in self.partials:
+            partial.unlink(missing_ok=True)
+
+    async def commit(self, backings: list[Path | None]) -> DeltaEnd:
+        """Verify the whole stream and the images, then link them in. All or nothing."""
+        try:
+            end = self._decoder.finish()
+            for handle in self._files:
+                handle.flush()
+                os.fsync(handle.fileno())
+                handle.close()
+            for partial, backing in zip(self.partials, backings, strict=True):
+                await qemu_img.check(partial, qemu_img=self.qemu_img)
+                if backing is not None:
+                    await qemu_img.rebase_unsafe(partial, backing, qemu_img=self.qemu_img)
+                fsync_file(partial)
+        except BaseException:
+            self.abandon()
+            raise
+        for partial, target in zip(self.partials, self.targets, strict=True):
+            partial.rename(target)
+        fsync_dir(self.targets[0].parent)
+        return end
+
+
+async def receive_point(stream: AsyncIterator[bytes], receiver: PointReceiver,
+                        backings: list[Path | None]) -> DeltaEnd:  # fmt: skip
+    """Feed a whole stream to ``receiver``; on any failure nothing is linked."""
+    try:
+        async for chunk in stream:
+            receiver.feed(chunk)
+    except BaseException:
+        receiver.abandon()
+        raise
+    return await receiver.commit(backings)
+
+
+async def apply_merge(merge: Merge, root: Path, *, qemu_img_bin: str = "qemu-img") -> None:
+    """Run one retention step (the catalog steps are the caller's)."""
+    overlay = root / merge.overlay.file
+    await qemu_img.commit(overlay, qemu_img=qemu_img_bin)
+    if merge.rebase is not None:
+        await qemu_img.rebase_unsafe(root / merge.rebase.file, root / merge.base_file,
+                                     qemu_img=qemu_img_bin)  # fmt: skip
+    await asyncio.to_thread(fsync_file, root / merge.base_file)
+    await asyncio.to_thread(overlay.unlink)
