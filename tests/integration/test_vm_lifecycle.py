@@ -55,6 +55,9 @@ def test_full_life_cycle_with_the_test_guest(lab_env: LabEnv) -> None:
     cli("vm", "start", "life")
     text = lab_env.wait_console("life", lambda t: len(seqs(t)) >= 2)
     assert UP.findall(text) == ["0"]
+    console = cli.json("vm", "console", "life")
+    assert console["vm"] == "life" and console["host"] == "host-1"
+    assert "ferry-guest up last-seq=0\r\n" in console["text"] and console["offset"] > 0
     first = seqs(text)
     assert first[:2] == [1, 2]
     listed = cli.json("vm", "list")

@@ -11,7 +11,7 @@ from ferry.cli.output import err, print_json
 from ferry.client.agent_client import AgentClient
 from ferry.core.units import format_size
 
-POLL_S = 0.3
+POLL_S = 0.5
 FINAL = ("done", "failed", "cancelled")  # every job kind ends in one of these
 
 

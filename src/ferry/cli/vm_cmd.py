@@ -220,8 +220,13 @@ def console(
         None, "--until", help="With --follow: stop once this text appears."
     ),
     timeout: str | None = typer.Option(None, "--timeout", help="With --follow: give up after."),
+    as_json: bool = typer.Option(
+        False, "--json", help='Print {"vm","host","text","offset"} (not with --follow).'
+    ),
 ) -> None:
     """Print the serial console log of the VM's current run."""
+    if as_json and follow:
+        raise InvalidInputError("--json prints the log once; drop --follow")
     limit = parse_duration(timeout, what="timeout") if timeout else None
 
     async def run(fleet: Fleet) -> None:
@@ -231,6 +236,9 @@ def console(
         started = time.monotonic()
         while True:
             chunk = await client.get(f"/v1/vms/{name}/console", offset=str(offset))
+            if as_json:
+                print_json({"vm": name, "host": where, **chunk})
+                return
             sys.stdout.write(chunk["text"])
             sys.stdout.flush()
             offset = chunk["offset"]

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 MOVE = "move"
 INCOMING = "incoming"
-POLL_S = 0.2
+POLL_S = 0.5
 PEER_CHECK_S = 1.0
 PEER_GRACE_S = 4.0  # the destination agent may be silent this long mid-copy
 OUTCOME_WAIT_S = 60.0  # how long to learn the destination's fate after switch-over
