@@ -51,6 +51,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             path TEXT NOT NULL
         )""",
     ),
+    3: (
+        # Host-wide settings as JSON documents (the replica server's first).
+        """CREATE TABLE settings (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        )""",
+    ),
 }
 assert max(MIGRATIONS) == DATA_SCHEMA_VERSION
 
@@ -205,6 +212,19 @@ class Catalog:
             (job_id,),
         ).fetchone()
         return None if row is None else JobRow(*row)
+
+    # -- settings ------------------------------------------------------------
+
+    def setting(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def put_setting(self, key: str, value: str) -> None:
+        self._db.execute(
+            "INSERT INTO settings (key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
 
     # -- volumes -------------------------------------------------------------
 

@@ -22,6 +22,9 @@ Admin endpoints (admin certificate)::
     POST   /v1/imports    ImportRequest -> job (202)
     POST   /v1/host/refresh-vms         -> {"host", "results": [{vm, old_pid, pid, ...}]}
     GET    /v1/host/upgrade-check       -> {"host", "version", "schema_version", ...}
+    GET    /v1/replica-server           -> ReplicaServerSettings
+    PUT    /v1/replica-server  ReplicaServerSettings -> ReplicaServerSettings
+    DELETE /v1/replica-server           -> ReplicaServerSettings (disabled)
     GET    /v1/jobs                     -> [job]
     GET    /v1/jobs/{id}                -> job
     POST   /v1/jobs/{id}/cancel         -> job
@@ -35,6 +38,7 @@ a move adds ``"phase","target","storage","progress":{...},"result","error"``.
 Peer endpoints (a host certificate of the same CA, or an admin)::
 
     GET    /v1/peer/hello               -> PeerHello
+    GET    /v1/peer/replica-server/admission -> {storage, trust_group, rule} or 403
     POST   /v1/peer/migrations {job_id, spec, storage, disk_volumes} -> {storage}
     PUT    /v1/peer/migrations/{id}/files/{kernel|initrd}  (raw bytes)
     POST   /v1/peer/migrations/{id}/launch -> {uri, nbd: {host, port} | null, tls}

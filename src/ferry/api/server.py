@@ -36,6 +36,7 @@ from ferry.api.models import (
 )
 from ferry.core import vmstate
 from ferry.core.migration import Storage
+from ferry.core.replica_server import ReplicaServerSettings
 from ferry.core.validation import first_error
 from ferry.core.versions import supported_range
 from ferry.core.vmstate import VmState
@@ -43,6 +44,7 @@ from ferry.errors import AuthError, FerryError, InvalidInputError, StateError
 from ferry.host import facts
 from ferry.host.exchange import ExchangeService
 from ferry.host.migration import MigrationService
+from ferry.host.replica_server import ReplicaServer
 from ferry.host.vms import VmService
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,7 @@ class AgentApi:
         self.vms = vms
         self.migrations = migrations
         self.exchange = exchange
+        self.replica_server = ReplicaServer(vms.catalog, host=vms.config.name)
         self.jobs = migrations.jobs
         self.url = url
         self.accelerator = accelerator
@@ -152,7 +155,11 @@ class AgentApi:
                 web.get("/v1/volumes", self.list_volumes),
                 web.post("/v1/volumes", self.add_volume),
                 web.delete("/v1/volumes/{name}", self.remove_volume),
+                web.get("/v1/replica-server", self.replica_settings),
+                web.put("/v1/replica-server", self.configure_replica_server),
+                web.delete("/v1/replica-server", self.disable_replica_server),
                 web.get("/v1/peer/hello", self.peer_hello),
+                web.get("/v1/peer/replica-server/admission", self.peer_admission),
                 web.post("/v1/peer/migrations", self.peer_prepare),
                 web.put("/v1/peer/migrations/{id}/files/{file}", self.peer_file),
                 web.post("/v1/peer/migrations/{id}/launch", self.peer_launch),
@@ -340,6 +347,22 @@ class AgentApi:
     async def peer_status(self, request: web.Request) -> web.Response:
         caller = request["caller"]
         return _json(self.migrations.incoming_status(caller, request.match_info["id"]))
+
+    async def replica_settings(self, request: web.Request) -> web.Response:
+        return _json(self.replica_server.settings())
+
+    async def configure_replica_server(self, request: web.Request) -> web.Response:
+        settings = await _body(request, ReplicaServerSettings)
+        return _json(self.replica_server.configure(settings))
+
+    async def disable_replica_server(self, request: web.Request) -> web.Response:
+        return _json(self.replica_server.disable())
+
+    async def peer_admission(self, request: web.Request) -> web.Response:
+        caller: CertInfo = request["caller"]
+        if caller.role is not Role.HOST:
+            raise AuthError("only a ferry host can be admitted as a primary")
+        return _json(self.replica_server.admit(caller.common_name))
 
     async def peer_hello(self, request: web.Request) -> web.Response:
         caller: CertInfo = request["caller"]
