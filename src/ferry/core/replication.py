@@ -51,8 +51,9 @@ from enum import IntEnum, StrEnum
 from itertools import pairwise
 from typing import TypedDict
 
+from ferry.core import transitions
 from ferry.core.units import parse_duration
-from ferry.errors import InvalidInputError, StateError, VersionError
+from ferry.errors import InvalidInputError, VersionError
 
 # --------------------------------------------------------------------------- life cycle
 
@@ -117,14 +118,8 @@ def allowed(state: ReplicationState, op: ReplicationOp) -> bool:
 
 def transition(state: ReplicationState, op: ReplicationOp, *, vm: str = "") -> ReplicationState:
     """Return the state ``op`` leads to from ``state``, or raise StateError."""
-    sources, target = TRANSITIONS[op]
-    if state not in sources:
-        who = f"VM {vm!r}" if vm else "the VM"
-        wanted = ", ".join(sorted(s.value for s in sources))
-        raise StateError(
-            f"cannot {op.value} replication of {who}: it is {state.value} (needs: {wanted})"
-        )
-    return target
+    who = f"VM {vm!r}" if vm else "the VM"
+    return transitions.apply(TRANSITIONS, state, op, subject=f"replication of {who}")
 
 
 # --------------------------------------------------------------------------- settings

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from ferry.errors import StateError
+from ferry.core import transitions
 
 
 class VmState(StrEnum):
@@ -97,12 +97,7 @@ def allowed(state: VmState, op: VmOp) -> bool:
 
 def transition(state: VmState, op: VmOp, *, vm: str = "") -> VmState:
     """Return the state ``op`` leads to from ``state``, or raise StateError."""
-    sources, target = TRANSITIONS[op]
-    if state not in sources:
-        who = f"VM {vm!r}" if vm else "the VM"
-        wanted = ", ".join(sorted(s.value for s in sources))
-        raise StateError(f"cannot {op.value} {who}: it is {state.value} (needs: {wanted})")
-    return target
+    return transitions.apply(TRANSITIONS, state, op, subject=f"VM {vm!r}" if vm else "the VM")
 
 
 def state_from_qemu(status: str) -> VmState:

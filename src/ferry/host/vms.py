@@ -330,9 +330,7 @@ class VmService:
         async with self._locks[record.uuid]:
             record = self.get(name)
             vmstate.transition(record.state, VmOp.STOP, vm=name)
-            runtime = self._runtimes.get(record.uuid)
-            if runtime is None:
-                raise QemuError(f"VM {name!r} has no attached QEMU; use kill")
+            runtime = self._runtime(record)
             self.catalog.set_state(record.uuid, VmState.STOPPING)
             forced = True
             with contextlib.suppress(QemuError):
@@ -526,11 +524,14 @@ class VmService:
     def lock(self, uuid: str) -> asyncio.Lock:
         return self._locks[uuid]
 
-    def channel(self, record: VmRecord) -> qemu.QmpChannel:
+    def _runtime(self, record: VmRecord) -> _Runtime:
         runtime = self._runtimes.get(record.uuid)
         if runtime is None:
-            raise QemuError(f"VM {record.name!r} has no attached QEMU")
-        return runtime.channel
+            raise QemuError(f"VM {record.name!r} has no attached QEMU; 'ferry vm kill' ends it")
+        return runtime
+
+    def channel(self, record: VmRecord) -> qemu.QmpChannel:
+        return self._runtime(record).channel
 
     async def launch_incoming(self, record: VmRecord) -> None:
         """Start QEMU paused, waiting for a migration stream (``-incoming defer``)."""
@@ -571,9 +572,7 @@ class VmService:
         async with self._locks[record.uuid]:
             record = self.get(name)
             vmstate.transition(record.state, VmOp.MIGRATE, vm=name)
-            old = self._runtimes.get(record.uuid)
-            if old is None:
-                raise QemuError(f"VM {name!r} has no attached QEMU")
+            old = self._runtime(record)
             final = self._ctx(record.uuid)
             short = _short(record.uuid)
             ctx = final.model_copy(update={

@@ -1,0 +1,28 @@
+"""The one rule every life cycle table in ferry follows (VMs, replication).
+
+A table maps each operation to (the states it is allowed in, the state it
+leads to). Asking for an operation in any other state is refused in one way,
+naming the state it is in and the states that would allow it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import TypeVar
+
+from ferry.errors import StateError
+
+State = TypeVar("State", bound=StrEnum)
+Op = TypeVar("Op", bound=StrEnum)
+
+
+def apply(
+    table: Mapping[Op, tuple[frozenset[State], State]], state: State, op: Op, *, subject: str
+) -> State:
+    """The state ``op`` leads to from ``state``, or StateError about ``subject``."""
+    sources, target = table[op]
+    if state not in sources:
+        wanted = ", ".join(sorted(s.value for s in sources))
+        raise StateError(f"cannot {op.value} {subject}: it is {state.value} (needs: {wanted})")
+    return target
