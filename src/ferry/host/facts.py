@@ -71,7 +71,7 @@ async def probe_kvm_boots(config: HostConfig) -> bool:
         ]  # fmt: skip
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         try:
             deadline = time.monotonic() + PROBE_DEADLINE_S
@@ -80,11 +80,17 @@ async def probe_kvm_boots(config: HostConfig) -> bool:
                     if b"ferry-guest up" in log_path.read_bytes():
                         return True
                 await asyncio.sleep(0.2)
+            if proc.returncode is None:
+                log.warning("KVM probe: the guest did not come up within %.0fs", PROBE_DEADLINE_S)
             return False
         finally:
             if proc.returncode is None:
                 proc.kill()
+            assert proc.stderr is not None
+            errors = (await proc.stderr.read()).decode(errors="replace").strip().splitlines()
             await proc.wait()
+            if errors:
+                log.warning("KVM probe: QEMU said: %s", errors[0])
 
 
 async def resolve_accelerator(config: HostConfig) -> str:
