@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from ferry.cli.output import err, print_json, print_table, say
 from ferry.cli.vm_cmd import JsonOpt, with_fleet
-from ferry.client.fleet import Fleet
-from ferry.client.settings import HostEntry, load_settings, save_settings
-from ferry.core.spec import check_name
 from ferry.core.units import format_size
 from ferry.errors import FerryError, InvalidInputError
+
+if TYPE_CHECKING:
+    from ferry.client.fleet import Fleet
 
 app = typer.Typer(help="Hosts: list, show, add, remove.", no_args_is_help=True)
 
@@ -80,6 +80,9 @@ def add_host(
     ),
 ) -> None:
     """Register a host so commands can reach it."""
+    from ferry.client.settings import HostEntry, load_settings, save_settings
+    from ferry.core.spec import check_name
+
     check_name(name, what="host name")
     if not url.startswith("https://"):
         raise InvalidInputError(f"host URL {url!r} must start with https://")
@@ -94,6 +97,8 @@ def add_host(
 @app.command("remove")
 def remove_host(name: str) -> None:
     """Forget a host (its agent and VMs are not touched)."""
+    from ferry.client.settings import load_settings, save_settings
+
     settings = load_settings()
     settings.host(name)
     del settings.hosts[name]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from ferry.cli.output import err, print_json, print_table, say
 from ferry.cli.vm_cmd import HostOpt, JsonOpt, with_fleet
-from ferry.client.fleet import Fleet
 from ferry.errors import FerryError, NotFoundError
+
+if TYPE_CHECKING:
+    from ferry.client.fleet import Fleet
 
 app = typer.Typer(help="Jobs: list, show, cancel.", no_args_is_help=True)
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from ferry.cli.output import err, print_json, print_table, say
 from ferry.cli.vm_cmd import JsonOpt
-from ferry.client.settings import ferry_home, load_settings
-from ferry.guest.build import default_cache_dir, ensure_guest
-from ferry.lab import Lab
+
+if TYPE_CHECKING:
+    from ferry.lab import Lab
 
 app = typer.Typer(help="A local lab of ferry hosts on loopback.", no_args_is_help=True)
 
@@ -18,6 +19,9 @@ DirOpt = typer.Option(None, "--dir", help="Lab dir (default: the last one, or $F
 
 
 def _lab(directory: Path | None) -> Lab:
+    from ferry.client.settings import ferry_home, load_settings
+    from ferry.lab import Lab
+
     if directory is not None:
         return Lab(directory)
     return Lab(load_settings().lab_dir or ferry_home() / "lab")
@@ -30,6 +34,8 @@ def up(
     no_guest: bool = typer.Option(False, "--no-guest", help="Do not build the test guest now."),
 ) -> None:
     """Create and start lab hosts host-1..host-N (idempotent)."""
+    from ferry.guest.build import default_cache_dir, ensure_guest
+
     lab = _lab(directory)
     with err.status("bringing the lab up") as status:
         lab.up(hosts, progress=lambda msg: status.update(msg))

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import typer
 
-from ferry.adapters import pki
 from ferry.cli.output import print_json, say
 from ferry.cli.vm_cmd import JsonOpt
 
@@ -21,6 +20,8 @@ def init_ca(
     name: str = typer.Option("ferry-ca", "--name", help="The CA's common name."),
 ) -> None:
     """Create a certificate authority."""
+    from ferry.adapters import pki
+
     path = pki.create_ca(directory, name=name)
     say(f"created CA {name} at {path}")
 
@@ -34,6 +35,8 @@ def host_cert(
     ip: list[str] = typer.Option([], "--ip", help="An IP address (repeat)."),
 ) -> None:
     """Issue a host certificate (server + client), laid out for QEMU's tls-creds-x509."""
+    from ferry.adapters import pki
+
     info = pki.issue_host_cert(ca, out, name, dns_names=dns, ips=ip)
     say(f"issued host certificate {info.subject} in {out} (sha256 {info.thumbprint})")
 
@@ -45,6 +48,8 @@ def admin_cert(
     out: Path = typer.Option(..., "--out", help="Dir for the admin's TLS files."),
 ) -> None:
     """Issue an admin client certificate for the CLI."""
+    from ferry.adapters import pki
+
     info = pki.issue_admin_cert(ca, out, name)
     say(f"issued admin certificate {info.subject} in {out} (sha256 {info.thumbprint})")
 
@@ -52,6 +57,8 @@ def admin_cert(
 @app.command("thumbprint")
 def thumbprint(cert: Path, as_json: bool = JsonOpt) -> None:
     """Print a certificate's SHA-256 thumbprint (and, with --json, its details)."""
+    from ferry.adapters import pki
+
     info = pki.load_cert_info(cert)
     if as_json:
         print_json({"subject": info.subject, "common_name": info.common_name,

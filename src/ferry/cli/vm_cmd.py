@@ -6,15 +6,16 @@ import asyncio
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 
 from ferry.cli.output import err, print_json, print_table, say
-from ferry.client.fleet import Fleet
-from ferry.client.settings import load_settings
 from ferry.core.units import format_size, parse_duration, parse_size
 from ferry.errors import FerryError, InvalidInputError
+
+if TYPE_CHECKING:  # the client stack (aiohttp, TLS) loads only for commands that talk
+    from ferry.client.fleet import Fleet
 
 app = typer.Typer(help="Create, run and remove VMs.", no_args_is_help=True)
 
@@ -25,6 +26,9 @@ JsonOpt = typer.Option(False, "--json", help="Print JSON.")
 
 
 def with_fleet(body: Callable[[Fleet], Awaitable[T]]) -> T:
+    from ferry.client.fleet import Fleet
+    from ferry.client.settings import load_settings
+
     async def run() -> T:
         async with Fleet(load_settings()) as fleet:
             return await body(fleet)
