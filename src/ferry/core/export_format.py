@@ -21,8 +21,9 @@ not hidden, not a symlink (the last is checked on disk by the importer).
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from ferry.core.spec import NAME_RE
 from ferry.core.validation import first_error
@@ -43,17 +44,16 @@ def check_file_name(name: str) -> str:
     return name
 
 
+# Every name a folder mentions is checked the same way, wherever it appears.
+FileName = Annotated[str, AfterValidator(check_file_name)]
+
+
 class ManifestFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    path: str
+    path: FileName
     size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, value: str) -> str:
-        return check_file_name(value)
 
 
 class Manifest(BaseModel):
@@ -61,26 +61,16 @@ class Manifest(BaseModel):
 
     format: str
     version: int
-    vm: str
+    vm: FileName
     files: list[ManifestFile] = Field(max_length=64)
-
-    @field_validator("vm")
-    @classmethod
-    def _vm(cls, value: str) -> str:
-        return check_file_name(value)
 
 
 class ExportedDisk(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    file: str
+    file: FileName
     size: int = Field(gt=0, le=64 * 1024**4)
     format: str = Field(pattern=r"^(qcow2|raw)$")
-
-    @field_validator("file")
-    @classmethod
-    def _file(cls, value: str) -> str:
-        return check_file_name(value)
 
 
 class ExportedVm(BaseModel):
@@ -92,15 +82,10 @@ class ExportedVm(BaseModel):
     memory: int = Field(gt=0)
     cpus: int = Field(gt=0, le=1024)
     append: str | None = Field(default=None, max_length=4096)
-    kernel: str | None = None
-    initrd: str | None = None
+    kernel: FileName | None = None
+    initrd: FileName | None = None
     disks: list[ExportedDisk] = Field(max_length=16)
     replication: dict[str, object] | None = None
-
-    @field_validator("kernel", "initrd")
-    @classmethod
-    def _boot_file(cls, value: str | None) -> str | None:
-        return None if value is None else check_file_name(value)
 
 
 def parse_manifest(raw: bytes, *, folder: str) -> Manifest:
