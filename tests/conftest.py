@@ -102,6 +102,15 @@ class LabEnv:
         result: dict[str, Any] = self.cli.json(*args)
         return result
 
+    def kill_agent(self, index: int) -> None:
+        """SIGKILL host-``index``'s agent (its QEMUs live on) and wait until it is gone."""
+        host = self.lab.host(index)
+        pid = host.pid()
+        assert pid is not None, f"the agent of {host.name} is not running"
+        os.kill(pid, signal.SIGKILL)
+        while host.pid() is not None:
+            time.sleep(0.1)
+
     def restart_agent(self, index: int, **config: object) -> None:
         """Stop host-``index``'s agent (SIGTERM), change its host.toml, start it again."""
         import tomllib

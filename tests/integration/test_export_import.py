@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -244,12 +243,7 @@ def test_refresh_vms_moves_the_guest_to_a_fresh_qemu(lab_env: LabEnv) -> None:
     text = lab_env.wait_console("longrun", lambda t: t.count("seq ") > count + 2)
     assert text.count("ferry-guest up") == 1  # the same boot, still counting
 
-    host = lab_env.lab.host(1)  # and a restarted agent finds the new process
-    pid = host.pid()
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    while host.pid() is not None:
-        time.sleep(0.1)
+    lab_env.kill_agent(1)  # and a restarted agent finds the new process
     cli("lab", "up", "--hosts", "2", "--no-guest")
     assert lab_env.vm("longrun")["pid"] == result["pid"]
     check = cli.json("host", "upgrade-check", "host-1")
@@ -311,10 +305,7 @@ def test_an_interrupted_export_leaves_no_folder_that_looks_complete(lab_env: Lab
                 break
             assert time.monotonic() < deadline, "the export never made progress"
             time.sleep(0.1)
-        host = lab_env.lab.host(1)
-        pid = host.pid()
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
+        lab_env.kill_agent(1)
         assert export.wait(timeout=60) != 0
         assert not folder.exists()
         lab_env.cli("lab", "up", "--hosts", "2", "--no-guest")

@@ -202,9 +202,7 @@ def test_destination_qemu_killed_mid_copy(lab_env: LabEnv, slow_move: SlowMove) 
 def test_destination_agent_killed_mid_copy(lab_env: LabEnv, slow_move: SlowMove) -> None:
     before = slow_move.before
     slow_move.wait_phase("copying-memory")
-    agent = lab_env.lab.host(2).pid()
-    assert agent is not None
-    os.kill(agent, signal.SIGKILL)
+    lab_env.kill_agent(2)
     code, err = slow_move.result()
     assert code != 0 and "stopped answering" in err
     assert_still_on_source(lab_env, before)
@@ -219,9 +217,7 @@ def test_destination_agent_killed_mid_copy(lab_env: LabEnv, slow_move: SlowMove)
 def test_source_agent_restarted_mid_copy(lab_env: LabEnv, slow_move: SlowMove) -> None:
     before = slow_move.before
     slow_move.wait_phase("copying-memory")
-    agent = lab_env.lab.host(1).pid()
-    assert agent is not None
-    os.kill(agent, signal.SIGKILL)
+    lab_env.kill_agent(1)
     slow_move.result()  # the CLI loses its agent; it reports and exits
     lab_env.cli("lab", "up", "--hosts", "2", "--no-guest")
     deadline = time.monotonic() + 30

@@ -98,13 +98,7 @@ def test_agent_killed_and_restarted_while_a_vm_runs(lab_env: LabEnv) -> None:
     qemu_pid = before["pid"]
     assert qemu_pids_for(before["uuid"]) == [qemu_pid]
 
-    host = lab_env.lab.hosts()[1]
-    agent_pid = host.pid()
-    assert agent_pid is not None
-    os.kill(agent_pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while host.pid() is not None and time.monotonic() < deadline:
-        time.sleep(0.1)
+    lab_env.kill_agent(2)
     time.sleep(1.0)  # the guest keeps writing while no agent watches
     assert qemu_pids_for(before["uuid"]) == [qemu_pid]
     assert "cannot reach host 'host-2'" in cli.fails("vm", "show", "steady", "--host", "host-2")
@@ -124,11 +118,7 @@ def test_agent_killed_and_restarted_while_a_vm_runs(lab_env: LabEnv) -> None:
     # ... and while no agent watches.
     cli("vm", "start", "steady")
     new_pid = lab_env.vm("steady")["pid"]
-    agent_pid = host.pid()
-    assert agent_pid is not None
-    os.kill(agent_pid, signal.SIGKILL)
-    while host.pid() is not None:
-        time.sleep(0.1)
+    lab_env.kill_agent(2)
     os.kill(new_pid, signal.SIGKILL)
     time.sleep(0.5)
     cli("lab", "up", "--hosts", "2", "--no-guest")
@@ -154,13 +144,8 @@ def test_true_states_after_an_agent_restart(lab_env: LabEnv) -> None:
     assert cli.json("vm", "resume", "sleepy")["state"] == "running"
     uuid = lab_env.vm("sleepy")["uuid"]
 
-    host = lab_env.lab.host(1)
-    pid = host.pid()
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    while host.pid() is not None:
-        time.sleep(0.1)
-    config = load_host_config(host.config_path)
+    lab_env.kill_agent(1)
+    config = load_host_config(lab_env.lab.host(1).config_path)
     socket_path = config.runtime_dir / f"{uuid.replace('-', '')[:16]}.qmp"
 
     async def pause_behind_its_back() -> None:
