@@ -28,6 +28,9 @@ from ferry.host.config import HostConfig, load_host_config
 from ferry.host.exchange import ExchangeService
 from ferry.host.jobs import JobRegistry
 from ferry.host.migration import MigrationService
+from ferry.host.replica import ReplicaStore
+from ferry.host.replica_server import ReplicaServer
+from ferry.host.replication import ReplicationService
 from ferry.host.vms import VmService
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,7 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
     runner: web.AppRunner | None = None
     vms: VmService | None = None
     migrations: MigrationService | None = None
+    replication: ReplicationService | None = None
     try:
         tls = server_ssl_context(config.tls_dir)
         qemu_version = await asyncio.to_thread(facts.qemu_version, config.qemu_binary)
@@ -76,10 +80,19 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         await migrations.recover()
         exchange = ExchangeService(vms, jobs)
         exchange.recover()
+        store = ReplicaStore(config, catalog, ReplicaServer(catalog, host=config.name))
+        await store.recover()
+        replication = ReplicationService(vms, jobs, store)
         address, port = config.address
         url = f"https://{address}:{port}"
         api = AgentApi(
-            vms, migrations, exchange, url=url, accelerator=accelerator, qemu_version=qemu_version
+            vms,
+            migrations,
+            exchange,
+            replication,
+            url=url,
+            accelerator=accelerator,
+            qemu_version=qemu_version,
         )
         runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
         await runner.setup()
@@ -95,6 +108,7 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        await replication.start()
         if ready is not None:
             ready.set()
         await stop.wait()
@@ -102,6 +116,8 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
     finally:
         if runner is not None:
             await runner.cleanup()
+        if replication is not None:
+            await replication.shutdown()
         if migrations is not None:
             await migrations.shutdown()
         if vms is not None:

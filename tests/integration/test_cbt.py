@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ferry.adapters import qemu
+from ferry.adapters import qemu, qemu_img
 from ferry.adapters.cbt import ChangedBlockTracker
 from ferry.core.spec import VmSpec
 from ferry.guest.records import read_records
@@ -41,7 +41,7 @@ def test_full_copy_then_deltas_chain_to_the_disk(guest_spec: VmSpec, tmp_path: P
             tracker = ChangedBlockTracker(channel, guest_spec.disks, vm="cbt")
             await wait_log(tmp_path, lambda t: "seq 3\n" in t)
             assert not await tracker.bitmap_usable()
-            (base,) = await tracker.full(points, "p0")
+            (base,) = await tracker.full(points, "base")
             assert await tracker.bitmap_usable()
 
             previous = base
@@ -49,7 +49,16 @@ def test_full_copy_then_deltas_chain_to_the_disk(guest_spec: VmSpec, tmp_path: P
                 seen = (await wait_log(tmp_path, lambda t: True)).count("seq ")
                 await wait_log(tmp_path, lambda t, n=seen: t.count("seq ") >= n + 5)
                 await channel.execute("stop")  # the disk holds still for the comparison
-                (delta,) = await tracker.delta([previous], points, tag)
+                # p1 writes data the guest never touches; p2 zeroes part of it, and
+                # that zeroing must hide p1's data once p2 is linked onto it.
+                io = "write -P 0x22 8M 128k" if tag == "p1" else "write -z 8M 64k"
+                for command in (io, "flush"):  # flush: the compare reads the file
+                    line = f'qemu-io -d vblk0/virtio-backend "{command}"'
+                    await channel.execute("human-monitor-command", {"command-line": line})
+                (delta,) = await tracker.delta(points, tag)
+                # No backing file: the replica links it onto its previous point.
+                assert "backing-filename" not in await qemu_img.info(delta)
+                await qemu_img.rebase_unsafe(delta, previous)  # as the replica links it
                 assert same_image(delta, disk)  # the chain is the disk at the delta's instant
                 await channel.execute("cont")
                 # only changed clusters: a few 64 KiB clusters for ~5 records

@@ -73,12 +73,11 @@ def test_points_flow_into_a_replica_chain(guest_spec: VmSpec, tmp_path: Path) ->
             assert same_image(latest, disk)
             await channel.execute("cont")
             points.append(PointInfo(id=0, time=0.0, file=latest.name))
-            previous = base
             for point_id in (1, 2, 3):
                 seen = (await wait_log(tmp_path, lambda t: True)).count("seq ")
                 await wait_log(tmp_path, lambda t, n=seen: t.count("seq ") >= n + 4)
                 await channel.execute("stop")
-                (delta,) = await tracker.delta([previous], primary, f"p{point_id}")
+                (delta,) = await tracker.delta(primary, f"p{point_id}")
                 if point_id == 2:  # damaged in transit: nothing is linked, then a resend
                     with pytest.raises(DeltaCorruptError):
                         await send([delta], point_id, latest, damage_at=5000)
@@ -88,7 +87,6 @@ def test_points_flow_into_a_replica_chain(guest_spec: VmSpec, tmp_path: Path) ->
                 if point_id < 3:  # after the last point the guest stays paused
                     await channel.execute("cont")
                 points.append(PointInfo(id=point_id, time=float(point_id), file=latest.name))
-                previous = delta
 
             # Keep 1 point plus the latest: two merges into the base file.
             plan = retention_plan(points, keep=1)

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ferry.core.relationship import Relationship
+from ferry.core.replication import CycleRecord, PointInfo
 from ferry.core.spec import VmSpec
 from ferry.core.versions import DATA_SCHEMA_VERSION, check_data_schema
 from ferry.core.vmstate import VmState
@@ -57,6 +59,33 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             key TEXT PRIMARY KEY,
             value TEXT NOT NULL
         )""",
+    ),
+    4: (
+        # Replication relationships (a JSON Relationship per VM, either role).
+        """CREATE TABLE replications (
+            vm_uuid TEXT PRIMARY KEY,
+            doc TEXT NOT NULL,
+            updated REAL NOT NULL
+        )""",
+        # Recovery points on a replica: ``stem`` names the files, one per disk
+        # (``{stem}-disk{i}.qcow2`` in the relationship's storage dir).
+        """CREATE TABLE recovery_points (
+            vm_uuid TEXT NOT NULL,
+            id INTEGER NOT NULL,
+            time REAL NOT NULL,
+            stem TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            PRIMARY KEY (vm_uuid, id)
+        )""",
+        # What each cycle did, for health and statistics (pruned after a day).
+        """CREATE TABLE cycles (
+            vm_uuid TEXT NOT NULL,
+            started REAL NOT NULL,
+            kind TEXT NOT NULL,
+            bytes INTEGER NOT NULL,
+            duration_s REAL NOT NULL
+        )""",
+        "CREATE INDEX cycles_by_vm ON cycles (vm_uuid, started)",
     ),
 }
 assert max(MIGRATIONS) == DATA_SCHEMA_VERSION
@@ -240,3 +269,69 @@ class Catalog:
     def remove_volume(self, name: str) -> None:
         if self._db.execute("DELETE FROM volumes WHERE name = ?", (name,)).rowcount == 0:
             raise NotFoundError(f"no volume named {name!r} on this host")
+
+    # -- replication ---------------------------------------------------------
+
+    def put_relationship(self, rel: Relationship) -> None:
+        self._db.execute(
+            "INSERT INTO replications (vm_uuid, doc, updated) VALUES (?, ?, ?) "
+            "ON CONFLICT(vm_uuid) DO UPDATE SET doc = excluded.doc, updated = excluded.updated",
+            (rel.vm_uuid, rel.model_dump_json(), time.time()),
+        )
+
+    def relationship(self, vm_uuid: str) -> Relationship | None:
+        row = self._db.execute(
+            "SELECT doc FROM replications WHERE vm_uuid = ?", (vm_uuid,)
+        ).fetchone()
+        return None if row is None else Relationship.model_validate_json(row[0])
+
+    def relationships(self) -> list[Relationship]:
+        rows = self._db.execute("SELECT doc FROM replications ORDER BY vm_uuid").fetchall()
+        return [Relationship.model_validate_json(doc) for (doc,) in rows]
+
+    def delete_relationship(self, vm_uuid: str) -> None:
+        with self._transaction():
+            for table in ("replications", "recovery_points", "cycles"):
+                self._db.execute(f"DELETE FROM {table} WHERE vm_uuid = ?", (vm_uuid,))
+
+    def add_point(self, vm_uuid: str, point: PointInfo) -> None:
+        self._db.execute(
+            "INSERT INTO recovery_points (vm_uuid, id, time, stem, size) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(vm_uuid, id) DO UPDATE SET time = excluded.time, "
+            "stem = excluded.stem, size = excluded.size",
+            (vm_uuid, point.id, point.time, point.file, point.size),
+        )
+
+    def points(self, vm_uuid: str) -> list[PointInfo]:
+        """Recovery points, oldest first."""
+        rows = self._db.execute(
+            "SELECT id, time, stem, size FROM recovery_points WHERE vm_uuid = ? ORDER BY id",
+            (vm_uuid,),
+        ).fetchall()
+        return [PointInfo(id=i, time=t, file=stem, size=size) for i, t, stem, size in rows]
+
+    def delete_point(self, vm_uuid: str, point_id: int) -> None:
+        self._db.execute(
+            "DELETE FROM recovery_points WHERE vm_uuid = ? AND id = ?", (vm_uuid, point_id)
+        )
+
+    def add_cycle(self, vm_uuid: str, cycle: CycleRecord, *, keep_s: float = 86400.0) -> None:
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO cycles (vm_uuid, started, kind, bytes, duration_s) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (vm_uuid, cycle.started, cycle.kind, cycle.bytes, cycle.duration_s),
+            )
+            self._db.execute(
+                "DELETE FROM cycles WHERE vm_uuid = ? AND started < ?",
+                (vm_uuid, cycle.started - keep_s),
+            )
+
+    def cycles(self, vm_uuid: str) -> list[CycleRecord]:
+        rows = self._db.execute(
+            "SELECT started, kind, bytes, duration_s FROM cycles WHERE vm_uuid = ? "
+            "ORDER BY started",
+            (vm_uuid,),
+        ).fetchall()
+        return [CycleRecord(started=s, ok=k == "success", kind=k, bytes=b, duration_s=d)
+                for s, k, b, d in rows]  # fmt: skip

@@ -5,8 +5,8 @@ DESIGN.md section 4 ("Changed-block tracking (push)"), as QMP:
 * cycle 0 (:meth:`ChangedBlockTracker.full`): in one transaction, add a
   persistent dirty bitmap to every disk and start a full backup of each into a
   new qcow2. The transaction is the point in time.
-* cycle N (:meth:`ChangedBlockTracker.delta`): create ``incN.qcow2`` backed by
-  the previous point's file (so clusters the delta does not hold read through),
+* cycle N (:meth:`ChangedBlockTracker.delta`): create ``incN.qcow2`` (no
+  backing file: see :meth:`~ChangedBlockTracker.delta` for why none is needed)
   and in one transaction back up only the clusters the bitmap marks
   (``sync: incremental``), ``completion-mode: grouped`` across disks. QEMU
   freezes the bitmap at the transaction and records new writes in a
@@ -33,6 +33,7 @@ from ferry.core.spec import DiskSpec
 from ferry.errors import FerryError, QemuError
 
 BITMAP = "ferry-cbt"
+GRANULARITY = 64 * 1024  # = the qcow2 cluster size of the delta files
 JOB_POLL_S = 0.2
 
 
@@ -69,41 +70,77 @@ class ChangedBlockTracker:
                     "block-dirty-bitmap-remove", {"node": f"disk{index}", "name": BITMAP}
                 )
 
-    async def full(self, out_dir: Path, tag: str) -> list[Path]:
-        """Cycle 0: start tracking and copy every disk as of now into ``out_dir``."""
+    async def full(self, out_dir: Path, stem: str, *, tag: str | None = None) -> list[Path]:
+        """Cycle 0: start tracking and copy every disk as of now into ``out_dir``.
+
+        Also the start of a resynchronisation: any old bitmap is dropped and a
+        new one starts at the same instant as the copy.
+        """
         await self.drop_bitmap()  # a failed or abandoned earlier start leaves one behind
-        targets = [out_dir / f"base-disk{i}.qcow2" for i in range(len(self.disks))]
+        targets = self.targets(out_dir, stem)
         for disk, path in zip(self.disks, targets, strict=True):
             await qemu_img.create(path, disk.size, qemu_img=self.qemu_img)
         actions: list[dict[str, Any]] = [
             {"type": "block-dirty-bitmap-add",
-             "data": {"node": f"disk{i}", "name": BITMAP, "persistent": True}}
+             "data": {"node": f"disk{i}", "name": BITMAP, "persistent": True,
+                      "granularity": GRANULARITY}}
             for i in range(len(self.disks))
         ]  # fmt: skip
-        await self._backup(targets, actions, sync="full", tag=tag)
+        await self._backup(targets, actions, sync="full", tag=tag or stem)
         return targets
 
-    async def delta(self, previous: Sequence[Path], out_dir: Path, tag: str) -> list[Path]:
-        """Cycle N: the clusters changed since the last cycle, as overlays on ``previous``."""
-        if len(previous) != len(self.disks):
-            raise FerryError(f"VM {self.vm!r} has {len(self.disks)} disks, not {len(previous)}")
-        targets = [out_dir / f"{tag}-disk{i}.qcow2" for i in range(len(self.disks))]
-        for disk, backing, path in zip(self.disks, previous, targets, strict=True):
-            await qemu_img.create_overlay(path, backing, disk.size, qemu_img=self.qemu_img)
-        await self._backup(targets, [], sync="incremental", tag=tag)
+    async def delta(self, out_dir: Path, stem: str, *, tag: str | None = None) -> list[Path]:
+        """Cycle N: the clusters changed since the last cycle, one qcow2 per disk.
+
+        The files have no backing file: the bitmap's granularity equals the
+        qcow2 cluster size (64 KiB), so the backup writes whole clusters and
+        never reads a backing file for a partial one. The replica links each
+        file onto its previous point with ``qemu-img rebase -u``.
+        """
+        targets = self.targets(out_dir, stem)
+        for disk, path in zip(self.disks, targets, strict=True):
+            await qemu_img.create(path, disk.size, qemu_img=self.qemu_img)
+        await self._backup(targets, [], sync="incremental", tag=tag or stem)
         return targets
+
+    def targets(self, out_dir: Path, stem: str) -> list[Path]:
+        """``{stem}-disk{i}.qcow2``: the files a copy into ``out_dir`` writes."""
+        return [out_dir / f"{stem}-disk{i}.qcow2" for i in range(len(self.disks))]
+
+    async def outcome(self, tag: str) -> str:
+        """What became of the backup ``tag`` after the agent lost track of it.
+
+        ``ok`` (every job concluded without error: the files are whole and the
+        bitmap bits are cleared), ``failed`` (QEMU merged the bits back),
+        ``running``, or ``unknown`` (no job: QEMU restarted, or the jobs were
+        already dismissed). Concluded jobs and target nodes are cleaned up.
+        """
+        jobs = {f"cbt-{tag}-job{i}" for i in range(len(self.disks))}
+        found = [j for j in await self.channel.execute("query-block-jobs") if j["device"] in jobs]
+        if any(j["status"] != "concluded" for j in found):
+            return "running"
+        verdict = "unknown" if len(found) != len(jobs) else (
+            "failed" if any(j.get("error") for j in found) else "ok")  # fmt: skip
+        await self._cleanup(tag, len(self.disks))
+        return verdict
+
+    async def _cleanup(self, tag: str, count: int) -> None:
+        for i in range(count):
+            with contextlib.suppress(FerryError):
+                await self.channel.execute("job-dismiss", {"id": f"cbt-{tag}-job{i}"})
+        for i in range(count):
+            with contextlib.suppress(FerryError):
+                await self.channel.execute("blockdev-del", {"node-name": f"cbt-{tag}-{i}"})
 
     async def _backup(self, targets: list[Path], actions: list[dict[str, Any]], *,
                       sync: str, tag: str) -> None:  # fmt: skip
         nodes = [f"cbt-{tag}-{i}" for i in range(len(targets))]
         jobs = [f"cbt-{tag}-job{i}" for i in range(len(targets))]
-        added: list[str] = []
         try:
             for node, path in zip(nodes, targets, strict=True):
                 await self.channel.execute("blockdev-add", {
                     "driver": "qcow2", "node-name": node,
                     "file": {"driver": "file", "filename": str(path)}})  # fmt: skip
-                added.append(node)
             for i, (node, job) in enumerate(zip(nodes, jobs, strict=True)):
                 data: dict[str, Any] = {"job-id": job, "device": f"disk{i}", "target": node,
                                         "sync": sync, "auto-dismiss": False}  # fmt: skip
@@ -128,9 +165,4 @@ class ChangedBlockTracker:
             if errors:
                 raise QemuError(f"backup of VM {self.vm!r} failed: {errors[0]}")
         finally:
-            for job in jobs:
-                with contextlib.suppress(FerryError):
-                    await self.channel.execute("job-dismiss", {"id": job})
-            for node in added:
-                with contextlib.suppress(FerryError):
-                    await self.channel.execute("blockdev-del", {"node-name": node})
+            await self._cleanup(tag, len(targets))

@@ -25,6 +25,14 @@ Admin endpoints (admin certificate)::
     GET    /v1/replica-server           -> ReplicaServerSettings
     PUT    /v1/replica-server  ReplicaServerSettings -> ReplicaServerSettings
     DELETE /v1/replica-server           -> ReplicaServerSettings (disabled)
+    POST   /v1/vms/{name}/replication  EnableReplicationRequest -> status (201)
+    GET    /v1/vms/{name}/replication   -> status (primary or replica view)
+    PATCH  /v1/vms/{name}/replication  SetReplicationRequest -> status
+    POST   /v1/vms/{name}/replication/pause|resume -> status
+    POST   /v1/vms/{name}/replication/sync -> {result, bytes, duration_s, point | error}
+    DELETE /v1/vms/{name}/replication   -> {vm, replica, removed, replica_vm_kept}
+    GET    /v1/vms/{name}/replication/points -> [{id, time, size, consistent}]
+    POST   /v1/replication/import-initial  ImportInitialRequest -> {vm, point, bytes, ...}
     GET    /v1/jobs                     -> [job]
     GET    /v1/jobs/{id}                -> job
     POST   /v1/jobs/{id}/cancel         -> job
@@ -45,6 +53,20 @@ Peer endpoints (a host certificate of the same CA, or an admin)::
     POST   /v1/peer/migrations/{id}/finish -> {state}   (switch-over: resume here)
     POST   /v1/peer/migrations/{id}/abort  -> {state}
     GET    /v1/peer/migrations/{id}        -> {state, error}
+
+Replication (the caller is the primary; the replica pins its certificate)::
+
+    POST   /v1/peer/replicas {spec, frequency_s, recovery_points, initial,
+                              functional_level} -> replica state
+    GET    /v1/peer/replicas/{uuid}     -> {latest_point, latest_time, points,
+                                            functional_level, primary, ...}
+    PATCH  /v1/peer/replicas/{uuid} {frequency_s?, recovery_points?,
+                                     primary?, thumbprint?} -> replica state
+    DELETE /v1/peer/replicas/{uuid}     -> {vm, kept_replica_vm}
+    PUT    /v1/peer/replicas/{uuid}/points/{id}?time=T  (a delta stream, see
+           ferry.core.delta_stream) -> {point, linked, ...replica state}
+    GET    /v1/peer/replicas/{uuid}/points -> [{id, time, size, consistent}]
+    GET    /v1/peer/replicas/{uuid}/hashes?block_size=N -> {disks: [[hex, ...]]}
 
 Migration endpoints need a *host* certificate: its DN becomes the QEMU
 ``tls-authz`` identity that may feed the destination.
@@ -181,3 +203,31 @@ class PeerHello(BaseModel):
     functional_level: int
     caller: str
     caller_role: str
+
+
+class EnableReplicationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    replica: str
+    replica_url: str
+    frequency_s: int = 300
+    recovery_points: int = Field(default=4, ge=0, le=24)
+    initial: Literal["network", "media", "existing"] = "network"
+    media_dir: str | None = None
+    compression: bool = True
+
+
+class SetReplicationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    replica: str | None = None
+    replica_url: str | None = None
+    frequency_s: int | None = None
+    recovery_points: int | None = Field(default=None, ge=0, le=24)
+    certificate_thumbprint: str | None = None
+
+
+class ImportInitialRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    folder: str

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -24,11 +25,14 @@ from ferry.api.models import (
     ConsoleChunk,
     CreateVmRequest,
     DiskView,
+    EnableReplicationRequest,
     ExportRequest,
     HostView,
+    ImportInitialRequest,
     ImportRequest,
     MoveRequest,
     PeerHello,
+    SetReplicationRequest,
     StopRequest,
     StopResult,
     VmView,
@@ -36,6 +40,7 @@ from ferry.api.models import (
 )
 from ferry.core import vmstate
 from ferry.core.migration import Storage
+from ferry.core.relationship import InitialMethod
 from ferry.core.replica_server import ReplicaServerSettings
 from ferry.core.validation import first_error
 from ferry.core.versions import supported_range
@@ -44,7 +49,8 @@ from ferry.errors import AuthError, FerryError, InvalidInputError, StateError
 from ferry.host import facts
 from ferry.host.exchange import ExchangeService
 from ferry.host.migration import MigrationService
-from ferry.host.replica_server import ReplicaServer
+from ferry.host.replica import ReplicaStore
+from ferry.host.replication import ReplicationService
 from ferry.host.vms import VmService
 
 log = logging.getLogger(__name__)
@@ -114,6 +120,7 @@ class AgentApi:
         vms: VmService,
         migrations: MigrationService,
         exchange: ExchangeService,
+        replication: ReplicationService,
         *,
         url: str,
         accelerator: str,
@@ -122,7 +129,9 @@ class AgentApi:
         self.vms = vms
         self.migrations = migrations
         self.exchange = exchange
-        self.replica_server = ReplicaServer(vms.catalog, host=vms.config.name)
+        self.replication = replication
+        self.replicas: ReplicaStore = replication.store
+        self.replica_server = replication.store.server
         self.jobs = migrations.jobs
         self.url = url
         self.accelerator = accelerator
@@ -158,6 +167,22 @@ class AgentApi:
                 web.get("/v1/replica-server", self.replica_settings),
                 web.put("/v1/replica-server", self.configure_replica_server),
                 web.delete("/v1/replica-server", self.disable_replica_server),
+                web.post("/v1/vms/{name}/replication", self.enable_replication),
+                web.get("/v1/vms/{name}/replication", self.replication_status),
+                web.patch("/v1/vms/{name}/replication", self.set_replication),
+                web.post("/v1/vms/{name}/replication/pause", self.pause_replication),
+                web.post("/v1/vms/{name}/replication/resume", self.resume_replication),
+                web.post("/v1/vms/{name}/replication/sync", self.sync_replication),
+                web.delete("/v1/vms/{name}/replication", self.remove_replication),
+                web.get("/v1/vms/{name}/replication/points", self.replication_points),
+                web.post("/v1/replication/import-initial", self.import_initial),
+                web.post("/v1/peer/replicas", self.peer_offer),
+                web.get("/v1/peer/replicas/{uuid}", self.peer_replica),
+                web.patch("/v1/peer/replicas/{uuid}", self.peer_replica_update),
+                web.delete("/v1/peer/replicas/{uuid}", self.peer_replica_remove),
+                web.put("/v1/peer/replicas/{uuid}/points/{id}", self.peer_point),
+                web.get("/v1/peer/replicas/{uuid}/points", self.peer_points),
+                web.get("/v1/peer/replicas/{uuid}/hashes", self.peer_hashes),
                 web.get("/v1/peer/hello", self.peer_hello),
                 web.get("/v1/peer/replica-server/admission", self.peer_admission),
                 web.post("/v1/peer/migrations", self.peer_prepare),
@@ -375,3 +400,100 @@ class AgentApi:
             caller_role=caller.role.value if caller.role else "none",
         )
         return _json(hello)
+
+    # -- replication (admin) ---------------------------------------------------------
+
+    async def enable_replication(self, request: web.Request) -> web.Response:
+        body = await _body(request, EnableReplicationRequest)
+        status = await self.replication.enable(
+            request.match_info["name"], replica=body.replica, replica_url=body.replica_url,
+            frequency_s=body.frequency_s, recovery_points=body.recovery_points,
+            initial=InitialMethod(body.initial), media_dir=body.media_dir,
+            compression=body.compression)  # fmt: skip
+        return _json(status, status=201)
+
+    async def replication_status(self, request: web.Request) -> web.Response:
+        return _json(self.replication.status(request.match_info["name"]))
+
+    async def set_replication(self, request: web.Request) -> web.Response:
+        body = await _body(request, SetReplicationRequest)
+        status = await self.replication.change(
+            request.match_info["name"], replica=body.replica, replica_url=body.replica_url,
+            frequency_s=body.frequency_s, recovery_points=body.recovery_points,
+            thumbprint=body.certificate_thumbprint)  # fmt: skip
+        return _json(status)
+
+    async def pause_replication(self, request: web.Request) -> web.Response:
+        return _json(await self.replication.pause(request.match_info["name"]))
+
+    async def resume_replication(self, request: web.Request) -> web.Response:
+        return _json(await self.replication.pause(request.match_info["name"], resume=True))
+
+    async def sync_replication(self, request: web.Request) -> web.Response:
+        return _json(await self.replication.sync_now(request.match_info["name"]))
+
+    async def remove_replication(self, request: web.Request) -> web.Response:
+        return _json(await self.replication.remove(request.match_info["name"]))
+
+    async def replication_points(self, request: web.Request) -> web.Response:
+        return _json(await self.replication.points(request.match_info["name"]))
+
+    async def import_initial(self, request: web.Request) -> web.Response:
+        body = await _body(request, ImportInitialRequest)
+        return _json(await self.replicas.import_initial(Path(body.folder)))
+
+    # -- replication (peer: the primary calls the replica) ------------------------------
+
+    async def peer_offer(self, request: web.Request) -> web.Response:
+        try:
+            offer = await request.json()
+        except ValueError:
+            raise InvalidInputError("invalid replica offer: not JSON") from None
+        return _json(await self.replicas.accept(request["caller"], offer), status=201)
+
+    async def peer_replica(self, request: web.Request) -> web.Response:
+        uuid = request.match_info["uuid"]
+        rel = self.replicas.relationship(uuid)
+        self.replicas.check_primary(request["caller"], rel)
+        return _json(self.replicas.state(uuid))
+
+    async def peer_replica_update(self, request: web.Request) -> web.Response:
+        changes = await request.json()
+        return _json(self.replicas.update(request["caller"], request.match_info["uuid"], changes))
+
+    async def peer_replica_remove(self, request: web.Request) -> web.Response:
+        return _json(await self.replicas.remove(request["caller"], request.match_info["uuid"]))
+
+    async def peer_point(self, request: web.Request) -> web.Response:
+        info = request.match_info
+        try:
+            point_id = int(info["id"])
+            point_time = float(request.query.get("time", "0"))
+        except ValueError:
+            raise InvalidInputError("point id and time must be numbers") from None
+        reply = await self.replicas.receive(
+            request["caller"],
+            info["uuid"],
+            point_id,
+            point_time,
+            request.content.iter_chunked(1 << 20),
+        )
+        return _json(reply)
+
+    async def peer_points(self, request: web.Request) -> web.Response:
+        uuid = request.match_info["uuid"]
+        rel = self.replicas.relationship(uuid)
+        self.replicas.check_primary(request["caller"], rel)
+        return _json([{"id": p.id, "time": p.time, "size": p.size, "consistent": True}
+                      for p in self.replicas.points(uuid)])  # fmt: skip
+
+    async def peer_hashes(self, request: web.Request) -> web.Response:
+        try:
+            block_size = int(request.query.get("block_size", str(1 << 20)))
+        except ValueError:
+            raise InvalidInputError("block_size must be a number") from None
+        if block_size < 65536 or block_size > 64 << 20 or block_size % 65536:
+            raise InvalidInputError("block_size must be a multiple of 64 KiB up to 64 MiB")
+        disks = await self.replicas.block_hashes(request["caller"], request.match_info["uuid"],
+                                                 block_size)  # fmt: skip
+        return _json({"disks": disks})

@@ -16,7 +16,16 @@ from typer._click.exceptions import NoArgsIsHelpError
 from typer.exceptions import TyperException
 
 from ferry import __version__
-from ferry.cli import guest_cmd, host_cmd, job_cmd, lab_cmd, pki_cmd, replica_cmd, vm_cmd
+from ferry.cli import (
+    guest_cmd,
+    host_cmd,
+    job_cmd,
+    lab_cmd,
+    pki_cmd,
+    replica_cmd,
+    replication_cmd,
+    vm_cmd,
+)
 from ferry.cli.output import err
 from ferry.errors import FerryError
 
@@ -33,6 +42,7 @@ app.add_typer(host_cmd.app, name="host")
 app.add_typer(vm_cmd.app, name="vm")
 app.add_typer(job_cmd.app, name="job")
 app.add_typer(replica_cmd.app, name="replica-server")
+app.add_typer(replication_cmd.app, name="replication")
 app.add_typer(guest_cmd.app, name="guest")
 app.add_typer(pki_cmd.app, name="pki")
 

@@ -6,7 +6,9 @@ JSON errors are rebuilt into the FerryError class they were on the agent.
 
 from __future__ import annotations
 
+import hashlib
 import ssl
+from collections.abc import AsyncIterable
 from types import TracebackType
 from typing import Any
 
@@ -15,6 +17,25 @@ import aiohttp
 from ferry.errors import AuthError, ConnectionFailedError, FerryError, error_from_code
 
 DEFAULT_TIMEOUT_S = 600.0
+
+
+class ThumbprintMismatchError(AuthError):
+    """The agent presented a valid certificate, but not the pinned one."""
+
+    def __init__(self, message: str, *, found: str) -> None:
+        super().__init__(message)
+        self.found = found
+
+
+def _server_thumbprint(response: aiohttp.ClientResponse) -> str | None:
+    # A small body arrives with the headers and releases the connection at
+    # once, so ``response.connection`` is often None here; the protocol (and
+    # its TLS transport) outlives that. aiohttp has no public accessor.
+    protocol = getattr(response, "_protocol", None)
+    transport = getattr(protocol, "transport", None)
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return hashlib.sha256(der).hexdigest() if der else None
 
 
 class AgentClient:
@@ -28,8 +49,16 @@ class AgentClient:
         *,
         server_name: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
+        pin: str | None = None,
     ) -> None:
+        """``pin``: the SHA-256 thumbprint the agent's certificate must have.
+
+        Every response is checked before its body is read; ``thumbprint`` holds
+        the last one seen (what a relationship pins when it is made).
+        """
         self.name = name
+        self.pin = pin
+        self.thumbprint: str | None = None
         self.url = url.rstrip("/")
         self._tls = tls
         self._server_name = server_name or name
@@ -60,7 +89,7 @@ class AgentClient:
         *,
         body: dict[str, Any] | None = None,
         params: dict[str, str] | None = None,
-        data: bytes | None = None,
+        data: bytes | AsyncIterable[bytes] | None = None,
     ) -> Any:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
@@ -75,6 +104,13 @@ class AgentClient:
                 ssl=self._tls,
                 server_hostname=self._server_name,
             ) as response:
+                self.thumbprint = _server_thumbprint(response) or self.thumbprint
+                if self.pin and self.thumbprint != self.pin:
+                    raise ThumbprintMismatchError(
+                        f"{where} presented certificate thumbprint {self.thumbprint}, "
+                        f"not the pinned {self.pin}",
+                        found=self.thumbprint or "",
+                    )
                 payload = await response.json(content_type=None)
                 if response.status >= 400:
                     error = (payload or {}).get("error") or {}

@@ -65,8 +65,10 @@ class Fleet:
                 continue
             found += [(name, view) for view in result if vm in (view["name"], view["uuid"])]
         if len(found) > 1:
-            # A VM that is arriving somewhere still belongs to its source.
-            settled = [(name, view) for name, view in found if not view.get("incoming")]
+            # A VM that is arriving somewhere still belongs to its source, and a
+            # replicated VM is its primary's (the replica host keeps a copy).
+            settled = [(name, view) for name, view in found
+                       if not view.get("incoming") and view.get("state") != "replica"]  # fmt: skip
             found = settled or found
         if len(found) == 1:
             return found[0]

@@ -28,6 +28,10 @@ class VmState(StrEnum):
     STOPPING = "stopping"
     MIGRATING = "migrating"
     CRASHED = "crashed"
+    # The stopped copy a replica host keeps of a replicated VM: its disks are
+    # the recovery point chain, so it neither starts nor is deleted on its own
+    # (replication remove / failover change it).
+    REPLICA = "replica"
 
 
 class VmOp(StrEnum):

@@ -47,10 +47,15 @@ class HostConfig(BaseModel):
     # the default bandwidth cap per move in bytes/s ("1G" style accepted).
     max_live_migrations: int = Field(default=2, ge=1, le=16)
     migration_max_bandwidth: int = Field(default=1024**3, ge=0)
+    # The cap on all replication traffic this host sends, bytes/s (0: none).
+    replication_max_bandwidth: int = Field(default=0, ge=0)
+    # Test hook: damage one byte in each of the next N replication streams this
+    # host sends, so tests can prove the replica rejects and the primary resends.
+    corrupt_replication_streams: int = Field(default=0, ge=0)
     # Plain TCP for memory and disk streams: only for a trusted network.
     insecure_migration: bool = False
 
-    @field_validator("migration_max_bandwidth", mode="before")
+    @field_validator("migration_max_bandwidth", "replication_max_bandwidth", mode="before")
     @classmethod
     def _bandwidth(cls, value: object) -> object:
         return parse_size(value, what="bandwidth") if isinstance(value, str) else value

@@ -1,0 +1,304 @@
+"""``ferry replication ...``: protect a running VM by replicating it to another host.
+
+Commands go to the VM's primary host (found by name), which talks to the
+replica; ``points`` and ``status`` also work against the replica host alone
+(``--host``), which is what an admin has when the primary is lost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from ferry.cli.output import print_json, print_table, say
+from ferry.cli.vm_cmd import HostOpt, JsonOpt, with_fleet
+from ferry.core.replication import format_frequency, parse_frequency
+from ferry.core.units import format_size
+from ferry.errors import FerryError, InvalidInputError
+
+if TYPE_CHECKING:
+    from ferry.client.fleet import Fleet
+
+app = typer.Typer(help="Replicate running VMs to a replica host.", no_args_is_help=True)
+
+
+def _when(stamp: float | None) -> str:
+    if stamp is None:
+        return "never"
+    return dt.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} s"
+
+
+def _parse_initial(text: str) -> tuple[str, str | None]:
+    if text in ("network", "existing"):
+        return text, None
+    if text.startswith("media:") and len(text) > len("media:"):
+        folder = text[len("media:") :]
+        return "media", str(Path(folder).expanduser().absolute())
+    raise InvalidInputError(f"--initial must be network, media:DIR or existing, not {text!r}")
+
+
+async def _primary(fleet: Fleet, name: str, host: str | None) -> str:
+    where, _ = await fleet.locate(name, host)
+    return where
+
+
+def _show_status(status: dict[str, Any]) -> None:
+    say(f"VM {status['vm']}: {status['state']} ({status['health']}), "
+        f"{status['primary']} -> {status['replica']} every "
+        f"{format_frequency(status['frequency_s'])}")  # fmt: skip
+    rows = [
+        ["last replication", _when(status.get("last_replication_time"))],
+        ["lag", _seconds(status.get("lag_s"))],
+    ]
+    if status.get("role") == "primary":
+        rows += [
+            ["cycles ok / missed / failed", f"{status['success_count']} / "
+             f"{status['miss_count']} / {status['failure_count']}"],
+            ["pending", format_size(status.get("pending_bytes") or 0)],
+            ["recovery points kept", f"{status['recovery_points']} + latest"],
+        ]  # fmt: skip
+    else:
+        rows.append(["recovery points", str(status.get("points"))])
+    for reason in status.get("health_reasons") or []:
+        rows.append(["health", reason])
+    if status.get("error"):
+        rows.append(["error", status["error"]])
+    print_table(["", ""], rows)
+
+
+@app.command("enable")
+def enable(
+    name: str,
+    replica: str = typer.Option(..., "--replica", help="The replica host."),
+    frequency: str = typer.Option("5m", "--frequency", help="30s, 5m or 15m."),
+    recovery_points: int = typer.Option(
+        4, "--recovery-points", help="Older points kept besides the latest (0..24)."
+    ),
+    initial: str = typer.Option(
+        "network", "--initial", help="network, media:DIR (carry DIR over) or existing."
+    ),
+    compression: str = typer.Option("on", "--compression", help="on or off (zstd)."),
+    host: str | None = HostOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Start replicating a running VM; the initial copy runs in the background."""
+    from ferry.cli.progress import follow_job
+
+    seconds = parse_frequency(frequency)
+    method, media = _parse_initial(initial)
+    if compression not in ("on", "off"):
+        raise InvalidInputError(f"--compression must be on or off, not {compression!r}")
+
+    async def run(fleet: Fleet) -> dict[str, Any]:
+        primary = await _primary(fleet, name, host)
+        target = fleet.settings.host(replica)
+        status: dict[str, Any] = await fleet.client(primary).post(
+            f"/v1/vms/{name}/replication",
+            {"replica": replica, "replica_url": target.url, "frequency_s": seconds,
+             "recovery_points": recovery_points, "initial": method, "media_dir": media,
+             "compression": compression == "on"},
+        )  # fmt: skip
+        if method == "network":
+            # Follow the initial copy job once the scheduler has started it.
+            job = await _initial_job(fleet, primary, status["vm"])
+            if job is not None:
+                done = await follow_job(fleet.client(primary), job, as_json=as_json)
+                if done["state"] != "done":
+                    raise FerryError(
+                        f"initial copy of VM {name} failed: {done.get('error')}; ferry retries "
+                        f"at the next cycle ('ferry replication status {name}')"
+                    )
+            status = await fleet.client(primary).get(f"/v1/vms/{name}/replication")
+        return status
+
+    status = with_fleet(run)
+    if as_json:
+        print_json(status)
+        return
+    if method == "media":
+        say(f"initial copy of VM {name} written to {media}; carry it to {replica} and run "
+            f"'ferry replication import-initial {media} --host {replica}'")  # fmt: skip
+    elif method == "existing":
+        say(f"VM {name}: comparing with the copy on {replica}; only differences are sent")
+    _show_status(status)
+
+
+async def _initial_job(fleet: Fleet, host: str, vm: str) -> dict[str, Any] | None:
+    import asyncio
+
+    for _ in range(40):
+        jobs = await fleet.client(host).get("/v1/jobs")
+        mine = [j for j in jobs if j["vm"] == vm and j["kind"] == "replication-initial"]
+        if mine:
+            return dict(mine[-1])
+        await asyncio.sleep(0.25)
+    return None
+
+
+def _fetch(name: str, host: str | None) -> dict[str, Any]:
+    async def run(fleet: Fleet) -> dict[str, Any]:
+        where = await _primary(fleet, name, host)
+        reply: dict[str, Any] = await fleet.client(where).get(f"/v1/vms/{name}/replication")
+        return reply
+
+    return with_fleet(run)
+
+
+@app.command("status")
+def status(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> None:
+    """State, health, lag and cycle counts of a VM's replication."""
+
+    found = _fetch(name, host)
+    if as_json:
+        print_json({k: v for k, v in found.items() if k != "statistics"})
+    else:
+        _show_status(found)
+
+
+@app.command("measure")
+def measure(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> None:
+    """Status plus delta sizes and cycle times (like Measure-VMReplication)."""
+
+    found = _fetch(name, host)
+    stats = found.pop("statistics", None) or {}
+    merged = {**found, **stats}
+    if as_json:
+        print_json(merged)
+        return
+    _show_status(found)
+    if stats:
+        print_table(["", ""], [
+            ["replicated", format_size(stats["replicated_bytes"])],
+            ["average delta", format_size(stats["average_delta_bytes"] or 0)],
+            ["largest delta", format_size(stats["max_delta_bytes"] or 0)],
+            ["average cycle", _seconds(stats["average_cycle_s"])],
+            ["longest cycle", _seconds(stats["max_cycle_s"])],
+            ["network failures", stats["network_failure_count"]],
+        ])  # fmt: skip
+
+
+@app.command("points")
+def points(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> None:
+    """Recovery points on the replica, newest last."""
+
+    async def run(fleet: Fleet) -> list[dict[str, Any]]:
+        where = await _primary(fleet, name, host)
+        reply: list[dict[str, Any]] = await fleet.client(where).get(
+            f"/v1/vms/{name}/replication/points"
+        )
+        return reply
+
+    found = with_fleet(run)
+    if as_json:
+        print_json(found)
+    else:
+        rows = [[p["id"], _when(p["time"]), format_size(p["size"])] for p in found]
+        print_table(["ID", "TIME", "SIZE"], rows)
+
+
+@app.command("sync")
+def sync(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> None:
+    """Run a replication cycle now and wait for it."""
+
+    async def run(fleet: Fleet) -> dict[str, Any]:
+        where = await _primary(fleet, name, host)
+        reply: dict[str, Any] = await fleet.client(where).post(f"/v1/vms/{name}/replication/sync")
+        return reply
+
+    outcome = with_fleet(run)
+    if as_json:
+        print_json(outcome)
+    if outcome["result"] not in ("ok", "skipped"):
+        raise FerryError(f"replication cycle of VM {name} failed: {outcome.get('error')}")
+    if not as_json:
+        if outcome["result"] == "skipped":
+            say(f"VM {name}: nothing to do ({outcome.get('reason')})")
+        else:
+            sent = format_size(outcome["bytes"])
+            say(f"VM {name}: recovery point {outcome.get('point')} on the replica, "
+                f"{sent} sent in {outcome['duration_s']:.1f} s")  # fmt: skip
+
+
+def _simple(action: str, method: str, suffix: str, message: str) -> Any:
+    def command(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> None:
+        async def run(fleet: Fleet) -> dict[str, Any]:
+            where = await _primary(fleet, name, host)
+            reply: dict[str, Any] = await fleet.client(where).call(
+                method, f"/v1/vms/{name}/replication{suffix}"
+            )
+            return reply
+
+        found = with_fleet(run)
+        if as_json:
+            print_json(found)
+        else:
+            say(message.format(name=name, **found))
+
+    command.__doc__ = f"{action.capitalize()} replication of a VM."
+    return command
+
+
+app.command("pause")(_simple("pause", "POST", "/pause", "replication of VM {name} is {state}"))
+app.command("resume")(_simple("resume", "POST", "/resume", "replication of VM {name} is {state}"))
+app.command("remove")(
+    _simple("remove", "DELETE", "", "replication of VM {name} to {replica} removed")
+)
+
+
+@app.command("set")
+def set_(
+    name: str,
+    replica: str | None = typer.Option(None, "--replica", help="The replica VM's new host."),
+    frequency: str | None = typer.Option(None, "--frequency", help="30s, 5m or 15m."),
+    thumbprint: str | None = typer.Option(
+        None, "--certificate-thumbprint", help="SHA-256 of the replica's new certificate."
+    ),
+    recovery_points: int | None = typer.Option(None, "--recovery-points", help="0..24."),
+    host: str | None = HostOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Change a relationship: frequency, retention, replica host, pinned certificate."""
+    seconds = parse_frequency(frequency) if frequency else None
+    if replica is None and seconds is None and thumbprint is None and recovery_points is None:
+        raise InvalidInputError("nothing to set: give --replica, --frequency, "
+                                "--certificate-thumbprint or --recovery-points")  # fmt: skip
+
+    async def run(fleet: Fleet) -> dict[str, Any]:
+        where = await _primary(fleet, name, host)
+        body = {"replica": replica, "replica_url": fleet.settings.host(replica).url if replica
+                else None, "frequency_s": seconds, "recovery_points": recovery_points,
+                "certificate_thumbprint": thumbprint}  # fmt: skip
+        reply: dict[str, Any] = await fleet.client(where).call(
+            "PATCH", f"/v1/vms/{name}/replication", body=body
+        )
+        return reply
+
+    found = with_fleet(run)
+    if as_json:
+        print_json(found)
+    else:
+        _show_status(found)
+
+
+@app.command("import-initial")
+def import_initial(
+    folder: Path,
+    host: str = typer.Option(..., "--host", "-H", help="The replica host."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """On the replica host: link an initial copy written with --initial media:DIR."""
+    path = str(folder.expanduser().absolute())
+    found = with_fleet(lambda fleet: fleet.client(host).post(
+        "/v1/replication/import-initial", {"folder": path}))  # fmt: skip
+    if as_json:
+        print_json(found)
+    else:
+        say(f"VM {found['vm']}: initial copy imported on {host} ({format_size(found['bytes'])}); "
+            "the primary sends changes from its next cycle")  # fmt: skip

@@ -1,0 +1,704 @@
+"""The primary side of replication: enable, schedule and run cycles, report health.
+
+One asyncio task per relationship sleeps until its next cycle is due
+(:func:`ferry.core.replication.next_due`), so a slow VM only delays itself;
+every stream draws on one host-wide :class:`~ferry.core.rate.TokenBucket`.
+
+A cycle, all under the relationship's cycle lock:
+
+1. ask the replica for its latest point, through a client that pins the
+   replica's certificate thumbprint, and apply the version rule;
+2. resend every *pending* point (a delta QEMU already cut from the bitmap)
+   the replica has not linked yet;
+3. cut a new point: a full copy (initial copy), a hash-compare patch
+   (resynchronisation, also ``--initial existing``) or a delta of the bitmap.
+   The cycle is written to the catalog (``in_flight``) before the QMP
+   transaction and turned into a pending point once QEMU finished it;
+4. stream the point to the replica, which verifies and links it; only its
+   answer drops the pending point and its files.
+
+A failure at any step keeps every change: in the bitmap (QEMU merges a failed
+backup back) or in a pending file. After an agent restart ``in_flight`` is
+settled by asking QEMU about its job; when that cannot tell, or the bitmap is
+gone or inconsistent, the relationship resynchronises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from ferry.adapters import block_hashes
+from ferry.adapters.catalog import VmRecord
+from ferry.adapters.cbt import ChangedBlockTracker
+from ferry.adapters.pki import client_ssl_context
+from ferry.adapters.point_transfer import encode_point
+from ferry.client.agent_client import AgentClient, ThumbprintMismatchError
+from ferry.core import replication as rules
+from ferry.core.rate import TokenBucket
+from ferry.core.relationship import CycleInFlight, InitialMethod, PendingPoint, Relationship, Role
+from ferry.core.replication import CycleKind, CycleRecord, ReplicationOp, ReplicationState
+from ferry.core.vmstate import VmState
+from ferry.errors import (
+    AuthError,
+    ConflictError,
+    ConnectionFailedError,
+    FerryError,
+    InvalidInputError,
+    NotFoundError,
+    StateError,
+    VersionError,
+)
+from ferry.host.jobs import Job, JobRegistry
+from ferry.host.replica import ReplicaStore
+from ferry.host.vms import VmService
+
+log = logging.getLogger(__name__)
+
+S = ReplicationState
+INITIAL_JOB = "replication-initial"
+RESYNC_JOB = "replication-resync"
+PEER_TIMEOUT_S = 3600.0
+
+
+class CycleStopped(FerryError):
+    """A failure no retry cures: the relationship goes to ``error`` until an admin acts."""
+
+    code = "replication-stopped"
+
+
+class ReplicationService:
+    """This host's relationships as a primary, and the status of its replica VMs."""
+
+    def __init__(self, vms: VmService, jobs: JobRegistry, store: ReplicaStore) -> None:
+        self.vms = vms
+        self.jobs = jobs
+        self.store = store
+        self.config = vms.config
+        self.catalog = vms.catalog
+        self._tls = client_ssl_context(self.config.tls_dir)
+        self._bucket = TokenBucket(self.config.replication_max_bandwidth, now=time.monotonic())
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+        self._waiters: defaultdict[str, list[asyncio.Future[dict[str, Any]]]] = defaultdict(list)
+        self.cycle_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._corrupt_streams = self.config.corrupt_replication_streams
+
+    @property
+    def work_dir(self) -> Path:
+        return self.config.data_dir / "replication"
+
+    def _rel(self, vm_uuid: str) -> Relationship | None:
+        rel = self.catalog.relationship(vm_uuid)
+        return rel if rel is not None and rel.role is Role.PRIMARY else None
+
+    def _primary(self, name: str) -> tuple[VmRecord, Relationship]:
+        record = self.vms.get(name)
+        rel = self._rel(record.uuid)
+        if rel is None:
+            raise NotFoundError(
+                f"VM {name!r} on host {self.config.name!r} is not replicated from here; "
+                f"enable it with 'ferry replication enable {name} --replica HOST'"
+            )
+        return record, rel
+
+    def _peer(self, rel: Relationship, *, pin: bool = True) -> AgentClient:
+        return AgentClient(rel.replica, rel.replica_url, self._tls, server_name=rel.replica,
+                           timeout=PEER_TIMEOUT_S, pin=rel.thumbprint if pin else None)  # fmt: skip
+
+    # -- life ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """On agent start: resume every relationship at its schedule."""
+        for rel in self.catalog.relationships():
+            if rel.role is Role.PRIMARY:
+                self._spawn(rel.vm_uuid)
+
+    async def shutdown(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    def _spawn(self, vm_uuid: str) -> None:
+        if vm_uuid in self._tasks and not self._tasks[vm_uuid].done():
+            return
+        self._wake[vm_uuid] = asyncio.Event()
+        self._tasks[vm_uuid] = asyncio.create_task(self._run(vm_uuid), name=f"replicate-{vm_uuid}")
+
+    async def _run(self, vm_uuid: str) -> None:
+        wake = self._wake[vm_uuid]
+        while True:
+            rel = self._rel(vm_uuid)
+            if rel is None or rel.state is S.REMOVED:
+                return
+            now = time.time()
+            if rules.is_running(rel.state):
+                due = rules.next_due(rel.last_started, rel.frequency_s, now)
+                delay = max(0.0, due - now)
+            else:
+                delay = 3600.0  # paused or in error: only a wake-up starts a cycle
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), delay)
+            wake.clear()
+            waiters, self._waiters[vm_uuid] = self._waiters[vm_uuid], []
+            try:
+                outcome = await self.cycle(vm_uuid)
+            except asyncio.CancelledError:
+                for waiter in waiters:
+                    waiter.cancel()
+                raise
+            except Exception as exc:  # never let one VM's bug end its task silently
+                log.exception("replication cycle of %s failed unexpectedly", vm_uuid)
+                outcome = {"result": "failure", "error": f"{type(exc).__name__}: {exc}"}
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(outcome)
+
+    async def sync_now(self, name: str) -> dict[str, Any]:
+        """Run a cycle now and return its outcome (``replication sync``)."""
+        record, rel = self._primary(name)
+        if not rules.is_running(rel.state):
+            raise StateError(f"replication of VM {name!r} is {rel.state.value}; resume it first")
+        self._spawn(record.uuid)
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiters[record.uuid].append(waiter)
+        self._wake[record.uuid].set()
+        return await waiter
+
+    # -- enable / change / end -------------------------------------------------------
+
+    async def enable(self, name: str, *, replica: str, replica_url: str, frequency_s: int,
+                     recovery_points: int, initial: InitialMethod, media_dir: str | None,
+                     compression: bool) -> dict[str, Any]:  # fmt: skip
+        record = self.vms.get(name)
+        rules.check_frequency(frequency_s)
+        rules.check_recovery_points(recovery_points)
+        if self.catalog.relationship(record.uuid) is not None:
+            raise ConflictError(f"VM {name!r} already has a replication relationship; "
+                                "see 'ferry replication status'")  # fmt: skip
+        if record.state is VmState.REPLICA:
+            raise ConflictError(f"VM {name!r} here is a replica; enable replication on its primary")
+        if replica == self.config.name:
+            raise InvalidInputError(f"VM {name!r} runs on host {replica!r}; replicate to another")
+        for i, disk in enumerate(record.spec.disks):
+            if disk.format != "qcow2":
+                raise InvalidInputError(
+                    f"disk {i} of VM {name!r} is {disk.format}: replication tracks changes in "
+                    "qcow2 only; convert it ('ferry vm export' then import) first"
+                )
+        if record.state not in (VmState.RUNNING, VmState.PAUSED):
+            raise StateError(f"VM {name!r} is {record.state.value}: start it first (changes are "
+                             "tracked by its running QEMU)")  # fmt: skip
+        if initial is InitialMethod.MEDIA:
+            if not media_dir or not Path(media_dir).is_absolute():
+                raise InvalidInputError("--initial media:DIR needs an absolute DIR")
+            if not Path(media_dir).parent.is_dir():
+                raise InvalidInputError(f"the parent of media dir {media_dir!r} does not exist")
+        rel = Relationship(
+            vm_uuid=record.uuid, vm_name=name, role=Role.PRIMARY, primary=self.config.name,
+            replica=replica, replica_url=replica_url, frequency_s=frequency_s,
+            recovery_points=recovery_points, compression=compression, initial=initial,
+            created=time.time(),
+        )  # fmt: skip
+        async with self._peer(rel, pin=False) as peer:
+            hello = await peer.get("/v1/peer/hello")
+            rules.check_replica_accepts(self.config.functional_level,
+                                        int(hello["functional_level"]), primary=self.config.name,
+                                        replica=replica, vm=name)  # fmt: skip
+            thumbprint = peer.thumbprint or ""
+            await peer.post("/v1/peer/replicas", {
+                "spec": record.spec.model_dump(mode="json"), "frequency_s": frequency_s,
+                "recovery_points": recovery_points, "initial": initial.value,
+                "functional_level": self.config.functional_level,
+            })  # fmt: skip
+        rel = rel.model_copy(update={"thumbprint": thumbprint})
+        self.catalog.put_relationship(rel)
+        log.info("VM %s: replication to %s enabled (every %ss, initial %s, pinned %s)", name,
+                 replica, frequency_s, initial.value, thumbprint[:16])  # fmt: skip
+        job = None
+        if initial is InitialMethod.MEDIA:
+            assert media_dir is not None
+            job = self.jobs.create(INITIAL_JOB, record.uuid, name, "running", phase="to-media")
+            try:
+                await self._to_media(record, rel, Path(media_dir), job)
+            except FerryError as exc:
+                self.jobs.update(job, "failed", error=str(exc))
+                raise
+        self._spawn(record.uuid)
+        status = self.status(name)
+        if job is not None:
+            status["job"] = job.view(self.config.name)
+        return status
+
+    async def change(self, name: str, *, replica: str | None, replica_url: str | None,
+                     frequency_s: int | None, recovery_points: int | None,
+                     thumbprint: str | None) -> dict[str, Any]:  # fmt: skip
+        record, rel = self._primary(name)
+        async with self.cycle_locks[record.uuid]:
+            rel = self._rel(record.uuid) or rel
+            update: dict[str, Any] = {}
+            if frequency_s is not None:
+                update["frequency_s"] = rules.check_frequency(frequency_s)
+            if recovery_points is not None:
+                update["recovery_points"] = rules.check_recovery_points(recovery_points)
+            if thumbprint is not None:
+                tp = thumbprint.lower().replace(":", "")
+                if len(tp) != 64 or any(c not in "0123456789abcdef" for c in tp):
+                    raise InvalidInputError(f"{thumbprint!r} is not a SHA-256 thumbprint "
+                                            "(64 hex digits)")  # fmt: skip
+                update["thumbprint"] = tp
+            if replica is not None and replica != rel.replica:
+                if not replica_url:
+                    raise InvalidInputError(f"no address known for host {replica!r}")
+                # The replica VM moved: the new host must hold it already.
+                moved = rel.model_copy(update={"replica": replica, "replica_url": replica_url})
+                async with self._peer(moved, pin=False) as peer:
+                    await peer.get(f"/v1/peer/replicas/{record.uuid}")
+                    update.update(
+                        replica=replica,
+                        replica_url=replica_url,
+                        thumbprint=update.get("thumbprint", peer.thumbprint or ""),
+                    )
+            new = rel.model_copy(update=update)
+            if {"frequency_s", "recovery_points"} & update.keys():
+                async with self._peer(new) as peer:
+                    await peer.call("PATCH", f"/v1/peer/replicas/{record.uuid}", body={
+                        "frequency_s": new.frequency_s,
+                        "recovery_points": new.recovery_points})  # fmt: skip
+            if new.state is S.ERROR and ({"thumbprint", "replica"} & update.keys()):
+                rules.transition(new.state, ReplicationOp.RESUME, vm=name)
+                back = (
+                    new.resume_to
+                    if new.resume_to in (S.INITIAL_COPY, S.RESYNCHRONISING)
+                    else S.REPLICATING
+                )
+                new = new.model_copy(update={"state": back, "error": None, "resume_to": None})
+            self.catalog.put_relationship(new)
+        self._wake_up(record.uuid)
+        return self.status(name)
+
+    def _wake_up(self, vm_uuid: str) -> None:
+        self._spawn(vm_uuid)
+        self._wake[vm_uuid].set()
+
+    async def pause(self, name: str, *, resume: bool = False) -> dict[str, Any]:
+        record, rel = self._primary(name)
+        async with self.cycle_locks[record.uuid]:
+            rel = self._rel(record.uuid) or rel
+            op = ReplicationOp.RESUME if resume else ReplicationOp.PAUSE
+            state = rules.transition(rel.state, op, vm=name)
+            update: dict[str, Any] = {"state": state, "error": None}
+            if resume:
+                update["resume_to"] = None
+                if rel.resume_to in (S.INITIAL_COPY, S.RESYNCHRONISING):
+                    update["state"] = rel.resume_to
+            elif rules.is_running(rel.state):
+                update["resume_to"] = rel.state
+            self.catalog.put_relationship(rel.model_copy(update=update))
+        if resume:
+            self._wake_up(record.uuid)
+        return self.status(name)
+
+    async def remove(self, name: str) -> dict[str, Any]:
+        record, rel = self._primary(name)
+        task = self._tasks.pop(record.uuid, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        async with self.cycle_locks[record.uuid]:
+            replica_kept: Any = None
+            try:
+                async with self._peer(rel) as peer:
+                    reply = await peer.delete(f"/v1/peer/replicas/{record.uuid}")
+                    replica_kept = reply.get("kept_replica_vm")
+            except (ConnectionFailedError, NotFoundError, AuthError) as exc:
+                log.warning("VM %s: replica host %s not told of the removal: %s", name,
+                            rel.replica, exc)  # fmt: skip
+            with contextlib.suppress(FerryError):
+                if record.state in (VmState.RUNNING, VmState.PAUSED):
+                    await ChangedBlockTracker(self.vms.channel(record), record.spec.disks,
+                                              vm=name).drop_bitmap()  # fmt: skip
+            self.catalog.delete_relationship(record.uuid)
+            await asyncio.to_thread(shutil.rmtree, self.work_dir / record.uuid, True)
+        log.info("VM %s: replication to %s removed", name, rel.replica)
+        return {"vm": name, "replica": rel.replica, "removed": True,
+                "replica_vm_kept": replica_kept}  # fmt: skip
+
+    # -- reading ----------------------------------------------------------------------
+
+    def status(self, name: str) -> dict[str, Any]:
+        record = self.vms.get(name)
+        rel = self.catalog.relationship(record.uuid)
+        if rel is None:
+            raise NotFoundError(f"VM {name!r} on host {self.config.name!r} is not replicated")
+        now = time.time()
+        if rel.role is Role.REPLICA:
+            return self._replica_status(rel, now)
+        cycles = self.catalog.cycles(rel.vm_uuid)
+        stats = rules.statistics(cycles, now)
+        report = rules.assess_health(rel.state, cycles, now=now, frequency_s=rel.frequency_s,
+                                     last_success=rules.latest_point_time(cycles),
+                                     since=rel.created)  # fmt: skip
+        pending = sum(Path(f).stat().st_size for p in rel.pending for f in p.files
+                      if Path(f).exists())  # fmt: skip
+        return {
+            "vm": rel.vm_name, "role": rel.role.value, "state": rel.state.value,
+            "health": report.health.value, "health_reasons": list(report.reasons),
+            "primary": rel.primary, "replica": rel.replica, "frequency_s": rel.frequency_s,
+            "recovery_points": rel.recovery_points, "compression": rel.compression,
+            "initial": rel.initial.value, "thumbprint": rel.thumbprint,
+            "last_replication_time": stats["last_replication_time"], "lag_s": stats["lag_s"],
+            "success_count": stats["success_count"], "miss_count": stats["miss_count"],
+            "failure_count": stats["failure_count"],
+            "network_failure_count": stats["network_failure_count"],
+            "pending_bytes": pending, "pending_points": len(rel.pending),
+            "latest_point": rel.confirmed_point, "error": rel.error,
+            "next_cycle": (rules.next_due(rel.last_started, rel.frequency_s, now)
+                           if rules.is_running(rel.state) else None),
+            "statistics": dict(stats),
+        }  # fmt: skip
+
+    def _replica_status(self, rel: Relationship, now: float) -> dict[str, Any]:
+        state = self.store.state(rel.vm_uuid)
+        latest = state["latest_time"]
+        return {
+            "vm": rel.vm_name, "role": rel.role.value,
+            "state": (S.REPLICATING if latest else S.INITIAL_COPY).value,
+            "health": "normal", "primary": rel.primary, "replica": rel.replica,
+            "frequency_s": rel.frequency_s, "recovery_points": rel.recovery_points,
+            "last_replication_time": latest, "lag_s": max(0.0, now - latest) if latest else None,
+            "points": state["points"], "latest_point": state["latest_point"],
+            "replica_bytes": state["bytes"], "thumbprint": rel.thumbprint,
+        }  # fmt: skip
+
+    async def points(self, name: str) -> list[dict[str, Any]]:
+        record = self.vms.get(name)
+        rel = self.catalog.relationship(record.uuid)
+        if rel is None:
+            raise NotFoundError(f"VM {name!r} on host {self.config.name!r} is not replicated")
+        if rel.role is Role.REPLICA:
+            return [{"id": p.id, "time": p.time, "size": p.size, "consistent": True}
+                    for p in self.store.points(rel.vm_uuid)]  # fmt: skip
+        async with self._peer(rel) as peer:
+            found: list[dict[str, Any]] = await peer.get(f"/v1/peer/replicas/{rel.vm_uuid}/points")
+            return found
+
+    # -- one cycle --------------------------------------------------------------------
+
+    async def cycle(self, vm_uuid: str) -> dict[str, Any]:
+        async with self.cycle_locks[vm_uuid]:
+            rel = self._rel(vm_uuid)
+            if rel is None or not rules.is_running(rel.state):
+                return {"result": "skipped", "reason": "not replicating"}
+            record = self.catalog.find(vm_uuid)
+            if record is None or record.state not in (VmState.RUNNING, VmState.PAUSED):
+                # An off VM's disks do not change; its bitmap waits in the qcow2.
+                return {"result": "skipped", "reason": "the VM is not running"}
+            now = time.time()
+            for slot in range(rules.missed_slots(rel.last_started, rel.frequency_s, now)):
+                assert rel.last_started is not None
+                due = rel.last_started + rel.frequency_s * (slot + 1)
+                self.catalog.add_cycle(vm_uuid, CycleRecord(due, False, CycleKind.MISS, 0, 0.0))
+            rel = rel.model_copy(update={"last_started": now})
+            self.catalog.put_relationship(rel)
+            started = time.monotonic()
+            kind, sent, error = CycleKind.SUCCESS, 0, None
+            try:
+                outcome = await self._cycle(record, rel)
+                if outcome is None:
+                    return {"result": "skipped", "reason": "waiting for the initial copy"}
+                sent = outcome
+            except ConnectionFailedError as exc:
+                kind, error = CycleKind.NETWORK_FAILURE, str(exc)
+            except CycleStopped as exc:
+                kind, error = CycleKind.FAILURE, str(exc)
+                current = self._rel(vm_uuid) or rel
+                if rules.allowed(current.state, ReplicationOp.FAIL):
+                    current = current.model_copy(update={
+                        "state": rules.transition(current.state, ReplicationOp.FAIL),
+                        "error": error, "resume_to": current.state})  # fmt: skip
+                    self.catalog.put_relationship(current)
+            except FerryError as exc:
+                kind, error = CycleKind.FAILURE, str(exc)
+            duration = time.monotonic() - started
+            self.catalog.add_cycle(vm_uuid, CycleRecord(now, kind is CycleKind.SUCCESS, kind,
+                                                        sent, duration))  # fmt: skip
+            if error:
+                log.warning("VM %s: replication cycle failed (%s): %s", rel.vm_name, kind.value,
+                            error)  # fmt: skip
+                return {"result": kind.value, "error": error, "duration_s": duration}
+            return {"result": "ok", "bytes": sent, "duration_s": duration,
+                    "point": (self._rel(vm_uuid) or rel).confirmed_point}  # fmt: skip
+
+    async def _cycle(self, record: VmRecord, rel: Relationship) -> int | None:
+        name = rel.vm_name
+        try:
+            async with self._peer(rel) as peer:
+                try:
+                    remote = await peer.get(f"/v1/peer/replicas/{rel.vm_uuid}")
+                except NotFoundError as exc:
+                    raise CycleStopped(
+                        f"host {rel.replica!r} no longer holds the replica of VM {name!r}; if it "
+                        f"moved, run 'ferry replication set {name} --replica NEW-HOST'"
+                    ) from exc
+                rules.check_replica_accepts(self.config.functional_level,
+                                            int(remote["functional_level"]),
+                                            primary=self.config.name, replica=rel.replica,
+                                            vm=name)  # fmt: skip
+                return await self._exchange(record, rel, peer, remote)
+        except ThumbprintMismatchError as exc:
+            raise CycleStopped(
+                f"replica host {rel.replica!r} presented certificate thumbprint {exc.found}, "
+                f"but replication of VM {name!r} pins {rel.thumbprint}; if its certificate was "
+                f"renewed, run 'ferry replication set {name} --certificate-thumbprint {exc.found}'"
+            ) from exc
+        except (AuthError, VersionError) as exc:
+            raise CycleStopped(str(exc)) from exc
+
+    async def _exchange(self, record: VmRecord, rel: Relationship, peer: AgentClient,
+                        remote: dict[str, Any]) -> int | None:  # fmt: skip
+        tracker = self._tracker(record)
+        rel = self._confirm(rel, remote["latest_point"])
+        if rel.in_flight is not None:
+            rel = await self._settle(rel, tracker)
+        sent = 0
+        for point in rel.pending:
+            sent += await self._send(peer, rel, point)
+            rel = self._rel(rel.vm_uuid) or rel
+            if point.full or point.resync:
+                rel = self._after_point(rel)
+        if rel.state is S.INITIAL_COPY:
+            if rel.confirmed_point is not None and rel.confirmed_point >= 0:
+                rel = self._after_point(rel)  # the initial point is on the replica already
+            elif rel.initial is InitialMethod.MEDIA:
+                return None  # the admin has not imported the media on the replica yet
+        if rel.state is S.INITIAL_COPY:
+            mode = "full" if rel.initial is InitialMethod.NETWORK else "resync"
+        elif rel.state is S.RESYNCHRONISING:
+            mode = "resync"
+        elif not await tracker.bitmap_usable():
+            rel = rel.model_copy(
+                update={
+                    "state": rules.transition(rel.state, ReplicationOp.BITMAP_LOST, vm=rel.vm_name)
+                }
+            )
+            self.catalog.put_relationship(rel)
+            log.warning("VM %s: the dirty bitmap is lost; resynchronising", rel.vm_name)
+            mode = "resync"
+        else:
+            mode = "delta"
+        job = None
+        if mode != "delta":
+            kind = INITIAL_JOB if rel.state is S.INITIAL_COPY else RESYNC_JOB
+            job = self.jobs.create(kind, rel.vm_uuid, rel.vm_name, "running", phase="copying")
+        try:
+            if mode == "resync":
+                point = await self._resync_point(rel, tracker, peer, job)
+            else:
+                point = await self._cut(rel, tracker, full=mode == "full")
+            rel = self._rel(rel.vm_uuid) or rel
+            if job is not None:
+                self.jobs.update(job, phase="sending")
+            sent += await self._send(peer, rel, point, job)
+            if mode != "delta":
+                self._after_point(self._rel(rel.vm_uuid) or rel)
+        except BaseException as exc:
+            if job is not None:
+                self.jobs.update(job, "failed", error=str(exc) or type(exc).__name__)
+            raise
+        if job is not None:
+            self.jobs.update(job, "done", phase="done", result="ok", bytes_sent=sent)
+        return sent
+
+    def _tracker(self, record: VmRecord) -> ChangedBlockTracker:
+        return ChangedBlockTracker(self.vms.channel(record), record.spec.disks, vm=record.name,
+                                   qemu_img_bin=self.config.qemu_img)  # fmt: skip
+
+    def _after_point(self, rel: Relationship) -> Relationship:
+        """An initial copy or resynchronisation point reached the replica."""
+        op = {S.INITIAL_COPY: ReplicationOp.INITIAL_COPY_DONE,
+              S.RESYNCHRONISING: ReplicationOp.RESYNC_DONE}.get(rel.state)  # fmt: skip
+        if op is not None:
+            rel = rel.model_copy(update={"state": rules.transition(rel.state, op), "error": None})
+            self.catalog.put_relationship(rel)
+            log.info("VM %s: replication is %s", rel.vm_name, rel.state.value)
+        return rel
+
+    def _confirm(self, rel: Relationship, latest: int | None) -> Relationship:
+        """Drop pending points the replica already linked."""
+        if latest is None:
+            return rel
+        done = [p for p in rel.pending if p.id <= latest]
+        rel = rel.model_copy(update={
+            "pending": tuple(p for p in rel.pending if p.id > latest),
+            "confirmed_point": latest, "next_point": max(rel.next_point, latest + 1)})  # fmt: skip
+        self.catalog.put_relationship(rel)
+        for point in done:
+            for path in point.files:
+                Path(path).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                Path(point.files[0]).parent.rmdir()
+        return rel
+
+    async def _settle(self, rel: Relationship, tracker: ChangedBlockTracker) -> Relationship:
+        """The agent died during a backup: adopt its files, drop them, or resynchronise."""
+        assert rel.in_flight is not None
+        flight = rel.in_flight
+        verdict = await tracker.outcome(flight.tag)
+        while verdict == "running":
+            await asyncio.sleep(0.5)
+            verdict = await tracker.outcome(flight.tag)
+        update: dict[str, Any] = {"in_flight": None}
+        # A full copy only serves as the initial point sent over the network; one
+        # cut for a resynchronisation or for media is redone from the start.
+        usable = not flight.full or (rel.state is S.INITIAL_COPY
+                                     and rel.initial is InitialMethod.NETWORK)  # fmt: skip
+        if verdict == "ok" and usable:
+            update["pending"] = (
+                *rel.pending,
+                PendingPoint(id=flight.id, time=flight.time, files=flight.files, full=flight.full),
+            )
+        else:
+            for path in flight.files:
+                Path(path).unlink(missing_ok=True)
+            if verdict == "unknown" and rel.state is S.REPLICATING:
+                update["state"] = rules.transition(rel.state, ReplicationOp.BITMAP_LOST)
+        log.warning("VM %s: the backup of point %d interrupted by a restart was %s", rel.vm_name,
+                    flight.id, verdict)  # fmt: skip
+        rel = rel.model_copy(update=update)
+        self.catalog.put_relationship(rel)
+        return rel
+
+    async def _cut(self, rel: Relationship, tracker: ChangedBlockTracker, *,
+                   full: bool, out_dir: Path | None = None) -> PendingPoint:  # fmt: skip
+        """Take a point: a full copy or a delta, recorded in flight first."""
+        point_id = rel.next_point
+        out = out_dir or self.work_dir / rel.vm_uuid / f"p{point_id}"
+        out.mkdir(parents=True, exist_ok=True)
+        tag = f"{rel.vm_uuid[:8]}-{point_id}"
+        files = tracker.targets(out, "base" if full else f"p{point_id}")
+        flight = CycleInFlight(id=point_id, time=time.time(), tag=tag,
+                               files=tuple(str(f) for f in files), full=full)  # fmt: skip
+        rel = rel.model_copy(update={"in_flight": flight, "next_point": point_id + 1})
+        self.catalog.put_relationship(rel)
+        try:
+            if full:
+                await tracker.full(out, "base", tag=tag)
+            else:
+                await tracker.delta(out, f"p{point_id}", tag=tag)
+        except FerryError:
+            for path in files:
+                path.unlink(missing_ok=True)
+            self.catalog.put_relationship(rel.model_copy(update={"in_flight": None}))
+            raise
+        point = PendingPoint(id=point_id, time=flight.time, files=flight.files, full=full)
+        if out_dir is None:
+            rel = rel.model_copy(update={"in_flight": None, "pending": (*rel.pending, point)})
+        else:
+            rel = rel.model_copy(update={"in_flight": None})
+        self.catalog.put_relationship(rel)
+        return point
+
+    async def _resync_point(self, rel: Relationship, tracker: ChangedBlockTracker,
+                            peer: AgentClient, job: Job | None) -> PendingPoint:  # fmt: skip
+        """A new bitmap and full copy here, then only blocks whose hashes differ."""
+        scratch = self.work_dir / rel.vm_uuid / "resync"
+        scratch.mkdir(parents=True, exist_ok=True)
+        full = await self._cut(rel, tracker, full=True, out_dir=scratch)
+        rel = self._rel(rel.vm_uuid) or rel
+        if job is not None:
+            self.jobs.update(job, phase="comparing")
+        remote = await peer.get(f"/v1/peer/replicas/{rel.vm_uuid}/hashes",
+                                block_size=str(block_hashes.BLOCK_SIZE))  # fmt: skip
+        out = self.work_dir / rel.vm_uuid / f"p{full.id}"
+        out.mkdir(parents=True, exist_ok=True)
+        patches: list[str] = []
+        differing = 0
+        try:
+            for i, (copy, theirs) in enumerate(zip(full.files, remote["disks"], strict=True)):
+                raw = await block_hashes.read_raw_view(Path(copy), scratch_dir=scratch)
+                try:
+                    ours = await block_hashes.image_block_hashes(
+                        raw, fmt="raw", scratch_dir=scratch
+                    )
+                    blocks = block_hashes.differing_blocks(ours, theirs)
+                    differing += len(blocks)
+                    patch = out / f"p{full.id}-disk{i}.qcow2"
+                    await block_hashes.build_patch(raw, blocks, patch,
+                                                   virtual_size=tracker.disks[i].size)  # fmt: skip
+                    patches.append(str(patch))
+                finally:
+                    raw.unlink(missing_ok=True)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, scratch, True)
+        log.info("VM %s: resynchronisation found %d differing blocks of %d MiB", rel.vm_name,
+                 differing, block_hashes.BLOCK_SIZE // 2**20)  # fmt: skip
+        point = PendingPoint(id=full.id, time=full.time, files=tuple(patches), resync=True)
+        rel = rel.model_copy(update={"pending": (*rel.pending, point)})
+        self.catalog.put_relationship(rel)
+        return point
+
+    async def _send(self, peer: AgentClient, rel: Relationship, point: PendingPoint,
+                    job: Job | None = None) -> int:  # fmt: skip
+        """Stream one point; on the replica's answer, forget it here."""
+        files = [Path(f) for f in point.files]
+        total = sum(f.stat().st_size for f in files)
+        corrupt = self._corrupt_streams > 0
+        if corrupt:
+            self._corrupt_streams -= 1
+        counter = [0]
+        body = self._stream(files, rel, point.id, total, counter, job, corrupt=corrupt)
+        reply = await peer.call("PUT", f"/v1/peer/replicas/{rel.vm_uuid}/points/{point.id}",
+                                params={"time": repr(point.time)}, data=body)  # fmt: skip
+        self._confirm(rel, int(reply["latest_point"]))
+        return counter[0]
+
+    async def _stream(self, files: list[Path], rel: Relationship, point_id: int, total: int,
+                      counter: list[int], job: Job | None, *,
+                      corrupt: bool) -> AsyncIterator[bytes]:  # fmt: skip
+        frames: Iterator[bytes] = encode_point(
+            files, vm_uuid=UUID(rel.vm_uuid), point_id=point_id, compress=rel.compression
+        )
+        done = object()
+        while True:
+            frame = await asyncio.to_thread(next, frames, done)
+            if frame is done:
+                return
+            assert isinstance(frame, bytes)
+            if corrupt and len(frame) > 200:
+                # Test hook (corrupt_replication_streams): damage one payload byte.
+                frame = frame[:150] + bytes([frame[150] ^ 0xFF]) + frame[151:]
+                corrupt = False
+            wait = self._bucket.reserve(len(frame), time.monotonic())
+            if wait > 0:
+                await asyncio.sleep(wait)
+            counter[0] += len(frame)
+            if job is not None:
+                self.jobs.update(job, progress={"bytes": min(counter[0], total), "total": total})
+            yield frame
+
+    async def _to_media(self, record: VmRecord, rel: Relationship, media: Path,
+                        job: Job) -> None:  # fmt: skip
+        """``--initial media:DIR``: the full copy goes to a folder the admin carries."""
+        from ferry.host.initial_media import write_media
+
+        tracker = self._tracker(record)
+        async with self.cycle_locks[record.uuid]:
+            media.mkdir(exist_ok=True)
+            point = await self._cut(rel, tracker, full=True, out_dir=media)
+            self.jobs.update(job, phase="checksumming")
+            await write_media(media, rel, point)
+        self.jobs.update(job, "done", phase="done", result="ok", folder=str(media))
