@@ -126,12 +126,14 @@ class LabEnv:
         host.config_path.write_text(tomli_w.dumps(settings))
         self.cli("lab", "up", "--hosts", str(len(self.lab.hosts())), "--no-guest")
 
-    def wait_console(self, name: str, pattern: Callable[[str], bool], timeout: float = 60) -> str:
+    def wait_console(self, name: str, pattern: Callable[[str], bool], timeout: float = 60,
+                     host: str | None = None) -> str:  # fmt: skip
         """Poll the VM's serial log until ``pattern`` holds; return the log."""
         deadline = time.monotonic() + timeout
         text = ""
+        where = ["--host", host] if host else []
         while time.monotonic() < deadline:
-            text = self.cli("vm", "console", name).stdout
+            text = self.cli("vm", "console", name, *where).stdout
             if pattern(text):
                 return text
             time.sleep(0.5)

@@ -83,6 +83,7 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         store = ReplicaStore(config, catalog, ReplicaServer(catalog, host=config.name))
         await store.recover()
         replication = ReplicationService(vms, jobs, store)
+        migrations.observer = replication
         address, port = config.address
         url = f"https://{address}:{port}"
         api = AgentApi(

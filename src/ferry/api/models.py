@@ -67,6 +67,8 @@ Replication (the caller is the primary; the replica pins its certificate)::
            ferry.core.delta_stream) -> {point, linked, ...replica state}
     GET    /v1/peer/replicas/{uuid}/points -> [{id, time, size, consistent}]
     GET    /v1/peer/replicas/{uuid}/hashes?block_size=N -> {disks: [[hex, ...]]}
+    POST   /v1/peer/replications {Relationship}  (to a VM's new host after a move:
+           it becomes the primary) -> status
 
 Migration endpoints need a *host* certificate: its DN becomes the QEMU
 ``tls-authz`` identity that may feed the destination.
@@ -102,7 +104,8 @@ class VmView(BaseModel):
     # True while the VM is arriving here by live migration and still runs
     # on its source host (which is where commands should go).
     incoming: bool = False
-    replication: None = None
+    # {"role", "state", "primary", "replica", "frequency_s"} when replicated.
+    replication: dict[str, object] | None = None
 
 
 class HostView(BaseModel):

@@ -177,6 +177,7 @@ class AgentApi:
                 web.get("/v1/vms/{name}/replication/points", self.replication_points),
                 web.post("/v1/replication/import-initial", self.import_initial),
                 web.post("/v1/peer/replicas", self.peer_offer),
+                web.post("/v1/peer/replications", self.peer_take_over),
                 web.get("/v1/peer/replicas/{uuid}", self.peer_replica),
                 web.patch("/v1/peer/replicas/{uuid}", self.peer_replica_update),
                 web.delete("/v1/peer/replicas/{uuid}", self.peer_replica_remove),
@@ -210,7 +211,15 @@ class AgentApi:
             append=spec.append,
             pid=self.vms.pid_of(spec.uuid),
             incoming=self.migrations.is_incoming(spec.uuid),
+            replication=self._replication_summary(spec.uuid),
         )
+
+    def _replication_summary(self, vm_uuid: str) -> dict[str, object] | None:
+        rel = self.vms.catalog.relationship(vm_uuid)
+        if rel is None:
+            return None
+        return {"role": rel.role.value, "state": rel.state.value, "primary": rel.primary,
+                "replica": rel.replica, "frequency_s": rel.frequency_s}  # fmt: skip
 
     async def host(self, request: web.Request) -> web.Response:
         config = self.vms.config
@@ -497,3 +506,7 @@ class AgentApi:
         disks = await self.replicas.block_hashes(request["caller"], request.match_info["uuid"],
                                                  block_size)  # fmt: skip
         return _json({"disks": disks})
+
+    async def peer_take_over(self, request: web.Request) -> web.Response:
+        document = await request.json()
+        return _json(self.replication.adopt(request["caller"], document), status=201)

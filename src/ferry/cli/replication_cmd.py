@@ -15,7 +15,7 @@ import typer
 
 from ferry.cli.output import print_json, print_table, say
 from ferry.cli.vm_cmd import HostOpt, JsonOpt, with_fleet
-from ferry.core.replication import format_frequency, parse_frequency
+from ferry.core.replication import check_recovery_points, format_frequency, parse_frequency
 from ferry.core.units import format_size
 from ferry.errors import FerryError, InvalidInputError
 
@@ -92,6 +92,7 @@ def enable(
     from ferry.cli.progress import follow_job
 
     seconds = parse_frequency(frequency)
+    check_recovery_points(recovery_points)
     method, media = _parse_initial(initial)
     if compression not in ("on", "off"):
         raise InvalidInputError(f"--compression must be on or off, not {compression!r}")
@@ -266,6 +267,8 @@ def set_(
 ) -> None:
     """Change a relationship: frequency, retention, replica host, pinned certificate."""
     seconds = parse_frequency(frequency) if frequency else None
+    if recovery_points is not None:
+        check_recovery_points(recovery_points)
     if replica is None and seconds is None and thumbprint is None and recovery_points is None:
         raise InvalidInputError("nothing to set: give --replica, --frequency, "
                                 "--certificate-thumbprint or --recovery-points")  # fmt: skip

@@ -17,7 +17,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -75,8 +75,19 @@ class MoveFailed(FerryError):
     code = "move-failed"
 
 
+class MoveObserver(Protocol):
+    """What else must follow a VM that moves (its replication relationship)."""
+
+    def hold(self, vm_uuid: str) -> contextlib.AbstractAsyncContextManager[None]: ...
+
+    async def hand_over(self, vm_uuid: str, host: str, url: str,
+                        thumbprint: str | None) -> None: ...  # fmt: skip
+
+
 class MigrationService:
     """Both sides of live migration on one host."""
+
+    observer: MoveObserver | None = None
 
     def __init__(self, vms: VmService, jobs: JobRegistry) -> None:
         self.vms = vms
@@ -148,10 +159,11 @@ class MigrationService:
         started = time.monotonic()
         plan: dict[str, Any] = {}
         try:
-            async with self._slots:
+            async with self._slots, self._hold(job.vm_uuid):
                 self._phase(job, Phase.PREPARING)
                 async with self._peer(job.detail["target"], job.detail["target_url"]) as peer:
                     await self._move(job, peer, plan, started)
+                    await self._moved(job, peer.thumbprint)
         except asyncio.CancelledError:
             if not plan.get("finish_called"):
                 await self._undo(job, plan, "cancelled by the admin")
@@ -167,6 +179,22 @@ class MigrationService:
             if not plan.get("finish_called"):
                 await self._undo(job, plan, str(exc))
             self._finish(job, Phase.FAILED, error=f"internal error: {type(exc).__name__}: {exc}")
+
+    def _hold(self, vm_uuid: str) -> contextlib.AbstractAsyncContextManager[None]:
+        if self.observer is None:
+            return contextlib.nullcontext()
+        return self.observer.hold(vm_uuid)
+
+    async def _moved(self, job: Job, thumbprint: str | None) -> None:
+        """Tell the observer (replication) that the VM now runs on the target."""
+        if self.observer is None or job.state != Phase.DONE:
+            return
+        try:
+            await self.observer.hand_over(job.vm_uuid, job.detail["target"],
+                                          job.detail["target_url"], thumbprint)  # fmt: skip
+        except FerryError as exc:
+            log.error("move %s: VM %s moved, but its replication was not handed over: %s",
+                      job.id, job.vm_name, exc)  # fmt: skip
 
     def _finish(self, job: Job, phase: Phase, *, error: str | None = None,
                 result: dict[str, Any] | None = None) -> None:  # fmt: skip

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import shutil
 import time
@@ -39,7 +40,7 @@ from uuid import UUID
 from ferry.adapters import block_hashes
 from ferry.adapters.catalog import VmRecord
 from ferry.adapters.cbt import ChangedBlockTracker
-from ferry.adapters.pki import client_ssl_context
+from ferry.adapters.pki import CertInfo, client_ssl_context
 from ferry.adapters.point_transfer import encode_point
 from ferry.client.agent_client import AgentClient, ThumbprintMismatchError
 from ferry.core import replication as rules
@@ -117,10 +118,98 @@ class ReplicationService:
     # -- life ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """On agent start: resume every relationship at its schedule."""
+        """On agent start: resume every relationship at its schedule.
+
+        A relationship whose VM left this host by a move that finished while
+        the agent was down is handed over to the VM's new host first.
+        """
         for rel in self.catalog.relationships():
-            if rel.role is Role.PRIMARY:
-                self._spawn(rel.vm_uuid)
+            if rel.role is not Role.PRIMARY:
+                continue
+            if self.catalog.find(rel.vm_uuid) is None:
+                moves = [j for j in self.jobs.all() if j.vm_uuid == rel.vm_uuid
+                         and j.kind == "move" and j.state == "done"]  # fmt: skip
+                if moves:
+                    target = moves[-1].detail
+                    try:
+                        await self.hand_over(rel.vm_uuid, target["target"],
+                                             target["target_url"], None)  # fmt: skip
+                    except FerryError as exc:
+                        log.error("VM %s: cannot hand replication over to %s: %s",
+                                  rel.vm_name, target["target"], exc)  # fmt: skip
+                continue
+            self._spawn(rel.vm_uuid)
+
+    # -- moves: the relationship follows the VM ----------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def hold(self, vm_uuid: str) -> AsyncIterator[None]:
+        """No cycle runs while the VM moves (a backup job must not race the migration)."""
+        async with self.cycle_locks[vm_uuid]:
+            yield
+
+    async def hand_over(self, vm_uuid: str, host: str, url: str,
+                        thumbprint: str | None) -> None:  # fmt: skip
+        """The VM now runs on ``host``: it becomes the primary, the replica is told.
+
+        Called with :meth:`hold` held. Pending points are sent first; if that
+        fails the new primary starts by resynchronising, since their files
+        stay here. The bitmap itself moved with the VM (``dirty-bitmaps``).
+        """
+        rel = self._rel(vm_uuid)
+        if rel is None:
+            return
+        state = rel.state
+        try:
+            async with self._peer(rel) as peer:
+                remote = await peer.get(f"/v1/peer/replicas/{vm_uuid}")
+                rel = self._confirm(rel, remote["latest_point"])
+                for point in rel.pending:
+                    await self._send(peer, rel, point)
+                    rel = self._rel(vm_uuid) or rel
+        except FerryError as exc:
+            log.warning("VM %s: pending points not sent before the hand-over: %s",
+                        rel.vm_name, exc)  # fmt: skip
+            if rel.pending and state is S.REPLICATING:
+                state = S.RESYNCHRONISING
+        moved = rel.model_copy(update={
+            "primary": host, "state": state, "pending": (), "in_flight": None})  # fmt: skip
+        target = AgentClient(host, url, self._tls, server_name=host, timeout=60)
+        async with target:
+            if thumbprint is None:
+                await target.get("/v1/peer/hello")
+                thumbprint = target.thumbprint or ""
+            # The replica first, so the new primary's first cycle is welcome there.
+            async with self._peer(rel) as peer:
+                await peer.call("PATCH", f"/v1/peer/replicas/{vm_uuid}", body={
+                    "primary": host, "thumbprint": thumbprint})  # fmt: skip
+            await target.post("/v1/peer/replications", json.loads(moved.model_dump_json()))
+        new_thumbprint = thumbprint
+        self.catalog.delete_relationship(vm_uuid)
+        await asyncio.to_thread(shutil.rmtree, self.work_dir / vm_uuid, True)
+        task = self._tasks.pop(vm_uuid, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        log.info("VM %s: replication handed over to %s (pinned %s)", rel.vm_name, host,
+                 new_thumbprint[:16])  # fmt: skip
+
+    def adopt(self, caller: CertInfo, document: dict[str, Any]) -> dict[str, Any]:
+        """The VM arrived here by a move: carry on its replication as the primary."""
+        try:
+            rel = Relationship.model_validate(document)
+        except ValueError as exc:
+            raise InvalidInputError(f"invalid relationship: {exc}") from exc
+        record = self.catalog.find(rel.vm_uuid)
+        if record is None or record.state is VmState.REPLICA or rel.role is not Role.PRIMARY:
+            raise NotFoundError(f"VM {rel.vm_name!r} does not run on host {self.config.name!r}")
+        if rel.primary != self.config.name:
+            raise InvalidInputError(f"the relationship names {rel.primary!r} as primary, "
+                                    f"not {self.config.name!r}")  # fmt: skip
+        self.catalog.put_relationship(rel)
+        self._spawn(rel.vm_uuid)
+        log.info("VM %s: replication to %s taken over from %s", rel.vm_name, rel.replica,
+                 caller.common_name)  # fmt: skip
+        return self.status(rel.vm_name)
 
     async def shutdown(self) -> None:
         tasks = list(self._tasks.values())
