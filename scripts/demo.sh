@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Ferry's main job end to end on this one machine: installs what it needs,
-# brings up a lab of two hosts on loopback (mutual TLS), boots the test guest
-# on host-1 and shows it running. Safe to run again.
+# brings up a lab of three hosts on loopback (mutual TLS), boots the test guest
+# on host-1, replicates it to host-3, live-migrates it between host-1 and
+# host-2 (replication follows it) and shows it running. Safe to run again.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/bootstrap.sh"
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "ferry lab up --hosts 2"
-ferry lab up --hosts 2
+step "ferry lab up --hosts 3"
+ferry lab up --hosts 3
 
 step "ferry host list"
 ferry host list
@@ -25,13 +26,31 @@ fi
 step "ferry vm console demo --follow --until 'seq 3'   (the guest boots and writes records)"
 ferry vm console demo --follow --until "seq 3" --timeout 120s
 
-where=$(ferry vm show demo --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["host"])')
+field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(d$1)"; }
+replicas="$(ferry lab status --json | field '["dir"]')/replicas"
+step "ferry replica-server enable --host host-3 --storage $replicas --allow 'host-*'"
+ferry replica-server enable --host host-3 --storage "$replicas" --allow 'host-*'
+if [ "$(ferry vm show demo --json | field '["replication"]')" = None ]; then
+  step "ferry replication enable demo --replica host-3 --frequency 30s   (initial copy while it runs)"
+  ferry replication enable demo --replica host-3 --frequency 30s
+fi
+step "ferry replication sync demo   (a cycle now: only changed blocks travel)"
+ferry replication sync demo
+
+where=$(ferry vm show demo --json | field '["host"]')
 to=host-2; [ "$where" = host-2 ] && to=host-1
 step "ferry vm move demo --to $to   (live migration, shared-nothing: disk and memory move)"
 ferry vm move demo --to "$to"
 
 step "ferry vm console demo --follow --until 'seq'   (the same guest run, now on $to)"
 ferry vm console demo --follow --until "seq" --timeout 60s
+
+step "ferry replication sync demo   (from $to now: the relationship moved with the VM)"
+ferry replication sync demo
+
+step "ferry replication status demo; ferry replication points demo"
+ferry replication status demo
+ferry replication points demo
 
 step "ferry vm list"
 ferry vm list
@@ -44,5 +63,6 @@ The test guest runs on $to and writes a record every 200 ms. Try:
   ferry vm stop demo && ferry vm start demo   # it finds its last record again
   ferry vm move demo --to host-1        # and back; --json for scripts
   ferry job list                        # moves, their phases and results
+  ferry replication measure demo        # lag, cycles, delta sizes (--json)
   ferry lab down                        # stop everything
 MSG
