@@ -98,3 +98,36 @@ def test_bitmap_survives_a_clean_exit_and_not_a_kill(guest_spec: VmSpec, tmp_pat
 
     assert asyncio.run(start_tracking_then("quit")) is True
     assert asyncio.run(start_tracking_then("kill")) is False
+
+
+def test_outcome_of_a_backup_the_agent_lost_track_of(guest_spec: VmSpec, tmp_path: Path) -> None:
+    """A concluded job is "ok" once (then cleaned up); no job at all is "unknown"."""
+    points = tmp_path / "points"
+    points.mkdir()
+
+    async def scenario() -> None:
+        async with running_guest(guest_spec, tmp_path) as channel:
+            tracker = ChangedBlockTracker(channel, guest_spec.disks, vm="cbt")
+            await wait_log(tmp_path, lambda t: t.count("seq ") >= 2)
+            await tracker.full(points, "base")
+            # What a cycle leaves when its agent dies right after the transaction.
+            (target,) = tracker.targets(points, "p1")
+            await qemu_img.create(target, guest_spec.disks[0].size)
+            await channel.execute("blockdev-add", {
+                "driver": "qcow2", "node-name": "cbt-lost-0",
+                "file": {"driver": "file", "filename": str(target)}})  # fmt: skip
+            await channel.execute("blockdev-backup", {
+                "job-id": "cbt-lost-job0", "device": "disk0", "target": "cbt-lost-0",
+                "sync": "incremental", "bitmap": "ferry-cbt", "auto-dismiss": False})  # fmt: skip
+            for _ in range(100):
+                verdict = await tracker.outcome("lost")
+                if verdict != "running":
+                    break
+                await asyncio.sleep(0.1)
+            assert verdict == "ok"
+            nodes = {n["node-name"] for n in await channel.execute("query-named-block-nodes")}
+            assert "cbt-lost-0" not in nodes  # cleaned up for the next cycle
+            assert await tracker.outcome("lost") == "unknown"
+            assert await tracker.bitmap_usable()
+
+    asyncio.run(scenario())

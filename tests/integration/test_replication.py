@@ -178,6 +178,20 @@ def cycles_keep_a_chain(lab_env: LabEnv, storage: Path, vm: str) -> None:
     shown = lab_env.vm(vm)["replication"]
     assert shown["role"] == "primary" and shown["replica"] == "host-2"
 
+    assert "run 'ferry replication remove chain' first" in cli.fails("vm", "delete", vm)
+    assert "replication remove" in cli.fails("vm", "delete", vm, "--host", "host-2")
+
+    # A clean stop keeps the bitmap in the qcow2: after a start, plain deltas go on.
+    cli("vm", "stop", vm)
+    assert cli.json("replication", "sync", vm)["result"] == "skipped"  # off: nothing changes
+    cli("vm", "start", vm)
+    lab_env.wait_console(vm, lambda t: "up last-seq=" in t)
+    records_written(lab_env, vm, 2)
+    assert sync(lab_env, vm)["bytes"] < 1024**2
+    assert not [j for j in cli.json("job", "list", "--host", "host-1")
+                if j["vm"] == vm and j["kind"] == "replication-resync"]  # fmt: skip
+    assert_replica_equals_primary(lab_env, vm)
+
     # Both agents restart; replication resumes by itself at its frequency.
     lab_env.restart_agent(2)
     lab_env.restart_agent(1)
@@ -287,6 +301,17 @@ def test_a_killed_qemu_resynchronises(lab_env: LabEnv, vm: str) -> None:
     assert sync(lab_env, vm)["bytes"] < 1024**2  # and plain deltas again
 
 
+def test_an_initial_copy_scheduled_for_later(lab_env: LabEnv, vm: str) -> None:
+    cli = lab_env.cli
+    status = enable(lab_env, vm, "--initial-at", "1h")
+    assert status["state"] == "initial-copy"
+    outcome = cli.json("replication", "sync", vm)
+    assert outcome["result"] == "skipped" and "later" in outcome["reason"]
+    assert cli.json("replication", "points", vm) == []
+    assert "in the past" in cli.fails("replication", "enable", vm, "--replica", "host-2",
+                                      "--initial-at", "2020-01-01T00:00")  # fmt: skip
+
+
 def test_initial_copy_from_media(lab_env: LabEnv, vm: str, tmp_path: Path) -> None:
     cli = lab_env.cli
     media = tmp_path / "carry"
@@ -308,7 +333,24 @@ def test_initial_copy_from_media(lab_env: LabEnv, vm: str, tmp_path: Path) -> No
     outcome = sync(lab_env, vm)
     assert outcome["bytes"] < 1024**2
     assert cli.json("replication", "status", vm)["state"] == "replicating"
-    assert_replica_equals_primary(lab_env, vm)
+    last_seq = assert_replica_equals_primary(lab_env, vm)
+
+    # Removing replication leaves the replica as a plain off VM on its latest point.
+    uuid = lab_env.vm(vm)["uuid"]
+    removed = cli.json("replication", "remove", vm)
+    assert removed["removed"] and removed["replica_vm_kept"]
+    kept = lab_env.vm(vm, "host-2")
+    assert kept["state"] == "off" and kept["replication"] is None
+    disk = Path(kept["disks"][0]["path"])
+    argv = ["qemu-img", "info", "--output=json", str(disk)]
+    info = json.loads(subprocess.run(argv, capture_output=True, check=True, text=True).stdout)
+    assert "backing-filename" not in info
+    assert read_records(disk).last_seq >= last_seq
+    chain_dir = disk.parent
+    assert sorted(p.name for p in chain_dir.iterdir()) == ["disk0.qcow2"]
+    assert lab_env.vm(vm, "host-1")["replication"] is None
+    cli("vm", "delete", vm, "--host", "host-2")
+    assert not chain_dir.exists() and uuid not in str(list(chain_dir.parent.iterdir()))
 
 
 def test_initial_copy_from_an_existing_vm(lab_env: LabEnv, vm: str, tmp_path: Path) -> None:

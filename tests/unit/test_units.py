@@ -45,3 +45,22 @@ def test_durations(text: str, seconds: int) -> None:
 def test_bad_durations(text: str) -> None:
     with pytest.raises(InvalidInputError):
         parse_duration(text)
+
+
+def test_start_times() -> None:
+    import datetime as dt
+
+    from ferry.core.units import parse_start_time
+
+    now = dt.datetime(2026, 11, 25, 23, 30, tzinfo=dt.UTC)
+    assert parse_start_time("2h", now=now) == now.timestamp() + 7200
+    # A time of day already past today means tomorrow.
+    assert parse_start_time("01:15", now=now) == dt.datetime(
+        2026, 11, 26, 1, 15, tzinfo=dt.UTC).timestamp()  # fmt: skip
+    assert parse_start_time("23:45", now=now) == now.timestamp() + 15 * 60
+    assert parse_start_time("2026-11-27T02:00", now=now) == dt.datetime(
+        2026, 11, 27, 2, 0, tzinfo=dt.UTC).timestamp()  # fmt: skip
+    for bad, message in (("yesterday", "invalid start time"), ("25:00", "invalid start time"),
+                         ("2026-11-24T02:00", "in the past")):  # fmt: skip
+        with pytest.raises(InvalidInputError, match=message):
+            parse_start_time(bad, now=now)

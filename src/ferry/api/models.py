@@ -218,6 +218,7 @@ class EnableReplicationRequest(BaseModel):
     initial: Literal["network", "media", "existing"] = "network"
     media_dir: str | None = None
     compression: bool = True
+    initial_after: float | None = None  # Unix time: start the initial copy then
 
 
 class SetReplicationRequest(BaseModel):

@@ -329,7 +329,8 @@ class AgentApi:
         for record in self.vms.list():
             if record.state is VmState.RUNNING:
                 try:
-                    results.append(await self.vms.refresh_process(record.name))
+                    async with self.replication.hold(record.uuid):  # no backup job meanwhile
+                        results.append(await self.vms.refresh_process(record.name))
                 except FerryError as exc:
                     results.append({"vm": record.name, "error": str(exc)})
         return _json({"host": self.vms.config.name, "results": results})
@@ -418,7 +419,7 @@ class AgentApi:
             request.match_info["name"], replica=body.replica, replica_url=body.replica_url,
             frequency_s=body.frequency_s, recovery_points=body.recovery_points,
             initial=InitialMethod(body.initial), media_dir=body.media_dir,
-            compression=body.compression)  # fmt: skip
+            compression=body.compression, initial_after=body.initial_after)  # fmt: skip
         return _json(status, status=201)
 
     async def replication_status(self, request: web.Request) -> web.Response:

@@ -16,7 +16,7 @@ import typer
 from ferry.cli.output import print_json, print_table, say
 from ferry.cli.vm_cmd import HostOpt, JsonOpt, with_fleet
 from ferry.core.replication import check_recovery_points, format_frequency, parse_frequency
-from ferry.core.units import format_size
+from ferry.core.units import format_size, parse_start_time
 from ferry.errors import FerryError, InvalidInputError
 
 if TYPE_CHECKING:
@@ -85,6 +85,9 @@ def enable(
         "network", "--initial", help="network, media:DIR (carry DIR over) or existing."
     ),
     compression: str = typer.Option("on", "--compression", help="on or off (zstd)."),
+    initial_at: str | None = typer.Option(
+        None, "--initial-at", help="Start the initial copy later: HH:MM, an ISO time or 2h."
+    ),
     host: str | None = HostOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -96,6 +99,9 @@ def enable(
     method, media = _parse_initial(initial)
     if compression not in ("on", "off"):
         raise InvalidInputError(f"--compression must be on or off, not {compression!r}")
+    after = parse_start_time(initial_at, now=dt.datetime.now().astimezone()) if initial_at else None
+    if after is not None and method != "network":
+        raise InvalidInputError("--initial-at schedules a network initial copy only")
 
     async def run(fleet: Fleet) -> dict[str, Any]:
         primary = await _primary(fleet, name, host)
@@ -104,9 +110,9 @@ def enable(
             f"/v1/vms/{name}/replication",
             {"replica": replica, "replica_url": target.url, "frequency_s": seconds,
              "recovery_points": recovery_points, "initial": method, "media_dir": media,
-             "compression": compression == "on"},
+             "compression": compression == "on", "initial_after": after},
         )  # fmt: skip
-        if method == "network":
+        if method == "network" and after is None:
             # Follow the initial copy job once the scheduler has started it.
             job = await _initial_job(fleet, primary, status["vm"])
             if job is not None:
@@ -128,6 +134,8 @@ def enable(
             f"'ferry replication import-initial {media} --host {replica}'")  # fmt: skip
     elif method == "existing":
         say(f"VM {name}: comparing with the copy on {replica}; only differences are sent")
+    elif after is not None:
+        say(f"VM {name}: the initial copy starts at {_when(after)}")
     _show_status(status)
 
 

@@ -26,8 +26,12 @@ from ferry.core.replication import (
     DEFAULT_FREQUENCY,
     DEFAULT_RECOVERY_POINTS,
     MAX_RECOVERY_POINTS,
+    ReplicationOp,
     ReplicationState,
+    transition,
 )
+
+S = ReplicationState
 
 
 class Role(StrEnum):
@@ -84,6 +88,7 @@ class Relationship(BaseModel):
     recovery_points: int = Field(default=DEFAULT_RECOVERY_POINTS, ge=0, le=MAX_RECOVERY_POINTS)
     compression: bool = True
     initial: InitialMethod = InitialMethod.NETWORK
+    initial_after: float | None = None  # the initial copy waits until then
     # Primary: the replica's server certificate. Replica: the primary's client one.
     thumbprint: str = ""
     created: float = 0.0
@@ -98,3 +103,75 @@ class Relationship(BaseModel):
     resume_to: ReplicationState | None = None
     # Replica side: where the chain lives.
     storage: str = ""
+
+
+# --------------------------------------------------------------------------- cycle decisions
+
+
+class CycleMode(StrEnum):
+    """What a cycle cuts after the pending points went."""
+
+    WAIT = "wait"  # the initial copy travels on media; the replica has not linked it
+    FULL = "full"  # the initial copy over the network
+    RESYNC = "resync"  # block hashes compared, only differing blocks
+    DELTA = "delta"  # what the dirty bitmap recorded
+
+
+def cycle_mode(rel: Relationship, *, bitmap_usable: bool,
+               now: float = 0.0) -> tuple[CycleMode, Relationship]:  # fmt: skip
+    """The kind of point to cut now, and the relationship as it then stands.
+
+    An initial copy counts as done once the replica linked a point with an id
+    of 0 or more (the image adopted by ``--initial existing`` is linked as -1
+    and is only the base to compare against). An initial copy scheduled for
+    later (``initial_after``) waits until ``now`` reaches it. A bitmap that is
+    not usable while replicating turns the relationship to resynchronising.
+    """
+    state = rel.state
+    if state is S.INITIAL_COPY and rel.confirmed_point is not None and rel.confirmed_point >= 0:
+        state = transition(state, ReplicationOp.INITIAL_COPY_DONE, vm=rel.vm_name)
+    if state is S.INITIAL_COPY and rel.initial_after is not None and now < rel.initial_after:
+        mode = CycleMode.WAIT
+    elif state is S.INITIAL_COPY:
+        mode = {InitialMethod.NETWORK: CycleMode.FULL, InitialMethod.MEDIA: CycleMode.WAIT,
+                InitialMethod.EXISTING: CycleMode.RESYNC}[rel.initial]  # fmt: skip
+    elif state is S.RESYNCHRONISING:
+        mode = CycleMode.RESYNC
+    elif not bitmap_usable:
+        state = transition(state, ReplicationOp.BITMAP_LOST, vm=rel.vm_name)
+        mode = CycleMode.RESYNC
+    else:
+        mode = CycleMode.DELTA
+    return mode, rel.model_copy(update={"state": state})
+
+
+class Verdict(StrEnum):
+    """What QEMU says became of a backup the agent lost track of."""
+
+    OK = "ok"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+
+def settle_in_flight(rel: Relationship, verdict: Verdict) -> tuple[Relationship, bool]:
+    """The relationship after an interrupted backup, and whether its files are kept.
+
+    A finished delta becomes a pending point. A full copy is kept only as the
+    initial point sent over the network; one cut for a resynchronisation or
+    for media is redone from the start. A failed backup left its changes in
+    the bitmap (QEMU merged it back). When nobody can tell (QEMU restarted or
+    the jobs were gone), a replicating relationship must resynchronise.
+    """
+    flight = rel.in_flight
+    if flight is None:
+        return rel, False
+    update: dict[str, object] = {"in_flight": None}
+    usable = not flight.full or (rel.state is S.INITIAL_COPY
+                                 and rel.initial is InitialMethod.NETWORK)  # fmt: skip
+    keep = verdict is Verdict.OK and usable
+    if keep:
+        point = PendingPoint(id=flight.id, time=flight.time, files=flight.files, full=flight.full)
+        update["pending"] = (*rel.pending, point)
+    elif verdict is Verdict.UNKNOWN and rel.state is S.REPLICATING:
+        update["state"] = transition(rel.state, ReplicationOp.BITMAP_LOST, vm=rel.vm_name)
+    return rel.model_copy(update=update), keep

@@ -7,6 +7,7 @@ throughout (``1G`` is 1024**3), as qemu-img does. Durations accept ``30s``,
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 
 from ferry.errors import InvalidInputError
@@ -48,3 +49,29 @@ def parse_duration(text: str, *, what: str = "duration") -> int:
     if match is None or int(match.group(1)) <= 0:
         raise InvalidInputError(f"invalid {what} {text!r}: use e.g. 30s, 5m, 15m")
     return int(match.group(1)) * _SECONDS[(match.group(2) or "s").lower()]
+
+
+def parse_start_time(text: str, *, now: dt.datetime) -> float:
+    """When to start something later: ``HH:MM`` (its next occurrence, local
+    time), an ISO date-time (``2026-11-26T02:00``), or a delay (``2h``, ``30m``).
+    Returns a Unix time, which must not be in the past."""
+    value = text.strip()
+    if _DURATION_RE.match(value):
+        return now.timestamp() + parse_duration(value, what="delay")
+    try:
+        if len(value) <= 5 and ":" in value:
+            hour, minute = (int(part) for part in value.split(":"))
+            at = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+            if at <= now:
+                at += dt.timedelta(days=1)
+        else:
+            at = dt.datetime.fromisoformat(value)
+            if at.tzinfo is None:
+                at = at.replace(tzinfo=now.tzinfo)
+    except ValueError:
+        raise InvalidInputError(
+            f"invalid start time {text!r}: use HH:MM, 2026-11-26T02:00 or a delay like 2h"
+        ) from None
+    if at < now:
+        raise InvalidInputError(f"start time {text!r} is in the past")
+    return at.timestamp()

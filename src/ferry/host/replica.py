@@ -181,7 +181,7 @@ class ReplicaStore:
             DiskSpec(path=str(disk_file(storage, stem or BASE, i)), size=d.size, format="qcow2")
             for i, d in enumerate(spec.disks)
         ]
-        return spec.model_copy(update={"disks": disks})
+        return spec.model_copy(update={"disks": tuple(disks)})
 
     async def _adopt(self, record: VmRecord, spec: VmSpec, storage: Path) -> None:
         """``--initial existing``: the VM already here becomes the chain's base."""
@@ -357,7 +357,7 @@ class ReplicaStore:
             kept = bool(self.catalog.points(vm_uuid))
             self.catalog.delete_relationship(vm_uuid)
             if kept:
-                self.catalog.set_state(vm_uuid, VmState.OFF)
+                await self._flatten(record, Path(rel.storage))
             else:
                 self.catalog.delete(vm_uuid)
                 with contextlib.suppress(OSError):
@@ -365,6 +365,26 @@ class ReplicaStore:
         log.info("replication of VM %s removed; replica VM %s", record.name,
                  "kept" if kept else "deleted (it had no data)")  # fmt: skip
         return {"vm": record.name, "kept_replica_vm": kept}
+
+    async def _flatten(self, record: VmRecord, storage: Path) -> None:
+        """The latest point becomes one plain qcow2 per disk; the chain goes.
+
+        The VM is then an ordinary off VM whose disks ``vm delete`` removes.
+        The catalog switches to the new files before the chain is deleted, so
+        a crash in between leaves only unused chain files behind.
+        """
+        disks = []
+        for i, disk in enumerate(record.spec.disks):
+            flat = storage / f"disk{i}.qcow2"
+            await qemu_img.convert_to_qcow2(Path(disk.path), flat, src_format="qcow2")
+            await asyncio.to_thread(fsync_file, flat)
+            disks.append(disk.model_copy(update={"path": str(flat)}))
+        self.catalog.update_spec(record.spec.model_copy(update={"disks": tuple(disks)}))
+        self.catalog.set_state(record.uuid, VmState.OFF)
+        keep = {Path(d.path).name for d in disks}
+        for path in storage.glob("*.qcow2"):
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
 
     def clean_partials(self) -> None:
         """On agent start: drop half-received points (their primaries resend them)."""

@@ -1,26 +1,9 @@
-"""The primary side of replication: enable, schedule and run cycles, report health.
+"""The primary side of replication: enable, schedule, change, hand over, report health.
 
 One asyncio task per relationship sleeps until its next cycle is due
 (:func:`ferry.core.replication.next_due`), so a slow VM only delays itself;
-every stream draws on one host-wide :class:`~ferry.core.rate.TokenBucket`.
-
-A cycle, all under the relationship's cycle lock:
-
-1. ask the replica for its latest point, through a client that pins the
-   replica's certificate thumbprint, and apply the version rule;
-2. resend every *pending* point (a delta QEMU already cut from the bitmap)
-   the replica has not linked yet;
-3. cut a new point: a full copy (initial copy), a hash-compare patch
-   (resynchronisation, also ``--initial existing``) or a delta of the bitmap.
-   The cycle is written to the catalog (``in_flight``) before the QMP
-   transaction and turned into a pending point once QEMU finished it;
-4. stream the point to the replica, which verifies and links it; only its
-   answer drops the pending point and its files.
-
-A failure at any step keeps every change: in the bitmap (QEMU merges a failed
-backup back) or in a pending file. After an agent restart ``in_flight`` is
-settled by asking QEMU about its job; when that cannot tell, or the bitmap is
-gone or inconsistent, the relationship resynchronises.
+what a cycle does is :mod:`ferry.host.replication_cycle`. Every cycle, change
+and move of a VM runs under the relationship's cycle lock.
 """
 
 from __future__ import annotations
@@ -32,21 +15,17 @@ import logging
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
-from ferry.adapters import block_hashes
 from ferry.adapters.catalog import VmRecord
 from ferry.adapters.cbt import ChangedBlockTracker
 from ferry.adapters.pki import CertInfo, client_ssl_context
-from ferry.adapters.point_transfer import encode_point
-from ferry.client.agent_client import AgentClient, ThumbprintMismatchError
+from ferry.client.agent_client import AgentClient
 from ferry.core import replication as rules
-from ferry.core.rate import TokenBucket
-from ferry.core.relationship import CycleInFlight, InitialMethod, PendingPoint, Relationship, Role
-from ferry.core.replication import CycleKind, CycleRecord, ReplicationOp, ReplicationState
+from ferry.core.relationship import InitialMethod, Relationship, Role
+from ferry.core.replication import ReplicationOp, ReplicationState
 from ferry.core.vmstate import VmState
 from ferry.errors import (
     AuthError,
@@ -56,24 +35,16 @@ from ferry.errors import (
     InvalidInputError,
     NotFoundError,
     StateError,
-    VersionError,
 )
-from ferry.host.jobs import Job, JobRegistry
+from ferry.host.jobs import JobRegistry
 from ferry.host.replica import ReplicaStore
+from ferry.host.replication_cycle import INITIAL_JOB, CycleRunner
 from ferry.host.vms import VmService
 
 log = logging.getLogger(__name__)
 
 S = ReplicationState
-INITIAL_JOB = "replication-initial"
-RESYNC_JOB = "replication-resync"
 PEER_TIMEOUT_S = 3600.0
-
-
-class CycleStopped(FerryError):
-    """A failure no retry cures: the relationship goes to ``error`` until an admin acts."""
-
-    code = "replication-stopped"
 
 
 class ReplicationService:
@@ -86,12 +57,11 @@ class ReplicationService:
         self.config = vms.config
         self.catalog = vms.catalog
         self._tls = client_ssl_context(self.config.tls_dir)
-        self._bucket = TokenBucket(self.config.replication_max_bandwidth, now=time.monotonic())
+        self.cycles = CycleRunner(vms, jobs, peer=self._peer, work_dir=self.work_dir)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._waiters: defaultdict[str, list[asyncio.Future[dict[str, Any]]]] = defaultdict(list)
         self.cycle_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._corrupt_streams = self.config.corrupt_replication_streams
 
     @property
     def work_dir(self) -> Path:
@@ -163,9 +133,9 @@ class ReplicationService:
         try:
             async with self._peer(rel) as peer:
                 remote = await peer.get(f"/v1/peer/replicas/{vm_uuid}")
-                rel = self._confirm(rel, remote["latest_point"])
+                rel = self.cycles.confirm(rel, remote["latest_point"])
                 for point in rel.pending:
-                    await self._send(peer, rel, point)
+                    await self.cycles.send(peer, rel, point)
                     rel = self._rel(vm_uuid) or rel
         except FerryError as exc:
             log.warning("VM %s: pending points not sent before the hand-over: %s",
@@ -235,6 +205,8 @@ class ReplicationService:
             now = time.time()
             if rules.is_running(rel.state):
                 due = rules.next_due(rel.last_started, rel.frequency_s, now)
+                if rel.state is S.INITIAL_COPY and rel.initial_after is not None:
+                    due = max(due, rel.initial_after)
                 delay = max(0.0, due - now)
             else:
                 delay = 3600.0  # paused or in error: only a wake-up starts a cycle
@@ -243,7 +215,8 @@ class ReplicationService:
             wake.clear()
             waiters, self._waiters[vm_uuid] = self._waiters[vm_uuid], []
             try:
-                outcome = await self.cycle(vm_uuid)
+                async with self.cycle_locks[vm_uuid]:
+                    outcome = await self.cycles.run(vm_uuid)
             except asyncio.CancelledError:
                 for waiter in waiters:
                     waiter.cancel()
@@ -270,7 +243,8 @@ class ReplicationService:
 
     async def enable(self, name: str, *, replica: str, replica_url: str, frequency_s: int,
                      recovery_points: int, initial: InitialMethod, media_dir: str | None,
-                     compression: bool) -> dict[str, Any]:  # fmt: skip
+                     compression: bool,
+                     initial_after: float | None = None) -> dict[str, Any]:  # fmt: skip
         record = self.vms.get(name)
         rules.check_frequency(frequency_s)
         rules.check_recovery_points(recovery_points)
@@ -299,7 +273,7 @@ class ReplicationService:
             vm_uuid=record.uuid, vm_name=name, role=Role.PRIMARY, primary=self.config.name,
             replica=replica, replica_url=replica_url, frequency_s=frequency_s,
             recovery_points=recovery_points, compression=compression, initial=initial,
-            created=time.time(),
+            created=time.time(), initial_after=initial_after,
         )  # fmt: skip
         async with self._peer(rel, pin=False) as peer:
             hello = await peer.get("/v1/peer/hello")
@@ -321,7 +295,8 @@ class ReplicationService:
             assert media_dir is not None
             job = self.jobs.create(INITIAL_JOB, record.uuid, name, "running", phase="to-media")
             try:
-                await self._to_media(record, rel, Path(media_dir), job)
+                async with self.cycle_locks[record.uuid]:
+                    await self.cycles.to_media(record, rel, Path(media_dir), job)
             except FerryError as exc:
                 self.jobs.update(job, "failed", error=str(exc))
                 raise
@@ -484,310 +459,3 @@ class ReplicationService:
         async with self._peer(rel) as peer:
             found: list[dict[str, Any]] = await peer.get(f"/v1/peer/replicas/{rel.vm_uuid}/points")
             return found
-
-    # -- one cycle --------------------------------------------------------------------
-
-    async def cycle(self, vm_uuid: str) -> dict[str, Any]:
-        async with self.cycle_locks[vm_uuid]:
-            rel = self._rel(vm_uuid)
-            if rel is None or not rules.is_running(rel.state):
-                return {"result": "skipped", "reason": "not replicating"}
-            record = self.catalog.find(vm_uuid)
-            if record is None or record.state not in (VmState.RUNNING, VmState.PAUSED):
-                # An off VM's disks do not change; its bitmap waits in the qcow2.
-                return {"result": "skipped", "reason": "the VM is not running"}
-            now = time.time()
-            for slot in range(rules.missed_slots(rel.last_started, rel.frequency_s, now)):
-                assert rel.last_started is not None
-                due = rel.last_started + rel.frequency_s * (slot + 1)
-                self.catalog.add_cycle(vm_uuid, CycleRecord(due, False, CycleKind.MISS, 0, 0.0))
-            rel = rel.model_copy(update={"last_started": now})
-            self.catalog.put_relationship(rel)
-            started = time.monotonic()
-            kind, sent, error = CycleKind.SUCCESS, 0, None
-            try:
-                outcome = await self._cycle(record, rel)
-                if outcome is None:
-                    return {"result": "skipped", "reason": "waiting for the initial copy"}
-                sent = outcome
-            except ConnectionFailedError as exc:
-                kind, error = CycleKind.NETWORK_FAILURE, str(exc)
-            except CycleStopped as exc:
-                kind, error = CycleKind.FAILURE, str(exc)
-                current = self._rel(vm_uuid) or rel
-                if rules.allowed(current.state, ReplicationOp.FAIL):
-                    current = current.model_copy(update={
-                        "state": rules.transition(current.state, ReplicationOp.FAIL),
-                        "error": error, "resume_to": current.state})  # fmt: skip
-                    self.catalog.put_relationship(current)
-            except FerryError as exc:
-                kind, error = CycleKind.FAILURE, str(exc)
-            duration = time.monotonic() - started
-            self.catalog.add_cycle(vm_uuid, CycleRecord(now, kind is CycleKind.SUCCESS, kind,
-                                                        sent, duration))  # fmt: skip
-            if error:
-                log.warning("VM %s: replication cycle failed (%s): %s", rel.vm_name, kind.value,
-                            error)  # fmt: skip
-                return {"result": kind.value, "error": error, "duration_s": duration}
-            return {"result": "ok", "bytes": sent, "duration_s": duration,
-                    "point": (self._rel(vm_uuid) or rel).confirmed_point}  # fmt: skip
-
-    async def _cycle(self, record: VmRecord, rel: Relationship) -> int | None:
-        name = rel.vm_name
-        try:
-            async with self._peer(rel) as peer:
-                try:
-                    remote = await peer.get(f"/v1/peer/replicas/{rel.vm_uuid}")
-                except NotFoundError as exc:
-                    raise CycleStopped(
-                        f"host {rel.replica!r} no longer holds the replica of VM {name!r}; if it "
-                        f"moved, run 'ferry replication set {name} --replica NEW-HOST'"
-                    ) from exc
-                rules.check_replica_accepts(self.config.functional_level,
-                                            int(remote["functional_level"]),
-                                            primary=self.config.name, replica=rel.replica,
-                                            vm=name)  # fmt: skip
-                return await self._exchange(record, rel, peer, remote)
-        except ThumbprintMismatchError as exc:
-            raise CycleStopped(
-                f"replica host {rel.replica!r} presented certificate thumbprint {exc.found}, "
-                f"but replication of VM {name!r} pins {rel.thumbprint}; if its certificate was "
-                f"renewed, run 'ferry replication set {name} --certificate-thumbprint {exc.found}'"
-            ) from exc
-        except (AuthError, VersionError) as exc:
-            raise CycleStopped(str(exc)) from exc
-
-    async def _exchange(self, record: VmRecord, rel: Relationship, peer: AgentClient,
-                        remote: dict[str, Any]) -> int | None:  # fmt: skip
-        tracker = self._tracker(record)
-        rel = self._confirm(rel, remote["latest_point"])
-        if rel.in_flight is not None:
-            rel = await self._settle(rel, tracker)
-        sent = 0
-        for point in rel.pending:
-            sent += await self._send(peer, rel, point)
-            rel = self._rel(rel.vm_uuid) or rel
-            if point.full or point.resync:
-                rel = self._after_point(rel)
-        if rel.state is S.INITIAL_COPY:
-            if rel.confirmed_point is not None and rel.confirmed_point >= 0:
-                rel = self._after_point(rel)  # the initial point is on the replica already
-            elif rel.initial is InitialMethod.MEDIA:
-                return None  # the admin has not imported the media on the replica yet
-        if rel.state is S.INITIAL_COPY:
-            mode = "full" if rel.initial is InitialMethod.NETWORK else "resync"
-        elif rel.state is S.RESYNCHRONISING:
-            mode = "resync"
-        elif not await tracker.bitmap_usable():
-            rel = rel.model_copy(
-                update={
-                    "state": rules.transition(rel.state, ReplicationOp.BITMAP_LOST, vm=rel.vm_name)
-                }
-            )
-            self.catalog.put_relationship(rel)
-            log.warning("VM %s: the dirty bitmap is lost; resynchronising", rel.vm_name)
-            mode = "resync"
-        else:
-            mode = "delta"
-        job = None
-        if mode != "delta":
-            kind = INITIAL_JOB if rel.state is S.INITIAL_COPY else RESYNC_JOB
-            job = self.jobs.create(kind, rel.vm_uuid, rel.vm_name, "running", phase="copying")
-        try:
-            if mode == "resync":
-                point = await self._resync_point(rel, tracker, peer, job)
-            else:
-                point = await self._cut(rel, tracker, full=mode == "full")
-            rel = self._rel(rel.vm_uuid) or rel
-            if job is not None:
-                self.jobs.update(job, phase="sending")
-            sent += await self._send(peer, rel, point, job)
-            if mode != "delta":
-                self._after_point(self._rel(rel.vm_uuid) or rel)
-        except BaseException as exc:
-            if job is not None:
-                self.jobs.update(job, "failed", error=str(exc) or type(exc).__name__)
-            raise
-        if job is not None:
-            self.jobs.update(job, "done", phase="done", result="ok", bytes_sent=sent)
-        return sent
-
-    def _tracker(self, record: VmRecord) -> ChangedBlockTracker:
-        return ChangedBlockTracker(self.vms.channel(record), record.spec.disks, vm=record.name,
-                                   qemu_img_bin=self.config.qemu_img)  # fmt: skip
-
-    def _after_point(self, rel: Relationship) -> Relationship:
-        """An initial copy or resynchronisation point reached the replica."""
-        op = {S.INITIAL_COPY: ReplicationOp.INITIAL_COPY_DONE,
-              S.RESYNCHRONISING: ReplicationOp.RESYNC_DONE}.get(rel.state)  # fmt: skip
-        if op is not None:
-            rel = rel.model_copy(update={"state": rules.transition(rel.state, op), "error": None})
-            self.catalog.put_relationship(rel)
-            log.info("VM %s: replication is %s", rel.vm_name, rel.state.value)
-        return rel
-
-    def _confirm(self, rel: Relationship, latest: int | None) -> Relationship:
-        """Drop pending points the replica already linked."""
-        if latest is None:
-            return rel
-        done = [p for p in rel.pending if p.id <= latest]
-        rel = rel.model_copy(update={
-            "pending": tuple(p for p in rel.pending if p.id > latest),
-            "confirmed_point": latest, "next_point": max(rel.next_point, latest + 1)})  # fmt: skip
-        self.catalog.put_relationship(rel)
-        for point in done:
-            for path in point.files:
-                Path(path).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                Path(point.files[0]).parent.rmdir()
-        return rel
-
-    async def _settle(self, rel: Relationship, tracker: ChangedBlockTracker) -> Relationship:
-        """The agent died during a backup: adopt its files, drop them, or resynchronise."""
-        assert rel.in_flight is not None
-        flight = rel.in_flight
-        verdict = await tracker.outcome(flight.tag)
-        while verdict == "running":
-            await asyncio.sleep(0.5)
-            verdict = await tracker.outcome(flight.tag)
-        update: dict[str, Any] = {"in_flight": None}
-        # A full copy only serves as the initial point sent over the network; one
-        # cut for a resynchronisation or for media is redone from the start.
-        usable = not flight.full or (rel.state is S.INITIAL_COPY
-                                     and rel.initial is InitialMethod.NETWORK)  # fmt: skip
-        if verdict == "ok" and usable:
-            update["pending"] = (
-                *rel.pending,
-                PendingPoint(id=flight.id, time=flight.time, files=flight.files, full=flight.full),
-            )
-        else:
-            for path in flight.files:
-                Path(path).unlink(missing_ok=True)
-            if verdict == "unknown" and rel.state is S.REPLICATING:
-                update["state"] = rules.transition(rel.state, ReplicationOp.BITMAP_LOST)
-        log.warning("VM %s: the backup of point %d interrupted by a restart was %s", rel.vm_name,
-                    flight.id, verdict)  # fmt: skip
-        rel = rel.model_copy(update=update)
-        self.catalog.put_relationship(rel)
-        return rel
-
-    async def _cut(self, rel: Relationship, tracker: ChangedBlockTracker, *,
-                   full: bool, out_dir: Path | None = None) -> PendingPoint:  # fmt: skip
-        """Take a point: a full copy or a delta, recorded in flight first."""
-        point_id = rel.next_point
-        out = out_dir or self.work_dir / rel.vm_uuid / f"p{point_id}"
-        out.mkdir(parents=True, exist_ok=True)
-        tag = f"{rel.vm_uuid[:8]}-{point_id}"
-        files = tracker.targets(out, "base" if full else f"p{point_id}")
-        flight = CycleInFlight(id=point_id, time=time.time(), tag=tag,
-                               files=tuple(str(f) for f in files), full=full)  # fmt: skip
-        rel = rel.model_copy(update={"in_flight": flight, "next_point": point_id + 1})
-        self.catalog.put_relationship(rel)
-        try:
-            if full:
-                await tracker.full(out, "base", tag=tag)
-            else:
-                await tracker.delta(out, f"p{point_id}", tag=tag)
-        except FerryError:
-            for path in files:
-                path.unlink(missing_ok=True)
-            self.catalog.put_relationship(rel.model_copy(update={"in_flight": None}))
-            raise
-        point = PendingPoint(id=point_id, time=flight.time, files=flight.files, full=full)
-        if out_dir is None:
-            rel = rel.model_copy(update={"in_flight": None, "pending": (*rel.pending, point)})
-        else:
-            rel = rel.model_copy(update={"in_flight": None})
-        self.catalog.put_relationship(rel)
-        return point
-
-    async def _resync_point(self, rel: Relationship, tracker: ChangedBlockTracker,
-                            peer: AgentClient, job: Job | None) -> PendingPoint:  # fmt: skip
-        """A new bitmap and full copy here, then only blocks whose hashes differ."""
-        scratch = self.work_dir / rel.vm_uuid / "resync"
-        scratch.mkdir(parents=True, exist_ok=True)
-        full = await self._cut(rel, tracker, full=True, out_dir=scratch)
-        rel = self._rel(rel.vm_uuid) or rel
-        if job is not None:
-            self.jobs.update(job, phase="comparing")
-        remote = await peer.get(f"/v1/peer/replicas/{rel.vm_uuid}/hashes",
-                                block_size=str(block_hashes.BLOCK_SIZE))  # fmt: skip
-        out = self.work_dir / rel.vm_uuid / f"p{full.id}"
-        out.mkdir(parents=True, exist_ok=True)
-        patches: list[str] = []
-        differing = 0
-        try:
-            for i, (copy, theirs) in enumerate(zip(full.files, remote["disks"], strict=True)):
-                raw = await block_hashes.read_raw_view(Path(copy), scratch_dir=scratch)
-                try:
-                    ours = await block_hashes.image_block_hashes(
-                        raw, fmt="raw", scratch_dir=scratch
-                    )
-                    blocks = block_hashes.differing_blocks(ours, theirs)
-                    differing += len(blocks)
-                    patch = out / f"p{full.id}-disk{i}.qcow2"
-                    await block_hashes.build_patch(raw, blocks, patch,
-                                                   virtual_size=tracker.disks[i].size)  # fmt: skip
-                    patches.append(str(patch))
-                finally:
-                    raw.unlink(missing_ok=True)
-        finally:
-            await asyncio.to_thread(shutil.rmtree, scratch, True)
-        log.info("VM %s: resynchronisation found %d differing blocks of %d MiB", rel.vm_name,
-                 differing, block_hashes.BLOCK_SIZE // 2**20)  # fmt: skip
-        point = PendingPoint(id=full.id, time=full.time, files=tuple(patches), resync=True)
-        rel = rel.model_copy(update={"pending": (*rel.pending, point)})
-        self.catalog.put_relationship(rel)
-        return point
-
-    async def _send(self, peer: AgentClient, rel: Relationship, point: PendingPoint,
-                    job: Job | None = None) -> int:  # fmt: skip
-        """Stream one point; on the replica's answer, forget it here."""
-        files = [Path(f) for f in point.files]
-        total = sum(f.stat().st_size for f in files)
-        corrupt = self._corrupt_streams > 0
-        if corrupt:
-            self._corrupt_streams -= 1
-        counter = [0]
-        body = self._stream(files, rel, point.id, total, counter, job, corrupt=corrupt)
-        reply = await peer.call("PUT", f"/v1/peer/replicas/{rel.vm_uuid}/points/{point.id}",
-                                params={"time": repr(point.time)}, data=body)  # fmt: skip
-        self._confirm(rel, int(reply["latest_point"]))
-        return counter[0]
-
-    async def _stream(self, files: list[Path], rel: Relationship, point_id: int, total: int,
-                      counter: list[int], job: Job | None, *,
-                      corrupt: bool) -> AsyncIterator[bytes]:  # fmt: skip
-        frames: Iterator[bytes] = encode_point(
-            files, vm_uuid=UUID(rel.vm_uuid), point_id=point_id, compress=rel.compression
-        )
-        done = object()
-        while True:
-            frame = await asyncio.to_thread(next, frames, done)
-            if frame is done:
-                return
-            assert isinstance(frame, bytes)
-            if corrupt and len(frame) > 200:
-                # Test hook (corrupt_replication_streams): damage one payload byte.
-                frame = frame[:150] + bytes([frame[150] ^ 0xFF]) + frame[151:]
-                corrupt = False
-            wait = self._bucket.reserve(len(frame), time.monotonic())
-            if wait > 0:
-                await asyncio.sleep(wait)
-            counter[0] += len(frame)
-            if job is not None:
-                self.jobs.update(job, progress={"bytes": min(counter[0], total), "total": total})
-            yield frame
-
-    async def _to_media(self, record: VmRecord, rel: Relationship, media: Path,
-                        job: Job) -> None:  # fmt: skip
-        """``--initial media:DIR``: the full copy goes to a folder the admin carries."""
-        from ferry.host.initial_media import write_media
-
-        tracker = self._tracker(record)
-        async with self.cycle_locks[record.uuid]:
-            media.mkdir(exist_ok=True)
-            point = await self._cut(rel, tracker, full=True, out_dir=media)
-            self.jobs.update(job, phase="checksumming")
-            await write_media(media, rel, point)
-        self.jobs.update(job, "done", phase="done", result="ok", folder=str(media))

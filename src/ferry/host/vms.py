@@ -253,6 +253,13 @@ class VmService:
 
     async def delete(self, name: str, *, force: bool = False) -> None:
         record = self.get(name)
+        rel = self.catalog.relationship(record.uuid)
+        if rel is not None:
+            raise ConflictError(
+                f"VM {name!r} on host {self.config.name!r} is the {rel.role.value} of a "
+                f"replication relationship ({rel.primary} -> {rel.replica}); run "
+                f"'ferry replication remove {name}' first"
+            )
         async with self._locks[record.uuid]:
             record = self.get(name)
             if vmstate.is_live(record.state):

@@ -1,0 +1,373 @@
+"""One replication cycle on the primary: cut a recovery point and get it linked.
+
+A cycle, all under the relationship's cycle lock (held by the caller):
+
+1. ask the replica for its latest point, through a client that pins the
+   replica's certificate thumbprint, and apply the version rule;
+2. resend every *pending* point (a delta QEMU already cut from the bitmap)
+   the replica has not linked yet;
+3. cut a new point: a full copy (initial copy), a hash-compare patch
+   (resynchronisation, also ``--initial existing``) or a delta of the bitmap.
+   The cycle is written to the catalog (``in_flight``) before the QMP
+   transaction and turned into a pending point once QEMU finished it;
+4. stream the point to the replica, which verifies and links it; only its
+   answer drops the pending point and its files.
+
+A failure at any step keeps every change: in the bitmap (QEMU merges a failed
+backup back) or in a pending file. After an agent restart ``in_flight`` is
+settled by asking QEMU about its job; when that cannot tell, or the bitmap is
+gone or inconsistent, the relationship resynchronises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from ferry.adapters import block_hashes
+from ferry.adapters.catalog import Catalog, VmRecord
+from ferry.adapters.cbt import ChangedBlockTracker
+from ferry.adapters.point_transfer import encode_point
+from ferry.client.agent_client import AgentClient, ThumbprintMismatchError
+from ferry.core import replication as rules
+from ferry.core.rate import TokenBucket
+from ferry.core.relationship import (
+    CycleInFlight,
+    CycleMode,
+    PendingPoint,
+    Relationship,
+    Role,
+    Verdict,
+    cycle_mode,
+    settle_in_flight,
+)
+from ferry.core.replication import CycleKind, CycleRecord, ReplicationOp, ReplicationState
+from ferry.core.vmstate import VmState
+from ferry.errors import (
+    AuthError,
+    ConnectionFailedError,
+    FerryError,
+    NotFoundError,
+    VersionError,
+)
+from ferry.host.config import HostConfig
+from ferry.host.jobs import Job, JobRegistry
+from ferry.host.vms import VmService
+
+log = logging.getLogger(__name__)
+
+S = ReplicationState
+INITIAL_JOB = "replication-initial"
+RESYNC_JOB = "replication-resync"
+
+
+class CycleStopped(FerryError):
+    """A failure no retry cures: the relationship goes to ``error`` until an admin acts."""
+
+    code = "replication-stopped"
+
+
+class CycleRunner:
+    """Runs cycles for the relationships of one primary host."""
+
+    def __init__(self, vms: VmService, jobs: JobRegistry, *,
+                 peer: Callable[[Relationship], AgentClient], work_dir: Path) -> None:  # fmt: skip
+        self.vms = vms
+        self.jobs = jobs
+        self.config: HostConfig = vms.config
+        self.catalog: Catalog = vms.catalog
+        self.work_dir = work_dir
+        self._peer = peer  # a client pinned to the relationship's replica
+        self._bucket = TokenBucket(self.config.replication_max_bandwidth, now=time.monotonic())
+        self._corrupt_streams = self.config.corrupt_replication_streams
+
+    def _rel(self, vm_uuid: str) -> Relationship | None:
+        rel = self.catalog.relationship(vm_uuid)
+        return rel if rel is not None and rel.role is Role.PRIMARY else None
+
+    async def run(self, vm_uuid: str) -> dict[str, Any]:
+        """One cycle; the caller holds the relationship's cycle lock."""
+        rel = self._rel(vm_uuid)
+        if rel is None or not rules.is_running(rel.state):
+            return {"result": "skipped", "reason": "not replicating"}
+        record = self.catalog.find(vm_uuid)
+        if record is None or record.state not in (VmState.RUNNING, VmState.PAUSED):
+            # An off VM's disks do not change; its bitmap waits in the qcow2.
+            return {"result": "skipped", "reason": "the VM is not running"}
+        now = time.time()
+        for slot in range(rules.missed_slots(rel.last_started, rel.frequency_s, now)):
+            assert rel.last_started is not None
+            due = rel.last_started + rel.frequency_s * (slot + 1)
+            self.catalog.add_cycle(vm_uuid, CycleRecord(due, False, CycleKind.MISS, 0, 0.0))
+        rel = rel.model_copy(update={"last_started": now})
+        self.catalog.put_relationship(rel)
+        started = time.monotonic()
+        kind, sent, error = CycleKind.SUCCESS, 0, None
+        try:
+            outcome = await self._cycle(record, rel)
+            if outcome is None:
+                return {"result": "skipped", "reason": "the initial copy is on media or scheduled for later"}
+            sent = outcome
+        except ConnectionFailedError as exc:
+            kind, error = CycleKind.NETWORK_FAILURE, str(exc)
+        except CycleStopped as exc:
+            kind, error = CycleKind.FAILURE, str(exc)
+            current = self._rel(vm_uuid) or rel
+            if rules.allowed(current.state, ReplicationOp.FAIL):
+                current = current.model_copy(update={
+                    "state": rules.transition(current.state, ReplicationOp.FAIL),
+                    "error": error, "resume_to": current.state})  # fmt: skip
+                self.catalog.put_relationship(current)
+        except FerryError as exc:
+            kind, error = CycleKind.FAILURE, str(exc)
+        duration = time.monotonic() - started
+        self.catalog.add_cycle(vm_uuid, CycleRecord(now, kind is CycleKind.SUCCESS, kind,
+                                                    sent, duration))  # fmt: skip
+        if error:
+            log.warning("VM %s: replication cycle failed (%s): %s", rel.vm_name, kind.value,
+                        error)  # fmt: skip
+            return {"result": kind.value, "error": error, "duration_s": duration}
+        return {"result": "ok", "bytes": sent, "duration_s": duration,
+                "point": (self._rel(vm_uuid) or rel).confirmed_point}  # fmt: skip
+
+    async def _cycle(self, record: VmRecord, rel: Relationship) -> int | None:
+        name = rel.vm_name
+        try:
+            async with self._peer(rel) as peer:
+                try:
+                    remote = await peer.get(f"/v1/peer/replicas/{rel.vm_uuid}")
+                except NotFoundError as exc:
+                    raise CycleStopped(
+                        f"host {rel.replica!r} no longer holds the replica of VM {name!r}; if it "
+                        f"moved, run 'ferry replication set {name} --replica NEW-HOST'"
+                    ) from exc
+                rules.check_replica_accepts(self.config.functional_level,
+                                            int(remote["functional_level"]),
+                                            primary=self.config.name, replica=rel.replica,
+                                            vm=name)  # fmt: skip
+                return await self._exchange(record, rel, peer, remote)
+        except ThumbprintMismatchError as exc:
+            raise CycleStopped(
+                f"replica host {rel.replica!r} presented certificate thumbprint {exc.found}, "
+                f"but replication of VM {name!r} pins {rel.thumbprint}; if its certificate was "
+                f"renewed, run 'ferry replication set {name} --certificate-thumbprint {exc.found}'"
+            ) from exc
+        except (AuthError, VersionError) as exc:
+            raise CycleStopped(str(exc)) from exc
+
+    async def _exchange(self, record: VmRecord, rel: Relationship, peer: AgentClient,
+                        remote: dict[str, Any]) -> int | None:  # fmt: skip
+        tracker = self._tracker(record)
+        rel = self.confirm(rel, remote["latest_point"])
+        if rel.in_flight is not None:
+            rel = await self._settle(rel, tracker)
+        sent = 0
+        for point in rel.pending:
+            sent += await self.send(peer, rel, point)
+            rel = self._rel(rel.vm_uuid) or rel
+            if point.full or point.resync:
+                rel = self._after_point(rel)
+        mode, decided = cycle_mode(rel, bitmap_usable=await tracker.bitmap_usable(),
+                                   now=time.time())  # fmt: skip
+        if decided.state is not rel.state:
+            log.info("VM %s: replication is %s", rel.vm_name, decided.state.value)
+            self.catalog.put_relationship(decided)
+        rel = decided
+        if mode is CycleMode.WAIT:
+            return None  # media not imported on the replica yet, or scheduled for later
+        job = None
+        if mode is not CycleMode.DELTA:
+            kind = INITIAL_JOB if rel.state is S.INITIAL_COPY else RESYNC_JOB
+            job = self.jobs.create(kind, rel.vm_uuid, rel.vm_name, "running", phase="copying")
+        try:
+            if mode is CycleMode.RESYNC:
+                point = await self._resync_point(rel, tracker, peer, job)
+            else:
+                point = await self._cut(rel, tracker, full=mode is CycleMode.FULL)
+            rel = self._rel(rel.vm_uuid) or rel
+            if job is not None:
+                self.jobs.update(job, phase="sending")
+            sent += await self.send(peer, rel, point, job)
+            if mode is not CycleMode.DELTA:
+                self._after_point(self._rel(rel.vm_uuid) or rel)
+        except BaseException as exc:
+            if job is not None:
+                self.jobs.update(job, "failed", error=str(exc) or type(exc).__name__)
+            raise
+        if job is not None:
+            self.jobs.update(job, "done", phase="done", result="ok", bytes_sent=sent)
+        return sent
+
+    def _tracker(self, record: VmRecord) -> ChangedBlockTracker:
+        return ChangedBlockTracker(self.vms.channel(record), record.spec.disks, vm=record.name,
+                                   qemu_img_bin=self.config.qemu_img)  # fmt: skip
+
+    def _after_point(self, rel: Relationship) -> Relationship:
+        """An initial copy or resynchronisation point reached the replica."""
+        op = {S.INITIAL_COPY: ReplicationOp.INITIAL_COPY_DONE,
+              S.RESYNCHRONISING: ReplicationOp.RESYNC_DONE}.get(rel.state)  # fmt: skip
+        if op is not None:
+            rel = rel.model_copy(update={"state": rules.transition(rel.state, op), "error": None})
+            self.catalog.put_relationship(rel)
+            log.info("VM %s: replication is %s", rel.vm_name, rel.state.value)
+        return rel
+
+    def confirm(self, rel: Relationship, latest: int | None) -> Relationship:
+        """Drop pending points the replica already linked."""
+        if latest is None:
+            return rel
+        done = [p for p in rel.pending if p.id <= latest]
+        rel = rel.model_copy(update={
+            "pending": tuple(p for p in rel.pending if p.id > latest),
+            "confirmed_point": latest, "next_point": max(rel.next_point, latest + 1)})  # fmt: skip
+        self.catalog.put_relationship(rel)
+        for point in done:
+            for path in point.files:
+                Path(path).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                Path(point.files[0]).parent.rmdir()
+        return rel
+
+    async def _settle(self, rel: Relationship, tracker: ChangedBlockTracker) -> Relationship:
+        """The agent died during a backup: adopt its files, drop them, or resynchronise."""
+        assert rel.in_flight is not None
+        flight = rel.in_flight
+        verdict = await tracker.outcome(flight.tag)
+        while verdict == "running":
+            await asyncio.sleep(0.5)
+            verdict = await tracker.outcome(flight.tag)
+        rel, keep = settle_in_flight(rel, Verdict(verdict))
+        if not keep:
+            for path in flight.files:
+                Path(path).unlink(missing_ok=True)
+        log.warning("VM %s: the backup of point %d interrupted by a restart was %s", rel.vm_name,
+                    flight.id, verdict)  # fmt: skip
+        self.catalog.put_relationship(rel)
+        return rel
+
+    async def _cut(self, rel: Relationship, tracker: ChangedBlockTracker, *,
+                   full: bool, out_dir: Path | None = None) -> PendingPoint:  # fmt: skip
+        """Take a point: a full copy or a delta, recorded in flight first."""
+        point_id = rel.next_point
+        out = out_dir or self.work_dir / rel.vm_uuid / f"p{point_id}"
+        out.mkdir(parents=True, exist_ok=True)
+        tag = f"{rel.vm_uuid[:8]}-{point_id}"
+        files = tracker.targets(out, "base" if full else f"p{point_id}")
+        flight = CycleInFlight(id=point_id, time=time.time(), tag=tag,
+                               files=tuple(str(f) for f in files), full=full)  # fmt: skip
+        rel = rel.model_copy(update={"in_flight": flight, "next_point": point_id + 1})
+        self.catalog.put_relationship(rel)
+        try:
+            if full:
+                await tracker.full(out, "base", tag=tag)
+            else:
+                await tracker.delta(out, f"p{point_id}", tag=tag)
+        except FerryError:
+            for path in files:
+                path.unlink(missing_ok=True)
+            self.catalog.put_relationship(rel.model_copy(update={"in_flight": None}))
+            raise
+        point = PendingPoint(id=point_id, time=flight.time, files=flight.files, full=full)
+        if out_dir is None:
+            rel = rel.model_copy(update={"in_flight": None, "pending": (*rel.pending, point)})
+        else:
+            rel = rel.model_copy(update={"in_flight": None})
+        self.catalog.put_relationship(rel)
+        return point
+
+    async def _resync_point(self, rel: Relationship, tracker: ChangedBlockTracker,
+                            peer: AgentClient, job: Job | None) -> PendingPoint:  # fmt: skip
+        """A new bitmap and full copy here, then only blocks whose hashes differ."""
+        scratch = self.work_dir / rel.vm_uuid / "resync"
+        scratch.mkdir(parents=True, exist_ok=True)
+        full = await self._cut(rel, tracker, full=True, out_dir=scratch)
+        rel = self._rel(rel.vm_uuid) or rel
+        if job is not None:
+            self.jobs.update(job, phase="comparing")
+        remote = await peer.get(f"/v1/peer/replicas/{rel.vm_uuid}/hashes",
+                                block_size=str(block_hashes.BLOCK_SIZE))  # fmt: skip
+        out = self.work_dir / rel.vm_uuid / f"p{full.id}"
+        out.mkdir(parents=True, exist_ok=True)
+        patches: list[str] = []
+        differing = 0
+        try:
+            for i, (copy, theirs) in enumerate(zip(full.files, remote["disks"], strict=True)):
+                raw = await block_hashes.read_raw_view(Path(copy), scratch_dir=scratch)
+                try:
+                    ours = await block_hashes.image_block_hashes(
+                        raw, fmt="raw", scratch_dir=scratch
+                    )
+                    blocks = block_hashes.differing_blocks(ours, theirs)
+                    differing += len(blocks)
+                    patch = out / f"p{full.id}-disk{i}.qcow2"
+                    await block_hashes.build_patch(raw, blocks, patch,
+                                                   virtual_size=tracker.disks[i].size)  # fmt: skip
+                    patches.append(str(patch))
+                finally:
+                    raw.unlink(missing_ok=True)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, scratch, True)
+        log.info("VM %s: resynchronisation found %d differing blocks of %d MiB", rel.vm_name,
+                 differing, block_hashes.BLOCK_SIZE // 2**20)  # fmt: skip
+        point = PendingPoint(id=full.id, time=full.time, files=tuple(patches), resync=True)
+        rel = rel.model_copy(update={"pending": (*rel.pending, point)})
+        self.catalog.put_relationship(rel)
+        return point
+
+    async def send(self, peer: AgentClient, rel: Relationship, point: PendingPoint,
+                    job: Job | None = None) -> int:  # fmt: skip
+        """Stream one point; on the replica's answer, forget it here."""
+        files = [Path(f) for f in point.files]
+        total = sum(f.stat().st_size for f in files)
+        corrupt = self._corrupt_streams > 0
+        if corrupt:
+            self._corrupt_streams -= 1
+        counter = [0]
+        body = self._stream(files, rel, point.id, total, counter, job, corrupt=corrupt)
+        reply = await peer.call("PUT", f"/v1/peer/replicas/{rel.vm_uuid}/points/{point.id}",
+                                params={"time": repr(point.time)}, data=body)  # fmt: skip
+        self.confirm(rel, int(reply["latest_point"]))
+        return counter[0]
+
+    async def _stream(self, files: list[Path], rel: Relationship, point_id: int, total: int,
+                      counter: list[int], job: Job | None, *,
+                      corrupt: bool) -> AsyncIterator[bytes]:  # fmt: skip
+        frames: Iterator[bytes] = encode_point(
+            files, vm_uuid=UUID(rel.vm_uuid), point_id=point_id, compress=rel.compression
+        )
+        done = object()
+        while True:
+            frame = await asyncio.to_thread(next, frames, done)
+            if frame is done:
+                return
+            assert isinstance(frame, bytes)
+            if corrupt and len(frame) > 200:
+                # Test hook (corrupt_replication_streams): damage one payload byte.
+                frame = frame[:150] + bytes([frame[150] ^ 0xFF]) + frame[151:]
+                corrupt = False
+            wait = self._bucket.reserve(len(frame), time.monotonic())
+            if wait > 0:
+                await asyncio.sleep(wait)
+            counter[0] += len(frame)
+            if job is not None:
+                self.jobs.update(job, progress={"bytes": min(counter[0], total), "total": total})
+            yield frame
+
+    async def to_media(self, record: VmRecord, rel: Relationship, media: Path,
+                       job: Job) -> None:  # fmt: skip
+        """``--initial media:DIR``: the full copy goes to a folder the admin carries."""
+        from ferry.host.initial_media import write_media
+
+        tracker = self._tracker(record)
+        media.mkdir(exist_ok=True)
+        point = await self._cut(rel, tracker, full=True, out_dir=media)
+        self.jobs.update(job, phase="checksumming")
+        await write_media(media, rel, point)
+        self.jobs.update(job, "done", phase="done", result="ok", folder=str(media))
