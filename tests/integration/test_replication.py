@@ -137,27 +137,40 @@ def cycles_keep_a_chain(lab_env: LabEnv, storage: Path, vm: str) -> None:
     line = cli.fails("vm", "start", vm, "--host", "host-2")
     assert "replica" in line
 
+    # Both agents restart; from here on the scheduler must also cut points by
+    # itself (every 30 s), counted apart from the cycles this test asks for.
+    lab_env.restart_agent(2)
+    lab_env.restart_agent(1)
+    restarted = cli.json("replication", "status", vm)["success_count"]
+    manual = 0
+
+    # A clean stop keeps the bitmap in the qcow2: after a start, plain deltas go on.
+    cli("vm", "stop", vm)
+    assert cli.json("replication", "sync", vm)["result"] == "skipped"  # off: nothing changes
+    cli("vm", "start", vm)
+    lab_env.wait_console(vm, lambda t: "up last-seq=" in t)
+
     for _ in range(5):
         records_written(lab_env, vm, 2)
         outcome = sync(lab_env, vm)
+        manual += 1
         assert 0 < outcome["bytes"] < 1024**2  # a few changed clusters, not the disk
+    assert not [j for j in cli.json("job", "list", "--host", "host-1")
+                if j["vm"] == vm and j["kind"] == "replication-resync"]  # fmt: skip
 
     points = cli.json("replication", "points", vm)
     ids = [p["id"] for p in points]
-    assert len(ids) == 3 and ids == sorted(ids) and ids[-1] == 5  # 2 kept + the latest
+    # 2 kept + the latest, consecutive (scheduled cycles may have cut some of them)
+    assert len(ids) == 3 and ids == list(range(ids[0], ids[0] + 3))
+    assert ids[-1] >= outcome["point"] >= 5
     assert [p["time"] for p in points] == sorted(p["time"] for p in points)
     # Retention merged the older points into the base; every remaining point reads
     # as a valid disk whose records grow from point to point.
     uuid = lab_env.vm(vm)["uuid"]
     files = chain_files(storage, uuid)
-    assert [f.name for f in files] == [
-        "base-disk0.qcow2",
-        "base-disk1.qcow2",
-        "p4-disk0.qcow2",
-        "p4-disk1.qcow2",
-        "p5-disk0.qcow2",
-        "p5-disk1.qcow2",
-    ]
+    assert [f.name for f in files] == sorted(
+        f"{stem}-disk{i}.qcow2" for stem in ("base", f"p{ids[1]}", f"p{ids[2]}") for i in (0, 1)
+    )
     for f in files:
         subprocess.run(["qemu-img", "check", "-q", str(f)], check=True)
     files = [f for f in files if "disk0" in f.name]  # the disk the guest writes
@@ -166,10 +179,11 @@ def cycles_keep_a_chain(lab_env: LabEnv, storage: Path, vm: str) -> None:
     assert last[0].last_seq <= last[1].last_seq <= last[2].last_seq
 
     last_seq = assert_replica_equals_primary(lab_env, vm)
+    manual += 1
     assert last_seq >= last[2].last_seq
 
     status = cli.json("replication", "measure", vm)
-    assert status["success_count"] >= 7 and status["failure_count"] == 0
+    assert status["failure_count"] == 0
     assert status["lag_s"] is not None and status["lag_s"] < 60
     assert status["average_delta_bytes"] > 0 and status["max_delta_bytes"] >= status[
         "average_delta_bytes"]  # fmt: skip
@@ -177,26 +191,11 @@ def cycles_keep_a_chain(lab_env: LabEnv, storage: Path, vm: str) -> None:
     assert on_replica["role"] == "replica" and on_replica["primary"] == "host-1"
     shown = lab_env.vm(vm)["replication"]
     assert shown["role"] == "primary" and shown["replica"] == "host-2"
-
     assert "run 'ferry replication remove chain' first" in cli.fails("vm", "delete", vm)
     assert "replication remove" in cli.fails("vm", "delete", vm, "--host", "host-2")
 
-    # A clean stop keeps the bitmap in the qcow2: after a start, plain deltas go on.
-    cli("vm", "stop", vm)
-    assert cli.json("replication", "sync", vm)["result"] == "skipped"  # off: nothing changes
-    cli("vm", "start", vm)
-    lab_env.wait_console(vm, lambda t: "up last-seq=" in t)
-    records_written(lab_env, vm, 2)
-    assert sync(lab_env, vm)["bytes"] < 1024**2
-    assert not [j for j in cli.json("job", "list", "--host", "host-1")
-                if j["vm"] == vm and j["kind"] == "replication-resync"]  # fmt: skip
-    assert_replica_equals_primary(lab_env, vm)
-
-    # Both agents restart; replication resumes by itself at its frequency.
-    lab_env.restart_agent(2)
-    lab_env.restart_agent(1)
-    done = status["success_count"]
-    wait_status(lab_env, vm, lambda s: s["success_count"] > done, timeout=75)
+    # Replication resumed by itself after the restarts: more successes than asked for.
+    wait_status(lab_env, vm, lambda s: s["success_count"] > restarted + manual, timeout=60)
 
 
 def test_a_damaged_stream_is_refused_and_resent(lab_env: LabEnv, storage: Path, vm: str) -> None:
@@ -268,15 +267,14 @@ def test_refusals(lab_env: LabEnv, storage: Path, vm: str) -> None:
         status = cli.json("replication", "status", vm)
         assert status["state"] == "error"
         assert "functional level 2, older than primary host 'host-1' at level 3" in status["error"]
-        other = f"{vm}-b"
-        cli("vm", "create", other, "--host", "host-1", "--guest", "test", "--memory", "128M",
-            "--start")  # fmt: skip
-        line = cli.fails("replication", "enable", other, "--replica", "host-2")
-        assert "upgrade 'host-2' first" in line
-        cli("vm", "delete", other, "--force")
+        # A new relationship is refused up front, naming both levels.
+        cli("replication", "remove", vm)
+        cli("vm", "delete", vm, "--host", "host-2")  # the kept replica VM
+        line = cli.fails("replication", "enable", vm, "--replica", "host-2")
+        assert "upgrade 'host-2' first" in line and "level 2" in line
     finally:
         lab_env.restart_agent(2, functional_level=3)
-    assert cli.json("replication", "resume", vm)["state"] == "replicating"
+    enable(lab_env, vm, "--frequency", "30s")
     sync(lab_env, vm)
 
 
@@ -423,7 +421,7 @@ def test_an_agent_killed_mid_copy(lab_env: LabEnv, storage: Path, victim: int) -
     cli = lab_env.cli
     name = f"bulk{victim}"
     image = lab_env.lab.images_dir / f"{name}.qcow2"
-    _random_image(image, 24)
+    _random_image(image, 16)
     lab_env.restart_agent(1, replication_max_bandwidth="4M")  # so the copy takes seconds
     try:
         cli("vm", "create", name, "--host", "host-1", "--guest", "test", "--memory", "128M",
