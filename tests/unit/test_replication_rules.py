@@ -100,9 +100,10 @@ def test_removed_is_final_and_everything_else_can_be_removed() -> None:
         assert transition(state, Op.REMOVE) is St.REMOVED
 
 
-def test_a_failed_over_relationship_only_reverses_or_is_removed() -> None:
+def test_a_failed_over_relationship_only_reverses_cancels_or_is_removed() -> None:
     leaving = {op for op, (sources, _) in TRANSITIONS.items() if St.FAILED_OVER in sources}
-    assert leaving == {Op.REVERSE, Op.REMOVE}
+    assert leaving == {Op.REVERSE, Op.CANCEL_FAILOVER, Op.REMOVE}
+    assert transition(St.FAILED_OVER, Op.CANCEL_FAILOVER) is St.REPLICATING
 
 
 def test_hard_errors_stop_only_running_relationships() -> None:

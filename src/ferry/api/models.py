@@ -33,6 +33,10 @@ Admin endpoints (admin certificate)::
     DELETE /v1/vms/{name}/replication   -> {vm, replica, removed, replica_vm_kept}
     GET    /v1/vms/{name}/replication/points -> [{id, time, size, consistent}]
     POST   /v1/replication/import-initial  ImportInitialRequest -> {vm, point, bytes, ...}
+    POST   /v1/vms/{name}/replication/reverse -> status (the new relationship)
+    POST   /v1/vms/{name}/failover/test|stop-test|start|complete|cancel FailoverRequest
+           -> {vm, host, point, ...}   (on the replica host)
+    POST   /v1/vms/{name}/failover/planned -> job (202)   (on the primary host)
     GET    /v1/jobs                     -> [job]
     GET    /v1/jobs/{id}                -> job
     POST   /v1/jobs/{id}/cancel         -> job
@@ -66,7 +70,11 @@ Replication (the caller is the primary; the replica pins its certificate)::
     PUT    /v1/peer/replicas/{uuid}/points/{id}?time=T  (a delta stream, see
            ferry.core.delta_stream) -> {point, linked, ...replica state}
     GET    /v1/peer/replicas/{uuid}/points -> [{id, time, size, consistent}]
+    PUT    /v1/peer/replicas/{uuid}/files/{kernel|initrd}  (raw bytes) -> {received}
     GET    /v1/peer/replicas/{uuid}/hashes?block_size=N -> {disks: [[hex, ...]]}
+    GET    /v1/peer/vms/{uuid}          -> {state}   (split-brain guard)
+    POST   /v1/peer/replications/{uuid}/yield  (the replica failed over) -> {vm, yielded}
+    POST   /v1/peer/replicas/{uuid}/failover   (planned: the VM is off here) -> {vm, point}
     POST   /v1/peer/replications {Relationship}  (to a VM's new host after a move:
            it becomes the primary) -> status
 
@@ -235,3 +243,10 @@ class ImportInitialRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     folder: str
+
+
+class FailoverRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    point: int | None = None
+    force: bool = False

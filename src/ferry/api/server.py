@@ -27,6 +27,7 @@ from ferry.api.models import (
     DiskView,
     EnableReplicationRequest,
     ExportRequest,
+    FailoverRequest,
     HostView,
     ImportInitialRequest,
     ImportRequest,
@@ -45,9 +46,10 @@ from ferry.core.replica_server import ReplicaServerSettings
 from ferry.core.validation import first_error
 from ferry.core.versions import supported_range
 from ferry.core.vmstate import VmState
-from ferry.errors import AuthError, FerryError, InvalidInputError, StateError
+from ferry.errors import AuthError, FerryError, InvalidInputError, NotFoundError, StateError
 from ferry.host import facts
 from ferry.host.exchange import ExchangeService
+from ferry.host.failover import FailoverService
 from ferry.host.migration import MigrationService
 from ferry.host.replica import ReplicaStore
 from ferry.host.replication import ReplicationService
@@ -130,6 +132,7 @@ class AgentApi:
         self.migrations = migrations
         self.exchange = exchange
         self.replication = replication
+        self.failover = FailoverService(vms, migrations.jobs, replication.store, replication)
         self.replicas: ReplicaStore = replication.store
         self.replica_server = replication.store.server
         self.jobs = migrations.jobs
@@ -176,6 +179,12 @@ class AgentApi:
                 web.delete("/v1/vms/{name}/replication", self.remove_replication),
                 web.get("/v1/vms/{name}/replication/points", self.replication_points),
                 web.post("/v1/replication/import-initial", self.import_initial),
+                web.post("/v1/vms/{name}/replication/reverse", self.reverse_replication),
+                web.post("/v1/vms/{name}/failover/{action}", self.failover_action),
+                web.get("/v1/peer/vms/{uuid}", self.peer_vm_state),
+                web.post("/v1/peer/replications/{uuid}/yield", self.peer_yield),
+                web.post("/v1/peer/replicas/{uuid}/failover", self.peer_planned_failover),
+                web.put("/v1/peer/replicas/{uuid}/files/{kind}", self.peer_replica_file),
                 web.post("/v1/peer/replicas", self.peer_offer),
                 web.post("/v1/peer/replications", self.peer_take_over),
                 web.get("/v1/peer/replicas/{uuid}", self.peer_replica),
@@ -511,3 +520,46 @@ class AgentApi:
     async def peer_take_over(self, request: web.Request) -> web.Response:
         document = await request.json()
         return _json(self.replication.adopt(request["caller"], document), status=201)
+
+    # -- failover ----------------------------------------------------------------------
+
+    async def failover_action(self, request: web.Request) -> web.Response:
+        name, action = request.match_info["name"], request.match_info["action"]
+        body = await _body(request, FailoverRequest)
+        if action == "test":
+            return _json(await self.failover.test(name, body.point))
+        if action == "stop-test":
+            return _json(await self.failover.stop_test(name))
+        if action == "start":
+            return _json(await self.failover.start(name, body.point, force=body.force))
+        if action == "complete":
+            return _json(await self.failover.complete(name))
+        if action == "cancel":
+            return _json(await self.failover.cancel(name))
+        if action == "planned":
+            job = self.failover.start_planned(name)
+            return _json(job.view(self.vms.config.name), status=202)
+        raise InvalidInputError(f"unknown failover action {action!r}")
+
+    async def reverse_replication(self, request: web.Request) -> web.Response:
+        return _json(await self.failover.reverse(request.match_info["name"]))
+
+    async def peer_vm_state(self, request: web.Request) -> web.Response:
+        record = self.vms.catalog.find(request.match_info["uuid"])
+        if record is None:
+            raise NotFoundError(f"no VM {request.match_info['uuid']} on this host")
+        return _json({"state": record.state.value})
+
+    async def peer_yield(self, request: web.Request) -> web.Response:
+        return _json(self.failover.yield_primary(request["caller"], request.match_info["uuid"]))
+
+    async def peer_planned_failover(self, request: web.Request) -> web.Response:
+        uuid = request.match_info["uuid"]
+        return _json(await self.failover.planned_here(request["caller"], uuid))
+
+    async def peer_replica_file(self, request: web.Request) -> web.Response:
+        info = request.match_info
+        reply = await self.replicas.receive_file(
+            request["caller"], info["uuid"], info["kind"], request.content.iter_chunked(1 << 20)
+        )
+        return _json(reply)

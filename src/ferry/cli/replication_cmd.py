@@ -151,6 +151,13 @@ async def _initial_job(fleet: Fleet, host: str, vm: str) -> dict[str, Any] | Non
     return None
 
 
+def _print_status(found: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(found)
+    else:
+        _show_status(found)
+
+
 def _fetch(name: str, host: str | None) -> dict[str, Any]:
     async def run(fleet: Fleet) -> dict[str, Any]:
         where = await _primary(fleet, name, host)
@@ -291,11 +298,7 @@ def set_(
         )
         return reply
 
-    found = with_fleet(run)
-    if as_json:
-        print_json(found)
-    else:
-        _show_status(found)
+    _print_status(with_fleet(run), as_json)
 
 
 @app.command("import-initial")
@@ -313,3 +316,18 @@ def import_initial(
     else:
         say(f"VM {found['vm']}: initial copy imported on {host} ({format_size(found['bytes'])}); "
             "the primary sends changes from its next cycle")  # fmt: skip
+
+
+@app.command("reverse")
+def reverse(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> None:
+    """After a failover: replicate back to the old primary, using its disks as the initial copy."""
+    from ferry.cli.failover_cmd import replica_host
+
+    async def run(fleet: Fleet) -> dict[str, Any]:
+        where = await replica_host(fleet, name, host)
+        reply: dict[str, Any] = await fleet.client(where).post(
+            f"/v1/vms/{name}/replication/reverse"
+        )
+        return reply
+
+    _print_status(with_fleet(run), as_json)

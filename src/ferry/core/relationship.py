@@ -101,8 +101,15 @@ class Relationship(BaseModel):
     # The running state a pause or error interrupted: resume returns there, so a
     # half-done initial copy or resynchronisation is never mistaken for done.
     resume_to: ReplicationState | None = None
-    # Replica side: where the chain lives.
+    # Replica side: where the chain lives, how to reach the primary, and the
+    # recovery points a test failover VM or a failed-over VM runs on (merges
+    # that would touch them wait).
     storage: str = ""
+    primary_url: str = ""
+    test_vm: str | None = None
+    test_point: int | None = None
+    failover_point: int | None = None
+    committed: bool = False
 
 
 # --------------------------------------------------------------------------- cycle decisions

@@ -21,6 +21,7 @@ a state changes::
     initial-copy | replicating | resynchronising | error --pause--> paused
     paused | error --resume--> replicating
     replicating | resynchronising | paused | error --failover--> failed-over
+    failed-over --cancel-failover--> replicating (the failed-over VM is gone)
     failed-over --reverse--> initial-copy (the other way round)
     anything but removed --remove--> removed
 
@@ -76,6 +77,7 @@ class ReplicationOp(StrEnum):
     RESUME = "resume"
     FAIL = "fail"
     FAILOVER = "failover"
+    CANCEL_FAILOVER = "cancel-failover"
     REVERSE = "reverse"
     REMOVE = "remove"
 
@@ -101,6 +103,8 @@ TRANSITIONS: dict[ReplicationOp, tuple[frozenset[ReplicationState], ReplicationS
         frozenset({S.REPLICATING, S.RESYNCHRONISING, S.PAUSED, S.ERROR}),
         S.FAILED_OVER,
     ),
+    # The replica goes back to being one: the failed-over VM is gone.
+    ReplicationOp.CANCEL_FAILOVER: (frozenset({S.FAILED_OVER}), S.REPLICATING),
     # The old primary becomes the replica; its disks serve as the initial copy.
     ReplicationOp.REVERSE: (frozenset({S.FAILED_OVER}), S.INITIAL_COPY),
     ReplicationOp.REMOVE: (frozenset(S) - {S.REMOVED}, S.REMOVED),

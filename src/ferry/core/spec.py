@@ -63,6 +63,8 @@ class RunContext(BaseModel):
     qmp_socket: Path
     serial_log: Path
     incoming: bool = False
+    # Start with the vCPUs stopped (-S): the block layer works, the guest waits.
+    paused: bool = False
     # Keep what an earlier process of the same run wrote (refresh-vms).
     serial_append: bool = False
 
@@ -144,4 +146,6 @@ def qemu_argv(spec: VmSpec, ctx: RunContext) -> list[str]:
     if ctx.incoming:
         # Wait, paused, for a migration stream the agent points it at later.
         argv += ["-incoming", "defer", "-S"]
+    elif ctx.paused:
+        argv += ["-S"]
     return argv

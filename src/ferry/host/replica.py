@@ -40,16 +40,25 @@ from ferry.core.relationship import Role as RelRole
 from ferry.core.replication import (
     Merge,
     PointInfo,
+    ReplicationOp,
     ReplicationState,
     check_frequency,
     check_recovery_points,
     check_replica_accepts,
     retention_plan,
+    transition,
 )
 from ferry.core.spec import DiskSpec, VmSpec
 from ferry.core.versions import check_host_runs
 from ferry.core.vmstate import VmState
-from ferry.errors import AuthError, ConflictError, FerryError, InvalidInputError, NotFoundError
+from ferry.errors import (
+    AuthError,
+    ConflictError,
+    FerryError,
+    InvalidInputError,
+    NotFoundError,
+    StateError,
+)
 from ferry.host.config import HostConfig
 from ferry.host.replica_server import ReplicaServer
 
@@ -73,6 +82,13 @@ class ReplicaStore:
         self.catalog = catalog
         self.server = server
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    def lock(self, vm_uuid: str) -> asyncio.Lock:
+        return self._locks[vm_uuid]
+
+    async def retain(self, vm_uuid: str) -> None:
+        async with self._locks[vm_uuid]:
+            await self._retain(self.relationship(vm_uuid))
 
     # -- reading ---------------------------------------------------------------
 
@@ -165,18 +181,19 @@ class ReplicaStore:
                 primary=caller.common_name, replica=self.config.name,
                 frequency_s=frequency, recovery_points=keep, initial=initial,
                 thumbprint=caller.thumbprint, created=time.time(), storage=str(storage),
+                primary_url=str(offer.get("primary_url") or ""),
             )  # fmt: skip
             if adopt:
                 assert record is not None
                 await self._adopt(record, spec, storage)
             else:
-                self.catalog.add_vm(self._replica_spec(spec, storage, stem=None), VmState.REPLICA)
+                self.catalog.add_vm(self.replica_spec(spec, storage, stem=None), VmState.REPLICA)
             self.catalog.put_relationship(rel)
         log.info("replica of VM %s from %s accepted into %s (%s)", spec.name,
                  caller.common_name, storage, admission.rule)  # fmt: skip
         return self.state(spec.uuid)
 
-    def _replica_spec(self, spec: VmSpec, storage: Path, stem: str | None) -> VmSpec:
+    def replica_spec(self, spec: VmSpec, storage: Path, stem: str | None) -> VmSpec:
         disks = [
             DiskSpec(path=str(disk_file(storage, stem or BASE, i)), size=d.size, format="qcow2")
             for i, d in enumerate(spec.disks)
@@ -204,7 +221,7 @@ class ReplicaStore:
         size = self._stem_size(storage, BASE, len(spec.disks))
         self.catalog.add_point(spec.uuid, PointInfo(id=ADOPTED_POINT, time=0.0, file=BASE,
                                                     size=size))  # fmt: skip
-        self.catalog.update_spec(self._replica_spec(spec, storage, BASE))
+        self.catalog.update_spec(self.replica_spec(spec, storage, BASE))
         self.catalog.set_state(spec.uuid, VmState.REPLICA)
         for disk in record.spec.disks:  # the old files are now copies of the base
             if Path(disk.path).resolve() != disk_file(storage, BASE, 0).resolve():
@@ -222,6 +239,12 @@ class ReplicaStore:
         rel = self.relationship(vm_uuid)
         self.check_primary(caller, rel)
         async with self._locks[vm_uuid]:
+            rel = self.relationship(vm_uuid)
+            if rel.state is ReplicationState.FAILED_OVER:
+                raise StateError(
+                    f"VM {rel.vm_name!r} failed over to host {self.config.name!r}; it takes no "
+                    "recovery points until the failover is cancelled or reversed"
+                )
             chain = self.catalog.points(vm_uuid)
             if chain and point_id <= chain[-1].id:
                 async for _ in stream:  # a resend after a lost reply: already linked
@@ -241,7 +264,11 @@ class ReplicaStore:
             size = self._stem_size(storage, stem, disks)
             self.catalog.add_point(vm_uuid, PointInfo(id=point_id, time=point_time, file=stem,
                                                       size=size))  # fmt: skip
-            self.catalog.update_spec(self._replica_spec(record.spec, storage, stem))
+            self.catalog.update_spec(self.replica_spec(record.spec, storage, stem))
+            if rel.state is ReplicationState.INITIAL_COPY:
+                rel = rel.model_copy(update={"state": transition(
+                    rel.state, ReplicationOp.INITIAL_COPY_DONE)})  # fmt: skip
+                self.catalog.put_relationship(rel)
             log.info("VM %s: linked recovery point %d (%d bytes of stream)", rel.vm_name,
                      point_id, end.wire_bytes)  # fmt: skip
             await self._retain(rel)
@@ -260,7 +287,8 @@ class ReplicaStore:
             gone = PointInfo(id=overlay.id - 1, time=0.0, file=BASE)
             await self._merge(Merge(BASE, gone, overlay, after), storage, disks, rel)
             chain = self.catalog.points(rel.vm_uuid)
-        for merge in retention_plan(chain, rel.recovery_points):
+        in_use = {p for p in (rel.test_point, rel.failover_point) if p is not None}
+        for merge in retention_plan(chain, rel.recovery_points, in_use=in_use):
             self.catalog.delete_point(rel.vm_uuid, merge.drops.id)
             await self._merge(merge, storage, disks, rel)
 
@@ -283,7 +311,7 @@ class ReplicaStore:
                                                       file=BASE, size=size))  # fmt: skip
         if merge.rebase is None:  # the latest point now lives in the base
             record = self.catalog.get(rel.vm_uuid)
-            self.catalog.update_spec(self._replica_spec(record.spec, storage, BASE))
+            self.catalog.update_spec(self.replica_spec(record.spec, storage, BASE))
         log.info("VM %s: merged recovery point %d into the base", rel.vm_name, merge.overlay.id)
 
     async def block_hashes(self, caller: CertInfo, vm_uuid: str,
@@ -303,6 +331,24 @@ class ReplicaStore:
                     block_size=block_size)
                 for i in range(disks)
             ]  # fmt: skip
+
+    async def receive_file(self, caller: CertInfo, vm_uuid: str, kind: str,
+                           stream: AsyncIterator[bytes]) -> dict[str, Any]:  # fmt: skip
+        """The VM's kernel or initrd, kept next to its chain."""
+        rel = self.relationship(vm_uuid)
+        self.check_primary(caller, rel)
+        if kind not in ("kernel", "initrd"):
+            raise InvalidInputError(f"unknown VM file {kind!r}")
+        target = Path(rel.storage) / kind
+        partial = target.with_name(kind + ".partial")
+        with partial.open("wb") as out:
+            async for chunk in stream:
+                out.write(chunk)
+        await asyncio.to_thread(fsync_file, partial)
+        partial.rename(target)
+        record = self.catalog.get(vm_uuid)
+        self.catalog.update_spec(record.spec.model_copy(update={kind: str(target)}))
+        return {"received": kind}
 
     async def import_initial(self, folder: Path) -> dict[str, Any]:
         """``replication import-initial DIR``: link an initial copy carried on media."""
@@ -326,7 +372,7 @@ class ReplicaStore:
             self.catalog.add_point(rel.vm_uuid, PointInfo(
                 id=manifest.point_id, time=manifest.time, file=BASE,
                 size=self._stem_size(storage, BASE, disks)))  # fmt: skip
-            self.catalog.update_spec(self._replica_spec(record.spec, storage, BASE))
+            self.catalog.update_spec(self.replica_spec(record.spec, storage, BASE))
         log.info("VM %s: initial copy imported from %s (%d bytes)", rel.vm_name, folder, copied)
         return {"vm": rel.vm_name, "point": manifest.point_id, "bytes": copied,
                 **self.state(rel.vm_uuid)}  # fmt: skip
@@ -345,6 +391,7 @@ class ReplicaStore:
             # A handover: the VM moved to another primary host.
             update["primary"] = str(changes["primary"])
             update["thumbprint"] = str(changes["thumbprint"])
+            update["primary_url"] = str(changes.get("primary_url") or "")
         self.catalog.put_relationship(rel.model_copy(update=update))
         return self.state(vm_uuid)
 

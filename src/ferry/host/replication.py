@@ -64,6 +64,11 @@ class ReplicationService:
         self.cycle_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     @property
+    def url(self) -> str:
+        address, port = self.config.address
+        return f"https://{address}:{port}"
+
+    @property
     def work_dir(self) -> Path:
         return self.config.data_dir / "replication"
 
@@ -80,6 +85,21 @@ class ReplicationService:
                 f"enable it with 'ferry replication enable {name} --replica HOST'"
             )
         return record, rel
+
+    def primary_of(self, name: str) -> tuple[VmRecord, Relationship]:
+        return self._primary(name)
+
+    def peer(self, rel: Relationship) -> AgentClient:
+        """A client for the relationship's replica host, pinned to its certificate."""
+        return self._peer(rel)
+
+    def forget(self, vm_uuid: str) -> None:
+        """Drop this host's primary side of a relationship (the VM failed over)."""
+        task = self._tasks.pop(vm_uuid, None)
+        if task is not None:
+            task.cancel()
+        self.catalog.delete_relationship(vm_uuid)
+        shutil.rmtree(self.work_dir / vm_uuid, ignore_errors=True)
 
     def _peer(self, rel: Relationship, *, pin: bool = True) -> AgentClient:
         return AgentClient(rel.replica, rel.replica_url, self._tls, server_name=rel.replica,
@@ -152,7 +172,7 @@ class ReplicationService:
             # The replica first, so the new primary's first cycle is welcome there.
             async with self._peer(rel) as peer:
                 await peer.call("PATCH", f"/v1/peer/replicas/{vm_uuid}", body={
-                    "primary": host, "thumbprint": thumbprint})  # fmt: skip
+                    "primary": host, "thumbprint": thumbprint, "primary_url": url})  # fmt: skip
             await target.post("/v1/peer/replications", json.loads(moved.model_dump_json()))
         new_thumbprint = thumbprint
         self.catalog.delete_relationship(vm_uuid)
@@ -284,8 +304,16 @@ class ReplicationService:
             await peer.post("/v1/peer/replicas", {
                 "spec": record.spec.model_dump(mode="json"), "frequency_s": frequency_s,
                 "recovery_points": recovery_points, "initial": initial.value,
-                "functional_level": self.config.functional_level,
+                "functional_level": self.config.functional_level, "primary_url": self.url,
             })  # fmt: skip
+            # The replica must boot the VM without this host: it gets its own
+            # copy of the kernel and initrd (the disks come with the points).
+            for kind in ("kernel", "initrd"):
+                path = getattr(record.spec, kind)
+                if path:
+                    data = await asyncio.to_thread(Path(path).read_bytes)
+                    await peer.call("PUT", f"/v1/peer/replicas/{record.uuid}/files/{kind}",
+                                    data=data)  # fmt: skip
         rel = rel.model_copy(update={"thumbprint": thumbprint})
         self.catalog.put_relationship(rel)
         log.info("VM %s: replication to %s enabled (every %ss, initial %s, pinned %s)", name,

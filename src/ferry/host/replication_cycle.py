@@ -113,7 +113,10 @@ class CycleRunner:
         try:
             outcome = await self._cycle(record, rel)
             if outcome is None:
-                return {"result": "skipped", "reason": "the initial copy is on media or scheduled for later"}
+                return {
+                    "result": "skipped",
+                    "reason": "the initial copy is on media or scheduled for later",
+                }
             sent = outcome
         except ConnectionFailedError as exc:
             kind, error = CycleKind.NETWORK_FAILURE, str(exc)

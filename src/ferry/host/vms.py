@@ -301,7 +301,8 @@ class VmService:
         if pid is not None:
             await qemu.kill_process(pid, record.uuid)
 
-    async def start(self, name: str) -> VmRecord:
+    async def start(self, name: str, *, paused: bool = False) -> VmRecord:
+        """Start the VM; ``paused`` starts QEMU with the guest not yet running."""
         record = self.get(name)
         async with self._locks[record.uuid]:
             record = self.get(name)
@@ -313,13 +314,22 @@ class VmService:
                 vm=name,
             )
             await self._kill_leftover(record)
-            ctx = self._ctx(record.uuid)
+            # A VM made by replication or failover has no VM dir yet.
+            self.vm_dir(record.uuid).mkdir(parents=True, exist_ok=True)
+            # A paused start (for a last replication cycle) keeps the console of
+            # the run before it: the guest does not run, so nothing is lost.
+            ctx = self._ctx(record.uuid).model_copy(
+                update={"paused": paused, "serial_append": paused}
+            )
             ctx.qmp_socket.unlink(missing_ok=True)
             self.catalog.set_state(record.uuid, VmState.STARTING)
             try:
                 pid = await qemu.launch(qemu_argv(record.spec, ctx), pidfile=ctx.pidfile,
                                         uuid=record.uuid)  # fmt: skip
-                await self._attach(record, pid)
+                state = await self._attach(record, pid)
+                if paused and state is VmState.STARTING:
+                    # -S: QEMU says "prelaunch"; for us the guest is paused.
+                    self.catalog.set_state(record.uuid, VmState.PAUSED)
             except BaseException:
                 pid_left = qemu.find_process(ctx.pidfile, record.uuid)
                 if pid_left is not None:
