@@ -345,7 +345,7 @@ def test_initial_copy_from_media(lab_env: LabEnv, vm: str, tmp_path: Path) -> No
     assert "backing-filename" not in info
     assert read_records(disk).last_seq >= last_seq
     chain_dir = disk.parent
-    assert sorted(p.name for p in chain_dir.iterdir()) == ["disk0.qcow2"]
+    assert sorted(p.name for p in chain_dir.iterdir()) == ["disk0.qcow2"]  # chain gone
     assert lab_env.vm(vm, "host-1")["replication"] is None
     cli("vm", "delete", vm, "--host", "host-2")
     assert not chain_dir.exists() and uuid not in str(list(chain_dir.parent.iterdir()))

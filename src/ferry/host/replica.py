@@ -426,7 +426,15 @@ class ReplicaStore:
             await qemu_img.convert_to_qcow2(Path(disk.path), flat, src_format="qcow2")
             await asyncio.to_thread(fsync_file, flat)
             disks.append(disk.model_copy(update={"path": str(flat)}))
-        self.catalog.update_spec(record.spec.model_copy(update={"disks": tuple(disks)}))
+        update: dict[str, Any] = {"disks": tuple(disks)}
+        vm_dir = self.config.data_dir / "vms" / record.uuid  # where VmService keeps its files
+        for kind in ("kernel", "initrd"):
+            current = getattr(record.spec, kind)
+            if current and Path(current).parent == storage:
+                vm_dir.mkdir(parents=True, exist_ok=True)
+                shutil.move(current, vm_dir / kind)
+                update[kind] = str(vm_dir / kind)
+        self.catalog.update_spec(record.spec.model_copy(update=update))
         self.catalog.set_state(record.uuid, VmState.OFF)
         keep = {Path(d.path).name for d in disks}
         for path in storage.glob("*.qcow2"):
