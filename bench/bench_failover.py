@@ -136,8 +136,9 @@ def run(lab: Lab, root: Path, env: dict[str, str]) -> None:
           f"{result['total_s']:.2f} s)")  # fmt: skip
     sent = reverse.get("bytes_sent", 0)
     print(
-        f"reverse replication initial copy: {reverse['state']}, {sent / MiB:.2f} MiB sent "
-        f"for a {disk // MiB} MiB disk holding 256 MiB of data: {sent / disk:.4f} of the disk"
+        f"reverse replication initial copy: {reverse['state']}, {sent} bytes "
+        f"({sent / 1024:.1f} KiB) sent for a {disk // MiB} MiB disk holding 256 MiB of data: "
+        f"{sent / disk:.6f} of the disk"
     )
 
 
