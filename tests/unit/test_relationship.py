@@ -13,9 +13,11 @@ from ferry.core.relationship import (
     Role,
     Verdict,
     cycle_mode,
+    resume,
     settle_in_flight,
 )
 from ferry.core.replication import ReplicationState as S
+from ferry.errors import StateError
 
 UUID = "0f0e0d0c-0b0a-0908-0706-050403020100"
 
@@ -52,6 +54,22 @@ def test_an_initial_copy_scheduled_for_later_waits() -> None:
     later = rel(S.INITIAL_COPY, initial_after=1000.0)
     assert cycle_mode(later, bitmap_usable=False, now=999.0)[0] is CycleMode.WAIT
     assert cycle_mode(later, bitmap_usable=False, now=1000.0)[0] is CycleMode.FULL
+
+
+@pytest.mark.parametrize(
+    ("interrupted", "back"),
+    [(None, S.REPLICATING), (S.REPLICATING, S.REPLICATING),
+     (S.INITIAL_COPY, S.INITIAL_COPY), (S.RESYNCHRONISING, S.RESYNCHRONISING)],
+)  # fmt: skip
+def test_resume_returns_to_the_interrupted_state(interrupted: S | None, back: S) -> None:
+    for stopped in (S.PAUSED, S.ERROR):
+        resumed = resume(rel(stopped, resume_to=interrupted, error="x"))
+        assert (resumed.state, resumed.error, resumed.resume_to) == (back, None, None)
+
+
+def test_only_paused_or_error_resume() -> None:
+    with pytest.raises(StateError, match="it is replicating"):
+        resume(rel(S.REPLICATING))
 
 
 def flight(*, full: bool = False) -> CycleInFlight:

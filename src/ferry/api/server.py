@@ -503,8 +503,7 @@ class AgentApi:
         uuid = request.match_info["uuid"]
         rel = self.replicas.relationship(uuid)
         self.replicas.check_primary(request["caller"], rel)
-        return _json([{"id": p.id, "time": p.time, "size": p.size, "consistent": True}
-                      for p in self.replicas.points(uuid)])  # fmt: skip
+        return _json(self.replicas.point_views(uuid))
 
     async def peer_hashes(self, request: web.Request) -> web.Response:
         try:

@@ -115,6 +115,18 @@ class Relationship(BaseModel):
 # --------------------------------------------------------------------------- cycle decisions
 
 
+def resume(rel: Relationship) -> Relationship:
+    """Leave ``paused`` or ``error`` for the running state that was interrupted.
+
+    A half-done initial copy or resynchronisation goes back to being one (it
+    is never mistaken for done); anything else resumes replicating.
+    """
+    state = transition(rel.state, ReplicationOp.RESUME, vm=rel.vm_name)
+    if rel.resume_to in (S.INITIAL_COPY, S.RESYNCHRONISING):
+        state = rel.resume_to
+    return rel.model_copy(update={"state": state, "error": None, "resume_to": None})
+
+
 class CycleMode(StrEnum):
     """What a cycle cuts after the pending points went."""
 

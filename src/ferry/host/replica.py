@@ -115,6 +115,11 @@ class ReplicaStore:
         """Recovery points offered for failover, oldest first."""
         return [p for p in self.catalog.points(vm_uuid) if p.id != ADOPTED_POINT]
 
+    def point_views(self, vm_uuid: str) -> list[dict[str, Any]]:
+        """``replication points --json``: every point is whole (linked only once verified)."""
+        return [{"id": p.id, "time": p.time, "size": p.size, "consistent": True}
+                for p in self.points(vm_uuid)]  # fmt: skip
+
     def state(self, vm_uuid: str) -> dict[str, Any]:
         rel = self.relationship(vm_uuid)
         chain = self.catalog.points(vm_uuid)
@@ -261,18 +266,27 @@ class ReplicaStore:
             )  # fmt: skip
             receiver = PointReceiver(targets, vm_uuid=UUID(vm_uuid), point_id=point_id)
             end = await receive_point(stream, receiver, backings)
-            size = self._stem_size(storage, stem, disks)
-            self.catalog.add_point(vm_uuid, PointInfo(id=point_id, time=point_time, file=stem,
-                                                      size=size))  # fmt: skip
-            self.catalog.update_spec(self.replica_spec(record.spec, storage, stem))
-            if rel.state is ReplicationState.INITIAL_COPY:
-                rel = rel.model_copy(update={"state": transition(
-                    rel.state, ReplicationOp.INITIAL_COPY_DONE)})  # fmt: skip
-                self.catalog.put_relationship(rel)
+            rel = self._linked(rel, record, PointInfo(id=point_id, time=point_time, file=stem))
             log.info("VM %s: linked recovery point %d (%d bytes of stream)", rel.vm_name,
                      point_id, end.wire_bytes)  # fmt: skip
             await self._retain(rel)
         return {"point": point_id, "linked": True, **self.state(vm_uuid)}
+
+    def _linked(self, rel: Relationship, record: VmRecord, point: PointInfo) -> Relationship:
+        """A point's files are in place: list it, and make it the replica VM's disks.
+
+        The first linked point ends the initial copy, however it came (network,
+        media, or the patch over an adopted image).
+        """
+        storage = Path(rel.storage)
+        size = self._stem_size(storage, point.file, len(record.spec.disks))
+        self.catalog.add_point(rel.vm_uuid, PointInfo(point.id, point.time, point.file, size))
+        self.catalog.update_spec(self.replica_spec(record.spec, storage, point.file))
+        if rel.state is ReplicationState.INITIAL_COPY:
+            rel = rel.model_copy(update={
+                "state": transition(rel.state, ReplicationOp.INITIAL_COPY_DONE)})  # fmt: skip
+            self.catalog.put_relationship(rel)
+        return rel
 
     async def _retain(self, rel: Relationship) -> None:
         """Finish a cut-short merge, then merge down to the kept number of points."""
@@ -369,10 +383,8 @@ class ReplicaStore:
             targets = [disk_file(storage, BASE, i) for i in range(disks)]
             copied = await import_media(folder, manifest, targets,
                                         [d.size for d in record.spec.disks])  # fmt: skip
-            self.catalog.add_point(rel.vm_uuid, PointInfo(
-                id=manifest.point_id, time=manifest.time, file=BASE,
-                size=self._stem_size(storage, BASE, disks)))  # fmt: skip
-            self.catalog.update_spec(self.replica_spec(record.spec, storage, BASE))
+            self._linked(rel, record, PointInfo(id=manifest.point_id, time=manifest.time,
+                                                file=BASE))  # fmt: skip
         log.info("VM %s: initial copy imported from %s (%d bytes)", rel.vm_name, folder, copied)
         return {"vm": rel.vm_name, "point": manifest.point_id, "bytes": copied,
                 **self.state(rel.vm_uuid)}  # fmt: skip

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from ferry.adapters.catalog import VmRecord
-from ferry.adapters.cbt import ChangedBlockTracker
 from ferry.adapters.pki import CertInfo, client_ssl_context
 from ferry.client.agent_client import AgentClient
 from ferry.core import replication as rules
+from ferry.core.migration import Phase
 from ferry.core.relationship import InitialMethod, Relationship, Role
+from ferry.core.relationship import resume as resume_relationship
 from ferry.core.replication import ReplicationOp, ReplicationState
 from ferry.core.vmstate import VmState
 from ferry.errors import (
@@ -37,6 +38,7 @@ from ferry.errors import (
     StateError,
 )
 from ferry.host.jobs import JobRegistry
+from ferry.host.migration import MOVE
 from ferry.host.replica import ReplicaStore
 from ferry.host.replication_cycle import INITIAL_JOB, CycleRunner
 from ferry.host.vms import VmService
@@ -57,7 +59,7 @@ class ReplicationService:
         self.config = vms.config
         self.catalog = vms.catalog
         self._tls = client_ssl_context(self.config.tls_dir)
-        self.cycles = CycleRunner(vms, jobs, peer=self._peer, work_dir=self.work_dir)
+        self.cycles = CycleRunner(vms, jobs, peer=self.peer, work_dir=self.work_dir)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._waiters: defaultdict[str, list[asyncio.Future[dict[str, Any]]]] = defaultdict(list)
@@ -73,10 +75,10 @@ class ReplicationService:
         return self.config.data_dir / "replication"
 
     def _rel(self, vm_uuid: str) -> Relationship | None:
-        rel = self.catalog.relationship(vm_uuid)
-        return rel if rel is not None and rel.role is Role.PRIMARY else None
+        return self.cycles.primary_rel(vm_uuid)
 
-    def _primary(self, name: str) -> tuple[VmRecord, Relationship]:
+    def primary_of(self, name: str) -> tuple[VmRecord, Relationship]:
+        """The VM here and its relationship as primary, or a NotFoundError with the remedy."""
         record = self.vms.get(name)
         rel = self._rel(record.uuid)
         if rel is None:
@@ -86,13 +88,6 @@ class ReplicationService:
             )
         return record, rel
 
-    def primary_of(self, name: str) -> tuple[VmRecord, Relationship]:
-        return self._primary(name)
-
-    def peer(self, rel: Relationship) -> AgentClient:
-        """A client for the relationship's replica host, pinned to its certificate."""
-        return self._peer(rel)
-
     def forget(self, vm_uuid: str) -> None:
         """Drop this host's primary side of a relationship (the VM failed over)."""
         task = self._tasks.pop(vm_uuid, None)
@@ -101,7 +96,8 @@ class ReplicationService:
         self.catalog.delete_relationship(vm_uuid)
         shutil.rmtree(self.work_dir / vm_uuid, ignore_errors=True)
 
-    def _peer(self, rel: Relationship, *, pin: bool = True) -> AgentClient:
+    def peer(self, rel: Relationship, *, pin: bool = True) -> AgentClient:
+        """A client for the relationship's replica host, pinned to its certificate."""
         return AgentClient(rel.replica, rel.replica_url, self._tls, server_name=rel.replica,
                            timeout=PEER_TIMEOUT_S, pin=rel.thumbprint if pin else None)  # fmt: skip
 
@@ -118,7 +114,7 @@ class ReplicationService:
                 continue
             if self.catalog.find(rel.vm_uuid) is None:
                 moves = [j for j in self.jobs.all() if j.vm_uuid == rel.vm_uuid
-                         and j.kind == "move" and j.state == "done"]  # fmt: skip
+                         and j.kind == MOVE and j.state == Phase.DONE]  # fmt: skip
                 if moves:
                     target = moves[-1].detail
                     try:
@@ -151,7 +147,7 @@ class ReplicationService:
             return
         state = rel.state
         try:
-            async with self._peer(rel) as peer:
+            async with self.peer(rel) as peer:
                 remote = await peer.get(f"/v1/peer/replicas/{vm_uuid}")
                 rel = self.cycles.confirm(rel, remote["latest_point"])
                 for point in rel.pending:
@@ -170,18 +166,17 @@ class ReplicationService:
                 await target.get("/v1/peer/hello")
                 thumbprint = target.thumbprint or ""
             # The replica first, so the new primary's first cycle is welcome there.
-            async with self._peer(rel) as peer:
+            async with self.peer(rel) as peer:
                 await peer.call("PATCH", f"/v1/peer/replicas/{vm_uuid}", body={
                     "primary": host, "thumbprint": thumbprint, "primary_url": url})  # fmt: skip
             await target.post("/v1/peer/replications", json.loads(moved.model_dump_json()))
-        new_thumbprint = thumbprint
         self.catalog.delete_relationship(vm_uuid)
         await asyncio.to_thread(shutil.rmtree, self.work_dir / vm_uuid, True)
         task = self._tasks.pop(vm_uuid, None)
         if task is not None and task is not asyncio.current_task():
             task.cancel()
         log.info("VM %s: replication handed over to %s (pinned %s)", rel.vm_name, host,
-                 new_thumbprint[:16])  # fmt: skip
+                 thumbprint[:16])  # fmt: skip
 
     def adopt(self, caller: CertInfo, document: dict[str, Any]) -> dict[str, Any]:
         """The VM arrived here by a move: carry on its replication as the primary."""
@@ -250,7 +245,7 @@ class ReplicationService:
 
     async def sync_now(self, name: str) -> dict[str, Any]:
         """Run a cycle now and return its outcome (``replication sync``)."""
-        record, rel = self._primary(name)
+        record, rel = self.primary_of(name)
         if not rules.is_running(rel.state):
             raise StateError(f"replication of VM {name!r} is {rel.state.value}; resume it first")
         self._spawn(record.uuid)
@@ -295,7 +290,7 @@ class ReplicationService:
             recovery_points=recovery_points, compression=compression, initial=initial,
             created=time.time(), initial_after=initial_after,
         )  # fmt: skip
-        async with self._peer(rel, pin=False) as peer:
+        async with self.peer(rel, pin=False) as peer:
             hello = await peer.get("/v1/peer/hello")
             rules.check_replica_accepts(self.config.functional_level,
                                         int(hello["functional_level"]), primary=self.config.name,
@@ -337,7 +332,7 @@ class ReplicationService:
     async def change(self, name: str, *, replica: str | None, replica_url: str | None,
                      frequency_s: int | None, recovery_points: int | None,
                      thumbprint: str | None) -> dict[str, Any]:  # fmt: skip
-        record, rel = self._primary(name)
+        record, rel = self.primary_of(name)
         async with self.cycle_locks[record.uuid]:
             rel = self._rel(record.uuid) or rel
             update: dict[str, Any] = {}
@@ -356,7 +351,7 @@ class ReplicationService:
                     raise InvalidInputError(f"no address known for host {replica!r}")
                 # The replica VM moved: the new host must hold it already.
                 moved = rel.model_copy(update={"replica": replica, "replica_url": replica_url})
-                async with self._peer(moved, pin=False) as peer:
+                async with self.peer(moved, pin=False) as peer:
                     await peer.get(f"/v1/peer/replicas/{record.uuid}")
                     update.update(
                         replica=replica,
@@ -365,18 +360,12 @@ class ReplicationService:
                     )
             new = rel.model_copy(update=update)
             if {"frequency_s", "recovery_points"} & update.keys():
-                async with self._peer(new) as peer:
+                async with self.peer(new) as peer:
                     await peer.call("PATCH", f"/v1/peer/replicas/{record.uuid}", body={
                         "frequency_s": new.frequency_s,
                         "recovery_points": new.recovery_points})  # fmt: skip
             if new.state is S.ERROR and ({"thumbprint", "replica"} & update.keys()):
-                rules.transition(new.state, ReplicationOp.RESUME, vm=name)
-                back = (
-                    new.resume_to
-                    if new.resume_to in (S.INITIAL_COPY, S.RESYNCHRONISING)
-                    else S.REPLICATING
-                )
-                new = new.model_copy(update={"state": back, "error": None, "resume_to": None})
+                new = resume_relationship(new)
             self.catalog.put_relationship(new)
         self._wake_up(record.uuid)
         return self.status(name)
@@ -386,25 +375,23 @@ class ReplicationService:
         self._wake[vm_uuid].set()
 
     async def pause(self, name: str, *, resume: bool = False) -> dict[str, Any]:
-        record, rel = self._primary(name)
+        record, rel = self.primary_of(name)
         async with self.cycle_locks[record.uuid]:
             rel = self._rel(record.uuid) or rel
-            op = ReplicationOp.RESUME if resume else ReplicationOp.PAUSE
-            state = rules.transition(rel.state, op, vm=name)
-            update: dict[str, Any] = {"state": state, "error": None}
             if resume:
-                update["resume_to"] = None
-                if rel.resume_to in (S.INITIAL_COPY, S.RESYNCHRONISING):
-                    update["state"] = rel.resume_to
-            elif rules.is_running(rel.state):
-                update["resume_to"] = rel.state
-            self.catalog.put_relationship(rel.model_copy(update=update))
+                rel = resume_relationship(rel)
+            else:
+                state = rules.transition(rel.state, ReplicationOp.PAUSE, vm=name)
+                interrupted = rel.state if rules.is_running(rel.state) else rel.resume_to
+                rel = rel.model_copy(update={"state": state, "error": None,
+                                             "resume_to": interrupted})  # fmt: skip
+            self.catalog.put_relationship(rel)
         if resume:
             self._wake_up(record.uuid)
         return self.status(name)
 
     async def remove(self, name: str) -> dict[str, Any]:
-        record, rel = self._primary(name)
+        record, rel = self.primary_of(name)
         task = self._tasks.pop(record.uuid, None)
         if task is not None:
             task.cancel()
@@ -413,7 +400,7 @@ class ReplicationService:
         async with self.cycle_locks[record.uuid]:
             replica_kept: Any = None
             try:
-                async with self._peer(rel) as peer:
+                async with self.peer(rel) as peer:
                     reply = await peer.delete(f"/v1/peer/replicas/{record.uuid}")
                     replica_kept = reply.get("kept_replica_vm")
             except (ConnectionFailedError, NotFoundError, AuthError) as exc:
@@ -421,8 +408,7 @@ class ReplicationService:
                             rel.replica, exc)  # fmt: skip
             with contextlib.suppress(FerryError):
                 if record.state in (VmState.RUNNING, VmState.PAUSED):
-                    await ChangedBlockTracker(self.vms.channel(record), record.spec.disks,
-                                              vm=name).drop_bitmap()  # fmt: skip
+                    await self.cycles.tracker(record).drop_bitmap()
             self.catalog.delete_relationship(record.uuid)
             await asyncio.to_thread(shutil.rmtree, self.work_dir / record.uuid, True)
         log.info("VM %s: replication to %s removed", name, rel.replica)
@@ -431,11 +417,15 @@ class ReplicationService:
 
     # -- reading ----------------------------------------------------------------------
 
-    def status(self, name: str) -> dict[str, Any]:
-        record = self.vms.get(name)
-        rel = self.catalog.relationship(record.uuid)
+    def _any_rel(self, name: str) -> Relationship:
+        """The VM's relationship here, as primary or replica."""
+        rel = self.catalog.relationship(self.vms.get(name).uuid)
         if rel is None:
             raise NotFoundError(f"VM {name!r} on host {self.config.name!r} is not replicated")
+        return rel
+
+    def status(self, name: str) -> dict[str, Any]:
+        rel = self._any_rel(name)
         now = time.time()
         if rel.role is Role.REPLICA:
             return self._replica_status(rel, now)
@@ -468,7 +458,7 @@ class ReplicationService:
         latest = state["latest_time"]
         return {
             "vm": rel.vm_name, "role": rel.role.value,
-            "state": (S.REPLICATING if latest else S.INITIAL_COPY).value,
+            "state": rel.state.value,
             "health": "normal", "primary": rel.primary, "replica": rel.replica,
             "frequency_s": rel.frequency_s, "recovery_points": rel.recovery_points,
             "last_replication_time": latest, "lag_s": max(0.0, now - latest) if latest else None,
@@ -477,13 +467,9 @@ class ReplicationService:
         }  # fmt: skip
 
     async def points(self, name: str) -> list[dict[str, Any]]:
-        record = self.vms.get(name)
-        rel = self.catalog.relationship(record.uuid)
-        if rel is None:
-            raise NotFoundError(f"VM {name!r} on host {self.config.name!r} is not replicated")
+        rel = self._any_rel(name)
         if rel.role is Role.REPLICA:
-            return [{"id": p.id, "time": p.time, "size": p.size, "consistent": True}
-                    for p in self.store.points(rel.vm_uuid)]  # fmt: skip
-        async with self._peer(rel) as peer:
+            return self.store.point_views(rel.vm_uuid)
+        async with self.peer(rel) as peer:
             found: list[dict[str, Any]] = await peer.get(f"/v1/peer/replicas/{rel.vm_uuid}/points")
             return found

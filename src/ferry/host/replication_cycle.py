@@ -88,13 +88,14 @@ class CycleRunner:
         self._bucket = TokenBucket(self.config.replication_max_bandwidth, now=time.monotonic())
         self._corrupt_streams = self.config.corrupt_replication_streams
 
-    def _rel(self, vm_uuid: str) -> Relationship | None:
+    def primary_rel(self, vm_uuid: str) -> Relationship | None:
+        """The VM's relationship if this host is its primary."""
         rel = self.catalog.relationship(vm_uuid)
         return rel if rel is not None and rel.role is Role.PRIMARY else None
 
     async def run(self, vm_uuid: str) -> dict[str, Any]:
         """One cycle; the caller holds the relationship's cycle lock."""
-        rel = self._rel(vm_uuid)
+        rel = self.primary_rel(vm_uuid)
         if rel is None or not rules.is_running(rel.state):
             return {"result": "skipped", "reason": "not replicating"}
         record = self.catalog.find(vm_uuid)
@@ -122,7 +123,7 @@ class CycleRunner:
             kind, error = CycleKind.NETWORK_FAILURE, str(exc)
         except CycleStopped as exc:
             kind, error = CycleKind.FAILURE, str(exc)
-            current = self._rel(vm_uuid) or rel
+            current = self.primary_rel(vm_uuid) or rel
             if rules.allowed(current.state, ReplicationOp.FAIL):
                 current = current.model_copy(update={
                     "state": rules.transition(current.state, ReplicationOp.FAIL),
@@ -138,7 +139,7 @@ class CycleRunner:
                         error)  # fmt: skip
             return {"result": kind.value, "error": error, "duration_s": duration}
         return {"result": "ok", "bytes": sent, "duration_s": duration,
-                "point": (self._rel(vm_uuid) or rel).confirmed_point}  # fmt: skip
+                "point": (self.primary_rel(vm_uuid) or rel).confirmed_point}  # fmt: skip
 
     async def _cycle(self, record: VmRecord, rel: Relationship) -> int | None:
         name = rel.vm_name
@@ -167,14 +168,14 @@ class CycleRunner:
 
     async def _exchange(self, record: VmRecord, rel: Relationship, peer: AgentClient,
                         remote: dict[str, Any]) -> int | None:  # fmt: skip
-        tracker = self._tracker(record)
+        tracker = self.tracker(record)
         rel = self.confirm(rel, remote["latest_point"])
         if rel.in_flight is not None:
             rel = await self._settle(rel, tracker)
         sent = 0
         for point in rel.pending:
             sent += await self.send(peer, rel, point)
-            rel = self._rel(rel.vm_uuid) or rel
+            rel = self.primary_rel(rel.vm_uuid) or rel
             if point.full or point.resync:
                 rel = self._after_point(rel)
         mode, decided = cycle_mode(rel, bitmap_usable=await tracker.bitmap_usable(),
@@ -194,12 +195,12 @@ class CycleRunner:
                 point = await self._resync_point(rel, tracker, peer, job)
             else:
                 point = await self._cut(rel, tracker, full=mode is CycleMode.FULL)
-            rel = self._rel(rel.vm_uuid) or rel
+            rel = self.primary_rel(rel.vm_uuid) or rel
             if job is not None:
                 self.jobs.update(job, phase="sending")
             sent += await self.send(peer, rel, point, job)
             if mode is not CycleMode.DELTA:
-                self._after_point(self._rel(rel.vm_uuid) or rel)
+                self._after_point(self.primary_rel(rel.vm_uuid) or rel)
         except BaseException as exc:
             if job is not None:
                 self.jobs.update(job, "failed", error=str(exc) or type(exc).__name__)
@@ -208,7 +209,7 @@ class CycleRunner:
             self.jobs.update(job, "done", phase="done", result="ok", bytes_sent=sent)
         return sent
 
-    def _tracker(self, record: VmRecord) -> ChangedBlockTracker:
+    def tracker(self, record: VmRecord) -> ChangedBlockTracker:
         return ChangedBlockTracker(self.vms.channel(record), record.spec.disks, vm=record.name,
                                    qemu_img_bin=self.config.qemu_img)  # fmt: skip
 
@@ -291,7 +292,7 @@ class CycleRunner:
         scratch = self.work_dir / rel.vm_uuid / "resync"
         scratch.mkdir(parents=True, exist_ok=True)
         full = await self._cut(rel, tracker, full=True, out_dir=scratch)
-        rel = self._rel(rel.vm_uuid) or rel
+        rel = self.primary_rel(rel.vm_uuid) or rel
         if job is not None:
             self.jobs.update(job, phase="comparing")
         remote = await peer.get(f"/v1/peer/replicas/{rel.vm_uuid}/hashes",
@@ -368,7 +369,7 @@ class CycleRunner:
         """``--initial media:DIR``: the full copy goes to a folder the admin carries."""
         from ferry.host.initial_media import write_media
 
-        tracker = self._tracker(record)
+        tracker = self.tracker(record)
         media.mkdir(exist_ok=True)
         point = await self._cut(rel, tracker, full=True, out_dir=media)
         self.jobs.update(job, phase="checksumming")
