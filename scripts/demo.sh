@@ -52,6 +52,13 @@ step "ferry replication status demo; ferry replication points demo"
 ferry replication status demo
 ferry replication points demo
 
+ferry failover stop-test demo >/dev/null 2>&1 || true   # a drill an earlier run left
+step "ferry failover test demo   (a disaster-recovery drill on host-3: demo-test boots the latest point)"
+ferry failover test demo
+ferry vm console demo-test --host host-3 --follow --until "up last-seq" --timeout 60s
+step "ferry failover stop-test demo"
+ferry failover stop-test demo
+
 step "ferry vm list"
 ferry vm list
 

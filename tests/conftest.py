@@ -112,13 +112,13 @@ class LabEnv:
             time.sleep(0.1)
 
     def restart_agent(self, index: int, **config: object) -> None:
-        """Stop host-``index``'s agent (SIGTERM), change its host.toml, start it again."""
+        """Stop host-``index``'s agent (SIGTERM) if it runs, change its host.toml, start it."""
         import tomllib
 
         host = self.lab.host(index)
         pid = host.pid()
-        assert pid is not None
-        os.kill(pid, signal.SIGTERM)
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
         while host.pid() is not None:
             time.sleep(0.1)
         settings = tomllib.loads(host.config_path.read_text())

@@ -26,6 +26,7 @@ from ferry.errors import ConfigError
 from ferry.host import facts
 from ferry.host.config import HostConfig, load_host_config
 from ferry.host.exchange import ExchangeService
+from ferry.host.extension import ExtensionService
 from ferry.host.jobs import JobRegistry
 from ferry.host.migration import MigrationService
 from ferry.host.replica import ReplicaStore
@@ -63,6 +64,7 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
     vms: VmService | None = None
     migrations: MigrationService | None = None
     replication: ReplicationService | None = None
+    extensions: ExtensionService | None = None
     try:
         tls = server_ssl_context(config.tls_dir)
         qemu_version = await asyncio.to_thread(facts.qemu_version, config.qemu_binary)
@@ -86,15 +88,18 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         migrations.observer = replication
         address, port = config.address
         url = f"https://{address}:{port}"
+        extensions = ExtensionService(store, jobs, replication.cycles, url)
         api = AgentApi(
             vms,
             migrations,
             exchange,
             replication,
+            extensions,
             url=url,
             accelerator=accelerator,
             qemu_version=qemu_version,
         )
+        await api.failover.recover()
         runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, address, port, ssl_context=tls, reuse_address=True)
@@ -110,6 +115,7 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await replication.start()
+        await extensions.start()
         if ready is not None:
             ready.set()
         await stop.wait()
@@ -117,6 +123,8 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
     finally:
         if runner is not None:
             await runner.cleanup()
+        if extensions is not None:
+            await extensions.shutdown()
         if replication is not None:
             await replication.shutdown()
         if migrations is not None:

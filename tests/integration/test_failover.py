@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +51,13 @@ def vm(lab_env: LabEnv, servers: Path, request: pytest.FixtureRequest) -> Iterat
             lab_env.cli("vm", "delete", name + suffix, "--force", "--host", host, check=False)
 
 
+def final(cli: Any, *args: str) -> Any:
+    """A job-following command's result: the last of its JSON lines (events come first)."""
+    lines = cli(*args, "--json").stdout.splitlines()
+    assert all(json.loads(line).get("event") == "progress" for line in lines[:-1]), lines
+    return json.loads(lines[-1])
+
+
 def console(lab_env: LabEnv, name: str, host: str) -> str:
     return lab_env.cli("vm", "console", name, "--host", host).stdout
 
@@ -75,17 +83,23 @@ def point_files(servers: Path, host: str, uuid: str) -> list[Path]:
     return sorted((servers / host / uuid).glob("*-disk0.qcow2"))
 
 
+def fresh_point(lab_env: LabEnv, servers: Path, name: str) -> tuple[int, str, Path]:
+    """New records, a cycle: the new point's id, the VM's UUID and the point's disk0 file."""
+    more_records(lab_env, name, "host-1")
+    point = sync(lab_env, name)["point"]
+    uuid = lab_env.vm(name, "host-1")["uuid"]
+    (found,) = [f for f in point_files(servers, "host-2", uuid) if f.name.startswith(f"p{point}-")]
+    return point, uuid, found
+
+
 def test_test_failover_boots_a_point_while_replication_goes_on(
     lab_env: LabEnv, servers: Path, vm: str
 ) -> None:
     cli = lab_env.cli
-    more_records(lab_env, vm, "host-1")
-    point = sync(lab_env, vm)["point"]
-    uuid = lab_env.vm(vm, "host-1")["uuid"]
-    (latest,) = [f for f in point_files(servers, "host-2", uuid) if f.name.startswith(f"p{point}-")]
+    point, uuid, latest = fresh_point(lab_env, servers, vm)
     on_point = read_records(latest).last_seq
 
-    started = cli.json("failover", "test", vm)
+    started = final(cli, "failover", "test", vm)
     assert started["test_vm"] == f"{vm}-test" and started["point"] == point
     test_vm = lab_env.vm(f"{vm}-test", "host-2")
     assert test_vm["state"] == "running" and test_vm["uuid"] != uuid
@@ -101,7 +115,7 @@ def test_test_failover_boots_a_point_while_replication_goes_on(
     assert ids == [point - 1, point, point + 1, point + 2, point + 3]  # nothing merged
     more_records(lab_env, f"{vm}-test", "host-2")  # the test VM writes on its own overlay
 
-    stopped = cli.json("failover", "stop-test", vm)
+    stopped = final(cli, "failover", "stop-test", vm)
     assert stopped["stopped"]
     assert "no VM named" in cli.fails("vm", "show", f"{vm}-test", "--host", "host-2")
     assert not list((servers / "host-2" / uuid).glob("test-*"))
@@ -163,7 +177,7 @@ def test_unplanned_failover_cancel_complete_and_reverse(
     more_records(lab_env, vm, "host-1", 3)
     second = sync(lab_env, vm)["point"]
     line = cli.fails("failover", "start", vm)
-    assert "still runs on its primary host 'host-1'" in line  # split brain refused
+    assert "still runs on host 'host-1'" in line  # split brain refused
 
     _kill_host1_and_its_vm(lab_env, vm)
     # host-1 is lost: its files must not be needed (kernel, initrd, disks).
@@ -171,7 +185,7 @@ def test_unplanned_failover_cancel_complete_and_reverse(
     hidden = lost.with_name(lost.name + ".lost")
     lost.rename(hidden)
     try:
-        started = cli.json("failover", "start", vm)
+        started = final(cli, "failover", "start", vm)
         assert started["point"] == second and started["host"] == "host-2"
         uuid = lab_env.vm(vm, "host-2")["uuid"]
         text = lab_env.wait_console(vm, lambda t: UP.search(t) is not None, host="host-2")
@@ -179,16 +193,16 @@ def test_unplanned_failover_cancel_complete_and_reverse(
                          if f.name.startswith(f"p{second}-")]  # fmt: skip
         assert up_seq(text) == read_records(point_file).last_seq
 
-        cancelled = cli.json("failover", "cancel", vm)
+        cancelled = final(cli, "failover", "cancel", vm)
         assert cancelled["cancelled"] and lab_env.vm(vm, "host-2")["state"] == "replica"
         assert not list((servers / "host-2" / uuid).glob("run-*"))
 
         # An older point this time, then final.
-        started = cli.json("failover", "start", vm, "--point", str(first))
+        started = final(cli, "failover", "start", vm, "--point", str(first))
         assert started["point"] == first
         text = lab_env.wait_console(vm, lambda t: UP.search(t) is not None, host="host-2")
         assert up_seq(text) < read_records(point_file).last_seq
-        done = cli.json("failover", "complete", vm)
+        done = final(cli, "failover", "complete", vm)
         assert done["completed"] and done["point"] == first
         assert "cannot be cancelled" in cli.fails("failover", "cancel", vm)
     finally:
@@ -196,7 +210,7 @@ def test_unplanned_failover_cancel_complete_and_reverse(
         cli("lab", "up", "--hosts", "2", "--no-guest")
     assert lab_env.vm(vm, "host-1")["state"] in ("crashed", "off")
 
-    reversed_ = cli.json("replication", "reverse", vm)
+    reversed_ = final(cli, "replication", "reverse", vm)
     assert reversed_["primary"] == "host-2" and reversed_["replica"] == "host-1"
     status = wait_for(lambda: cli.json("replication", "status", vm, "--host", "host-2"),
                       lambda s: s["state"] == "replicating")  # fmt: skip
@@ -205,3 +219,124 @@ def test_unplanned_failover_cancel_complete_and_reverse(
     assert jobs[-1]["bytes_sent"] < 8 * 1024**2  # differences only, not the 64 MiB disk
     assert status["latest_point"] is not None
     assert re.search(r"replica", lab_env.vm(vm, "host-1")["state"])
+
+
+def test_a_failover_cut_short_by_an_agent_crash_can_be_cancelled_or_finished(
+    lab_env: LabEnv, servers: Path, vm: str
+) -> None:
+    """The replica's agent dies in the middle of 'failover start' (test hook)."""
+    cli = lab_env.cli
+    point, uuid, point_file = fresh_point(lab_env, servers, vm)
+    ids = [p["id"] for p in cli.json("replication", "points", vm, "--host", "host-2")]
+    on_point = read_records(point_file).last_seq
+    cli("vm", "kill", vm, "--host", "host-1")  # the primary's VM is down
+    lab_env.restart_agent(2, crash_failover_at="creating-overlays")
+    try:
+        result = cli("failover", "start", vm, "--host", "host-2", check=False)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert lab_env.lab.host(2).pid() is None  # the agent died in that phase
+    finally:
+        lab_env.restart_agent(2, crash_failover_at="")
+
+    # The decision was written before the crash; the restart finished the overlays.
+    status = cli.json("replication", "status", vm, "--host", "host-2")
+    assert status["state"] == "failed-over"
+    assert lab_env.vm(vm, "host-2")["state"] == "off"
+    (job,) = [j for j in cli.json("job", "list", "--host", "host-2")
+              if j["vm"] == vm and j["kind"] == "failover-start"]  # fmt: skip
+    assert job["state"] == "failed" and "phase creating-overlays" in job["error"]
+
+    # Cancellable: a replica again, its points untouched.
+    cancelled = final(cli, "failover", "cancel", vm, "--host", "host-2")
+    assert cancelled["cancelled"] and lab_env.vm(vm, "host-2")["state"] == "replica"
+    assert [p["id"] for p in cli.json("replication", "points", vm, "--host", "host-2")] == ids
+    assert not list((servers / "host-2" / uuid).glob("run-*"))
+    # And a failover then runs through on the same point.
+    started = final(cli, "failover", "start", vm, "--host", "host-2")
+    assert started["point"] == point
+    text = lab_env.wait_console(vm, lambda t: UP.search(t) is not None, host="host-2")
+    assert up_seq(text) == on_point
+    final(cli, "failover", "cancel", vm, "--host", "host-2")
+
+
+def same_image(a: Path, b: Path) -> bool:
+    return subprocess.run(["qemu-img", "compare", "-U", str(a), str(b)],
+                          capture_output=True).returncode == 0  # fmt: skip
+
+
+def test_extended_replication_and_failover_from_the_extended_host(
+    lab_env: LabEnv, servers: Path, vm: str
+) -> None:
+    """host-1 -> host-2 -> host-3: several points travel on as one, failover from host-3."""
+    cli = lab_env.cli
+    cli("lab", "up", "--hosts", "3", "--no-guest")
+    cli("replica-server", "enable", "--host", "host-3", "--storage", str(servers / "host-3"),
+        "--allow", "host-2")  # fmt: skip
+    sync(lab_env, vm)
+    try:
+        # Refusals: not 30s, not to a host that has the VM, not more often than the primary.
+        assert "use 5m or 15m" in cli.fails("replication", "extend", vm, "--to", "host-3",
+                                            "--frequency", "30s")  # fmt: skip
+        assert "extend to a third host" in cli.fails("replication", "extend", vm, "--to", "host-1")
+        cli("replication", "set", vm, "--frequency", "15m")
+        line = cli.fails("replication", "extend", vm, "--to", "host-3", "--frequency", "5m")
+        assert "more often than its primary" in line
+        cli("replication", "set", vm, "--frequency", "30s")
+
+        out = cli("replication", "extend", vm, "--to", "host-3", "--frequency", "5m", "--json")
+        *events, last = out.stdout.splitlines()
+        assert events and json.loads(events[-1])["event"] == "progress"  # the initial copy job
+        ext = json.loads(last)
+        first = cli.json("replication", "points", vm, "--host", "host-2")[-1]["id"]
+        assert ext["state"] == "replicating" and ext["latest_point"] == first
+        line = cli.fails("replication", "set", vm, "--frequency", "15m")
+        assert "extended from 'host-2' to 'host-3' every 5m" in line
+        assert "already extended" in cli.fails("replication", "extend", vm, "--to", "host-3")
+
+        # Three primary cycles; host-2 keeps 1 point + latest, but holds back the
+        # merges of what host-3 does not have yet.
+        for _ in range(3):
+            more_records(lab_env, vm, "host-1")
+            sync(lab_env, vm)
+        held = [p["id"] for p in cli.json("replication", "points", vm, "--host", "host-2")]
+        assert held[-4:] == [first, first + 1, first + 2, first + 3], held
+        out = cli.json("replication", "sync", vm, "--host", "host-2")
+        assert out["result"] == "ok" and out["point"] == first + 3
+        assert out["bytes"] < 8 * 1024**2  # the changes of three points, not the disk
+        assert [p["id"] for p in cli.json("replication", "points", vm, "--host", "host-2")] == [
+            first + 2, first + 3]  # fmt: skip
+        assert [p["id"] for p in cli.json("replication", "points", vm, "--host", "host-3")] == [
+            first, first + 3]  # fmt: skip
+        on_2 = Path(lab_env.vm(vm, "host-2")["disks"][0]["path"])
+        on_3 = Path(lab_env.vm(vm, "host-3")["disks"][0]["path"])
+        assert on_3.name.startswith(f"p{first + 3}-")
+        assert same_image(on_2, on_3), "the extended replica differs from the replica"
+        latest_seq = read_records(on_3).last_seq
+        assert latest_seq == read_records(on_2).last_seq and read_records(on_3).corrupt == 0
+
+        status = cli.json("replication", "status", vm, "--host", "host-2")
+        assert status["extended"]["host"] == "host-3"
+        assert status["extended"]["state"] == "replicating"
+        assert status["extended"]["success_count"] == 2
+        on_3_status = cli.json("replication", "status", vm, "--host", "host-3")
+        assert on_3_status["primary"] == "host-2" and on_3_status["origin"] == "host-1"
+
+        # Failover from the extended host: refused while host-1 runs the VM.
+        line = cli.fails("failover", "start", vm, "--host", "host-3")
+        assert "still runs on host 'host-1'" in line
+        cli("vm", "kill", vm, "--host", "host-1")
+        started = final(cli, "failover", "start", vm, "--host", "host-3")
+        assert started["point"] == first + 3 and started["host"] == "host-3"
+        text = lab_env.wait_console(vm, lambda t: UP.search(t) is not None, host="host-3")
+        assert up_seq(text) == latest_seq
+        assert "cannot reverse" in cli.fails("replication", "reverse", vm, "--host", "host-3")
+        cancelled = final(cli, "failover", "cancel", vm, "--host", "host-3")
+        assert cancelled["cancelled"] and lab_env.vm(vm, "host-3")["state"] == "replica"
+
+        removed = cli.json("replication", "extend", vm, "--remove", "--host", "host-2")
+        assert removed["removed"] and removed["extended_vm_kept"]
+        assert lab_env.vm(vm, "host-3")["state"] == "off"
+        assert cli.json("replication", "status", vm, "--host", "host-2")["extended"] is None
+    finally:
+        cli("replication", "extend", vm, "--remove", "--host", "host-2", check=False)
+        cli("vm", "delete", vm, "--force", "--host", "host-3", check=False)

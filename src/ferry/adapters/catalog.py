@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ferry.core.relationship import Relationship
+from ferry.core.relationship import Extension, Relationship
 from ferry.core.replication import CycleRecord, PointInfo
 from ferry.core.spec import VmSpec
 from ferry.core.versions import DATA_SCHEMA_VERSION, check_data_schema
@@ -86,6 +86,15 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             duration_s REAL NOT NULL
         )""",
         "CREATE INDEX cycles_by_vm ON cycles (vm_uuid, started)",
+    ),
+    5: (
+        # Extended replication: a replica host forwarding a VM's recovery
+        # points to a third host (a JSON Extension per VM).
+        """CREATE TABLE extensions (
+            vm_uuid TEXT PRIMARY KEY,
+            doc TEXT NOT NULL,
+            updated REAL NOT NULL
+        )""",
     ),
 }
 assert max(MIGRATIONS) == DATA_SCHEMA_VERSION
@@ -293,6 +302,26 @@ class Catalog:
         with self._transaction():
             for table in ("replications", "recovery_points", "cycles"):
                 self._db.execute(f"DELETE FROM {table} WHERE vm_uuid = ?", (vm_uuid,))
+
+    def put_extension(self, ext: Extension) -> None:
+        self._db.execute(
+            "INSERT INTO extensions (vm_uuid, doc, updated) VALUES (?, ?, ?) "
+            "ON CONFLICT(vm_uuid) DO UPDATE SET doc = excluded.doc, updated = excluded.updated",
+            (ext.vm_uuid, ext.model_dump_json(), time.time()),
+        )
+
+    def extension(self, vm_uuid: str) -> Extension | None:
+        row = self._db.execute(
+            "SELECT doc FROM extensions WHERE vm_uuid = ?", (vm_uuid,)
+        ).fetchone()
+        return None if row is None else Extension.model_validate_json(row[0])
+
+    def extensions(self) -> list[Extension]:
+        rows = self._db.execute("SELECT doc FROM extensions ORDER BY vm_uuid").fetchall()
+        return [Extension.model_validate_json(doc) for (doc,) in rows]
+
+    def delete_extension(self, vm_uuid: str) -> None:
+        self._db.execute("DELETE FROM extensions WHERE vm_uuid = ?", (vm_uuid,))
 
     def add_point(self, vm_uuid: str, point: PointInfo) -> None:
         self._db.execute(

@@ -76,6 +76,46 @@ def encode_point(files: list[Path], *, vm_uuid: UUID, point_id: int,
     yield encoder.end()
 
 
+def copy_sparse(src: Path, dst: Path) -> None:
+    """Copy a file, leaving its holes holes (qcow2 deltas are mostly holes)."""
+    size = src.stat().st_size
+    with src.open("rb") as source, dst.open("wb") as out:
+        for offset, length, has_data in _file_extents(src):
+            if not has_data:
+                continue
+            source.seek(offset)
+            out.seek(offset)
+            done = 0
+            while done < length:
+                chunk = source.read(min(CHUNK, length - done))
+                out.write(chunk)
+                done += len(chunk)
+        out.truncate(size)
+
+
+async def combine_overlays(overlays: list[Path], below: Path, out: Path, *,
+                           qemu_img_bin: str = "qemu-img") -> None:  # fmt: skip
+    """One overlay on ``below`` that reads like the top of ``overlays`` (oldest first).
+
+    Extended replication sends the changes of several recovery points as one.
+    The sources are never written: the oldest is copied to ``out`` and pointed
+    at ``below``; every later one is copied next to it, pointed at ``out`` and
+    committed into it, so ``out`` ends up holding each cluster any of them
+    holds, with the newest data (zeroed clusters included).
+    """
+    await asyncio.to_thread(copy_sparse, overlays[0], out)
+    await qemu_img.rebase_unsafe(out, below, qemu_img=qemu_img_bin)
+    for overlay in overlays[1:]:
+        step = out.with_name(out.name + ".next")
+        await asyncio.to_thread(copy_sparse, overlay, step)
+        try:
+            await qemu_img.rebase_unsafe(step, out, qemu_img=qemu_img_bin)
+            await qemu_img.commit(step, qemu_img=qemu_img_bin)
+        finally:
+            step.unlink(missing_ok=True)
+    await asyncio.to_thread(fsync_file, out)
+
+
 class PointReceiver:
     """Writes one incoming recovery point into ``.partial`` files, then links it."""
 

@@ -33,9 +33,12 @@ Admin endpoints (admin certificate)::
     DELETE /v1/vms/{name}/replication   -> {vm, replica, removed, replica_vm_kept}
     GET    /v1/vms/{name}/replication/points -> [{id, time, size, consistent}]
     POST   /v1/replication/import-initial  ImportInitialRequest -> {vm, point, bytes, ...}
-    POST   /v1/vms/{name}/replication/reverse -> status (the new relationship)
+    POST   /v1/vms/{name}/replication/reverse -> job (202); its result: the new status
+    POST   /v1/vms/{name}/replication/extend  ExtendReplicationRequest -> extension (201)
+           (on the replica host; ``sync`` and ``status`` there act on the extension)
+    DELETE /v1/vms/{name}/replication/extend -> {vm, extended, removed, extended_vm_kept}
     POST   /v1/vms/{name}/failover/test|stop-test|start|complete|cancel FailoverRequest
-           -> {vm, host, point, ...}   (on the replica host)
+           -> job (202); its result {vm, host, point, ...}   (on the replica host)
     POST   /v1/vms/{name}/failover/planned -> job (202)   (on the primary host)
     GET    /v1/jobs                     -> [job]
     GET    /v1/jobs/{id}                -> job
@@ -227,6 +230,15 @@ class EnableReplicationRequest(BaseModel):
     media_dir: str | None = None
     compression: bool = True
     initial_after: float | None = None  # Unix time: start the initial copy then
+
+
+class ExtendReplicationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    to: str
+    to_url: str
+    frequency_s: int | None = None  # default: 5m, or the primary's frequency if longer
+    recovery_points: int | None = Field(default=None, ge=0, le=24)
 
 
 class SetReplicationRequest(BaseModel):

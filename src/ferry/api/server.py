@@ -27,6 +27,7 @@ from ferry.api.models import (
     DiskView,
     EnableReplicationRequest,
     ExportRequest,
+    ExtendReplicationRequest,
     FailoverRequest,
     HostView,
     ImportInitialRequest,
@@ -42,6 +43,7 @@ from ferry.api.models import (
 from ferry.core import vmstate
 from ferry.core.migration import Storage
 from ferry.core.relationship import InitialMethod
+from ferry.core.relationship import Role as RelRole
 from ferry.core.replica_server import ReplicaServerSettings
 from ferry.core.validation import first_error
 from ferry.core.versions import supported_range
@@ -49,7 +51,9 @@ from ferry.core.vmstate import VmState
 from ferry.errors import AuthError, FerryError, InvalidInputError, NotFoundError, StateError
 from ferry.host import facts
 from ferry.host.exchange import ExchangeService
+from ferry.host.extension import ExtensionService
 from ferry.host.failover import FailoverService
+from ferry.host.jobs import Job
 from ferry.host.migration import MigrationService
 from ferry.host.replica import ReplicaStore
 from ferry.host.replication import ReplicationService
@@ -123,6 +127,7 @@ class AgentApi:
         migrations: MigrationService,
         exchange: ExchangeService,
         replication: ReplicationService,
+        extensions: ExtensionService,
         *,
         url: str,
         accelerator: str,
@@ -132,6 +137,7 @@ class AgentApi:
         self.migrations = migrations
         self.exchange = exchange
         self.replication = replication
+        self.extensions = extensions
         self.failover = FailoverService(vms, migrations.jobs, replication.store, replication)
         self.replicas: ReplicaStore = replication.store
         self.replica_server = replication.store.server
@@ -180,6 +186,8 @@ class AgentApi:
                 web.get("/v1/vms/{name}/replication/points", self.replication_points),
                 web.post("/v1/replication/import-initial", self.import_initial),
                 web.post("/v1/vms/{name}/replication/reverse", self.reverse_replication),
+                web.post("/v1/vms/{name}/replication/extend", self.extend_replication),
+                web.delete("/v1/vms/{name}/replication/extend", self.remove_extension),
                 web.post("/v1/vms/{name}/failover/{action}", self.failover_action),
                 web.get("/v1/peer/vms/{uuid}", self.peer_vm_state),
                 web.post("/v1/peer/replications/{uuid}/yield", self.peer_yield),
@@ -227,8 +235,11 @@ class AgentApi:
         rel = self.vms.catalog.relationship(vm_uuid)
         if rel is None:
             return None
+        ext = self.vms.catalog.extension(vm_uuid)
         return {"role": rel.role.value, "state": rel.state.value, "primary": rel.primary,
-                "replica": rel.replica, "frequency_s": rel.frequency_s}  # fmt: skip
+                "replica": rel.replica, "frequency_s": rel.frequency_s,
+                "origin": rel.origin or None,
+                "extended": None if ext is None else ext.host}  # fmt: skip
 
     async def host(self, request: web.Request) -> web.Response:
         config = self.vms.config
@@ -432,7 +443,20 @@ class AgentApi:
         return _json(status, status=201)
 
     async def replication_status(self, request: web.Request) -> web.Response:
-        return _json(self.replication.status(request.match_info["name"]))
+        status = self.replication.status(request.match_info["name"])
+        if status["role"] == "replica":
+            status["extended"] = self.extensions.view(self.vms.get(status["vm"]).uuid)
+        return _json(status)
+
+    async def extend_replication(self, request: web.Request) -> web.Response:
+        body = await _body(request, ExtendReplicationRequest)
+        view = await self.extensions.extend(
+            request.match_info["name"], to=body.to, url=body.to_url,
+            frequency_s=body.frequency_s, recovery_points=body.recovery_points)  # fmt: skip
+        return _json(view, status=201)
+
+    async def remove_extension(self, request: web.Request) -> web.Response:
+        return _json(await self.extensions.remove(request.match_info["name"]))
 
     async def set_replication(self, request: web.Request) -> web.Response:
         body = await _body(request, SetReplicationRequest)
@@ -449,7 +473,12 @@ class AgentApi:
         return _json(await self.replication.pause(request.match_info["name"], resume=True))
 
     async def sync_replication(self, request: web.Request) -> web.Response:
-        return _json(await self.replication.sync_now(request.match_info["name"]))
+        name = request.match_info["name"]
+        record = self.vms.get(name)
+        rel = self.vms.catalog.relationship(record.uuid)
+        if rel is not None and rel.role is RelRole.REPLICA:  # on the replica: the extension
+            return _json(await self.extensions.sync_now(name))
+        return _json(await self.replication.sync_now(name))
 
     async def remove_replication(self, request: web.Request) -> web.Response:
         return _json(await self.replication.remove(request.match_info["name"]))
@@ -523,25 +552,29 @@ class AgentApi:
     # -- failover ----------------------------------------------------------------------
 
     async def failover_action(self, request: web.Request) -> web.Response:
+        """Every failover operation runs as a job (202); ``ferry job show`` follows it."""
         name, action = request.match_info["name"], request.match_info["action"]
         body = await _body(request, FailoverRequest)
-        if action == "test":
-            return _json(await self.failover.test(name, body.point))
-        if action == "stop-test":
-            return _json(await self.failover.stop_test(name))
-        if action == "start":
-            return _json(await self.failover.start(name, body.point, force=body.force))
-        if action == "complete":
-            return _json(await self.failover.complete(name))
-        if action == "cancel":
-            return _json(await self.failover.cancel(name))
+        failover = self.failover
+        operations: dict[str, Callable[[Job], Awaitable[dict[str, Any]]]] = {
+            "test": lambda job: failover.test(name, body.point, job),
+            "stop-test": lambda job: failover.stop_test(name, job),
+            "start": lambda job: failover.start(name, body.point, force=body.force, job=job),
+            "complete": lambda job: failover.complete(name, job),
+            "cancel": lambda job: failover.cancel(name, job),
+        }
         if action == "planned":
-            job = self.failover.start_planned(name)
-            return _json(job.view(self.vms.config.name), status=202)
-        raise InvalidInputError(f"unknown failover action {action!r}")
+            job = failover.start_planned(name)
+        elif action in operations:
+            job = failover.run_job(action, name, operations[action])
+        else:
+            raise InvalidInputError(f"unknown failover action {action!r}")
+        return _json(job.view(self.vms.config.name), status=202)
 
     async def reverse_replication(self, request: web.Request) -> web.Response:
-        return _json(await self.failover.reverse(request.match_info["name"]))
+        name = request.match_info["name"]
+        job = self.failover.run_job("reverse", name, lambda job: self.failover.reverse(name, job))
+        return _json(job.view(self.vms.config.name), status=202)
 
     async def peer_vm_state(self, request: web.Request) -> web.Response:
         record = self.vms.catalog.find(request.match_info["uuid"])

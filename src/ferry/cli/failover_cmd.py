@@ -26,19 +26,24 @@ PointOpt = typer.Option(None, "--point", help="Recovery point id (default: the l
 
 
 async def replica_host(fleet: Fleet, name: str, host: str | None) -> str:
-    """The host that holds VM ``name`` as a replica (unreachable hosts are skipped)."""
+    """The host that holds VM ``name`` as a replica (unreachable hosts are skipped).
+
+    An extended replica is only chosen when the first replica cannot be
+    reached; ``--host`` picks it.
+    """
     if host is not None:
         return host
+    found: list[tuple[bool, str]] = []
     for where, views in (await fleet.each("/v1/vms")).items():
         if isinstance(views, FerryError):
             continue
         for view in views:
-            if (
-                name in (view["name"], view["uuid"])
-                and (view.get("replication") or {}).get("role") == "replica"
-            ):
-                return where
-    raise NotFoundError(f"no reachable host holds a replica of VM {name!r}; pass --host")
+            summary = view.get("replication") or {}
+            if name in (view["name"], view["uuid"]) and summary.get("role") == "replica":
+                found.append((bool(summary.get("origin")), where))
+    if not found:
+        raise NotFoundError(f"no reachable host holds a replica of VM {name!r}; pass --host")
+    return sorted(found)[0][1]
 
 
 def _report(found: dict[str, Any], as_json: bool, message: str) -> None:
@@ -48,13 +53,25 @@ def _report(found: dict[str, Any], as_json: bool, message: str) -> None:
         say(message)
 
 
-def _on_replica(action: str, name: str, host: str | None, body: dict[str, Any]) -> dict[str, Any]:
+async def follow(fleet: Fleet, where: str, path: str, body: dict[str, Any] | None,
+                 what: str, as_json: bool) -> dict[str, Any]:  # fmt: skip
+    """POST a failover job, follow it (progress bar or JSON event lines), return its result."""
+    from ferry.cli.progress import follow_job
+
+    client = fleet.client(where)
+    job = await follow_job(client, await client.post(path, body), as_json=as_json)
+    if job["state"] != "done":
+        raise FerryError(f"{what} {job['state']}: {job.get('error')}")
+    result: dict[str, Any] = job["result"]
+    return result
+
+
+def _on_replica(action: str, name: str, host: str | None, body: dict[str, Any],
+                as_json: bool) -> dict[str, Any]:  # fmt: skip
     async def run(fleet: Fleet) -> dict[str, Any]:
         where = await replica_host(fleet, name, host)
-        reply: dict[str, Any] = await fleet.client(where).post(
-            f"/v1/vms/{name}/failover/{action}", body
-        )
-        return reply
+        return await follow(fleet, where, f"/v1/vms/{name}/failover/{action}", body,
+                            f"failover {action} of VM {name}", as_json)  # fmt: skip
 
     return with_fleet(run)
 
@@ -63,7 +80,7 @@ def _on_replica(action: str, name: str, host: str | None, body: dict[str, Any]) 
 def test(name: str, point: int | None = PointOpt, host: str | None = HostOpt,
          as_json: bool = JsonOpt) -> None:  # fmt: skip
     """Boot a disposable copy <VM>-test on a recovery point; replication goes on."""
-    found = _on_replica("test", name, host, {"point": point})
+    found = _on_replica("test", name, host, {"point": point}, as_json)
     _report(
         found,
         as_json,
@@ -75,7 +92,7 @@ def test(name: str, point: int | None = PointOpt, host: str | None = HostOpt,
 @app.command("stop-test")
 def stop_test(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> None:
     """Delete the test failover VM and its overlays."""
-    found = _on_replica("stop-test", name, host, {})
+    found = _on_replica("stop-test", name, host, {}, as_json)
     _report(found, as_json, f"test failover {found['test_vm']} deleted")
 
 
@@ -90,7 +107,7 @@ def start(
     as_json: bool = JsonOpt,
 ) -> None:
     """Unplanned failover: start the replica VM from a recovery point."""
-    found = _on_replica("start", name, host, {"point": point, "force": force})
+    found = _on_replica("start", name, host, {"point": point, "force": force}, as_json)
     _report(
         found,
         as_json,
@@ -102,7 +119,7 @@ def start(
 @app.command("complete")
 def complete(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> None:
     """Make a failover final: the other recovery points are dropped."""
-    found = _on_replica("complete", name, host, {})
+    found = _on_replica("complete", name, host, {}, as_json)
     _report(
         found,
         as_json,
@@ -113,7 +130,7 @@ def complete(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> 
 @app.command("cancel")
 def cancel(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> None:
     """Undo a failover: the VM on the replica stops and is a replica again."""
-    found = _on_replica("cancel", name, host, {})
+    found = _on_replica("cancel", name, host, {}, as_json)
     _report(
         found, as_json, f"failover of VM {name} cancelled; {found['host']} holds its replica again"
     )
@@ -123,17 +140,13 @@ def cancel(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> No
 def planned(name: str, host: str | None = typer.Option(None, "--host", "-H"),
             as_json: bool = JsonOpt) -> None:  # fmt: skip
     """From the primary: shut down, send the last changes, start on the replica, reverse."""
-    from ferry.cli.progress import follow_job
 
     async def run(fleet: Fleet) -> dict[str, Any]:
         where, _ = await fleet.locate(name, host)
-        job = await fleet.client(where).post(f"/v1/vms/{name}/failover/planned")
-        return await follow_job(fleet.client(where), job, as_json=as_json)
+        return await follow(fleet, where, f"/v1/vms/{name}/failover/planned", None,
+                            f"planned failover of VM {name}", as_json)  # fmt: skip
 
-    job = with_fleet(run)
-    if job["state"] != "done":
-        raise FerryError(f"planned failover of VM {name} {job['state']}: {job.get('error')}")
-    result = job["result"]
+    result = with_fleet(run)
     if as_json:
         print_json(result)
     else:

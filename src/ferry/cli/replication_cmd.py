@@ -15,7 +15,12 @@ import typer
 
 from ferry.cli.output import print_json, print_table, say
 from ferry.cli.vm_cmd import HostOpt, JsonOpt, with_fleet
-from ferry.core.replication import check_recovery_points, format_frequency, parse_frequency
+from ferry.core.replication import (
+    EXTENDED_FREQUENCIES,
+    check_recovery_points,
+    format_frequency,
+    parse_frequency,
+)
 from ferry.core.units import format_size, parse_start_time
 from ferry.errors import FerryError, InvalidInputError
 
@@ -66,10 +71,25 @@ def _show_status(status: dict[str, Any]) -> None:
         ]  # fmt: skip
     else:
         rows.append(["recovery points", str(status.get("points"))])
+    if status.get("origin"):
+        rows.append(["extended from", f"{status['primary']} (the VM runs on {status['origin']})"])
     for reason in status.get("health_reasons") or []:
         rows.append(["health", reason])
     if status.get("error"):
         rows.append(["error", status["error"]])
+    ext = status.get("extended")
+    if ext:
+        rows += [
+            ["extended to", f"{ext['host']} every {format_frequency(ext['frequency_s'])}: "
+             f"{ext['state']} ({ext['health']})"],
+            ["extended: last / lag", f"{_when(ext.get('last_replication_time'))} / "
+             f"{_seconds(ext.get('lag_s'))}"],
+            ["extended: latest point", str(ext.get("latest_point"))],
+        ]  # fmt: skip
+        for reason in ext.get("health_reasons") or []:
+            rows.append(["extended: health", reason])
+        if ext.get("error"):
+            rows.append(["extended: error", ext["error"]])
     print_table(["", ""], rows)
 
 
@@ -321,13 +341,72 @@ def import_initial(
 @app.command("reverse")
 def reverse(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> None:
     """After a failover: replicate back to the old primary, using its disks as the initial copy."""
-    from ferry.cli.failover_cmd import replica_host
+    from ferry.cli.failover_cmd import follow, replica_host
 
     async def run(fleet: Fleet) -> dict[str, Any]:
         where = await replica_host(fleet, name, host)
-        reply: dict[str, Any] = await fleet.client(where).post(
-            f"/v1/vms/{name}/replication/reverse"
-        )
-        return reply
+        return await follow(fleet, where, f"/v1/vms/{name}/replication/reverse", None,
+                            f"reverse replication of VM {name}", as_json)  # fmt: skip
 
     _print_status(with_fleet(run), as_json)
+
+
+@app.command("extend")
+def extend(
+    name: str,
+    to: str | None = typer.Option(None, "--to", help="The extended (third) host."),
+    frequency: str | None = typer.Option(
+        None, "--frequency", help="5m or 15m, not more often than the primary (default 5m)."
+    ),
+    recovery_points: int | None = typer.Option(
+        None, "--recovery-points", help="Points the extended host keeps (default: as the replica)."
+    ),
+    remove: bool = typer.Option(False, "--remove", help="End the extension instead."),
+    host: str | None = typer.Option(None, "--host", "-H", help="The replica host (found)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """On the replica: replicate its recovery points onward to a third host."""
+    from ferry.cli.failover_cmd import replica_host
+    from ferry.cli.progress import follow_job
+
+    if remove and (to or frequency or recovery_points is not None):
+        raise InvalidInputError("--remove takes no --to, --frequency or --recovery-points")
+    if not remove and not to:
+        raise InvalidInputError("give --to HOST (or --remove to end the extension)")
+    seconds = parse_frequency(frequency) if frequency else None
+    if seconds is not None and seconds not in EXTENDED_FREQUENCIES:
+        raise InvalidInputError(f"invalid extended replication frequency {frequency!r}: "
+                                "use 5m or 15m")  # fmt: skip
+    if recovery_points is not None:
+        check_recovery_points(recovery_points)
+
+    async def run(fleet: Fleet) -> dict[str, Any]:
+        where = await replica_host(fleet, name, host)
+        client = fleet.client(where)
+        if remove:
+            removed: dict[str, Any] = await client.delete(f"/v1/vms/{name}/replication/extend")
+            return removed
+        assert to is not None
+        view: dict[str, Any] = await client.post(f"/v1/vms/{name}/replication/extend", {
+            "to": to, "to_url": fleet.settings.host(to).url, "frequency_s": seconds,
+            "recovery_points": recovery_points})  # fmt: skip
+        job = await _initial_job(fleet, where, name)
+        if job is not None:
+            done = await follow_job(client, job, as_json=as_json)
+            if done["state"] != "done":
+                raise FerryError(f"initial copy of VM {name} to {to} failed: "
+                                 f"{done.get('error')}; ferry retries at the next "
+                                 "cycle")  # fmt: skip
+        status: dict[str, Any] = await client.get(f"/v1/vms/{name}/replication")
+        return status["extended"] or view
+
+    found = with_fleet(run)
+    if as_json:
+        print_json(found)
+    elif remove:
+        kept = " (it keeps its copy as a VM that is off)" if found.get("extended_vm_kept") else ""
+        say(f"extended replication of VM {name} to {found['extended']} ended{kept}")
+    else:
+        say(f"VM {name}: {found['from']} replicates it on to {found['host']} every "
+            f"{format_frequency(found['frequency_s'])}; {found['state']}, latest point "
+            f"{found['latest_point']}")  # fmt: skip

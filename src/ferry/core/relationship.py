@@ -110,6 +110,10 @@ class Relationship(BaseModel):
     test_point: int | None = None
     failover_point: int | None = None
     committed: bool = False
+    # An extended replica (its primary is itself a replica host): where the VM
+    # itself runs, for the split-brain guard and for status.
+    origin: str = ""
+    origin_url: str = ""
 
 
 # --------------------------------------------------------------------------- cycle decisions
@@ -194,3 +198,61 @@ def settle_in_flight(rel: Relationship, verdict: Verdict) -> tuple[Relationship,
     elif verdict is Verdict.UNKNOWN and rel.state is S.REPLICATING:
         update["state"] = transition(rel.state, ReplicationOp.BITMAP_LOST, vm=rel.vm_name)
     return rel.model_copy(update=update), keep
+
+
+# --------------------------------------------------------------------------- extended replication
+
+
+class Extension(BaseModel):
+    """A replica host replicating its recovery points onward to a third host.
+
+    Kept on the replica host (the extension's sender) next to its replica
+    relationship, in a record of its own so the two never overwrite each
+    other. The extended host keeps an ordinary replica relationship whose
+    primary is the replica host and whose ``origin`` is the VM's primary.
+
+    A cycle sends the changes between the extended host's latest point
+    (``confirmed_point``) and the replica's latest as one overlay, so the
+    replica's own retention must leave every point newer than that alone
+    (:func:`extension_pin`). ``sending_point`` is the point a cycle cut and
+    has not seen confirmed; it pins the chain before the first confirmation.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    vm_uuid: str
+    vm_name: str
+    host: str
+    url: str
+    frequency_s: int
+    recovery_points: int = Field(default=DEFAULT_RECOVERY_POINTS, ge=0, le=MAX_RECOVERY_POINTS)
+    thumbprint: str = ""
+    state: ReplicationState = ReplicationState.INITIAL_COPY
+    created: float = 0.0
+    last_started: float | None = None
+    confirmed_point: int | None = None
+    sending_point: int | None = None
+    error: str | None = None
+
+
+def extension_pin(ext: Extension | None) -> int | None:
+    """Points with a larger id than this must stay separate files on the replica."""
+    if ext is None:
+        return None
+    if ext.confirmed_point is not None:
+        return ext.confirmed_point
+    return ext.sending_point
+
+
+def extension_confirmed(ext: Extension, latest: int | None) -> Extension:
+    """The extended host reports its latest point: the initial copy may be done."""
+    if latest is None or latest < 0:
+        return ext
+    state = ext.state
+    if state is S.INITIAL_COPY:
+        state = transition(state, ReplicationOp.INITIAL_COPY_DONE, vm=ext.vm_name)
+    sending = ext.sending_point
+    if sending is not None and sending <= latest:
+        sending = None
+    return ext.model_copy(update={"confirmed_point": latest, "state": state,
+                                  "sending_point": sending})  # fmt: skip

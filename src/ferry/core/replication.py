@@ -163,6 +163,29 @@ def format_frequency(seconds: int) -> str:
     return _FREQUENCY_TEXT[check_frequency(seconds)]
 
 
+# Extended replication (replica -> third host) runs every 5 or 15 minutes,
+# never more often than the primary feeds the replica.
+EXTENDED_FREQUENCIES = (Frequency.FIVE_MINUTES, Frequency.FIFTEEN_MINUTES)
+
+
+def check_extended_frequency(seconds: int, primary_seconds: int, *, vm: str = "") -> int:
+    """An extended frequency is 5m or 15m and not shorter than the primary's."""
+    if seconds not in EXTENDED_FREQUENCIES:
+        raise InvalidInputError(f"invalid extended replication frequency {seconds}s: use 5m or 15m")
+    if seconds < primary_seconds:
+        who = f"VM {vm!r}" if vm else "the VM"
+        raise InvalidInputError(
+            f"extended replication of {who} every {format_frequency(seconds)} would be more "
+            f"often than its primary replicates ({format_frequency(primary_seconds)}); "
+            f"use {format_frequency(max(primary_seconds, int(Frequency.FIVE_MINUTES)))} or longer"
+        )
+    return int(seconds)
+
+
+def default_extended_frequency(primary_seconds: int) -> int:
+    return max(int(Frequency.FIVE_MINUTES), primary_seconds)
+
+
 DEFAULT_RECOVERY_POINTS = 4
 MAX_RECOVERY_POINTS = 24
 
@@ -488,6 +511,26 @@ def next_due(last_started: float | None, frequency_s: int, now: float) -> float:
     if last_started is None:
         return now
     return last_started + frequency_s * (1 + missed_slots(last_started, frequency_s, now))
+
+
+# A paused or failed relationship waits this long between looks at its
+# state; resuming it wakes its task at once.
+IDLE_DELAY_S = 3600.0
+
+
+def cycle_delay(state: ReplicationState, last_started: float | None, frequency_s: int,
+                now: float, *, not_before: float | None = None) -> float:  # fmt: skip
+    """Seconds until the scheduler should start the next cycle.
+
+    ``not_before`` holds back an initial copy scheduled for later. A
+    relationship that is not running waits for a wake-up.
+    """
+    if not is_running(state):
+        return IDLE_DELAY_S
+    due = next_due(last_started, frequency_s, now)
+    if state is ReplicationState.INITIAL_COPY and not_before is not None:
+        due = max(due, not_before)
+    return max(0.0, due - now)
 
 
 def missed_slots(last_started: float | None, frequency_s: int, now: float) -> int:

@@ -27,7 +27,7 @@ MIN_CONFIG_VERSION = min(MACHINE_TYPES)
 MAX_CONFIG_VERSION = max(MACHINE_TYPES)
 
 # Schema version of the agent's data dir (catalog and files).
-DATA_SCHEMA_VERSION = 4
+DATA_SCHEMA_VERSION = 5
 
 
 def machine_type(config_version: int) -> str:

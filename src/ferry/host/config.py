@@ -52,6 +52,10 @@ class HostConfig(BaseModel):
     # Test hook: damage one byte in each of the next N replication streams this
     # host sends, so tests can prove the replica rejects and the primary resends.
     corrupt_replication_streams: int = Field(default=0, ge=0)
+    # Test hook: the agent exits at once (as if killed) when a failover job
+    # enters this phase, so tests can prove the restart leaves a state that
+    # can be completed or cancelled. Empty: never.
+    crash_failover_at: str = ""
     # Plain TCP for memory and disk streams: only for a trusted network.
     insecure_migration: bool = False
 

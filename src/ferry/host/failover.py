@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid as uuidlib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,10 @@ from ferry.host.vms import VmService
 log = logging.getLogger(__name__)
 
 S = ReplicationState
+JOB_PREFIX = "failover-"
 PLANNED_JOB = "failover-planned"
+TEST_PREFIX = "test"  # test failover overlays: test-disk{i}.qcow2 in the chain's dir
+RUN_PREFIX = "run"  # failover overlays: run-disk{i}.qcow2
 
 
 class FailoverService:
@@ -105,7 +110,48 @@ class FailoverService:
             disks.append(DiskSpec(path=str(overlay), size=disk.size, format="qcow2"))
         return tuple(disks)
 
-    async def test(self, name: str, point_id: int | None) -> dict[str, Any]:
+    # -- jobs ----------------------------------------------------------------------------
+
+    def run_job(self, action: str, name: str,
+                operation: Callable[[Job], Awaitable[dict[str, Any]]]) -> Job:  # fmt: skip
+        """Run a failover operation as a job; its result or error ends up in the job."""
+        record = self.vms.get(name)
+        job = self.jobs.create(f"{JOB_PREFIX}{action}", record.uuid, name, "running",
+                               phase="starting")  # fmt: skip
+
+        async def body() -> None:
+            try:
+                result = await operation(job)
+            except asyncio.CancelledError:
+                self.jobs.update(job, "cancelled", phase="cancelled")
+                raise
+            except FerryError as exc:
+                self.jobs.update(job, "failed", phase="failed", error=str(exc), code=exc.code)
+                return
+            except Exception as exc:  # a bug: the job must still end, with the reason
+                log.exception("failover %s of %s failed unexpectedly", action, name)
+                error = f"{type(exc).__name__}: {exc}"
+                self.jobs.update(job, "failed", phase="failed", error=error)
+                return
+            self.jobs.update(job, "done", phase="done", result=result)
+
+        job.task = asyncio.create_task(body(), name=f"failover-{action}-{name}")
+        return job
+
+    def _phase(self, job: Job | None, phase: str) -> None:
+        """Enter a phase (written to the catalog at once); the crash test hook acts here."""
+        if job is None:
+            return
+        self.jobs.update(job, phase=phase)
+        if self.config.crash_failover_at == phase:
+            log.warning("test hook crash_failover_at=%s: exiting now", phase)
+            logging.shutdown()
+            os._exit(70)
+
+    # -- test failover -------------------------------------------------------------------
+
+    async def test(self, name: str, point_id: int | None,
+                   job: Job | None = None) -> dict[str, Any]:  # fmt: skip
         record, rel = self._replica(name)
         if rel.test_vm is not None:
             raise ConflictError(f"a test failover of VM {name!r} runs already; "
@@ -115,69 +161,90 @@ class FailoverService:
             raise ConflictError(f"host {self.config.name!r} already has a VM named {test_name!r}")
         async with self.store.lock(rel.vm_uuid):
             point = self._point(rel, point_id)
-            # Pin the point first: retention must not merge it away under the test VM.
-            rel = rel.model_copy(update={"test_point": point.id})
+            # Written first, together: the point is pinned against retention and
+            # stop-test knows what to remove whatever step a crash cut short.
+            test_uuid = str(uuidlib.uuid4())
+            rel = self.store.relationship(rel.vm_uuid).model_copy(update={
+                "test_point": point.id, "test_vm": test_uuid})  # fmt: skip
             self.catalog.put_relationship(rel)
-            disks = await self._overlays(rel, record, point, "test")
+            self._phase(job, "creating-overlays")
+            disks = await self._overlays(rel, record, point, TEST_PREFIX)
             spec = record.spec.model_copy(update={
-                "uuid": str(uuidlib.uuid4()), "name": test_name, "disks": disks})  # fmt: skip
+                "uuid": test_uuid, "name": test_name, "disks": disks})  # fmt: skip
             self.catalog.add_vm(spec, VmState.OFF)
-            self.catalog.put_relationship(rel.model_copy(update={"test_vm": spec.uuid}))
+        self._phase(job, "starting-vm")
         await self.vms.start(test_name)
         log.info("VM %s: test failover %s runs on recovery point %d", name, test_name, point.id)
         return {"vm": name, "test_vm": test_name, "host": self.config.name, "point": point.id,
                 "time": point.time}  # fmt: skip
 
-    async def stop_test(self, name: str) -> dict[str, Any]:
+    async def stop_test(self, name: str, job: Job | None = None) -> dict[str, Any]:
         _, rel = self._replica(name)
         if rel.test_vm is None:
             raise StateError(f"no test failover of VM {name!r} runs on host {self.config.name!r}")
+        self._phase(job, "deleting-vm")
         test = self.catalog.find(rel.test_vm)
         if test is not None:
             await self.vms.delete(test.name, force=True)  # its overlays are its disks
         async with self.store.lock(rel.vm_uuid):
+            for overlay in Path(rel.storage).glob(f"{TEST_PREFIX}-disk*.qcow2"):
+                overlay.unlink(missing_ok=True)  # left by a test cut short by a crash
             rel = self.store.relationship(rel.vm_uuid)
             self.catalog.put_relationship(rel.model_copy(update={"test_vm": None,
                                                                 "test_point": None}))  # fmt: skip
+        self._phase(job, "merging")
         await self.store.retain(rel.vm_uuid)  # merges that waited for the test
         log.info("VM %s: test failover ended", name)
         return {"vm": name, "test_vm": f"{name}-test", "stopped": True}
 
-    async def _primary_runs_vm(self, rel: Relationship) -> bool:
-        """True if the primary answers and says the VM runs there."""
-        if not rel.primary_url:
-            return False
-        client = AgentClient(rel.primary, rel.primary_url, self._tls, server_name=rel.primary,
-                             timeout=5)  # fmt: skip
-        try:
-            async with client:
-                reply = await client.get(f"/v1/peer/vms/{rel.vm_uuid}")
-        except (ConnectionFailedError, NotFoundError, AuthError):
-            return False
-        return str(reply.get("state")) in ("running", "paused", "starting", "migrating")
+    async def _running_elsewhere(self, rel: Relationship) -> str | None:
+        """The host that answers and says the VM runs there, if any.
+
+        Asked: the primary, and for an extended replica also the VM's origin
+        (the replica in between runs it once it failed over).
+        """
+        hosts = [(rel.primary, rel.primary_url)]
+        if rel.origin:
+            hosts.append((rel.origin, rel.origin_url))
+        for host, url in hosts:
+            if not url:
+                continue
+            client = AgentClient(host, url, self._tls, server_name=host, timeout=5)
+            try:
+                async with client:
+                    reply = await client.get(f"/v1/peer/vms/{rel.vm_uuid}")
+            except (ConnectionFailedError, NotFoundError, AuthError):
+                continue
+            if str(reply.get("state")) in ("running", "paused", "starting", "migrating"):
+                return host
+        return None
 
     async def start(self, name: str, point_id: int | None, *, force: bool = False,
-                    planned: bool = False) -> dict[str, Any]:  # fmt: skip
+                    planned: bool = False, job: Job | None = None) -> dict[str, Any]:  # fmt: skip
         record, rel = self._replica(name)
         rules.transition(rel.state, ReplicationOp.FAILOVER, vm=name)
         if rel.test_vm is not None:
             raise ConflictError(f"a test failover of VM {name!r} runs; stop it first "
                                 f"('ferry failover stop-test {name}')")  # fmt: skip
-        if not force and not planned and await self._primary_runs_vm(rel):
+        self._phase(job, "checking-primary")
+        running = None if force or planned else await self._running_elsewhere(rel)
+        if running is not None:
             raise ConflictError(
-                f"VM {name!r} still runs on its primary host {rel.primary!r}: a failover now "
-                f"would run two copies; use 'ferry failover planned {name}' from there, or stop "
-                "it there, or pass --force if that host is really lost"
+                f"VM {name!r} still runs on host {running!r}: a failover now would run two "
+                f"copies; use 'ferry failover planned {name}' from there, or stop it there, or "
+                "pass --force if that host is really lost"
             )
         async with self.store.lock(rel.vm_uuid):
             point = self._point(rel, point_id)
-            rel = rel.model_copy(update={
+            # The decision first: a restart finds a failed-over relationship and
+            # finishes the overlays (:meth:`recover`); cancel undoes either way.
+            rel = self.store.relationship(rel.vm_uuid).model_copy(update={
                 "failover_point": point.id,
                 "state": rules.transition(rel.state, ReplicationOp.FAILOVER)})  # fmt: skip
             self.catalog.put_relationship(rel)
-            disks = await self._overlays(rel, record, point, "run")
-            self.catalog.update_spec(record.spec.model_copy(update={"disks": disks}))
-            self.catalog.set_state(record.uuid, VmState.OFF)
+            self._phase(job, "creating-overlays")
+            await self._switch_to_overlays(rel, record, point)
+        self._phase(job, "starting-vm")
         started = time.monotonic()
         await self.vms.start(name)
         log.info("VM %s: failed over to %s on recovery point %d", name, self.config.name,
@@ -185,11 +252,19 @@ class FailoverService:
         return {"vm": name, "host": self.config.name, "point": point.id, "time": point.time,
                 "start_s": round(time.monotonic() - started, 3)}  # fmt: skip
 
-    async def complete(self, name: str) -> dict[str, Any]:
+    async def _switch_to_overlays(self, rel: Relationship, record: VmRecord,
+                                  point: PointInfo) -> None:  # fmt: skip
+        """The replica VM's disks become fresh overlays over ``point``; it is then off."""
+        disks = await self._overlays(rel, record, point, RUN_PREFIX)
+        self.catalog.update_spec(record.spec.model_copy(update={"disks": disks}))
+        self.catalog.set_state(record.uuid, VmState.OFF)
+
+    async def complete(self, name: str, job: Job | None = None) -> dict[str, Any]:
         """Make a failover final: the other recovery points go, the VM stays."""
         record, rel = self._replica(name)
         if rel.state is not S.FAILED_OVER:
             raise StateError(f"VM {name!r} is not failed over (replication is {rel.state.value})")
+        self._phase(job, "dropping-points")
         async with self.store.lock(rel.vm_uuid):
             storage = Path(rel.storage)
             for point in self.catalog.points(rel.vm_uuid):
@@ -198,42 +273,99 @@ class FailoverService:
                         disk_file(storage, point.file, i).unlink(missing_ok=True)
                 if point.id != rel.failover_point:
                     self.catalog.delete_point(rel.vm_uuid, point.id)
+            rel = self.store.relationship(rel.vm_uuid)
             self.catalog.put_relationship(rel.model_copy(update={"committed": True}))
         log.info("VM %s: failover to recovery point %s completed", name, rel.failover_point)
         return {"vm": name, "host": self.config.name, "point": rel.failover_point,
                 "completed": True}  # fmt: skip
 
-    async def cancel(self, name: str) -> dict[str, Any]:
+    async def cancel(self, name: str, job: Job | None = None) -> dict[str, Any]:
         """Back to a replica as before the failover; what the VM wrote since is gone."""
         record, rel = self._replica(name)
         rules.transition(rel.state, ReplicationOp.CANCEL_FAILOVER, vm=name)
         if rel.committed:
             raise StateError(f"the failover of VM {name!r} was completed; it cannot be "
                              "cancelled any more")  # fmt: skip
-        if record.state is not VmState.OFF:
+        self._phase(job, "stopping-vm")
+        if record.state not in (VmState.OFF, VmState.CRASHED, VmState.REPLICA):
             await self.vms.kill(name)
+        self._phase(job, "restoring-replica")
         async with self.store.lock(rel.vm_uuid):
-            for disk in record.spec.disks:
-                Path(disk.path).unlink(missing_ok=True)
+            record = self.catalog.get(rel.vm_uuid)
             chain = self.catalog.points(rel.vm_uuid)
             stem = chain[-1].file
+            # Only the run overlays go (by name: after a crash the spec may still
+            # name the chain's own files).
+            for overlay in Path(rel.storage).glob(f"{RUN_PREFIX}-disk*.qcow2"):
+                overlay.unlink(missing_ok=True)
             self.catalog.update_spec(self.store.replica_spec(record.spec, Path(rel.storage), stem))
             self.catalog.set_state(record.uuid, VmState.REPLICA)
+            rel = self.store.relationship(rel.vm_uuid)
             self.catalog.put_relationship(rel.model_copy(update={
                 "failover_point": None,
                 "state": rules.transition(rel.state, ReplicationOp.CANCEL_FAILOVER)}))  # fmt: skip
         log.info("VM %s: failover cancelled; a replica again", name)
         return {"vm": name, "host": self.config.name, "cancelled": True}
 
+    # -- after a restart ---------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """On agent start: every failover cut short is left completable or cancellable.
+
+        A job still running was interrupted: it is marked failed with what to do.
+        A failed-over replica whose disks were not switched yet gets its overlays
+        (the VM is then off: start it, complete or cancel). A test failover whose
+        VM was never created is cleared, and a planned failover that died
+        while its QEMU waited stopped (-S) has that QEMU ended: the VM is off here.
+        """
+        for job in self.jobs.all():
+            if job.kind.startswith(JOB_PREFIX) and job.state == "running":
+                phase = job.detail.get("phase")
+                self.jobs.update(job, "failed", error=(
+                    f"interrupted by an agent restart in phase {phase}; see 'ferry replication "
+                    f"status {job.vm_name}' and complete, cancel or run it again"))  # fmt: skip
+                record = self.catalog.find(job.vm_uuid)
+                if (job.kind == PLANNED_JOB and record is not None
+                        and record.state in (VmState.PAUSED, VmState.RUNNING)
+                        and phase in ("final-cycle", "starting-on-replica")):  # fmt: skip
+                    await self.vms.end_qemu(record)
+                    self.catalog.set_state(record.uuid, VmState.OFF)
+                    log.warning("VM %s: planned failover interrupted; its stopped QEMU ended, "
+                                "the VM is off here", job.vm_name)  # fmt: skip
+        for rel in self.catalog.relationships():
+            if rel.role is not Role.REPLICA:
+                continue
+            record = self.catalog.find(rel.vm_uuid)
+            if record is None:
+                continue
+            try:
+                if rel.state is S.FAILED_OVER and record.state is VmState.REPLICA:
+                    async with self.store.lock(rel.vm_uuid):
+                        point = self._point(rel, rel.failover_point)
+                        await self._switch_to_overlays(rel, record, point)
+                    log.warning("VM %s: failover interrupted by a restart finished; the VM is "
+                                "off on recovery point %d", rel.vm_name, point.id)  # fmt: skip
+                if rel.test_vm is not None and self.catalog.find(rel.test_vm) is None:
+                    await self.stop_test(rel.vm_name)
+            except FerryError as exc:
+                log.error("VM %s: cannot recover an interrupted failover: %s", rel.vm_name, exc)
+
     # -- reversing: the failed-over VM replicates back to the old primary ----------------
 
-    async def reverse(self, name: str) -> dict[str, Any]:
+    async def reverse(self, name: str, job: Job | None = None) -> dict[str, Any]:
         """After a failover: replicate back, the old primary's disks as initial copy."""
         _, rel = self._replica(name)
         if rel.state is not S.FAILED_OVER:
             raise StateError(f"VM {name!r} is not failed over here; nothing to reverse")
+        if rel.origin:
+            raise StateError(
+                f"VM {name!r} failed over on an extended replica: ferry cannot reverse "
+                f"replication from there to {rel.primary!r} yet; the VM runs on, protect it "
+                "by hand for now"
+            )
         if not rel.primary_url:
             raise ConnectionFailedError(f"no address known for the old primary {rel.primary!r}")
+        self._phase(job, "asking-old-primary")
         old = AgentClient(rel.primary, rel.primary_url, self._tls, server_name=rel.primary,
                           timeout=60, pin=rel.thumbprint)  # fmt: skip
         async with old:
@@ -246,6 +378,7 @@ class FailoverService:
             await old.post(f"/v1/peer/replications/{rel.vm_uuid}/yield")
         if not rel.committed:
             await self.complete(name)
+        self._phase(job, "enabling")
         # The chain stays on disk under the running overlays; only the records go.
         self.catalog.delete_relationship(rel.vm_uuid)
         status = await self.replication.enable(
@@ -300,12 +433,12 @@ class FailoverService:
                                             self.config.functional_level,
                                             running_host=rel.replica,
                                             old_primary=self.config.name, vm=name)  # fmt: skip
-            self.jobs.update(job, phase="shutting-down")
+            self._phase(job, "shutting-down")
             if record.state in (VmState.RUNNING, VmState.PAUSED):
                 _, forced = await self.vms.stop(name)
                 if forced:
                     log.warning("VM %s did not shut down in time; it was forced off", name)
-            self.jobs.update(job, phase="final-cycle")
+            self._phase(job, "final-cycle")
             # The guest is off; QEMU comes back with it stopped so the last
             # delta can be cut from the bitmap saved at shutdown.
             await self.vms.start(name, paused=True)
@@ -318,7 +451,8 @@ class FailoverService:
             if outcome["result"] != "ok":
                 raise FerryError(f"the last replication cycle failed: {outcome.get('error')}; "
                                  f"VM {name!r} stays here, off")  # fmt: skip
-            self.jobs.update(job, phase="starting-on-replica", last_point=outcome.get("point"))
+            self.jobs.update(job, last_point=outcome.get("point"))
+            self._phase(job, "starting-on-replica")
             async with self.replication.peer(rel) as peer:
                 started_there = await peer.post(f"/v1/peer/replicas/{rel.vm_uuid}/failover")
             self.jobs.update(job, "done", phase="done", result={

@@ -75,7 +75,9 @@ class JobRegistry:
         return job
 
     def update(self, job: Job, state: str | None = None, **detail: Any) -> None:
-        changed_state = state is not None and state != job.state
+        changed_state = (state is not None and state != job.state) or (
+            "phase" in detail and detail["phase"] != job.detail.get("phase")
+        )
         if state is not None:
             job.state = state
         job.detail.update(detail)

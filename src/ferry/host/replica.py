@@ -35,7 +35,7 @@ from ferry.adapters.catalog import Catalog, VmRecord
 from ferry.adapters.durable import fsync_file
 from ferry.adapters.pki import CertInfo, Role
 from ferry.adapters.point_transfer import PointReceiver, apply_merge, receive_point
-from ferry.core.relationship import InitialMethod, Relationship
+from ferry.core.relationship import InitialMethod, Relationship, extension_pin
 from ferry.core.relationship import Role as RelRole
 from ferry.core.replication import (
     Merge,
@@ -45,6 +45,7 @@ from ferry.core.replication import (
     check_frequency,
     check_recovery_points,
     check_replica_accepts,
+    format_frequency,
     retention_plan,
     transition,
 )
@@ -130,6 +131,7 @@ class ReplicaStore:
             "version": __version__,
             "functional_level": self.config.functional_level,
             "primary": rel.primary,
+            "origin": rel.origin,
             "latest_point": chain[-1].id if chain else None,
             "latest_time": points[-1].time if points else None,
             "points": len(points),
@@ -187,6 +189,8 @@ class ReplicaStore:
                 frequency_s=frequency, recovery_points=keep, initial=initial,
                 thumbprint=caller.thumbprint, created=time.time(), storage=str(storage),
                 primary_url=str(offer.get("primary_url") or ""),
+                origin=str(offer.get("origin") or ""),
+                origin_url=str(offer.get("origin_url") or ""),
             )  # fmt: skip
             if adopt:
                 assert record is not None
@@ -302,6 +306,9 @@ class ReplicaStore:
             await self._merge(Merge(BASE, gone, overlay, after), storage, disks, rel)
             chain = self.catalog.points(rel.vm_uuid)
         in_use = {p for p in (rel.test_point, rel.failover_point) if p is not None}
+        pin = extension_pin(self.catalog.extension(rel.vm_uuid))
+        if pin is not None:  # the extended host still needs these as separate overlays
+            in_use |= {p.id for p in chain if p.id > pin}
         for merge in retention_plan(chain, rel.recovery_points, in_use=in_use):
             self.catalog.delete_point(rel.vm_uuid, merge.drops.id)
             await self._merge(merge, storage, disks, rel)
@@ -397,6 +404,15 @@ class ReplicaStore:
         update: dict[str, Any] = {}
         if changes.get("frequency_s") is not None:
             update["frequency_s"] = check_frequency(int(changes["frequency_s"]))
+            extension = self.catalog.extension(vm_uuid)
+            if extension is not None and update["frequency_s"] > extension.frequency_s:
+                raise InvalidInputError(
+                    f"VM {rel.vm_name!r} is extended from {self.config.name!r} to "
+                    f"{extension.host!r} every {format_frequency(extension.frequency_s)}; "
+                    "replicating it less often than that breaks the extension's rule (run "
+                    f"'ferry replication extend {rel.vm_name} --remove --host "
+                    f"{self.config.name}' first)"
+                )
         if changes.get("recovery_points") is not None:
             update["recovery_points"] = check_recovery_points(int(changes["recovery_points"]))
         if changes.get("primary") and changes.get("thumbprint"):
@@ -404,6 +420,9 @@ class ReplicaStore:
             update["primary"] = str(changes["primary"])
             update["thumbprint"] = str(changes["thumbprint"])
             update["primary_url"] = str(changes.get("primary_url") or "")
+        if changes.get("origin"):  # an extended replica: the VM's primary moved
+            update["origin"] = str(changes["origin"])
+            update["origin_url"] = str(changes.get("origin_url") or "")
         self.catalog.put_relationship(rel.model_copy(update=update))
         return self.state(vm_uuid)
 

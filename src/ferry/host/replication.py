@@ -14,7 +14,6 @@ import json
 import logging
 import shutil
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from ferry.host.jobs import JobRegistry
 from ferry.host.migration import MOVE
 from ferry.host.replica import ReplicaStore
 from ferry.host.replication_cycle import INITIAL_JOB, CycleRunner
+from ferry.host.scheduler import CycleScheduler
 from ferry.host.vms import VmService
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,8 @@ class ReplicationService:
         self.catalog = vms.catalog
         self._tls = client_ssl_context(self.config.tls_dir)
         self.cycles = CycleRunner(vms, jobs, peer=self.peer, work_dir=self.work_dir)
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._wake: dict[str, asyncio.Event] = {}
-        self._waiters: defaultdict[str, list[asyncio.Future[dict[str, Any]]]] = defaultdict(list)
-        self.cycle_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.scheduler = CycleScheduler("replicate", delay=self._delay, cycle=self.cycles.run)
+        self.cycle_locks = self.scheduler.locks
 
     @property
     def url(self) -> str:
@@ -90,9 +88,7 @@ class ReplicationService:
 
     def forget(self, vm_uuid: str) -> None:
         """Drop this host's primary side of a relationship (the VM failed over)."""
-        task = self._tasks.pop(vm_uuid, None)
-        if task is not None:
-            task.cancel()
+        self.scheduler.cancel(vm_uuid)
         self.catalog.delete_relationship(vm_uuid)
         shutil.rmtree(self.work_dir / vm_uuid, ignore_errors=True)
 
@@ -172,9 +168,7 @@ class ReplicationService:
             await target.post("/v1/peer/replications", json.loads(moved.model_dump_json()))
         self.catalog.delete_relationship(vm_uuid)
         await asyncio.to_thread(shutil.rmtree, self.work_dir / vm_uuid, True)
-        task = self._tasks.pop(vm_uuid, None)
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
+        self.scheduler.cancel(vm_uuid)
         log.info("VM %s: replication handed over to %s (pinned %s)", rel.vm_name, host,
                  thumbprint[:16])  # fmt: skip
 
@@ -197,62 +191,24 @@ class ReplicationService:
         return self.status(rel.vm_name)
 
     async def shutdown(self) -> None:
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        await self.scheduler.shutdown()
 
     def _spawn(self, vm_uuid: str) -> None:
-        if vm_uuid in self._tasks and not self._tasks[vm_uuid].done():
-            return
-        self._wake[vm_uuid] = asyncio.Event()
-        self._tasks[vm_uuid] = asyncio.create_task(self._run(vm_uuid), name=f"replicate-{vm_uuid}")
+        self.scheduler.spawn(vm_uuid)
 
-    async def _run(self, vm_uuid: str) -> None:
-        wake = self._wake[vm_uuid]
-        while True:
-            rel = self._rel(vm_uuid)
-            if rel is None or rel.state is S.REMOVED:
-                return
-            now = time.time()
-            if rules.is_running(rel.state):
-                due = rules.next_due(rel.last_started, rel.frequency_s, now)
-                if rel.state is S.INITIAL_COPY and rel.initial_after is not None:
-                    due = max(due, rel.initial_after)
-                delay = max(0.0, due - now)
-            else:
-                delay = 3600.0  # paused or in error: only a wake-up starts a cycle
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), delay)
-            wake.clear()
-            waiters, self._waiters[vm_uuid] = self._waiters[vm_uuid], []
-            try:
-                async with self.cycle_locks[vm_uuid]:
-                    outcome = await self.cycles.run(vm_uuid)
-            except asyncio.CancelledError:
-                for waiter in waiters:
-                    waiter.cancel()
-                raise
-            except Exception as exc:  # never let one VM's bug end its task silently
-                log.exception("replication cycle of %s failed unexpectedly", vm_uuid)
-                outcome = {"result": "failure", "error": f"{type(exc).__name__}: {exc}"}
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(outcome)
+    def _delay(self, vm_uuid: str) -> float | None:
+        rel = self._rel(vm_uuid)
+        if rel is None or rel.state is S.REMOVED:
+            return None
+        return rules.cycle_delay(rel.state, rel.last_started, rel.frequency_s, time.time(),
+                                 not_before=rel.initial_after)  # fmt: skip
 
     async def sync_now(self, name: str) -> dict[str, Any]:
         """Run a cycle now and return its outcome (``replication sync``)."""
         record, rel = self.primary_of(name)
         if not rules.is_running(rel.state):
             raise StateError(f"replication of VM {name!r} is {rel.state.value}; resume it first")
-        self._spawn(record.uuid)
-        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiters[record.uuid].append(waiter)
-        self._wake[record.uuid].set()
-        return await waiter
+        return await self.scheduler.run_now(record.uuid)
 
     # -- enable / change / end -------------------------------------------------------
 
@@ -371,8 +327,7 @@ class ReplicationService:
         return self.status(name)
 
     def _wake_up(self, vm_uuid: str) -> None:
-        self._spawn(vm_uuid)
-        self._wake[vm_uuid].set()
+        self.scheduler.wake(vm_uuid)
 
     async def pause(self, name: str, *, resume: bool = False) -> dict[str, Any]:
         record, rel = self.primary_of(name)
@@ -392,11 +347,7 @@ class ReplicationService:
 
     async def remove(self, name: str) -> dict[str, Any]:
         record, rel = self.primary_of(name)
-        task = self._tasks.pop(record.uuid, None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self.scheduler.stop(record.uuid)
         async with self.cycle_locks[record.uuid]:
             replica_kept: Any = None
             try:
@@ -464,6 +415,7 @@ class ReplicationService:
             "last_replication_time": latest, "lag_s": max(0.0, now - latest) if latest else None,
             "points": state["points"], "latest_point": state["latest_point"],
             "replica_bytes": state["bytes"], "thumbprint": rel.thumbprint,
+            "origin": rel.origin or None,
         }  # fmt: skip
 
     async def points(self, name: str) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -74,6 +74,90 @@ class CycleStopped(FerryError):
     code = "replication-stopped"
 
 
+async def timed_cycle(catalog: Catalog, vm_uuid: str, vm_name: str, now: float,
+                      last_started: float | None, frequency_s: int,
+                      body: Awaitable[int | None],
+                      stopped: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    """Run one cycle's ``body`` (bytes sent, or None: nothing to do) and record it.
+
+    Slots missed since ``last_started`` are recorded as misses first. A
+    network failure and any other failure are told apart for health; a
+    :class:`CycleStopped` also calls ``stopped`` with the message, which puts
+    the relationship in ``error``. Replication and extended replication share it.
+    """
+    for slot in range(rules.missed_slots(last_started, frequency_s, now)):
+        assert last_started is not None
+        due = last_started + frequency_s * (slot + 1)
+        catalog.add_cycle(vm_uuid, CycleRecord(due, False, CycleKind.MISS, 0, 0.0))
+    started = time.monotonic()
+    kind, sent, error = CycleKind.SUCCESS, 0, None
+    try:
+        outcome = await body
+        if outcome is None:
+            return {"result": "skipped", "reason": "nothing to send yet (initial copy on media, "
+                    "scheduled for later, or no new recovery point)"}  # fmt: skip
+        sent = outcome
+    except ConnectionFailedError as exc:
+        kind, error = CycleKind.NETWORK_FAILURE, str(exc)
+    except CycleStopped as exc:
+        kind, error = CycleKind.FAILURE, str(exc)
+        stopped(error)
+    except FerryError as exc:
+        kind, error = CycleKind.FAILURE, str(exc)
+    duration = time.monotonic() - started
+    catalog.add_cycle(vm_uuid, CycleRecord(now, kind is CycleKind.SUCCESS, kind, sent, duration))
+    if error:
+        log.warning("VM %s: replication cycle failed (%s): %s", vm_name, kind.value, error)
+        return {"result": kind.value, "error": error, "duration_s": duration}
+    return {"result": "ok", "bytes": sent, "duration_s": duration}
+
+
+@contextlib.asynccontextmanager
+async def receiver_session(client: AgentClient, vm_uuid: str, *, level: int, sender: str,
+                           receiver: str, vm: str, gone: str,
+                           renewed: Callable[[str], str],
+                           ) -> AsyncIterator[tuple[AgentClient, dict[str, Any]]]:  # fmt: skip
+    """A cycle's talk with the host that receives the points (replica or extended host).
+
+    Yields the pinned client and the receiver's view of its copy (latest
+    point, functional level) after the version rule. What no retry can cure
+    becomes :class:`CycleStopped`: the copy is gone there (``gone``), the
+    certificate changed (``renewed(found)`` says what to do), the caller is
+    not authorised, or the version rule fails.
+    """
+    try:
+        async with client as peer:
+            try:
+                remote = await peer.get(f"/v1/peer/replicas/{vm_uuid}")
+            except NotFoundError as exc:
+                raise CycleStopped(gone) from exc
+            rules.check_replica_accepts(level, int(remote["functional_level"]), primary=sender,
+                                        replica=receiver, vm=vm)  # fmt: skip
+            yield peer, remote
+    except ThumbprintMismatchError as exc:
+        raise CycleStopped(renewed(exc.found)) from exc
+    except (AuthError, VersionError) as exc:
+        raise CycleStopped(str(exc)) from exc
+
+
+@contextlib.asynccontextmanager
+async def copy_job(jobs: JobRegistry, kind: str | None, vm_uuid: str, vm_name: str,
+                   **detail: Any) -> AsyncIterator[Job | None]:  # fmt: skip
+    """A job for an initial copy or resynchronisation (``kind`` None: a plain cycle, no job).
+
+    The job fails with the error if the body raises; the body ends it when done.
+    """
+    if kind is None:
+        yield None
+        return
+    job = jobs.create(kind, vm_uuid, vm_name, "running", phase="copying", **detail)
+    try:
+        yield job
+    except BaseException as exc:
+        jobs.update(job, "failed", error=str(exc) or type(exc).__name__)
+        raise
+
+
 class CycleRunner:
     """Runs cycles for the relationships of one primary host."""
 
@@ -103,68 +187,37 @@ class CycleRunner:
             # An off VM's disks do not change; its bitmap waits in the qcow2.
             return {"result": "skipped", "reason": "the VM is not running"}
         now = time.time()
-        for slot in range(rules.missed_slots(rel.last_started, rel.frequency_s, now)):
-            assert rel.last_started is not None
-            due = rel.last_started + rel.frequency_s * (slot + 1)
-            self.catalog.add_cycle(vm_uuid, CycleRecord(due, False, CycleKind.MISS, 0, 0.0))
+        last = rel.last_started
         rel = rel.model_copy(update={"last_started": now})
         self.catalog.put_relationship(rel)
-        started = time.monotonic()
-        kind, sent, error = CycleKind.SUCCESS, 0, None
-        try:
-            outcome = await self._cycle(record, rel)
-            if outcome is None:
-                return {
-                    "result": "skipped",
-                    "reason": "the initial copy is on media or scheduled for later",
-                }
-            sent = outcome
-        except ConnectionFailedError as exc:
-            kind, error = CycleKind.NETWORK_FAILURE, str(exc)
-        except CycleStopped as exc:
-            kind, error = CycleKind.FAILURE, str(exc)
+
+        def stopped(error: str) -> None:
             current = self.primary_rel(vm_uuid) or rel
             if rules.allowed(current.state, ReplicationOp.FAIL):
-                current = current.model_copy(update={
+                self.catalog.put_relationship(current.model_copy(update={
                     "state": rules.transition(current.state, ReplicationOp.FAIL),
-                    "error": error, "resume_to": current.state})  # fmt: skip
-                self.catalog.put_relationship(current)
-        except FerryError as exc:
-            kind, error = CycleKind.FAILURE, str(exc)
-        duration = time.monotonic() - started
-        self.catalog.add_cycle(vm_uuid, CycleRecord(now, kind is CycleKind.SUCCESS, kind,
-                                                    sent, duration))  # fmt: skip
-        if error:
-            log.warning("VM %s: replication cycle failed (%s): %s", rel.vm_name, kind.value,
-                        error)  # fmt: skip
-            return {"result": kind.value, "error": error, "duration_s": duration}
-        return {"result": "ok", "bytes": sent, "duration_s": duration,
-                "point": (self.primary_rel(vm_uuid) or rel).confirmed_point}  # fmt: skip
+                    "error": error, "resume_to": current.state}))  # fmt: skip
+
+        outcome = await timed_cycle(self.catalog, vm_uuid, rel.vm_name, now, last,
+                                    rel.frequency_s, self._cycle(record, rel), stopped)  # fmt: skip
+        if outcome["result"] == "ok":
+            outcome["point"] = (self.primary_rel(vm_uuid) or rel).confirmed_point
+        return outcome
 
     async def _cycle(self, record: VmRecord, rel: Relationship) -> int | None:
         name = rel.vm_name
-        try:
-            async with self._peer(rel) as peer:
-                try:
-                    remote = await peer.get(f"/v1/peer/replicas/{rel.vm_uuid}")
-                except NotFoundError as exc:
-                    raise CycleStopped(
-                        f"host {rel.replica!r} no longer holds the replica of VM {name!r}; if it "
-                        f"moved, run 'ferry replication set {name} --replica NEW-HOST'"
-                    ) from exc
-                rules.check_replica_accepts(self.config.functional_level,
-                                            int(remote["functional_level"]),
-                                            primary=self.config.name, replica=rel.replica,
-                                            vm=name)  # fmt: skip
-                return await self._exchange(record, rel, peer, remote)
-        except ThumbprintMismatchError as exc:
-            raise CycleStopped(
-                f"replica host {rel.replica!r} presented certificate thumbprint {exc.found}, "
-                f"but replication of VM {name!r} pins {rel.thumbprint}; if its certificate was "
-                f"renewed, run 'ferry replication set {name} --certificate-thumbprint {exc.found}'"
-            ) from exc
-        except (AuthError, VersionError) as exc:
-            raise CycleStopped(str(exc)) from exc
+        session = receiver_session(
+            self._peer(rel), rel.vm_uuid, level=self.config.functional_level,
+            sender=self.config.name, receiver=rel.replica, vm=name,
+            gone=f"host {rel.replica!r} no longer holds the replica of VM {name!r}; if it "
+            f"moved, run 'ferry replication set {name} --replica NEW-HOST'",
+            renewed=lambda found: (
+                f"replica host {rel.replica!r} presented certificate thumbprint {found}, but "
+                f"replication of VM {name!r} pins {rel.thumbprint}; if its certificate was "
+                f"renewed, run 'ferry replication set {name} --certificate-thumbprint {found}'"),
+        )  # fmt: skip
+        async with session as (peer, remote):
+            return await self._exchange(record, rel, peer, remote)
 
     async def _exchange(self, record: VmRecord, rel: Relationship, peer: AgentClient,
                         remote: dict[str, Any]) -> int | None:  # fmt: skip
@@ -186,11 +239,10 @@ class CycleRunner:
         rel = decided
         if mode is CycleMode.WAIT:
             return None  # media not imported on the replica yet, or scheduled for later
-        job = None
+        kind = None
         if mode is not CycleMode.DELTA:
             kind = INITIAL_JOB if rel.state is S.INITIAL_COPY else RESYNC_JOB
-            job = self.jobs.create(kind, rel.vm_uuid, rel.vm_name, "running", phase="copying")
-        try:
+        async with copy_job(self.jobs, kind, rel.vm_uuid, rel.vm_name) as job:
             if mode is CycleMode.RESYNC:
                 point = await self._resync_point(rel, tracker, peer, job)
             else:
@@ -201,12 +253,8 @@ class CycleRunner:
             sent += await self.send(peer, rel, point, job)
             if mode is not CycleMode.DELTA:
                 self._after_point(self.primary_rel(rel.vm_uuid) or rel)
-        except BaseException as exc:
             if job is not None:
-                self.jobs.update(job, "failed", error=str(exc) or type(exc).__name__)
-            raise
-        if job is not None:
-            self.jobs.update(job, "done", phase="done", result="ok", bytes_sent=sent)
+                self.jobs.update(job, "done", phase="done", result="ok", bytes_sent=sent)
         return sent
 
     def tracker(self, record: VmRecord) -> ChangedBlockTracker:
@@ -328,23 +376,37 @@ class CycleRunner:
     async def send(self, peer: AgentClient, rel: Relationship, point: PendingPoint,
                     job: Job | None = None) -> int:  # fmt: skip
         """Stream one point; on the replica's answer, forget it here."""
-        files = [Path(f) for f in point.files]
+        reply, sent = await self.stream_point(peer, rel.vm_uuid, point.id, point.time,
+                                              [Path(f) for f in point.files],
+                                              compress=rel.compression, job=job)  # fmt: skip
+        self.confirm(rel, int(reply["latest_point"]))
+        return sent
+
+    async def stream_point(self, peer: AgentClient, vm_uuid: str, point_id: int,
+                           point_time: float, files: list[Path], *, compress: bool,
+                           job: Job | None = None) -> tuple[dict[str, Any], int]:  # fmt: skip
+        """PUT one point's files as a delta stream (within the host's bandwidth cap).
+
+        Returns the receiver's answer and the bytes that crossed the wire.
+        Extended replication sends its points through here too.
+        """
         total = sum(f.stat().st_size for f in files)
         corrupt = self._corrupt_streams > 0
         if corrupt:
             self._corrupt_streams -= 1
         counter = [0]
-        body = self._stream(files, rel, point.id, total, counter, job, corrupt=corrupt)
-        reply = await peer.call("PUT", f"/v1/peer/replicas/{rel.vm_uuid}/points/{point.id}",
-                                params={"time": repr(point.time)}, data=body)  # fmt: skip
-        self.confirm(rel, int(reply["latest_point"]))
-        return counter[0]
+        body = self._stream(files, vm_uuid, point_id, total, counter, job, compress=compress,
+                            corrupt=corrupt)  # fmt: skip
+        reply: dict[str, Any] = await peer.call(
+            "PUT", f"/v1/peer/replicas/{vm_uuid}/points/{point_id}",
+            params={"time": repr(point_time)}, data=body)  # fmt: skip
+        return reply, counter[0]
 
-    async def _stream(self, files: list[Path], rel: Relationship, point_id: int, total: int,
-                      counter: list[int], job: Job | None, *,
+    async def _stream(self, files: list[Path], vm_uuid: str, point_id: int, total: int,
+                      counter: list[int], job: Job | None, *, compress: bool,
                       corrupt: bool) -> AsyncIterator[bytes]:  # fmt: skip
         frames: Iterator[bytes] = encode_point(
-            files, vm_uuid=UUID(rel.vm_uuid), point_id=point_id, compress=rel.compression
+            files, vm_uuid=UUID(vm_uuid), point_id=point_id, compress=compress
         )
         done = object()
         while True:
