@@ -264,14 +264,20 @@ def same_image(a: Path, b: Path) -> bool:
                           capture_output=True).returncode == 0  # fmt: skip
 
 
+@pytest.fixture
+def host3(lab_env: LabEnv, servers: Path) -> None:
+    """A third lab host that accepts replicas from host-2 (a replica forwarding or moving)."""
+    lab_env.cli("lab", "up", "--hosts", "3", "--no-guest")
+    lab_env.cli("replica-server", "enable", "--host", "host-3", "--storage",
+                str(servers / "host-3"), "--allow", "host-2")  # fmt: skip
+
+
+@pytest.mark.usefixtures("host3")
 def test_extended_replication_and_failover_from_the_extended_host(
     lab_env: LabEnv, servers: Path, vm: str
 ) -> None:
     """host-1 -> host-2 -> host-3: several points travel on as one, failover from host-3."""
     cli = lab_env.cli
-    cli("lab", "up", "--hosts", "3", "--no-guest")
-    cli("replica-server", "enable", "--host", "host-3", "--storage", str(servers / "host-3"),
-        "--allow", "host-2")  # fmt: skip
     sync(lab_env, vm)
     try:
         # Refusals: not 30s, not to a host that has the VM, not more often than the primary.
@@ -339,4 +345,42 @@ def test_extended_replication_and_failover_from_the_extended_host(
         assert cli.json("replication", "status", vm, "--host", "host-2")["extended"] is None
     finally:
         cli("replication", "extend", vm, "--remove", "--host", "host-2", check=False)
+        cli("vm", "delete", vm, "--force", "--host", "host-3", check=False)
+
+
+@pytest.mark.usefixtures("host3")
+def test_moving_the_replica_ends_its_test_failover_and_keeps_its_points(
+    lab_env: LabEnv, servers: Path, vm: str
+) -> None:
+    """'replication set --replica host-3' moves the replica VM and its chain there."""
+    cli = lab_env.cli
+    point, uuid, point_file = fresh_point(lab_env, servers, vm)
+    on_point = read_records(point_file).last_seq
+    final(cli, "failover", "test", vm)
+    assert lab_env.vm(f"{vm}-test", "host-2")["state"] == "running"
+    ids = [p["id"] for p in cli.json("replication", "points", vm)]
+    cli("replication", "pause", vm)  # no cycle between the move and the checks
+    try:
+        status = cli.json("replication", "set", vm, "--replica", "host-3")
+        assert status["replica"] == "host-3" and status["state"] == "paused"
+        # The test failover ended with the move; nothing of the VM is left on host-2.
+        assert "no VM named" in cli.fails("vm", "show", f"{vm}-test", "--host", "host-2")
+        assert "no VM named" in cli.fails("vm", "show", vm, "--host", "host-2")
+        assert not (servers / "host-2" / uuid).exists()
+        # The points moved with their ids; the latest holds the same records.
+        assert [p["id"] for p in cli.json("replication", "points", vm)] == ids
+        moved = lab_env.vm(vm, "host-3")
+        assert moved["state"] == "replica"
+        disk = Path(moved["disks"][0]["path"])
+        assert disk.name.startswith(f"p{point}-") and read_records(disk).last_seq == on_point
+        on_3 = cli.json("replication", "status", vm, "--host", "host-3")
+        assert on_3["primary"] == "host-1"
+        # The primary goes on with a plain delta to the new replica host.
+        cli("replication", "resume", vm)
+        more_records(lab_env, vm, "host-1")
+        after = sync(lab_env, vm)
+        assert after["point"] > point and after["bytes"] < 8 * 1024**2  # a delta, no new copy
+        assert cli.json("replication", "status", vm)["state"] == "replicating"
+    finally:
+        cli("replication", "remove", vm, "--host", "host-1", check=False)
         cli("vm", "delete", vm, "--force", "--host", "host-3", check=False)

@@ -77,6 +77,8 @@ Replication (the caller is the primary; the replica pins its certificate)::
     GET    /v1/peer/replicas/{uuid}/hashes?block_size=N -> {disks: [[hex, ...]]}
     GET    /v1/peer/vms/{uuid}          -> {state}   (split-brain guard)
     POST   /v1/peer/replications/{uuid}/yield  (the replica failed over) -> {vm, yielded}
+    POST   /v1/peer/replicas/{uuid}/move {to, to_url}  (from the primary: the replica
+           VM and its points move to another replica host) -> {vm, host, thumbprint, ...}
     POST   /v1/peer/replicas/{uuid}/failover   (planned: the VM is off here) -> {vm, point}
     POST   /v1/peer/replications {Relationship}  (to a VM's new host after a move:
            it becomes the primary) -> status
@@ -239,6 +241,13 @@ class ExtendReplicationRequest(BaseModel):
     to_url: str
     frequency_s: int | None = None  # default: 5m, or the primary's frequency if longer
     recovery_points: int | None = Field(default=None, ge=0, le=24)
+
+
+class MoveReplicaRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    to: str
+    to_url: str
 
 
 class SetReplicationRequest(BaseModel):

@@ -32,6 +32,7 @@ from ferry.api.models import (
     HostView,
     ImportInitialRequest,
     ImportRequest,
+    MoveReplicaRequest,
     MoveRequest,
     PeerHello,
     SetReplicationRequest,
@@ -56,6 +57,7 @@ from ferry.host.failover import FailoverService
 from ferry.host.jobs import Job
 from ferry.host.migration import MigrationService
 from ferry.host.replica import ReplicaStore
+from ferry.host.replica_move import ReplicaMover
 from ferry.host.replication import ReplicationService
 from ferry.host.vms import VmService
 
@@ -139,6 +141,8 @@ class AgentApi:
         self.replication = replication
         self.extensions = extensions
         self.failover = FailoverService(vms, migrations.jobs, replication.store, replication)
+        self.replica_mover = ReplicaMover(replication.store, replication.cycles, self.failover,
+                                          url)  # fmt: skip
         self.replicas: ReplicaStore = replication.store
         self.replica_server = replication.store.server
         self.jobs = migrations.jobs
@@ -192,6 +196,7 @@ class AgentApi:
                 web.get("/v1/peer/vms/{uuid}", self.peer_vm_state),
                 web.post("/v1/peer/replications/{uuid}/yield", self.peer_yield),
                 web.post("/v1/peer/replicas/{uuid}/failover", self.peer_planned_failover),
+                web.post("/v1/peer/replicas/{uuid}/move", self.peer_move_replica),
                 web.put("/v1/peer/replicas/{uuid}/files/{kind}", self.peer_replica_file),
                 web.post("/v1/peer/replicas", self.peer_offer),
                 web.post("/v1/peer/replications", self.peer_take_over),
@@ -584,6 +589,12 @@ class AgentApi:
 
     async def peer_yield(self, request: web.Request) -> web.Response:
         return _json(self.failover.yield_primary(request["caller"], request.match_info["uuid"]))
+
+    async def peer_move_replica(self, request: web.Request) -> web.Response:
+        body = await _body(request, MoveReplicaRequest)
+        moved = await self.replica_mover.move(request["caller"], request.match_info["uuid"],
+                                              body.to, body.to_url)  # fmt: skip
+        return _json(moved)
 
     async def peer_planned_failover(self, request: web.Request) -> web.Response:
         uuid = request.match_info["uuid"]

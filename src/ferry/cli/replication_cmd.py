@@ -291,7 +291,12 @@ app.command("remove")(
 @app.command("set")
 def set_(
     name: str,
-    replica: str | None = typer.Option(None, "--replica", help="The replica VM's new host."),
+    replica: str | None = typer.Option(
+        None,
+        "--replica",
+        help="Move the replica VM and its points to this host (or point at "
+        "it if the replica is there already); a test failover ends.",
+    ),
     frequency: str | None = typer.Option(None, "--frequency", help="30s, 5m or 15m."),
     thumbprint: str | None = typer.Option(
         None, "--certificate-thumbprint", help="SHA-256 of the replica's new certificate."

@@ -58,6 +58,7 @@ from ferry.host.replication_cycle import (
     CycleRunner,
     CycleStopped,
     copy_job,
+    offer_replica,
     receiver_session,
     timed_cycle,
 )
@@ -167,23 +168,12 @@ class ExtensionService:
                         frequency_s=frequency, recovery_points=keep,
                         created=time.time())  # fmt: skip
         async with self.scheduler.locks[record.uuid], self._peer(ext, pin=False) as peer:
-            hello = await peer.get("/v1/peer/hello")
-            rules.check_replica_accepts(self.config.functional_level,
-                                        int(hello["functional_level"]),
-                                        primary=self.config.name, replica=to, vm=name)  # fmt: skip
-            ext = ext.model_copy(update={"thumbprint": peer.thumbprint or ""})
-            await peer.post("/v1/peer/replicas", {
-                "spec": record.spec.model_dump(mode="json"), "frequency_s": frequency,
-                "recovery_points": keep, "initial": "network",
-                "functional_level": self.config.functional_level, "primary_url": self.url,
-                "origin": rel.primary, "origin_url": rel.primary_url,
-            })  # fmt: skip
-            for kind in ("kernel", "initrd"):
-                path = getattr(record.spec, kind)
-                if path and Path(path).exists():
-                    data = await asyncio.to_thread(Path(path).read_bytes)
-                    await peer.call("PUT", f"/v1/peer/replicas/{record.uuid}/files/{kind}",
-                                    data=data)  # fmt: skip
+            thumbprint = await offer_replica(
+                peer, record.spec, sender=self.config.name, receiver=to,
+                level=self.config.functional_level, frequency_s=frequency,
+                recovery_points=keep, initial="network", primary_url=self.url,
+                origin=rel.primary, origin_url=rel.primary_url)  # fmt: skip
+            ext = ext.model_copy(update={"thumbprint": thumbprint})
             self.catalog.put_extension(ext)
         log.info("VM %s: extended replication to %s every %ss (pinned %s)", name, to, frequency,
                  ext.thumbprint[:16])  # fmt: skip

@@ -39,7 +39,7 @@ from ferry.errors import (
 from ferry.host.jobs import JobRegistry
 from ferry.host.migration import MOVE
 from ferry.host.replica import ReplicaStore
-from ferry.host.replication_cycle import INITIAL_JOB, CycleRunner
+from ferry.host.replication_cycle import INITIAL_JOB, CycleRunner, offer_replica
 from ferry.host.scheduler import CycleScheduler
 from ferry.host.vms import VmService
 
@@ -247,24 +247,11 @@ class ReplicationService:
             created=time.time(), initial_after=initial_after,
         )  # fmt: skip
         async with self.peer(rel, pin=False) as peer:
-            hello = await peer.get("/v1/peer/hello")
-            rules.check_replica_accepts(self.config.functional_level,
-                                        int(hello["functional_level"]), primary=self.config.name,
-                                        replica=replica, vm=name)  # fmt: skip
-            thumbprint = peer.thumbprint or ""
-            await peer.post("/v1/peer/replicas", {
-                "spec": record.spec.model_dump(mode="json"), "frequency_s": frequency_s,
-                "recovery_points": recovery_points, "initial": initial.value,
-                "functional_level": self.config.functional_level, "primary_url": self.url,
-            })  # fmt: skip
-            # The replica must boot the VM without this host: it gets its own
-            # copy of the kernel and initrd (the disks come with the points).
-            for kind in ("kernel", "initrd"):
-                path = getattr(record.spec, kind)
-                if path:
-                    data = await asyncio.to_thread(Path(path).read_bytes)
-                    await peer.call("PUT", f"/v1/peer/replicas/{record.uuid}/files/{kind}",
-                                    data=data)  # fmt: skip
+            thumbprint = await offer_replica(
+                peer, record.spec, sender=self.config.name, receiver=replica,
+                level=self.config.functional_level, frequency_s=frequency_s,
+                recovery_points=recovery_points, initial=initial.value,
+                primary_url=self.url)  # fmt: skip
         rel = rel.model_copy(update={"thumbprint": thumbprint})
         self.catalog.put_relationship(rel)
         log.info("VM %s: replication to %s enabled (every %ss, initial %s, pinned %s)", name,
@@ -305,15 +292,15 @@ class ReplicationService:
             if replica is not None and replica != rel.replica:
                 if not replica_url:
                     raise InvalidInputError(f"no address known for host {replica!r}")
-                # The replica VM moved: the new host must hold it already.
-                moved = rel.model_copy(update={"replica": replica, "replica_url": replica_url})
-                async with self.peer(moved, pin=False) as peer:
-                    await peer.get(f"/v1/peer/replicas/{record.uuid}")
-                    update.update(
-                        replica=replica,
-                        replica_url=replica_url,
-                        thumbprint=update.get("thumbprint", peer.thumbprint or ""),
-                    )
+                found = await self._replica_on(rel, replica, replica_url)
+                if found is None:
+                    # Not there yet: the replica VM moves there with its points.
+                    async with self.peer(rel) as old:
+                        moved = await old.post(f"/v1/peer/replicas/{record.uuid}/move",
+                                               {"to": replica, "to_url": replica_url})  # fmt: skip
+                    found = str(moved["thumbprint"])
+                update.update(replica=replica, replica_url=replica_url,
+                              thumbprint=update.get("thumbprint", found))  # fmt: skip
             new = rel.model_copy(update=update)
             if {"frequency_s", "recovery_points"} & update.keys():
                 async with self.peer(new) as peer:
@@ -325,6 +312,16 @@ class ReplicationService:
             self.catalog.put_relationship(new)
         self._wake_up(record.uuid)
         return self.status(name)
+
+    async def _replica_on(self, rel: Relationship, host: str, url: str) -> str | None:
+        """The certificate thumbprint of ``host`` if it holds the VM's replica already."""
+        there = rel.model_copy(update={"replica": host, "replica_url": url})
+        async with self.peer(there, pin=False) as peer:
+            try:
+                await peer.get(f"/v1/peer/replicas/{rel.vm_uuid}")
+            except NotFoundError:
+                return None
+            return peer.thumbprint or ""
 
     def _wake_up(self, vm_uuid: str) -> None:
         self.scheduler.wake(vm_uuid)

@@ -49,6 +49,7 @@ from ferry.core.relationship import (
     settle_in_flight,
 )
 from ferry.core.replication import CycleKind, CycleRecord, ReplicationOp, ReplicationState
+from ferry.core.spec import VmSpec
 from ferry.core.vmstate import VmState
 from ferry.errors import (
     AuthError,
@@ -138,6 +139,30 @@ async def receiver_session(client: AgentClient, vm_uuid: str, *, level: int, sen
         raise CycleStopped(renewed(exc.found)) from exc
     except (AuthError, VersionError) as exc:
         raise CycleStopped(str(exc)) from exc
+
+
+async def offer_replica(peer: AgentClient, spec: VmSpec, *, sender: str, receiver: str,
+                        level: int, **offer: Any) -> str:  # fmt: skip
+    """Offer VM ``spec`` to a replica host; returns its certificate thumbprint to pin.
+
+    The version rule comes first (the receiver runs ``level`` or newer).
+    ``offer`` carries the relationship's terms (``frequency_s``,
+    ``recovery_points``, ``initial``, ``primary_url`` and for an extension
+    ``origin``). The replica must boot the VM without the sender, so it then
+    gets its own copy of the kernel and initrd; the disks come with the points.
+    """
+    hello = await peer.get("/v1/peer/hello")
+    rules.check_replica_accepts(level, int(hello["functional_level"]), primary=sender,
+                                replica=receiver, vm=spec.name)  # fmt: skip
+    thumbprint = peer.thumbprint or ""
+    await peer.post("/v1/peer/replicas", {"spec": spec.model_dump(mode="json"),
+                                          "functional_level": level, **offer})  # fmt: skip
+    for kind in ("kernel", "initrd"):
+        path = getattr(spec, kind)
+        if path and Path(path).exists():
+            data = await asyncio.to_thread(Path(path).read_bytes)
+            await peer.call("PUT", f"/v1/peer/replicas/{spec.uuid}/files/{kind}", data=data)
+    return thumbprint
 
 
 @contextlib.asynccontextmanager
