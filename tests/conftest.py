@@ -6,6 +6,7 @@ fixture checks that no QEMU or agent of its own is left behind.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -126,14 +127,31 @@ class LabEnv:
         host.config_path.write_text(tomli_w.dumps(settings))
         self.cli("lab", "up", "--hosts", str(len(self.lab.hosts())), "--no-guest")
 
+    def console(self, name: str, host: str | None = None) -> str:
+        """The VM's serial log through the agent API, read in this process.
+
+        Polling through the CLI cost a Python start-up per look (about 0.7 s
+        of CPU), which slowed the TCG guests of the other test worker; the
+        CLI's own ``vm console`` is tested in ``test_vm_lifecycle``.
+        """
+        from ferry.client.fleet import Fleet
+        from ferry.client.settings import load_settings
+
+        async def read() -> str:
+            async with Fleet(load_settings(self.home)) as fleet:
+                where, _ = await fleet.locate(name, host)
+                chunk = await fleet.client(where).get(f"/v1/vms/{name}/console", offset="0")
+                return str(chunk["text"])
+
+        return asyncio.run(read())
+
     def wait_console(self, name: str, pattern: Callable[[str], bool], timeout: float = 60,
                      host: str | None = None) -> str:  # fmt: skip
         """Poll the VM's serial log until ``pattern`` holds; return the log."""
         deadline = time.monotonic() + timeout
         text = ""
-        where = ["--host", host] if host else []
         while time.monotonic() < deadline:
-            text = self.cli("vm", "console", name, *where).stdout
+            text = self.console(name, host)
             if pattern(text):
                 return text
             time.sleep(0.5)

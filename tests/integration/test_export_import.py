@@ -239,7 +239,7 @@ def test_refresh_vms_moves_the_guest_to_a_fresh_qemu(lab_env: LabEnv) -> None:
     after = lab_env.vm("longrun")
     assert after["state"] == "running" and after["pid"] == result["pid"]
     assert qemu_pids_for(before["uuid"]) == [result["pid"]]
-    count = cli("vm", "console", "longrun").stdout.count("seq ")
+    count = lab_env.console("longrun").count("seq ")
     text = lab_env.wait_console("longrun", lambda t: t.count("seq ") > count + 2)
     assert text.count("ferry-guest up") == 1  # the same boot, still counting
 

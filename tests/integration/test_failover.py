@@ -59,7 +59,7 @@ def final(cli: Any, *args: str) -> Any:
 
 
 def console(lab_env: LabEnv, name: str, host: str) -> str:
-    return lab_env.cli("vm", "console", name, "--host", host).stdout
+    return lab_env.console(name, host)
 
 
 def up_seq(text: str) -> int:
@@ -151,6 +151,31 @@ def test_planned_failover_loses_nothing_and_replication_flows_back(
     assert jobs[-1]["bytes_sent"] < 8 * 1024**2
     more_records(lab_env, vm, "host-2")
     assert sync(lab_env, vm, "host-2")["bytes"] < 1024**2
+
+
+def test_planned_failover_is_refused_when_replication_could_not_flow_back(
+    lab_env: LabEnv, servers: Path
+) -> None:
+    """An older primary (level 2) replicating to a newer replica (3): no way back after."""
+    cli = lab_env.cli
+    name = "older-primary"
+    lab_env.restart_agent(1, functional_level=2)
+    try:
+        cli("vm", "create", name, "--host", "host-1", "--guest", "test", "--memory", "128M",
+            "--disk", "64M", "--start")  # fmt: skip
+        lab_env.wait_console(name, lambda t: "seq " in t, host="host-1")
+        cli("replication", "enable", name, "--replica", "host-2", "--frequency", "30s")
+        line = cli.fails("failover", "planned", name)
+        assert "cannot reverse replication" in line and "upgrade 'host-1' first" in line
+        assert "level 2" in line and "level 3" in line
+        # Refused before anything happened: the VM runs on, replication goes on.
+        assert lab_env.vm(name, "host-1")["state"] == "running"
+        assert sync(lab_env, name)["result"] == "ok"
+    finally:
+        cli("replication", "remove", name, "--host", "host-1", check=False)
+        for host in ("host-1", "host-2"):
+            cli("vm", "delete", name, "--force", "--host", host, check=False)
+        lab_env.restart_agent(1, functional_level=3)
 
 
 def wait_for(get: Any, done: Any, timeout: float = 60) -> Any:

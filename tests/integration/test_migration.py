@@ -53,7 +53,7 @@ def finish_on(env: LabEnv, name: str, host: str) -> Any:
 
 def test_shared_storage_move_keeps_the_guest_counting(lab_env: LabEnv) -> None:
     vm = boot(lab_env, "roamer", "host-1", "--volume", "shared")
-    before = seqs(lab_env.cli("vm", "console", "roamer").stdout)
+    before = seqs(lab_env.console("roamer"))
     result = json.loads(lab_env.cli("vm", "move", "roamer", "--to", "host-2", "--json")
                         .stdout.strip().splitlines()[-1])  # fmt: skip
     assert result["result"] == "ok" and result["host"] == "host-2"
@@ -80,7 +80,7 @@ def test_shared_storage_move_keeps_the_guest_counting(lab_env: LabEnv) -> None:
 
 def test_shared_nothing_move_there_and_back(lab_env: LabEnv) -> None:
     vm = boot(lab_env, "nomad", "host-1")
-    last_on_source = max(seqs(lab_env.cli("vm", "console", "nomad").stdout))
+    last_on_source = max(seqs(lab_env.console("nomad")))
     lab_env.cli("vm", "move", "nomad", "--to", "host-2")
     there = lab_env.vm("nomad")
     assert there["host"] == "host-2" and there["uuid"] == vm["uuid"]
@@ -167,7 +167,7 @@ def assert_still_on_source(env: LabEnv, before: dict[str, Any]) -> None:
     after = env.vm("victim")
     assert after["host"] == "host-1" and after["state"] == "running"
     assert after["pid"] == before["pid"]  # the same QEMU: the VM never left
-    count = len(seqs(env.cli("vm", "console", "victim").stdout))
+    count = len(seqs(env.console("victim")))
     text = env.wait_console("victim", lambda t: len(seqs(t)) > count + 1)
     assert len(UP.findall(text)) == 1
 

@@ -50,7 +50,7 @@ def test_disk_full_on_the_destination(lab_env: LabEnv, small_destination: Path) 
     assert qemu_pids_for(before["uuid"]) == [before["pid"]]
     assert lab_env.cli.json("vm", "list", "--host", "host-2") == []
     assert list(small_destination.iterdir()) == []  # no half disk left behind
-    count = lab_env.cli("vm", "console", "bulky").stdout.count("seq ")
+    count = lab_env.console("bulky").count("seq ")
     lab_env.wait_console("bulky", lambda t: t.count("seq ") > count + 1)
     lab_env.cli("vm", "delete", "bulky", "--force")
 
@@ -177,6 +177,6 @@ def test_the_network_drops_mid_copy(lab_env: LabEnv) -> None:
         time.sleep(0.2)
     assert qemu_pids_for(before["uuid"]) == [before["pid"]]
     assert lab_env.cli.json("vm", "list", "--host", "host-2") == []
-    count = lab_env.cli("vm", "console", "cutoff").stdout.count("seq ")
+    count = lab_env.console("cutoff").count("seq ")
     lab_env.wait_console("cutoff", lambda t: t.count("seq ") > count + 1)
     lab_env.cli("vm", "delete", "cutoff", "--force")

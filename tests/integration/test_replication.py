@@ -62,7 +62,7 @@ def enable(lab_env: LabEnv, name: str, *args: str) -> dict[str, Any]:
 
 def records_written(lab_env: LabEnv, name: str, more: int, host: str = "host-1") -> None:
     """Wait until the guest wrote ``more`` further records."""
-    seen = lab_env.cli("vm", "console", name, "--host", host).stdout.count("seq ")
+    seen = lab_env.console(name, host).count("seq ")
     lab_env.wait_console(name, lambda t: t.count("seq ") >= seen + more, host=host)
 
 
