@@ -143,7 +143,8 @@ class LabEnv:
                 chunk = await fleet.client(where).get(f"/v1/vms/{name}/console", offset="0")
                 return str(chunk["text"])
 
-        return asyncio.run(read())
+        # As the CLI's output reads in text mode: the serial line ends "\r\n".
+        return asyncio.run(read()).replace("\r\n", "\n").replace("\r", "\n")
 
     def wait_console(self, name: str, pattern: Callable[[str], bool], timeout: float = 60,
                      host: str | None = None) -> str:  # fmt: skip
