@@ -36,6 +36,12 @@ def complete(text: str) -> str:
     return text[: text.rfind("\n") + 1]
 
 
+def same_image(a: Path, b: Path) -> bool:
+    """``qemu-img compare``: both images read the same (backing chains followed)."""
+    return subprocess.run(["qemu-img", "compare", "-U", str(a), str(b)],
+                          capture_output=True).returncode == 0  # fmt: skip
+
+
 def seqs(text: str) -> list[int]:
     """The record numbers the guest reported, in order."""
     return [int(n) for n in SEQ.findall(complete(text))]

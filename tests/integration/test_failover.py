@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import pytest
 
 from ferry.guest.records import read_records
-from tests.conftest import UP, LabEnv, seqs
+from tests.conftest import UP, LabEnv, same_image, seqs
 
 pytestmark = pytest.mark.integration
 
@@ -282,11 +281,6 @@ def test_a_failover_cut_short_by_an_agent_crash_can_be_cancelled_or_finished(
     text = lab_env.wait_console(vm, lambda t: UP.search(t) is not None, host="host-2")
     assert up_seq(text) == on_point
     final(cli, "failover", "cancel", vm, "--host", "host-2")
-
-
-def same_image(a: Path, b: Path) -> bool:
-    return subprocess.run(["qemu-img", "compare", "-U", str(a), str(b)],
-                          capture_output=True).returncode == 0  # fmt: skip
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from ferry.guest.records import read_records
-from tests.conftest import LabEnv
+from tests.conftest import LabEnv, same_image
 
 pytestmark = pytest.mark.integration
 
@@ -76,11 +76,6 @@ def replica_disk(lab_env: LabEnv, name: str) -> Path:
     return Path(lab_env.vm(name, "host-2")["disks"][0]["path"])
 
 
-def same(a: Path, b: Path) -> bool:
-    return subprocess.run(["qemu-img", "compare", "-U", str(a), str(b)],
-                          capture_output=True).returncode == 0  # fmt: skip
-
-
 def assert_replica_equals_primary(lab_env: LabEnv, name: str, host: str = "host-1") -> int:
     """Pause the guest, replicate, compare byte for byte, resume; the records' last seq."""
     lab_env.cli("vm", "pause", name, "--host", host)
@@ -89,7 +84,7 @@ def assert_replica_equals_primary(lab_env: LabEnv, name: str, host: str = "host-
         disks = zip(lab_env.vm(name, host)["disks"], lab_env.vm(name, "host-2")["disks"],
                     strict=True)  # fmt: skip
         for ours_disk, theirs_disk in disks:
-            assert same(Path(ours_disk["path"]), Path(theirs_disk["path"])), (
+            assert same_image(Path(ours_disk["path"]), Path(theirs_disk["path"])), (
                 "the replica's latest point differs from the disk"
             )
         primary = Path(lab_env.vm(name, host)["disks"][0]["path"])

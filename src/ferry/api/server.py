@@ -240,7 +240,8 @@ class AgentApi:
         rel = self.vms.catalog.relationship(vm_uuid)
         if rel is None:
             return None
-        ext = self.vms.catalog.extension(vm_uuid)
+        extended = rel.role is RelRole.REPLICA  # only a replica host extends
+        ext = self.vms.catalog.extension(vm_uuid) if extended else None
         return {"role": rel.role.value, "state": rel.state.value, "primary": rel.primary,
                 "replica": rel.replica, "frequency_s": rel.frequency_s,
                 "origin": rel.origin or None,

@@ -106,23 +106,6 @@ class ExchangeService:
     def _progress(self, job: Job, done: int, total: int) -> None:
         self.jobs.update(job, progress={"bytes": done, "total": total})
 
-    def _run(self, job: Job, work: Any) -> None:
-        async def runner() -> None:
-            try:
-                result = await work
-            except asyncio.CancelledError:
-                self.jobs.update(job, "cancelled", error="cancelled by the admin")
-                raise
-            except FerryError as exc:
-                self.jobs.update(job, "failed", error=str(exc))
-            except Exception as exc:
-                log.exception("job %s failed unexpectedly", job.id)
-                self.jobs.update(job, "failed", error=f"internal error: {exc}")
-            else:
-                self.jobs.update(job, "done", result=result)
-
-        job.task = asyncio.create_task(runner(), name=f"{job.kind}-{job.id}")
-
     # == export ==============================================================
 
     def start_export(self, name: str, to: str, *, live: bool) -> Job:
@@ -140,7 +123,7 @@ class ExchangeService:
             raise NotFoundError(f"the parent of export folder {to!r} does not exist")
         job = self.jobs.create(EXPORT, record.uuid, record.name, "running", target=str(target),
                                live=live, progress={}, result=None, error=None)  # fmt: skip
-        self._run(job, self._export(job, record, target, live))
+        self.jobs.run(job, self._export(job, record, target, live))
         return job
 
     async def _export(self, job: Job, record: VmRecord, target: Path, live: bool) -> dict[str, Any]:
@@ -271,7 +254,7 @@ class ExchangeService:
             check_name(new_name)
         job = self.jobs.create(IMPORT, "", new_name or "?", "running", source=str(source),
                                mode=mode, progress={}, result=None, error=None)  # fmt: skip
-        self._run(job, self._import(job, source, mode, new_name))
+        self.jobs.run(job, self._import(job, source, mode, new_name))
         return job
 
     def _regular_file(self, folder: Path, name: str) -> Path:

@@ -93,14 +93,7 @@ class ExtensionService:
                            timeout=PEER_TIMEOUT_S, pin=ext.thumbprint if pin else None)  # fmt: skip
 
     def _replica(self, name: str) -> tuple[VmRecord, Relationship]:
-        record = self.catalog.find(name)
-        rel = None if record is None else self.catalog.relationship(record.uuid)
-        if record is None or rel is None or rel.role is not Role.REPLICA:
-            raise NotFoundError(
-                f"host {self.config.name!r} holds no replica of VM {name!r}; extended "
-                "replication runs on the replica host (--host)"
-            )
-        return record, rel
+        return self.store.replica_of(name, commands="extended replication")
 
     def extension_of(self, name: str) -> Extension:
         record, _ = self._replica(name)

@@ -23,7 +23,6 @@ new files on top of the chain, so cancelling throws them away.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
@@ -77,14 +76,7 @@ class FailoverService:
     # -- on the replica host -------------------------------------------------------
 
     def _replica(self, name: str) -> tuple[VmRecord, Relationship]:
-        record = self.vms.get(name)
-        rel = self.catalog.relationship(record.uuid)
-        if rel is None or rel.role is not Role.REPLICA:
-            raise NotFoundError(
-                f"VM {name!r} on host {self.config.name!r} is not a replica; run failover "
-                "commands against the replica host (--host)"
-            )
-        return record, rel
+        return self.store.replica_of(name, commands="failover commands")
 
     def _point(self, rel: Relationship, point_id: int | None) -> PointInfo:
         points = self.store.points(rel.vm_uuid)
@@ -113,29 +105,13 @@ class FailoverService:
     # -- jobs ----------------------------------------------------------------------------
 
     def run_job(self, action: str, name: str,
-                operation: Callable[[Job], Awaitable[dict[str, Any]]]) -> Job:  # fmt: skip
+                operation: Callable[[Job], Awaitable[dict[str, Any]]],
+                **detail: Any) -> Job:  # fmt: skip
         """Run a failover operation as a job; its result or error ends up in the job."""
         record = self.vms.get(name)
         job = self.jobs.create(f"{JOB_PREFIX}{action}", record.uuid, name, "running",
-                               phase="starting")  # fmt: skip
-
-        async def body() -> None:
-            try:
-                result = await operation(job)
-            except asyncio.CancelledError:
-                self.jobs.update(job, "cancelled", phase="cancelled")
-                raise
-            except FerryError as exc:
-                self.jobs.update(job, "failed", phase="failed", error=str(exc), code=exc.code)
-                return
-            except Exception as exc:  # a bug: the job must still end, with the reason
-                log.exception("failover %s of %s failed unexpectedly", action, name)
-                error = f"{type(exc).__name__}: {exc}"
-                self.jobs.update(job, "failed", phase="failed", error=error)
-                return
-            self.jobs.update(job, "done", phase="done", result=result)
-
-        job.task = asyncio.create_task(body(), name=f"failover-{action}-{name}")
+                               **{"phase": "starting", **detail})  # fmt: skip
+        self.jobs.run(job, operation(job))
         return job
 
     def _phase(self, job: Job | None, phase: str) -> None:
@@ -415,54 +391,45 @@ class FailoverService:
         if rel.state is not S.REPLICATING:
             raise StateError(f"replication of VM {name!r} is {rel.state.value}; a planned "
                              "failover needs it replicating")  # fmt: skip
-        job = self.jobs.create(PLANNED_JOB, record.uuid, name, "running", phase="checking",
-                               target=rel.replica)  # fmt: skip
-        job.task = asyncio.create_task(self._planned(job, record, rel))
-        return job
+        return self.run_job("planned", name, lambda job: self._planned(job, record, rel),
+                            phase="checking", target=rel.replica)  # fmt: skip
 
-    async def _planned(self, job: Job, record: VmRecord, rel: Relationship) -> None:
+    async def _planned(self, job: Job, record: VmRecord, rel: Relationship) -> dict[str, Any]:
         name = record.name
         started = time.monotonic()
+        # Replication must be able to flow back: this host admits the replica
+        # host, and the replica does not run a newer level than this host.
+        self.store.server.admit(rel.replica)
+        async with self.replication.peer(rel) as peer:
+            hello = await peer.get("/v1/peer/hello")
+            rules.check_reverse_allowed(int(hello["functional_level"]),
+                                        self.config.functional_level,
+                                        running_host=rel.replica,
+                                        old_primary=self.config.name, vm=name)  # fmt: skip
+        self._phase(job, "shutting-down")
+        if record.state in (VmState.RUNNING, VmState.PAUSED):
+            _, forced = await self.vms.stop(name)
+            if forced:
+                log.warning("VM %s did not shut down in time; it was forced off", name)
+        self._phase(job, "final-cycle")
+        # The guest is off; QEMU comes back with it stopped so the last
+        # delta can be cut from the bitmap saved at shutdown.
+        await self.vms.start(name, paused=True)
         try:
-            # Replication must be able to flow back: this host admits the replica
-            # host, and the replica does not run a newer level than this host.
-            self.store.server.admit(rel.replica)
-            async with self.replication.peer(rel) as peer:
-                hello = await peer.get("/v1/peer/hello")
-                rules.check_reverse_allowed(int(hello["functional_level"]),
-                                            self.config.functional_level,
-                                            running_host=rel.replica,
-                                            old_primary=self.config.name, vm=name)  # fmt: skip
-            self._phase(job, "shutting-down")
-            if record.state in (VmState.RUNNING, VmState.PAUSED):
-                _, forced = await self.vms.stop(name)
-                if forced:
-                    log.warning("VM %s did not shut down in time; it was forced off", name)
-            self._phase(job, "final-cycle")
-            # The guest is off; QEMU comes back with it stopped so the last
-            # delta can be cut from the bitmap saved at shutdown.
-            await self.vms.start(name, paused=True)
-            try:
-                outcome = await self.replication.sync_now(name)
-            finally:
-                record = self.vms.get(name)
-                await self.vms.end_qemu(record)
-                self.catalog.set_state(record.uuid, VmState.OFF)
-            if outcome["result"] != "ok":
-                raise FerryError(f"the last replication cycle failed: {outcome.get('error')}; "
-                                 f"VM {name!r} stays here, off")  # fmt: skip
-            self.jobs.update(job, last_point=outcome.get("point"))
-            self._phase(job, "starting-on-replica")
-            async with self.replication.peer(rel) as peer:
-                started_there = await peer.post(f"/v1/peer/replicas/{rel.vm_uuid}/failover")
-            self.jobs.update(job, "done", phase="done", result={
-                "result": "ok", "host": rel.replica, "point": started_there.get("point"),
-                "total_s": round(time.monotonic() - started, 3)})  # fmt: skip
-        except asyncio.CancelledError:
-            self.jobs.update(job, "cancelled", phase="cancelled")
-            raise
-        except FerryError as exc:
-            self.jobs.update(job, "failed", phase="failed", error=str(exc))
+            outcome = await self.replication.sync_now(name)
+        finally:
+            record = self.vms.get(name)
+            await self.vms.end_qemu(record)
+            self.catalog.set_state(record.uuid, VmState.OFF)
+        if outcome["result"] != "ok":
+            raise FerryError(f"the last replication cycle failed: {outcome.get('error')}; "
+                             f"VM {name!r} stays here, off")  # fmt: skip
+        self.jobs.update(job, last_point=outcome.get("point"))
+        self._phase(job, "starting-on-replica")
+        async with self.replication.peer(rel) as peer:
+            started_there = await peer.post(f"/v1/peer/replicas/{rel.vm_uuid}/failover")
+        return {"result": "ok", "host": rel.replica, "point": started_there.get("point"),
+                "total_s": round(time.monotonic() - started, 3)}  # fmt: skip
 
     async def planned_here(self, caller: CertInfo, vm_uuid: str) -> dict[str, Any]:
         """On the replica: the primary shut the VM down and sent its last delta."""

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid as uuidlib
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ferry.adapters.catalog import Catalog, JobRow
-from ferry.errors import NotFoundError
+from ferry.errors import FerryError, NotFoundError
+
+log = logging.getLogger(__name__)
 
 # Write progress to SQLite at most this often; phases are written at once.
 PERSIST_EVERY_S = 2.0
@@ -84,6 +88,33 @@ class JobRegistry:
         job.updated = time.time()
         if changed_state or job.updated - job.persisted >= PERSIST_EVERY_S:
             self._persist(job)
+
+    def run(self, job: Job, work: Awaitable[Any]) -> None:
+        """Run ``work`` as the job's task; its result, error or cancellation ends the job.
+
+        A job that reports phases ends in the phase named like its final state.
+        """
+
+        def end(state: str, **detail: Any) -> None:
+            if "phase" in job.detail:
+                detail["phase"] = state
+            self.update(job, state, **detail)
+
+        async def runner() -> None:
+            try:
+                result = await work
+            except asyncio.CancelledError:
+                end("cancelled", error="cancelled by the admin")
+                raise
+            except FerryError as exc:
+                end("failed", error=str(exc), code=exc.code)
+            except Exception as exc:  # a bug: the job must still end, with the reason
+                log.exception("job %s (%s) failed unexpectedly", job.id, job.kind)
+                end("failed", error=f"internal error: {type(exc).__name__}: {exc}")
+            else:
+                end("done", result=result)
+
+        job.task = asyncio.create_task(runner(), name=f"{job.kind}-{job.id}")
 
     def _persist(self, job: Job) -> None:
         job.persisted = time.time()

@@ -103,6 +103,20 @@ class ReplicaStore:
             )
         return rel
 
+    def replica_of(self, name: str, *, commands: str) -> tuple[VmRecord, Relationship]:
+        """VM ``name`` here and its replica relationship (admin commands by name).
+
+        ``commands`` says what must run against the replica host instead.
+        """
+        record = self.catalog.find(name)
+        if record is None:
+            raise NotFoundError(f"no VM named {name!r} on host {self.config.name!r}")
+        rel = self.catalog.relationship(record.uuid)
+        if rel is None or rel.role is not RelRole.REPLICA:
+            raise NotFoundError(f"VM {name!r} on host {self.config.name!r} is not a replica; "
+                                f"run {commands} against the replica host (--host)")  # fmt: skip
+        return record, rel
+
     def check_primary(self, caller: CertInfo, rel: Relationship) -> None:
         if caller.role is Role.ADMIN:
             return
