@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -68,13 +69,35 @@ async def kill_process(pid: int, uuid: str, *, timeout: float = 10.0) -> None:
         raise QemuError(f"QEMU pid {pid} did not die after SIGKILL within {timeout:.0f}s")
 
 
-async def launch(argv: Sequence[str], *, pidfile: Path, uuid: str, timeout: float = 60.0) -> int:
+def first_log_line(path: Path) -> str | None:
+    """QEMU's first message in its ``-D`` log, without the timestamp ``-msg`` adds."""
+    try:
+        with path.open(errors="replace") as log_file:
+            for line in log_file:
+                if line.strip():
+                    return _TIMESTAMP.sub("", line.strip())
+    except OSError:
+        return None
+    return None
+
+
+_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT[\d:.]+Z ")
+
+
+async def launch(
+    argv: Sequence[str], *, pidfile: Path, uuid: str, log: Path | None = None,
+    timeout: float = 60.0,
+) -> int:  # fmt: skip
     """Run a daemonizing QEMU command line; return the daemon's pid.
 
-    QEMU prints start-up errors before it daemonizes and exits non-zero, so
-    the first line of its stderr is the reason we report.
+    QEMU prints start-up errors before it daemonizes and exits non-zero. With
+    ``-D`` (``log``) they go to that file, else to stderr; the first line is
+    the reason we report. The log of the run before is kept as ``<log>.1``.
     """
     pidfile.unlink(missing_ok=True)
+    if log is not None:
+        with contextlib.suppress(FileNotFoundError):
+            log.replace(log.with_name(log.name + ".1"))
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -92,8 +115,10 @@ async def launch(argv: Sequence[str], *, pidfile: Path, uuid: str, timeout: floa
         raise QemuError(f"QEMU did not finish starting within {timeout:.0f}s") from None
     if proc.returncode != 0:
         lines = [line for line in stderr.decode(errors="replace").splitlines() if line.strip()]
-        reason = lines[-1] if lines else f"exit status {proc.returncode}"
-        raise QemuError(f"QEMU refused to start: {reason}")
+        reason = lines[-1] if lines else None
+        if reason is None and log is not None:
+            reason = first_log_line(log)
+        raise QemuError(f"QEMU refused to start: {reason or f'exit status {proc.returncode}'}")
     pid = read_pidfile(pidfile)
     if pid is None or not process_matches(pid, uuid):
         raise QemuError("QEMU started but left no usable pidfile")

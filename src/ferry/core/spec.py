@@ -62,6 +62,9 @@ class RunContext(BaseModel):
     pidfile: Path
     qmp_socket: Path
     serial_log: Path
+    # QEMU's own messages (-D): after -daemonize its stderr is gone, so this
+    # file holds its last words when it dies.
+    qemu_log: Path | None = None
     incoming: bool = False
     # Start with the vCPUs stopped (-S): the block layer works, the guest waits.
     paused: bool = False
@@ -123,6 +126,8 @@ def qemu_argv(spec: VmSpec, ctx: RunContext) -> list[str]:
         "-serial", "chardev:serial0",
         "-msg", "timestamp=on",
     ]  # fmt: skip
+    if ctx.qemu_log is not None:
+        argv += ["-D", str(ctx.qemu_log)]
     if not spec.network:
         argv += ["-nic", "none"]
     if spec.kernel:

@@ -59,6 +59,7 @@ POLL_S = 0.5
 PEER_CHECK_S = 1.0
 PEER_GRACE_S = 4.0  # the destination agent may be silent this long mid-copy
 OUTCOME_WAIT_S = 60.0  # how long to learn the destination's fate after switch-over
+INCOMING_SETTLE_S = 30.0  # how long the destination may take to load the last state
 KERNEL_FILES = ("kernel", "initrd")
 
 
@@ -122,7 +123,7 @@ class MigrationService:
             raise StateError(f"cannot move VM {name!r}: it is {record.state.value} "
                              "(live migration moves running VMs)")  # fmt: skip
         for job in self.jobs.all():
-            if job.vm_uuid == record.uuid and not is_final(Phase(job.state)) and job.kind == MOVE:
+            if job.vm_uuid == record.uuid and job.kind == MOVE and not is_final(Phase(job.state)):
                 raise ConflictError(f"VM {name!r} is already being moved (job {job.id})")
         bandwidth = self.config.migration_max_bandwidth if max_bandwidth is None else max_bandwidth
         job = self.jobs.create(
@@ -397,18 +398,20 @@ class MigrationService:
                            storage: Storage, plan: dict[str, Any]) -> None:  # fmt: skip
         """Let the destination resume; only then end the source. Never two copies."""
         plan["finish_called"] = True
-        outcome = await self._destination_outcome(job, peer, finish=True)
+        outcome, why = await self._destination_outcome(job, peer, finish=True)
         if outcome == IncomingState.DONE:
             plan["resumed_at"] = time.monotonic()
             await self.vms.forget(record, keep_disks=storage is Storage.SHARED)
             return
         # The destination does not run it: take the VM back.
-        await self._undo(job, plan, "destination could not resume")
-        raise MoveFailed(f"host {peer.name!r} could not resume the VM; it runs on "
+        await self._undo(job, plan, f"destination could not resume: {why}")
+        raise MoveFailed(f"host {peer.name!r} could not resume the VM ({why}); it runs on "
                          f"{self.host} again")  # fmt: skip
 
-    async def _destination_outcome(self, job: Job, peer: AgentClient, *, finish: bool) -> str:
-        """Ask (and retry) until the destination says done or aborted."""
+    async def _destination_outcome(
+        self, job: Job, peer: AgentClient, *, finish: bool
+    ) -> tuple[str, str | None]:
+        """Ask (and retry) until the destination says done or aborted, and why."""
         deadline = time.monotonic() + OUTCOME_WAIT_S
         while True:
             try:
@@ -418,12 +421,12 @@ class MigrationService:
                     reply = await peer.get(f"/v1/peer/migrations/{job.id}")
                 state = str(reply["state"])
                 if state in (IncomingState.DONE, IncomingState.ABORTED):
-                    return state
+                    return state, reply.get("error")
             except ConnectionFailedError:
                 finish = False  # we cannot know whether it resumed: ask, do not repeat
             except FerryError as exc:
                 if exc.code == "not-found":
-                    return IncomingState.ABORTED
+                    return IncomingState.ABORTED, "the destination has no such move"
                 log.warning("move %s: destination says %s", job.id, exc)
                 finish = False
             if time.monotonic() > deadline:
@@ -569,9 +572,7 @@ class MigrationService:
         address = self.config.address[0]
         tls = not self.config.insecure_migration
         try:
-            self.vms.exit_hooks[record.uuid] = lambda: self._abort_incoming(
-                job, "the incoming QEMU exited (the stream broke or was refused)"
-            )
+            self.vms.exit_hooks[record.uuid] = lambda: self._incoming_qemu_exited(job)
             await self.vms.launch_incoming(record)
             channel = self.vms.channel(record)
             await channel.execute("migrate-set-capabilities", {"capabilities": [
@@ -613,12 +614,12 @@ class MigrationService:
         """Switch-over: resume here. Idempotent: a repeated call reports the outcome."""
         job = self._incoming(job_id, caller)
         if job.state != IncomingState.RECEIVING:
-            return {"state": job.state}
+            return {"state": job.state, "error": job.detail.get("error")}
         record = self.vms.get(job.vm_uuid)
         async with self.vms.lock(record.uuid):
             try:
                 channel = self.vms.channel(record)
-                status = (await channel.execute("query-migrate")).get("status")
+                status = await self._incoming_settled(channel)
                 if status != "completed":
                     raise MoveFailed(f"the incoming migration is {status}, not completed")
                 if job.detail["storage"] == Storage.COPY and record.spec.disks:
@@ -627,11 +628,29 @@ class MigrationService:
                 await channel.execute("cont")
                 self.vms.catalog.set_state(record.uuid, VmState.RUNNING)
             except FerryError as exc:
-                await self._abort_incoming(job, str(exc))
-                return {"state": job.state, "error": str(exc)}
+                words = self.vms.last_words(record.uuid)
+                reason = f"{exc} (QEMU said: {words})" if words else str(exc)
+                await self._abort_incoming(job, reason)
+                return {"state": job.state, "error": reason}
             self.jobs.update(job, IncomingState.DONE.value)
         log.getChild(record.name).info("arrived from %s; running here", job.detail["source"])
         return {"state": job.state}
+
+    @staticmethod
+    async def _incoming_settled(channel: QmpChannel) -> str:
+        """Wait until the incoming side has loaded the whole stream; its status.
+
+        The source reports ``completed`` once it has sent its last byte; this
+        side is still loading device state and activating its images then
+        (longer with every disk), so it must be asked, not assumed, to be done.
+        """
+        deadline = time.monotonic() + INCOMING_SETTLE_S
+        with channel.listen("MIGRATION") as events:
+            while True:
+                status = str((await channel.execute("query-migrate")).get("status", "none"))
+                if status not in ("active", "setup", "device") or time.monotonic() > deadline:
+                    return status
+                await events.next(0.05)
 
     def incoming_status(self, caller: CertInfo, job_id: str) -> dict[str, Any]:
         job = self._incoming(job_id, caller)
@@ -642,6 +661,12 @@ class MigrationService:
         if job.state == IncomingState.RECEIVING:
             await self._abort_incoming(job, "the source called the move off")
         return {"state": job.state}
+
+    async def _incoming_qemu_exited(self, job: Job) -> None:
+        words = self.vms.last_words(job.vm_uuid)
+        reason = "the incoming QEMU exited"
+        await self._abort_incoming(job, f"{reason}: {words}" if words else
+                                   f"{reason} (the stream broke or was refused)")  # fmt: skip
 
     async def _abort_incoming(self, job: Job, reason: str) -> None:
         """Remove every trace of a VM that did not arrive (shared disks stay)."""
@@ -696,7 +721,7 @@ class MigrationService:
             if status == "completed":
                 outcome: str = IncomingState.ABORTED
                 with contextlib.suppress(FerryError):
-                    outcome = await self._destination_outcome(job, peer, finish=False)
+                    outcome, _ = await self._destination_outcome(job, peer, finish=False)
                 if outcome == IncomingState.DONE:
                     storage = Storage(job.detail["storage"])
                     await self.vms.forget(record, keep_disks=storage is Storage.SHARED)

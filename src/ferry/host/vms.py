@@ -47,6 +47,7 @@ from ferry.host.config import HostConfig
 log = logging.getLogger(__name__)
 
 QUIT_GRACE_S = 10.0
+QEMU_LOG = "qemu.log"  # per VM dir; the run before is kept as qemu.log.1
 # Below this the test guest's kernel does not get to /init (measured: 64M
 # hangs silently, 80M boots); refuse rather than let it hang.
 TEST_GUEST_MIN_MEMORY = 96 * 1024**2
@@ -109,6 +110,7 @@ class VmService:
             pidfile=vm_dir / "qemu.pid",
             qmp_socket=self.config.runtime_dir / f"{_short(uuid)}.qmp",
             serial_log=vm_dir / "serial.log",
+            qemu_log=vm_dir / QEMU_LOG,
         )
 
     def _log(self, record: VmRecord) -> logging.LoggerAdapter[logging.Logger]:
@@ -325,7 +327,7 @@ class VmService:
             self.catalog.set_state(record.uuid, VmState.STARTING)
             try:
                 pid = await qemu.launch(qemu_argv(record.spec, ctx), pidfile=ctx.pidfile,
-                                        uuid=record.uuid)  # fmt: skip
+                                        uuid=record.uuid, log=ctx.qemu_log)  # fmt: skip
                 state = await self._attach(record, pid)
                 if paused and state is VmState.STARTING:
                     # -S: QEMU says "prelaunch"; for us the guest is paused.
@@ -550,12 +552,16 @@ class VmService:
     def channel(self, record: VmRecord) -> qemu.QmpChannel:
         return self._runtime(record).channel
 
+    def last_words(self, uuid: str) -> str | None:
+        """The first line QEMU wrote to its log in the VM's latest run, if any."""
+        return qemu.first_log_line(self.vm_dir(uuid) / QEMU_LOG)
+
     async def launch_incoming(self, record: VmRecord) -> None:
         """Start QEMU paused, waiting for a migration stream (``-incoming defer``)."""
         ctx = self._ctx(record.uuid, incoming=True)
         ctx.qmp_socket.unlink(missing_ok=True)
         pid = await qemu.launch(qemu_argv(record.spec, ctx), pidfile=ctx.pidfile,
-                                uuid=record.uuid)  # fmt: skip
+                                uuid=record.uuid, log=ctx.qemu_log)  # fmt: skip
         await self._attach(record, pid)
         self.catalog.set_state(record.uuid, VmState.MIGRATING)
 
@@ -607,7 +613,7 @@ class VmService:
             resumed = False
             try:
                 new_pid = await qemu.launch(qemu_argv(record.spec, ctx), pidfile=ctx.pidfile,
-                                            uuid=record.uuid)  # fmt: skip
+                                            uuid=record.uuid, log=ctx.qemu_log)  # fmt: skip
                 await new.connect()
                 caps = [{"capability": "events", "state": True},
                         {"capability": "dirty-bitmaps", "state": True}]  # fmt: skip
