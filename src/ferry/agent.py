@@ -25,14 +25,14 @@ from ferry.api.server import AgentApi
 from ferry.errors import ConfigError
 from ferry.host import facts
 from ferry.host.config import HostConfig, load_host_config
-from ferry.host.exchange import ExchangeService
-from ferry.host.extension import ExtensionService
+from ferry.host.exchange.service import ExchangeService
 from ferry.host.jobs import JobRegistry
-from ferry.host.migration import MigrationService
-from ferry.host.replica import ReplicaStore
-from ferry.host.replica_server import ReplicaServer
-from ferry.host.replication import ReplicationService
-from ferry.host.vms import VmService
+from ferry.host.migration.service import MigrationService
+from ferry.host.replication.extension import ExtensionService
+from ferry.host.replication.primary import ReplicationService
+from ferry.host.replication.receiver import ReplicaStore
+from ferry.host.replication.server import ReplicaServer
+from ferry.host.vms.service import VmService
 
 log = logging.getLogger(__name__)
 

@@ -51,15 +51,15 @@ from ferry.core.versions import supported_range
 from ferry.core.vmstate import VmState
 from ferry.errors import AuthError, FerryError, InvalidInputError, NotFoundError, StateError
 from ferry.host import facts
-from ferry.host.exchange import ExchangeService
-from ferry.host.extension import ExtensionService
-from ferry.host.failover import FailoverService
+from ferry.host.exchange.service import ExchangeService
+from ferry.host.failover.service import FailoverService
 from ferry.host.jobs import Job
-from ferry.host.migration import MigrationService
-from ferry.host.replica import ReplicaStore
-from ferry.host.replica_move import ReplicaMover
-from ferry.host.replication import ReplicationService
-from ferry.host.vms import VmService
+from ferry.host.migration.service import MigrationService
+from ferry.host.replication.extension import ExtensionService
+from ferry.host.replication.primary import ReplicationService
+from ferry.host.replication.receiver import ReplicaStore
+from ferry.host.replication.replica_move import ReplicaMover
+from ferry.host.vms.service import VmService
 
 log = logging.getLogger(__name__)
 

@@ -60,7 +60,7 @@ from ferry.errors import (
 )
 from ferry.host.config import HostConfig
 from ferry.host.jobs import Job, JobRegistry
-from ferry.host.vms import VmService
+from ferry.host.vms.service import VmService
 
 log = logging.getLogger(__name__)
 
@@ -454,7 +454,7 @@ class CycleRunner:
     async def to_media(self, record: VmRecord, rel: Relationship, media: Path,
                        job: Job) -> None:  # fmt: skip
         """``--initial media:DIR``: the full copy goes to a folder the admin carries."""
-        from ferry.host.initial_media import write_media
+        from ferry.host.replication.initial_media import write_media
 
         tracker = self.tracker(record)
         media.mkdir(exist_ok=True)

@@ -2,7 +2,7 @@
 
 One asyncio task per relationship sleeps until its next cycle is due
 (:func:`ferry.core.replication.next_due`), so a slow VM only delays itself;
-what a cycle does is :mod:`ferry.host.replication_cycle`. Every cycle, change
+what a cycle does is :mod:`ferry.host.replication.cycle`. Every cycle, change
 and move of a VM runs under the relationship's cycle lock.
 """
 
@@ -37,11 +37,11 @@ from ferry.errors import (
     StateError,
 )
 from ferry.host.jobs import JobRegistry
-from ferry.host.migration import MOVE
-from ferry.host.replica import ReplicaStore
-from ferry.host.replication_cycle import INITIAL_JOB, CycleRunner, offer_replica
-from ferry.host.scheduler import CycleScheduler
-from ferry.host.vms import VmService
+from ferry.host.migration.service import MOVE
+from ferry.host.replication.cycle import INITIAL_JOB, CycleRunner, offer_replica
+from ferry.host.replication.receiver import ReplicaStore
+from ferry.host.replication.scheduler import CycleScheduler
+from ferry.host.vms.service import VmService
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ from ferry.errors import (
     StateError,
 )
 from ferry.host.jobs import Job, JobRegistry
-from ferry.host.vms import VmService
+from ferry.host.vms.service import VmService
 
 log = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ from ferry.adapters.pki import CertInfo, client_ssl_context
 from ferry.client.agent_client import AgentClient
 from ferry.core.replication import ReplicationState
 from ferry.errors import ConflictError, InvalidInputError, StateError
-from ferry.host.failover import FailoverService
-from ferry.host.replica import ReplicaStore, disk_file
-from ferry.host.replication_cycle import CycleRunner, offer_replica
+from ferry.host.failover.service import FailoverService
+from ferry.host.replication.cycle import CycleRunner, offer_replica
+from ferry.host.replication.receiver import ReplicaStore, disk_file
 
 log = logging.getLogger(__name__)
 

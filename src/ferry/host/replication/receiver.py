@@ -61,7 +61,7 @@ from ferry.errors import (
     StateError,
 )
 from ferry.host.config import HostConfig
-from ferry.host.replica_server import ReplicaServer
+from ferry.host.replication.server import ReplicaServer
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +387,7 @@ class ReplicaStore:
 
     async def import_initial(self, folder: Path) -> dict[str, Any]:
         """``replication import-initial DIR``: link an initial copy carried on media."""
-        from ferry.host.initial_media import import_media, read_media
+        from ferry.host.replication.initial_media import import_media, read_media
 
         manifest = read_media(folder)
         rel = self.relationship(manifest.vm_uuid)

@@ -49,9 +49,9 @@ from ferry.errors import (
     StateError,
 )
 from ferry.host.jobs import Job, JobRegistry
-from ferry.host.replica import ReplicaStore, disk_file
-from ferry.host.replication import ReplicationService
-from ferry.host.vms import VmService
+from ferry.host.replication.primary import ReplicationService
+from ferry.host.replication.receiver import ReplicaStore, disk_file
+from ferry.host.vms.service import VmService
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from ferry.core.export_format import FileName, ManifestFile
 from ferry.core.relationship import PendingPoint, Relationship
 from ferry.core.validation import first_error
 from ferry.errors import InvalidInputError
-from ferry.host.exchange import sha256_file
+from ferry.host.exchange.service import sha256_file
 
 MANIFEST = "ferry-initial-copy.json"
 FORMAT = "ferry-initial-copy"

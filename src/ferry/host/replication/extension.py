@@ -52,8 +52,7 @@ from ferry.errors import (
     StateError,
 )
 from ferry.host.jobs import Job, JobRegistry
-from ferry.host.replica import ReplicaStore, disk_file
-from ferry.host.replication_cycle import (
+from ferry.host.replication.cycle import (
     INITIAL_JOB,
     CycleRunner,
     CycleStopped,
@@ -62,7 +61,8 @@ from ferry.host.replication_cycle import (
     receiver_session,
     timed_cycle,
 )
-from ferry.host.scheduler import CycleScheduler
+from ferry.host.replication.receiver import ReplicaStore, disk_file
+from ferry.host.replication.scheduler import CycleScheduler
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Export and import of VMs as self-contained folders."""

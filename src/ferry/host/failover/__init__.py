@@ -1,0 +1,1 @@
+"""Failover: test, planned and unplanned failover of replicated VMs, and reverse."""

@@ -1,0 +1,1 @@
+"""Live migration between hosts: the source's move job, the destination's side, restart recovery."""
