@@ -33,6 +33,7 @@ from ferry.host.replication.primary import ReplicationService
 from ferry.host.replication.receiver import ReplicaStore
 from ferry.host.replication.server import ReplicaServer
 from ferry.host.vms.service import VmService
+from ferry.peer.server import PeerServer
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
     extensions: ExtensionService | None = None
     try:
         tls = server_ssl_context(config.tls_dir)
+        # The one peer server every service registers its endpoints with.
+        peer_server = PeerServer()
         qemu_version = await asyncio.to_thread(facts.qemu_version, config.qemu_binary)
         accelerator = await facts.resolve_accelerator(config)
         vms = VmService(
@@ -98,6 +101,7 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
             url=url,
             accelerator=accelerator,
             qemu_version=qemu_version,
+            peer_server=peer_server,
         )
         await api.failover.recover()
         runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)

@@ -14,6 +14,7 @@ enter, in the adapter that met them, with ``raise ... from exc``.
      +-- StateError                 wrong-state       operation not allowed now
      +-- VersionError               version           config version / data dir
      +-- AuthError                  forbidden         certificate refused, wrong role
+     |    +-- ThumbprintMismatchError thumbprint-mismatch  not the pinned certificate
      +-- ConnectionFailedError      unreachable       agent cannot be reached
      +-- PkiError                   pki               certificates cannot be made/read
      +-- QemuError                  qemu              QEMU failed to start or answer
@@ -77,6 +78,16 @@ class AuthError(FerryError):
     http_status = 403
 
 
+class ThumbprintMismatchError(AuthError):
+    """The agent presented a valid certificate, but not the pinned one (``found``)."""
+
+    code = "thumbprint-mismatch"
+
+    def __init__(self, message: str, *, found: str = "") -> None:
+        super().__init__(message)
+        self.found = found
+
+
 class ConnectionFailedError(FerryError):
     code = "unreachable"
     http_status = 502
@@ -124,6 +135,7 @@ _BY_CODE: dict[str, type[FerryError]] = {
         StateError,
         VersionError,
         AuthError,
+        ThumbprintMismatchError,
         ConnectionFailedError,
         PkiError,
         QemuError,

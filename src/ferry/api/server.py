@@ -60,6 +60,7 @@ from ferry.host.replication.primary import ReplicationService
 from ferry.host.replication.receiver import ReplicaStore
 from ferry.host.replication.replica_move import ReplicaMover
 from ferry.host.vms.service import VmService
+from ferry.peer.server import PeerServer
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ class AgentApi:
         url: str,
         accelerator: str,
         qemu_version: str,
+        peer_server: PeerServer,
     ) -> None:
         self.vms = vms
         self.migrations = migrations
@@ -149,6 +151,7 @@ class AgentApi:
         self.url = url
         self.accelerator = accelerator
         self.qemu_version = qemu_version
+        self.peer_server = peer_server
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[_guard], client_max_size=1024**2)
@@ -216,6 +219,8 @@ class AgentApi:
                 web.get("/v1/peer/migrations/{id}", self.peer_status),
             ]
         )
+        # Peer endpoints that services registered with the typed peer layer.
+        app.add_routes(self.peer_server.aiohttp_routes(lambda request: request["caller"]))
         return app
 
     def _view(self, record: VmRecord) -> VmView:

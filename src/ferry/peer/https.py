@@ -1,0 +1,133 @@
+"""The real transport: HTTPS with mutual TLS to one agent (aiohttp).
+
+Foreign errors (aiohttp, ssl, OS, timeouts, non-JSON replies) become
+FerryErrors here, the one boundary where they enter; an agent's JSON error is
+rebuilt into the FerryError class it was on that agent. The admin client
+(:class:`ferry.client.agent_client.AgentClient`) and the peer client use this
+same transport.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+from collections.abc import AsyncIterable
+from typing import Any
+
+import aiohttp
+
+from ferry.errors import (
+    AuthError,
+    ConnectionFailedError,
+    FerryError,
+    ThumbprintMismatchError,
+    error_from_code,
+)
+from ferry.peer.transport import Reply
+
+
+def _server_thumbprint(response: aiohttp.ClientResponse) -> str | None:
+    # A small body arrives with the headers and releases the connection at
+    # once, so ``response.connection`` is often None here; the protocol (and
+    # its TLS transport) outlives that. aiohttp has no public accessor.
+    protocol = getattr(response, "_protocol", None)
+    transport = getattr(protocol, "transport", None)
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return hashlib.sha256(der).hexdigest() if der else None
+
+
+def raise_for_error(status: int, payload: Any) -> None:
+    """Rebuild the agent's error reply into its FerryError class."""
+    if status >= 400:
+        error = (payload or {}).get("error") or {} if isinstance(payload, dict) else {}
+        raise error_from_code(
+            str(error.get("code", "error")), str(error.get("message", f"HTTP {status}"))
+        )
+
+
+class HttpsTransport:
+    """Requests to the agent of host ``name`` at ``url`` over one aiohttp session.
+
+    ``pin``: the SHA-256 thumbprint the agent's certificate must have; it is
+    checked on every response before its body is read.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        tls: ssl.SSLContext,
+        *,
+        server_name: str | None = None,
+        timeout: float,
+        pin: str | None = None,
+    ) -> None:
+        self.name = name
+        self.url = url.rstrip("/")
+        self.pin = pin
+        self._tls = tls
+        self._server_name = server_name or name
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=10)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: dict[str, str] | None = None,
+        data: bytes | AsyncIterable[bytes] | None = None,
+    ) -> Reply:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        where = f"host {self.name!r} at {self.url}"
+        try:
+            async with self._session.request(
+                method,
+                self.url + path,
+                json=body if data is None else None,
+                data=data,
+                params=params,
+                ssl=self._tls,
+                server_hostname=self._server_name,
+            ) as response:
+                thumbprint = _server_thumbprint(response)
+                if self.pin and thumbprint != self.pin:
+                    raise ThumbprintMismatchError(
+                        f"{where} presented certificate thumbprint {thumbprint}, "
+                        f"not the pinned {self.pin}",
+                        found=thumbprint or "",
+                    )
+                payload = await response.json(content_type=None)
+                return Reply(response.status, payload, thumbprint)
+        except FerryError:
+            raise
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise AuthError(
+                f"{where} presented a certificate we do not trust: {exc.certificate_error}"
+            ) from exc
+        except aiohttp.ClientConnectorSSLError as exc:
+            raise AuthError(f"TLS with {where} failed: {exc.os_error}") from exc
+        except aiohttp.ClientConnectorError as exc:
+            reason = exc.os_error.strerror or str(exc.os_error)
+            raise ConnectionFailedError(
+                f"cannot reach {where}: {reason}; is its agent running? ('ferry lab status')"
+            ) from exc
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+            cause = exc.__cause__ or exc.__context__ or exc
+            if isinstance(exc, ssl.SSLError) or isinstance(cause, ssl.SSLError):
+                raise AuthError(f"{where} refused our certificate: {exc}") from exc
+            raise ConnectionFailedError(f"connection to {where} broke: {exc}") from exc
+        except TimeoutError as exc:
+            raise ConnectionFailedError(f"{where} did not answer in time") from exc
+        except aiohttp.ClientError as exc:
+            raise ConnectionFailedError(f"talking to {where} failed: {exc}") from exc
+        except ValueError as exc:
+            raise ConnectionFailedError(f"{where} sent a reply that is not JSON") from exc
