@@ -38,6 +38,7 @@ from ferry.core.migration import (
     locate_on_volume,
 )
 from ferry.core.spec import DiskSpec, VmSpec, check_resources
+from ferry.core.tasks import cancel_and_wait
 from ferry.core.versions import check_host_runs
 from ferry.core.vmstate import VmOp, VmState
 from ferry.errors import (
@@ -479,11 +480,7 @@ class MigrationService:
         """Agent stopping: undo moves under way (the VMs stay here), then return."""
         running = [job.task for job in self.jobs.all()
                    if job.task is not None and not job.task.done()]  # fmt: skip
-        for task in running:
-            task.cancel()
-        for task in running:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*running)
 
     def is_incoming(self, uuid: str) -> bool:
         """True while a VM is arriving here and still runs on its source."""

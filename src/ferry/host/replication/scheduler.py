@@ -16,6 +16,8 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ferry.core.tasks import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 Outcome = dict[str, Any]
@@ -61,16 +63,10 @@ class CycleScheduler:
     async def stop(self, key: str) -> None:
         task = self.cancel(key)
         if task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     async def shutdown(self) -> None:
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks.values())
         self._tasks.clear()
 
     async def _run(self, key: str) -> None:

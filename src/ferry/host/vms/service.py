@@ -31,6 +31,7 @@ from ferry.adapters.catalog import Catalog, VmRecord
 from ferry.api.models import CreateVmRequest, DiskRequest
 from ferry.core import vmstate
 from ferry.core.spec import DiskSpec, RunContext, VmSpec, check_name, check_resources, qemu_argv
+from ferry.core.tasks import cancel_and_wait
 from ferry.core.versions import check_host_runs, machine_type
 from ferry.core.vmstate import VmOp, VmState
 from ferry.errors import (
@@ -441,9 +442,7 @@ class VmService:
     async def _detach(self, runtime: _Runtime) -> None:
         watcher = runtime.watcher
         if watcher is not None and watcher is not asyncio.current_task():
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            await cancel_and_wait(watcher)
         await runtime.channel.close()
 
     async def _watch(self, record: VmRecord, runtime: _Runtime) -> None:
@@ -452,9 +451,7 @@ class VmService:
         try:
             await runtime.channel.wait_closed()
         finally:
-            events.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await events
+            await cancel_and_wait(events)
         if runtime.expect_exit or self._runtimes.get(record.uuid) is not runtime:
             return
         hook = self.exit_hooks.pop(record.uuid, None)
