@@ -4,6 +4,8 @@ Every failure a user can meet is a :class:`FerryError` whose message says what
 failed, for which VM or host, and what to do. Foreign exceptions (``OSError``,
 ``ssl.SSLError``, ``sqlite3.Error``, QMP errors) are translated where they
 enter, in the adapter that met them, with ``raise ... from exc``.
+``asyncio.CancelledError`` is not an error and is never swallowed (see
+:func:`ferry.core.tasks.cancel_and_wait`).
 
 ::
 
@@ -19,9 +21,12 @@ enter, in the adapter that met them, with ``raise ... from exc``.
      +-- PkiError                   pki               certificates cannot be made/read
      +-- QemuError                  qemu              QEMU failed to start or answer
      +-- CatalogError               catalog           the SQLite catalog failed
+     +-- StorageError               storage           a file or dir cannot be read/written
      +-- GuestBuildError            guest-build       the test guest cannot be built/read
      +-- ConfigError                config            a config file is missing or invalid
      +-- DeltaCorruptError          delta-corrupt     a replication delta arrived damaged
+     +-- ReplicationStoppedError    replication-stopped  a retry cannot cure it; admin acts
+     +-- MoveFailedError            move-failed       a move step failed; the move is undone
 
 The ``code`` travels over the API so the CLI can rebuild the same class on
 the other side.
@@ -104,8 +109,25 @@ class QemuError(FerryError):
 
 
 class CatalogError(FerryError):
+    """SQLite refused or failed ``operation`` (e.g. "record VM 'web'") on the catalog."""
+
     code = "catalog"
     http_status = 500
+
+    def __init__(self, message: str, *, operation: str = "") -> None:
+        super().__init__(message)
+        self.operation = operation
+
+
+class StorageError(FerryError):
+    """A file or directory on this host could not be read or written (``path``)."""
+
+    code = "storage"
+    http_status = 500
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class GuestBuildError(FerryError):
@@ -125,6 +147,24 @@ class DeltaCorruptError(FerryError):
     http_status = 400
 
 
+class ReplicationStoppedError(FerryError):
+    """A replication failure no retry cures; the relationship goes to ``error`` until an admin acts.
+
+    For example the replica's certificate changed, its version refuses, or its
+    copy of the VM is gone. The message says which and what to do.
+    """
+
+    code = "replication-stopped"
+    http_status = 409
+
+
+class MoveFailedError(FerryError):
+    """A step of a live move failed; the source undoes the move and the job reports this."""
+
+    code = "move-failed"
+    http_status = 500
+
+
 _BY_CODE: dict[str, type[FerryError]] = {
     cls.code: cls
     for cls in (
@@ -140,9 +180,12 @@ _BY_CODE: dict[str, type[FerryError]] = {
         PkiError,
         QemuError,
         CatalogError,
+        StorageError,
         GuestBuildError,
         ConfigError,
         DeltaCorruptError,
+        ReplicationStoppedError,
+        MoveFailedError,
     )
 }
 

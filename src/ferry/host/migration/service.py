@@ -47,6 +47,7 @@ from ferry.errors import (
     ConnectionFailedError,
     FerryError,
     InvalidInputError,
+    MoveFailedError,
     StateError,
 )
 from ferry.host.jobs import Job, JobRegistry
@@ -69,12 +70,6 @@ def _free_port(address: str) -> int:
         sock.bind((address, 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-class MoveFailed(FerryError):
-    """Internal: a move step failed; the message is the job's error."""
-
-    code = "move-failed"
 
 
 class MoveObserver(Protocol):
@@ -231,7 +226,7 @@ class MigrationService:
         channel = self.vms.channel(record)
         tls = launched["tls"]
         if not tls and not self.config.insecure_migration:
-            raise MoveFailed(
+            raise MoveFailedError(
                 f"host {peer.name!r} offers only plain TCP for the memory and disk streams; "
                 "set insecure_migration on both hosts (trusted networks only) or on neither"
             )
@@ -328,10 +323,12 @@ class MigrationService:
             state = await asyncio.wait_for(peer.get(f"/v1/peer/migrations/{job.id}"), 2)
         except (FerryError, TimeoutError):
             if time.monotonic() - last_ok[0] > PEER_GRACE_S:
-                raise MoveFailed(f"the agent of host {peer.name!r} stopped answering") from None
+                raise MoveFailedError(
+                    f"the agent of host {peer.name!r} stopped answering"
+                ) from None
             return
         if state["state"] == IncomingState.ABORTED:
-            raise MoveFailed(f"host {peer.name!r} gave up receiving: {state.get('error')}")
+            raise MoveFailedError(f"host {peer.name!r} gave up receiving: {state.get('error')}")
         last_ok[0] = time.monotonic()
 
     async def _wait_mirrors_ready(self, job: Job, channel: QmpChannel, events: EventWaiter,
@@ -341,7 +338,7 @@ class MigrationService:
             jobs = {j["device"]: j for j in await channel.execute("query-block-jobs")}
             missing = [m for m in mirrors if m not in jobs]
             if missing:
-                raise MoveFailed(f"disk copy {missing[0]} to host {peer.name!r} failed")
+                raise MoveFailedError(f"disk copy {missing[0]} to host {peer.name!r} failed")
             done = sum(jobs[m]["offset"] for m in mirrors)
             total = sum(jobs[m]["len"] for m in mirrors)
             self.jobs.update(job, progress={"disk_bytes": done, "disk_total": total})
@@ -375,7 +372,7 @@ class MigrationService:
                 return info
             if status in ("failed", "cancelled", "none"):
                 reason = info.get("error-desc") or status
-                raise MoveFailed(f"memory copy failed: {reason}")
+                raise MoveFailedError(f"memory copy failed: {reason}")
             if peer is not None:
                 await self._peer_alive(job, peer, last_ok)
             await events.next(POLL_S)  # a MIGRATION event ends the wait at once
@@ -389,7 +386,7 @@ class MigrationService:
             if not present & set(mirrors):
                 return
             if time.monotonic() > deadline:
-                raise MoveFailed("disk copies did not finish at switch-over")
+                raise MoveFailedError("disk copies did not finish at switch-over")
             if events is None:
                 await asyncio.sleep(0.05)
             else:
@@ -406,7 +403,7 @@ class MigrationService:
             return
         # The destination does not run it: take the VM back.
         await self._undo(job, plan, f"destination could not resume: {why}")
-        raise MoveFailed(f"host {peer.name!r} could not resume the VM ({why}); it runs on "
+        raise MoveFailedError(f"host {peer.name!r} could not resume the VM ({why}); it runs on "
                          f"{self.host} again")  # fmt: skip
 
     async def _destination_outcome(
@@ -431,7 +428,7 @@ class MigrationService:
                 log.warning("move %s: destination says %s", job.id, exc)
                 finish = False
             if time.monotonic() > deadline:
-                raise MoveFailed(
+                raise MoveFailedError(
                     f"cannot learn whether host {peer.name!r} resumed VM {job.vm_name!r}; "
                     f"it stays paused on {self.host} so it never runs twice: check host "
                     f"{peer.name!r}, then 'ferry vm kill' the copy that must not run"
@@ -618,7 +615,7 @@ class MigrationService:
                 channel = self.vms.channel(record)
                 status = await self._incoming_settled(channel)
                 if status != "completed":
-                    raise MoveFailed(f"the incoming migration is {status}, not completed")
+                    raise MoveFailedError(f"the incoming migration is {status}, not completed")
                 if job.detail["storage"] == Storage.COPY and record.spec.disks:
                     await channel.execute("nbd-server-stop")
                 self.vms.exit_hooks.pop(record.uuid, None)

@@ -56,6 +56,7 @@ from ferry.errors import (
     ConnectionFailedError,
     FerryError,
     NotFoundError,
+    ReplicationStoppedError,
     VersionError,
 )
 from ferry.host.config import HostConfig
@@ -69,12 +70,6 @@ INITIAL_JOB = "replication-initial"
 RESYNC_JOB = "replication-resync"
 
 
-class CycleStopped(FerryError):
-    """A failure no retry cures: the relationship goes to ``error`` until an admin acts."""
-
-    code = "replication-stopped"
-
-
 async def timed_cycle(catalog: Catalog, vm_uuid: str, vm_name: str, now: float,
                       last_started: float | None, frequency_s: int,
                       body: Awaitable[int | None],
@@ -83,7 +78,7 @@ async def timed_cycle(catalog: Catalog, vm_uuid: str, vm_name: str, now: float,
 
     Slots missed since ``last_started`` are recorded as misses first. A
     network failure and any other failure are told apart for health; a
-    :class:`CycleStopped` also calls ``stopped`` with the message, which puts
+    :class:`ReplicationStoppedError` also calls ``stopped`` with the message, which puts
     the relationship in ``error``. Replication and extended replication share it.
     """
     for slot in range(rules.missed_slots(last_started, frequency_s, now)):
@@ -100,7 +95,7 @@ async def timed_cycle(catalog: Catalog, vm_uuid: str, vm_name: str, now: float,
         sent = outcome
     except ConnectionFailedError as exc:
         kind, error = CycleKind.NETWORK_FAILURE, str(exc)
-    except CycleStopped as exc:
+    except ReplicationStoppedError as exc:
         kind, error = CycleKind.FAILURE, str(exc)
         stopped(error)
     except FerryError as exc:
@@ -122,7 +117,7 @@ async def receiver_session(client: AgentClient, vm_uuid: str, *, level: int, sen
 
     Yields the pinned client and the receiver's view of its copy (latest
     point, functional level) after the version rule. What no retry can cure
-    becomes :class:`CycleStopped`: the copy is gone there (``gone``), the
+    becomes :class:`ReplicationStoppedError`: the copy is gone there (``gone``), the
     certificate changed (``renewed(found)`` says what to do), the caller is
     not authorised, or the version rule fails.
     """
@@ -131,14 +126,14 @@ async def receiver_session(client: AgentClient, vm_uuid: str, *, level: int, sen
             try:
                 remote = await peer.get(f"/v1/peer/replicas/{vm_uuid}")
             except NotFoundError as exc:
-                raise CycleStopped(gone) from exc
+                raise ReplicationStoppedError(gone) from exc
             rules.check_replica_accepts(level, int(remote["functional_level"]), primary=sender,
                                         replica=receiver, vm=vm)  # fmt: skip
             yield peer, remote
     except ThumbprintMismatchError as exc:
-        raise CycleStopped(renewed(exc.found)) from exc
+        raise ReplicationStoppedError(renewed(exc.found)) from exc
     except (AuthError, VersionError) as exc:
-        raise CycleStopped(str(exc)) from exc
+        raise ReplicationStoppedError(str(exc)) from exc
 
 
 async def offer_replica(peer: AgentClient, spec: VmSpec, *, sender: str, receiver: str,

@@ -49,13 +49,13 @@ from ferry.errors import (
     ConnectionFailedError,
     InvalidInputError,
     NotFoundError,
+    ReplicationStoppedError,
     StateError,
 )
 from ferry.host.jobs import Job, JobRegistry
 from ferry.host.replication.cycle import (
     INITIAL_JOB,
     CycleRunner,
-    CycleStopped,
     copy_job,
     offer_replica,
     receiver_session,
@@ -314,7 +314,7 @@ class ExtensionService:
             else:
                 below = [p for p in chain if p.id == confirmed]
                 if not below:
-                    raise CycleStopped(
+                    raise ReplicationStoppedError(
                         f"recovery point {confirmed} that host {ext.host!r} holds is gone here; "
                         f"'ferry replication extend {ext.vm_name} --remove' then extend again"
                     )
