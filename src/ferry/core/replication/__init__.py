@@ -12,7 +12,8 @@ before. Nothing here does I/O; the replication service and its adapters
 - :mod:`.schedule`: the allowed frequencies and when a cycle is due or missed;
 - :mod:`.retention`: recovery point counts and the retention plan (:class:`Merge`);
 - :mod:`.versions`: the functional-level rule between primary and replica;
-- :mod:`.health`: cycle records, health and statistics.
+- :mod:`.health`: cycle records, health and statistics;
+- :mod:`.authority`: which peer may act on a relationship.
 
 The delta stream between primary and replica is :mod:`ferry.core.delta_stream`;
 the relationship as the catalogs store it, :mod:`ferry.core.relationship`.
@@ -21,6 +22,7 @@ Callers import the names below from ``ferry.core.replication``.
 
 from __future__ import annotations
 
+from ferry.core.replication.authority import ArrivedMove, Caller, check_partner, check_takeover
 from ferry.core.replication.health import (
     BAD_CYCLE_SHARE,
     STALE_CRITICAL_S,
@@ -80,6 +82,8 @@ __all__ = [
     "STALE_CRITICAL_S",
     "STALE_WARNING_S",
     "TRANSITIONS",
+    "ArrivedMove",
+    "Caller",
     "CycleKind",
     "CycleRecord",
     "CycleStatistics",
@@ -94,9 +98,11 @@ __all__ = [
     "assess_health",
     "check_extended_frequency",
     "check_frequency",
+    "check_partner",
     "check_recovery_points",
     "check_replica_accepts",
     "check_reverse_allowed",
+    "check_takeover",
     "cycle_delay",
     "default_extended_frequency",
     "format_frequency",
