@@ -24,11 +24,13 @@ import pytest
 
 from ferry.guest.build import GuestArtifacts, dirty_memory_param, ensure_guest
 from ferry.guest.records import (
+    DISKS_LINE,
     RECORD_SIZE,
     SEQ_LINE,
     UP_LINE,
     RecordScan,
     encode_record,
+    read_disk_set,
     read_records,
     slot_for,
 )
@@ -134,7 +136,7 @@ def boot(guest: GuestArtifacts, tmp_path: Path) -> Iterator[Callable[..., Booted
     # A short dir: unix socket paths must stay under 108 bytes.
     sockets = Path(tempfile.mkdtemp(prefix="ferry-qmp-"))
 
-    def start(disk: Path, *, append: str = "") -> BootedGuest:
+    def start(disk: Path, *more: Path, append: str = "") -> BootedGuest:
         n = len(started)
         log = tmp_path / f"serial-{n}.log"
         qmp = sockets / f"{n}.sock"
@@ -144,11 +146,12 @@ def boot(guest: GuestArtifacts, tmp_path: Path) -> Iterator[Callable[..., Booted
             "-display", "none", "-serial", f"file:{log}",
             "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
             "-append", f"{guest.append} {append}".strip(),
-            "-blockdev", f"driver=file,filename={disk},node-name=file0",
-            "-blockdev", "driver=qcow2,file=file0,node-name=disk0",
-            "-device", "virtio-blk-pci,drive=disk0,id=vblk0",
             "-qmp", f"unix:{qmp},server=on,wait=off",
         ]  # fmt: skip
+        for i, image in enumerate((disk, *more)):
+            argv += ["-blockdev", f"driver=file,filename={image},node-name=file{i}",
+                     "-blockdev", f"driver=qcow2,file=file{i},node-name=disk{i}",
+                     "-device", f"virtio-blk-pci,drive=disk{i},id=vblk{i}"]  # fmt: skip
         with (tmp_path / f"qemu-{n}.err").open("wb") as err:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
         booted = BootedGuest(proc, log, qmp)
@@ -269,6 +272,62 @@ def test_guest_finds_the_newest_record(
     # The next write lands where a torn block was and repairs it.
     assert scan.corrupt == 0
     assert scan.last_seq >= newest + 1
+
+
+def crafted_disk(path: Path, slots: int, seqs: range) -> Path:
+    """A qcow2 disk of ``slots`` slots holding records ``seqs`` where the guest puts them."""
+    raw = path.with_suffix(".raw")
+    with raw.open("wb") as f:
+        f.truncate(slots * RECORD_SIZE)
+        for seq in seqs:
+            f.seek(slot_for(seq, slots) * RECORD_SIZE)
+            f.write(encode_record(seq))
+    assert QEMU_IMG is not None
+    subprocess.run([QEMU_IMG, "convert", "-q", "-O", "qcow2", str(raw), str(path)], check=True)
+    raw.unlink()
+    return path
+
+
+def disks_line(guest: BootedGuest) -> str:
+    (found,) = [m.group(1) for ln in guest.lines() if (m := DISKS_LINE.match(ln))]
+    return found.strip()
+
+
+def test_guest_writes_every_disk_and_finishes_a_round_cut_short(
+    boot: Callable[..., BootedGuest], tmp_path: Path
+) -> None:
+    # A copy cut while record 20 had reached vda and vdb but not vdc (8 slots,
+    # wrapped), and an empty disk added afterwards.
+    disks = [
+        crafted_disk(tmp_path / "a.qcow2", 256, range(1, 21)),
+        crafted_disk(tmp_path / "b.qcow2", 128, range(1, 21)),
+        crafted_disk(tmp_path / "c.qcow2", 8, range(1, 20)),
+        qcow2(tmp_path / "d.qcow2", 64 * RECORD_SIZE),
+    ]
+    first = boot(*disks)
+    assert first.wait_up() == 20
+    assert disks_line(first) == "vda=20 vdb=20 vdc=19 vdd=0"
+    assert first.wait_seqs(3)[0] == 21
+    first.kill()
+    found = read_disk_set(disks)
+    a, b, c, d = found.scans
+    assert found.corrupt == 0 and found.mismatch is None, found.reason
+    assert a.count == a.last_seq and b.count == b.last_seq  # record 20 too: vdc got it
+    assert c.count == 8 and d.count == d.last_seq - 20  # vdd joined at 21
+    assert first.seqs()[-1] <= found.last_seq <= first.seqs()[-1] + 1
+
+    # The next boot sees every disk at the newest record, or one behind when
+    # the kill cut a round (and finishes that round first).
+    second = boot(*disks)
+    assert second.wait_up() == found.last_seq
+    assert disks_line(second) == " ".join(
+        f"vd{'abcd'[i]}={s.last_seq}" for i, s in enumerate(found.scans)
+    )
+    assert second.wait_seqs(1)[0] == found.last_seq + 1
+    second.kill()
+    again = read_disk_set(disks)
+    assert again.corrupt == 0 and again.mismatch is None, again.reason
+    assert again.scans[3].count == again.scans[3].last_seq - 20  # no new gap on vdd
 
 
 def test_guest_dirties_memory_and_keeps_counting(

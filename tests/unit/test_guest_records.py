@@ -25,10 +25,15 @@ from ferry.errors import GuestBuildError, InvalidInputError, NotFoundError
 from ferry.guest import build, records
 from ferry.guest.build import NewcArchive, default_cache_dir, dirty_memory_param
 from ferry.guest.records import (
+    DISKS_LINE,
     MAGIC,
     RECORD_SIZE,
+    UP_LINE,
     RecordScan,
     encode_record,
+    instant_mismatch,
+    is_one_instant,
+    read_disk_set,
     read_records,
     scan_raw,
     slot_for,
@@ -98,6 +103,126 @@ def test_scan_to_json() -> None:
         "count": 5,
         "corrupt": 1,
     }
+
+
+# --- several disks: one instant ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "last_seqs",
+    [
+        [0],
+        [7],
+        [0, 0, 0],  # the guest has not written yet
+        [5, 5, 5],  # between two rounds
+        [5, 4, 4],  # record 5 reached vda only
+        [5, 5, 4],  # ... vda and vdb
+        [1, 0, 0],  # the very first round, cut after vda
+    ],
+)
+def test_every_cut_of_a_round_is_one_instant(last_seqs: list[int]) -> None:
+    assert instant_mismatch(last_seqs) is None
+    assert is_one_instant(last_seqs)
+
+
+def test_a_cut_through_every_round_is_one_instant() -> None:
+    # Replay the guest's writes and check every moment in between.
+    disks = [0, 0, 0]
+    for seq in range(1, 6):
+        for index in range(len(disks)):
+            disks[index] = seq
+            assert is_one_instant(disks), disks
+
+
+@pytest.mark.parametrize(
+    ("last_seqs", "why"),
+    [
+        ([5, 3, 5], "2 apart"),  # a disk copied two records earlier
+        ([9, 0, 0], "9 apart"),  # empty disks added to a guest that counted
+        ([4, 5, 5], "disk 0 is behind disk 1"),  # vda copied before the others
+        ([5, 4, 5], "disk 1 is behind disk 2"),
+        ([6, 6, 5, 6], "disk 2 is behind disk 3"),
+    ],
+)
+def test_disks_from_different_moments_are_not_one_instant(last_seqs: list[int], why: str) -> None:
+    reason = instant_mismatch(last_seqs)
+    assert reason is not None and why in reason
+    assert ", ".join(f"disk {i} at {s}" for i, s in enumerate(last_seqs)) in reason
+    assert not is_one_instant(last_seqs)
+
+
+def test_one_instant_needs_disks_and_sane_seqs() -> None:
+    with pytest.raises(InvalidInputError):
+        instant_mismatch([])
+    with pytest.raises(InvalidInputError):
+        instant_mismatch([3, -1])
+
+
+def test_disk_set_reads_each_disk_with_its_own_slots(tmp_path: Path) -> None:
+    # The guest's three disks of different sizes, cut after record 12 reached vda.
+    disks = [tmp_path / f"disk{i}.raw" for i in range(3)]
+    write_history(disks[0], slots=64, last=12)
+    write_history(disks[1], slots=16, last=11)
+    write_history(disks[2], slots=4, last=11)  # wrapped twice
+    found = read_disk_set(disks)
+    assert found.scans == (
+        RecordScan(last_seq=12, count=12, corrupt=0),
+        RecordScan(last_seq=11, count=11, corrupt=0),
+        RecordScan(last_seq=11, count=4, corrupt=0),
+    )
+    assert found.last_seq == 12 and found.verdict == "ok" and found.reason is None
+    assert found.to_json() == {
+        "last_seq": 12,
+        "count": 27,
+        "corrupt": 0,
+        "one_instant": True,
+        "verdict": "ok",
+        "reason": None,
+        "disks": [
+            {"image": str(disks[0]), "last_seq": 12, "count": 12, "corrupt": 0},
+            {"image": str(disks[1]), "last_seq": 11, "count": 11, "corrupt": 0},
+            {"image": str(disks[2]), "last_seq": 11, "count": 4, "corrupt": 0},
+        ],
+    }
+    # The same disks named in another order are not what the guest wrote.
+    swapped = read_disk_set([disks[1], disks[0], disks[2]])
+    assert swapped.verdict == "not-one-instant"
+    assert swapped.reason is not None and "disk 0 is behind disk 1" in swapped.reason
+
+
+def test_disk_set_verdicts(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.raw", tmp_path / "b.raw"
+    write_history(a, slots=32, last=20)
+    write_history(b, slots=32, last=17)
+    behind = read_disk_set([a, b])
+    assert behind.verdict == "not-one-instant" and behind.to_json()["one_instant"] is False
+    assert behind.reason is not None and "3 apart" in behind.reason
+    write_history(b, slots=32, last=20, first=18)
+    put_block(b, 3, encode_record(4)[:512] + encode_record(36)[512:])
+    damaged = read_disk_set([a, b])
+    assert damaged.mismatch is None and damaged.verdict == "damaged"
+    assert damaged.reason == "disk 1 has 1 corrupt block"
+    assert damaged.to_json()["corrupt"] == 1
+    with pytest.raises(InvalidInputError):
+        read_disk_set([])
+
+
+def test_one_disk_set_reads_as_one_scan(tmp_path: Path) -> None:
+    # `ferry guest records IMAGE --json` keeps the keys a one-disk reader used.
+    disk = tmp_path / "disk.raw"
+    write_history(disk, slots=8, last=21)
+    found = read_disk_set([disk]).to_json()
+    assert {k: found[k] for k in ("last_seq", "count", "corrupt")} == scan_raw(disk).to_json()
+    assert found["verdict"] == "ok"
+
+
+def test_console_lines() -> None:
+    assert (m := DISKS_LINE.match("ferry-guest disks vda=12 vdb=12 vdc=11\r")) is not None
+    assert m.group(1) == " vda=12 vdb=12 vdc=11"
+    assert DISKS_LINE.match("ferry-guest disks") is None
+    assert UP_LINE.match("ferry-guest disks vda=1 vdb=1") is None
+    # Tests count "seq " on the console: the disks line must not add to it.
+    assert "seq " not in "ferry-guest disks vda=12 vdb=12"
 
 
 # --- scanning raw images ---------------------------------------------------------
@@ -439,5 +564,5 @@ def test_concurrent_builds_agree(tmp_path: Path) -> None:
 
 def test_records_module_documents_the_format() -> None:
     doc = records.__doc__ or ""
-    for needle in ("FERRYREC1", "slot_for", "(seq - 1) % slots", "sha256"):
+    for needle in ("FERRYREC1", "slot_for", "(seq - 1) % slots", "sha256", "instant_mismatch"):
         assert needle in doc

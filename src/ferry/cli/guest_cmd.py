@@ -27,12 +27,21 @@ def build(
 
 
 @app.command("records")
-def records(image: Path, as_json: bool = JsonOpt) -> None:
-    """Read the test guest's workload records from a disk image."""
-    from ferry.guest.records import read_records
+def records(
+    images: list[Path] = typer.Argument(
+        ..., help="The VM's disk images, in its disk order (any format qemu-img reads)."
+    ),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Read the test guest's records from each disk; say whether they are one instant."""
+    from ferry.guest.records import read_disk_set
 
-    scan = read_records(image)
+    found = read_disk_set(images)
     if as_json:
-        print_json(scan.to_json())
-    else:
-        say(f"last seq {scan.last_seq}, {scan.count} records, {scan.corrupt} corrupt")
+        print_json(found.to_json())
+        return
+    for image, scan in zip(found.images, found.scans, strict=True):
+        prefix = f"{image}: " if len(found.images) > 1 else ""
+        say(f"{prefix}last seq {scan.last_seq}, {scan.count} records, {scan.corrupt} corrupt")
+    if len(found.images) > 1:
+        say(f"{found.verdict}" + (f": {found.reason}" if found.reason else ": one instant"))

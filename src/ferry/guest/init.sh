@@ -1,10 +1,33 @@
 #!/bin/sh
 # /init of the ferry test guest (busybox sh, PID 1), built by ferry.guest.build.
 #
-# The guest counts: it finds the newest record on /dev/vda, prints
-# "ferry-guest up last-seq=N", then every 200 ms writes record N+1, N+2, ...,
-# makes it durable and only then prints "seq N". Tests read the disk back
-# with ferry.guest.records.read_records to see how far the guest got.
+# The guest counts: it finds the newest record on its disks, prints
+# "ferry-guest up last-seq=N", then every 200 ms writes record N+1, N+2, ...
+# to every disk in turn (vda, vdb, vdc, ...), makes each durable and only
+# then prints "seq N". Tests read the disks back with
+# ferry.guest.records.read_records to see how far the guest got, and check
+# with ferry.guest.records.instant_mismatch that a copy of all the disks
+# (a recovery point, an export) was cut at one instant.
+#
+# Several disks. Each disk has its own slots (its size / 4096) and its own
+# wrap-around; record n goes to slot (n - 1) % slots of each. At boot the
+# guest finds the newest record of each disk and continues from the highest
+# (MAX). Disks that disagree:
+#   - a disk at MAX - 1 is what a copy cut in the middle of a round leaves
+#     (record MAX had reached the disks before it, not this one): the guest
+#     first finishes that round, writing record MAX to it, so every disk
+#     holds an unbroken history again;
+#   - a disk further behind (an empty disk added, a disk from another copy)
+#     is not filled in (that could take a write per slot): it joins at
+#     MAX + 1 and has a gap in its history. The binary search for the newest
+#     record assumes no gap and reads such a disk low, so a disk found
+#     behind MAX also gets a look at the slots where MAX and MAX - 1 belong;
+#     MAX itself comes from the disks that were at MAX at boot, which go on
+#     unbroken (vda, the first disk written in every round, is one of them
+#     in any consistent copy).
+# With more than one disk the guest prints "ferry-guest disks vda=N vdb=M
+# ..." (each disk's newest record as found) before the up line; with one
+# disk it prints exactly what it always did.
 #
 # Record format (version 1). The canonical description is the docstring of
 # ferry/guest/records.py, and this script must write exactly the bytes of
@@ -45,11 +68,12 @@ pad20() {
 	DIGITS=${DIGITS#"${DIGITS%????????????????????}"}
 }
 
-# Sets SEQ to the seq of the valid record in slot $1, or to "" if the block
-# there is blank, foreign or torn. Called O(log slots) times at boot.
+# Sets SEQ to the seq of the valid record in slot $1 of disk $DEV, or to ""
+# if the block there is blank, foreign or torn. Called O(log slots) times per
+# disk at boot.
 slot_seq() {
 	SEQ=
-	dd if=/dev/vda of=$PROBE bs=4096 skip="$1" count=1 2>/dev/null || return 0
+	dd if="$DEV" of=$PROBE bs=4096 skip="$1" count=1 2>/dev/null || return 0
 	magic= digits= sum=
 	read -r magic digits sum rest <$PROBE
 	[ "$magic" = FERRYREC1 ] || return 0
@@ -63,7 +87,8 @@ slot_seq() {
 	SEQ=${digits#"${digits%%[!0]*}"}
 }
 
-# Sets LAST to the newest seq on the disk (0 if none). Slots 0..k hold s0..s0+k
+# Sets LAST to the newest seq on disk $DEV of $SLOTS slots (0 if none).
+# Slots 0..k hold s0..s0+k
 # and every later slot something else, so binary-search for the last slot s
 # whose seq is s0 + s. If slot 0 is not valid, the write that wrapped around
 # was torn: then the newest record is in the last slot, if it belongs there.
@@ -89,8 +114,8 @@ find_last() {
 	LAST=$((base + lo))
 }
 
-# Writes record $1 to its slot and returns once it is on the disk.
-write_record() {
+# Builds record $1 in $RECORD (the same bytes for every disk).
+make_record() {
 	pad20 "$1"
 	# printf reuses its format for each line number in $LINES.
 	# shellcheck disable=SC2086
@@ -98,8 +123,45 @@ write_record() {
 	set -- "$1" $(sha256sum $BODY)
 	printf 'FERRYREC1 %s %s                                \n' "$DIGITS" "$2" >$RECORD
 	cat $BODY >>$RECORD
-	dd if=$RECORD of=/dev/vda bs=4096 seek=$((($1 - 1) % SLOTS)) count=1 \
-		conv=notrunc,fsync 2>/dev/null || fail "cannot write record $1 to /dev/vda"
+}
+
+# Writes record $3 (built in $RECORD) to its slot of disk $1 of $2 slots and
+# returns once it is on the disk.
+put_record() {
+	dd if=$RECORD of="/dev/$1" bs=4096 seek=$((($3 - 1) % $2)) count=1 \
+		conv=notrunc,fsync 2>/dev/null || fail "cannot write record $3 to /dev/$1"
+}
+
+# Sets DISKS to the guest's virtio disks in the order QEMU gave them (vda,
+# vdb, ..., vdz, vdaa, ...), once every virtio block device the kernel found
+# has its /dev node: "vda" alone could leave a later disk unwritten.
+find_disks() {
+	want=0
+	for dev in /sys/bus/virtio/devices/*; do
+		[ -f "$dev/device" ] || continue
+		read -r id <"$dev/device"
+		[ "$id" = 0x0002 ] && want=$((want + 1)) # virtio device id 2: block
+	done
+	tries=0
+	while :; do
+		DISKS=
+		count=0
+		for node in /sys/block/vd? /sys/block/vd??; do
+			disk=${node#/sys/block/}
+			[ -e "$node" ] && [ -b "/dev/$disk" ] || continue
+			DISKS="$DISKS $disk"
+			count=$((count + 1))
+		done
+		case " $DISKS " in
+		*" vda "*) [ $count -ge $want ] && return ;;
+		esac
+		tries=$((tries + 1))
+		if [ $tries -gt 300 ]; then
+			[ $count -gt 0 ] || fail "no /dev/vda after 30 s: give the VM a virtio-blk disk"
+			fail "only$DISKS of $want virtio disks appeared after 30 s"
+		fi
+		sleep 0.1
+	done
 }
 
 # Sets NOW to the uptime in centiseconds. ("1" + the two decimals - 100
@@ -184,19 +246,60 @@ for module in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev vir
 done
 start_acpid
 
-tries=0
-while [ ! -b /dev/vda ]; do
-	tries=$((tries + 1))
-	[ $tries -le 300 ] || fail "no /dev/vda after 30 s: give the VM a virtio-blk disk"
-	sleep 0.1
+find_disks
+
+# TARGETS: "disk:slots" of every disk, in order; FOUND: "disk:slots:newest";
+# MAX: the highest newest seq of all disks.
+TARGETS=
+FOUND=
+MAX=0
+for disk in $DISKS; do
+	read -r sectors </sys/block/$disk/size
+	SLOTS=$((sectors / 8))
+	[ "$SLOTS" -ge 1 ] || fail "/dev/$disk is smaller than 4096 bytes"
+	DEV=/dev/$disk
+	find_last
+	TARGETS="$TARGETS $disk:$SLOTS"
+	FOUND="$FOUND $disk:$SLOTS:$LAST"
+	[ "$LAST" -gt "$MAX" ] && MAX=$LAST
 done
 
-read -r sectors </sys/block/vda/size
-SLOTS=$((sectors / 8))
-[ "$SLOTS" -ge 1 ] || fail "/dev/vda is smaller than 4096 bytes"
+# The binary search reads low on a disk whose history has a gap (one that
+# joined late has a blank slot 0), so a disk behind MAX gets a look at the
+# slots of MAX and MAX - 1 too. LAGGING: "disk:slots" of the disks at MAX - 1.
+SUMMARY=
+LAGGING=
+for f in $FOUND; do
+	disk=${f%%:*}
+	slots_last=${f#*:}
+	SLOTS=${slots_last%%:*}
+	LAST=${slots_last#*:}
+	DEV=/dev/$disk
+	if [ "$LAST" -lt "$MAX" ]; then
+		slot_seq $(((MAX - 1) % SLOTS))
+		if [ "$SEQ" = "$MAX" ]; then
+			LAST=$MAX
+		elif [ "$MAX" -gt 1 ]; then
+			slot_seq $(((MAX - 2) % SLOTS))
+			[ "$SEQ" = $((MAX - 1)) ] && LAST=$SEQ
+		fi
+	fi
+	SUMMARY="$SUMMARY $disk=$LAST"
+	[ "$LAST" -eq $((MAX - 1)) ] && LAGGING="$LAGGING $disk:$SLOTS"
+done
+# shellcheck disable=SC2086
+set -- $DISKS
+[ $# -gt 1 ] && echo "ferry-guest disks$SUMMARY"
 
-find_last
-echo "ferry-guest up last-seq=$LAST"
+# Finish the round a copy cut short: record MAX onto the disks one behind.
+if [ -n "$LAGGING" ]; then
+	make_record $MAX
+	for target in $LAGGING; do
+		put_record "${target%:*}" "${target#*:}" $MAX
+	done
+fi
+
+echo "ferry-guest up last-seq=$MAX"
 
 if [ -n "$DIRTY" ] && [ "$DIRTY" -gt 0 ]; then
 	dirty_memory "$DIRTY" &
@@ -205,12 +308,15 @@ fi
 
 # One record every 200 ms (20 centiseconds of /proc/uptime), whatever the
 # write took; when behind (a paused VM, a slow host) go on without bursting.
-seq=$LAST
+seq=$MAX
 uptime_cs
 next=$NOW
 while :; do
 	seq=$((seq + 1))
-	write_record $seq
+	make_record $seq
+	for target in $TARGETS; do
+		put_record "${target%:*}" "${target#*:}" $seq
+	done
 	echo "seq $seq"
 	next=$((next + 20))
 	uptime_cs

@@ -1,11 +1,12 @@
 """The test guest's on-disk records: the format, and the host-side reader.
 
 The test guest (``init.sh``) counts: every 200 ms it writes the next sequence
-number as one record to its disk, makes it durable, and only then prints
-``seq N`` on its console. Reading the records back from an image (a replica, a
-migrated disk, a restored recovery point) tells a test how far the guest got
-and whether any block arrived torn. This module is the one place where the
-format is written down; ``init.sh`` writes the same bytes.
+number as one record to each of its disks, makes it durable, and only then
+prints ``seq N`` on its console. Reading the records back from an image (a
+replica, a migrated disk, a restored recovery point) tells a test how far the
+guest got and whether any block arrived torn; reading every disk of a copy
+tells whether the copy holds all disks as of one instant. This module is the
+one place where the format is written down; ``init.sh`` writes the same bytes.
 
 Record format (version 1)
 -------------------------
@@ -48,21 +49,39 @@ it carries and it sits at ``slot_for(seq, slots)``; otherwise it is counted as
 corrupt (torn, damaged, or copied to the wrong offset). Blocks without the
 magic are not records and are ignored.
 
+Several disks. The guest writes record ``n`` to every disk in turn, in the
+VM's disk order (``vda``, ``vdb``, ``vdc``, ...), each disk with its own
+``slots`` (its own size // 4096) and its own wrap-around, and prints ``seq n``
+once the last disk has it. The block format is the same on every disk (a
+one-disk guest writes exactly what it always did). So at any instant the
+disks' newest records read ``n, ..., n, n-1, ..., n-1``: a run of disks that
+already have record ``n``, then those still at ``n - 1``. A copy of all the
+disks cut at one instant (a recovery point, a live export, the disks after a
+move) must look like that: see :func:`instant_mismatch`. At boot the guest
+continues from the highest newest record of all disks; it first writes record
+``MAX`` to any disk at ``MAX - 1`` (finishing the round the copy cut short),
+and a disk further behind (an empty disk added later) joins at ``MAX + 1``
+with a gap in its history, so its count stays below its newest seq.
+
 Console protocol. The guest prints ``ferry-guest up last-seq=N`` once after
-boot (``N`` = newest record on the disk, 0 on a blank disk) and then
-``seq N`` after record ``N`` is durable; see :data:`UP_LINE` and
-:data:`SEQ_LINE`.
+boot (``N`` = newest record on any disk, 0 on blank disks) and then ``seq N``
+after record ``N`` is durable on every disk; see :data:`UP_LINE` and
+:data:`SEQ_LINE`. With more than one disk it first prints
+``ferry-guest disks vda=N vdb=M ...``, each disk's newest record as the
+guest's binary search found it (see :data:`DISKS_LINE`).
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +96,10 @@ MAX_SEQ = 2**63 - 1
 UP_LINE = re.compile(r"^ferry-guest up last-seq=(\d+)\s*$")
 """The guest's first line after boot; group 1 is the newest seq found on disk."""
 SEQ_LINE = re.compile(r"^seq (\d+)\s*$")
-"""Printed after record N is on the disk; group 1 is N."""
+"""Printed after record N is on every disk; group 1 is N."""
+DISKS_LINE = re.compile(r"^ferry-guest disks((?: vd[a-z]+=\d+)+)\s*$")
+"""Printed before the up line by a guest with several disks; group 1 is
+`` vda=N vdb=M ...``, each disk's newest record as found at boot."""
 
 _BODY_TEMPLATE = "".join(
     f"ferry-guest record {{seq}} line {line:02d}{'.' * 16}\n" for line in range(BODY_LINES)
@@ -277,3 +299,111 @@ def read_records(image: Path, qemu_img: str = "qemu-img") -> RecordScan:
         return scan_raw(tmp)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# --- several disks -------------------------------------------------------------
+
+
+def instant_mismatch(last_seqs: Sequence[int]) -> str | None:
+    """Say why the disks' newest records cannot be one instant of the guest, or None.
+
+    ``last_seqs`` are the newest records of the VM's disks, in disk order. The
+    guest writes record ``n`` to each disk in turn, first to last, so at any
+    instant the disks read ``n, ..., n, n-1, ..., n-1`` (a disk that has ``n``
+    is never after one that has not): a consistent cut across the disks
+    differs by at most one record (``max - min <= 1``), and an earlier disk is
+    never behind a later one. Anything else means the disks were copied at
+    different moments (or one lost writes). One disk is always one instant;
+    an empty disk added to a VM that already counted reads as not one instant
+    until the guest has written to it.
+    """
+    if not last_seqs:
+        raise InvalidInputError("no disks to compare: give at least one disk's records")
+    if any(seq < 0 for seq in last_seqs):
+        raise InvalidInputError(f"a newest record cannot be negative: {list(last_seqs)}")
+    newest, oldest = max(last_seqs), min(last_seqs)
+    if newest - oldest > 1:
+        return (
+            f"the disks' newest records are {newest - oldest} apart ({_listing(last_seqs)}); "
+            "one instant differs by at most one"
+        )
+    for index, (earlier, later) in enumerate(itertools.pairwise(last_seqs)):
+        if earlier < later:
+            return (
+                f"disk {index} is behind disk {index + 1} ({_listing(last_seqs)}); "
+                "the guest writes each record to the earlier disk first"
+            )
+    return None
+
+
+def is_one_instant(last_seqs: Sequence[int]) -> bool:
+    """True when the disks' newest records could be one instant (:func:`instant_mismatch`)."""
+    return instant_mismatch(last_seqs) is None
+
+
+def _listing(last_seqs: Sequence[int]) -> str:
+    return ", ".join(f"disk {i} at {seq}" for i, seq in enumerate(last_seqs))
+
+
+@dataclass(frozen=True)
+class DiskSetScan:
+    """The records of every disk of a VM (or of a copy of it), in disk order.
+
+    ``last_seq`` is the highest newest record (where the guest would go on
+    from), ``corrupt`` the damaged blocks of all disks, and ``mismatch`` why
+    the disks are not one instant (None when they are).
+    """
+
+    images: tuple[Path, ...]
+    scans: tuple[RecordScan, ...]
+
+    @property
+    def last_seq(self) -> int:
+        return max(scan.last_seq for scan in self.scans)
+
+    @property
+    def corrupt(self) -> int:
+        return sum(scan.corrupt for scan in self.scans)
+
+    @property
+    def mismatch(self) -> str | None:
+        return instant_mismatch([scan.last_seq for scan in self.scans])
+
+    @property
+    def verdict(self) -> str:
+        """``ok``, ``damaged`` (a disk has corrupt blocks) or ``not-one-instant``."""
+        if self.corrupt:
+            return "damaged"
+        return "ok" if self.mismatch is None else "not-one-instant"
+
+    @property
+    def reason(self) -> str | None:
+        """Why the verdict is not ``ok`` (None when it is)."""
+        damaged = [f"disk {i} has {scan.corrupt} corrupt block{'s' if scan.corrupt > 1 else ''}"
+                   for i, scan in enumerate(self.scans) if scan.corrupt]  # fmt: skip
+        if damaged:
+            return "; ".join(damaged)
+        return self.mismatch
+
+    def to_json(self) -> dict[str, object]:
+        """The overall figures (as one disk's scan reads), the verdict, and each disk."""
+        return {
+            "last_seq": self.last_seq,
+            "count": sum(scan.count for scan in self.scans),
+            "corrupt": self.corrupt,
+            "one_instant": self.mismatch is None,
+            "verdict": self.verdict,
+            "reason": self.reason,
+            "disks": [
+                {"image": str(image), **scan.to_json()}
+                for image, scan in zip(self.images, self.scans, strict=True)
+            ],
+        }
+
+
+def read_disk_set(images: Sequence[Path], qemu_img: str = "qemu-img") -> DiskSetScan:
+    """Read the records of each of a VM's disks, given in the VM's disk order."""
+    if not images:
+        raise InvalidInputError("no disk images given: name the VM's disks in order")
+    paths = tuple(Path(image) for image in images)
+    return DiskSetScan(images=paths, scans=tuple(read_records(p, qemu_img) for p in paths))
