@@ -117,6 +117,9 @@ class VmView(BaseModel):
     # True while the VM is arriving here by live migration and still runs
     # on its source host (which is where commands should go).
     incoming: bool = False
+    # The job that holds the VM's disks now ("a move", "a replication cycle",
+    # "a live export", "refresh-vms"); others wait for their turn.
+    busy: str | None = None
     # {"role", "state", "primary", "replica", "frequency_s"} when replicated.
     replication: dict[str, object] | None = None
 
@@ -180,6 +183,7 @@ class ExportRequest(BaseModel):
 
     to: str
     live: bool = False
+    max_bandwidth: int | None = Field(default=None, gt=0)  # bytes/s, live exports only
 
 
 class ImportRequest(BaseModel):

@@ -18,6 +18,8 @@ FINAL = ("done", "failed", "cancelled")  # every job kind ends in one of these
 def _describe(job: dict[str, Any]) -> str:
     progress = job.get("progress") or {}
     parts = [job.get("phase", job["state"])]
+    if progress.get("waiting"):
+        parts.append(progress["waiting"])  # behind another job on the VM's disks
     if progress.get("total"):
         parts.append(f"{format_size(progress['bytes'])}/{format_size(progress['total'])}")
     if job.get("phase") == "copying-disks" and progress.get("disk_total"):

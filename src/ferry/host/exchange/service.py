@@ -108,8 +108,12 @@ class ExchangeService:
 
     # == export ==============================================================
 
-    def start_export(self, name: str, to: str, *, live: bool) -> Job:
+    def start_export(self, name: str, to: str, *, live: bool,
+                     max_bandwidth: int | None = None) -> Job:  # fmt: skip
+        """``max_bandwidth``: bytes/s the live copy may read from the disks (None: no cap)."""
         record = self.vms.get(name)
+        if max_bandwidth is not None and not live:
+            raise InvalidInputError("--max-bandwidth applies to a live export only")
         target = self._folder(to, "export folder")
         if live and record.state not in (VmState.RUNNING, VmState.PAUSED):
             raise StateError(f"VM {name!r} is {record.state.value}: --live exports a running "
@@ -122,7 +126,8 @@ class ExchangeService:
         if not target.parent.is_dir():
             raise NotFoundError(f"the parent of export folder {to!r} does not exist")
         job = self.jobs.create(EXPORT, record.uuid, record.name, "running", target=str(target),
-                               live=live, progress={}, result=None, error=None)  # fmt: skip
+                               live=live, max_bandwidth=max_bandwidth,
+                               progress={}, result=None, error=None)  # fmt: skip
         self.jobs.run(job, self._export(job, record, target, live))
         return job
 
@@ -134,7 +139,17 @@ class ExchangeService:
             total = sum(d.size for d in spec.disks)
             disks: list[ExportedDisk] = []
             if live:
-                await self._backup_live(job, record, partial, total)
+
+                def waiting(why: str | None) -> None:
+                    self.jobs.update(job, progress={"waiting": why} if why else {})
+
+                async with self.vms.turns.turn(record.uuid, "a live export", waiting=waiting):
+                    # It may have waited behind a move or a stop: look again.
+                    record = self.vms.get(record.uuid)
+                    if record.state not in (VmState.RUNNING, VmState.PAUSED):
+                        raise StateError(f"VM {record.name!r} is {record.state.value} now; "
+                                         "the live export did not start")  # fmt: skip
+                    await self._backup_live(job, record, partial, total)
             else:
                 done = 0
                 for index, disk in enumerate(spec.disks):
@@ -213,6 +228,9 @@ class ExchangeService:
                         "target": nodes[index],
                         "sync": "full",
                         "auto-dismiss": False,
+                        # QEMU caps each job; the cap is the export's in total.
+                        **({"speed": max(1, job.detail["max_bandwidth"] // len(jobs))}
+                           if job.detail.get("max_bandwidth") else {}),
                     },
                 }
                 for index, job_id in enumerate(jobs)
