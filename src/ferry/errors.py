@@ -34,6 +34,8 @@ the other side.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from enum import StrEnum
 from typing import ClassVar
 
 
@@ -67,10 +69,35 @@ class ConflictError(FerryError):
 
 
 class StateError(FerryError):
-    """An operation was asked for in a state that does not allow it."""
+    """An operation was asked for in a state that does not allow it.
+
+    A life cycle table (:mod:`ferry.core.transitions`) raises it with typed
+    fields: ``op`` (what was asked), ``state`` (where the thing is) and
+    ``required`` (the states that would allow it), and the message is made from
+    them. Other refusals pass only a message; their fields are empty, as they
+    are for an error rebuilt from the API.
+    """
 
     code = "wrong-state"
     http_status = 409
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        subject: str = "",
+        op: StrEnum | None = None,
+        state: StrEnum | None = None,
+        required: Iterable[StrEnum] = (),
+    ) -> None:
+        self.subject = subject
+        self.op = op
+        self.state = state
+        self.required = tuple(sorted(required, key=lambda s: s.value))
+        if message is None:
+            wanted = ", ".join(s.value for s in self.required)
+            message = f"cannot {op} {subject}: it is {state} (needs: {wanted})"
+        super().__init__(message)
 
 
 class VersionError(FerryError):

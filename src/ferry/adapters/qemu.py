@@ -4,7 +4,8 @@ QEMU runs daemonized (its own session, reparented away from the agent), so an
 agent can die or be upgraded while VMs run. A process is identified by its
 pidfile *and* by the VM's UUID on its command line, so a recycled pid is never
 mistaken for a VM. Every QMP or OS error is translated into
-:class:`ferry.errors.QemuError` here.
+:class:`ferry.errors.QemuError` here, and QEMU's run state into a
+:class:`QemuStatus` (defined in core, next to the table that reads it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
+from ferry.core.vmstate import QemuStatus as QemuStatus  # where QMP strings enter
 from ferry.errors import QemuError
 
 log = logging.getLogger(__name__)
@@ -172,9 +174,13 @@ class QmpChannel:
         except (QMPError, OSError, EOFError) as exc:
             raise QemuError(f"QMP of VM {self.name!r} failed during {command}: {exc}") from exc
 
-    async def status(self) -> str:
+    async def status(self) -> QemuStatus:
+        """QEMU's run state; a status this code does not know is UNKNOWN (logged)."""
         reply = await self.execute("query-status")
-        return str(reply["status"])
+        status = QemuStatus(str(reply["status"]))
+        if status is QemuStatus.UNKNOWN:
+            log.warning("QEMU of VM %r reports an unknown status %r", self.name, reply["status"])
+        return status
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """Yield every QMP event until the connection ends."""

@@ -2,7 +2,8 @@
 
 A table maps each operation to (the states it is allowed in, the state it
 leads to). Asking for an operation in any other state is refused in one way,
-naming the state it is in and the states that would allow it.
+naming the state it is in and the states that would allow it (the typed
+fields of :class:`~ferry.errors.StateError`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,5 @@ def apply(
     """The state ``op`` leads to from ``state``, or StateError about ``subject``."""
     sources, target = table[op]
     if state not in sources:
-        wanted = ", ".join(sorted(s.value for s in sources))
-        raise StateError(f"cannot {op.value} {subject}: it is {state.value} (needs: {wanted})")
+        raise StateError(subject=subject, op=op, state=state, required=sources)
     return target
