@@ -31,8 +31,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ferry.adapters.os_errors import os_error, os_errors
 from ferry.adapters.qemu_img import _DIE_WITH_PARENT
-from ferry.errors import FerryError, InvalidInputError, NotFoundError, QemuError
+from ferry.errors import InvalidInputError, QemuError
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ async def read_raw_view(
         )
         os.close(fd)
     except OSError as exc:
-        raise _io_failed(f"cannot make a raw view of {image} in {scratch_dir}", exc) from exc
+        raise os_error(f"cannot make a raw view of {image} in {scratch_dir}", exc) from exc
     raw = Path(name)
     try:
         await _run(qemu_img_bin, ["convert", "-f", fmt, "-O", "raw", str(image), str(raw)],
@@ -148,7 +149,7 @@ async def build_patch(
     try:
         source_size = await asyncio.to_thread(_file_size, raw_source)
     except OSError as exc:
-        raise _io_failed(f"cannot read the raw view {raw_source}", exc) from exc
+        raise os_error(f"cannot read the raw view {raw_source}", exc) from exc
     if source_size != virtual_size:
         raise InvalidInputError(
             f"the raw view {raw_source} holds {source_size} bytes, the disk {virtual_size}"
@@ -168,7 +169,7 @@ async def build_patch(
             staging = Path(await asyncio.to_thread(
                 tempfile.mkdtemp, dir=out.parent, prefix=f".{out.name}.blocks-"))  # fmt: skip
         except OSError as exc:
-            raise _io_failed(f"cannot stage blocks next to {out}", exc) from exc
+            raise os_error(f"cannot stage blocks next to {out}", exc) from exc
         written = 0
         target = str(out.resolve())
         for first in range(0, len(wanted), _PATCH_BATCH_BLOCKS):
@@ -178,7 +179,7 @@ async def build_patch(
                     _stage_blocks, raw_source, batch, staging, block_size, virtual_size
                 )
             except OSError as exc:
-                raise _io_failed(f"cannot stage blocks of {raw_source} in {staging}", exc) from exc
+                raise os_error(f"cannot stage blocks of {raw_source} in {staging}", exc) from exc
             # qemu-io splits a command at blanks and knows no quoting: the staged
             # files are named relative to its working directory.
             args = ["-f", "qcow2", "-t", "writeback"]
@@ -186,7 +187,8 @@ async def build_patch(
                 args += ["-c", command]
             await _run(qemu_io_bin, [*args, target], what=f"qemu-io on {out}", cwd=staging)
             written += data_bytes
-            await asyncio.to_thread(_unstage, staging)
+            with os_errors(f"cannot clear the staged blocks in {staging}"):
+                await asyncio.to_thread(_unstage, staging)
     except BaseException:
         await _remove(out)
         raise
@@ -231,13 +233,6 @@ def _file_size(path: Path) -> int:
         return os.lseek(handle.fileno(), 0, os.SEEK_END)
 
 
-def _io_failed(what: str, exc: OSError) -> FerryError:
-    if isinstance(exc, FileNotFoundError):
-        return NotFoundError(f"{what}: {exc.filename or exc.strerror} does not exist")
-    # No storage error class in ferry.errors yet: the root carries the reason.
-    return FerryError(f"{what}: {exc.strerror or exc}")
-
-
 @functools.cache
 def _zero_digest(length: int) -> str:
     return hashlib.sha256(bytes(length)).hexdigest()
@@ -277,7 +272,7 @@ async def _hash_file(path: Path, block_size: int) -> list[str]:
                 _hash_blocks, path, size, block_size, first, min(count, first + step)
             )
     except OSError as exc:
-        raise _io_failed(f"cannot hash {path}", exc) from exc
+        raise os_error(f"cannot hash {path}", exc) from exc
     return hashes
 
 

@@ -8,6 +8,7 @@ frames), zstd-compressed where that pays. The replica writes the extents into
 it check the image (``qemu-img check``), point it at the previous recovery
 point (``qemu-img rebase -u``), fsync it and rename it into place: a point is
 either whole or absent. Retention merges follow :class:`ferry.core.replication.Merge`.
+OS errors become FerryErrors here, naming the file.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import zstandard
 
 from ferry.adapters import qemu_img
 from ferry.adapters.durable import fsync_dir, fsync_file
+from ferry.adapters.os_errors import os_errors
 from ferry.core.delta_stream import DeltaEncoder, DeltaEnd, Extent, FrameDecoder
 from ferry.core.replication import Merge
 from ferry.errors import DeltaCorruptError
@@ -62,7 +64,7 @@ def encode_point(files: list[Path], *, vm_uuid: UUID, point_id: int,
     """The delta stream of one recovery point (one delta file per disk)."""
     encoder = DeltaEncoder(vm_uuid, point_id, compress=_compress if compress else None)
     for disk, path in enumerate(files):
-        with path.open("rb") as handle:
+        with os_errors(f"cannot read delta file {path}"), path.open("rb") as handle:
             for offset, length, has_data in _file_extents(path):
                 if not has_data:
                     yield encoder.zero(disk, offset, length)
@@ -78,6 +80,11 @@ def encode_point(files: list[Path], *, vm_uuid: UUID, point_id: int,
 
 def copy_sparse(src: Path, dst: Path) -> None:
     """Copy a file, leaving its holes holes (qcow2 deltas are mostly holes)."""
+    with os_errors(f"cannot copy {src} to {dst}"):
+        _copy_sparse(src, dst)
+
+
+def _copy_sparse(src: Path, dst: Path) -> None:
     size = src.stat().st_size
     with src.open("rb") as source, dst.open("wb") as out:
         for offset, length, has_data in _file_extents(src):
@@ -125,7 +132,8 @@ class PointReceiver:
         self.partials = [t.with_name(t.name + ".partial") for t in targets]
         self.qemu_img = qemu_img_bin
         self._decoder = FrameDecoder(decompress=_decompress, vm_uuid=vm_uuid, point_id=point_id)
-        self._files = [p.open("wb") for p in self.partials]
+        with os_errors(f"cannot create recovery point files in {targets[0].parent}"):
+            self._files = [p.open("wb") for p in self.partials]
 
     def feed(self, chunk: bytes) -> None:
         for item in self._decoder.feed(chunk):
@@ -134,11 +142,12 @@ class PointReceiver:
                     raise DeltaCorruptError(f"the stream names disk {item.disk}, the VM has "
                                             f"{len(self._files)}")  # fmt: skip
                 handle = self._files[item.disk]
-                if item.data is None:  # a hole: leave it sparse
-                    handle.truncate(max(handle.seek(0, 2), item.offset + item.length))
-                else:
-                    handle.seek(item.offset)
-                    handle.write(item.data)
+                with os_errors(f"cannot write recovery point file {self.partials[item.disk]}"):
+                    if item.data is None:  # a hole: leave it sparse
+                        handle.truncate(max(handle.seek(0, 2), item.offset + item.length))
+                    else:
+                        handle.seek(item.offset)
+                        handle.write(item.data)
 
     def abandon(self) -> None:
         for handle in self._files:
@@ -150,10 +159,11 @@ class PointReceiver:
         """Verify the whole stream and the images, then link them in. All or nothing."""
         try:
             end = self._decoder.finish()
-            for handle in self._files:
-                handle.flush()
-                os.fsync(handle.fileno())
-                handle.close()
+            with os_errors(f"cannot write recovery point files in {self.targets[0].parent}"):
+                for handle in self._files:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                    handle.close()
             for partial, backing in zip(self.partials, backings, strict=True):
                 await qemu_img.check(partial, qemu_img=self.qemu_img)
                 if backing is not None:
@@ -163,7 +173,8 @@ class PointReceiver:
             self.abandon()
             raise
         for partial, target in zip(self.partials, self.targets, strict=True):
-            partial.rename(target)
+            with os_errors(f"cannot link recovery point file {target}"):
+                partial.rename(target)
         fsync_dir(self.targets[0].parent)
         return end
 
@@ -188,4 +199,5 @@ async def apply_merge(merge: Merge, root: Path, *, qemu_img_bin: str = "qemu-img
         await qemu_img.rebase_unsafe(root / merge.rebase.file, root / merge.base_file,
                                      qemu_img=qemu_img_bin)  # fmt: skip
     await asyncio.to_thread(fsync_file, root / merge.base_file)
-    await asyncio.to_thread(overlay.unlink)
+    with os_errors(f"cannot delete the merged overlay {overlay}"):
+        await asyncio.to_thread(overlay.unlink)
