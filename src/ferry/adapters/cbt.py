@@ -1,6 +1,7 @@
 """Changed-block tracking on a running VM: the primary side of a replication cycle.
 
-DESIGN.md section 4 ("Changed-block tracking (push)"), as QMP:
+DESIGN.md section 4 ("Changed-block tracking (push)"); the copies themselves
+are :class:`ferry.adapters.backup.BlockBackup`:
 
 * cycle 0 (:meth:`ChangedBlockTracker.full`): in one transaction, add a
   persistent dirty bitmap to every disk and start a full backup of each into a
@@ -16,8 +17,9 @@ DESIGN.md section 4 ("Changed-block tracking (push)"), as QMP:
   persistent bitmap comes back ``inconsistent`` (or is missing): the
   relationship must resynchronise instead.
 
-Targets are qcow2 nodes added with ``blockdev-add`` and removed afterwards;
-job and node names carry a per-cycle tag so two cycles never collide.
+Job and node names carry a per-cycle tag so two cycles never collide. A
+backup still running when the agent stops is left to finish: a restarted
+agent reads its outcome (:meth:`ChangedBlockTracker.outcome`).
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from ferry.adapters import qemu_img
+from ferry.adapters.backup import BlockBackup, Sync
 from ferry.adapters.qemu import QmpChannel
 from ferry.core.spec import DiskSpec
-from ferry.errors import FerryError, QemuError
+from ferry.errors import QemuError
 
 BITMAP = "ferry-cbt"
 GRANULARITY = 64 * 1024  # = the qcow2 cluster size of the delta files
-JOB_POLL_S = 0.2
 
 
 class ChangedBlockTracker:
@@ -86,7 +88,9 @@ class ChangedBlockTracker:
                       "granularity": GRANULARITY}}
             for i in range(len(self.disks))
         ]  # fmt: skip
-        await self._backup(targets, actions, sync="full", tag=tag or stem)
+        # The bitmap starts at the same instant as the copy.
+        await self._backup(tag or stem).run(targets, sync=Sync.FULL, also=actions,
+                                            cancel_on_exit=False)  # fmt: skip
         return targets
 
     async def delta(self, out_dir: Path, stem: str, *, tag: str | None = None) -> list[Path]:
@@ -100,7 +104,8 @@ class ChangedBlockTracker:
         targets = self.targets(out_dir, stem)
         for disk, path in zip(self.disks, targets, strict=True):
             await qemu_img.create(path, disk.size, qemu_img=self.qemu_img)
-        await self._backup(targets, [], sync="incremental", tag=tag or stem)
+        await self._backup(tag or stem).run(targets, sync=Sync.INCREMENTAL, bitmap=BITMAP,
+                                            cancel_on_exit=False)  # fmt: skip
         return targets
 
     def targets(self, out_dir: Path, stem: str) -> list[Path]:
@@ -110,59 +115,13 @@ class ChangedBlockTracker:
     async def outcome(self, tag: str) -> str:
         """What became of the backup ``tag`` after the agent lost track of it.
 
-        ``ok`` (every job concluded without error: the files are whole and the
-        bitmap bits are cleared), ``failed`` (QEMU merged the bits back),
-        ``running``, or ``unknown`` (no job: QEMU restarted, or the jobs were
-        already dismissed). Concluded jobs and target nodes are cleaned up.
+        ``ok``, ``failed``, ``running`` or ``unknown``: see
+        :meth:`ferry.adapters.backup.BlockBackup.outcome`.
         """
-        jobs = {f"cbt-{tag}-job{i}" for i in range(len(self.disks))}
-        found = [j for j in await self.channel.execute("query-block-jobs") if j["device"] in jobs]
-        if any(j["status"] != "concluded" for j in found):
-            return "running"
-        verdict = "unknown" if len(found) != len(jobs) else (
-            "failed" if any(j.get("error") for j in found) else "ok")  # fmt: skip
-        await self._cleanup(tag, len(self.disks))
-        return verdict
+        return (await self._backup(tag).outcome()).value
 
-    async def _cleanup(self, tag: str, count: int) -> None:
-        for i in range(count):
-            with contextlib.suppress(FerryError):
-                await self.channel.execute("job-dismiss", {"id": f"cbt-{tag}-job{i}"})
-        for i in range(count):
-            with contextlib.suppress(FerryError):
-                await self.channel.execute("blockdev-del", {"node-name": f"cbt-{tag}-{i}"})
-
-    async def _backup(self, targets: list[Path], actions: list[dict[str, Any]], *,
-                      sync: str, tag: str) -> None:  # fmt: skip
-        nodes = [f"cbt-{tag}-{i}" for i in range(len(targets))]
-        jobs = [f"cbt-{tag}-job{i}" for i in range(len(targets))]
-        try:
-            for node, path in zip(nodes, targets, strict=True):
-                await self.channel.execute("blockdev-add", {
-                    "driver": "qcow2", "node-name": node,
-                    "file": {"driver": "file", "filename": str(path)}})  # fmt: skip
-            for i, (node, job) in enumerate(zip(nodes, jobs, strict=True)):
-                data: dict[str, Any] = {"job-id": job, "device": f"disk{i}", "target": node,
-                                        "sync": sync, "auto-dismiss": False}  # fmt: skip
-                if sync == "incremental":
-                    data["bitmap"] = BITMAP
-                actions.append({"type": "blockdev-backup", "data": data})
-            with self.channel.listen("BLOCK_JOB_COMPLETED", "JOB_STATUS_CHANGE") as events:
-                # QEMU 7.2 refuses "grouped" next to block-dirty-bitmap-add, so only
-                # the deltas fail or succeed as one across disks.
-                mode = "grouped" if sync == "incremental" else "individual"
-                await self.channel.execute("transaction", {
-                    "actions": actions, "properties": {"completion-mode": mode}})  # fmt: skip
-                while True:
-                    states = {j["device"]: j for j in await self.channel.execute("query-block-jobs")
-                              if j["device"] in jobs}  # fmt: skip
-                    if len(states) == len(jobs) and all(
-                        j["status"] == "concluded" for j in states.values()
-                    ):
-                        break
-                    await events.next(JOB_POLL_S)
-            errors = [j["error"] for j in states.values() if j.get("error")]
-            if errors:
-                raise QemuError(f"backup of VM {self.vm!r} failed: {errors[0]}")
-        finally:
-            await self._cleanup(tag, len(targets))
+    def _backup(self, tag: str) -> BlockBackup:
+        # The names are part of the catalog's record of a cycle in flight: a
+        # restarted agent finds the jobs by them.
+        return BlockBackup(self.channel, f"cbt-{tag}", [f"disk{i}" for i in range(len(self.disks))],
+                           what=f"backup of VM {self.vm!r}")  # fmt: skip

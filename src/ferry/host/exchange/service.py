@@ -12,7 +12,6 @@ format itself is documented in :mod:`ferry.core.export_format`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.adapters import qemu_img
+from ferry.adapters.backup import BlockBackup, Sync
 from ferry.adapters.catalog import VmRecord
 from ferry.adapters.durable import fsync_dir, fsync_file
 from ferry.core import vmstate
@@ -42,10 +42,8 @@ from ferry.core.versions import check_host_runs
 from ferry.core.vmstate import VmState
 from ferry.errors import (
     ConflictError,
-    FerryError,
     InvalidInputError,
     NotFoundError,
-    QemuError,
     StateError,
 )
 from ferry.host.jobs import Job, JobRegistry
@@ -206,58 +204,18 @@ class ExchangeService:
 
     async def _backup_live(self, job: Job, record: VmRecord, partial: Path, total: int) -> None:
         """A point-in-time full copy of every disk, taken in one transaction."""
-        channel = self.vms.channel(record)
-        nodes, jobs = [], []
-        try:
-            for index, disk in enumerate(record.spec.disks):
-                path = partial / f"disk{index}.qcow2"
-                await qemu_img.create(path, disk.size, qemu_img=self.config.qemu_img)
-                node = f"export{index}-{job.id}"
-                await channel.execute("blockdev-add", {
-                    "driver": "qcow2", "node-name": node, "discard": "unmap",
-                    "detect-zeroes": "unmap",  # zeros stay holes: the export stays sparse
-                    "file": {"driver": "file", "filename": str(path)}})  # fmt: skip
-                nodes.append(node)
-                jobs.append(f"backup{index}-{job.id}")
-            actions = [
-                {
-                    "type": "blockdev-backup",
-                    "data": {
-                        "job-id": job_id,
-                        "device": f"disk{index}",
-                        "target": nodes[index],
-                        "sync": "full",
-                        "auto-dismiss": False,
-                        # QEMU caps each job; the cap is the export's in total.
-                        **({"speed": max(1, job.detail["max_bandwidth"] // len(jobs))}
-                           if job.detail.get("max_bandwidth") else {}),
-                    },
-                }
-                for index, job_id in enumerate(jobs)
-            ]
-            with channel.listen("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CONCLUDED") as events:
-                await channel.execute("transaction", {"actions": actions,
-                                      "properties": {"completion-mode": "grouped"}})  # fmt: skip
-                while True:
-                    states = {j["device"]: j for j in await channel.execute("query-block-jobs")
-                              if j["device"] in jobs}  # fmt: skip
-                    done = sum(j["offset"] for j in states.values())
-                    self._progress(job, done, total)
-                    if all(j["status"] == "concluded" for j in states.values()):
-                        break
-                    await events.next(0.2)
-            errors = [j.get("error") for j in states.values() if j.get("error")]
-            if errors:
-                raise QemuError(f"live export of VM {record.name!r} failed: {errors[0]}")
-        finally:
-            for job_id in jobs:
-                with contextlib.suppress(FerryError):
-                    await channel.execute("block-job-cancel", {"device": job_id, "force": True})
-                with contextlib.suppress(FerryError):
-                    await channel.execute("job-dismiss", {"id": job_id})
-            for node in nodes:
-                with contextlib.suppress(FerryError):
-                    await channel.execute("blockdev-del", {"node-name": node})
+        targets = []
+        for index, disk in enumerate(record.spec.disks):
+            path = partial / f"disk{index}.qcow2"
+            await qemu_img.create(path, disk.size, qemu_img=self.config.qemu_img)
+            targets.append(path)
+        backup = BlockBackup(self.vms.channel(record), f"export-{job.id}",
+                             [f"disk{i}" for i in range(len(targets))],
+                             what=f"live export of VM {record.name!r}")  # fmt: skip
+        # Zeros stay holes, so the export stays sparse; the cap is the export's in total.
+        await backup.run(targets, sync=Sync.FULL, sparse=True,
+                         speed=job.detail.get("max_bandwidth"),
+                         progress=lambda done: self._progress(job, done, total))  # fmt: skip
 
     # == import ==============================================================
 
