@@ -5,17 +5,21 @@ Used by replication (primary -> replica) and extended replication (replica
 someone wakes it (``run_now``, a resumed relationship), then runs
 ``cycle(key)`` under the key's lock. ``delay`` returning None ends the task
 (the relationship is gone). A slow cycle only delays its own key.
+
+Time comes from a :class:`~ferry.core.clock.Clock`, so the unit tests drive
+the scheduler with :class:`ferry.testing.clock.FakeClock`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+from ferry.core.clock import SYSTEM_CLOCK, Clock
 from ferry.core.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -25,8 +29,13 @@ Outcome = dict[str, Any]
 
 class CycleScheduler:
     def __init__(self, kind: str, *, delay: Callable[[str], float | None],
-                 cycle: Callable[[str], Awaitable[Outcome]]) -> None:  # fmt: skip
+                 cycle: Callable[[str], Awaitable[Outcome]],
+                 turn: Callable[[str], AbstractAsyncContextManager[None]] | None = None,
+                 clock: Clock = SYSTEM_CLOCK) -> None:  # fmt: skip
+        """``turn(key)``: what a cycle holds while it runs (default: the key's lock)."""
         self.kind = kind
+        self.clock = clock
+        self._turn = turn
         self._delay = delay
         self._cycle = cycle
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -78,12 +87,11 @@ class CycleScheduler:
                     if not waiter.done():
                         waiter.set_result({"result": "skipped", "reason": "not replicating"})
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), delay)
+            await self.clock.wait(wake, delay)
             wake.clear()
             waiters, self._waiters[key] = self._waiters[key], []
             try:
-                async with self.locks[key]:
+                async with self._turn(key) if self._turn else self.locks[key]:
                     outcome = await self._cycle(key)
             except asyncio.CancelledError:
                 for waiter in waiters:
