@@ -27,6 +27,7 @@ enter, in the adapter that met them, with ``raise ... from exc``.
      +-- DeltaCorruptError          delta-corrupt     a replication delta arrived damaged
      +-- ReplicationStoppedError    replication-stopped  a retry cannot cure it; admin acts
      +-- MoveFailedError            move-failed       a move step failed; the move is undone
+     +-- JobCancelledError          job-cancelled     a job stops where its cancel was honoured
 
 The ``code`` travels over the API so the CLI can rebuild the same class on
 the other side.
@@ -192,6 +193,18 @@ class MoveFailedError(FerryError):
     http_status = 500
 
 
+class JobCancelledError(FerryError):
+    """A job whose cancel was asked for reached a safe point; its runner undoes and ends it.
+
+    Raised by ``JobRegistry.checkpoint`` inside the job's own work, so the
+    work stops where stopping is safe instead of wherever a task cancel would
+    strike; the job then ends ``cancelled``.
+    """
+
+    code = "job-cancelled"
+    http_status = 409
+
+
 _BY_CODE: dict[str, type[FerryError]] = {
     cls.code: cls
     for cls in (
@@ -213,6 +226,7 @@ _BY_CODE: dict[str, type[FerryError]] = {
         DeltaCorruptError,
         ReplicationStoppedError,
         MoveFailedError,
+        JobCancelledError,
     )
 }
 

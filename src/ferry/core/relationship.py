@@ -19,9 +19,11 @@ replica accepts idempotently.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ferry.core.failover import FailoverState, state_of
 from ferry.core.replication import (
     DEFAULT_FREQUENCY,
     DEFAULT_RECOVERY_POINTS,
@@ -101,19 +103,29 @@ class Relationship(BaseModel):
     # The running state a pause or error interrupted: resume returns there, so a
     # half-done initial copy or resynchronisation is never mistaken for done.
     resume_to: ReplicationState | None = None
-    # Replica side: where the chain lives, how to reach the primary, and the
+    # Replica side: where the chain lives, how to reach the primary, where a
+    # failover stands (written only by ferry.core.failover.advance) and the
     # recovery points a test failover VM or a failed-over VM runs on (merges
     # that would touch them wait).
     storage: str = ""
     primary_url: str = ""
+    failover: FailoverState = FailoverState.NONE
     test_vm: str | None = None
     test_point: int | None = None
     failover_point: int | None = None
-    committed: bool = False
     # An extended replica (its primary is itself a replica host): where the VM
     # itself runs, for the split-brain guard and for status.
     origin: str = ""
     origin_url: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data: Any) -> Any:
+        """A document from before the failover state: derive it (``committed`` goes)."""
+        if isinstance(data, dict) and "failover" not in data:
+            data = {**data, "failover": state_of(data)}
+            data.pop("committed", None)
+        return data
 
 
 # --------------------------------------------------------------------------- cycle decisions
