@@ -84,6 +84,9 @@ class Lab:
         self.admin_dir = self.root / "admin"
         self.images_dir = self.root / "images"
         self.shared_dir = self.root / "shared"
+        # Agents this object started, reaped by down(): in a long-lived process
+        # (the test suite) an agent that ended stays a zombie child until then.
+        self._agents: list[subprocess.Popen[bytes]] = []
 
     def hosts(self) -> list[LabHost]:
         hosts_dir = self.root / "hosts"
@@ -153,13 +156,15 @@ class Lab:
 
     def _spawn(self, host: LabHost) -> subprocess.Popen[bytes]:
         with host.log_path.open("ab") as log_file:
-            return subprocess.Popen(
+            proc = subprocess.Popen(
                 [sys.executable, "-m", "ferry", "agent", "--config", str(host.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # survives the CLI; lab down ends it by pid
             )
+        self._agents.append(proc)
+        return proc
 
     async def _wait_ready(self, host: LabHost, proc: subprocess.Popen[bytes]) -> None:
         config = load_host_config(host.config_path)
@@ -210,6 +215,10 @@ class Lab:
                     catalog.set_state(uuid, VmState.OFF)
                 finally:
                     catalog.close()
+        for proc in self._agents:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=AGENT_STOP_TIMEOUT_S)
+        self._agents.clear()
 
     async def _kill_vms(self, host: LabHost, progress: Progress) -> None:
         config = load_host_config(host.config_path)
