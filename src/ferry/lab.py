@@ -36,9 +36,11 @@ from ferry.adapters.catalog import Catalog
 from ferry.agent import PID_FILE
 from ferry.client.agent_client import AgentClient
 from ferry.client.settings import HostEntry, load_settings, save_settings
-from ferry.core.vmstate import VmState
+from ferry.core import vmstate
+from ferry.core.vmstate import VmOp
 from ferry.errors import ConfigError, FerryError, InvalidInputError
 from ferry.host.config import load_host_config
+from ferry.host.vms.states import VmStates
 
 AGENT_START_TIMEOUT_S = 60.0
 AGENT_STOP_TIMEOUT_S = 15.0
@@ -212,7 +214,9 @@ class Lab:
                 asyncio.run(qemu.kill_process(qemu_pid, uuid))
                 catalog = Catalog(host.data_dir)
                 try:
-                    catalog.set_state(uuid, VmState.OFF)
+                    record = catalog.find(uuid)
+                    if record is not None and vmstate.allowed(record.state, VmOp.KILL):
+                        VmStates(catalog).apply(record, VmOp.KILL)
                 finally:
                     catalog.close()
         for proc in self._agents:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,6 +41,19 @@ def assert_clean(env: LabEnv, index: int, uuid: str) -> None:
     assert not (data_dir(env, index) / "vms" / uuid).exists()
 
 
+# The one writer of VM states logs each change (ferry.host.vms.states).
+STATE_CHANGE = re.compile(r"state (\S+) -> (\S+) by (\S+) \(vm ([0-9a-f-]+)\)")
+
+
+def state_changes(env: LabEnv, index: int, uuid: str) -> list[tuple[str, str, str]]:
+    """Every state change host ``index`` recorded for VM ``uuid``: (from, to, by)."""
+    text = env.lab.host(index).log_path.read_text(errors="replace")
+    return [(m[1], m[2], m[3]) for m in STATE_CHANGE.finditer(text) if m[4] == uuid]
+
+
+BOOTED = [("off", "starting", "start"), ("starting", "running", "started")]
+
+
 def finish_on(env: LabEnv, name: str, host: str) -> Any:
     """Kill the VM where it runs and read its disk: every record there, none corrupt."""
     vm = env.vm(name)
@@ -64,6 +78,10 @@ def test_shared_storage_move_keeps_the_guest_counting(lab_env: LabEnv) -> None:
     assert moved["disks"][0]["path"] == vm["disks"][0]["path"]  # the same file, not a copy
     assert_clean(lab_env, 1, vm["uuid"])
     assert qemu_pids_for(vm["uuid"]) == [moved["pid"]]
+    # The source went running -> migrating and then forgot the VM (assert_clean);
+    # the destination took it in as migrating and resumed it.
+    assert state_changes(lab_env, 1, vm["uuid"]) == [*BOOTED, ("running", "migrating", "migrate")]
+    assert state_changes(lab_env, 2, vm["uuid"]) == [("migrating", "running", "arrived")]
 
     text = lab_env.wait_console("roamer", lambda t: len(seqs(t)) >= 3)
     assert not UP.search(text)  # no reboot: the same guest run
@@ -182,6 +200,12 @@ def test_cancel_mid_copy_leaves_the_vm_where_it_was(lab_env: LabEnv, slow_move: 
     assert_still_on_source(lab_env, before)
     assert_clean(lab_env, 2, before["uuid"])
     assert qemu_pids_for(before["uuid"]) == [before["pid"]]
+    assert state_changes(lab_env, 1, before["uuid"]) == [
+        *BOOTED,
+        ("running", "migrating", "migrate"),
+        ("migrating", "running", "migrate-aborted"),
+    ]
+    assert state_changes(lab_env, 2, before["uuid"]) == []  # it never arrived
 
 
 def test_destination_qemu_killed_mid_copy(lab_env: LabEnv, slow_move: SlowMove) -> None:

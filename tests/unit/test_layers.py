@@ -80,7 +80,6 @@ KNOWN_VIOLATIONS: set[tuple[str, str]] = {
     ("ferry.host.replication.extension", "ferry.client.agent_client"),
     ("ferry.host.replication.primary", "ferry.client.agent_client"),
     ("ferry.host.replication.replica_move", "ferry.client.agent_client"),
-    ("ferry.host.vms.service", "ferry.api.models"),
 }
 
 

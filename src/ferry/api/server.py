@@ -59,6 +59,7 @@ from ferry.host.replication.extension import ExtensionService
 from ferry.host.replication.primary import ReplicationService
 from ferry.host.replication.receiver import ReplicaStore
 from ferry.host.replication.replica_move import ReplicaMover
+from ferry.host.vms.requests import NewDisk, NewVm
 from ferry.host.vms.service import VmService
 from ferry.peer.server import PeerServer
 
@@ -277,7 +278,11 @@ class AgentApi:
 
     async def create_vm(self, request: web.Request) -> web.Response:
         create = await _body(request, CreateVmRequest)
-        return _json(self._view(await self.vms.create(create)), status=201)
+        new = NewVm(
+            **create.model_dump(exclude={"disks"}),
+            disks=tuple(NewDisk(size=d.size, image=d.image) for d in create.disks),
+        )
+        return _json(self._view(await self.vms.create(new)), status=201)
 
     async def show_vm(self, request: web.Request) -> web.Response:
         return _json(self._view(self.vms.get(request.match_info["name"])))

@@ -40,7 +40,7 @@ from ferry.core.migration import (
 from ferry.core.spec import DiskSpec, VmSpec, check_resources
 from ferry.core.tasks import cancel_and_wait
 from ferry.core.versions import check_host_runs
-from ferry.core.vmstate import VmOp, VmState
+from ferry.core.vmstate import QemuStatus, VmOp, VmState
 from ferry.errors import (
     AuthError,
     ConflictError,
@@ -203,8 +203,7 @@ class MigrationService:
         self, job: Job, peer: AgentClient, plan: dict[str, Any], started: float
     ) -> None:
         record = self.vms.get(job.vm_uuid)
-        vmstate.transition(record.state, VmOp.MIGRATE, vm=record.name)
-        self.vms.catalog.set_state(record.uuid, VmState.MIGRATING)
+        self.vms.apply(record, VmOp.MIGRATE)
         plan["record"] = record
         spec = record.spec
         volumes = self.vms.catalog.volumes()
@@ -461,10 +460,11 @@ class MigrationService:
             for node in plan.get("nbd_nodes", []):
                 with contextlib.suppress(FerryError):
                     await channel.execute("blockdev-del", {"node-name": node})
-            if await channel.status() in ("paused", "postmigrate", "finish-migrate"):
+            if await channel.status() in (QemuStatus.PAUSED, QemuStatus.POSTMIGRATE,
+                                          QemuStatus.FINISH_MIGRATE):  # fmt: skip
                 await channel.execute("cont")
             status = await channel.status()
-            self.vms.catalog.set_state(record.uuid, vmstate.state_from_qemu(status))
+            self.vms.apply(record, vmstate.confirmed(VmOp.MIGRATE_ABORTED, status))
         peer: AgentClient | None = plan.get("peer")
         if peer is not None:
             try:
@@ -620,7 +620,7 @@ class MigrationService:
                     await channel.execute("nbd-server-stop")
                 self.vms.exit_hooks.pop(record.uuid, None)
                 await channel.execute("cont")
-                self.vms.catalog.set_state(record.uuid, VmState.RUNNING)
+                self.vms.apply(record, VmOp.ARRIVED)
             except FerryError as exc:
                 words = self.vms.last_words(record.uuid)
                 reason = f"{exc} (QEMU said: {words})" if words else str(exc)
@@ -682,13 +682,14 @@ class MigrationService:
         for job in self.jobs.all():
             if job.kind == INCOMING and job.state == IncomingState.RECEIVING:
                 record = self.vms.catalog.find(job.vm_uuid)
-                status = ""
+                status: QemuStatus | None = None
                 if record is not None:
                     with contextlib.suppress(FerryError):
                         status = await self.vms.channel(record).status()
-                if status == "running":  # resumed just before the agent stopped
+                if status is QemuStatus.RUNNING:  # resumed just before the agent stopped
                     self.jobs.update(job, IncomingState.DONE.value)
-                    self.vms.catalog.set_state(job.vm_uuid, VmState.RUNNING)
+                    # re-attaching found it running already; this records nothing new
+                    self.vms.apply(job.vm_uuid, vmstate.observed(status))
                 else:
                     await self._abort_incoming(job, "the agent restarted during the move")
             elif job.kind == MOVE and not is_final(Phase(job.state)):

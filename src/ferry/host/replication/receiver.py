@@ -51,7 +51,7 @@ from ferry.core.replication import (
 )
 from ferry.core.spec import DiskSpec, VmSpec
 from ferry.core.versions import check_host_runs
-from ferry.core.vmstate import VmState
+from ferry.core.vmstate import VmOp, VmState
 from ferry.errors import (
     AuthError,
     ConflictError,
@@ -62,6 +62,7 @@ from ferry.errors import (
 )
 from ferry.host.config import HostConfig
 from ferry.host.replication.server import ReplicaServer
+from ferry.host.vms.states import VmStates
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class ReplicaStore:
     def __init__(self, config: HostConfig, catalog: Catalog, server: ReplicaServer) -> None:
         self.config = config
         self.catalog = catalog
+        self.states = VmStates(catalog)  # the replica VMs' states change only through it
         self.server = server
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
@@ -245,7 +247,7 @@ class ReplicaStore:
         self.catalog.add_point(spec.uuid, PointInfo(id=ADOPTED_POINT, time=0.0, file=BASE,
                                                     size=size))  # fmt: skip
         self.catalog.update_spec(self.replica_spec(spec, storage, BASE))
-        self.catalog.set_state(spec.uuid, VmState.REPLICA)
+        self.states.apply(spec.uuid, VmOp.MAKE_REPLICA)
         for disk in record.spec.disks:  # the old files are now copies of the base
             if Path(disk.path).resolve() != disk_file(storage, BASE, 0).resolve():
                 Path(disk.path).unlink(missing_ok=True)
@@ -480,7 +482,7 @@ class ReplicaStore:
                 shutil.move(current, vm_dir / kind)
                 update[kind] = str(vm_dir / kind)
         self.catalog.update_spec(record.spec.model_copy(update=update))
-        self.catalog.set_state(record.uuid, VmState.OFF)
+        self.states.apply(record, VmOp.RELEASE)
         keep = {Path(d.path).name for d in disks}
         for path in storage.glob("*.qcow2"):
             if path.name not in keep:

@@ -1,0 +1,41 @@
+"""What a new VM is asked to be: the host's typed input for ``VmService.create``.
+
+The API validates its wire model (``ferry.api.models.CreateVmRequest``) and
+converts it to these; host code never sees the API's models. Sizes are bytes,
+paths are as the admin gave them (checked against the host's image dirs when
+the VM is made).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ferry.errors import InvalidInputError
+
+DEFAULT_MEMORY = 256 * 1024**2
+
+
+@dataclass(frozen=True)
+class NewDisk:
+    """An empty disk of ``size`` bytes, or a copy of the image at ``image``."""
+
+    size: int | None = None
+    image: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.size is None) == (self.image is None):
+            raise InvalidInputError("a disk needs exactly one of size or image")
+
+
+@dataclass(frozen=True)
+class NewVm:
+    name: str
+    memory: int = DEFAULT_MEMORY
+    cpus: int = 1
+    disks: tuple[NewDisk, ...] = ()
+    guest: str | None = None  # "test": the built-in test guest, with its kernel and initrd
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str | None = None
+    config_version: int | None = None  # None: the host's functional level
+    volume: str | None = None  # a shared volume's name: the disks go there
