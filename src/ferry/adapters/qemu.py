@@ -135,8 +135,11 @@ class EventWaiter:
 
     async def next(self, timeout: float) -> dict[str, Any] | None:
         """The next event, or None after ``timeout`` (callers then poll state)."""
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the
+        # event when a cancellation arrives together with it, and loses that.
         try:
-            return dict(await asyncio.wait_for(self._listener.get(), timeout))
+            async with asyncio.timeout(timeout):
+                return dict(await self._listener.get())
         except TimeoutError:
             return None
 

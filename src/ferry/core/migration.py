@@ -16,13 +16,22 @@ its copy is gone.
 
 The destination records its side as an ``incoming`` job whose state is one of
 ``receiving`` (QEMU waits for the stream), ``done`` (resumed, owns the VM) or
-``aborted`` (QEMU gone, disks and catalog entry removed).
+``aborted`` (QEMU gone, disks and catalog entry removed)::
+
+    receiving --resume--> done
+        \\------abort---> aborted
+
+:data:`INCOMING` says which operation (:class:`IncomingOp`) is allowed in
+which state and where it leads; :func:`incoming_step` applies it and is the
+only way an incoming job's state changes. ``finish`` and ``abort`` asked again
+after the end report the outcome instead (a retried call is not an error).
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
 
+from ferry.core import transitions
 from ferry.errors import InvalidInputError, StateError
 
 
@@ -41,6 +50,15 @@ class IncomingState(StrEnum):
     RECEIVING = "receiving"
     DONE = "done"
     ABORTED = "aborted"
+
+
+class IncomingOp(StrEnum):
+    """What may happen to the destination's side of a move."""
+
+    RECEIVE_FILE = "receive a file for"  # the kernel or initrd arrives
+    LAUNCH = "launch"  # QEMU starts, waiting for the streams
+    RESUME = "resume"  # the stream is in and the VM runs here
+    ABORT = "abort"  # every trace of the VM is removed again
 
 
 class Storage(StrEnum):
@@ -67,9 +85,31 @@ NEXT: dict[Phase, frozenset[Phase]] = {
 }
 
 
+_RECEIVING = frozenset({IncomingState.RECEIVING})
+
+# operation -> (states it is allowed in, state it leads to)
+INCOMING: dict[IncomingOp, tuple[frozenset[IncomingState], IncomingState]] = {
+    IncomingOp.RECEIVE_FILE: (_RECEIVING, IncomingState.RECEIVING),
+    IncomingOp.LAUNCH: (_RECEIVING, IncomingState.RECEIVING),
+    IncomingOp.RESUME: (_RECEIVING, IncomingState.DONE),
+    IncomingOp.ABORT: (_RECEIVING, IncomingState.ABORTED),
+}
+
+
+def incoming_step(state: IncomingState, op: IncomingOp, *, job: str) -> IncomingState:
+    """The state ``op`` leads the incoming move ``job`` to, or StateError naming both."""
+    return transitions.apply(INCOMING, state, op, subject=f"incoming move {job}")
+
+
+def incoming_ended(state: IncomingState) -> bool:
+    return not any(state in sources for sources, _ in INCOMING.values())
+
+
 def advance(current: Phase, target: Phase) -> Phase:
     if target not in NEXT[current]:
-        raise StateError(f"a move cannot go from {current.value} to {target.value}")
+        sources = frozenset(phase for phase, nexts in NEXT.items() if target in nexts)
+        raise StateError(f"a move cannot go from {current.value} to {target.value}",
+                         subject="a move", op=target, state=current, required=sources)  # fmt: skip
     return target
 
 

@@ -57,6 +57,9 @@ class Call(Generic[Req]):
 
 
 Handler = Callable[[Call[Any]], Awaitable[BaseModel]]
+# Refuses a caller (AuthError) from its certificate and the path parameters,
+# before the body is read or validated.
+Guard = Callable[[CertInfo, dict[str, str]], None]
 
 
 def error_payload(exc: FerryError) -> dict[str, Any]:
@@ -69,14 +72,22 @@ class PeerServer:
     def __init__(self) -> None:
         self._table = RouteTable()
         self._handlers: dict[int, Handler] = {}
+        self._guards: dict[int, Guard] = {}
 
     def handle(
-        self, route: Route[Req, Rep], handler: Callable[[Call[Req]], Awaitable[Rep]]
+        self,
+        route: Route[Req, Rep],
+        handler: Callable[[Call[Req]], Awaitable[Rep]],
+        *,
+        guard: Guard | None = None,
     ) -> None:
+        """Answer ``route`` with ``handler``; ``guard`` vets the caller before the body."""
         if id(route) in self._handlers:
             raise ValueError(f"{route.method} {route.path} has a handler already")
         self._table.add(route)
         self._handlers[id(route)] = handler
+        if guard is not None:
+            self._guards[id(route)] = guard
 
     @property
     def routes(self) -> list[Route[Any, Any]]:
@@ -98,6 +109,9 @@ class PeerServer:
             if found is None:
                 raise NotFoundError(f"no peer endpoint {method} {path}")
             route, params = found
+            guard = self._guards.get(id(route))
+            if guard is not None:
+                guard(caller, params)
             if route.upload:
                 model: BaseModel = route.request()
             elif route.request is NoBody:

@@ -2,6 +2,10 @@
 
 - :mod:`ferry.testing.peers`: an in-memory peer network; each host's
   :class:`ferry.peer.server.PeerServer` answers the others' clients directly.
+- :mod:`ferry.testing.qmp`: a scripted QMP channel (replies per command,
+  events, a record of every call) standing in for a QEMU.
+- :mod:`ferry.testing.migration`: small models of a migrating source QEMU and
+  of the destination's ``-incoming`` QEMU, built on that channel.
 - :mod:`ferry.testing.clock`: a fake :class:`~ferry.core.clock.Clock` whose
   time moves only when a test advances it (the cycle scheduler takes one).
 - :mod:`ferry.testing.vms`: a VM service without QEMU over a real catalog;

@@ -1,0 +1,107 @@
+"""The destination's QMP sequence: wait for a VM's streams, then resume it.
+
+A QEMU started with ``-incoming defer`` (paused) is made ready to receive
+(DESIGN.md section 4, libvirt's order): migration capabilities, with TLS a
+server credential and an ``authz-simple`` object that admits only the source
+host's DN, for a disk copy an NBD server exporting every disk writable, and
+last ``migrate-incoming`` on a free port. At switch-over it is asked, not
+assumed, to have loaded the whole stream before the NBD server stops and the
+guest continues.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ferry.adapters.migration.channel import LOADING, Channel, MigrationStatus, query_migrate
+
+SETTLE_S = 30.0  # how long the destination may take to load the last state
+
+
+def free_port(address: str) -> int:
+    """A TCP port nobody listens on at ``address`` now (QEMU binds it next)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((address, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class IncomingEndpoints:
+    """Where the source sends the memory stream, and the disks (NBD) if copied."""
+
+    uri: str
+    nbd: tuple[str, int] | None
+
+
+async def receive(
+    channel: Channel,
+    *,
+    tag: str,
+    address: str,
+    tls_dir: Path | None,
+    source_dn: str,
+    disks: int,
+) -> IncomingEndpoints:
+    """Make the paused incoming QEMU wait for the streams; where they go.
+
+    ``tag`` makes QEMU object ids unique to the move; ``tls_dir`` None means
+    plain TCP; ``disks`` is how many disks to export over NBD (0: shared).
+    """
+    await channel.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": "events", "state": True},
+        {"capability": "dirty-bitmaps", "state": True},
+    ]})  # fmt: skip
+    tls_id, authz_id = f"ferry-tls-{tag}", f"ferry-authz-{tag}"
+    if tls_dir is not None:
+        await channel.execute("object-add", {
+            "qom-type": "tls-creds-x509", "id": tls_id, "endpoint": "server",
+            "dir": str(tls_dir), "verify-peer": True})  # fmt: skip
+        await channel.execute("object-add", {
+            "qom-type": "authz-simple", "id": authz_id, "identity": source_dn})  # fmt: skip
+    nbd = None
+    if disks:
+        port = free_port(address)
+        args: dict[str, Any] = {"addr": {"type": "inet", "data": {
+            "host": address, "port": str(port)}}}  # fmt: skip
+        if tls_dir is not None:
+            args.update({"tls-creds": tls_id, "tls-authz": authz_id})
+        await channel.execute("nbd-server-start", args)
+        for index in range(disks):
+            await channel.execute("block-export-add", {
+                "type": "nbd", "id": f"export{index}", "node-name": f"disk{index}",
+                "name": f"disk{index}", "writable": True})  # fmt: skip
+        nbd = (address, port)
+    if tls_dir is not None:
+        await channel.execute("migrate-set-parameters",
+                              {"tls-creds": tls_id, "tls-authz": authz_id})  # fmt: skip
+    uri = f"tcp:{address}:{free_port(address)}"
+    await channel.execute("migrate-incoming", {"uri": uri})
+    return IncomingEndpoints(uri, nbd)
+
+
+async def settled(channel: Channel, timeout: float = SETTLE_S) -> MigrationStatus:
+    """Wait until the incoming side has loaded the whole stream; its status.
+
+    The source reports ``completed`` once it has sent its last byte; this
+    side is still loading device state and activating its images then
+    (longer with every disk), so it must be asked, not assumed, to be done.
+    """
+    deadline = time.monotonic() + timeout
+    with channel.listen("MIGRATION") as events:
+        while True:
+            status = (await query_migrate(channel)).status
+            if status not in LOADING or time.monotonic() > deadline:
+                return status
+            await events.next(0.05)
+
+
+async def resume(channel: Channel, *, nbd: bool) -> None:
+    """Switch-over done: stop exporting the disks (``nbd``) and run the guest."""
+    if nbd:
+        await channel.execute("nbd-server-stop")
+    await channel.execute("cont")
