@@ -33,6 +33,7 @@ from ferry.host.replication.primary import ReplicationService
 from ferry.host.replication.receiver import ReplicaStore
 from ferry.host.replication.server import ReplicaServer
 from ferry.host.vms.service import VmService
+from ferry.peer.client import PeerConnector
 from ferry.peer.server import PeerServer
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         tls = server_ssl_context(config.tls_dir)
         # The one peer server every service registers its endpoints with.
         peer_server = PeerServer()
+        # The one way this host's services reach other hosts (its certificate).
+        peers = PeerConnector(config.tls_dir)
         qemu_version = await asyncio.to_thread(facts.qemu_version, config.qemu_binary)
         accelerator = await facts.resolve_accelerator(config)
         vms = VmService(
@@ -81,8 +84,9 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         )
         await vms.reattach_all()
         jobs = JobRegistry(catalog)
-        migrations = MigrationService(vms, jobs)
+        migrations = MigrationService(vms, jobs, peers)
         await migrations.recover()
+        migrations.register(peer_server)
         exchange = ExchangeService(vms, jobs)
         exchange.recover()
         store = ReplicaStore(config, catalog, ReplicaServer(catalog, host=config.name))

@@ -54,6 +54,18 @@ def state_changes(env: LabEnv, index: int, uuid: str) -> list[tuple[str, str, st
 BOOTED = [("off", "starting", "start"), ("starting", "running", "started")]
 
 
+# Every phase of a move that copies its disks, in order (core.migration.NEXT).
+COPY_MOVE = ["queued", "preparing", "copying-disks", "copying-memory", "switching-over", "done"]
+
+
+def move_phases(env: LabEnv, name: str, host: str = "host-1") -> list[str]:
+    """The phases the VM's last move on ``host`` went through, in order (``job show``)."""
+    moves = [j for j in env.cli.json("job", "list", "--host", host)
+             if j["vm"] == name and j["kind"] == "move"]  # fmt: skip
+    job = env.cli.json("job", "show", moves[-1]["id"], "--host", host)
+    return list(job["phase_started"])
+
+
 def finish_on(env: LabEnv, name: str, host: str) -> Any:
     """Kill the VM where it runs and read its disk: every record there, none corrupt."""
     vm = env.vm(name)
@@ -72,6 +84,7 @@ def test_shared_storage_move_keeps_the_guest_counting(lab_env: LabEnv) -> None:
                         .stdout.strip().splitlines()[-1])  # fmt: skip
     assert result["result"] == "ok" and result["host"] == "host-2"
     assert result["storage"] == "shared"
+    assert move_phases(lab_env, "roamer") == [p for p in COPY_MOVE if p != "copying-disks"]
     assert result["total_s"] > 0 and result["downtime_ms"] >= 0
     moved = lab_env.vm("roamer")
     assert moved["uuid"] == vm["uuid"] and moved["config_version"] == vm["config_version"]
@@ -104,6 +117,7 @@ def test_shared_nothing_move_there_and_back(lab_env: LabEnv) -> None:
     assert there["host"] == "host-2" and there["uuid"] == vm["uuid"]
     assert Path(there["disks"][0]["path"]).is_relative_to(data_dir(lab_env, 2))
     assert not Path(vm["disks"][0]["path"]).exists()  # the source copy is gone
+    assert move_phases(lab_env, "nomad") == COPY_MOVE
     assert_clean(lab_env, 1, vm["uuid"])
     text = lab_env.wait_console("nomad", lambda t: len(seqs(t)) >= 2)
     assert not UP.search(text) and seqs(text)[0] > last_on_source

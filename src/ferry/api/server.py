@@ -212,12 +212,6 @@ class AgentApi:
                 web.get("/v1/peer/replicas/{uuid}/hashes", self.peer_hashes),
                 web.get("/v1/peer/hello", self.peer_hello),
                 web.get("/v1/peer/replica-server/admission", self.peer_admission),
-                web.post("/v1/peer/migrations", self.peer_prepare),
-                web.put("/v1/peer/migrations/{id}/files/{file}", self.peer_file),
-                web.post("/v1/peer/migrations/{id}/launch", self.peer_launch),
-                web.post("/v1/peer/migrations/{id}/finish", self.peer_finish),
-                web.post("/v1/peer/migrations/{id}/abort", self.peer_abort),
-                web.get("/v1/peer/migrations/{id}", self.peer_status),
             ]
         )
         # Peer endpoints that services registered with the typed peer layer.
@@ -394,30 +388,6 @@ class AgentApi:
     async def remove_volume(self, request: web.Request) -> web.Response:
         self.vms.catalog.remove_volume(request.match_info["name"])
         return _json(self.vms.catalog.volumes())
-
-    async def peer_prepare(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        return _json(await self.migrations.prepare(request["caller"], body), status=201)
-
-    async def peer_file(self, request: web.Request) -> web.Response:
-        info = request.match_info
-        reply = await self.migrations.receive_file(
-            request["caller"], info["id"], info["file"], request
-        )
-        return _json(reply)
-
-    async def peer_launch(self, request: web.Request) -> web.Response:
-        return _json(await self.migrations.launch(request["caller"], request.match_info["id"]))
-
-    async def peer_finish(self, request: web.Request) -> web.Response:
-        return _json(await self.migrations.finish(request["caller"], request.match_info["id"]))
-
-    async def peer_abort(self, request: web.Request) -> web.Response:
-        return _json(await self.migrations.abort(request["caller"], request.match_info["id"]))
-
-    async def peer_status(self, request: web.Request) -> web.Response:
-        caller = request["caller"]
-        return _json(self.migrations.incoming_status(caller, request.match_info["id"]))
 
     async def replica_settings(self, request: web.Request) -> web.Response:
         return _json(self.replica_server.settings())

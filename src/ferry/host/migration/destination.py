@@ -1,0 +1,247 @@
+"""The incoming side of a move: the destination answering the source's peer calls.
+
+The source host prepares a move (``POST /v1/peer/migrations``, only with a
+host certificate; the wire format is :mod:`ferry.peer.migration`), which
+records an ``incoming`` job under the source's job id, the VM in the catalog
+as migrating and its empty disks for a copy. Every later call (files,
+launch, finish, abort, status) is answered only for the host that prepared
+that move. The source's certificate DN becomes QEMU's ``tls-authz``
+identity, so only that host's QEMU may feed the streams. The job's state
+changes only by :func:`ferry.core.migration.incoming_step`; an aborted move
+leaves no trace here (shared disks stay where they are).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from ferry.adapters import qemu_img
+from ferry.adapters.migration import MigrationStatus
+from ferry.adapters.migration import incoming as qemu_incoming
+from ferry.adapters.pki import CertInfo, Role, qemu_dn
+from ferry.core.migration import (
+    IncomingOp,
+    IncomingState,
+    Storage,
+    choose_storage,
+    incoming_ended,
+    incoming_step,
+)
+from ferry.core.spec import DiskSpec, check_resources
+from ferry.core.versions import check_host_runs
+from ferry.core.vmstate import VmOp, VmState
+from ferry.errors import AuthError, ConflictError, FerryError, InvalidInputError, MoveFailedError
+from ferry.host.jobs import Job, JobRegistry
+from ferry.host.migration.attempt import INCOMING, KERNEL_FILES
+from ferry.host.vms.service import VmService
+from ferry.peer import migration as wire
+from ferry.peer.routes import NoBody, Upload
+from ferry.peer.server import Call, PeerServer
+
+log = logging.getLogger(__name__)
+
+
+def _only_hosts(caller: CertInfo, params: dict[str, str]) -> None:
+    """Checked before the body is read: nobody else learns what it must hold."""
+    if caller.role is not Role.HOST:
+        raise AuthError("only a ferry host may send a VM here")
+
+
+class MoveDestination:
+    """The moves arriving on this host."""
+
+    def __init__(self, vms: VmService, jobs: JobRegistry) -> None:
+        self.vms = vms
+        self.jobs = jobs
+        self.config = vms.config
+
+    @property
+    def host(self) -> str:
+        return self.config.name
+
+    def register(self, server: PeerServer) -> None:
+        server.handle(wire.PREPARE, self.prepare, guard=_only_hosts)
+        server.handle(wire.FILE, self.receive_file)
+        server.handle(wire.LAUNCH, self.launch)
+        server.handle(wire.FINISH, self.finish)
+        server.handle(wire.ABORT, self.abort)
+        server.handle(wire.STATUS, self.status)
+
+    def is_incoming(self, uuid: str) -> bool:
+        """True while a VM is arriving here and still runs on its source."""
+        return any(job.kind == INCOMING and job.state == IncomingState.RECEIVING
+                   and job.vm_uuid == uuid for job in self.jobs.all())  # fmt: skip
+
+    def _incoming(self, job_id: str, caller: CertInfo) -> Job:
+        """The incoming job ``job_id``, if ``caller`` is the host that prepared it."""
+        job = self.jobs.get(job_id)
+        if job.kind != INCOMING or job.detail.get("source") != caller.common_name:
+            raise AuthError(f"job {job_id} is not an incoming move from {caller.common_name!r}")
+        return job
+
+    def _step(self, job: Job, op: IncomingOp, **detail: Any) -> None:
+        """The one writer of an incoming job's state, by the table in core."""
+        new = incoming_step(IncomingState(job.state), op, job=job.id)
+        self.jobs.update(job, new.value, **detail)
+
+    @staticmethod
+    def _outcome(job: Job) -> wire.IncomingOutcome:
+        return wire.IncomingOutcome(state=IncomingState(job.state), error=job.detail.get("error"))
+
+    # -- the source's calls, in order ---------------------------------------------
+
+    async def prepare(self, call: Call[wire.PrepareRequest]) -> wire.PrepareReply:
+        caller, request = call.caller, call.body
+        spec = request.spec
+        check_host_runs(spec.config_version, self.config.functional_level,
+                        host=self.host, vm=spec.name)  # fmt: skip
+        check_resources(spec.memory, spec.cpus, host_memory=self.vms.host_memory,
+                        host_cpus=self.vms.host_cpus)  # fmt: skip
+        if self.vms.catalog.find(spec.name) or self.vms.catalog.find(spec.uuid):
+            raise ConflictError(f"host {self.host!r} already has a VM named {spec.name!r}")
+        receiving = [j for j in self.jobs.all()
+                     if j.kind == INCOMING and j.state == IncomingState.RECEIVING]  # fmt: skip
+        if len(receiving) >= self.config.max_live_migrations:
+            raise ConflictError(f"host {self.host!r} is receiving {len(receiving)} VMs already")
+
+        volumes = self.vms.catalog.volumes()
+        shared_paths: list[str] = []
+        for location in request.disk_volumes:
+            if location is None or location[0] not in volumes:
+                break
+            path = Path(volumes[location[0]]) / location[1]
+            if not path.is_file():
+                break
+            shared_paths.append(str(path))
+        visible = bool(spec.disks) and len(shared_paths) == len(spec.disks)
+        storage = choose_storage(request.storage, visible=visible, vm=spec.name, host=self.host)
+
+        job = self.jobs.adopt(request.job_id, INCOMING, spec.uuid, spec.name,
+                              IncomingState.RECEIVING.value, source=caller.common_name,
+                              source_dn=qemu_dn(caller), storage=storage.value)  # fmt: skip
+        vm_dir = self.vms.vm_dir(spec.uuid)
+        try:
+            vm_dir.mkdir(parents=True, exist_ok=True)
+            disks = []
+            for index, disk in enumerate(spec.disks):
+                if storage is Storage.SHARED:
+                    disks.append(disk.model_copy(update={"path": shared_paths[index]}))
+                else:
+                    path = vm_dir / f"disk{index}.qcow2"
+                    await qemu_img.create(path, disk.size, qemu_img=self.config.qemu_img)
+                    disks.append(DiskSpec(path=str(path), size=disk.size, format="qcow2"))
+            local = spec.model_copy(update={
+                "disks": tuple(disks),
+                "kernel": str(vm_dir / "kernel") if spec.kernel else None,
+                "initrd": str(vm_dir / "initrd") if spec.initrd else None,
+            })  # fmt: skip
+            self.vms.catalog.add_vm(local, VmState.MIGRATING)
+        except BaseException as exc:
+            await self.abort_incoming(job, f"prepare failed: {exc}")
+            raise
+        return wire.PrepareReply(storage=storage)
+
+    async def receive_file(self, call: Call[Upload]) -> wire.FileReceived:
+        job = self._incoming(call.params["id"], call.caller)
+        name = call.params["file"]
+        if name not in KERNEL_FILES:
+            raise InvalidInputError(f"unknown VM file {name!r}")
+        incoming_step(IncomingState(job.state), IncomingOp.RECEIVE_FILE, job=job.id)
+        await _write(self.vms.vm_dir(job.vm_uuid) / name, call.stream)
+        return wire.FileReceived(received=name)
+
+    async def launch(self, call: Call[NoBody]) -> wire.LaunchReply:
+        job = self._incoming(call.params["id"], call.caller)
+        incoming_step(IncomingState(job.state), IncomingOp.LAUNCH, job=job.id)
+        record = self.vms.get(job.vm_uuid)
+        tls = not self.config.insecure_migration
+        copy = job.detail["storage"] == Storage.COPY
+        try:
+            self.vms.exit_hooks[record.uuid] = lambda: self._qemu_exited(job)
+            await self.vms.launch_incoming(record)
+            endpoints = await qemu_incoming.receive(
+                self.vms.channel(record),
+                tag=job.id,
+                address=self.config.address[0],
+                tls_dir=self.config.tls_dir if tls else None,
+                source_dn=job.detail["source_dn"],
+                disks=len(record.spec.disks) if copy else 0,
+            )
+        except BaseException as exc:
+            await self.abort_incoming(job, f"launch failed: {exc}")
+            raise
+        nbd = None
+        if endpoints.nbd is not None:
+            nbd = wire.NbdEndpoint(host=endpoints.nbd[0], port=endpoints.nbd[1])
+        return wire.LaunchReply(uri=endpoints.uri, nbd=nbd, tls=tls)
+
+    async def finish(self, call: Call[NoBody]) -> wire.IncomingOutcome:
+        """Switch-over: resume here. Idempotent: a repeated call reports the outcome."""
+        job = self._incoming(call.params["id"], call.caller)
+        if incoming_ended(IncomingState(job.state)):
+            return self._outcome(job)
+        record = self.vms.get(job.vm_uuid)
+        async with self.vms.lock(record.uuid):
+            try:
+                channel = self.vms.channel(record)
+                status = await qemu_incoming.settled(channel)
+                if status is not MigrationStatus.COMPLETED:
+                    raise MoveFailedError(f"the incoming migration is {status}, not completed")
+                self.vms.exit_hooks.pop(record.uuid, None)
+                copied = job.detail["storage"] == Storage.COPY and bool(record.spec.disks)
+                await qemu_incoming.resume(channel, nbd=copied)
+                self.vms.apply(record, VmOp.ARRIVED)
+            except FerryError as exc:
+                words = self.vms.last_words(record.uuid)
+                reason = f"{exc} (QEMU said: {words})" if words else str(exc)
+                await self.abort_incoming(job, reason)
+                return wire.IncomingOutcome(state=IncomingState(job.state), error=reason)
+            self._step(job, IncomingOp.RESUME)
+        log.getChild(record.name).info("arrived from %s; running here", job.detail["source"])
+        return wire.IncomingOutcome(state=IncomingState(job.state))
+
+    async def status(self, call: Call[NoBody]) -> wire.IncomingOutcome:
+        return self._outcome(self._incoming(call.params["id"], call.caller))
+
+    async def abort(self, call: Call[NoBody]) -> wire.IncomingOutcome:
+        job = self._incoming(call.params["id"], call.caller)
+        await self.abort_incoming(job, "the source called the move off")
+        return wire.IncomingOutcome(state=IncomingState(job.state))
+
+    # -- endings --------------------------------------------------------------------
+
+    async def _qemu_exited(self, job: Job) -> None:
+        words = self.vms.last_words(job.vm_uuid)
+        reason = "the incoming QEMU exited"
+        await self.abort_incoming(job, f"{reason}: {words}" if words else
+                                  f"{reason} (the stream broke or was refused)")  # fmt: skip
+
+    def resumed(self, job: Job) -> None:
+        """The VM was found running here after a restart: the move arrived."""
+        self._step(job, IncomingOp.RESUME)
+        # Re-attaching saw it running already; this only confirms what QEMU says.
+        self.vms.apply(job.vm_uuid, VmOp.OBSERVED_RUNNING)
+
+    async def abort_incoming(self, job: Job, reason: str) -> None:
+        """Remove every trace of a VM that did not arrive (shared disks stay)."""
+        if incoming_ended(IncomingState(job.state)):
+            return
+        self._step(job, IncomingOp.ABORT, error=reason)
+        record = self.vms.catalog.find(job.vm_uuid)
+        shared = job.detail.get("storage") == Storage.SHARED
+        if record is not None:
+            await self.vms.forget(record, keep_disks=shared)
+        else:
+            await asyncio.to_thread(shutil.rmtree, self.vms.vm_dir(job.vm_uuid), True)
+        log.getChild(job.vm_name).warning("incoming move %s aborted: %s", job.id, reason)
+
+
+async def _write(target: Path, chunks: AsyncIterator[bytes]) -> None:
+    with target.open("wb") as out:
+        async for chunk in chunks:
+            out.write(chunk)

@@ -1,0 +1,80 @@
+"""After an agent restart: finish or undo every move that was under way.
+
+A move's job row is written before each phase, so a restarted agent knows
+where each move stood; QEMU, which kept running, says the rest. On the
+destination, a VM found running arrived (it resumed just before the agent
+stopped); anything else is aborted. On the source, a stream QEMU reports
+``completed`` may have arrived: only the destination's word that it runs the
+VM ends the move as done, otherwise the move is undone and the VM runs here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from ferry.adapters.migration import MigrationStatus, OutgoingMigration
+from ferry.core.migration import IncomingState, Phase, Storage, is_final
+from ferry.core.vmstate import QemuStatus
+from ferry.errors import FerryError
+from ferry.host.jobs import Job
+from ferry.host.migration.attempt import INCOMING, MOVE, MoveAttempt
+from ferry.host.migration.destination import MoveDestination
+from ferry.host.migration.source import MoveSource
+from ferry.peer.client import Timeout
+
+RESTARTED = "the agent restarted during the move"
+
+
+async def recover(source: MoveSource, destination: MoveDestination) -> None:
+    """Finish or undo every move that was under way when the agent stopped."""
+    for job in source.jobs.all():
+        if job.kind == INCOMING and job.state == IncomingState.RECEIVING:
+            await _recover_incoming(destination, job)
+        elif job.kind == MOVE and not is_final(Phase(job.state)):
+            await _recover_move(source, job)
+
+
+async def _recover_incoming(destination: MoveDestination, job: Job) -> None:
+    record = destination.vms.catalog.find(job.vm_uuid)
+    status: QemuStatus | None = None
+    if record is not None:
+        with contextlib.suppress(FerryError):
+            status = await destination.vms.channel(record).status()
+    if status is QemuStatus.RUNNING:  # resumed just before the agent stopped
+        destination.resumed(job)
+    else:
+        await destination.abort_incoming(job, RESTARTED)
+
+
+async def _recover_move(source: MoveSource, job: Job) -> None:
+    vms = source.vms
+    record = vms.catalog.find(job.vm_uuid)
+    if record is None:  # the VM was let go of: it resumed there
+        source.end(job, Phase.DONE if job.state == Phase.SWITCHING_OVER else Phase.FAILED)
+        return
+    attempt = MoveAttempt(job, started=time.monotonic(), record=record)
+    status: MigrationStatus | None = None
+    try:
+        attempt.qemu = OutgoingMigration(vms.channel(record), tag=job.id, target=attempt.target)
+        status = await attempt.qemu.rediscover(len(record.spec.disks))
+    except FerryError:
+        status = None
+    async with source.peers.connect(attempt.target, attempt.target_url,
+                                    timeout=Timeout.PROBE) as peer:  # fmt: skip
+        attempt.peer = peer
+        if status is MigrationStatus.COMPLETED:
+            outcome = IncomingState.ABORTED
+            with contextlib.suppress(FerryError):
+                outcome, _ = await source.outcome(job, peer, finish=False)
+            if outcome is IncomingState.DONE:
+                storage = Storage(job.detail["storage"])
+                await vms.forget(record, keep_disks=storage is Storage.SHARED)
+                source.end(job, Phase.DONE, result={"result": "ok", "host": attempt.target})
+                return
+        await source.undo(attempt, RESTARTED)
+    if Phase(job.state) is Phase.SWITCHING_OVER:
+        source.end(job, Phase.FAILED, error="the agent restarted during the switch-over; "
+                   f"the VM stays on {source.host}")  # fmt: skip
+    else:
+        source.end(job, Phase.FAILED, error=f"{RESTARTED}; the VM stays on {source.host}")

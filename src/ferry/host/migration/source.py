@@ -1,0 +1,384 @@
+"""The source's move job: the phases of moving a running VM to another host.
+
+The job walks :mod:`ferry.core.migration`'s phases (queued, preparing,
+copying-disks, copying-memory, switching-over, then done, failed or
+cancelled); each phase asks the destination over the peer protocol
+(:mod:`ferry.peer.migration`) or the source QEMU through the migration
+adapter (:mod:`ferry.adapters.migration`) to do its part. What it has done
+so far is a :class:`~ferry.host.migration.attempt.MoveAttempt`; any failure
+or cancellation before switch-over undoes exactly that, so the VM runs on
+here as before and the destination is told to clean up. At switch-over the
+destination resumes first; only then does the source let go of the VM, so
+there are never two running copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from ferry.adapters.catalog import VmRecord
+from ferry.adapters.migration import (
+    MigrationInfo,
+    MigrationStatus,
+    MirrorProgress,
+    OutgoingMigration,
+)
+from ferry.core import vmstate
+from ferry.core.migration import (
+    IncomingState,
+    Phase,
+    Storage,
+    advance,
+    cancellable,
+    is_final,
+    locate_on_volume,
+)
+from ferry.core.spec import VmSpec
+from ferry.core.vmstate import VmOp, VmState
+from ferry.errors import (
+    ConflictError,
+    ConnectionFailedError,
+    FerryError,
+    InvalidInputError,
+    MoveFailedError,
+    NotFoundError,
+    StateError,
+)
+from ferry.host.jobs import Job, JobRegistry
+from ferry.host.migration.attempt import KERNEL_FILES, MOVE, MoveAttempt
+from ferry.host.vms.service import VmService
+from ferry.peer import migration as wire
+from ferry.peer.client import Connector, PeerClient
+
+log = logging.getLogger(__name__)
+
+PEER_CHECK_S = 1.0  # how often a long copy asks whether the destination still receives
+PEER_GRACE_S = 4.0  # the destination agent may be silent this long mid-copy
+OUTCOME_WAIT_S = 60.0  # how long to learn the destination's fate after switch-over
+
+
+class MoveObserver(Protocol):
+    """What else must follow a VM that moves (its replication relationship)."""
+
+    async def hand_over(self, vm_uuid: str, host: str, url: str,
+                        thumbprint: str | None) -> None: ...  # fmt: skip
+
+
+class PeerWatch:
+    """Fails a long wait once the destination gave up or has been silent too long."""
+
+    def __init__(self, peer: PeerClient, job_id: str) -> None:
+        self.peer = peer
+        self.job_id = job_id
+        self.last_ok = time.monotonic()
+
+    async def check(self) -> None:
+        if time.monotonic() - self.last_ok < PEER_CHECK_S:
+            return
+        try:
+            async with asyncio.timeout(2):  # not wait_for: it may lose a cancel (3.11)
+                outcome = await self.peer.call(wire.STATUS, id=self.job_id)
+        except (FerryError, TimeoutError):
+            if time.monotonic() - self.last_ok > PEER_GRACE_S:
+                raise MoveFailedError(
+                    f"the agent of host {self.peer.name!r} stopped answering"
+                ) from None
+            return
+        if outcome.state is IncomingState.ABORTED:
+            raise MoveFailedError(f"host {self.peer.name!r} gave up receiving: {outcome.error}")
+        self.last_ok = time.monotonic()
+
+
+class MoveSource:
+    """The moves that leave this host."""
+
+    def __init__(self, vms: VmService, jobs: JobRegistry, peers: Connector) -> None:
+        self.vms = vms
+        self.jobs = jobs
+        self.peers = peers
+        self.config = vms.config
+        self.observer: MoveObserver | None = None
+        self._slots = asyncio.Semaphore(self.config.max_live_migrations)
+
+    @property
+    def host(self) -> str:
+        return self.config.name
+
+    def start_move(
+        self,
+        name: str,
+        *,
+        to: str,
+        to_url: str,
+        storage: Storage,
+        max_bandwidth: int | None,
+        downtime_limit_ms: int | None,
+    ) -> Job:
+        record = self.vms.get(name)
+        if to == self.host:
+            raise InvalidInputError(f"VM {name!r} already runs on host {to!r}")
+        if record.state is not VmState.RUNNING:
+            raise StateError(f"cannot move VM {name!r}: it is {record.state.value} "
+                             "(live migration moves running VMs)")  # fmt: skip
+        for job in self.jobs.all():
+            if job.vm_uuid == record.uuid and job.kind == MOVE and not is_final(Phase(job.state)):
+                raise ConflictError(f"VM {name!r} is already being moved (job {job.id})")
+        bandwidth = self.config.migration_max_bandwidth if max_bandwidth is None else max_bandwidth
+        job = self.jobs.create(
+            MOVE, record.uuid, record.name, Phase.QUEUED.value,
+            target=to, target_url=to_url, storage=storage.value, phase=Phase.QUEUED.value,
+            phase_started={Phase.QUEUED.value: time.time()},
+            max_bandwidth=bandwidth, downtime_limit_ms=downtime_limit_ms,
+            progress={}, result=None, error=None,
+        )  # fmt: skip
+        job.task = asyncio.create_task(self._run_move(job), name=f"move-{job.id}")
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job.kind != MOVE:
+            raise InvalidInputError(f"job {job_id} is the incoming side of a move; cancel it "
+                                    "on the source host")  # fmt: skip
+        phase = Phase(job.state)
+        if is_final(phase):
+            raise StateError(f"job {job_id} has already ended ({phase.value})")
+        if not cancellable(phase):
+            raise StateError(f"job {job_id} is {phase.value}: too late to cancel")
+        if job.task is not None:
+            job.task.cancel()
+        return job
+
+    # -- phases -----------------------------------------------------------------
+
+    def phase(self, job: Job, phase: Phase, **detail: Any) -> None:
+        """Enter ``phase`` (by the table of phases), noting when it began."""
+        new = advance(Phase(job.state), phase)
+        entered = dict(job.detail.get("phase_started") or {})
+        entered[new.value] = time.time()
+        self.jobs.update(job, new.value, phase=new.value, phase_started=entered, **detail)
+        log.getChild(job.vm_name).info("move %s: %s", job.id, new.value)
+
+    def end(self, job: Job, phase: Phase, *, error: str | None = None,
+            result: dict[str, Any] | None = None) -> None:  # fmt: skip
+        """Enter a final phase, unless the job has ended already."""
+        if is_final(Phase(job.state)):
+            return
+        self.phase(job, phase, error=error, result=result)
+
+    def _waiting(self, job: Job) -> Callable[[str | None], None]:
+        """Progress of a move queued behind another job on the VM's disks."""
+        return lambda why: self.jobs.update(job, progress={"waiting": why} if why else {})
+
+    async def _run_move(self, job: Job) -> None:
+        attempt = MoveAttempt(job, started=time.monotonic())
+        try:
+            waiting = self._waiting(job)
+            async with self._slots, self.vms.turns.turn(job.vm_uuid, "a move", waiting=waiting):
+                self.phase(job, Phase.PREPARING)
+                async with self.peers.connect(attempt.target, attempt.target_url) as peer:
+                    await self._move(attempt, peer)
+                    await self._moved(job, peer.thumbprint)
+        except asyncio.CancelledError:
+            if not attempt.finish_called:
+                await self.undo(attempt, "cancelled by the admin")
+            self.end(job, Phase.CANCELLED, error="cancelled; the VM runs on "
+                     f"{self.host} as before")  # fmt: skip
+            raise
+        except FerryError as exc:
+            if not attempt.finish_called:
+                await self.undo(attempt, str(exc))
+            self.end(job, Phase.FAILED, error=str(exc))
+        except Exception as exc:
+            log.exception("move %s failed unexpectedly", job.id)
+            if not attempt.finish_called:
+                await self.undo(attempt, str(exc))
+            self.end(job, Phase.FAILED, error=f"internal error: {type(exc).__name__}: {exc}")
+
+    async def _move(self, attempt: MoveAttempt, peer: PeerClient) -> None:
+        """From ``preparing`` on: one step per phase, the source QEMU heard throughout."""
+        job = attempt.job
+        record, storage, launched = await self._prepare(attempt, peer)
+        qemu = attempt.qemu = OutgoingMigration(self.vms.channel(record), tag=job.id,
+                                                target=attempt.target)  # fmt: skip
+        await qemu.configure(tls_dir=self.config.tls_dir if launched.tls else None,
+                             max_bandwidth=job.detail["max_bandwidth"],
+                             downtime_limit_ms=job.detail.get("downtime_limit_ms"))  # fmt: skip
+        with qemu.listening():
+            if storage is Storage.COPY and record.spec.disks:
+                await self._copy_disks(job, qemu, peer, launched.nbd, len(record.spec.disks))
+            await self._copy_memory(job, qemu, peer, launched.uri)
+            info, resume_ms = await self._switch_over(attempt, qemu, peer, record, storage)
+        total_s = round(time.monotonic() - attempt.started, 3)
+        entered = job.detail["phase_started"]
+        disk_s = (entered[Phase.COPYING_MEMORY] - entered[Phase.COPYING_DISKS]
+                  if Phase.COPYING_DISKS in entered else 0.0)  # fmt: skip
+        memory_s = time.time() - entered[Phase.COPYING_MEMORY]
+        self.end(job, Phase.DONE, result={"result": "ok", "host": attempt.target,
+                 "total_s": total_s, "downtime_ms": info.downtime_ms,
+                 "resume_ms": resume_ms,
+                 "storage": storage.value, "disk_copy_s": round(disk_s, 3),
+                 "memory_copy_s": round(memory_s, 3)})  # fmt: skip
+
+    async def _prepare(
+        self, attempt: MoveAttempt, peer: PeerClient
+    ) -> tuple[VmRecord, Storage, wire.LaunchReply]:
+        """``preparing``: the VM is migrating here; the destination waits for it."""
+        job = attempt.job
+        record = self.vms.get(job.vm_uuid)
+        self.vms.apply(record, VmOp.MIGRATE)
+        attempt.record = record
+        spec = record.spec
+        volumes = self.vms.catalog.volumes()
+        locations = [locate_on_volume(disk.path, volumes) for disk in spec.disks]
+        attempt.peer = peer  # from here on, a failure tells the destination to clean up
+        prepared = await peer.call(wire.PREPARE, wire.PrepareRequest(
+            job_id=job.id, spec=spec, storage=Storage(job.detail["storage"]),
+            disk_volumes=locations))  # fmt: skip
+        storage = attempt.storage = prepared.storage
+        self.jobs.update(job, storage=storage.value)
+        await self._send_files(peer, job.id, spec)
+        launched = await peer.call(wire.LAUNCH, id=job.id)
+        if not launched.tls and not self.config.insecure_migration:
+            raise MoveFailedError(
+                f"host {peer.name!r} offers only plain TCP for the memory and disk streams; "
+                "set insecure_migration on both hosts (trusted networks only) or on neither"
+            )
+        return record, storage, launched
+
+    async def _copy_disks(self, job: Job, qemu: OutgoingMigration, peer: PeerClient,
+                          nbd: wire.NbdEndpoint | None, disks: int) -> None:  # fmt: skip
+        """``copying-disks``: mirror every disk into the destination's exports until ready."""
+        self.phase(job, Phase.COPYING_DISKS)
+        if nbd is None:
+            raise MoveFailedError(f"host {peer.name!r} offers no NBD export for the disks")
+        await qemu.mirror_disks(disks, (nbd.host, nbd.port), speed=job.detail["max_bandwidth"])
+        await qemu.wait_mirrors_ready(self._disk_progress(job), PeerWatch(peer, job.id).check)
+
+    async def _copy_memory(
+        self, job: Job, qemu: OutgoingMigration, peer: PeerClient, uri: str
+    ) -> None:
+        """``copying-memory``: stream the memory until QEMU pauses before switching over."""
+        self.phase(job, Phase.COPYING_MEMORY)
+        await qemu.migrate(uri)
+        await qemu.wait_for(MigrationStatus.PRE_SWITCHOVER, self._memory_progress(job),
+                            PeerWatch(peer, job.id).check)  # fmt: skip
+
+    async def _switch_over(self, attempt: MoveAttempt, qemu: OutgoingMigration,
+                           peer: PeerClient, record: VmRecord,
+                           storage: Storage) -> tuple[MigrationInfo, int]:  # fmt: skip
+        """``switching-over``: the last pages, then the destination resumes; never two copies.
+
+        The point of no return: the source is paused with its last pages
+        unsent. Only once the destination says it runs the VM does the source
+        let go of it. Returns the stream's last state and how long after QEMU
+        completed the guest ran again (ms).
+        """
+        job = attempt.job
+        self.phase(job, Phase.SWITCHING_OVER)
+        info = await qemu.switch_over(self._memory_progress(job))
+        completed = time.monotonic()
+        attempt.finish_called = True
+        outcome, why = await self.outcome(job, peer, finish=True)
+        if outcome is not IncomingState.DONE:  # the destination does not run it: take it back
+            await self.undo(attempt, f"destination could not resume: {why}")
+            raise MoveFailedError(f"host {peer.name!r} could not resume the VM ({why}); it "
+                                  f"runs on {self.host} again")  # fmt: skip
+        attempt.resumed_at = time.monotonic()
+        await self.vms.forget(record, keep_disks=storage is Storage.SHARED)
+        # QEMU's downtime ends when the source sent its last page; the guest
+        # runs again once the destination resumed, this much later.
+        return info, round((attempt.resumed_at - completed) * 1000)
+
+    async def _send_files(self, peer: PeerClient, job_id: str, spec: VmSpec) -> None:
+        """The kernel and initrd a VM boots from travel ahead of it."""
+        for name in KERNEL_FILES:
+            path = getattr(spec, name)
+            if path:
+                data = await asyncio.to_thread(Path(path).read_bytes)
+                await peer.call(wire.FILE, data=data, id=job_id, file=name)
+
+    def _disk_progress(self, job: Job) -> Callable[[MirrorProgress], None]:
+        def report(copied: MirrorProgress) -> None:
+            self.jobs.update(job, progress={"disk_bytes": copied.done,
+                                            "disk_total": copied.total})  # fmt: skip
+
+        return report
+
+    def _memory_progress(self, job: Job) -> Callable[[MigrationInfo], None]:
+        def report(info: MigrationInfo) -> None:
+            progress = dict(job.detail.get("progress") or {})
+            progress.update({
+                "status": info.status.value, "ram_bytes": info.ram_transferred,
+                "ram_remaining": info.ram_remaining, "ram_total": info.ram_total,
+                "mbps": info.mbps, "dirty_pages_rate": info.dirty_pages_rate,
+                "expected_downtime_ms": info.expected_downtime_ms,
+            })  # fmt: skip
+            self.jobs.update(job, progress=progress)
+
+        return report
+
+    async def _moved(self, job: Job, thumbprint: str | None) -> None:
+        """Tell the observer (replication) that the VM now runs on the target."""
+        if self.observer is None or job.state != Phase.DONE:
+            return
+        try:
+            await self.observer.hand_over(job.vm_uuid, job.detail["target"],
+                                          job.detail["target_url"], thumbprint)  # fmt: skip
+        except FerryError as exc:
+            log.error("move %s: VM %s moved, but its replication was not handed over: %s",
+                      job.id, job.vm_name, exc)  # fmt: skip
+
+    # -- the destination's word, and undo --------------------------------------
+
+    async def outcome(
+        self, job: Job, peer: PeerClient, *, finish: bool
+    ) -> tuple[IncomingState, str | None]:
+        """Ask (and retry) until the destination says done or aborted, and why."""
+        deadline = time.monotonic() + OUTCOME_WAIT_S
+        while True:
+            try:
+                route = wire.FINISH if finish else wire.STATUS
+                reply = await peer.call(route, id=job.id)
+                if reply.state in (IncomingState.DONE, IncomingState.ABORTED):
+                    return reply.state, reply.error
+            except ConnectionFailedError:
+                finish = False  # we cannot know whether it resumed: ask, do not repeat
+            except NotFoundError:
+                return IncomingState.ABORTED, "the destination has no such move"
+            except FerryError as exc:
+                log.warning("move %s: destination says %s", job.id, exc)
+                finish = False
+            if time.monotonic() > deadline:
+                raise MoveFailedError(
+                    f"cannot learn whether host {peer.name!r} resumed VM {job.vm_name!r}; "
+                    f"it stays paused on {self.host} so it never runs twice: check host "
+                    f"{peer.name!r}, then 'ferry vm kill' the copy that must not run"
+                )
+            await asyncio.sleep(1)
+
+    async def undo(self, attempt: MoveAttempt, reason: str) -> None:
+        """Before switch-over: keep the VM running here, clean the destination."""
+        record = attempt.record
+        if record is None:
+            return
+        job = attempt.job
+        log.getChild(record.name).warning("move %s undone: %s", job.id, reason)
+        with contextlib.suppress(FerryError):
+            qemu = attempt.qemu or OutgoingMigration(self.vms.channel(record), tag=job.id,
+                                                     target=attempt.target)  # fmt: skip
+            status = await qemu.undo()
+            self.vms.apply(record, vmstate.confirmed(VmOp.MIGRATE_ABORTED, status))
+        peer = attempt.peer
+        if peer is not None:
+            try:
+                async with asyncio.timeout(10):
+                    await peer.call(wire.ABORT, id=job.id)
+            except (FerryError, TimeoutError) as exc:
+                # It cleans itself when its agent is back (see recover()).
+                log.warning("move %s: could not tell %s to clean up: %s", job.id, peer.name, exc)
