@@ -7,6 +7,7 @@ planned failover loses none.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -52,9 +53,25 @@ def vm(lab_env: LabEnv, servers: Path, request: pytest.FixtureRequest) -> Iterat
 
 def final(cli: Any, *args: str) -> Any:
     """A job-following command's result: the last of its JSON lines (events come first)."""
+    return followed(cli, *args)[0]
+
+
+def followed(cli: Any, *args: str) -> tuple[Any, str]:
+    """A job-following command's result and its job's id (the events name it)."""
     lines = cli(*args, "--json").stdout.splitlines()
     assert all(json.loads(line).get("event") == "progress" for line in lines[:-1]), lines
-    return json.loads(lines[-1])
+    return json.loads(lines[-1]), json.loads(lines[0])["id"]
+
+
+def history(cli: Any, job_id: str, host: str) -> list[tuple[str, str]]:
+    """(state, phase) of every step of the job, as 'ferry job show --json' records them."""
+    job = cli.json("job", "show", job_id, "--host", host)
+    return [(step["state"], step["phase"]) for step in job["history"]]
+
+
+def walked(*phases: str) -> list[tuple[str, str]]:
+    """The history of a failover job that ran through ``phases`` and ended done."""
+    return [*(("running", phase) for phase in phases), ("done", "done")]
 
 
 def console(lab_env: LabEnv, name: str, host: str) -> str:
@@ -98,8 +115,10 @@ def test_test_failover_boots_a_point_while_replication_goes_on(
     point, uuid, latest = fresh_point(lab_env, servers, vm)
     on_point = read_records(latest).last_seq
 
-    started = final(cli, "failover", "test", vm)
+    started, job_id = followed(cli, "failover", "test", vm)
     assert started["test_vm"] == f"{vm}-test" and started["point"] == point
+    assert history(cli, job_id, "host-2") == walked("starting", "creating-overlays",
+                                                    "starting-vm")  # fmt: skip
     test_vm = lab_env.vm(f"{vm}-test", "host-2")
     assert test_vm["state"] == "running" and test_vm["uuid"] != uuid
     text = lab_env.wait_console(f"{vm}-test", lambda t: UP.search(t) is not None, host="host-2")
@@ -114,8 +133,9 @@ def test_test_failover_boots_a_point_while_replication_goes_on(
     assert ids == [point - 1, point, point + 1, point + 2, point + 3]  # nothing merged
     more_records(lab_env, f"{vm}-test", "host-2")  # the test VM writes on its own overlay
 
-    stopped = final(cli, "failover", "stop-test", vm)
+    stopped, job_id = followed(cli, "failover", "stop-test", vm)
     assert stopped["stopped"]
+    assert history(cli, job_id, "host-2") == walked("starting", "deleting-vm", "merging")
     assert "no VM named" in cli.fails("vm", "show", f"{vm}-test", "--host", "host-2")
     assert not list((servers / "host-2" / uuid).glob("test-*"))
     # The merges that waited ran: 1 kept + the latest.
@@ -132,6 +152,9 @@ def test_planned_failover_loses_nothing_and_replication_flows_back(
     out = cli("failover", "planned", vm, "--json").stdout
     result = json.loads(out.splitlines()[-1])
     assert result["host"] == "host-2"
+    planned = json.loads(out.splitlines()[0])["id"]
+    assert history(cli, planned, "host-1") == walked("checking", "shutting-down", "final-cycle",
+                                                     "starting-on-replica")  # fmt: skip
     last_written = seqs(console(lab_env, vm, "host-1"))[-1]  # the old run, up to its shutdown
 
     assert lab_env.vm(vm, "host-2")["state"] == "running"
@@ -177,6 +200,55 @@ def test_planned_failover_is_refused_when_replication_could_not_flow_back(
         lab_env.restart_agent(1, functional_level=3)
 
 
+def test_job_cancel_routes_by_kind(lab_env: LabEnv, servers: Path, vm: str) -> None:
+    """A planned failover cancelled before it asks the replica; a replication job refuses."""
+    cli = lab_env.cli
+    sync(lab_env, vm)
+    (copy,) = [j for j in cli.json("job", "list", "--host", "host-1")
+               if j["vm"] == vm and j["kind"] == "replication-initial"]  # fmt: skip
+    line = cli.fails("job", "cancel", copy["id"])
+    assert "cannot be cancelled" in line and f"'ferry replication pause {vm}'" in line
+
+    job = cancel_planned_while_it_shuts_down(lab_env, vm)
+    assert job["state"] == "cancelled", job
+    steps = history(cli, job["id"], "host-1")
+    assert steps[-2][0] == "cancelling" and steps[-1] == ("cancelled", "cancelled"), steps
+    assert ("running", "starting-on-replica") not in steps  # the replica was never asked
+    # The VM runs on host-1 again, host-2 keeps the replica, replication goes on.
+    assert lab_env.vm(vm, "host-1")["state"] == "running"
+    assert lab_env.vm(vm, "host-2")["state"] == "replica"
+    assert cli.json("replication", "status", vm, "--host", "host-1")["role"] == "primary"
+    assert sync(lab_env, vm)["result"] == "ok"
+    assert "has already ended" in cli.fails("job", "cancel", job["id"])
+
+
+def cancel_planned_while_it_shuts_down(lab_env: LabEnv, name: str) -> dict[str, Any]:
+    """Start a planned failover (not followed), cancel it once it shuts the VM down."""
+    from ferry.client.fleet import Fleet
+    from ferry.client.settings import load_settings
+
+    async def run() -> dict[str, Any]:
+        async with Fleet(load_settings(lab_env.home)) as fleet:
+            client = fleet.client("host-1")
+            job: dict[str, Any] = await client.post(f"/v1/vms/{name}/failover/planned", {})
+            path = f"/v1/jobs/{job['id']}"
+            for _ in range(3000):
+                if job["phase"] in ("shutting-down", "final-cycle") or job["state"] != "running":
+                    break
+                await asyncio.sleep(0.02)
+                job = await client.get(path)
+            assert job["state"] == "running", job
+            await client.post(f"{path}/cancel")
+            for _ in range(3000):
+                job = await client.get(path)
+                if job["state"] in ("done", "failed", "cancelled"):
+                    return job
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"the cancelled job never ended: {job}")
+
+    return asyncio.run(run())
+
+
 def wait_for(get: Any, done: Any, timeout: float = 60) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -209,8 +281,10 @@ def test_unplanned_failover_cancel_complete_and_reverse(
     hidden = lost.with_name(lost.name + ".lost")
     lost.rename(hidden)
     try:
-        started = final(cli, "failover", "start", vm)
+        started, job_id = followed(cli, "failover", "start", vm)
         assert started["point"] == second and started["host"] == "host-2"
+        phases = ("starting", "checking-primary", "creating-overlays", "starting-vm")
+        assert history(cli, job_id, "host-2") == walked(*phases)
         uuid = lab_env.vm(vm, "host-2")["uuid"]
         text = lab_env.wait_console(vm, lambda t: UP.search(t) is not None, host="host-2")
         (point_file,) = [f for f in point_files(servers, "host-2", uuid)

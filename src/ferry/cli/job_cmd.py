@@ -1,4 +1,4 @@
-"""``ferry job ...``: long operations (moves) on every known host."""
+"""``ferry job ...``: long operations (moves, exports, failovers, copies) on every known host."""
 
 from __future__ import annotations
 
@@ -58,14 +58,14 @@ def show_job(job_id: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -
 
 @app.command("cancel")
 def cancel_job(job_id: str, host: str | None = HostOpt) -> None:
-    """Cancel a job; a move cancelled before switch-over leaves the VM where it was."""
+    """Cancel a job; what that means depends on its kind, and the agent says.
+
+    A move cancelled before switch-over leaves the VM where it was; a test,
+    unplanned or planned failover stops at its next phase and is undone.
+    """
 
     async def run(fleet: Fleet) -> dict[str, Any]:
-        where, job = await _find(fleet, job_id, host)
-        if job["kind"] != "move":
-            where = job.get("source", where)
-            raise FerryError(f"job {job_id} is the incoming side of a move: cancel the "
-                             f"move's job on host {where}")  # fmt: skip
+        where, _ = await _find(fleet, job_id, host)
         result: dict[str, Any] = await fleet.client(where).post(f"/v1/jobs/{job_id}/cancel")
         return result
 
