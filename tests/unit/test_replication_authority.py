@@ -69,6 +69,10 @@ OTHER_UUID = "6b1f2a6e-0000-4000-8000-000000000002"
         (Caller("host-3", "c" * 64),
          [ArrivedMove(UUID, "host-3", 20.0), ArrivedMove(UUID, "host-1", 10.0)], None),
         (ADMIN, [], None),
+        # The move recorded its source's certificate: the name alone is not enough.
+        (Caller("host-1", PRIMARY_TP), [ArrivedMove(UUID, "host-1", 10.0, PRIMARY_TP)], None),
+        (IMPOSTOR, [ArrivedMove(UUID, "host-1", 10.0, PRIMARY_TP)],
+         "not the one the move came with"),
     ],
 )  # fmt: skip
 def test_a_takeover_comes_only_from_the_host_the_vm_just_left(

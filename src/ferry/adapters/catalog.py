@@ -421,6 +421,17 @@ class Catalog:
                 (vm_uuid, cycle.started - keep_s),
             )
 
+    @_sql("replace a VM's replication cycles")
+    def replace_cycles(self, vm_uuid: str, cycles: list[CycleRecord]) -> None:
+        """The VM's whole cycle history is ``cycles`` (it moved here with it)."""
+        with self._transaction():
+            self._db.execute("DELETE FROM cycles WHERE vm_uuid = ?", (vm_uuid,))
+            self._db.executemany(
+                "INSERT INTO cycles (vm_uuid, started, kind, bytes, duration_s) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(vm_uuid, c.started, c.kind, c.bytes, c.duration_s) for c in cycles],
+            )
+
     @_sql("list replication cycles")
     def cycles(self, vm_uuid: str) -> list[CycleRecord]:
         rows = self._db.execute(

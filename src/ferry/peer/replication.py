@@ -15,7 +15,7 @@ receiving side then authorises the caller *for the object* (see
     PUT    /v1/peer/replicas/{uuid}/files/{kernel|initrd}  raw bytes -> FileReceived
     GET    /v1/peer/replicas/{uuid}/hashes?block_size=N -> BlockHashes
     POST   /v1/peer/replicas/{uuid}/move  ReplicaMoveRequest -> ReplicaMoved
-    POST   /v1/peer/replications  Relationship -> PrimaryStatus (201)
+    POST   /v1/peer/replications  Takeover -> PrimaryStatus (201)
 
 Who may call what:
 
@@ -36,10 +36,11 @@ the latest point, one list per disk.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, RootModel
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from ferry.core.relationship import InitialMethod, Relationship
 from ferry.core.replica_server import Admission
+from ferry.core.replication import CycleRecord
 from ferry.core.spec import VmSpec
 from ferry.peer.routes import NoBody, Route, Upload
 
@@ -145,6 +146,16 @@ class ReplicaMoved(_Model):
     bytes: int
 
 
+class Takeover(Relationship):
+    """The relationship as the old primary kept it, with its cycle history.
+
+    The history travels so that status, health and statistics carry on
+    across the move.
+    """
+
+    cycles: list[CycleRecord] = Field(default_factory=list)
+
+
 class PrimaryStatus(BaseModel):
     """``replication status`` of the new primary; only these fields are read."""
 
@@ -165,5 +176,5 @@ POINT = Route("PUT", "/v1/peer/replicas/{uuid}/points/{id}", Upload, PointLinked
 POINTS = Route("GET", "/v1/peer/replicas/{uuid}/points", NoBody, PointList)
 FILE = Route("PUT", "/v1/peer/replicas/{uuid}/files/{kind}", Upload, FileReceived)
 HASHES = Route("GET", "/v1/peer/replicas/{uuid}/hashes", NoBody, BlockHashes)
-MOVE = Route("POST", "/v1/peer/replicas/{uuid}/move", ReplicaMoveRequest, ReplicaMoved)
-TAKE_OVER = Route("POST", "/v1/peer/replications", Relationship, PrimaryStatus, status=201)
+MOVE_REPLICA = Route("POST", "/v1/peer/replicas/{uuid}/move", ReplicaMoveRequest, ReplicaMoved)
+TAKE_OVER = Route("POST", "/v1/peer/replications", Takeover, PrimaryStatus, status=201)

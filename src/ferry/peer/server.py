@@ -12,6 +12,7 @@ as a real request, JSON included.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -60,6 +61,10 @@ Handler = Callable[[Call[Any]], Awaitable[BaseModel]]
 # Refuses a caller (AuthError) from its certificate and the path parameters,
 # before the body is read or validated.
 Guard = Callable[[CertInfo, dict[str, str]], None]
+
+
+def _compact_json(payload: Any) -> str:
+    return json.dumps(payload, separators=(",", ":"))
 
 
 def error_payload(exc: FerryError) -> dict[str, Any]:
@@ -147,6 +152,7 @@ class PeerServer:
                 body=b"" if streams else await request.read(),
                 stream=upload if streams else None,
             )
-            return web.json_response(payload, status=status)
+            # Compact, as pydantic writes JSON: the bytes match the admin API's.
+            return web.json_response(payload, status=status, dumps=_compact_json)
 
         return [web.route(route.method, route.path, serve) for route in self._table.routes]

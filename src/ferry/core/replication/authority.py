@@ -12,7 +12,8 @@ each the receiving host knows exactly one partner it takes orders from:
 * on the host a VM has just moved to, the **source of that move**: the
   takeover of the relationship (the old primary hands it over) is accepted
   only from the host named as source by this host's last finished incoming
-  move of the VM.
+  move of the VM (and by its certificate thumbprint, where the move
+  recorded one).
 
 An admin certificate may call every endpoint (it may do anything on the host
 anyway). A refusal is an :class:`~ferry.errors.AuthError` (403) raised before
@@ -44,6 +45,7 @@ class ArrivedMove:
     vm_uuid: str
     source: str  # the host the VM came from
     finished: float  # Unix time the move ended
+    thumbprint: str = ""  # the source's certificate, if the move recorded it
 
 
 def check_partner(caller: Caller, *, vm: str, partner: str, thumbprint: str,
@@ -71,3 +73,8 @@ def check_takeover(caller: Caller, *, vm_uuid: str, vm: str, here: str,
     if source != caller.name:
         raise AuthError(f"host {caller.name!r} may not hand replication of VM {vm!r} over to "
                         f"{here!r}: the VM last arrived here from {source!r}")  # fmt: skip
+    pinned = moves[-1].thumbprint
+    if pinned and caller.thumbprint != pinned:
+        raise AuthError(f"host {caller.name!r} may not hand replication of VM {vm!r} over to "
+                        f"{here!r}: its certificate is not the one the move came with "
+                        f"({pinned[:16]}...)")  # fmt: skip

@@ -26,18 +26,14 @@ import contextlib
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
 from ferry.adapters import block_hashes
 from ferry.adapters.catalog import Catalog, VmRecord
 from ferry.adapters.cbt import ChangedBlockTracker
-from ferry.adapters.point_transfer import encode_point
-from ferry.client.agent_client import AgentClient, ThumbprintMismatchError
 from ferry.core import replication as rules
-from ferry.core.rate import TokenBucket
 from ferry.core.relationship import (
     CycleInFlight,
     CycleMode,
@@ -49,7 +45,6 @@ from ferry.core.relationship import (
     settle_in_flight,
 )
 from ferry.core.replication import CycleKind, CycleRecord, ReplicationOp, ReplicationState
-from ferry.core.spec import VmSpec
 from ferry.core.vmstate import VmState
 from ferry.errors import (
     AuthError,
@@ -57,11 +52,15 @@ from ferry.errors import (
     FerryError,
     NotFoundError,
     ReplicationStoppedError,
+    ThumbprintMismatchError,
     VersionError,
 )
 from ferry.host.config import HostConfig
 from ferry.host.jobs import Job, JobRegistry
+from ferry.host.replication.sender import PointSender
 from ferry.host.vms.service import VmService
+from ferry.peer.client import PeerClient
+from ferry.peer.replication import HASHES, REPLICA, ReplicaState
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +108,10 @@ async def timed_cycle(catalog: Catalog, vm_uuid: str, vm_name: str, now: float,
 
 
 @contextlib.asynccontextmanager
-async def receiver_session(client: AgentClient, vm_uuid: str, *, level: int, sender: str,
+async def receiver_session(client: PeerClient, vm_uuid: str, *, level: int, sender: str,
                            receiver: str, vm: str, gone: str,
                            renewed: Callable[[str], str],
-                           ) -> AsyncIterator[tuple[AgentClient, dict[str, Any]]]:  # fmt: skip
+                           ) -> AsyncIterator[tuple[PeerClient, ReplicaState]]:  # fmt: skip
     """A cycle's talk with the host that receives the points (replica or extended host).
 
     Yields the pinned client and the receiver's view of its copy (latest
@@ -124,40 +123,16 @@ async def receiver_session(client: AgentClient, vm_uuid: str, *, level: int, sen
     try:
         async with client as peer:
             try:
-                remote = await peer.get(f"/v1/peer/replicas/{vm_uuid}")
+                remote = await peer.call(REPLICA, uuid=vm_uuid)
             except NotFoundError as exc:
                 raise ReplicationStoppedError(gone) from exc
-            rules.check_replica_accepts(level, int(remote["functional_level"]), primary=sender,
+            rules.check_replica_accepts(level, remote.functional_level, primary=sender,
                                         replica=receiver, vm=vm)  # fmt: skip
             yield peer, remote
     except ThumbprintMismatchError as exc:
         raise ReplicationStoppedError(renewed(exc.found)) from exc
     except (AuthError, VersionError) as exc:
         raise ReplicationStoppedError(str(exc)) from exc
-
-
-async def offer_replica(peer: AgentClient, spec: VmSpec, *, sender: str, receiver: str,
-                        level: int, **offer: Any) -> str:  # fmt: skip
-    """Offer VM ``spec`` to a replica host; returns its certificate thumbprint to pin.
-
-    The version rule comes first (the receiver runs ``level`` or newer).
-    ``offer`` carries the relationship's terms (``frequency_s``,
-    ``recovery_points``, ``initial``, ``primary_url`` and for an extension
-    ``origin``). The replica must boot the VM without the sender, so it then
-    gets its own copy of the kernel and initrd; the disks come with the points.
-    """
-    hello = await peer.get("/v1/peer/hello")
-    rules.check_replica_accepts(level, int(hello["functional_level"]), primary=sender,
-                                replica=receiver, vm=spec.name)  # fmt: skip
-    thumbprint = peer.thumbprint or ""
-    await peer.post("/v1/peer/replicas", {"spec": spec.model_dump(mode="json"),
-                                          "functional_level": level, **offer})  # fmt: skip
-    for kind in ("kernel", "initrd"):
-        path = getattr(spec, kind)
-        if path and Path(path).exists():
-            data = await asyncio.to_thread(Path(path).read_bytes)
-            await peer.call("PUT", f"/v1/peer/replicas/{spec.uuid}/files/{kind}", data=data)
-    return thumbprint
 
 
 @contextlib.asynccontextmanager
@@ -182,15 +157,14 @@ class CycleRunner:
     """Runs cycles for the relationships of one primary host."""
 
     def __init__(self, vms: VmService, jobs: JobRegistry, *,
-                 peer: Callable[[Relationship], AgentClient], work_dir: Path) -> None:  # fmt: skip
+                 peer: Callable[[Relationship], PeerClient], work_dir: Path) -> None:  # fmt: skip
         self.vms = vms
         self.jobs = jobs
         self.config: HostConfig = vms.config
         self.catalog: Catalog = vms.catalog
         self.work_dir = work_dir
         self._peer = peer  # a client pinned to the relationship's replica
-        self._bucket = TokenBucket(self.config.replication_max_bandwidth, now=time.monotonic())
-        self._corrupt_streams = self.config.corrupt_replication_streams
+        self.sender = PointSender(self.config, jobs)  # the host's one: one bandwidth cap
 
     def primary_rel(self, vm_uuid: str) -> Relationship | None:
         """The VM's relationship if this host is its primary."""
@@ -239,10 +213,10 @@ class CycleRunner:
         async with session as (peer, remote):
             return await self._exchange(record, rel, peer, remote)
 
-    async def _exchange(self, record: VmRecord, rel: Relationship, peer: AgentClient,
-                        remote: dict[str, Any]) -> int | None:  # fmt: skip
+    async def _exchange(self, record: VmRecord, rel: Relationship, peer: PeerClient,
+                        remote: ReplicaState) -> int | None:  # fmt: skip
         tracker = self.tracker(record)
-        rel = self.confirm(rel, remote["latest_point"])
+        rel = self.confirm(rel, remote.latest_point)
         if rel.in_flight is not None:
             rel = await self._settle(rel, tracker)
         sent = 0
@@ -355,7 +329,7 @@ class CycleRunner:
         return point
 
     async def _resync_point(self, rel: Relationship, tracker: ChangedBlockTracker,
-                            peer: AgentClient, job: Job | None) -> PendingPoint:  # fmt: skip
+                            peer: PeerClient, job: Job | None) -> PendingPoint:  # fmt: skip
         """A new bitmap and full copy here, then only blocks whose hashes differ."""
         scratch = self.work_dir / rel.vm_uuid / "resync"
         scratch.mkdir(parents=True, exist_ok=True)
@@ -363,14 +337,14 @@ class CycleRunner:
         rel = self.primary_rel(rel.vm_uuid) or rel
         if job is not None:
             self.jobs.update(job, phase="comparing")
-        remote = await peer.get(f"/v1/peer/replicas/{rel.vm_uuid}/hashes",
-                                block_size=str(block_hashes.BLOCK_SIZE))  # fmt: skip
+        remote = await peer.call(HASHES, query={"block_size": str(block_hashes.BLOCK_SIZE)},
+                                 uuid=rel.vm_uuid)  # fmt: skip
         out = self.work_dir / rel.vm_uuid / f"p{full.id}"
         out.mkdir(parents=True, exist_ok=True)
         patches: list[str] = []
         differing = 0
         try:
-            for i, (copy, theirs) in enumerate(zip(full.files, remote["disks"], strict=True)):
+            for i, (copy, theirs) in enumerate(zip(full.files, remote.disks, strict=True)):
                 raw = await block_hashes.read_raw_view(Path(copy), scratch_dir=scratch)
                 try:
                     ours = await block_hashes.image_block_hashes(
@@ -393,58 +367,14 @@ class CycleRunner:
         self.catalog.put_relationship(rel)
         return point
 
-    async def send(self, peer: AgentClient, rel: Relationship, point: PendingPoint,
-                    job: Job | None = None) -> int:  # fmt: skip
+    async def send(self, peer: PeerClient, rel: Relationship, point: PendingPoint,
+                   job: Job | None = None) -> int:  # fmt: skip
         """Stream one point; on the replica's answer, forget it here."""
-        reply, sent = await self.stream_point(peer, rel.vm_uuid, point.id, point.time,
-                                              [Path(f) for f in point.files],
-                                              compress=rel.compression, job=job)  # fmt: skip
-        self.confirm(rel, int(reply["latest_point"]))
+        reply, sent = await self.sender.send(peer, rel.vm_uuid, point.id, point.time,
+                                             [Path(f) for f in point.files],
+                                             compress=rel.compression, job=job)  # fmt: skip
+        self.confirm(rel, reply.latest_point)
         return sent
-
-    async def stream_point(self, peer: AgentClient, vm_uuid: str, point_id: int,
-                           point_time: float, files: list[Path], *, compress: bool,
-                           job: Job | None = None) -> tuple[dict[str, Any], int]:  # fmt: skip
-        """PUT one point's files as a delta stream (within the host's bandwidth cap).
-
-        Returns the receiver's answer and the bytes that crossed the wire.
-        Extended replication sends its points through here too.
-        """
-        total = sum(f.stat().st_size for f in files)
-        corrupt = self._corrupt_streams > 0
-        if corrupt:
-            self._corrupt_streams -= 1
-        counter = [0]
-        body = self._stream(files, vm_uuid, point_id, total, counter, job, compress=compress,
-                            corrupt=corrupt)  # fmt: skip
-        reply: dict[str, Any] = await peer.call(
-            "PUT", f"/v1/peer/replicas/{vm_uuid}/points/{point_id}",
-            params={"time": repr(point_time)}, data=body)  # fmt: skip
-        return reply, counter[0]
-
-    async def _stream(self, files: list[Path], vm_uuid: str, point_id: int, total: int,
-                      counter: list[int], job: Job | None, *, compress: bool,
-                      corrupt: bool) -> AsyncIterator[bytes]:  # fmt: skip
-        frames: Iterator[bytes] = encode_point(
-            files, vm_uuid=UUID(vm_uuid), point_id=point_id, compress=compress
-        )
-        done = object()
-        while True:
-            frame = await asyncio.to_thread(next, frames, done)
-            if frame is done:
-                return
-            assert isinstance(frame, bytes)
-            if corrupt and len(frame) > 200:
-                # Test hook (corrupt_replication_streams): damage one payload byte.
-                frame = frame[:150] + bytes([frame[150] ^ 0xFF]) + frame[151:]
-                corrupt = False
-            wait = self._bucket.reserve(len(frame), time.monotonic())
-            if wait > 0:
-                await asyncio.sleep(wait)
-            counter[0] += len(frame)
-            if job is not None:
-                self.jobs.update(job, progress={"bytes": min(counter[0], total), "total": total})
-            yield frame
 
     async def to_media(self, record: VmRecord, rel: Relationship, media: Path,
                        job: Job) -> None:  # fmt: skip

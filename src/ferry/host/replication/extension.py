@@ -37,9 +37,7 @@ from typing import Any
 from ferry import __version__
 from ferry.adapters import qemu_img
 from ferry.adapters.catalog import VmRecord
-from ferry.adapters.pki import client_ssl_context
 from ferry.adapters.point_transfer import combine_overlays
-from ferry.client.agent_client import AgentClient
 from ferry.core import replication as rules
 from ferry.core.relationship import Extension, Relationship, Role, extension_confirmed
 from ferry.core.replication import PointInfo, ReplicationOp, ReplicationState
@@ -57,40 +55,42 @@ from ferry.host.replication.cycle import (
     INITIAL_JOB,
     CycleRunner,
     copy_job,
-    offer_replica,
     receiver_session,
     timed_cycle,
 )
 from ferry.host.replication.receiver import ReplicaStore, disk_file
 from ferry.host.replication.scheduler import CycleScheduler
+from ferry.host.replication.sender import offer_replica
+from ferry.peer.client import Connector, PeerClient, Timeout
+from ferry.peer.replication import REMOVE, UPDATE, ReplicaChanges
 
 log = logging.getLogger(__name__)
 
 S = ReplicationState
-PEER_TIMEOUT_S = 3600.0
 
 
 class ExtensionService:
     """This host's extensions: replica VMs it replicates onward."""
 
     def __init__(self, store: ReplicaStore, jobs: JobRegistry, cycles: CycleRunner,
-                 url: str) -> None:  # fmt: skip
+                 url: str, peers: Connector) -> None:  # fmt: skip
         self.store = store
+        self.peers = peers
         self.jobs = jobs
         self.cycles = cycles
         self.url = url
         self.config = store.config
         self.catalog = store.catalog
-        self._tls = client_ssl_context(self.config.tls_dir)
         self.scheduler = CycleScheduler("extend", delay=self._delay, cycle=self._cycle)
 
     @property
     def work_dir(self) -> Path:
         return self.config.data_dir / "extension"
 
-    def _peer(self, ext: Extension, *, pin: bool = True) -> AgentClient:
-        return AgentClient(ext.host, ext.url, self._tls, server_name=ext.host,
-                           timeout=PEER_TIMEOUT_S, pin=ext.thumbprint if pin else None)  # fmt: skip
+    def _peer(self, ext: Extension, *, pin: bool = True) -> PeerClient:
+        """A client for the extended host, pinned to its certificate once it is known."""
+        return self.peers.connect(ext.host, ext.url, timeout=Timeout.TRANSFER,
+                                  pin=ext.thumbprint if pin else None)  # fmt: skip
 
     def _replica(self, name: str) -> tuple[VmRecord, Relationship]:
         return self.store.replica_of(name, commands="extended replication")
@@ -162,9 +162,8 @@ class ExtensionService:
                         created=time.time())  # fmt: skip
         async with self.scheduler.locks[record.uuid], self._peer(ext, pin=False) as peer:
             thumbprint = await offer_replica(
-                peer, record.spec, sender=self.config.name, receiver=to,
-                level=self.config.functional_level, frequency_s=frequency,
-                recovery_points=keep, initial="network", primary_url=self.url,
+                peer, record.spec, sender=self.config.name, level=self.config.functional_level,
+                frequency_s=frequency, recovery_points=keep, primary_url=self.url,
                 origin=rel.primary, origin_url=rel.primary_url)  # fmt: skip
             ext = ext.model_copy(update={"thumbprint": thumbprint})
             self.catalog.put_extension(ext)
@@ -180,13 +179,12 @@ class ExtensionService:
             kept = await self._end(ext, "removed by an admin")
         return {"vm": name, "extended": ext.host, "removed": True, "extended_vm_kept": kept}
 
-    async def _end(self, ext: Extension, why: str) -> Any:
+    async def _end(self, ext: Extension, why: str) -> bool | None:
         """Tell the extended host (it keeps its copy as a plain VM) and forget the extension."""
-        kept: Any = None
+        kept: bool | None = None
         try:
             async with self._peer(ext) as peer:
-                reply = await peer.delete(f"/v1/peer/replicas/{ext.vm_uuid}")
-                kept = reply.get("kept_replica_vm")
+                kept = (await peer.call(REMOVE, uuid=ext.vm_uuid)).kept_replica_vm
         except (ConnectionFailedError, NotFoundError, AuthError) as exc:
             log.warning("VM %s: extended host %s not told that the extension ended: %s",
                         ext.vm_name, ext.host, exc)  # fmt: skip
@@ -243,10 +241,10 @@ class ExtensionService:
         )  # fmt: skip
         try:
             async with session as (peer, remote):
-                ext = self._confirmed(ext, remote["latest_point"])
-                if remote.get("origin") != rel.primary:  # the VM moved between primaries
-                    await peer.call("PATCH", f"/v1/peer/replicas/{ext.vm_uuid}", body={
-                        "origin": rel.primary, "origin_url": rel.primary_url})  # fmt: skip
+                ext = self._confirmed(ext, remote.latest_point)
+                if remote.origin != rel.primary:  # the VM moved between primaries
+                    moved = ReplicaChanges(origin=rel.primary, origin_url=rel.primary_url)
+                    await peer.call(UPDATE, moved, uuid=ext.vm_uuid)
                 await self.store.retain(ext.vm_uuid)  # what E now holds may be merged here
                 kind = INITIAL_JOB if ext.confirmed_point is None else None
                 async with copy_job(self.jobs, kind, ext.vm_uuid, name, target=ext.host) as job:
@@ -258,13 +256,12 @@ class ExtensionService:
                     point, files = cut
                     if job is not None:
                         self.jobs.update(job, phase="sending")
-                    reply, sent = await self.cycles.stream_point(
+                    reply, sent = await self.cycles.sender.send(
                         peer, ext.vm_uuid, point.id, point.time, files, compress=True, job=job
                     )
                     if job is not None:
                         self.jobs.update(job, "done", phase="done", result="ok", bytes_sent=sent)
-                self._confirmed(self.catalog.extension(ext.vm_uuid) or ext,
-                                int(reply["latest_point"]))  # fmt: skip
+                self._confirmed(self.catalog.extension(ext.vm_uuid) or ext, reply.latest_point)
         finally:
             await asyncio.to_thread(shutil.rmtree, self.work_dir / ext.vm_uuid, True)
         await self.store.retain(ext.vm_uuid)

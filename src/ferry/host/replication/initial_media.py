@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -23,9 +24,16 @@ from ferry.adapters import qemu_img
 from ferry.adapters.durable import fsync_dir, fsync_file
 from ferry.core.export_format import FileName, ManifestFile
 from ferry.core.relationship import PendingPoint, Relationship
+from ferry.core.replication import PointInfo
 from ferry.core.validation import first_error
-from ferry.errors import InvalidInputError
+from ferry.errors import ConflictError, InvalidInputError
 from ferry.host.exchange.service import sha256_file
+from ferry.host.replication.chain import BASE, disk_file
+
+if TYPE_CHECKING:
+    from ferry.host.replication.receiver import ReplicaStore
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "ferry-initial-copy.json"
 FORMAT = "ferry-initial-copy"
@@ -115,3 +123,26 @@ async def import_media(folder: Path, manifest: MediaManifest, targets: list[Path
 
 def describe(manifest: MediaManifest) -> dict[str, Any]:
     return json.loads(manifest.model_dump_json())  # type: ignore[no-any-return]
+
+
+async def import_initial(store: ReplicaStore, folder: Path) -> dict[str, Any]:
+    """Check ``folder`` and link it as the first recovery point of its replica VM here."""
+    manifest = read_media(folder)
+    rel = store.relationship(manifest.vm_uuid)
+    if rel.primary != manifest.primary:
+        raise InvalidInputError(f"{folder} was written by host {manifest.primary!r}; VM "
+                                f"{rel.vm_name!r} replicates from {rel.primary!r}")  # fmt: skip
+    async with store.lock(rel.vm_uuid):
+        if store.catalog.points(rel.vm_uuid):
+            raise ConflictError(f"the replica of VM {rel.vm_name!r} already has its "
+                                "initial copy")  # fmt: skip
+        record = store.catalog.get(rel.vm_uuid)
+        storage = Path(rel.storage)
+        targets = [disk_file(storage, BASE, i) for i in range(len(record.spec.disks))]
+        copied = await import_media(folder, manifest, targets,
+                                    [d.size for d in record.spec.disks])  # fmt: skip
+        store.chain.link(rel, record, PointInfo(id=manifest.point_id, time=manifest.time,
+                                                file=BASE))  # fmt: skip
+    log.info("VM %s: initial copy imported from %s (%d bytes)", rel.vm_name, folder, copied)
+    return {"vm": rel.vm_name, "point": manifest.point_id, "bytes": copied,
+            **store.state(rel.vm_uuid).model_dump()}  # fmt: skip

@@ -3,26 +3,22 @@
 One asyncio task per relationship sleeps until its next cycle is due
 (:func:`ferry.core.replication.next_due`), so a slow VM only delays itself;
 what a cycle does is :mod:`ferry.host.replication.cycle`. Every cycle, change
-and move of a VM runs under the relationship's cycle lock.
+and move of a VM holds the VM's disk turn (:mod:`ferry.host.turns`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from ferry.adapters.catalog import VmRecord
-from ferry.adapters.pki import CertInfo, client_ssl_context
-from ferry.client.agent_client import AgentClient
+from ferry.adapters.pki import CertInfo
 from ferry.core import replication as rules
-from ferry.core.migration import Phase
 from ferry.core.relationship import InitialMethod, Relationship, Role
 from ferry.core.relationship import resume as resume_relationship
 from ferry.core.replication import ReplicationOp, ReplicationState
@@ -37,31 +33,50 @@ from ferry.errors import (
     StateError,
 )
 from ferry.host.jobs import JobRegistry
-from ferry.host.migration.service import MOVE
-from ferry.host.replication.cycle import INITIAL_JOB, CycleRunner, offer_replica
+from ferry.host.replication import handover
+from ferry.host.replication.cycle import INITIAL_JOB, CycleRunner
 from ferry.host.replication.receiver import ReplicaStore
 from ferry.host.replication.scheduler import CycleScheduler
+from ferry.host.replication.sender import offer_replica
+from ferry.host.replication.status import primary_view, replica_view
 from ferry.host.vms.service import VmService
+from ferry.peer.client import Connector, PeerClient, Timeout
+from ferry.peer.replication import (
+    MOVE_REPLICA,
+    POINTS,
+    REMOVE,
+    REPLICA,
+    UPDATE,
+    PrimaryStatus,
+    ReplicaChanges,
+    ReplicaMoveRequest,
+    Takeover,
+)
 
 log = logging.getLogger(__name__)
 
 S = ReplicationState
-PEER_TIMEOUT_S = 3600.0
+CYCLE_TURN = "a replication cycle"  # what a VM's disk turn is held for (host/turns.py)
+CHANGE_TURN = "a replication change"
 
 
 class ReplicationService:
     """This host's relationships as a primary, and the status of its replica VMs."""
 
-    def __init__(self, vms: VmService, jobs: JobRegistry, store: ReplicaStore) -> None:
+    def __init__(self, vms: VmService, jobs: JobRegistry, store: ReplicaStore,
+                 peers: Connector) -> None:  # fmt: skip
         self.vms = vms
         self.jobs = jobs
         self.store = store
+        self.peers = peers
         self.config = vms.config
         self.catalog = vms.catalog
-        self._tls = client_ssl_context(self.config.tls_dir)
         self.cycles = CycleRunner(vms, jobs, peer=self.peer, work_dir=self.work_dir)
-        self.scheduler = CycleScheduler("replicate", delay=self._delay, cycle=self.cycles.run)
-        self.cycle_locks = self.scheduler.locks
+        self.turns = vms.turns
+        self.scheduler = CycleScheduler(
+            "replicate", delay=self._delay, cycle=self.cycles.run,
+            turn=lambda key: self.turns.turn(key, CYCLE_TURN),
+        )  # fmt: skip
 
     @property
     def url(self) -> str:
@@ -92,10 +107,10 @@ class ReplicationService:
         self.catalog.delete_relationship(vm_uuid)
         shutil.rmtree(self.work_dir / vm_uuid, ignore_errors=True)
 
-    def peer(self, rel: Relationship, *, pin: bool = True) -> AgentClient:
+    def peer(self, rel: Relationship, *, pin: bool = True) -> PeerClient:
         """A client for the relationship's replica host, pinned to its certificate."""
-        return AgentClient(rel.replica, rel.replica_url, self._tls, server_name=rel.replica,
-                           timeout=PEER_TIMEOUT_S, pin=rel.thumbprint if pin else None)  # fmt: skip
+        return self.peers.connect(rel.replica, rel.replica_url, timeout=Timeout.TRANSFER,
+                                  pin=rel.thumbprint if pin else None)  # fmt: skip
 
     # -- life ----------------------------------------------------------------------
 
@@ -109,86 +124,20 @@ class ReplicationService:
             if rel.role is not Role.PRIMARY:
                 continue
             if self.catalog.find(rel.vm_uuid) is None:
-                moves = [j for j in self.jobs.all() if j.vm_uuid == rel.vm_uuid
-                         and j.kind == MOVE and j.state == Phase.DONE]  # fmt: skip
-                if moves:
-                    target = moves[-1].detail
-                    try:
-                        await self.hand_over(rel.vm_uuid, target["target"],
-                                             target["target_url"], None)  # fmt: skip
-                    except FerryError as exc:
-                        log.error("VM %s: cannot hand replication over to %s: %s",
-                                  rel.vm_name, target["target"], exc)  # fmt: skip
+                await handover.after_restart(self, rel)
                 continue
             self._spawn(rel.vm_uuid)
 
     # -- moves: the relationship follows the VM ----------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def hold(self, vm_uuid: str) -> AsyncIterator[None]:
-        """No cycle runs while the VM moves (a backup job must not race the migration)."""
-        async with self.cycle_locks[vm_uuid]:
-            yield
-
     async def hand_over(self, vm_uuid: str, host: str, url: str,
                         thumbprint: str | None) -> None:  # fmt: skip
-        """The VM now runs on ``host``: it becomes the primary, the replica is told.
+        """The VM now runs on ``host`` (see :func:`ferry.host.replication.handover.hand_over`)."""
+        await handover.hand_over(self, vm_uuid, host, url, thumbprint)
 
-        Called with :meth:`hold` held. Pending points are sent first; if that
-        fails the new primary starts by resynchronising, since their files
-        stay here. The bitmap itself moved with the VM (``dirty-bitmaps``).
-        """
-        rel = self._rel(vm_uuid)
-        if rel is None:
-            return
-        state = rel.state
-        try:
-            async with self.peer(rel) as peer:
-                remote = await peer.get(f"/v1/peer/replicas/{vm_uuid}")
-                rel = self.cycles.confirm(rel, remote["latest_point"])
-                for point in rel.pending:
-                    await self.cycles.send(peer, rel, point)
-                    rel = self._rel(vm_uuid) or rel
-        except FerryError as exc:
-            log.warning("VM %s: pending points not sent before the hand-over: %s",
-                        rel.vm_name, exc)  # fmt: skip
-            if rel.pending and state is S.REPLICATING:
-                state = S.RESYNCHRONISING
-        moved = rel.model_copy(update={
-            "primary": host, "state": state, "pending": (), "in_flight": None})  # fmt: skip
-        target = AgentClient(host, url, self._tls, server_name=host, timeout=60)
-        async with target:
-            if thumbprint is None:
-                await target.get("/v1/peer/hello")
-                thumbprint = target.thumbprint or ""
-            # The replica first, so the new primary's first cycle is welcome there.
-            async with self.peer(rel) as peer:
-                await peer.call("PATCH", f"/v1/peer/replicas/{vm_uuid}", body={
-                    "primary": host, "thumbprint": thumbprint, "primary_url": url})  # fmt: skip
-            await target.post("/v1/peer/replications", json.loads(moved.model_dump_json()))
-        self.catalog.delete_relationship(vm_uuid)
-        await asyncio.to_thread(shutil.rmtree, self.work_dir / vm_uuid, True)
-        self.scheduler.cancel(vm_uuid)
-        log.info("VM %s: replication handed over to %s (pinned %s)", rel.vm_name, host,
-                 thumbprint[:16])  # fmt: skip
-
-    def adopt(self, caller: CertInfo, document: dict[str, Any]) -> dict[str, Any]:
-        """The VM arrived here by a move: carry on its replication as the primary."""
-        try:
-            rel = Relationship.model_validate(document)
-        except ValueError as exc:
-            raise InvalidInputError(f"invalid relationship: {exc}") from exc
-        record = self.catalog.find(rel.vm_uuid)
-        if record is None or record.state is VmState.REPLICA or rel.role is not Role.PRIMARY:
-            raise NotFoundError(f"VM {rel.vm_name!r} does not run on host {self.config.name!r}")
-        if rel.primary != self.config.name:
-            raise InvalidInputError(f"the relationship names {rel.primary!r} as primary, "
-                                    f"not {self.config.name!r}")  # fmt: skip
-        self.catalog.put_relationship(rel)
-        self._spawn(rel.vm_uuid)
-        log.info("VM %s: replication to %s taken over from %s", rel.vm_name, rel.replica,
-                 caller.common_name)  # fmt: skip
-        return self.status(rel.vm_name)
+    def adopt(self, caller: CertInfo, takeover: Takeover) -> PrimaryStatus:
+        """The VM arrived here by a move (see :func:`ferry.host.replication.handover.adopt`)."""
+        return handover.adopt(self, caller, takeover)
 
     async def shutdown(self) -> None:
         await self.scheduler.shutdown()
@@ -248,9 +197,8 @@ class ReplicationService:
         )  # fmt: skip
         async with self.peer(rel, pin=False) as peer:
             thumbprint = await offer_replica(
-                peer, record.spec, sender=self.config.name, receiver=replica,
-                level=self.config.functional_level, frequency_s=frequency_s,
-                recovery_points=recovery_points, initial=initial.value,
+                peer, record.spec, sender=self.config.name, level=self.config.functional_level,
+                frequency_s=frequency_s, recovery_points=recovery_points, initial=initial,
                 primary_url=self.url)  # fmt: skip
         rel = rel.model_copy(update={"thumbprint": thumbprint})
         self.catalog.put_relationship(rel)
@@ -261,7 +209,7 @@ class ReplicationService:
             assert media_dir is not None
             job = self.jobs.create(INITIAL_JOB, record.uuid, name, "running", phase="to-media")
             try:
-                async with self.cycle_locks[record.uuid]:
+                async with self.turns.turn(record.uuid, CHANGE_TURN):
                     await self.cycles.to_media(record, rel, Path(media_dir), job)
             except FerryError as exc:
                 self.jobs.update(job, "failed", error=str(exc))
@@ -276,7 +224,7 @@ class ReplicationService:
                      frequency_s: int | None, recovery_points: int | None,
                      thumbprint: str | None) -> dict[str, Any]:  # fmt: skip
         record, rel = self.primary_of(name)
-        async with self.cycle_locks[record.uuid]:
+        async with self.turns.turn(record.uuid, CHANGE_TURN):
             rel = self._rel(record.uuid) or rel
             update: dict[str, Any] = {}
             if frequency_s is not None:
@@ -296,17 +244,16 @@ class ReplicationService:
                 if found is None:
                     # Not there yet: the replica VM moves there with its points.
                     async with self.peer(rel) as old:
-                        moved = await old.post(f"/v1/peer/replicas/{record.uuid}/move",
-                                               {"to": replica, "to_url": replica_url})  # fmt: skip
-                    found = str(moved["thumbprint"])
+                        there = ReplicaMoveRequest(to=replica, to_url=replica_url)
+                        found = (await old.call(MOVE_REPLICA, there, uuid=record.uuid)).thumbprint
                 update.update(replica=replica, replica_url=replica_url,
                               thumbprint=update.get("thumbprint", found))  # fmt: skip
             new = rel.model_copy(update=update)
             if {"frequency_s", "recovery_points"} & update.keys():
+                terms = ReplicaChanges(frequency_s=new.frequency_s,
+                                       recovery_points=new.recovery_points)  # fmt: skip
                 async with self.peer(new) as peer:
-                    await peer.call("PATCH", f"/v1/peer/replicas/{record.uuid}", body={
-                        "frequency_s": new.frequency_s,
-                        "recovery_points": new.recovery_points})  # fmt: skip
+                    await peer.call(UPDATE, terms, uuid=record.uuid)
             if new.state is S.ERROR and ({"thumbprint", "replica"} & update.keys()):
                 new = resume_relationship(new)
             self.catalog.put_relationship(new)
@@ -318,7 +265,7 @@ class ReplicationService:
         there = rel.model_copy(update={"replica": host, "replica_url": url})
         async with self.peer(there, pin=False) as peer:
             try:
-                await peer.get(f"/v1/peer/replicas/{rel.vm_uuid}")
+                await peer.call(REPLICA, uuid=rel.vm_uuid)
             except NotFoundError:
                 return None
             return peer.thumbprint or ""
@@ -328,7 +275,7 @@ class ReplicationService:
 
     async def pause(self, name: str, *, resume: bool = False) -> dict[str, Any]:
         record, rel = self.primary_of(name)
-        async with self.cycle_locks[record.uuid]:
+        async with self.turns.turn(record.uuid, CHANGE_TURN):
             rel = self._rel(record.uuid) or rel
             if resume:
                 rel = resume_relationship(rel)
@@ -345,12 +292,11 @@ class ReplicationService:
     async def remove(self, name: str) -> dict[str, Any]:
         record, rel = self.primary_of(name)
         await self.scheduler.stop(record.uuid)
-        async with self.cycle_locks[record.uuid]:
-            replica_kept: Any = None
+        async with self.turns.turn(record.uuid, CHANGE_TURN):
+            replica_kept: bool | None = None
             try:
                 async with self.peer(rel) as peer:
-                    reply = await peer.delete(f"/v1/peer/replicas/{record.uuid}")
-                    replica_kept = reply.get("kept_replica_vm")
+                    replica_kept = (await peer.call(REMOVE, uuid=record.uuid)).kept_replica_vm
             except (ConnectionFailedError, NotFoundError, AuthError) as exc:
                 log.warning("VM %s: replica host %s not told of the removal: %s", name,
                             rel.replica, exc)  # fmt: skip
@@ -376,49 +322,14 @@ class ReplicationService:
         rel = self._any_rel(name)
         now = time.time()
         if rel.role is Role.REPLICA:
-            return self._replica_status(rel, now)
-        cycles = self.catalog.cycles(rel.vm_uuid)
-        stats = rules.statistics(cycles, now)
-        report = rules.assess_health(rel.state, cycles, now=now, frequency_s=rel.frequency_s,
-                                     last_success=rules.latest_point_time(cycles),
-                                     since=rel.created)  # fmt: skip
-        pending = sum(Path(f).stat().st_size for p in rel.pending for f in p.files
-                      if Path(f).exists())  # fmt: skip
-        return {
-            "vm": rel.vm_name, "role": rel.role.value, "state": rel.state.value,
-            "health": report.health.value, "health_reasons": list(report.reasons),
-            "primary": rel.primary, "replica": rel.replica, "frequency_s": rel.frequency_s,
-            "recovery_points": rel.recovery_points, "compression": rel.compression,
-            "initial": rel.initial.value, "thumbprint": rel.thumbprint,
-            "last_replication_time": stats["last_replication_time"], "lag_s": stats["lag_s"],
-            "success_count": stats["success_count"], "miss_count": stats["miss_count"],
-            "failure_count": stats["failure_count"],
-            "network_failure_count": stats["network_failure_count"],
-            "pending_bytes": pending, "pending_points": len(rel.pending),
-            "latest_point": rel.confirmed_point, "error": rel.error,
-            "next_cycle": (rules.next_due(rel.last_started, rel.frequency_s, now)
-                           if rules.is_running(rel.state) else None),
-            "statistics": dict(stats),
-        }  # fmt: skip
-
-    def _replica_status(self, rel: Relationship, now: float) -> dict[str, Any]:
-        state = self.store.state(rel.vm_uuid)
-        latest = state["latest_time"]
-        return {
-            "vm": rel.vm_name, "role": rel.role.value,
-            "state": rel.state.value,
-            "health": "normal", "primary": rel.primary, "replica": rel.replica,
-            "frequency_s": rel.frequency_s, "recovery_points": rel.recovery_points,
-            "last_replication_time": latest, "lag_s": max(0.0, now - latest) if latest else None,
-            "points": state["points"], "latest_point": state["latest_point"],
-            "replica_bytes": state["bytes"], "thumbprint": rel.thumbprint,
-            "origin": rel.origin or None,
-        }  # fmt: skip
+            return replica_view(rel, self.store.state(rel.vm_uuid), now)
+        return primary_view(rel, self.catalog.cycles(rel.vm_uuid), now)
 
     async def points(self, name: str) -> list[dict[str, Any]]:
         rel = self._any_rel(name)
         if rel.role is Role.REPLICA:
-            return self.store.point_views(rel.vm_uuid)
-        async with self.peer(rel) as peer:
-            found: list[dict[str, Any]] = await peer.get(f"/v1/peer/replicas/{rel.vm_uuid}/points")
-            return found
+            found = self.store.point_views(rel.vm_uuid)
+        else:
+            async with self.peer(rel) as peer:
+                found = await peer.call(POINTS, uuid=rel.vm_uuid)
+        return [point.model_dump() for point in found.root]

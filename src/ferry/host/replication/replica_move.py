@@ -28,33 +28,33 @@ import asyncio
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
 
-from ferry.adapters.pki import CertInfo, client_ssl_context
-from ferry.client.agent_client import AgentClient
+from ferry.adapters.pki import CertInfo
 from ferry.core.replication import ReplicationState
 from ferry.errors import ConflictError, InvalidInputError, StateError
 from ferry.host.failover.service import FailoverService
-from ferry.host.replication.cycle import CycleRunner, offer_replica
 from ferry.host.replication.receiver import ReplicaStore, disk_file
+from ferry.host.replication.sender import PointSender, offer_replica
+from ferry.peer.client import Connector, Timeout
+from ferry.peer.replication import UPDATE, ReplicaChanges, ReplicaMoved
 
 log = logging.getLogger(__name__)
 
-PEER_TIMEOUT_S = 3600.0
-
 
 class ReplicaMover:
-    def __init__(self, store: ReplicaStore, cycles: CycleRunner, failover: FailoverService,
-                 url: str) -> None:  # fmt: skip
+    """Moves this host's replica VMs to other replica hosts, when their primaries ask."""
+
+    def __init__(self, store: ReplicaStore, sender: PointSender, failover: FailoverService,
+                 url: str, peers: Connector) -> None:  # fmt: skip
         self.store = store
-        self.cycles = cycles
+        self.sender = sender
         self.failover = failover
         self.url = url
+        self.peers = peers
         self.config = store.config
         self.catalog = store.catalog
-        self._tls = client_ssl_context(self.config.tls_dir)
 
-    async def move(self, caller: CertInfo, vm_uuid: str, to: str, to_url: str) -> dict[str, Any]:
+    async def move(self, caller: CertInfo, vm_uuid: str, to: str, to_url: str) -> ReplicaMoved:
         rel = self.store.relationship(vm_uuid)
         self.store.check_primary(caller, rel)
         name = rel.vm_name
@@ -78,26 +78,23 @@ class ReplicaMover:
             storage = Path(rel.storage)
             chain = self.catalog.points(vm_uuid)
             sent = 0
-            client = AgentClient(to, to_url, self._tls, server_name=to, timeout=PEER_TIMEOUT_S)
-            async with client as peer:
+            async with self.peers.connect(to, to_url, timeout=Timeout.TRANSFER) as peer:
                 thumbprint = await offer_replica(
-                    peer, record.spec, sender=self.config.name, receiver=to,
+                    peer, record.spec, sender=self.config.name,
                     level=self.config.functional_level, frequency_s=rel.frequency_s,
-                    recovery_points=rel.recovery_points, initial="network",
-                    primary_url=self.url)  # fmt: skip
+                    recovery_points=rel.recovery_points, primary_url=self.url)  # fmt: skip
                 for point in chain:
                     files = [disk_file(storage, point.file, i)
                              for i in range(len(record.spec.disks))]  # fmt: skip
-                    _, wire = await self.cycles.stream_point(peer, vm_uuid, point.id, point.time,
-                                                             files, compress=True)  # fmt: skip
+                    _, wire = await self.sender.send(peer, vm_uuid, point.id, point.time, files,
+                                                     compress=True)  # fmt: skip
                     sent += wire
                 # From now on only the primary may send to the new replica host.
-                await peer.call("PATCH", f"/v1/peer/replicas/{vm_uuid}", body={
-                    "primary": rel.primary, "thumbprint": rel.thumbprint,
-                    "primary_url": rel.primary_url})  # fmt: skip
+                primary = ReplicaChanges(primary=rel.primary, thumbprint=rel.thumbprint,
+                                         primary_url=rel.primary_url)  # fmt: skip
+                await peer.call(UPDATE, primary, uuid=vm_uuid)
             self.catalog.delete_relationship(vm_uuid)
             self.catalog.delete(vm_uuid)
             await asyncio.to_thread(shutil.rmtree, storage, True)
         log.info("VM %s: replica moved to %s (%d points, %d bytes)", name, to, len(chain), sent)
-        return {"vm": name, "host": to, "thumbprint": thumbprint, "points": len(chain),
-                "bytes": sent}  # fmt: skip
+        return ReplicaMoved(vm=name, host=to, thumbprint=thumbprint, points=len(chain), bytes=sent)

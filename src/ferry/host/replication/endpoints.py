@@ -1,0 +1,141 @@
+"""Replication's peer endpoints: each route of :mod:`ferry.peer.replication` to its service.
+
+The handlers only unwrap a :class:`~ferry.peer.server.Call` (path and query
+parameters, the body as its model, an upload as an async byte iterator) and
+call the service that owns the object. Every endpoint about one replica VM
+is guarded: the caller must be that relationship's pinned primary, checked
+from the certificate and the path before the body is read
+(:meth:`ReplicaStore.partner_relationship`); the takeover is authorised by
+:func:`ferry.host.replication.handover.adopt` from its body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ferry import __version__
+from ferry.adapters.pki import CertInfo, Role
+from ferry.core.replica_server import Admission
+from ferry.errors import AuthError, InvalidInputError
+from ferry.host.replication.receiver import ReplicaStore
+from ferry.host.replication.replica_move import ReplicaMover
+from ferry.peer.replication import (
+    ADMISSION,
+    FILE,
+    HASHES,
+    HELLO,
+    MOVE_REPLICA,
+    OFFER,
+    POINT,
+    POINTS,
+    REMOVE,
+    REPLICA,
+    TAKE_OVER,
+    UPDATE,
+    BlockHashes,
+    FileReceived,
+    Hello,
+    Offer,
+    PointLinked,
+    PointList,
+    PrimaryStatus,
+    ReplicaChanges,
+    ReplicaMoved,
+    ReplicaMoveRequest,
+    ReplicaRemoved,
+    ReplicaState,
+    Takeover,
+)
+from ferry.peer.routes import NoBody, Upload
+from ferry.peer.server import Call, PeerServer
+
+MIN_BLOCK = 64 * 1024
+MAX_BLOCK = 64 << 20
+
+
+class ReplicationEndpoints:
+    """The handlers of this host's replication peer endpoints."""
+
+    def __init__(self, store: ReplicaStore, *, mover: ReplicaMover,
+                 adopt: Callable[[CertInfo, Takeover], PrimaryStatus]) -> None:  # fmt: skip
+        """``adopt``: the primary side's takeover (``ReplicationService.adopt``)."""
+        self.store = store
+        self.mover = mover
+        self.adopt = adopt
+        self.config = store.config
+
+    def register(self, server: PeerServer) -> None:
+        server.handle(HELLO, self.hello)
+        server.handle(ADMISSION, self.admission)
+        server.handle(OFFER, self.offer)
+        server.handle(TAKE_OVER, self.take_over)
+        partner = self._partner  # about one replica VM: its pinned primary only
+        server.handle(REPLICA, self.replica, guard=partner)
+        server.handle(UPDATE, self.update, guard=partner)
+        server.handle(REMOVE, self.remove, guard=partner)
+        server.handle(POINT, self.point, guard=partner)
+        server.handle(POINTS, self.points, guard=partner)
+        server.handle(FILE, self.file, guard=partner)
+        server.handle(HASHES, self.hashes, guard=partner)
+        server.handle(MOVE_REPLICA, self.move, guard=partner)
+
+    def _partner(self, caller: CertInfo, params: dict[str, str]) -> None:
+        self.store.partner_relationship(caller, params["uuid"])
+
+    async def hello(self, call: Call[NoBody]) -> Hello:
+        caller = call.caller
+        return Hello(name=self.config.name, version=__version__,
+                     functional_level=self.config.functional_level, caller=caller.common_name,
+                     caller_role=caller.role.value if caller.role else "none")  # fmt: skip
+
+    async def admission(self, call: Call[NoBody]) -> Admission:
+        if call.caller.role is not Role.HOST:
+            raise AuthError("only a ferry host can be admitted as a primary")
+        return self.store.server.admit(call.caller.common_name)
+
+    async def offer(self, call: Call[Offer]) -> ReplicaState:
+        return await self.store.accept(call.caller, call.body)
+
+    async def take_over(self, call: Call[Takeover]) -> PrimaryStatus:
+        return self.adopt(call.caller, call.body)
+
+    # -- one replica VM (guarded: its pinned primary only) --------------------------------
+
+    async def replica(self, call: Call[NoBody]) -> ReplicaState:
+        return self.store.state(call.params["uuid"])
+
+    async def update(self, call: Call[ReplicaChanges]) -> ReplicaState:
+        return self.store.update(call.caller, call.params["uuid"], call.body)
+
+    async def remove(self, call: Call[NoBody]) -> ReplicaRemoved:
+        return await self.store.remove(call.caller, call.params["uuid"])
+
+    async def point(self, call: Call[Upload]) -> PointLinked:
+        try:
+            point_id = int(call.params["id"])
+            point_time = float(call.query.get("time", "0"))
+        except ValueError:
+            raise InvalidInputError("point id and time must be numbers") from None
+        return await self.store.receive(call.caller, call.params["uuid"], point_id, point_time,
+                                        call.stream)  # fmt: skip
+
+    async def points(self, call: Call[NoBody]) -> PointList:
+        return self.store.point_views(call.params["uuid"])
+
+    async def file(self, call: Call[Upload]) -> FileReceived:
+        return await self.store.receive_file(call.caller, call.params["uuid"],
+                                             call.params["kind"], call.stream)  # fmt: skip
+
+    async def hashes(self, call: Call[NoBody]) -> BlockHashes:
+        try:
+            block_size = int(call.query.get("block_size", str(1 << 20)))
+        except ValueError:
+            raise InvalidInputError("block_size must be a number") from None
+        if block_size < MIN_BLOCK or block_size > MAX_BLOCK or block_size % MIN_BLOCK:
+            raise InvalidInputError("block_size must be a multiple of 64 KiB up to 64 MiB")
+        disks = await self.store.block_hashes(call.caller, call.params["uuid"], block_size)
+        return BlockHashes(disks=disks)
+
+    async def move(self, call: Call[ReplicaMoveRequest]) -> ReplicaMoved:
+        body = call.body
+        return await self.mover.move(call.caller, call.params["uuid"], body.to, body.to_url)
