@@ -25,12 +25,16 @@ from ferry.api.server import AgentApi
 from ferry.errors import ConfigError
 from ferry.host import facts
 from ferry.host.config import HostConfig, load_host_config
-from ferry.host.exchange.service import ExchangeService
+from ferry.host.exchange.service import EXPORT, IMPORT, ExchangeService
+from ferry.host.failover.service import FailoverService
 from ferry.host.jobs import JobRegistry
-from ferry.host.migration.service import MigrationService
+from ferry.host.migration.service import INCOMING, MOVE, MigrationService
+from ferry.host.replication.cycle import INITIAL_JOB, RESYNC_JOB
+from ferry.host.replication.endpoints import ReplicationEndpoints
 from ferry.host.replication.extension import ExtensionService
 from ferry.host.replication.primary import ReplicationService
 from ferry.host.replication.receiver import ReplicaStore
+from ferry.host.replication.replica_move import ReplicaMover
 from ferry.host.replication.server import ReplicaServer
 from ferry.host.vms.service import VmService
 from ferry.peer.client import PeerConnector
@@ -56,6 +60,25 @@ def _lock_data_dir(data_dir: Path) -> int:
             f"another agent (pid {holder}) already runs on data dir {data_dir}"
         ) from None
     return fd
+
+
+def _route_cancels(jobs: JobRegistry, migrations: MigrationService) -> None:
+    """What ``ferry job cancel`` means for kinds whose services do not register it.
+
+    (Failover registers its own kinds.) A move's phases are its states.
+    """
+    jobs.own_states(MOVE)
+    jobs.own_states(INCOMING)
+    jobs.on_cancel(MOVE, lambda job: migrations.cancel(job.id))
+    jobs.refuse_cancel(INCOMING, lambda job: (
+        "it is the incoming side of a move; cancel the move's job on host "
+        f"{job.detail.get('source', 'the move came from')}"))  # fmt: skip
+    for kind in (EXPORT, IMPORT):
+        jobs.on_cancel(kind, jobs.cancel_task)
+    for kind in (INITIAL_JOB, RESYNC_JOB):
+        jobs.refuse_cancel(kind, lambda job: (
+            f"it belongs to the replication of VM {job.vm_name!r}; 'ferry replication pause "
+            f"{job.vm_name}' stops further cycles once the one under way ends"))  # fmt: skip
 
 
 async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> None:
@@ -91,11 +114,14 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         exchange.recover()
         store = ReplicaStore(config, catalog, ReplicaServer(catalog, host=config.name))
         await store.recover()
-        replication = ReplicationService(vms, jobs, store)
+        replication = ReplicationService(vms, jobs, store, peers)
         migrations.observer = replication
         address, port = config.address
         url = f"https://{address}:{port}"
-        extensions = ExtensionService(store, jobs, replication.cycles, url)
+        extensions = ExtensionService(store, jobs, replication.cycles, url, peers)
+        failover = FailoverService(vms, jobs, store, replication, peers)
+        failover.register(peer_server)
+        _route_cancels(jobs, migrations)
         api = AgentApi(
             vms,
             migrations,
@@ -106,8 +132,11 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
             accelerator=accelerator,
             qemu_version=qemu_version,
             peer_server=peer_server,
+            failover=failover,
         )
-        await api.failover.recover()
+        await failover.recover()
+        mover = ReplicaMover(store, replication.cycles.sender, failover, url, peers)
+        ReplicationEndpoints(store, mover=mover, adopt=replication.adopt).register(peer_server)
         runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, address, port, ssl_context=tls, reuse_address=True)

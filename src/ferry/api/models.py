@@ -52,7 +52,7 @@ a move adds ``"phase","target","storage","progress":{...},"result","error"``.
 
 Peer endpoints (a host certificate of the same CA, or an admin)::
 
-    GET    /v1/peer/hello               -> PeerHello
+    GET    /v1/peer/hello               -> Hello (ferry.peer.replication)
     GET    /v1/peer/replica-server/admission -> {storage, trust_group, rule} or 403
     POST   /v1/peer/migrations {job_id, spec, storage, disk_volumes} -> {storage}
     PUT    /v1/peer/migrations/{id}/files/{kernel|initrd}  (raw bytes)
@@ -61,27 +61,15 @@ Peer endpoints (a host certificate of the same CA, or an admin)::
     POST   /v1/peer/migrations/{id}/abort  -> {state}
     GET    /v1/peer/migrations/{id}        -> {state, error}
 
-Replication (the caller is the primary; the replica pins its certificate)::
+Replication (the caller is the primary; the replica pins its certificate):
+``/v1/peer/replicas...`` and ``POST /v1/peer/replications`` (the takeover
+after a move), written down with their payloads in :mod:`ferry.peer.replication`.
 
-    POST   /v1/peer/replicas {spec, frequency_s, recovery_points, initial,
-                              functional_level} -> replica state
-    GET    /v1/peer/replicas/{uuid}     -> {latest_point, latest_time, points,
-                                            functional_level, primary, ...}
-    PATCH  /v1/peer/replicas/{uuid} {frequency_s?, recovery_points?,
-                                     primary?, thumbprint?} -> replica state
-    DELETE /v1/peer/replicas/{uuid}     -> {vm, kept_replica_vm}
-    PUT    /v1/peer/replicas/{uuid}/points/{id}?time=T  (a delta stream, see
-           ferry.core.delta_stream) -> {point, linked, ...replica state}
-    GET    /v1/peer/replicas/{uuid}/points -> [{id, time, size, consistent}]
-    PUT    /v1/peer/replicas/{uuid}/files/{kernel|initrd}  (raw bytes) -> {received}
-    GET    /v1/peer/replicas/{uuid}/hashes?block_size=N -> {disks: [[hex, ...]]}
+Failover::
+
     GET    /v1/peer/vms/{uuid}          -> {state}   (split-brain guard)
     POST   /v1/peer/replications/{uuid}/yield  (the replica failed over) -> {vm, yielded}
-    POST   /v1/peer/replicas/{uuid}/move {to, to_url}  (from the primary: the replica
-           VM and its points move to another replica host) -> {vm, host, thumbprint, ...}
     POST   /v1/peer/replicas/{uuid}/failover   (planned: the VM is off here) -> {vm, point}
-    POST   /v1/peer/replications {Relationship}  (to a VM's new host after a move:
-           it becomes the primary) -> status
 
 Migration endpoints need a *host* certificate: its DN becomes the QEMU
 ``tls-authz`` identity that may feed the destination.
@@ -217,14 +205,6 @@ class ConsoleChunk(BaseModel):
     offset: int
 
 
-class PeerHello(BaseModel):
-    name: str
-    version: str
-    functional_level: int
-    caller: str
-    caller_role: str
-
-
 class EnableReplicationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -245,13 +225,6 @@ class ExtendReplicationRequest(BaseModel):
     to_url: str
     frequency_s: int | None = None  # default: 5m, or the primary's frequency if longer
     recovery_points: int | None = Field(default=None, ge=0, le=24)
-
-
-class MoveReplicaRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    to: str
-    to_url: str
 
 
 class SetReplicationRequest(BaseModel):

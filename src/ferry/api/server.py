@@ -32,9 +32,7 @@ from ferry.api.models import (
     HostView,
     ImportInitialRequest,
     ImportRequest,
-    MoveReplicaRequest,
     MoveRequest,
-    PeerHello,
     SetReplicationRequest,
     StopRequest,
     StopResult,
@@ -49,7 +47,7 @@ from ferry.core.replica_server import ReplicaServerSettings
 from ferry.core.validation import first_error
 from ferry.core.versions import supported_range
 from ferry.core.vmstate import VmState
-from ferry.errors import AuthError, FerryError, InvalidInputError, NotFoundError, StateError
+from ferry.errors import AuthError, FerryError, InvalidInputError
 from ferry.host import facts
 from ferry.host.exchange.service import ExchangeService
 from ferry.host.failover.service import FailoverService
@@ -58,7 +56,6 @@ from ferry.host.migration.service import MigrationService
 from ferry.host.replication.extension import ExtensionService
 from ferry.host.replication.primary import ReplicationService
 from ferry.host.replication.receiver import ReplicaStore
-from ferry.host.replication.replica_move import ReplicaMover
 from ferry.host.vms.requests import NewDisk, NewVm
 from ferry.host.vms.service import VmService
 from ferry.peer.server import PeerServer
@@ -137,15 +134,14 @@ class AgentApi:
         accelerator: str,
         qemu_version: str,
         peer_server: PeerServer,
+        failover: FailoverService,
     ) -> None:
         self.vms = vms
         self.migrations = migrations
         self.exchange = exchange
         self.replication = replication
         self.extensions = extensions
-        self.failover = FailoverService(vms, migrations.jobs, replication.store, replication)
-        self.replica_mover = ReplicaMover(replication.store, replication.cycles, self.failover,
-                                          url)  # fmt: skip
+        self.failover = failover
         self.replicas: ReplicaStore = replication.store
         self.replica_server = replication.store.server
         self.jobs = migrations.jobs
@@ -197,21 +193,6 @@ class AgentApi:
                 web.post("/v1/vms/{name}/replication/extend", self.extend_replication),
                 web.delete("/v1/vms/{name}/replication/extend", self.remove_extension),
                 web.post("/v1/vms/{name}/failover/{action}", self.failover_action),
-                web.get("/v1/peer/vms/{uuid}", self.peer_vm_state),
-                web.post("/v1/peer/replications/{uuid}/yield", self.peer_yield),
-                web.post("/v1/peer/replicas/{uuid}/failover", self.peer_planned_failover),
-                web.post("/v1/peer/replicas/{uuid}/move", self.peer_move_replica),
-                web.put("/v1/peer/replicas/{uuid}/files/{kind}", self.peer_replica_file),
-                web.post("/v1/peer/replicas", self.peer_offer),
-                web.post("/v1/peer/replications", self.peer_take_over),
-                web.get("/v1/peer/replicas/{uuid}", self.peer_replica),
-                web.patch("/v1/peer/replicas/{uuid}", self.peer_replica_update),
-                web.delete("/v1/peer/replicas/{uuid}", self.peer_replica_remove),
-                web.put("/v1/peer/replicas/{uuid}/points/{id}", self.peer_point),
-                web.get("/v1/peer/replicas/{uuid}/points", self.peer_points),
-                web.get("/v1/peer/replicas/{uuid}/hashes", self.peer_hashes),
-                web.get("/v1/peer/hello", self.peer_hello),
-                web.get("/v1/peer/replica-server/admission", self.peer_admission),
             ]
         )
         # Peer endpoints that services registered with the typed peer layer.
@@ -233,6 +214,7 @@ class AgentApi:
             append=spec.append,
             pid=self.vms.pid_of(spec.uuid),
             incoming=self.migrations.is_incoming(spec.uuid),
+            busy=self.vms.turns.holder(spec.uuid),
             replication=self._replication_summary(spec.uuid),
         )
 
@@ -335,18 +317,14 @@ class AgentApi:
         return _json(self.jobs.get(request.match_info["id"]).view(self.vms.config.name))
 
     async def cancel_job(self, request: web.Request) -> web.Response:
-        job = self.jobs.get(request.match_info["id"])
-        if job.kind in ("export", "import"):
-            if job.state != "running" or job.task is None:
-                raise StateError(f"job {job.id} has already ended ({job.state})")
-            job.task.cancel()
-        else:
-            job = self.migrations.cancel(job.id)
+        """The job's kind decides what cancelling means (handlers registered by kind)."""
+        job = self.jobs.cancel(request.match_info["id"])
         return _json(job.view(self.vms.config.name))
 
     async def export_vm(self, request: web.Request) -> web.Response:
         export = await _body(request, ExportRequest)
-        job = self.exchange.start_export(request.match_info["name"], export.to, live=export.live)
+        job = self.exchange.start_export(request.match_info["name"], export.to,
+                                         live=export.live, max_bandwidth=export.max_bandwidth)
         return _json(job.view(self.vms.config.name), status=202)
 
     async def import_vm(self, request: web.Request) -> web.Response:
@@ -359,7 +337,7 @@ class AgentApi:
         for record in self.vms.list():
             if record.state is VmState.RUNNING:
                 try:
-                    async with self.replication.hold(record.uuid):  # no backup job meanwhile
+                    async with self.vms.turns.turn(record.uuid, "refresh-vms"):
                         results.append(await self.vms.refresh_process(record.name))
                 except FerryError as exc:
                     results.append({"vm": record.name, "error": str(exc)})
@@ -398,24 +376,6 @@ class AgentApi:
 
     async def disable_replica_server(self, request: web.Request) -> web.Response:
         return _json(self.replica_server.disable())
-
-    async def peer_admission(self, request: web.Request) -> web.Response:
-        caller: CertInfo = request["caller"]
-        if caller.role is not Role.HOST:
-            raise AuthError("only a ferry host can be admitted as a primary")
-        return _json(self.replica_server.admit(caller.common_name))
-
-    async def peer_hello(self, request: web.Request) -> web.Response:
-        caller: CertInfo = request["caller"]
-        config = self.vms.config
-        hello = PeerHello(
-            name=config.name,
-            version=__version__,
-            functional_level=config.functional_level,
-            caller=caller.common_name,
-            caller_role=caller.role.value if caller.role else "none",
-        )
-        return _json(hello)
 
     # -- replication (admin) ---------------------------------------------------------
 
@@ -476,65 +436,6 @@ class AgentApi:
         body = await _body(request, ImportInitialRequest)
         return _json(await self.replicas.import_initial(Path(body.folder)))
 
-    # -- replication (peer: the primary calls the replica) ------------------------------
-
-    async def peer_offer(self, request: web.Request) -> web.Response:
-        try:
-            offer = await request.json()
-        except ValueError:
-            raise InvalidInputError("invalid replica offer: not JSON") from None
-        return _json(await self.replicas.accept(request["caller"], offer), status=201)
-
-    async def peer_replica(self, request: web.Request) -> web.Response:
-        uuid = request.match_info["uuid"]
-        rel = self.replicas.relationship(uuid)
-        self.replicas.check_primary(request["caller"], rel)
-        return _json(self.replicas.state(uuid))
-
-    async def peer_replica_update(self, request: web.Request) -> web.Response:
-        changes = await request.json()
-        return _json(self.replicas.update(request["caller"], request.match_info["uuid"], changes))
-
-    async def peer_replica_remove(self, request: web.Request) -> web.Response:
-        return _json(await self.replicas.remove(request["caller"], request.match_info["uuid"]))
-
-    async def peer_point(self, request: web.Request) -> web.Response:
-        info = request.match_info
-        try:
-            point_id = int(info["id"])
-            point_time = float(request.query.get("time", "0"))
-        except ValueError:
-            raise InvalidInputError("point id and time must be numbers") from None
-        reply = await self.replicas.receive(
-            request["caller"],
-            info["uuid"],
-            point_id,
-            point_time,
-            request.content.iter_chunked(1 << 20),
-        )
-        return _json(reply)
-
-    async def peer_points(self, request: web.Request) -> web.Response:
-        uuid = request.match_info["uuid"]
-        rel = self.replicas.relationship(uuid)
-        self.replicas.check_primary(request["caller"], rel)
-        return _json(self.replicas.point_views(uuid))
-
-    async def peer_hashes(self, request: web.Request) -> web.Response:
-        try:
-            block_size = int(request.query.get("block_size", str(1 << 20)))
-        except ValueError:
-            raise InvalidInputError("block_size must be a number") from None
-        if block_size < 65536 or block_size > 64 << 20 or block_size % 65536:
-            raise InvalidInputError("block_size must be a multiple of 64 KiB up to 64 MiB")
-        disks = await self.replicas.block_hashes(request["caller"], request.match_info["uuid"],
-                                                 block_size)  # fmt: skip
-        return _json({"disks": disks})
-
-    async def peer_take_over(self, request: web.Request) -> web.Response:
-        document = await request.json()
-        return _json(self.replication.adopt(request["caller"], document), status=201)
-
     # -- failover ----------------------------------------------------------------------
 
     async def failover_action(self, request: web.Request) -> web.Response:
@@ -562,28 +463,4 @@ class AgentApi:
         job = self.failover.run_job("reverse", name, lambda job: self.failover.reverse(name, job))
         return _json(job.view(self.vms.config.name), status=202)
 
-    async def peer_vm_state(self, request: web.Request) -> web.Response:
-        record = self.vms.catalog.find(request.match_info["uuid"])
-        if record is None:
-            raise NotFoundError(f"no VM {request.match_info['uuid']} on this host")
-        return _json({"state": record.state.value})
 
-    async def peer_yield(self, request: web.Request) -> web.Response:
-        return _json(self.failover.yield_primary(request["caller"], request.match_info["uuid"]))
-
-    async def peer_move_replica(self, request: web.Request) -> web.Response:
-        body = await _body(request, MoveReplicaRequest)
-        moved = await self.replica_mover.move(request["caller"], request.match_info["uuid"],
-                                              body.to, body.to_url)  # fmt: skip
-        return _json(moved)
-
-    async def peer_planned_failover(self, request: web.Request) -> web.Response:
-        uuid = request.match_info["uuid"]
-        return _json(await self.failover.planned_here(request["caller"], uuid))
-
-    async def peer_replica_file(self, request: web.Request) -> web.Response:
-        info = request.match_info
-        reply = await self.replicas.receive_file(
-            request["caller"], info["uuid"], info["kind"], request.content.iter_chunked(1 << 20)
-        )
-        return _json(reply)
