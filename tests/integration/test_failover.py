@@ -115,10 +115,8 @@ def test_test_failover_boots_a_point_while_replication_goes_on(
     point, uuid, latest = fresh_point(lab_env, servers, vm)
     on_point = read_records(latest).last_seq
 
-    started, job_id = followed(cli, "failover", "test", vm)
+    started, test_job = followed(cli, "failover", "test", vm)
     assert started["test_vm"] == f"{vm}-test" and started["point"] == point
-    assert history(cli, job_id, "host-2") == walked("starting", "creating-overlays",
-                                                    "starting-vm")  # fmt: skip
     test_vm = lab_env.vm(f"{vm}-test", "host-2")
     assert test_vm["state"] == "running" and test_vm["uuid"] != uuid
     text = lab_env.wait_console(f"{vm}-test", lambda t: UP.search(t) is not None, host="host-2")
@@ -132,6 +130,9 @@ def test_test_failover_boots_a_point_while_replication_goes_on(
     ids = [p["id"] for p in cli.json("replication", "points", vm)]
     assert ids == [point - 1, point, point + 1, point + 2, point + 3]  # nothing merged
     more_records(lab_env, f"{vm}-test", "host-2")  # the test VM writes on its own overlay
+    # Read after the cycles above: each CLI call here delays them (30 s frequency).
+    assert history(cli, test_job, "host-2") == walked("starting", "creating-overlays",
+                                                      "starting-vm")  # fmt: skip
 
     stopped, job_id = followed(cli, "failover", "stop-test", vm)
     assert stopped["stopped"]
