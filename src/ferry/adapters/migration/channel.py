@@ -88,6 +88,9 @@ class MigrationInfo:
     expected_downtime_ms: int | None = None
     downtime_ms: int = 0
     error: str | None = None
+    # 0 in a ``completed`` reply until QEMU has worked out the times: QEMU 7.2
+    # sets the status first, so a reply read at once has downtime 0 too.
+    total_time_ms: int = 0
 
     @classmethod
     def from_qmp(cls, reply: dict[str, Any]) -> MigrationInfo:
@@ -101,6 +104,7 @@ class MigrationInfo:
             dirty_pages_rate=ram.get("dirty-pages-rate", 0),
             expected_downtime_ms=reply.get("expected-downtime"),
             downtime_ms=int(reply.get("downtime", 0)),
+            total_time_ms=int(reply.get("total-time", 0)),
             error=reply.get("error-desc"),
         )
 

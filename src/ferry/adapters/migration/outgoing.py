@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from ferry.errors import FerryError, MoveFailedError
 
 POLL_S = 0.5  # between progress polls; an event ends the wait at once
 SWITCH_OVER_JOBS_S = 60.0  # how long completing the mirrors may take at switch-over
+TIMES_WAIT_S = 1.0  # how long QEMU may take to fill in a completed migration's times
 UNDO_WAIT_S = 15.0  # how long an undo waits for QEMU to let go of a stream or mirror
 EVENTS = ("MIGRATION", "BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR")
 # A source QEMU in these states holds the guest stopped for the move.
@@ -124,10 +125,16 @@ class OutgoingMigration:
 
     # -- disks ----------------------------------------------------------------
 
-    async def mirror_disks(self, disks: int, nbd: tuple[str, int], *, speed: int) -> None:
-        """Mirror disk0..disk{n-1} into the destination's NBD exports of the same names."""
+    async def mirror_disks(self, sizes: Sequence[int], nbd: tuple[str, int], *, speed: int) -> None:
+        """Mirror disk0..disk{n-1} (of ``sizes`` bytes) into the destination's NBD
+        exports of the same names.
+
+        ``speed`` caps the move, not each disk: QEMU caps each job, so each
+        mirror gets the share of the cap that its disk has of the total size.
+        """
         host, port = nbd
-        for index in range(disks):
+        total = sum(sizes) or 1
+        for index, size in enumerate(sizes):
             node = f"nbd{index}-{self.tag}"
             node_args: dict[str, Any] = {
                 "driver": "nbd",
@@ -148,7 +155,7 @@ class OutgoingMigration:
                 "sync": "full",
             }
             if speed:
-                mirror_args["speed"] = speed
+                mirror_args["speed"] = max(1, speed * size // total)
             await self.channel.execute("blockdev-mirror", mirror_args)
             self.mirrors.append(mirror)
 
@@ -209,7 +216,14 @@ class OutgoingMigration:
             await self.channel.execute("block-job-cancel", {"device": mirror})
         await self._wait_mirrors_gone(SWITCH_OVER_JOBS_S)
         await self.channel.execute("migrate-continue", {"state": "pre-switchover"})
-        return await self.wait_for(MigrationStatus.COMPLETED, report)
+        info = await self.wait_for(MigrationStatus.COMPLETED, report)
+        # QEMU 7.2 reports ``completed`` a moment before it fills in the times
+        # (downtime 0 then): ask again until they are there.
+        deadline = time.monotonic() + TIMES_WAIT_S
+        while info.total_time_ms == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+            info = await query_migrate(self.channel)
+        return info
 
     async def undo(self) -> QemuStatus:
         """Take down what this move set up and let the guest run here; its run state.

@@ -211,7 +211,8 @@ class MoveSource:
                              downtime_limit_ms=job.detail.get("downtime_limit_ms"))  # fmt: skip
         with qemu.listening():
             if storage is Storage.COPY and record.spec.disks:
-                await self._copy_disks(job, qemu, peer, launched.nbd, len(record.spec.disks))
+                sizes = [disk.size for disk in record.spec.disks]
+                await self._copy_disks(job, qemu, peer, launched.nbd, sizes)
             await self._copy_memory(job, qemu, peer, launched.uri)
             info, resume_ms = await self._switch_over(attempt, qemu, peer, record, storage)
         total_s = round(time.monotonic() - attempt.started, 3)
@@ -252,12 +253,12 @@ class MoveSource:
         return record, storage, launched
 
     async def _copy_disks(self, job: Job, qemu: OutgoingMigration, peer: PeerClient,
-                          nbd: wire.NbdEndpoint | None, disks: int) -> None:  # fmt: skip
+                          nbd: wire.NbdEndpoint | None, sizes: list[int]) -> None:  # fmt: skip
         """``copying-disks``: mirror every disk into the destination's exports until ready."""
         self.phase(job, Phase.COPYING_DISKS)
         if nbd is None:
             raise MoveFailedError(f"host {peer.name!r} offers no NBD export for the disks")
-        await qemu.mirror_disks(disks, (nbd.host, nbd.port), speed=job.detail["max_bandwidth"])
+        await qemu.mirror_disks(sizes, (nbd.host, nbd.port), speed=job.detail["max_bandwidth"])
         await qemu.wait_mirrors_ready(self._disk_progress(job), PeerWatch(peer, job.id).check)
 
     async def _copy_memory(
