@@ -323,8 +323,12 @@ class AgentApi:
 
     async def export_vm(self, request: web.Request) -> web.Response:
         export = await _body(request, ExportRequest)
-        job = self.exchange.start_export(request.match_info["name"], export.to,
-                                         live=export.live, max_bandwidth=export.max_bandwidth)
+        job = self.exchange.start_export(
+            request.match_info["name"],
+            export.to,
+            live=export.live,
+            max_bandwidth=export.max_bandwidth,
+        )
         return _json(job.view(self.vms.config.name), status=202)
 
     async def import_vm(self, request: web.Request) -> web.Response:
@@ -462,5 +466,3 @@ class AgentApi:
         name = request.match_info["name"]
         job = self.failover.run_job("reverse", name, lambda job: self.failover.reverse(name, job))
         return _json(job.view(self.vms.config.name), status=202)
-
-

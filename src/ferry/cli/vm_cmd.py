@@ -59,9 +59,11 @@ def create(
     host: str = typer.Option(..., "--host", "-H", help="Host to create it on."),
     memory: str = typer.Option("256M", "--memory", "-m", help="Memory, e.g. 256M, 1G."),
     cpus: int = typer.Option(1, "--cpus", help="Virtual CPUs."),
-    disk: list[str] = typer.Option([], "--disk", help="New empty qcow2 disk of SIZE (repeat)."),
+    disk: list[str] = typer.Option(
+        [], "--disk", help="New empty qcow2 disk of SIZE (repeat), after any --image disks."
+    ),
     image: list[str] = typer.Option(
-        [], "--image", help="Disk copied from an image file on the host (repeat)."
+        [], "--image", help="Disk copied from an image file on the host (repeat); these come first."
     ),
     guest: str | None = typer.Option(None, "--guest", help="'test' boots ferry's test guest."),
     kernel: str | None = typer.Option(None, "--kernel", help="Kernel file on the host."),
@@ -83,8 +85,9 @@ def create(
         "name": name,
         "memory": parse_size(memory, what="memory"),
         "cpus": cpus,
-        "disks": [{"size": parse_size(size, what="disk size")} for size in disk]
-        + [{"image": path} for path in image],
+        # Images first: the disk a guest boots from is usually the copied one.
+        "disks": [{"image": path} for path in image]
+        + [{"size": parse_size(size, what="disk size")} for size in disk],
         "guest": guest,
         "kernel": kernel,
         "initrd": initrd,
@@ -338,12 +341,21 @@ def export_vm(
     name: str,
     to: str = typer.Option(..., "--to", help="New folder on the VM's host (in its image dirs)."),
     live: bool = typer.Option(False, "--live", help="Export a running VM at one point in time."),
+    max_bandwidth: str | None = typer.Option(
+        None,
+        "--max-bandwidth",
+        metavar="RATE",
+        help="With --live: cap how fast the copy reads the VM's disks (bytes/s, e.g. 50M).",
+    ),
     host: str | None = HostOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Export a VM as a self-contained folder (config, consolidated disks, manifest)."""
+    bandwidth = parse_size(max_bandwidth, what="bandwidth") if max_bandwidth else None
     where, _ = with_fleet(lambda fleet: fleet.locate(name, host))
-    body = {"to": to, "live": live}
+    body: dict[str, Any] = {"to": to, "live": live}
+    if bandwidth is not None:
+        body["max_bandwidth"] = bandwidth
     result = _run_job(where, f"/v1/vms/{name}/export", body, as_json, what=f"export of VM {name}")
     if as_json:
         print_json({"result": "ok", **result})
