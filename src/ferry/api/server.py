@@ -1,57 +1,46 @@
-"""The agent's HTTPS API (aiohttp), mutual TLS only.
+"""The agent's HTTPS API (aiohttp): the app, host, VM, job and volume routes.
 
-The verified client certificate of each request decides its role: an *admin*
-certificate may call everything; a *host* certificate of the same CA (a peer)
-may only call ``/v1/peer/...``; anything else is cut off in the TLS handshake
-(no or foreign certificate) or answered 403. Payloads are in
-:mod:`ferry.api.models`.
+Authentication and the error edge are :mod:`ferry.api.edge`; replication and
+failover routes :mod:`ferry.api.protection`; peer routes come from the
+services through the typed peer layer (:mod:`ferry.peer.server`). Payloads
+are in :mod:`ferry.api.models`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
 
 from ferry import __version__
 from ferry.adapters.catalog import VmRecord
-from ferry.adapters.pki import CertInfo, Role, cert_info_from_der
+from ferry.api.edge import guard
+from ferry.api.edge import json_reply as _json
+from ferry.api.edge import read_body as _body
 from ferry.api.models import (
     ConsoleChunk,
     CreateVmRequest,
     DiskView,
-    EnableReplicationRequest,
     ExportRequest,
-    ExtendReplicationRequest,
-    FailoverRequest,
     HostView,
-    ImportInitialRequest,
     ImportRequest,
     MoveRequest,
-    SetReplicationRequest,
     StopRequest,
     StopResult,
     VmView,
     VolumeRequest,
 )
+from ferry.api.protection import ProtectionRoutes
 from ferry.core import vmstate
 from ferry.core.migration import Storage
-from ferry.core.relationship import InitialMethod
 from ferry.core.relationship import Role as RelRole
-from ferry.core.replica_server import ReplicaServerSettings
-from ferry.core.validation import first_error
 from ferry.core.versions import supported_range
 from ferry.core.vmstate import VmState
-from ferry.errors import AuthError, FerryError, InvalidInputError
+from ferry.errors import FerryError, InvalidInputError
 from ferry.host import facts
 from ferry.host.exchange.service import ExchangeService
 from ferry.host.failover.service import FailoverService
-from ferry.host.jobs import Job
 from ferry.host.migration.service import MigrationService
 from ferry.host.replication.extension import ExtensionService
 from ferry.host.replication.primary import ReplicationService
@@ -61,62 +50,6 @@ from ferry.host.vms.service import VmService
 from ferry.peer.server import PeerServer
 
 log = logging.getLogger(__name__)
-
-M = TypeVar("M", bound=BaseModel)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _json(model: BaseModel | list[Any] | dict[str, Any], status: int = 200) -> web.Response:
-    if isinstance(model, BaseModel):
-        body = model.model_dump_json()
-    else:
-        body = web.json_response(model).text or "null"
-    return web.Response(text=body, status=status, content_type="application/json")
-
-
-def _error(exc: FerryError) -> web.Response:
-    payload = {"error": {"code": exc.code, "message": exc.message}}
-    return web.json_response(payload, status=exc.http_status)
-
-
-def _caller(request: web.Request) -> CertInfo:
-    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    if not der:
-        raise AuthError("a client certificate is required")
-    return cert_info_from_der(der)
-
-
-@web.middleware
-async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Authorise by certificate role, and turn every error into one JSON line."""
-    try:
-        caller = _caller(request)
-        is_peer_path = request.path.startswith("/v1/peer/")
-        if caller.role is Role.HOST and not is_peer_path:
-            raise AuthError(
-                f"host certificate {caller.common_name!r} may only call peer endpoints; "
-                "use an admin certificate"
-            )
-        if caller.role not in (Role.ADMIN, Role.HOST):
-            raise AuthError(f"certificate {caller.subject!r} is neither a ferry admin nor a host")
-        request["caller"] = caller
-        return await handler(request)
-    except FerryError as exc:
-        return _error(exc)
-    except web.HTTPException:
-        raise
-    except Exception as exc:
-        log.exception("internal error on %s %s", request.method, request.path)
-        return _error(FerryError(f"internal error in the agent: {type(exc).__name__}: {exc}"))
-
-
-async def _body(request: web.Request, model: type[M]) -> M:
-    try:
-        raw = await request.read()
-        return model.model_validate_json(raw or b"{}")
-    except ValidationError as exc:
-        raise InvalidInputError(f"invalid request: {first_error(exc, whole='body')}") from exc
 
 
 class AgentApi:
@@ -151,7 +84,7 @@ class AgentApi:
         self.peer_server = peer_server
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[_guard], client_max_size=1024**2)
+        app = web.Application(middlewares=[guard], client_max_size=1024**2)
         app.add_routes(
             [
                 web.get("/v1/host", self.host),
@@ -177,23 +110,10 @@ class AgentApi:
                 web.get("/v1/volumes", self.list_volumes),
                 web.post("/v1/volumes", self.add_volume),
                 web.delete("/v1/volumes/{name}", self.remove_volume),
-                web.get("/v1/replica-server", self.replica_settings),
-                web.put("/v1/replica-server", self.configure_replica_server),
-                web.delete("/v1/replica-server", self.disable_replica_server),
-                web.post("/v1/vms/{name}/replication", self.enable_replication),
-                web.get("/v1/vms/{name}/replication", self.replication_status),
-                web.patch("/v1/vms/{name}/replication", self.set_replication),
-                web.post("/v1/vms/{name}/replication/pause", self.pause_replication),
-                web.post("/v1/vms/{name}/replication/resume", self.resume_replication),
-                web.post("/v1/vms/{name}/replication/sync", self.sync_replication),
-                web.delete("/v1/vms/{name}/replication", self.remove_replication),
-                web.get("/v1/vms/{name}/replication/points", self.replication_points),
-                web.post("/v1/replication/import-initial", self.import_initial),
-                web.post("/v1/vms/{name}/replication/reverse", self.reverse_replication),
-                web.post("/v1/vms/{name}/replication/extend", self.extend_replication),
-                web.delete("/v1/vms/{name}/replication/extend", self.remove_extension),
-                web.post("/v1/vms/{name}/failover/{action}", self.failover_action),
             ]
+        )
+        app.add_routes(
+            ProtectionRoutes(self.vms, self.replication, self.extensions, self.failover).routes()
         )
         # Peer endpoints that services registered with the typed peer layer.
         app.add_routes(self.peer_server.aiohttp_routes(lambda request: request["caller"]))
@@ -370,99 +290,3 @@ class AgentApi:
     async def remove_volume(self, request: web.Request) -> web.Response:
         self.vms.catalog.remove_volume(request.match_info["name"])
         return _json(self.vms.catalog.volumes())
-
-    async def replica_settings(self, request: web.Request) -> web.Response:
-        return _json(self.replica_server.settings())
-
-    async def configure_replica_server(self, request: web.Request) -> web.Response:
-        settings = await _body(request, ReplicaServerSettings)
-        return _json(self.replica_server.configure(settings))
-
-    async def disable_replica_server(self, request: web.Request) -> web.Response:
-        return _json(self.replica_server.disable())
-
-    # -- replication (admin) ---------------------------------------------------------
-
-    async def enable_replication(self, request: web.Request) -> web.Response:
-        body = await _body(request, EnableReplicationRequest)
-        status = await self.replication.enable(
-            request.match_info["name"], replica=body.replica, replica_url=body.replica_url,
-            frequency_s=body.frequency_s, recovery_points=body.recovery_points,
-            initial=InitialMethod(body.initial), media_dir=body.media_dir,
-            compression=body.compression, initial_after=body.initial_after)  # fmt: skip
-        return _json(status, status=201)
-
-    async def replication_status(self, request: web.Request) -> web.Response:
-        status = self.replication.status(request.match_info["name"])
-        if status["role"] == "replica":
-            status["extended"] = self.extensions.view(self.vms.get(status["vm"]).uuid)
-        return _json(status)
-
-    async def extend_replication(self, request: web.Request) -> web.Response:
-        body = await _body(request, ExtendReplicationRequest)
-        view = await self.extensions.extend(
-            request.match_info["name"], to=body.to, url=body.to_url,
-            frequency_s=body.frequency_s, recovery_points=body.recovery_points)  # fmt: skip
-        return _json(view, status=201)
-
-    async def remove_extension(self, request: web.Request) -> web.Response:
-        return _json(await self.extensions.remove(request.match_info["name"]))
-
-    async def set_replication(self, request: web.Request) -> web.Response:
-        body = await _body(request, SetReplicationRequest)
-        status = await self.replication.change(
-            request.match_info["name"], replica=body.replica, replica_url=body.replica_url,
-            frequency_s=body.frequency_s, recovery_points=body.recovery_points,
-            thumbprint=body.certificate_thumbprint)  # fmt: skip
-        return _json(status)
-
-    async def pause_replication(self, request: web.Request) -> web.Response:
-        return _json(await self.replication.pause(request.match_info["name"]))
-
-    async def resume_replication(self, request: web.Request) -> web.Response:
-        return _json(await self.replication.pause(request.match_info["name"], resume=True))
-
-    async def sync_replication(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        record = self.vms.get(name)
-        rel = self.vms.catalog.relationship(record.uuid)
-        if rel is not None and rel.role is RelRole.REPLICA:  # on the replica: the extension
-            return _json(await self.extensions.sync_now(name))
-        return _json(await self.replication.sync_now(name))
-
-    async def remove_replication(self, request: web.Request) -> web.Response:
-        return _json(await self.replication.remove(request.match_info["name"]))
-
-    async def replication_points(self, request: web.Request) -> web.Response:
-        return _json(await self.replication.points(request.match_info["name"]))
-
-    async def import_initial(self, request: web.Request) -> web.Response:
-        body = await _body(request, ImportInitialRequest)
-        return _json(await self.replicas.import_initial(Path(body.folder)))
-
-    # -- failover ----------------------------------------------------------------------
-
-    async def failover_action(self, request: web.Request) -> web.Response:
-        """Every failover operation runs as a job (202); ``ferry job show`` follows it."""
-        name, action = request.match_info["name"], request.match_info["action"]
-        body = await _body(request, FailoverRequest)
-        failover = self.failover
-        operations: dict[str, Callable[[Job], Awaitable[dict[str, Any]]]] = {
-            "test": lambda job: failover.test(name, body.point, job),
-            "stop-test": lambda job: failover.stop_test(name, job),
-            "start": lambda job: failover.start(name, body.point, force=body.force, job=job),
-            "complete": lambda job: failover.complete(name, job),
-            "cancel": lambda job: failover.cancel(name, job),
-        }
-        if action == "planned":
-            job = failover.start_planned(name)
-        elif action in operations:
-            job = failover.run_job(action, name, operations[action])
-        else:
-            raise InvalidInputError(f"unknown failover action {action!r}")
-        return _json(job.view(self.vms.config.name), status=202)
-
-    async def reverse_replication(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        job = self.failover.run_job("reverse", name, lambda job: self.failover.reverse(name, job))
-        return _json(job.view(self.vms.config.name), status=202)
