@@ -1,8 +1,8 @@
 """The host's catalog: VMs and their states in SQLite (WAL) in the data dir.
 
-The schema version is SQLite's ``user_version``. Opening applies every forward
-migration in :data:`MIGRATIONS` in one transaction, and refuses a catalog
-written by a newer ferry (see :func:`ferry.core.versions.check_data_schema`).
+The schema version is SQLite's ``user_version``. Opening applies every
+forward migration (:mod:`ferry.adapters.catalog_schema`) in one transaction,
+and refuses a catalog written by a newer ferry (see :func:`ferry.core.versions.check_data_schema`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
 
+from ferry.adapters.catalog_schema import MIGRATIONS
 from ferry.core.relationship import Extension, Relationship
 from ferry.core.replication import CycleRecord, PointInfo
 from ferry.core.spec import VmSpec
@@ -24,82 +25,6 @@ from ferry.core.vmstate import VmState
 from ferry.errors import CatalogError, ConflictError, NotFoundError
 
 CATALOG_FILE = "catalog.sqlite"
-
-# schema version -> statements that bring the previous version to it.
-MIGRATIONS: dict[int, tuple[str, ...]] = {
-    1: (
-        """CREATE TABLE vms (
-            uuid TEXT PRIMARY KEY,
-            name TEXT NOT NULL UNIQUE,
-            spec TEXT NOT NULL,
-            state TEXT NOT NULL,
-            created REAL NOT NULL,
-            updated REAL NOT NULL
-        )""",
-    ),
-    2: (
-        # Jobs: long operations (moves, incoming moves), written before they act.
-        """CREATE TABLE jobs (
-            id TEXT PRIMARY KEY,
-            kind TEXT NOT NULL,
-            vm_uuid TEXT NOT NULL,
-            vm_name TEXT NOT NULL,
-            state TEXT NOT NULL,
-            detail TEXT NOT NULL,
-            created REAL NOT NULL,
-            updated REAL NOT NULL
-        )""",
-        # Shared volumes: a dir this host sees that other hosts see too.
-        """CREATE TABLE volumes (
-            name TEXT PRIMARY KEY,
-            path TEXT NOT NULL
-        )""",
-    ),
-    3: (
-        # Host-wide settings as JSON documents (the replica server's first).
-        """CREATE TABLE settings (
-            key TEXT PRIMARY KEY,
-            value TEXT NOT NULL
-        )""",
-    ),
-    4: (
-        # Replication relationships (a JSON Relationship per VM, either role).
-        """CREATE TABLE replications (
-            vm_uuid TEXT PRIMARY KEY,
-            doc TEXT NOT NULL,
-            updated REAL NOT NULL
-        )""",
-        # Recovery points on a replica: ``stem`` names the files, one per disk
-        # (``{stem}-disk{i}.qcow2`` in the relationship's storage dir).
-        """CREATE TABLE recovery_points (
-            vm_uuid TEXT NOT NULL,
-            id INTEGER NOT NULL,
-            time REAL NOT NULL,
-            stem TEXT NOT NULL,
-            size INTEGER NOT NULL,
-            PRIMARY KEY (vm_uuid, id)
-        )""",
-        # What each cycle did, for health and statistics (pruned after a day).
-        """CREATE TABLE cycles (
-            vm_uuid TEXT NOT NULL,
-            started REAL NOT NULL,
-            kind TEXT NOT NULL,
-            bytes INTEGER NOT NULL,
-            duration_s REAL NOT NULL
-        )""",
-        "CREATE INDEX cycles_by_vm ON cycles (vm_uuid, started)",
-    ),
-    5: (
-        # Extended replication: a replica host forwarding a VM's recovery
-        # points to a third host (a JSON Extension per VM).
-        """CREATE TABLE extensions (
-            vm_uuid TEXT PRIMARY KEY,
-            doc TEXT NOT NULL,
-            updated REAL NOT NULL
-        )""",
-    ),
-}
-assert max(MIGRATIONS) == DATA_SCHEMA_VERSION
 
 
 @dataclass(frozen=True)
