@@ -123,7 +123,9 @@ class MoveDestination:
 
         job = self.jobs.adopt(request.job_id, INCOMING, spec.uuid, spec.name,
                               IncomingState.RECEIVING.value, source=caller.common_name,
-                              source_dn=qemu_dn(caller), storage=storage.value)  # fmt: skip
+                              source_dn=qemu_dn(caller), storage=storage.value,
+                              # a takeover of the VM's replication must come with it
+                              source_thumbprint=caller.thumbprint)  # fmt: skip
         vm_dir = self.vms.vm_dir(spec.uuid)
         try:
             vm_dir.mkdir(parents=True, exist_ok=True)
