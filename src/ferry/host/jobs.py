@@ -129,6 +129,21 @@ class JobRegistry:
         self._persist(job)
         return job
 
+    def turn_waiter(self, job: Job) -> Callable[[str | None], None]:
+        """How a job queued behind another on a VM's disks says so (see host/turns.py).
+
+        Its progress reads "waiting for ..." while it waits; ``waited_for``
+        stays in the job afterwards, so its record shows why it took longer.
+        """
+
+        def waiting(why: str | None) -> None:
+            if why:
+                self.update(job, progress={"waiting": why}, waited_for=why)
+            else:
+                self.update(job, progress={})
+
+        return waiting
+
     def update(self, job: Job, state: str | None = None, **detail: Any) -> None:
         """Record progress, a new phase (``phase=``) or a new state (through the table)."""
         new_state = state is not None and state != job.state

@@ -137,10 +137,7 @@ class ExchangeService:
             total = sum(d.size for d in spec.disks)
             disks: list[ExportedDisk] = []
             if live:
-
-                def waiting(why: str | None) -> None:
-                    self.jobs.update(job, progress={"waiting": why} if why else {})
-
+                waiting = self.jobs.turn_waiter(job)
                 async with self.vms.turns.turn(record.uuid, "a live export", waiting=waiting):
                     # It may have waited behind a move or a stop: look again.
                     record = self.vms.get(record.uuid)

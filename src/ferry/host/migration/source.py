@@ -171,14 +171,10 @@ class MoveSource:
             return
         self.phase(job, phase, error=error, result=result)
 
-    def _waiting(self, job: Job) -> Callable[[str | None], None]:
-        """Progress of a move queued behind another job on the VM's disks."""
-        return lambda why: self.jobs.update(job, progress={"waiting": why} if why else {})
-
     async def _run_move(self, job: Job) -> None:
         attempt = MoveAttempt(job, started=time.monotonic())
         try:
-            waiting = self._waiting(job)
+            waiting = self.jobs.turn_waiter(job)
             async with self._slots, self.vms.turns.turn(job.vm_uuid, "a move", waiting=waiting):
                 self.phase(job, Phase.PREPARING)
                 async with self.peers.connect(attempt.target, attempt.target_url) as peer:
