@@ -128,7 +128,9 @@ def test_test_failover_boots_a_point_while_replication_goes_on(
         more_records(lab_env, vm, "host-1")
         sync(lab_env, vm)
     ids = [p["id"] for p in cli.json("replication", "points", vm)]
-    assert ids == [point - 1, point, point + 1, point + 2, point + 3]  # nothing merged
+    # Nothing merged: every point from the one before the test's on is there (a
+    # scheduled 30 s cycle may have added one more than our three syncs).
+    assert ids == list(range(point - 1, ids[-1] + 1)) and ids[-1] >= point + 3, ids
     more_records(lab_env, f"{vm}-test", "host-2")  # the test VM writes on its own overlay
     # Read after the cycles above: each CLI call here delays them (30 s frequency).
     assert history(cli, test_job, "host-2") == walked("starting", "creating-overlays",
@@ -140,7 +142,8 @@ def test_test_failover_boots_a_point_while_replication_goes_on(
     assert "no VM named" in cli.fails("vm", "show", f"{vm}-test", "--host", "host-2")
     assert not list((servers / "host-2" / uuid).glob("test-*"))
     # The merges that waited ran: 1 kept + the latest.
-    assert [p["id"] for p in cli.json("replication", "points", vm)] == [point + 2, point + 3]
+    kept = [p["id"] for p in cli.json("replication", "points", vm)]
+    assert len(kept) == 2 and kept[1] == kept[0] + 1 and kept[0] >= point + 2, kept
     assert "no test failover" in cli.fails("failover", "stop-test", vm)
 
 
