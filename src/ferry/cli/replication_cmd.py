@@ -3,6 +3,10 @@
 Commands go to the VM's primary host (found by name), which talks to the
 replica; ``points`` and ``status`` also work against the replica host alone
 (``--host``), which is what an admin has when the primary is lost.
+
+Over 400 lines because it is one command group, ``ferry replication``, with
+a dozen commands and the status view they share; each command is a short
+function, and splitting the group would split its help and its options.
 """
 
 from __future__ import annotations

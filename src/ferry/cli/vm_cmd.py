@@ -1,4 +1,8 @@
-"""``ferry vm ...``: the VM life cycle on any known host."""
+"""``ferry vm ...``: the VM life cycle on any known host.
+
+Over 400 lines because it is one command group, ``ferry vm``, with fifteen
+commands that share the VM lookup, the job follower and the output helpers.
+"""
 
 from __future__ import annotations
 

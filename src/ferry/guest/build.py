@@ -7,6 +7,10 @@ Builds land in a cache directory keyed on everything that goes into them, so
 a new kernel, busybox or an edited ``init.sh`` rebuilds. A build is made in a
 temp directory and renamed into place under a lock, so an interrupted build
 never looks complete and concurrent builders do not trip over each other.
+
+Over 400 lines because the one concept, a reproducible guest image, needs
+the package lookup, the newc writer, the module dependency order and the
+cache lock together; none of them has a second user.
 """
 
 from __future__ import annotations

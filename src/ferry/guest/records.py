@@ -7,6 +7,8 @@ replica, a migrated disk, a restored recovery point) tells a test how far the
 guest got and whether any block arrived torn; reading every disk of a copy
 tells whether the copy holds all disks as of one instant. This module is the
 one place where the format is written down; ``init.sh`` writes the same bytes.
+(Over 400 lines for that reason: the format, its reader and the one-instant
+rule of several disks belong together.)
 
 Record format (version 1)
 -------------------------
