@@ -23,6 +23,9 @@ that is still running when the agent is stopped to finish, so a restarted
 agent can read its outcome (:meth:`BlockBackup.outcome`). A live export
 (``vm export --live``) copies ``sync: full`` into sparse targets and
 cancels its jobs when it is cancelled.
+
+The channel is the narrow QMP interface (:class:`ferry.adapters.qemu.QmpChannel`
+for real; :class:`ferry.testing.qmp.FakeQmp` in the unit tests).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from ferry.adapters.qemu import QmpChannel
+from ferry.adapters.migration.channel import Channel
 from ferry.errors import FerryError, QemuError
 
 JOB_POLL_S = 0.2
@@ -56,7 +59,7 @@ class Outcome(StrEnum):
 class BlockBackup:
     """One backup of ``devices`` (disk node names), its nodes and jobs named by ``prefix``."""
 
-    def __init__(self, channel: QmpChannel, prefix: str, devices: Sequence[str], *,
+    def __init__(self, channel: Channel, prefix: str, devices: Sequence[str], *,
                  what: str) -> None:  # fmt: skip
         self.channel = channel
         self.devices = list(devices)
