@@ -28,6 +28,8 @@ enter, in the adapter that met them, with ``raise ... from exc``.
      +-- ReplicationStoppedError    replication-stopped  a retry cannot cure it; admin acts
      +-- MoveFailedError            move-failed       a move step failed; the move is undone
      +-- JobCancelledError          job-cancelled     a job stops where its cancel was honoured
+     +-- StoreUnavailableError      store-unavailable the cluster store (etcd) cannot be reached
+     +-- LeaseLostError             lease-lost        a node's cluster lease expired or was revoked
 
 The ``code`` travels over the API so the CLI can rebuild the same class on
 the other side.
@@ -205,6 +207,20 @@ class JobCancelledError(FerryError):
     http_status = 409
 
 
+class StoreUnavailableError(FerryError):
+    """The cluster's store (etcd) did not answer; the message names the URL(s)."""
+
+    code = "store-unavailable"
+    http_status = 503
+
+
+class LeaseLostError(FerryError):
+    """A node's cluster lease is gone (expired or revoked): it must fence itself."""
+
+    code = "lease-lost"
+    http_status = 409
+
+
 _BY_CODE: dict[str, type[FerryError]] = {
     cls.code: cls
     for cls in (
@@ -227,6 +243,8 @@ _BY_CODE: dict[str, type[FerryError]] = {
         ReplicationStoppedError,
         MoveFailedError,
         JobCancelledError,
+        StoreUnavailableError,
+        LeaseLostError,
     )
 }
 

@@ -1,0 +1,1 @@
+"""Clusters: the pure side (store contract, timings, node states, placement, HA rules)."""
