@@ -1,0 +1,116 @@
+"""Where a cluster keeps what in its store: the one key layout, pure.
+
+Everything of cluster ``C`` lives under ``/ferry/clusters/C/``::
+
+    meta                    {"name", "created", "functional_level"}   the cluster itself
+    members/<node>          {"name", "url", "version", "functional_level", "joined",
+                             "draining"}                               permanent until leave
+    alive/<node>            {"name", "memory_free", "at"}  put with the node's lease:
+                                                           gone = the lease expired
+    fenced/<node>           {"at", "reason"}               the node fenced itself (or was
+                                                           declared fenced); cleared on rejoin
+    leader                  "<node>"                       with the leader's lease (election)
+    volumes/<name>          {"name", "path"}
+    probes/<volume>/<node>  "<token>"                      transient, for volume add
+    vms/<uuid>/config       {"spec": VmSpec JSON, "priority", "volume"}
+    vms/<uuid>/owner        {"node", "since"}              changed only by compare-and-swap
+    vms/<uuid>/want         "running" | "off"               what HA restores
+    names/<vm name>         "<uuid>"                       unique names (create only if absent)
+    events/<revision-padded> {"at", "kind", "node", "vm", "reason"}
+
+A node's state is read from these: ``fenced/<node>`` present -> fenced;
+``alive/<node>`` absent -> down; ``members/<node>.draining`` -> draining;
+else up.
+"""
+
+from __future__ import annotations
+
+ROOT = "/ferry/clusters/"
+
+
+class ClusterKeys:
+    """The keys of one cluster."""
+
+    def __init__(self, cluster: str) -> None:
+        self.cluster = cluster
+        self.prefix = f"{ROOT}{cluster}/"
+
+    @property
+    def meta(self) -> str:
+        return self.prefix + "meta"
+
+    @property
+    def leader(self) -> str:
+        return self.prefix + "leader"
+
+    @property
+    def members(self) -> str:
+        return self.prefix + "members/"
+
+    def member(self, node: str) -> str:
+        return self.members + node
+
+    @property
+    def alive_prefix(self) -> str:
+        return self.prefix + "alive/"
+
+    def alive(self, node: str) -> str:
+        return self.alive_prefix + node
+
+    @property
+    def fenced_prefix(self) -> str:
+        return self.prefix + "fenced/"
+
+    def fenced(self, node: str) -> str:
+        return self.fenced_prefix + node
+
+    @property
+    def volumes(self) -> str:
+        return self.prefix + "volumes/"
+
+    def volume(self, name: str) -> str:
+        return self.volumes + name
+
+    def probe(self, volume: str, node: str) -> str:
+        return f"{self.prefix}probes/{volume}/{node}"
+
+    @property
+    def vms(self) -> str:
+        return self.prefix + "vms/"
+
+    def vm_config(self, uuid: str) -> str:
+        return f"{self.vms}{uuid}/config"
+
+    def vm_owner(self, uuid: str) -> str:
+        return f"{self.vms}{uuid}/owner"
+
+    def vm_want(self, uuid: str) -> str:
+        return f"{self.vms}{uuid}/want"
+
+    @property
+    def names(self) -> str:
+        return self.prefix + "names/"
+
+    def name(self, vm_name: str) -> str:
+        return self.names + vm_name
+
+    @property
+    def events(self) -> str:
+        return self.prefix + "events/"
+
+    def event(self, revision: int) -> str:
+        return f"{self.events}{revision:020d}"
+
+    @staticmethod
+    def vm_uuid_of(key: str) -> str:
+        """The uuid in a ``.../vms/<uuid>/...`` key."""
+        return key.split("/vms/", 1)[1].split("/", 1)[0]
+
+    @staticmethod
+    def last_part(key: str) -> str:
+        return key.rsplit("/", 1)[-1]
+
+
+def cluster_names(keys: list[str]) -> list[str]:
+    """The clusters that ``.../meta`` keys under :data:`ROOT` name."""
+    return sorted({k[len(ROOT) :].split("/", 1)[0] for k in keys if k.endswith("/meta")})
