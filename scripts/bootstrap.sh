@@ -4,7 +4,9 @@
 # Sourced by scripts/demo.sh and scripts/test.sh; safe to run again.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-debs=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static zstd iproute2 rsync)
+# chromium (and a font for its screenshots) drives the web console's browser tests.
+debs=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static zstd iproute2 rsync
+      chromium fonts-liberation)
 missing=()
 for pkg in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
