@@ -1,0 +1,1 @@
+"""Host services of a cluster node: membership, election, HA, volumes, clustered VMs, fencing."""
