@@ -13,6 +13,7 @@ enter, in the adapter that met them, with ``raise ... from exc``.
      +-- InvalidInputError          invalid-input     bad size, name, path, flag
      +-- NotFoundError              not-found         unknown VM, host, file
      +-- ConflictError              conflict          duplicate name, VM in use
+     |    +-- NoPlacementError      no-placement      no cluster node may take the VM
      +-- StateError                 wrong-state       operation not allowed now
      +-- VersionError               version           config version / data dir
      +-- AuthError                  forbidden         certificate refused, wrong role
@@ -69,6 +70,22 @@ class NotFoundError(FerryError):
 class ConflictError(FerryError):
     code = "conflict"
     http_status = 409
+
+
+class NoPlacementError(ConflictError):
+    """No node of a cluster may take VM ``vm``; ``reasons`` says why not, node by node.
+
+    Made by :func:`ferry.core.cluster.placement.place`; rebuilt from the API
+    with the message only.
+    """
+
+    code = "no-placement"
+
+    def __init__(self, message: str, *, vm: str = "",
+                 reasons: dict[str, str] | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.vm = vm
+        self.reasons = dict(reasons or {})
 
 
 class StateError(FerryError):
@@ -228,6 +245,7 @@ _BY_CODE: dict[str, type[FerryError]] = {
         InvalidInputError,
         NotFoundError,
         ConflictError,
+        NoPlacementError,
         StateError,
         VersionError,
         AuthError,
