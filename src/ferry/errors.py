@@ -31,6 +31,7 @@ enter, in the adapter that met them, with ``raise ... from exc``.
      +-- JobCancelledError          job-cancelled     a job stops where its cancel was honoured
      +-- StoreUnavailableError      store-unavailable the cluster store (etcd) cannot be reached
      +-- LeaseLostError             lease-lost        a node's cluster lease expired or was revoked
+     +-- FenceGuardError            fence-guard       the fence guard cannot be started or reached
 
 The ``code`` travels over the API so the CLI can rebuild the same class on
 the other side.
@@ -238,6 +239,13 @@ class LeaseLostError(FerryError):
     http_status = 409
 
 
+class FenceGuardError(FerryError):
+    """The node's fence guard process cannot be started, reached or understood."""
+
+    code = "fence-guard"
+    http_status = 503
+
+
 _BY_CODE: dict[str, type[FerryError]] = {
     cls.code: cls
     for cls in (
@@ -263,6 +271,7 @@ _BY_CODE: dict[str, type[FerryError]] = {
         JobCancelledError,
         StoreUnavailableError,
         LeaseLostError,
+        FenceGuardError,
     )
 }
 
