@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from ferry.adapters.catalog import Catalog
+from ferry.adapters.pki import CertInfo
 from ferry.core.relationship import Relationship, Role
 from ferry.core.replica_server import AllowEntry, ReplicaServerSettings
 from ferry.core.spec import DiskSpec, VmSpec
@@ -42,6 +43,7 @@ from ferry.peer.replication import (
     TAKE_OVER,
     UPDATE,
     Offer,
+    PrimaryStatus,
     ReplicaChanges,
     ReplicaMoveRequest,
     Takeover,
@@ -133,9 +135,11 @@ def world(tmp_path: Path) -> World:
     primary = PrimaryShim(config, catalog, jobs)
     mover = ReplicaMover(store, PointSender(config, jobs), None,  # type: ignore[arg-type]
                          "https://host-2", network.connector("host-2"))  # fmt: skip
-    ReplicationEndpoints(store, mover=mover,
-                         adopt=lambda caller, t: handover.adopt(primary, caller, t),  # type: ignore[arg-type]
-                         ).register(server)  # fmt: skip
+
+    async def adopt(caller: CertInfo, takeover: Takeover) -> PrimaryStatus:
+        return handover.adopt(primary, caller, takeover)  # type: ignore[arg-type]
+
+    ReplicationEndpoints(store, mover=mover, adopt=adopt).register(server)
     network.join("host-2", server)
     for name in ("host-1", "host-3"):
         network.join(name, PeerServer())

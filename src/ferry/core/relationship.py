@@ -28,6 +28,7 @@ from ferry.core.replication import (
     DEFAULT_FREQUENCY,
     DEFAULT_RECOVERY_POINTS,
     MAX_RECOVERY_POINTS,
+    ClusterHost,
     ReplicationOp,
     ReplicationState,
     transition,
@@ -117,6 +118,10 @@ class Relationship(BaseModel):
     # itself runs, for the split-brain guard and for status.
     origin: str = ""
     origin_url: str = ""
+    # Replica side, for a clustered VM: the primary's cluster and its hosts,
+    # any of which may take the primary's place (core/replication/authority.py).
+    cluster: str = ""
+    cluster_hosts: tuple[ClusterHost, ...] = ()
 
     @model_validator(mode="before")
     @classmethod
@@ -141,6 +146,31 @@ def resume(rel: Relationship) -> Relationship:
     if rel.resume_to in (S.INITIAL_COPY, S.RESYNCHRONISING):
         state = rel.resume_to
     return rel.model_copy(update={"state": state, "error": None, "resume_to": None})
+
+
+def resumed_by_new_owner(rel: Relationship, *, node: str) -> Relationship:
+    """A clustered VM restarted on ``node`` after its owner was lost: the new primary's record.
+
+    ``rel`` is the relationship its old owner last published. What only the
+    lost node had goes: its pending points and a cycle in flight (their
+    files were on that node), and with them any trust in the dirty bitmap (a
+    SIGKILLed QEMU leaves it inconsistent). So a running relationship
+    resynchronises by block hashes, an initial copy starts again, and a
+    paused or stopped one resynchronises once resumed. Point ids carry on
+    past the last one the replica confirmed; frequency, retention and the
+    replica's pinned certificate stay.
+    """
+    if rel.role is not Role.PRIMARY:
+        raise ValueError("only a primary's relationship can follow its VM")
+    state, resume_to = rel.state, rel.resume_to
+    if state in (S.REPLICATING, S.RESYNCHRONISING):
+        state = transition(state, ReplicationOp.BITMAP_LOST, vm=rel.vm_name)
+    elif state in (S.PAUSED, S.ERROR) and resume_to is not S.INITIAL_COPY:
+        resume_to = S.RESYNCHRONISING
+    confirmed = rel.confirmed_point if rel.confirmed_point is not None else -1
+    return rel.model_copy(update={
+        "primary": node, "state": state, "resume_to": resume_to, "pending": (),
+        "in_flight": None, "next_point": max(rel.next_point, confirmed + 1)})  # fmt: skip
 
 
 class CycleMode(StrEnum):

@@ -22,7 +22,10 @@ Who may call what:
 * ``hello`` and an ``offer``: any ferry host (an offer also needs the replica
   server to admit the caller; a resent offer only from the pinned primary);
 * everything under ``/replicas/{uuid}``: only the relationship's pinned
-  partner, the primary host by name and certificate thumbprint;
+  partner, the primary host by name and certificate thumbprint; for a
+  clustered VM a ``PATCH`` also from a host of the primary's cluster (as
+  the primary last told the replica in ``cluster_hosts``), which may only
+  name itself, with its own certificate, as the new primary;
 * ``/replications`` (the takeover after a live move): only the host the VM
   has just moved here from, i.e. the source of this host's finished incoming
   move of that VM.
@@ -40,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from ferry.core.relationship import InitialMethod, Relationship
 from ferry.core.replica_server import Admission
-from ferry.core.replication import CycleRecord
+from ferry.core.replication import ClusterHost, CycleRecord
 from ferry.core.spec import VmSpec
 from ferry.peer.routes import NoBody, Route, Upload
 
@@ -85,6 +88,9 @@ class ReplicaState(_Model):
     points: int
     recovery_points: int
     bytes: int
+    # A clustered VM: the cluster and hosts the replica accepts a new primary from.
+    cluster: str = ""
+    cluster_hosts: list[ClusterHost] = Field(default_factory=list)
 
 
 class ReplicaChanges(_Model):
@@ -93,6 +99,9 @@ class ReplicaChanges(_Model):
     ``primary`` with ``thumbprint`` (and ``primary_url``) hands the replica to
     another primary host (the VM moved, or the replica VM did); ``origin``
     tells an extended replica that the VM moved between primaries.
+    ``cluster`` with ``cluster_hosts``: the primary's cluster and its hosts
+    (name, certificate thumbprint), any of which may later claim the primary's
+    place; an empty ``cluster`` makes the VM standalone again.
     """
 
     frequency_s: int | None = None
@@ -102,6 +111,8 @@ class ReplicaChanges(_Model):
     primary_url: str | None = None
     origin: str | None = None
     origin_url: str | None = None
+    cluster: str | None = None
+    cluster_hosts: list[ClusterHost] | None = None
 
 
 class ReplicaRemoved(_Model):

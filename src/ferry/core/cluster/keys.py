@@ -15,6 +15,10 @@ Everything of cluster ``C`` lives under ``/ferry/clusters/C/``::
     vms/<uuid>/config       {"spec": VmSpec JSON, "priority", "volume"}
     vms/<uuid>/owner        {"node", "since"}              changed only by compare-and-swap
     vms/<uuid>/want         "running" | "off"               what HA restores
+    vms/<uuid>/replication  Takeover JSON (relationship + recent cycles)   put by the owner
+                            (compare-and-swap on owner) whenever it changes
+    identities/<node>       {"name", "url", "thumbprint"}   the node's host certificate, for
+                                                            a replica of a clustered VM
     names/<vm name>         "<uuid>"                       unique names (create only if absent)
     events/<revision-padded> {"at", "kind", "node", "vm", "reason"}
 
@@ -86,6 +90,16 @@ class ClusterKeys:
 
     def vm_want(self, uuid: str) -> str:
         return f"{self.vms}{uuid}/want"
+
+    def vm_replication(self, uuid: str) -> str:
+        return f"{self.vms}{uuid}/replication"
+
+    @property
+    def identities(self) -> str:
+        return self.prefix + "identities/"
+
+    def identity(self, node: str) -> str:
+        return self.identities + node
 
     @property
     def names(self) -> str:

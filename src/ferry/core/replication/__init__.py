@@ -22,7 +22,15 @@ Callers import the names below from ``ferry.core.replication``.
 
 from __future__ import annotations
 
-from ferry.core.replication.authority import ArrivedMove, Caller, check_partner, check_takeover
+from ferry.core.replication.authority import (
+    ArrivedMove,
+    Caller,
+    ClusterHost,
+    check_partner,
+    check_primary_change,
+    check_primary_or_cluster,
+    check_takeover,
+)
 from ferry.core.replication.health import (
     BAD_CYCLE_SHARE,
     STALE_CRITICAL_S,
@@ -84,6 +92,7 @@ __all__ = [
     "TRANSITIONS",
     "ArrivedMove",
     "Caller",
+    "ClusterHost",
     "CycleKind",
     "CycleRecord",
     "CycleStatistics",
@@ -99,6 +108,8 @@ __all__ = [
     "check_extended_frequency",
     "check_frequency",
     "check_partner",
+    "check_primary_change",
+    "check_primary_or_cluster",
     "check_recovery_points",
     "check_replica_accepts",
     "check_reverse_allowed",

@@ -13,7 +13,14 @@ each the receiving host knows exactly one partner it takes orders from:
   takeover of the relationship (the old primary hands it over) is accepted
   only from the host named as source by this host's last finished incoming
   move of the VM (and by its certificate thumbprint, where the move
-  recorded one).
+  recorded one);
+* on a replica host, for a **clustered** VM, also the hosts of the primary's
+  cluster (:class:`ClusterHost`: name and thumbprint, told by the primary):
+  any of them may make *itself* the primary (a ``PATCH`` naming itself with
+  its own certificate), and nothing else. The replica cannot read the
+  primary cluster's store; the cluster decides who owns the VM (its
+  ownership record, won by compare-and-swap), and only the owner claims.
+  A relationship with no cluster hosts keeps the rule above unchanged.
 
 An admin certificate may call every endpoint (it may do anything on the host
 anyway). A refusal is an :class:`~ferry.errors.AuthError` (403) raised before
@@ -58,6 +65,63 @@ def check_partner(caller: Caller, *, vm: str, partner: str, thumbprint: str,
     pinned = f" with certificate thumbprint {thumbprint[:16]}..." if thumbprint else ""
     raise AuthError(f"host {caller.name!r} is not the {role} of VM {vm!r} (that is "
                     f"{partner!r}{pinned}); refused")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ClusterHost:
+    """A host of the primary's cluster, as the replica knows it."""
+
+    name: str
+    thumbprint: str  # SHA-256 of its host certificate, lowercase hex
+
+
+def _member(caller: Caller, hosts: Iterable[ClusterHost]) -> bool:
+    return any(h.name == caller.name and h.thumbprint == caller.thumbprint for h in hosts)
+
+
+def check_primary_or_cluster(caller: Caller, *, vm: str, partner: str, thumbprint: str,
+                             cluster: str, hosts: Iterable[ClusterHost]) -> None:  # fmt: skip
+    """The pinned primary, or (for a clustered VM) a host of its cluster, may ask for a change.
+
+    What a cluster host may change is :func:`check_primary_change`'s to say.
+    """
+    hosts = tuple(hosts)
+    if hosts and _member(caller, hosts):
+        return
+    try:
+        check_partner(caller, vm=vm, partner=partner, thumbprint=thumbprint)
+    except AuthError as exc:
+        if not hosts:
+            raise
+        raise AuthError(f"{exc} (nor a host of its cluster {cluster!r})") from None
+
+
+def check_primary_change(caller: Caller, *, vm: str, partner: str, thumbprint: str,
+                         cluster: str, hosts: Iterable[ClusterHost],
+                         new_primary: str | None, new_thumbprint: str | None) -> bool:  # fmt: skip
+    """May ``caller`` make these changes to the replica of ``vm``? True: a cluster host's claim.
+
+    The pinned primary may change anything (the rule of :func:`check_partner`).
+    Another host of the primary's cluster may only take the primary's place
+    itself: ``new_primary`` its own name and ``new_thumbprint`` its own
+    certificate; the rest of the same request then applies as the primary's.
+    """
+    hosts = tuple(hosts)
+    if caller.admin or (
+        caller.name == partner and (not thumbprint or caller.thumbprint == thumbprint)
+    ):
+        return False  # fmt: skip
+    check_primary_or_cluster(caller, vm=vm, partner=partner, thumbprint=thumbprint,
+                             cluster=cluster, hosts=hosts)  # fmt: skip
+    if new_primary is None or new_thumbprint is None:
+        raise AuthError(f"host {caller.name!r} is not the primary of VM {vm!r} (that is "
+                        f"{partner!r}); a host of its cluster {cluster!r} may only make itself "
+                        "the primary; refused")  # fmt: skip
+    if new_primary != caller.name or new_thumbprint != caller.thumbprint:
+        raise AuthError(f"host {caller.name!r} of cluster {cluster!r} may make only itself the "
+                        f"primary of VM {vm!r}, not {new_primary!r} with certificate "
+                        f"{new_thumbprint[:16]}...; refused")  # fmt: skip
+    return True
 
 
 def check_takeover(caller: Caller, *, vm_uuid: str, vm: str, here: str,

@@ -5,13 +5,15 @@ parameters, the body as its model, an upload as an async byte iterator) and
 call the service that owns the object. Every endpoint about one replica VM
 is guarded: the caller must be that relationship's pinned primary, checked
 from the certificate and the path before the body is read
-(:meth:`ReplicaStore.partner_relationship`); the takeover is authorised by
+(:meth:`ReplicaStore.partner_relationship`), a change also from a host of
+a clustered primary's cluster (:meth:`ReplicaStore.changer_relationship`;
+the body then says whether it may); the takeover is authorised by
 :func:`ferry.host.replication.handover.adopt` from its body.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from ferry import __version__
 from ferry.adapters.pki import CertInfo, Role
@@ -57,7 +59,8 @@ class ReplicationEndpoints:
     """The handlers of this host's replication peer endpoints."""
 
     def __init__(self, store: ReplicaStore, *, mover: ReplicaMover,
-                 adopt: Callable[[CertInfo, Takeover], PrimaryStatus]) -> None:  # fmt: skip
+                 adopt: Callable[[CertInfo, Takeover], Awaitable[PrimaryStatus]],
+                 ) -> None:  # fmt: skip
         """``adopt``: the primary side's takeover (``ReplicationService.adopt``)."""
         self.store = store
         self.mover = mover
@@ -71,7 +74,7 @@ class ReplicationEndpoints:
         server.handle(TAKE_OVER, self.take_over)
         partner = self._partner  # about one replica VM: its pinned primary only
         server.handle(REPLICA, self.replica, guard=partner)
-        server.handle(UPDATE, self.update, guard=partner)
+        server.handle(UPDATE, self.update, guard=self._changer)
         server.handle(REMOVE, self.remove, guard=partner)
         server.handle(POINT, self.point, guard=partner)
         server.handle(POINTS, self.points, guard=partner)
@@ -81,6 +84,9 @@ class ReplicationEndpoints:
 
     def _partner(self, caller: CertInfo, params: dict[str, str]) -> None:
         self.store.partner_relationship(caller, params["uuid"])
+
+    def _changer(self, caller: CertInfo, params: dict[str, str]) -> None:
+        self.store.changer_relationship(caller, params["uuid"])
 
     async def hello(self, call: Call[NoBody]) -> Hello:
         caller = call.caller
@@ -97,7 +103,7 @@ class ReplicationEndpoints:
         return await self.store.accept(call.caller, call.body)
 
     async def take_over(self, call: Call[Takeover]) -> PrimaryStatus:
-        return self.adopt(call.caller, call.body)
+        return await self.adopt(call.caller, call.body)
 
     # -- one replica VM (guarded: its pinned primary only) --------------------------------
 

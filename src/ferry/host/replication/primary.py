@@ -4,6 +4,11 @@ One asyncio task per relationship sleeps until its next cycle is due
 (:func:`ferry.core.replication.next_due`), so a slow VM only delays itself;
 what a cycle does is :mod:`ferry.host.replication.cycle`. Every cycle, change
 and move of a VM holds the VM's disk turn (:mod:`ferry.host.turns`).
+
+Listeners (:class:`RelationshipListener`, e.g. the cluster's publication of a
+clustered VM's relationship, :mod:`ferry.host.cluster.replication`) hear of
+every change of a relationship this host is the primary of: after each
+cycle, enable, change, pause, resume, a takeover, and its removal.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ import contextlib
 import logging
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ferry.adapters.catalog import VmRecord
 from ferry.adapters.pki import CertInfo
@@ -60,6 +66,14 @@ CYCLE_TURN = "a replication cycle"  # what a VM's disk turn is held for (host/tu
 CHANGE_TURN = "a replication change"
 
 
+class RelationshipListener(Protocol):
+    """Hears of changes to the relationships this host is the primary of."""
+
+    async def relationship_changed(self, vm_uuid: str) -> None: ...
+
+    async def relationship_removed(self, vm_uuid: str) -> None: ...
+
+
 class ReplicationService:
     """This host's relationships as a primary, and the status of its replica VMs."""
 
@@ -74,9 +88,28 @@ class ReplicationService:
         self.cycles = CycleRunner(vms, jobs, peer=self.peer, work_dir=self.work_dir)
         self.turns = vms.turns
         self.scheduler = CycleScheduler(
-            "replicate", delay=self._delay, cycle=self.cycles.run,
+            "replicate", delay=self._delay, cycle=self._cycle,
             turn=lambda key: self.turns.turn(key, CYCLE_TURN),
         )  # fmt: skip
+        self.listeners: list[RelationshipListener] = []
+
+    async def _cycle(self, vm_uuid: str) -> dict[str, Any]:
+        outcome = await self.cycles.run(vm_uuid)
+        await self.changed(vm_uuid)
+        return outcome
+
+    async def changed(self, vm_uuid: str, *, removed: bool = False) -> None:
+        """Tell the listeners; one's failure is logged and stops nothing."""
+        for listener in list(self.listeners):
+            tell: Callable[[str], Awaitable[None]] = (
+                listener.relationship_removed if removed else listener.relationship_changed
+            )
+            try:
+                await tell(vm_uuid)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("VM %s: a replication listener failed", vm_uuid)
 
     @property
     def url(self) -> str:
@@ -135,9 +168,11 @@ class ReplicationService:
         """The VM now runs on ``host`` (see :func:`ferry.host.replication.handover.hand_over`)."""
         await handover.hand_over(self, vm_uuid, host, url, thumbprint)
 
-    def adopt(self, caller: CertInfo, takeover: Takeover) -> PrimaryStatus:
+    async def adopt(self, caller: CertInfo, takeover: Takeover) -> PrimaryStatus:
         """The VM arrived here by a move (see :func:`ferry.host.replication.handover.adopt`)."""
-        return handover.adopt(self, caller, takeover)
+        status = handover.adopt(self, caller, takeover)
+        await self.changed(takeover.vm_uuid)
+        return status
 
     async def shutdown(self) -> None:
         await self.scheduler.shutdown()
@@ -215,6 +250,7 @@ class ReplicationService:
                 self.jobs.update(job, "failed", error=str(exc))
                 raise
         self._spawn(record.uuid)
+        await self.changed(record.uuid)
         status = self.status(name)
         if job is not None:
             status["job"] = job.view(self.config.name)
@@ -258,6 +294,7 @@ class ReplicationService:
                 new = resume_relationship(new)
             self.catalog.put_relationship(new)
         self._wake_up(record.uuid)
+        await self.changed(record.uuid)
         return self.status(name)
 
     async def _replica_on(self, rel: Relationship, host: str, url: str) -> str | None:
@@ -287,6 +324,7 @@ class ReplicationService:
             self.catalog.put_relationship(rel)
         if resume:
             self._wake_up(record.uuid)
+        await self.changed(record.uuid)
         return self.status(name)
 
     async def remove(self, name: str) -> dict[str, Any]:
@@ -306,6 +344,7 @@ class ReplicationService:
             self.catalog.delete_relationship(record.uuid)
             await asyncio.to_thread(shutil.rmtree, self.work_dir / record.uuid, True)
         log.info("VM %s: replication to %s removed", name, rel.replica)
+        await self.changed(record.uuid, removed=True)
         return {"vm": name, "replica": rel.replica, "removed": True,
                 "replica_vm_kept": replica_kept}  # fmt: skip
 

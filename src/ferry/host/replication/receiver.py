@@ -8,7 +8,9 @@ certificate. Every recovery point then arrives as a delta stream
 linked onto it (:mod:`ferry.host.replication.chain`); retention follows. Every
 call about a replica comes from its pinned primary
 (:func:`ferry.core.replication.check_partner`), checked before anything
-changes.
+changes; for a clustered VM a host of the primary's cluster may also claim
+the primary's place (:meth:`ReplicaStore.update`,
+:func:`ferry.core.replication.check_primary_change`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from ferry.core.replication import (
     ReplicationState,
     check_frequency,
     check_partner,
+    check_primary_change,
+    check_primary_or_cluster,
     check_recovery_points,
     check_replica_accepts,
     format_frequency,
@@ -137,6 +141,18 @@ class ReplicaStore:
         self.check_primary(caller, rel)
         return rel
 
+    def changer_relationship(self, caller: CertInfo, vm_uuid: str) -> Relationship:
+        """The relationship, if ``caller`` is its primary or a host of the primary's cluster.
+
+        The guard of a change (``PATCH``), before the body is read; what a
+        cluster host may change is decided with the body, in :meth:`update`.
+        """
+        rel = self.relationship(vm_uuid)
+        check_primary_or_cluster(caller_of(caller), vm=rel.vm_name, partner=rel.primary,
+                                 thumbprint=rel.thumbprint, cluster=rel.cluster,
+                                 hosts=rel.cluster_hosts)  # fmt: skip
+        return rel
+
     def points(self, vm_uuid: str) -> list[PointInfo]:
         """Recovery points offered for failover, oldest first."""
         return self.chain.points(vm_uuid)
@@ -163,6 +179,8 @@ class ReplicaStore:
             points=len(points),
             recovery_points=rel.recovery_points,
             bytes=sum(p.size for p in chain),
+            cluster=rel.cluster,
+            cluster_hosts=list(rel.cluster_hosts),
         )
 
     # -- accepting a VM ----------------------------------------------------------
@@ -314,8 +332,16 @@ class ReplicaStore:
     # -- changing and ending ---------------------------------------------------------
 
     def update(self, caller: CertInfo, vm_uuid: str, changes: ReplicaChanges) -> ReplicaState:
-        """The primary changes the terms, or hands the replica to another primary."""
-        rel = self.partner_relationship(caller, vm_uuid)
+        """The primary changes the terms, or hands the replica to another primary.
+
+        For a clustered VM another host of the primary's cluster may claim the
+        primary's place (its cluster restarted the VM there); only for itself.
+        """
+        rel = self.relationship(vm_uuid)
+        claim = check_primary_change(
+            caller_of(caller), vm=rel.vm_name, partner=rel.primary, thumbprint=rel.thumbprint,
+            cluster=rel.cluster, hosts=rel.cluster_hosts, new_primary=changes.primary,
+            new_thumbprint=changes.thumbprint)  # fmt: skip
         update: dict[str, Any] = {}
         if changes.frequency_s is not None:
             update["frequency_s"] = check_frequency(changes.frequency_s)
@@ -338,7 +364,13 @@ class ReplicaStore:
         if changes.origin:  # an extended replica: the VM's primary moved
             update["origin"] = changes.origin
             update["origin_url"] = changes.origin_url or ""
+        if changes.cluster is not None:  # "" : the VM is standalone again
+            update["cluster"] = changes.cluster
+            update["cluster_hosts"] = tuple(changes.cluster_hosts or ()) if changes.cluster else ()
         self.catalog.put_relationship(rel.model_copy(update=update))
+        if claim:
+            log.info("VM %s: host %s of cluster %s took the primary's place from %s",
+                     rel.vm_name, caller.common_name, rel.cluster, rel.primary)  # fmt: skip
         return self.state(vm_uuid)
 
     async def remove(self, caller: CertInfo, vm_uuid: str) -> ReplicaRemoved:
