@@ -147,6 +147,11 @@ def _calls(world: dict[str, Any], lab_env: LabEnv) -> dict[tuple[str, str], dict
         ("POST", "/v1/peer/migrations/{id}/finish"): {"host": 2, "params": {"id": job}},
         ("POST", "/v1/peer/migrations/{id}/abort"): {"host": 2, "params": {"id": job}},
         ("GET", "/v1/peer/migrations/{id}"): {"host": 2, "params": {"id": job}},
+        ("POST", "/v1/peer/clusters/{cluster}/probe"): {
+            "host": 1,
+            "params": {"cluster": "c1"},
+            "body": {"volume": "v", "path": "/tmp", "action": "write", "tokens": {"host-1": "x"}},
+        },
     }
 
 

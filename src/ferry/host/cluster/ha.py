@@ -1,0 +1,80 @@
+"""The HA leader's pass: restart lost nodes' VMs elsewhere, by compare-and-swap on owners.
+
+Each pass (the node loop runs one per ``leader_poll_s`` while this node
+leads) reads the cluster's prefix once, asks :func:`ferry.core.cluster.ha.plan`
+what to do, and applies each restart as one transaction: the VM's ``owner``
+still at the revision read, the lost node's ``alive`` key still absent, and
+the leader key still this node's. Only then does ``owner`` name the new node,
+whose reconciler starts the VM. Events record each node found lost, each
+restart and each refusal (once while the VM stays refused).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from ferry.core.cluster.ha import HaPlan, Restart, plan
+from ferry.core.cluster.records import EventKind
+from ferry.core.cluster.roles import Owner
+from ferry.core.cluster.store import Compare, Put
+from ferry.host.cluster.membership import Membership
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PassResult:
+    plan: HaPlan
+    moved: list[Restart] = field(default_factory=list)
+    lost_races: list[Restart] = field(default_factory=list)
+
+
+class HaLeader:
+    """What the leader of one membership does each round; see the module docstring."""
+
+    def __init__(self, membership: Membership) -> None:
+        self.membership = membership
+        self._seen_lost: set[str] = set()
+        self._refusals: dict[str, str] = {}
+
+    async def pass_once(self) -> PassResult:
+        m = self.membership
+        result = PassResult(plan(await m.store.range(m.keys.prefix), m.keys))
+        for node in sorted(set(result.plan.lost) - self._seen_lost):
+            await m.record_event(EventKind.NODE_DOWN, node=node,
+                                 reason="its lease expired (alive record gone)")  # fmt: skip
+        self._seen_lost = set(result.plan.lost)
+        for restart in result.plan.restarts:
+            if await self._move(restart):
+                result.moved.append(restart)
+                self._refusals.pop(restart.uuid, None)
+            else:
+                result.lost_races.append(restart)
+        # A refusal is recorded once while the VM stays refused (its reason's
+        # numbers move with every pass as other VMs land).
+        still = {refused.uuid for refused in result.plan.refused}
+        self._refusals = {uuid: why for uuid, why in self._refusals.items() if uuid in still}
+        for refused in result.plan.refused:
+            if refused.uuid not in self._refusals:
+                self._refusals[refused.uuid] = refused.reason
+                await m.record_event(EventKind.RESTART_REFUSED, vm=refused.vm,
+                                     node=refused.source, reason=refused.reason)  # fmt: skip
+        return result
+
+    async def _move(self, restart: Restart) -> bool:
+        m = self.membership
+        owner_key = m.keys.vm_owner(restart.uuid)
+        done = await m.store.txn(
+            [Compare.unchanged(owner_key, restart.owner_revision),
+             Compare.absent(m.keys.alive(restart.source)),
+             Compare.holds(m.keys.leader, m.node.encode())],
+            [Put(owner_key, Owner.settled(restart.target).encode())],
+        )  # fmt: skip
+        if not done.succeeded:
+            log.info("HA restart of %s on %s lost its compare-and-swap; next pass reads again",
+                     restart.vm, restart.target)  # fmt: skip
+            return False
+        await m.record_event(EventKind.RESTART, vm=restart.vm, node=restart.target,
+                             reason=restart.reason)  # fmt: skip
+        return True
