@@ -13,6 +13,7 @@ The layers, lowest first (DESIGN.md, "imports point one way")::
     testing     public test fakes     host and below
     agent       composes an agent     api and below
     lab         composes a lab        client, host (host.toml), agent (its pidfile name) and below
+    web         the web console       core, client (a client like the CLI)
     cli         the ``ferry`` command anything but testing
 
 Each layer may also import itself, ``ferry.errors`` and the ``ferry`` package
@@ -48,8 +49,9 @@ ALLOWED: dict[str, set[str]] = {
     "ferry.testing": BELOW_HOST | {"ferry.host"},
     "ferry.agent": BELOW_HOST | {"ferry.host", "ferry.api"},
     "ferry.lab": BELOW_HOST | {"ferry.host", "ferry.client", "ferry.agent"},
+    "ferry.web": {"ferry.core", "ferry.client"},
     "ferry.cli": BELOW_HOST
-    | {"ferry.host", "ferry.api", "ferry.client", "ferry.agent", "ferry.lab"},
+    | {"ferry.host", "ferry.api", "ferry.client", "ferry.agent", "ferry.lab", "ferry.web"},
     "ferry.__main__": {"ferry.cli"},
 }
 ALWAYS = {"ferry", "ferry.errors"}
@@ -67,6 +69,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "ferry.host": {"aiohttp", "qemu", "sqlite3"} | _UI,
     "ferry.api": {"qemu", "sqlite3"} | _UI,
     "ferry.client": {"qemu", "sqlite3"} | _UI,
+    "ferry.web": {"qemu", "sqlite3"} | _UI,
 }
 
 # Violations that exist today and are being removed (issue 11: the peer layer

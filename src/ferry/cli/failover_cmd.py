@@ -13,7 +13,7 @@ import typer
 
 from ferry.cli.output import print_json, say
 from ferry.cli.vm_cmd import JsonOpt, with_fleet
-from ferry.errors import FerryError, NotFoundError
+from ferry.errors import FerryError
 
 if TYPE_CHECKING:
     from ferry.client.fleet import Fleet
@@ -26,24 +26,8 @@ PointOpt = typer.Option(None, "--point", help="Recovery point id (default: the l
 
 
 async def replica_host(fleet: Fleet, name: str, host: str | None) -> str:
-    """The host that holds VM ``name`` as a replica (unreachable hosts are skipped).
-
-    An extended replica is only chosen when the first replica cannot be
-    reached; ``--host`` picks it.
-    """
-    if host is not None:
-        return host
-    found: list[tuple[bool, str]] = []
-    for where, views in (await fleet.each("/v1/vms")).items():
-        if isinstance(views, FerryError):
-            continue
-        for view in views:
-            summary = view.get("replication") or {}
-            if name in (view["name"], view["uuid"]) and summary.get("role") == "replica":
-                found.append((bool(summary.get("origin")), where))
-    if not found:
-        raise NotFoundError(f"no reachable host holds a replica of VM {name!r}; pass --host")
-    return sorted(found)[0][1]
+    """The host that holds VM ``name`` as a replica (:meth:`Fleet.replica_host`)."""
+    return await fleet.replica_host(name, host)
 
 
 def _report(found: dict[str, Any], as_json: bool, message: str) -> None:

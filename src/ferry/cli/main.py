@@ -26,6 +26,7 @@ from ferry.cli import (
     replica_cmd,
     replication_cmd,
     vm_cmd,
+    web_cmd,
 )
 from ferry.cli.output import err
 from ferry.errors import FerryError
@@ -47,6 +48,7 @@ app.add_typer(replication_cmd.app, name="replication")
 app.add_typer(failover_cmd.app, name="failover")
 app.add_typer(guest_cmd.app, name="guest")
 app.add_typer(pki_cmd.app, name="pki")
+app.command("web")(web_cmd.web)
 
 _debug = {"on": os.environ.get("FERRY_DEBUG") == "1"}
 

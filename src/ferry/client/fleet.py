@@ -77,3 +77,23 @@ class Fleet:
             raise ConflictError(f"VM {vm!r} exists on several hosts ({hosts}): pass --host")
         extra = f" (unreachable: {', '.join(unreachable)})" if unreachable else ""
         raise NotFoundError(f"no VM named {vm!r} on any known host{extra}")
+
+    async def replica_host(self, vm: str, host: str | None = None) -> str:
+        """The host that holds VM ``vm`` as a replica (unreachable hosts are skipped).
+
+        An extended replica is only chosen when the first replica cannot be
+        reached; ``host`` picks it.
+        """
+        if host is not None:
+            return host
+        found: list[tuple[bool, str]] = []
+        for where, views in (await self.each("/v1/vms")).items():
+            if isinstance(views, FerryError):
+                continue
+            for view in views:
+                summary = view.get("replication") or {}
+                if vm in (view["name"], view["uuid"]) and summary.get("role") == "replica":
+                    found.append((bool(summary.get("origin")), where))
+        if not found:
+            raise NotFoundError(f"no reachable host holds a replica of VM {vm!r}; pass --host")
+        return sorted(found)[0][1]

@@ -1,0 +1,278 @@
+"""The VM page (``/vms/NAME``): state, actions, serial console, disks, replication, jobs.
+
+Parts of the page refresh themselves: the summary every few seconds, the
+replication figures likewise, the console and the VM's jobs through
+server-sent events; after an action succeeds the answer carries
+``HX-Trigger: ferry-changed`` so every part reloads at once. Each action
+is one :class:`~ferry.web.operations.Operations` call, the CLI's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from multidict import MultiDictProxy
+
+from ferry.core.replication import Frequency, format_frequency
+from ferry.errors import FerryError, InvalidInputError, NotFoundError
+from ferry.web import context, events
+from ferry.web.operations import Operations
+from ferry.web.targets import move_targets
+
+CONSOLE_POLL_S = 0.3
+CHANGED = {"HX-Trigger": "ferry-changed"}
+FREQUENCIES = [(int(f), format_frequency(int(f))) for f in Frequency]
+
+
+def _host(request: web.Request) -> str | None:
+    return request.query.get("host") or None
+
+
+async def _replication(ops: Operations, name: str, host: str,
+                       view: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Status and points of a replicated VM, as its host reports them (errors as lines)."""
+    if not view.get("replication"):
+        return {"status": None, "points": [], "error": None}
+    try:
+        status, points = await asyncio.gather(ops.replication(name, host),
+                                              ops.points(name, host))  # fmt: skip
+    except FerryError as exc:
+        return {"status": None, "points": [], "error": str(exc)}
+    return {"status": status, "points": list(reversed(points)), "error": None}
+
+
+def _warnings(view: dict[str, Any], points: list[dict[str, Any]]) -> list[str]:
+    """What an unplanned failover does, said before the admin confirms it."""
+    summary = view.get("replication") or {}
+    primary, replica = summary.get("primary", "the primary"), summary.get("replica", "the replica")
+    latest = f"recovery point {points[0]['id']}" if points else "the latest recovery point"
+    return [
+        f"Use this when {primary} is lost: the VM starts on {replica} from {latest}.",
+        f"Ferry asks {primary} first and refuses while it answers and runs the VM; "
+        "'force' starts it anyway, and then two copies run (split brain).",
+        f"Changes made on {primary} after {latest} are lost.",
+        "The replica takes no new points while failed over; 'complete' makes it final, "
+        "'cancel' goes back.",
+    ]
+
+
+async def show(request: web.Request) -> web.Response:
+    ops = context.ops(request)
+    name, pinned = request.match_info["name"], _host(request)
+    try:
+        host, view = await ops.vm(name, pinned)
+    except FerryError as exc:
+        status = 404 if isinstance(exc, NotFoundError) else 502
+        return context.page(request, "outcome.html", http_status=status, title=f"VM {name}",
+                            ok=None, error=str(exc), back="/vms")  # fmt: skip
+    hosts, listing, jobs = await asyncio.gather(ops.hosts(), ops.vms(), ops.jobs(view["uuid"]))
+    replica_hosts = {v["host"] for v in listing.items
+                     if v["uuid"] == view["uuid"] and v["state"] == "replica"}  # fmt: skip
+    replication = await _replication(ops, name, host, view)
+    from ferry.web.pages.jobs import rows as job_rows
+
+    query = f"?host={pinned}" if pinned else ""
+    return context.page(
+        request, "vm.html", title=f"VM {name}", vm=view, host=host, pinned=pinned, query=query,
+        targets=move_targets(view, hosts, replica_hosts=replica_hosts),
+        replica_choices=[h.name for h in hosts if h.name != host],
+        frequencies=FREQUENCIES, jobs=job_rows(jobs.items), warnings=_warnings(
+            view, replication["points"]), samples=len(_samples(request, name)),
+        **replication,
+    )  # fmt: skip
+
+
+async def summary(request: web.Request) -> web.Response:
+    """The summary fragment (state, host, version, busy), polled by the page."""
+    name = request.match_info["name"]
+    try:
+        host, view = await context.ops(request).vm(name, _host(request))
+    except FerryError as exc:
+        return web.Response(text=context.fragment(request, "_outcome.html", ok=None,
+                                                  error=str(exc), back="/vms"),
+                            content_type="text/html")  # fmt: skip
+    html = context.fragment(request, "_vm_summary.html", vm=view, host=host)
+    return web.Response(text=html, content_type="text/html")
+
+
+async def replication(request: web.Request) -> web.Response:
+    """The replication figures fragment (status, cycles, points), polled by the page."""
+    ops = context.ops(request)
+    name = request.match_info["name"]
+    try:
+        host, view = await ops.vm(name, _host(request))
+    except FerryError as exc:
+        return web.Response(text=context.fragment(request, "_outcome.html", ok=None,
+                                                  error=str(exc), back="/vms"),
+                            content_type="text/html")  # fmt: skip
+    data = await _replication(ops, name, host, view)
+    html = context.fragment(request, "_replication.html", vm=view, **data)
+    return web.Response(text=html, content_type="text/html")
+
+
+async def replication_actions(request: web.Request) -> web.Response:
+    """The replication actions fragment, reloaded after an action (enable <-> manage)."""
+    ops = context.ops(request)
+    name, pinned = request.match_info["name"], _host(request)
+    try:
+        host, view = await ops.vm(name, pinned)
+        hosts = await ops.hosts()
+    except FerryError as exc:
+        return web.Response(text=context.fragment(request, "_outcome.html", ok=None,
+                                                  error=str(exc), back="/vms"),
+                            content_type="text/html")  # fmt: skip
+    data = await _replication(ops, name, host, view)
+    html = context.fragment(
+        request, "_replication_actions.html", vm=view, pinned=pinned,
+        replica_choices=[h.name for h in hosts if h.name != host], frequencies=FREQUENCIES,
+        warnings=_warnings(view, data["points"]))  # fmt: skip
+    return web.Response(text=html, content_type="text/html")
+
+
+def _samples(request: web.Request, name: str) -> list[tuple[float, float]]:
+    return [(s.time, s.lag_s) for s in context.sampler(request).series(name) if s.lag_s is not None]
+
+
+async def lag(request: web.Request) -> web.Response:
+    """``{"t": [unix s...], "lag": [s...]}``: the lag samples of the VM, for uPlot."""
+    samples = _samples(request, request.match_info["name"])
+    return web.json_response({"t": [t for t, _ in samples], "lag": [v for _, v in samples],
+                              "interval_s": context.sampler(request).interval_s})  # fmt: skip
+
+
+async def _console_events(request: web.Request) -> AsyncIterator[tuple[str, str] | None]:
+    """The serial log as ``console`` events of JSON text; follows the VM when it moves."""
+    ops = context.ops(request)
+    name, pinned = request.match_info["name"], _host(request)
+    host: str | None = None
+    offset = 0
+    while True:
+        try:
+            if host is None:
+                host, _ = await ops.vm(name, pinned)
+            chunk = await ops.console(host, name, offset)
+        except NotFoundError:
+            if host is not None and pinned is None:  # moved away: find it again
+                note = f"\r\n[ferry: VM {name} left {host}; following it]\r\n"
+                host, offset = None, 0
+                yield ("console", json.dumps(note))
+            await asyncio.sleep(1.0)
+            continue
+        except FerryError as exc:
+            yield ("console-error", str(exc))
+            await asyncio.sleep(2.0)
+            continue
+        if int(chunk["offset"]) < offset:  # a new run started its log afresh
+            yield ("console", json.dumps("\r\n[ferry: new run]\r\n"))
+        offset = int(chunk["offset"])
+        yield (("console", json.dumps(chunk["text"])) if chunk["text"] else None)
+        await asyncio.sleep(CONSOLE_POLL_S)
+
+
+async def console(request: web.Request) -> web.StreamResponse:
+    return await events.stream(request, _console_events(request))
+
+
+# -- actions -------------------------------------------------------------------------
+
+Form = MultiDictProxy[str | Any]
+Action = Callable[[Operations, str, str | None, Form], Awaitable[str]]
+
+
+def _field(form: Form, key: str) -> str:
+    value = str(form.get(key) or "").strip()
+    if not value:
+        raise InvalidInputError(f"give {key.replace('_', ' ')}")
+    return value
+
+
+async def _power(verb: str, ops: Operations, name: str, host: str | None, form: Form) -> str:
+    view = await ops.power(verb, name, host)
+    return f"VM {name} is {view['state']} on {view['host']}"
+
+
+async def _move(ops: Operations, name: str, host: str | None, form: Form) -> str:
+    to = _field(form, "to")
+    job = await ops.move(name, to, host)
+    return f"moving VM {name} to {to} (job {job['id']}); its progress is below"
+
+
+async def _export(ops: Operations, name: str, host: str | None, form: Form) -> str:
+    folder = _field(form, "to")
+    job = await ops.export(name, folder, form.get("live") == "on", host)
+    return f"exporting VM {name} to {folder} (job {job['id']})"
+
+
+async def _enable(ops: Operations, name: str, host: str | None, form: Form) -> str:
+    replica = _field(form, "replica")
+    try:
+        seconds = int(form.get("frequency_s") or 300)
+    except ValueError:
+        raise InvalidInputError("the frequency must be one of the choices") from None
+    await ops.enable_replication(name, replica, seconds, host)
+    return f"replication of VM {name} to {replica} enabled; the initial copy runs (see its job)"
+
+
+async def _replication_action(action: str, ops: Operations, name: str, host: str | None,
+                              form: Form) -> str:  # fmt: skip
+    found = await ops.replication_action(action, name, host)
+    if action == "remove":
+        return f"replication of VM {name} to {found['replica']} removed"
+    return f"replication of VM {name} is {found['state']}"
+
+
+async def _failover(action: str, ops: Operations, name: str, host: str | None,
+                    form: Form) -> str:  # fmt: skip
+    job = await ops.failover(action, name, force=form.get("force") == "on")
+    return f"failover {action} of VM {name} started on {job['host']} (job {job['id']})"
+
+
+def _bind(function: Callable[..., Awaitable[str]], first: str) -> Action:
+    async def bound(ops: Operations, name: str, host: str | None, form: Form) -> str:
+        return await function(first, ops, name, host, form)
+
+    return bound
+
+
+ACTIONS: dict[str, Action] = {
+    "start": _bind(_power, "start"), "stop": _bind(_power, "stop"),
+    "kill": _bind(_power, "kill"), "move": _move, "export": _export,
+    "repl-enable": _enable, "repl-pause": _bind(_replication_action, "pause"),
+    "repl-resume": _bind(_replication_action, "resume"),
+    "repl-remove": _bind(_replication_action, "remove"),
+    **{f"failover-{a}": _bind(_failover, a)
+       for a in ("test", "stop-test", "planned", "start", "complete", "cancel")},
+}  # fmt: skip
+
+
+async def act(request: web.Request) -> web.Response:
+    """``POST /vms/NAME/actions/ACTION``: one action, answered with one line."""
+    name, action = request.match_info["name"], request.match_info["action"]
+    if action not in ACTIONS:
+        raise web.HTTPNotFound(text=f"no action {action!r}")
+    form = await request.post()
+    host = str(form.get("host") or "") or None
+    back = f"/vms/{name}" + (f"?host={host}" if host else "")
+    try:
+        message = await ACTIONS[action](context.ops(request), name, host, form)
+    except FerryError as exc:
+        return context.outcome(request, error=exc, back=back)
+    reply = context.outcome(request, ok=message, back=back)
+    reply.headers.update(CHANGED)
+    return reply
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.get("/vms/{name}", show),
+        web.get("/vms/{name}/summary", summary),
+        web.get("/vms/{name}/replication", replication),
+        web.get("/vms/{name}/replication-actions", replication_actions),
+        web.get("/vms/{name}/lag.json", lag),
+        web.get("/vms/{name}/console/events", console),
+        web.post("/vms/{name}/actions/{action}", act),
+    ]
