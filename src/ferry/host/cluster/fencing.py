@@ -1,0 +1,244 @@
+"""The node's lease keeper: renew the lease, beat the guard, fence itself when it cannot.
+
+Theory of operation (the timings and why they are safe are in
+:mod:`ferry.core.cluster.timing`). :class:`LeaseKeeper` renews the node's
+lease every ``renew_interval_s``, each attempt bounded so that it never runs
+past the self-fence deadline. It keeps the *send* time of its last successful
+renewal, by a monotonic clock: etcd received that keepalive no earlier, so the
+lease lives at least ``ttl_s`` past it. When ``self_fence_s`` has passed since
+then without another success (etcd out of reach, answering too slowly, or the
+event loop stalled so that nothing could be sent), the keeper *fences*: the
+fence callback SIGKILLs the node's clustered QEMUs (by pid, checking the UUID on
+the command line) before etcd can expire the lease and the leader restart them
+elsewhere. A lease that etcd says is gone is fenced for at once.
+
+After a successful renewal the keeper beats the fence guard and tells it which
+QEMUs to protect: if this loop stops (the agent died or hangs), the guard kills
+them instead. The event loop's lag is measured at every wake-up and reported
+when it passes ``loop_lag_limit_s``; a stalled loop sends no renewal, so its
+time counts against the deadline like a failed one.
+
+Once fenced, the node rejoins only when etcd answers again, and only with a new
+lease: it writes ``fenced/<node>`` (``{"at", "reason", "killed"}``), revokes the
+old lease if etcd still has it (its leader key and alive record go with it),
+and asks the membership for a new one. ``fenced/<node>`` stays until the node
+reconnects or is resumed, so nothing is placed on it meanwhile; which VMs it
+may run again is the reconciler's business (only those it still owns), never
+this module's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Protocol
+
+from ferry.adapters import qemu
+from ferry.core.clock import Clock, SystemClock
+from ferry.core.tasks import cancel_and_wait
+from ferry.errors import FerryError, LeaseLostError
+from ferry.host.cluster.membership import Membership
+
+log = logging.getLogger(__name__)
+
+FENCED_EVENT = "node-fenced"
+# How long a beat or a protect to the local guard may hold the keeper's loop.
+GUARD_CALL_S = 0.5
+
+# reason -> the uuids of the QEMUs it killed
+Fence = Callable[[str], Awaitable[Sequence[str]]]
+# uuid -> pid of every clustered QEMU running on this node now
+Protected = Callable[[], dict[str, int]]
+
+
+class MonotonicClock(SystemClock):
+    """The event loop's timers with a clock that NTP does not move (for deadlines)."""
+
+    def time(self) -> float:
+        return time.monotonic()
+
+
+class Guard(Protocol):
+    """What the keeper needs of the fence guard (:class:`FenceGuardClient`)."""
+
+    async def beat(self) -> None: ...
+
+    async def sync(self, wanted: dict[str, int]) -> None: ...
+
+
+def qemu_killer(protected: Protected) -> Fence:
+    """The fence callback: SIGKILL every protected QEMU that still runs its VM, and wait."""
+
+    async def fence(reason: str) -> list[str]:
+        victims = protected()
+        results = await asyncio.gather(
+            *(qemu.kill_process(pid, uuid) for uuid, pid in victims.items()),
+            return_exceptions=True,
+        )
+        killed = []
+        for (uuid, pid), result in zip(victims.items(), results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("fencing (%s): QEMU pid %d of VM %s: %s", reason, pid, uuid, result)
+            else:
+                killed.append(uuid)
+        return killed
+
+    return fence
+
+
+class LeaseKeeper:
+    """Keeps one membership's lease; see the module docstring."""
+
+    def __init__(
+        self,
+        membership: Membership,
+        *,
+        fence: Fence,
+        guard: Guard | None = None,
+        protected: Protected = dict,
+        clock: Clock | None = None,
+    ) -> None:
+        self.membership = membership
+        self.timings = membership.timings
+        self.fence_callback = fence
+        self.guard = guard
+        self.protected = protected
+        self.clock: Clock = clock if clock is not None else MonotonicClock()
+        self.last_renewed = self.clock.time()  # send time of the last successful renewal
+        self.fenced: str | None = None  # the reason, while fenced and not yet rejoined
+        self.fences = 0
+        self.max_lag_s = 0.0
+        self._killed: list[str] = []
+        self._never = asyncio.Event()  # the keeper waits on its clock; cancel it to stop
+        self._guard_down: str | None = None
+        self.log = log.getChild(f"{membership.cluster}.{membership.node}")
+
+    def holds_lease(self) -> bool:
+        """Whether this node may run clustered VMs now: not fenced, lease renewed in time."""
+        age = self.clock.time() - self.last_renewed
+        return self.fenced is None and age < self.timings.self_fence_s
+
+    def deadline(self) -> float:
+        return self.last_renewed + self.timings.self_fence_s
+
+    async def run(self) -> None:
+        """Renew until cancelled (what :class:`NodeLoops` runs as the lease task)."""
+        # The membership granted or renewed the lease just before this starts;
+        # the guard, beaten by the agent before, covers the moments between.
+        t = self.timings
+        self.last_renewed = self.clock.time()
+        wake = self.clock.time()
+        while True:
+            until = wake if self.fenced is not None else min(wake, self.deadline())
+            if until > self.clock.time():
+                await self.clock.wait(self._never, until - self.clock.time())
+            else:
+                await asyncio.sleep(0)
+            now = self.clock.time()
+            lag = now - until
+            self.max_lag_s = max(self.max_lag_s, lag)
+            if lag > t.loop_lag_limit_s:
+                self.log.warning("the event loop stalled %.2fs (limit %.2fs): no renewal could "
+                                 "be sent meanwhile", lag, t.loop_lag_limit_s)  # fmt: skip
+            if now >= wake:
+                # On the planned beat (no drift), unless the loop fell a whole interval behind.
+                late = now - wake >= t.renew_interval_s
+                wake = (now if late else wake) + t.renew_interval_s
+                await self.renew_once()
+            if self.fenced is None and self.clock.time() >= self.deadline():
+                age = self.clock.time() - self.last_renewed
+                await self.fence(f"no lease renewal for {age:.1f}s (self-fence deadline "
+                                 f"{t.self_fence_s:g}s, TTL {t.ttl_s}s)")  # fmt: skip
+                wake = self.clock.time()  # try to rejoin at once
+
+    async def renew_once(self) -> bool:
+        """One renewal attempt (and, once fenced, the rejoin); True if etcd renewed it."""
+        m = self.membership
+        sent = self.clock.time()
+        budget = self.timings.renew_timeout_s
+        if self.fenced is None:
+            budget = min(budget, self.deadline() - sent)
+        try:
+            await self._bounded(m.store.keepalive(m.lease), budget)
+        except LeaseLostError:
+            if self.fenced is None:
+                await self.fence(f"etcd says lease {m.lease:x} is gone")
+            await self._rejoin()
+            return False
+        except (FerryError, TimeoutError) as exc:
+            self.log.debug("lease renewal failed: %s", exc or "timed out")
+            return False
+        if self.fenced is not None:
+            await self._rejoin()
+            return False
+        self.last_renewed = sent
+        await self._feed_guard()
+        return True
+
+    async def _bounded(self, call: Coroutine[Any, Any, Any], budget: float) -> None:
+        """Await ``call`` for at most ``budget`` seconds of the keeper's clock."""
+        if budget <= 0:
+            call.close()
+            raise TimeoutError
+        task = asyncio.ensure_future(call)
+        finished = asyncio.Event()
+        task.add_done_callback(lambda _: finished.set())
+        if not await self.clock.wait(finished, budget):
+            await cancel_and_wait(task)
+            raise TimeoutError
+        task.result()
+
+    async def fence(self, reason: str) -> None:
+        """Kill this node's clustered QEMUs now; the rejoin waits for etcd."""
+        self.fenced = reason
+        self.fences += 1
+        self.log.error("fencing this node: %s", reason)
+        killed = await self.fence_callback(reason)
+        self.log.error("fenced: killed %d clustered QEMU(s) %s", len(killed), sorted(killed))
+        # The guard keeps its list and gets no beat while fenced: should a kill
+        # have failed, it tries again at its limit.
+        self._killed = list(killed)
+
+    async def _rejoin(self) -> None:
+        """Etcd answers again after a fence: mark fenced, retire the old lease, take a new one."""
+        m = self.membership
+        reason = self.fenced or "the lease was lost"
+        record = {"at": m.clock(), "reason": reason, "killed": self._killed}
+        try:
+            await m.store.put(m.keys.fenced(m.node), json.dumps(record).encode())
+            await m.store.revoke(m.lease)
+            await m.regrant()
+        except (FerryError, TimeoutError) as exc:
+            self.log.warning("cannot rejoin after fencing yet: %s", exc)
+            return
+        self.fenced = None
+        self.last_renewed = self.clock.time()
+        self.log.warning("rejoined with lease %x after fencing (%s)", m.lease, reason)
+        try:
+            await m.record_event(FENCED_EVENT, node=m.node, reason=reason)
+        except FerryError as exc:
+            self.log.warning("cannot record the fencing event: %s", exc)
+        await self._feed_guard()
+
+    async def _feed_guard(self) -> None:
+        if self.guard is not None:
+            await self._guarded_guard_call(self.guard.sync(self.protected()))
+            await self._guarded_guard_call(self.guard.beat())
+
+    async def _guarded_guard_call(self, call: Awaitable[None]) -> None:
+        """A guard call, bounded; a guard that fails is reported once until it works again."""
+        try:
+            async with asyncio.timeout(GUARD_CALL_S):
+                await call
+        except (FerryError, TimeoutError) as exc:
+            text = str(exc) or "timed out"
+            if self._guard_down != text:
+                self._guard_down = text
+                self.log.error("the fence guard does not answer: %s", text)
+            return
+        if self._guard_down is not None:
+            self._guard_down = None
+            self.log.info("the fence guard answers again")
