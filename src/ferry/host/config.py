@@ -9,6 +9,7 @@ Example::
     functional_level = 3                # highest VM configuration version run here
     accelerator = "auto"                # auto | kvm | tcg
     image_dirs = ["/srv/images"]        # where --image/--kernel files may come from
+    cluster_lease_ttl = 10              # seconds; a cluster node's lease
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class HostConfig(BaseModel):
     crash_failover_at: str = ""
     # Plain TCP for memory and disk streams: only for a trusted network.
     insecure_migration: bool = False
+    # The node's cluster lease TTL in seconds; every cluster timing (renewal,
+    # self-fence deadline, guard limit) derives from it (core/cluster/timing.py).
+    cluster_lease_ttl: int = Field(default=10, ge=2, le=300)
 
     @field_validator("migration_max_bandwidth", "replication_max_bandwidth", mode="before")
     @classmethod

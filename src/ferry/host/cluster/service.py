@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ferry.core.cluster.keys import ClusterKeys
-from ferry.core.cluster.nodes import AliveRecord, MemberRecord, owner_of
-from ferry.core.cluster.records import ClusterMeta, EventKind
+from ferry.core.cluster.nodes import AliveRecord, MemberRecord, node_views, owner_of
+from ferry.core.cluster.records import ClusterMeta, EventKind, VolumeRecord
 from ferry.core.cluster.store import ClusterStore, Compare, Delete, Put
 from ferry.core.cluster.timing import ClusterTimings
 from ferry.core.spec import check_name
@@ -168,6 +168,26 @@ class ClusterService:
                                         f"{', '.join(self._file.etcd)} yet")  # fmt: skip
         where = f"it is in cluster {self._file.name}" if self._file else "it is in no cluster"
         raise NotFoundError(f"host {self.me.name} is not a node of cluster {cluster!r} ({where})")
+
+    async def show(self, cluster: str) -> dict[str, Any]:
+        """``cluster show``: the cluster, its leader, level, nodes and volumes."""
+        m = self.member_of(cluster)
+        entries = await m.store.range(m.keys.prefix)
+        by_key = {e.key: e for e in entries}
+        meta = by_key.get(m.keys.meta)
+        level = ClusterMeta.from_json(meta.value).functional_level if meta else None
+        leader = by_key.get(m.keys.leader)
+        volumes = [VolumeRecord.from_json(e.value) for e in entries
+                   if e.key.startswith(m.keys.volumes)]  # fmt: skip
+        return {"name": cluster, "etcd": list(m.endpoints),
+                "leader": leader.value.decode() if leader else None,
+                "functional_level": level,
+                "nodes": [view.as_dict() for view in node_views(entries, m.keys)],
+                "volumes": [{"name": v.name, "path": v.path} for v in volumes]}  # fmt: skip
+
+    async def events(self, cluster: str) -> list[dict[str, Any]]:
+        """``cluster events``: oldest first."""
+        return [event.as_dict() for event in await self.member_of(cluster).events()]
 
     # -- create, join, leave ----------------------------------------------------------
 
