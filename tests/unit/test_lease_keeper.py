@@ -167,7 +167,7 @@ def test_a_node_cut_from_etcd_fences_at_its_deadline_before_the_lease_expires() 
         await w.step(2.0)
         assert old not in w.store._leases and await w.alive_lease() is None
         w.store.available = True
-        await w.step(1.1)
+        await w.step(1.1 + 2 * TIMINGS.leader_poll_s)
         assert len(w.fences) == 1, "fenced twice"
         new = w.membership.lease
         assert new != old and await w.alive_lease() == new
@@ -200,6 +200,10 @@ def test_a_renewal_that_hangs_is_cut_off_at_the_deadline_and_the_old_lease_retir
         w.store.answering.set()
         await w.step(0.1)
         assert old not in w.store._leases, "the old lease lingers"
+        # No alive record for two leader polls: the leader sees the node lost.
+        await w.step(2 * TIMINGS.leader_poll_s - 0.2)
+        assert await w.alive_lease() is None
+        await w.step(0.2)
         assert w.membership.lease != old
         assert await w.alive_lease() == w.membership.lease
         assert await w.store.get(w.membership.keys.fenced(NODE)) is not None
@@ -213,7 +217,7 @@ def test_etcd_saying_the_lease_is_gone_fences_at_once() -> None:
         old = w.membership.lease
         await w.step(0.5)
         w.store.expire(old)  # an admin revoked it, or etcd's clock ran ahead
-        await w.step(0.6)
+        await w.step(0.6 + 2 * TIMINGS.leader_poll_s)
         assert len(w.fences) == 1
         assert w.fences[0][1] == f"etcd says lease {old:x} is gone"
         assert w.membership.lease != old and await w.alive_lease() == w.membership.lease

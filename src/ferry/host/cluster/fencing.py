@@ -21,10 +21,11 @@ time counts against the deadline like a failed one.
 Once fenced, the node rejoins only when etcd answers again, and only with a new
 lease: it writes ``fenced/<node>`` (``{"at", "reason", "killed"}``), revokes the
 old lease if etcd still has it (its leader key and alive record go with it),
-and asks the membership for a new one. ``fenced/<node>`` stays until the node
-reconnects or is resumed, so nothing is placed on it meanwhile; which VMs it
-may run again is the reconciler's business (only those it still owns), never
-this module's.
+stays without an alive record for two leader polls (so the leader sees it lost
+and restarts its VMs elsewhere), and asks the membership for a new one.
+``fenced/<node>`` stays until the node reconnects or is resumed, so nothing is
+placed on it meanwhile; which VMs it may run again is the reconciler's
+business (only those it still owns), never this module's.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from ferry.adapters import qemu
 from ferry.core.clock import Clock, SystemClock
 from ferry.core.tasks import cancel_and_wait
 from ferry.errors import FerryError, LeaseLostError
+from ferry.host.cluster.guard_client import FenceGuardClient
 from ferry.host.cluster.membership import Membership
 
 log = logging.getLogger(__name__)
@@ -148,6 +150,8 @@ class LeaseKeeper:
                 late = now - wake >= t.renew_interval_s
                 wake = (now if late else wake) + t.renew_interval_s
                 await self.renew_once()
+                if self.clock.time() >= wake:  # a rejoin took its time
+                    wake = self.clock.time() + t.renew_interval_s
             if self.fenced is None and self.clock.time() >= self.deadline():
                 age = self.clock.time() - self.last_renewed
                 await self.fence(f"no lease renewal for {age:.1f}s (self-fence deadline "
@@ -210,6 +214,10 @@ class LeaseKeeper:
         try:
             await m.store.put(m.keys.fenced(m.node), json.dumps(record).encode())
             await m.store.revoke(m.lease)
+            # Stay without an alive record for two leader polls, so the leader
+            # sees this node lost (even if etcd had not expired the lease yet)
+            # and restarts its VMs elsewhere: a fenced node starts none itself.
+            await self.clock.wait(self._never, 2 * self.timings.leader_poll_s)
             await m.regrant()
         except (FerryError, TimeoutError) as exc:
             self.log.warning("cannot rejoin after fencing yet: %s", exc)
@@ -242,3 +250,59 @@ class LeaseKeeper:
         if self._guard_down is not None:
             self._guard_down = None
             self.log.info("the fence guard answers again")
+
+
+class NodeFencing:
+    """The agent's fencing: its host's one guard client and a keeper per membership.
+
+    ``keep`` is what :class:`~ferry.host.cluster.service.ClusterService` runs as
+    a membership's lease task; ``protected`` names the clustered QEMUs running
+    here (set by the composition once the clustered-VM service exists).
+    """
+
+    def __init__(self, guard: FenceGuardClient | None, *, clock: Clock | None = None) -> None:
+        self.guard = guard
+        self.clock = clock
+        self.protected: Protected = dict
+        self.keeper: LeaseKeeper | None = None
+
+    def holds_lease(self) -> bool:
+        return self.keeper is not None and self.keeper.holds_lease()
+
+    async def keep(self, membership: Membership) -> None:
+        if self.guard is not None:
+            try:
+                pid = await self.guard.ensure_running()
+                log.info("fence guard pid %d protects this node's clustered QEMUs", pid)
+            except FerryError as exc:  # the keeper still fences itself; beats retry
+                log.error("cannot start the fence guard: %s", exc)
+        keeper = LeaseKeeper(membership, fence=qemu_killer(lambda: self.protected()),
+                             guard=self.guard, protected=lambda: self.protected(),
+                             clock=self.clock)  # fmt: skip
+        self.keeper = keeper
+        try:
+            await keeper.run()
+        finally:
+            if self.keeper is keeper:
+                self.keeper = None
+
+    async def protect_now(self, uuid: str, pid: int) -> None:
+        """Protect a clustered QEMU that just started, before the keeper's next sync."""
+        if self.guard is not None:
+            try:
+                await self.guard.protect(uuid, pid)
+            except FerryError as exc:
+                log.error("the fence guard cannot protect VM %s (pid %d): %s", uuid, pid, exc)
+
+    async def on_membership(self, membership: Membership | None) -> None:
+        """The cluster context's listener: after a leave, nothing is ours to fence."""
+        if membership is None and self.guard is not None:
+            try:
+                await self.guard.disarm()
+            except FerryError as exc:
+                log.warning("cannot disarm the fence guard: %s", exc)
+
+    async def close(self) -> None:
+        """On agent stop: let go of the guard, which stays armed (by design)."""
+        if self.guard is not None:
+            await self.guard.close()
