@@ -39,6 +39,7 @@ from ferry.client.settings import HostEntry, load_settings, save_settings
 from ferry.core import vmstate
 from ferry.core.vmstate import VmOp
 from ferry.errors import ConfigError, FerryError, InvalidInputError
+from ferry.host.cluster.guard import GuardPaths, stop_guard
 from ferry.host.config import load_host_config
 from ferry.host.vms.states import VmStates
 
@@ -219,6 +220,11 @@ class Lab:
                         VmStates(catalog).apply(record, VmOp.KILL)
                 finally:
                     catalog.close()
+            # A cluster node's fence guard outlives its agent by design; end it by pid.
+            config = load_host_config(host.config_path)
+            guard = GuardPaths.of_host(config.name, config.data_dir, config.runtime_dir)
+            if stop_guard(guard):
+                progress(f"stopped the fence guard of {host.name}")
         for proc in self._agents:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=AGENT_STOP_TIMEOUT_S)
