@@ -54,4 +54,7 @@ def replica_view(rel: Relationship, state: ReplicaState, now: float) -> dict[str
         "points": state.points, "latest_point": state.latest_point,
         "replica_bytes": state.bytes, "thumbprint": rel.thumbprint,
         "origin": rel.origin or None,
+        # A clustered VM: which hosts may take the primary's place.
+        "primary_cluster": ({"name": rel.cluster, "hosts": [h.name for h in rel.cluster_hosts]}
+                            if rel.cluster else None),
     }  # fmt: skip
