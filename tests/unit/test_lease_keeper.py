@@ -252,3 +252,21 @@ def test_a_guard_that_fails_does_not_stop_the_renewals() -> None:
         assert len(w.guard.beats) == beats + 1
 
     run(body)
+
+
+def test_a_short_outage_is_bridged_by_retries_without_fencing() -> None:
+    async def body(w: World) -> None:
+        lease = w.membership.lease
+        await w.step(1.0)  # renewed at 0 and 1
+        w.store.available = False
+        await w.step(2.0)  # attempts at 2, 2.25, 2.5, ... all fail
+        beats = len(w.guard.beats)
+        back = w.clock.time()
+        w.store.available = True
+        await w.step(TIMINGS.retry_interval_s)
+        # Renewed within one retry interval of etcd's return, not a renewal interval.
+        assert len(w.guard.beats) == beats + 1
+        assert w.guard.beats[-1] - back <= TIMINGS.retry_interval_s + 1e-6
+        assert w.fences == [] and w.membership.lease == lease
+
+    run(body)

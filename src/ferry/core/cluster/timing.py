@@ -13,8 +13,9 @@ SIGKILL and its reaping may take, and absorbs clock-rate error.
 Two killers keep that promise, because an agent can die or stall:
 
 - the :class:`~ferry.host.cluster.fencing.LeaseKeeper` in the agent renews
-  every ``renew_interval_s`` (each attempt bounded by ``renew_timeout_s``) and
-  fences at ``self_fence_s`` after the last successful send;
+  every ``renew_interval_s`` (each attempt bounded by ``renew_timeout_s``; a
+  failed one is retried after ``retry_interval_s``, so a short etcd outage is
+  bridged) and fences at ``self_fence_s`` after the last successful send;
 - the fence guard, a separate process, is beaten only after a successful
   renewal (so at most ``renew_timeout_s`` after its send) and kills when beats
   stop for ``guard_limit_s``, which therefore ends no later than the
@@ -47,6 +48,7 @@ class ClusterTimings:
     ttl_s: int  # the lease's TTL, as granted by etcd
     renew_interval_s: float  # how often the keeper renews
     renew_timeout_s: float  # how long one renewal may take before it counts as failed
+    retry_interval_s: float  # after a failed renewal, the next attempt comes this soon
     self_fence_s: float  # no successful renewal sent for this long: kill our QEMUs
     guard_limit_s: float  # the guard kills when beats stop for this long
     leader_poll_s: float  # how often the leader looks for expired nodes
@@ -56,8 +58,11 @@ class ClusterTimings:
         checks = [
             (MIN_TTL_S <= self.ttl_s <= MAX_TTL_S,
              f"the lease TTL must be {MIN_TTL_S}..{MAX_TTL_S} s"),
-            (min(self.renew_interval_s, self.renew_timeout_s, self.leader_poll_s,
-                 self.loop_lag_limit_s) > 0, "every interval must be positive"),
+            (min(self.renew_interval_s, self.renew_timeout_s, self.retry_interval_s,
+                 self.leader_poll_s, self.loop_lag_limit_s) > 0,
+             "every interval must be positive"),
+            (self.retry_interval_s <= self.renew_interval_s,
+             "retry interval <= renew interval"),
             (0 < self.guard_limit_s < self.self_fence_s,
              "guard limit < self-fence deadline"),
             (self.self_fence_s < self.ttl_s, "self-fence deadline < lease TTL"),
@@ -82,15 +87,19 @@ class ClusterTimings:
                 f"the cluster lease TTL must be {MIN_TTL_S}..{MAX_TTL_S} s, not {ttl_s}"
             )
         renew = ttl_s / 4
+        # A keepalive on a healthy etcd takes milliseconds; one slower than this
+        # counts as failed (and is retried sooner than the next renewal).
+        renew_timeout = ttl_s / 8
         # The time a SIGKILL and its reaping may take before etcd could expire us.
         margin = max(0.5, ttl_s / 5)
         self_fence = ttl_s - margin
         return cls(
             ttl_s=ttl_s,
             renew_interval_s=renew,
-            renew_timeout_s=renew,
+            renew_timeout_s=renew_timeout,
+            retry_interval_s=ttl_s / 16,
             self_fence_s=self_fence,
-            guard_limit_s=self_fence - renew,
+            guard_limit_s=self_fence - renew_timeout,
             leader_poll_s=renew,
             loop_lag_limit_s=margin / 2,
         )
@@ -98,6 +107,7 @@ class ClusterTimings:
     def describe(self) -> str:
         return (
             f"ttl {self.ttl_s}s, renew every {self.renew_interval_s:g}s "
-            f"(timeout {self.renew_timeout_s:g}s), self-fence {self.self_fence_s:g}s, "
+            f"(timeout {self.renew_timeout_s:g}s, retry {self.retry_interval_s:g}s), "
+            f"self-fence {self.self_fence_s:g}s, "
             f"guard {self.guard_limit_s:g}s, loop lag {self.loop_lag_limit_s:g}s"
         )

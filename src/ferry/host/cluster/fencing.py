@@ -2,8 +2,9 @@
 
 Theory of operation (the timings and why they are safe are in
 :mod:`ferry.core.cluster.timing`). :class:`LeaseKeeper` renews the node's
-lease every ``renew_interval_s``, each attempt bounded so that it never runs
-past the self-fence deadline. It keeps the *send* time of its last successful
+lease every ``renew_interval_s`` (a failed attempt is retried after
+``retry_interval_s``), each attempt bounded so that it never runs past the
+self-fence deadline. It keeps the *send* time of its last successful
 renewal, by a monotonic clock: etcd received that keepalive no earlier, so the
 lease lives at least ``ttl_s`` past it. When ``self_fence_s`` has passed since
 then without another success (etcd out of reach, answering too slowly, or the
@@ -149,9 +150,11 @@ class LeaseKeeper:
                 # On the planned beat (no drift), unless the loop fell a whole interval behind.
                 late = now - wake >= t.renew_interval_s
                 wake = (now if late else wake) + t.renew_interval_s
-                await self.renew_once()
+                renewed = await self.renew_once()
                 if self.clock.time() >= wake:  # a rejoin took its time
                     wake = self.clock.time() + t.renew_interval_s
+                if not renewed and self.fenced is None:
+                    wake = min(wake, self.clock.time() + t.retry_interval_s)
             if self.fenced is None and self.clock.time() >= self.deadline():
                 age = self.clock.time() - self.last_renewed
                 await self.fence(f"no lease renewal for {age:.1f}s (self-fence deadline "
