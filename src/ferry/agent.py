@@ -24,6 +24,11 @@ from ferry.adapters.pki import server_ssl_context
 from ferry.api.server import AgentApi
 from ferry.errors import ConfigError
 from ferry.host import facts
+from ferry.host.cluster.maintenance import Maintenance
+from ferry.host.cluster.membership import ClusterContext
+from ferry.host.cluster.reconciler import Reconciler
+from ferry.host.cluster.switchover import OwnerHandover
+from ferry.host.cluster.vms import ClusterVms
 from ferry.host.config import HostConfig, load_host_config
 from ferry.host.exchange.service import EXPORT, IMPORT, ExchangeService
 from ferry.host.failover.service import FailoverService
@@ -90,6 +95,7 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
     migrations: MigrationService | None = None
     replication: ReplicationService | None = None
     extensions: ExtensionService | None = None
+    reconciler: Reconciler | None = None
     try:
         tls = server_ssl_context(config.tls_dir)
         # The one peer server every service registers its endpoints with.
@@ -122,6 +128,13 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         failover = FailoverService(vms, jobs, store, replication, peers)
         failover.register(peer_server)
         _route_cancels(jobs, migrations)
+        # The one holder of this host's cluster membership (None outside a cluster).
+        cluster_context = ClusterContext()
+        cluster_vms = ClusterVms(cluster_context, vms)
+        reconciler = Reconciler(cluster_vms, migrations, jobs)
+        cluster_context.listen(reconciler.on_membership)
+        migrations.switch_guard = OwnerHandover(cluster_vms)
+        maintenance = Maintenance(cluster_vms, migrations, jobs)
         api = AgentApi(
             vms,
             migrations,
@@ -133,6 +146,8 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
             qemu_version=qemu_version,
             peer_server=peer_server,
             failover=failover,
+            cluster_vms=cluster_vms,
+            maintenance=maintenance,
         )
         await failover.recover()
         mover = ReplicaMover(store, replication.cycles.sender, failover, url, peers)
@@ -160,6 +175,8 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
     finally:
         if runner is not None:
             await runner.cleanup()
+        if reconciler is not None:
+            await reconciler.stop()
         if extensions is not None:
             await extensions.shutdown()
         if replication is not None:

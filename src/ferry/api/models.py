@@ -7,7 +7,8 @@ Admin endpoints (admin certificate)::
 
     GET    /v1/host                     -> HostView
     GET    /v1/vms                      -> [VmView]
-    POST   /v1/vms        CreateVmRequest -> VmView
+    POST   /v1/vms        CreateVmRequest -> VmView   (with ``cluster``: a clustered VM,
+                                  placed on a node of it; VmView.host is its owner)
     GET    /v1/vms/{name}               -> VmView
     POST   /v1/vms/{name}/start         -> VmView
     POST   /v1/vms/{name}/stop  StopRequest -> StopResult
@@ -46,6 +47,8 @@ Admin endpoints (admin certificate)::
     GET    /v1/volumes                  -> {name: path}
     POST   /v1/volumes    VolumeRequest -> {name: path}
     DELETE /v1/volumes/{name}           -> {name: path}
+    POST   /v1/clusters/{c}/vms ClusterVmRequest -> VmView; DELETE /v1/clusters/{c}/vms/{vm},
+    drain, resume, upgrade-level: see ferry.api.cluster_vms
 
 A job is ``{"id","kind","vm","vm_uuid","host","state","created","updated",...}``;
 a move adds ``"phase","target","storage","progress":{...},"result","error"``.
@@ -110,6 +113,8 @@ class VmView(BaseModel):
     busy: str | None = None
     # {"role", "state", "primary", "replica", "frequency_s"} when replicated.
     replication: dict[str, object] | None = None
+    # The cluster the VM belongs to (its config and owner live there), or None.
+    cluster: str | None = None
 
 
 class HostView(BaseModel):
@@ -154,6 +159,24 @@ class CreateVmRequest(BaseModel):
     append: str | None = None
     config_version: int | None = None
     volume: str | None = None
+    # A clustered VM: its cluster, priority for HA, and the node it must run
+    # on (None: placement picks). The disks go on the cluster volume ``volume``.
+    cluster: str | None = None
+    priority: Literal["high", "medium", "low"] = "medium"
+    node: str | None = None
+
+
+class ClusterVmRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vm: str
+    priority: Literal["high", "medium", "low"] = "medium"
+
+
+class NodeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    node: str
 
 
 class MoveRequest(BaseModel):

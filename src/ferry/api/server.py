@@ -15,6 +15,7 @@ from aiohttp import web
 
 from ferry import __version__
 from ferry.adapters.catalog import VmRecord
+from ferry.api.cluster_vms import ClusterVmRoutes
 from ferry.api.edge import guard
 from ferry.api.edge import json_reply as _json
 from ferry.api.edge import read_body as _body
@@ -33,12 +34,15 @@ from ferry.api.models import (
 )
 from ferry.api.protection import ProtectionRoutes
 from ferry.core import vmstate
+from ferry.core.cluster.roles import parse_priority
 from ferry.core.migration import Storage
 from ferry.core.relationship import Role as RelRole
 from ferry.core.versions import supported_range
 from ferry.core.vmstate import VmState
 from ferry.errors import FerryError, InvalidInputError
 from ferry.host import facts
+from ferry.host.cluster.maintenance import Maintenance
+from ferry.host.cluster.vms import ClusterVms
 from ferry.host.exchange.service import ExchangeService
 from ferry.host.failover.service import FailoverService
 from ferry.host.migration.service import MigrationService
@@ -68,6 +72,8 @@ class AgentApi:
         qemu_version: str,
         peer_server: PeerServer,
         failover: FailoverService,
+        cluster_vms: ClusterVms | None = None,
+        maintenance: Maintenance | None = None,
     ) -> None:
         self.vms = vms
         self.migrations = migrations
@@ -82,6 +88,8 @@ class AgentApi:
         self.accelerator = accelerator
         self.qemu_version = qemu_version
         self.peer_server = peer_server
+        self.cluster_vms = cluster_vms
+        self.maintenance = maintenance
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[guard], client_max_size=1024**2)
@@ -115,6 +123,9 @@ class AgentApi:
         app.add_routes(
             ProtectionRoutes(self.vms, self.replication, self.extensions, self.failover).routes()
         )
+        if self.cluster_vms is not None and self.maintenance is not None:
+            app.add_routes(ClusterVmRoutes(self.cluster_vms, self.maintenance, view=self._view,
+                                           host=self.vms.config.name).routes())  # fmt: skip
         # Peer endpoints that services registered with the typed peer layer.
         app.add_routes(self.peer_server.aiohttp_routes(lambda request: request["caller"]))
         return app
@@ -136,6 +147,7 @@ class AgentApi:
             incoming=self.migrations.is_incoming(spec.uuid),
             busy=self.vms.turns.holder(spec.uuid),
             replication=self._replication_summary(spec.uuid),
+            cluster=self.cluster_vms.cluster_of(spec.uuid) if self.cluster_vms else None,
         )
 
     def _replication_summary(self, vm_uuid: str) -> dict[str, object] | None:
@@ -175,23 +187,40 @@ class AgentApi:
     async def create_vm(self, request: web.Request) -> web.Response:
         create = await _body(request, CreateVmRequest)
         new = NewVm(
-            **create.model_dump(exclude={"disks"}),
+            **create.model_dump(exclude={"disks", "cluster", "priority", "node"}),
             disks=tuple(NewDisk(size=d.size, image=d.image) for d in create.disks),
         )
-        return _json(self._view(await self.vms.create(new)), status=201)
+        if create.cluster is None:
+            return _json(self._view(await self.vms.create(new)), status=201)
+        record, owner = await self._cluster_vms().create(
+            new, cluster=create.cluster, priority=parse_priority(create.priority),
+            host=create.node)  # fmt: skip
+        view = self._view(record).model_copy(update={"host": owner, "cluster": create.cluster})
+        return _json(view, status=201)
+
+    def _cluster_vms(self) -> ClusterVms:
+        if self.cluster_vms is None:
+            raise InvalidInputError(f"host {self.vms.config.name!r} cannot run clustered VMs")
+        return self.cluster_vms
 
     async def show_vm(self, request: web.Request) -> web.Response:
         return _json(self._view(self.vms.get(request.match_info["name"])))
 
     async def start_vm(self, request: web.Request) -> web.Response:
+        if self.cluster_vms is not None:  # a clustered VM: on its owner, then want running
+            await self.cluster_vms.before_start(request.match_info["name"])
         return _json(self._view(await self.vms.start(request.match_info["name"])))
 
     async def stop_vm(self, request: web.Request) -> web.Response:
         stop = await _body(request, StopRequest)
+        if self.cluster_vms is not None:  # a clustered VM stays off (want off)
+            await self.cluster_vms.before_stop(request.match_info["name"])
         record, forced = await self.vms.stop(request.match_info["name"], timeout=stop.timeout_s)
         return _json(StopResult(vm=self._view(record), forced=forced))
 
     async def kill_vm(self, request: web.Request) -> web.Response:
+        if self.cluster_vms is not None:
+            await self.cluster_vms.before_stop(request.match_info["name"])
         return _json(self._view(await self.vms.kill(request.match_info["name"])))
 
     async def pause_vm(self, request: web.Request) -> web.Response:
@@ -204,7 +233,8 @@ class AgentApi:
     async def delete_vm(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         force = request.query.get("force", "0") in ("1", "true", "yes")
-        await self.vms.delete(name, force=force)
+        if self.cluster_vms is None or not await self.cluster_vms.delete(name, force=force):
+            await self.vms.delete(name, force=force)
         return _json({"deleted": name})
 
     async def console(self, request: web.Request) -> web.Response:
@@ -217,11 +247,15 @@ class AgentApi:
 
     async def move_vm(self, request: web.Request) -> web.Response:
         move = await _body(request, MoveRequest)
+        storage = Storage(move.storage)
+        if self.cluster_vms is not None:  # inside its cluster, on the shared volume
+            storage = await self.cluster_vms.check_move(request.match_info["name"], move.to,
+                                                        storage)  # fmt: skip
         job = self.migrations.start_move(
             request.match_info["name"],
             to=move.to,
             to_url=move.to_url,
-            storage=Storage(move.storage),
+            storage=storage,
             max_bandwidth=move.max_bandwidth,
             downtime_limit_ms=move.downtime_limit_ms,
         )

@@ -22,6 +22,10 @@ def _describe(job: dict[str, Any]) -> str:
         parts.append(progress["waiting"])  # behind another job on the VM's disks
     if progress.get("total"):
         parts.append(f"{format_size(progress['bytes'])}/{format_size(progress['total'])}")
+    if progress.get("vms_total"):  # a drain: one VM after another
+        parts.append(f"VMs {progress['vms_done']}/{progress['vms_total']}")
+        if progress.get("vm"):
+            parts.append(f"moving {progress['vm']}")
     if job.get("phase") == "copying-disks" and progress.get("disk_total"):
         parts.append(f"disks {format_size(progress['disk_bytes'])}/"
                      f"{format_size(progress['disk_total'])}")  # fmt: skip
@@ -40,6 +44,8 @@ def _fraction(job: dict[str, Any]) -> tuple[float, float]:
     progress = job.get("progress") or {}
     if progress.get("total"):
         return float(progress.get("bytes") or 0), float(progress["total"])
+    if progress.get("vms_total"):
+        return float(progress.get("vms_done") or 0), float(progress["vms_total"])
     disk_total = progress.get("disk_total") or 0
     ram_total = progress.get("ram_total") or 0
     done = (progress.get("disk_bytes") or 0) + (progress.get("ram_bytes") or 0)

@@ -16,7 +16,7 @@ import typer
 
 from ferry.cli.output import err, print_json, print_table, say
 from ferry.core.units import format_size, parse_duration, parse_size
-from ferry.errors import FerryError, InvalidInputError
+from ferry.errors import FerryError, InvalidInputError, NotFoundError
 
 if TYPE_CHECKING:  # the client stack (aiohttp, TLS) loads only for commands that talk
     from ferry.client.fleet import Fleet
@@ -53,14 +53,18 @@ def _show(vm: dict[str, Any], as_json: bool) -> None:
         print_json(vm)
         return
     print_table(_VM_COLUMNS, [_vm_row(vm)])
+    if vm.get("cluster"):
+        say(f"  cluster {vm['cluster']}")
     for disk in vm.get("disks", []):
         say(f"  disk {disk['path']} ({format_size(disk['size'])}, {disk['format']})")
 
 
 @app.command("create")
 def create(
-    name: str = typer.Argument(..., help="VM name, unique on its host."),
-    host: str = typer.Option(..., "--host", "-H", help="Host to create it on."),
+    name: str = typer.Argument(..., help="VM name, unique on its host (or in its cluster)."),
+    host: str | None = typer.Option(
+        None, "--host", "-H", help="Host to create it on (with --cluster: the node it runs on)."
+    ),
     memory: str = typer.Option("256M", "--memory", "-m", help="Memory, e.g. 256M, 1G."),
     cpus: int = typer.Option(1, "--cpus", help="Virtual CPUs."),
     disk: list[str] = typer.Option(
@@ -77,7 +81,13 @@ def create(
         None, "--config-version", help="Configuration version (default: the host's level)."
     ),
     volume: str | None = typer.Option(
-        None, "--volume", help="Put the disks on this shared volume of the host."
+        None, "--volume", help="Put the disks on this shared volume of the host (or cluster)."
+    ),
+    cluster: str | None = typer.Option(
+        None, "--cluster", help="Make it a clustered VM of this cluster (needs --volume)."
+    ),
+    priority: str = typer.Option(
+        "medium", "--priority", help="With --cluster: high, medium or low (HA restarts high first)."
     ),
     start: bool = typer.Option(False, "--start", help="Start the VM once created."),
     as_json: bool = JsonOpt,
@@ -85,6 +95,10 @@ def create(
     """Create a VM (off, unless --start)."""
     if guest not in (None, "test"):
         raise InvalidInputError(f"unknown guest {guest!r}: the only built-in guest is 'test'")
+    if host is None and cluster is None:
+        raise InvalidInputError("say where: --host H, or --cluster C (placement picks a node)")
+    if priority not in ("high", "medium", "low"):
+        raise InvalidInputError(f"--priority must be high, medium or low, not {priority!r}")
     body: dict[str, Any] = {
         "name": name,
         "memory": parse_size(memory, what="memory"),
@@ -99,14 +113,21 @@ def create(
         "config_version": config_version,
         "volume": volume,
     }
+    if cluster is not None:
+        body.update(cluster=cluster, priority=priority, node=host)
 
     async def run(fleet: Fleet) -> dict[str, Any]:
-        client = fleet.client(host)
-        with err.status(f"creating VM {name} on {host}"):
-            vm: dict[str, Any] = await client.call("POST", "/v1/vms", body=body)
+        where = host
+        if cluster is not None:
+            from ferry.cli.cluster_vm_cmd import cluster_node
+
+            where = await cluster_node(fleet, cluster, host)
+        assert where is not None
+        with err.status(f"creating VM {name} on {where}"):
+            vm: dict[str, Any] = await fleet.client(where).call("POST", "/v1/vms", body=body)
         if start:
             with err.status(f"starting VM {name}"):
-                vm = await client.post(f"/v1/vms/{name}/start")
+                vm = await _start_created(fleet, vm)
         return vm
 
     vm = with_fleet(run)
@@ -114,6 +135,20 @@ def create(
         print_json(vm)
     else:
         say(f"created VM {vm['name']} on {vm['host']} ({vm['state']}, uuid {vm['uuid']})")
+
+
+async def _start_created(fleet: Fleet, vm: dict[str, Any]) -> dict[str, Any]:
+    """Start a new VM on its host (a clustered one's owner registers it within moments)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            started: dict[str, Any] = await fleet.client(vm["host"]).post(
+                f"/v1/vms/{vm['name']}/start")  # fmt: skip
+            return started
+        except NotFoundError:
+            if vm.get("cluster") is None or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 _GERUNDS = {"start": "starting", "stop": "stopping", "kill": "killing", "pause": "pausing",
@@ -209,8 +244,8 @@ def list_vms(host: str | None = HostOpt, as_json: bool = JsonOpt) -> None:
     for line in failed:
         err.print(f"ferry: warning: {line}", markup=False)
     if as_json:
-        keys = ("name", "uuid", "host", "state", "config_version", "memory", "cpus")
-        print_json([{key: vm[key] for key in keys} for vm in vms])
+        keys = ("name", "uuid", "host", "state", "config_version", "memory", "cpus", "cluster")
+        print_json([{key: vm.get(key) for key in keys} for vm in vms])
     else:
         print_table(_VM_COLUMNS, [_vm_row(vm) for vm in vms])
 
@@ -407,4 +442,4 @@ def import_disk(
     """Create a VM from existing disk images, converted to qcow2 (sparse kept)."""
     create(name=name, host=host, memory=memory, cpus=cpus, disk=[], image=images, guest=guest,
            kernel=None, initrd=None, append=None, config_version=None, volume=None,
-           start=start, as_json=as_json)  # fmt: skip
+           cluster=None, priority="medium", start=start, as_json=as_json)  # fmt: skip

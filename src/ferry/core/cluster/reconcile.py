@@ -11,10 +11,11 @@ clustered disk":
 - A VM runs here only while this node owns it. A live QEMU of a VM owned by
   another node is killed (``KILL``); an entry that is off is dropped
   (``FORGET``: the catalog entry and VM dir, never the shared disks).
-- A VM this node owns, whose ``want`` is ``running``, that does not run here
-  is started (``START``: registered from its config first if absent), but only
-  while this node holds its own lease (``self_ok``), and never while a move is
-  pending.
+- A VM this node owns is registered in the local catalog from its config
+  (``REGISTER``, so every command finds it on its owner); one whose ``want``
+  is ``running`` and that does not run here is started (``START``, registered
+  first if absent), but only while this node holds its own lease
+  (``self_ok``), and never while a move is pending.
 - A pending move (owner = destination with ``from`` = source) is settled by
   whichever side runs the VM: the destination that runs it confirms
   (``CONFIRM``); the source that runs it again takes it back (``RECLAIM``);
@@ -37,6 +38,7 @@ from ferry.core.cluster.roles import Owner, Want
 class Action(StrEnum):
     NOTHING = "nothing"
     START = "start"
+    REGISTER = "register"
     KILL = "kill"
     FORGET = "forget"
     CONFIRM = "confirm"
@@ -80,6 +82,8 @@ def decide(
     startable = not local.present or local.startable
     if want is Want.RUNNING and not local.live and self_ok and startable:
         return Action.START
+    if not local.present:
+        return Action.REGISTER
     return Action.NOTHING
 
 

@@ -16,12 +16,12 @@ from ferry.host.jobs import Job, JobRegistry
 from ferry.host.migration import recovery
 from ferry.host.migration.attempt import INCOMING, MOVE
 from ferry.host.migration.destination import MoveDestination
-from ferry.host.migration.source import MoveObserver, MoveSource
+from ferry.host.migration.source import MoveObserver, MoveSource, SwitchGuard
 from ferry.host.vms.service import VmService
 from ferry.peer.client import Connector
 from ferry.peer.server import PeerServer
 
-__all__ = ["INCOMING", "MOVE", "MigrationService", "MoveObserver"]
+__all__ = ["INCOMING", "MOVE", "MigrationService", "MoveObserver", "SwitchGuard"]
 
 
 class MigrationService:
@@ -41,6 +41,15 @@ class MigrationService:
     @observer.setter
     def observer(self, observer: MoveObserver | None) -> None:
         self.source.observer = observer
+
+    @property
+    def switch_guard(self) -> SwitchGuard | None:
+        """What changes hands at the switch-over itself (a clustered VM's owner)."""
+        return self.source.switch_guard
+
+    @switch_guard.setter
+    def switch_guard(self, guard: SwitchGuard | None) -> None:
+        self.source.switch_guard = guard
 
     def register(self, server: PeerServer) -> None:
         """Answer the migration peer endpoints (this host as a destination)."""

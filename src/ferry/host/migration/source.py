@@ -70,6 +70,14 @@ class MoveObserver(Protocol):
                         thumbprint: str | None) -> None: ...  # fmt: skip
 
 
+class SwitchGuard(Protocol):
+    """A clustered VM's owner changing hands at the switch-over (host/cluster/switchover.py)."""
+
+    async def before_switch(self, vm_uuid: str, target: str, job: str) -> None: ...
+
+    async def after_switch(self, vm_uuid: str, target: str, job: str, *, resumed: bool) -> bool: ...
+
+
 class PeerWatch:
     """Fails a long wait once the destination gave up or has been silent too long."""
 
@@ -104,6 +112,7 @@ class MoveSource:
         self.peers = peers
         self.config = vms.config
         self.observer: MoveObserver | None = None
+        self.switch_guard: SwitchGuard | None = None
         self._slots = asyncio.Semaphore(self.config.max_live_migrations)
 
     @property
@@ -280,12 +289,22 @@ class MoveSource:
         self.phase(job, Phase.SWITCHING_OVER)
         info = await qemu.switch_over(self._memory_progress(job))
         completed = time.monotonic()
+        guard = self.switch_guard
+        if guard is not None:  # a failure here is undone like any before the finish
+            await guard.before_switch(job.vm_uuid, attempt.target, job.id)
         attempt.finish_called = True
         outcome, why = await self.outcome(job, peer, finish=True)
         if outcome is not IncomingState.DONE:  # the destination does not run it: take it back
+            if guard is not None and not await guard.after_switch(
+                    job.vm_uuid, attempt.target, job.id, resumed=False):  # fmt: skip
+                raise MoveFailedError(f"host {peer.name!r} could not resume the VM ({why}) and "
+                                      "its ownership could not be taken back; it stays paused "
+                                      f"on {self.host} so it never runs twice")  # fmt: skip
             await self.undo(attempt, f"destination could not resume: {why}")
             raise MoveFailedError(f"host {peer.name!r} could not resume the VM ({why}); it "
                                   f"runs on {self.host} again")  # fmt: skip
+        if guard is not None:  # the destination runs it: the owner settles there
+            await guard.after_switch(job.vm_uuid, attempt.target, job.id, resumed=True)
         attempt.resumed_at = time.monotonic()
         await self.vms.forget(record, keep_disks=storage is Storage.SHARED)
         # QEMU's downtime ends when the source sent its last page; the guest

@@ -39,3 +39,6 @@ class NewVm:
     append: str | None = None
     config_version: int | None = None  # None: the host's functional level
     volume: str | None = None  # a shared volume's name: the disks go there
+    # Kernel and initrd next to the disks on the volume (a clustered VM: every
+    # node of the cluster boots it from there), not in the local VM dir.
+    boot_files_on_volume: bool = False

@@ -182,8 +182,9 @@ class VmService:
         vm_dir.mkdir(parents=True)
         disk_dir.mkdir(parents=True, exist_ok=True)
         try:
-            boot = await files.copy_boot_files(self.config, request, vm_dir)
             on_volume = disk_dir != vm_dir
+            boot_dir = disk_dir if request.boot_files_on_volume and on_volume else vm_dir
+            boot = await files.copy_boot_files(self.config, request, boot_dir)
             disk_specs = []
             for index, disk in enumerate(disks):
                 dst = disk_dir / f"disk{index}.qcow2"

@@ -1,0 +1,218 @@
+"""The per-node reconciler: makes what runs here match what the cluster's store says.
+
+One pass reads every VM role of the cluster (``vms/``) and the alive
+records, and for each clustered VM, local or owned here, applies the one
+action :func:`ferry.core.cluster.reconcile.decide` returns (its docstring
+holds the rules). A pass runs when the store reports a change under
+``vms/`` (a watch) and at least every :data:`PASS_EVERY_S`; a store that
+does not answer skips the pass (nothing is started without it). A VM whose
+start failed is left alone for :data:`START_BACKOFF_S`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from ferry.adapters.catalog import VmRecord
+from ferry.core import vmstate
+from ferry.core.cluster.reconcile import Action, Local, decide
+from ferry.core.cluster.roles import Owner, VmRole, decode_role, decode_want
+from ferry.core.cluster.store import Compare, Entry, Put
+from ferry.core.migration import Phase, is_final
+from ferry.core.tasks import cancel_and_wait
+from ferry.core.vmstate import VmState
+from ferry.errors import FerryError
+from ferry.host.cluster.membership import Membership
+from ferry.host.cluster.vms import ClusterVms
+from ferry.host.jobs import JobRegistry
+from ferry.host.migration.service import MOVE, MigrationService
+
+log = logging.getLogger(__name__)
+
+PASS_EVERY_S = 3.0
+START_BACKOFF_S = 15.0
+_BUSY_STATES = frozenset({VmState.MIGRATING, VmState.STARTING, VmState.STOPPING})
+_AT_REST = frozenset({VmState.OFF, VmState.CRASHED})
+
+
+@dataclass
+class RoleEntries:
+    """The store's records of one clustered VM."""
+
+    config: Entry | None = None
+    owner: Entry | None = None
+    want: Entry | None = None
+
+
+class Reconciler:
+    """Runs passes for the node's membership; see the module docstring."""
+
+    def __init__(self, cluster_vms: ClusterVms, migrations: MigrationService,
+                 jobs: JobRegistry) -> None:  # fmt: skip
+        self.cvms = cluster_vms
+        self.vms = cluster_vms.vms
+        self.migrations = migrations
+        self.jobs = jobs
+        self.node = cluster_vms.node
+        self._failed: dict[str, float] = {}  # uuid -> when its start failed
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wake = asyncio.Event()
+        self._pass_lock = asyncio.Lock()
+
+    # -- life ------------------------------------------------------------------------
+
+    def start(self, m: Membership) -> None:
+        self._tasks = [
+            asyncio.create_task(self._loop(m), name=f"reconcile-{m.cluster}"),
+            asyncio.create_task(self._watch(m), name=f"reconcile-watch-{m.cluster}"),
+        ]
+
+    async def stop(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        await cancel_and_wait(*tasks)
+
+    async def on_membership(self, m: Membership | None) -> None:
+        """The cluster context's listener: a join starts passes, a leave stops them."""
+        await self.stop()
+        if m is not None:
+            self.start(m)
+
+    async def _loop(self, m: Membership) -> None:
+        while True:
+            try:
+                await self.pass_once(m)
+            except FerryError as exc:
+                log.warning("reconcile pass of %s skipped: %s", m.cluster, exc)
+            except Exception:  # a bug must not end the loop that keeps VMs where they belong
+                log.exception("reconcile pass of %s failed", m.cluster)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PASS_EVERY_S):
+                    await self._wake.wait()
+            self._wake.clear()
+
+    async def _watch(self, m: Membership) -> None:
+        while True:
+            try:
+                async for _ in m.store.watch(m.keys.vms):
+                    self._wake.set()
+            except FerryError as exc:
+                log.debug("watch of %s ended: %s", m.keys.vms, exc)
+            await asyncio.sleep(PASS_EVERY_S)
+
+    # -- one pass --------------------------------------------------------------------
+
+    async def pass_once(self, m: Membership) -> list[tuple[str, Action]]:
+        """One look at every clustered VM; returns what was done (not NOTHING)."""
+        async with self._pass_lock:
+            return await self._pass(m)
+
+    async def _pass(self, m: Membership) -> list[tuple[str, Action]]:
+        roles: dict[str, RoleEntries] = {}
+        for entry in await m.store.range(m.keys.vms):
+            part = entry.key.rsplit("/", 1)[-1]
+            if part in ("config", "owner", "want"):
+                setattr(roles.setdefault(m.keys.vm_uuid_of(entry.key), RoleEntries()), part, entry)
+        alive = {m.keys.last_part(e.key) for e in await m.store.range(m.keys.alive_prefix)}
+        fenced = await m.store.get(m.keys.fenced(self.node)) is not None
+        self_ok = self.node in alive and not fenced
+        await self.cvms.volumes(m)
+        local = {record.uuid: record for record in self.vms.list()}
+        done: list[tuple[str, Action]] = []
+        for uuid in sorted(set(roles) | set(self.cvms.clustered)):
+            entries = roles.get(uuid)
+            if entries is None or entries.config is None:
+                self.cvms.mark(uuid, None)  # removed from the cluster: a plain VM now
+                continue
+            owner = Owner.decode(entries.owner.value) if entries.owner else None
+            want = decode_want(entries.want.value if entries.want else None)
+            action = decide(self.node, owner, want, self._local(local.get(uuid)), alive=alive,
+                            self_ok=self_ok)  # fmt: skip
+            if action is Action.START and time.monotonic() - self._failed.get(uuid, -1e9) < (
+                START_BACKOFF_S
+            ):
+                continue
+            if action is not Action.NOTHING:
+                try:
+                    await self._apply(m, action, uuid, entries, owner, local.get(uuid))
+                except FerryError as exc:
+                    log.warning("reconcile %s of VM %s: %s", action.value, uuid, exc)
+                    if action is Action.START:
+                        self._failed[uuid] = time.monotonic()
+                        await self._event(m, "vm-start-failed", uuid, entries, str(exc))
+                    continue
+                done.append((uuid, action))
+        return done
+
+    def _local(self, record: VmRecord | None) -> Local:
+        if record is None:
+            return Local()
+        uuid = record.uuid
+        busy = (
+            record.state in _BUSY_STATES
+            or self.migrations.is_incoming(uuid)
+            or self.vms.turns.holder(uuid) is not None
+            or self.vms.lock(uuid).locked()
+            or any(
+                job.kind == MOVE and job.vm_uuid == uuid and not is_final(Phase(job.state))
+                for job in self.jobs.all()
+            )
+        )
+        return Local(present=True, live=vmstate.is_live(record.state), busy=busy,
+                     startable=record.state in _AT_REST)  # fmt: skip
+
+    # -- actions ---------------------------------------------------------------------
+
+    async def _apply(self, m: Membership, action: Action, uuid: str, entries: RoleEntries,
+                     owner: Owner | None, record: VmRecord | None) -> None:  # fmt: skip
+        assert entries.config is not None
+        role = decode_role(entries.config.value, key=entries.config.key)
+        if action in (Action.REGISTER, Action.START):
+            record = self._register(m, role) if record is None else record
+            if action is Action.START:
+                await self.vms.start(record.name)
+                self._failed.pop(uuid, None)
+                log.info("started clustered VM %s (owner %s, want running)", record.name,
+                         self.node)  # fmt: skip
+                await self._event(m, "vm-started", uuid, entries,
+                                  f"owned by {self.node} and wanted running")  # fmt: skip
+        elif action is Action.KILL and record is not None:
+            held = owner.node if owner else "nobody"
+            await self.vms.kill(record.name)
+            await self.cvms.let_go(record)
+            log.warning("killed clustered VM %s: node %s owns it, not %s", record.name, held,
+                        self.node)  # fmt: skip
+            await self._event(m, "vm-killed", uuid, entries, f"owned by {held}, not {self.node}")
+        elif action is Action.FORGET and record is not None:
+            await self.cvms.let_go(record)
+        elif owner is not None and entries.owner is not None:
+            await self._settle(m, action, owner, entries.owner)
+            if action in (Action.CONFIRM, Action.RECLAIM) and record is not None:
+                self.cvms.mark(uuid, m.cluster)
+
+    def _register(self, m: Membership, role: VmRole) -> VmRecord:
+        record = self.vms.catalog.add_vm(role.spec)
+        self.cvms.mark(role.spec.uuid, m.cluster)
+        log.info("registered clustered VM %s from the cluster's config", role.spec.name)
+        return record
+
+    async def _settle(self, m: Membership, action: Action, owner: Owner, entry: Entry) -> None:
+        """A pending move ends: the owner settles on whoever runs (or may run) the VM."""
+        node = owner.source if action is Action.RECLAIM else owner.node
+        assert node is not None
+        result = await m.store.txn([Compare.unchanged(entry.key, entry.mod_revision)],
+                                   [Put(entry.key, Owner.settled(node).encode())])  # fmt: skip
+        if result.succeeded:
+            log.info("pending move of %s settled on %s (%s)", entry.key, node, action.value)
+
+    async def _event(self, m: Membership, kind: str, uuid: str, entries: RoleEntries,
+                     reason: str) -> None:  # fmt: skip
+        name = uuid
+        if entries.config is not None:
+            with contextlib.suppress(FerryError):
+                name = decode_role(entries.config.value, key=entries.config.key).spec.name
+        with contextlib.suppress(FerryError):
+            await m.record_event(kind, vm=name, node=self.node, reason=reason)
