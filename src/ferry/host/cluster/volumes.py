@@ -65,6 +65,29 @@ def clean_probe(path: Path, volume: str, node: str) -> None:
         log.warning("cannot remove probe file in %s: %s", path, exc)
 
 
+def odd_nodes(missing: dict[str, list[str]], *, prefer: str) -> list[str]:
+    """The nodes whose view of the directory differs from the most common one.
+
+    ``missing`` is, per reading node, the nodes whose probe it did not find.
+    The view most nodes share is the directory; on a tie, ``prefer``'s (the
+    node that runs the check). Empty when every node saw every probe.
+    """
+    if not any(missing.values()):
+        return []
+    views = {node: frozenset(gone) for node, gone in missing.items()}
+    counts: dict[frozenset[str], int] = {}
+    for view in views.values():
+        counts[view] = counts.get(view, 0) + 1
+    best = max(counts.values())
+    common = views[prefer] if counts.get(views.get(prefer, frozenset())) == best else next(
+        view for view, count in counts.items() if count == best)  # fmt: skip
+    return sorted(node for node, view in views.items() if view != common) or sorted(common)
+
+
+def _nodes(names: list[str]) -> str:
+    return ("node " if len(names) == 1 else "nodes ") + ", ".join(names)
+
+
 class VolumeService:
     """Adds and lists a cluster's volumes, and answers other nodes' probes."""
 
@@ -126,12 +149,13 @@ class VolumeService:
             replies = await self._each(m, nodes, name, path, "read", tokens)
         finally:
             await self._each(m, nodes, name, path, "clean", tokens, quiet=True)
-        for reply in replies:
-            if reply.missing:
-                raise ConflictError(
-                    f"volume {name!r} refused: node {reply.node} does not see {path} as node "
-                    f"{reply.missing[0]} does (its probe file is not there); every node "
-                    "must see the same directory")  # fmt: skip
+        odd = odd_nodes({reply.node: reply.missing for reply in replies}, prefer=self.node)
+        if odd:
+            others = sorted({n.name for n in nodes} - set(odd))
+            raise ConflictError(
+                f"volume {name!r} refused: node {odd[0]} does not see the directory at {path} "
+                f"that {_nodes(others)} see{'s' if len(others) == 1 else ''} (probe files "
+                "missing); every node must see the same directory")  # fmt: skip
         done = await m.store.txn([Compare.absent(m.keys.volume(name))],
                                  [Put(m.keys.volume(name), record.to_json())])  # fmt: skip
         if not done.succeeded:
