@@ -1,0 +1,330 @@
+"""High availability under faults, with real agents, a real etcd and real QEMU guests.
+
+The invariant: at no moment do two QEMUs write one clustered disk. In the lab
+every node shares one kernel, so QEMU's image lock would refuse a second
+writer and hide a fencing bug; these tests therefore check the *order* of
+events (the old QEMU gone, by a poll of /proc every few milliseconds, before
+the new one started, by its start time in /proc) and the guest's records on
+the shared disk (one unbroken sequence, nothing torn).
+
+The faults: a node lost whole (its agent, QEMUs and guard SIGKILLed); a node
+cut off from etcd by a TCP proxy while its agent lives (it fences itself
+within the TTL, the VM restarts once elsewhere, and the old node does not
+start it again when the path comes back); an agent SIGKILLed with its QEMU
+alive (the fence guard kills the QEMU before the restart elsewhere); an etcd
+restart (nothing restarts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from ferry.adapters import qemu
+from ferry.adapters.etcd_server import EtcdServer
+from ferry.core.cluster.timing import ClusterTimings
+from ferry.host.cluster.guard import GuardPaths, read_log
+from ferry.host.config import load_host_config
+from tests.conftest import UP, LabEnv, qemu_pids_for, seqs
+from tests.integration.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.integration
+
+CLUSTER = "c1"
+CUT_HOST = 3  # the node whose etcd traffic goes through the proxy
+
+
+# -- what the tests observe --------------------------------------------------------
+
+
+def _boot_wall() -> float:
+    """The wall-clock time of boot, to 10 ms (``btime`` in /proc/stat is whole seconds)."""
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return time.time() - uptime
+
+
+def start_time(pid: int) -> float:
+    """When process ``pid`` started, wall clock (from /proc/PID/stat's starttime)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    ticks = int(stat.rpartition(")")[2].split()[19])  # field 22
+    return _boot_wall() + ticks / os.sysconf("SC_CLK_TCK")
+
+
+class DeathWatch:
+    """Polls one QEMU every 5 ms in a thread; ``died_at`` is when it was first seen gone."""
+
+    def __init__(self, pid: int, uuid: str) -> None:
+        self.pid, self.uuid = pid, uuid
+        self.died_at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not qemu.process_matches(self.pid, self.uuid):
+                self.died_at = time.time()
+                return
+            time.sleep(0.005)
+
+    def wait(self, timeout: float) -> float:
+        self._thread.join(timeout)
+        assert self.died_at is not None, f"QEMU {self.pid} still runs after {timeout:.0f}s"
+        return self.died_at
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class Ha:
+    env: LabEnv
+    timings: ClusterTimings
+    etcd: EtcdServer
+    proxy: TcpProxy
+    vms: list[str] = field(default_factory=list)
+
+    @property
+    def cli(self) -> Any:
+        return self.env.cli
+
+    def create(self, name: str, host: int) -> dict[str, Any]:
+        self.cli("vm", "create", name, "--cluster", CLUSTER, "--volume", "csv1", "--host",
+                 f"host-{host}", "--guest", "test", "--memory", "128M", "--disk", "32M",
+                 "--start")  # fmt: skip
+        self.vms.append(name)
+        self.env.wait_console(name, lambda t: len(seqs(t)) >= 3, timeout=90)
+        return self.env.vm(name)
+
+    def where(self, name: str) -> dict[str, Any]:
+        return self.env.vm(name)
+
+    def wait_elsewhere(self, name: str, old_host: str, timeout: float) -> dict[str, Any]:
+        """Poll until the VM runs with a live QEMU on another node."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            try:
+                last = self.where(name)
+            except AssertionError as exc:  # the old node may not answer: it is gone
+                last = str(exc)
+            else:
+                if (last["host"] != old_host and last["state"] == "running"
+                        and last.get("pid")):  # fmt: skip
+                    return dict(last)
+            time.sleep(0.2)
+        raise AssertionError(f"VM {name} did not come up away from {old_host}: {last}")
+
+    def events(self, since: float, kind: str | None = None) -> list[dict[str, Any]]:
+        found = [e for e in self.cli.json("cluster", "events", CLUSTER) if e["at"] >= since]
+        return [e for e in found if kind is None or e["kind"] == kind]
+
+    def check_records(self, name: str) -> dict[str, Any]:
+        """Kill the VM and read its disk: one unbroken sequence 1..N, nothing torn."""
+        vm = self.where(name)
+        self.cli("vm", "kill", name)
+        records: dict[str, Any] = self.cli.json("guest", "records", vm["disks"][0]["path"])
+        assert records["corrupt"] == 0, records
+        # Each seq has one slot (the disk does not wrap in these runs): as many
+        # valid records as the last seq means none is missing or out of place.
+        assert records["count"] == records["last_seq"], records
+        return records
+
+
+def host_toml(env: LabEnv, index: int) -> dict[str, Any]:
+    return tomllib.loads(env.lab.host(index).config_path.read_text())
+
+
+def cluster_file(env: LabEnv, index: int) -> Path:
+    return env.lab.host(index).data_dir / "cluster.json"
+
+
+def guard_paths(env: LabEnv, index: int) -> GuardPaths:
+    config = load_host_config(env.lab.host(index).config_path)
+    return GuardPaths.of_host(config.name, config.data_dir, config.runtime_dir)
+
+
+@pytest.fixture(scope="module")
+def ha(cluster_lab_env: LabEnv) -> Iterator[Ha]:
+    """The cluster lab with host-3's path to etcd through a proxy the tests can cut."""
+    env = cluster_lab_env
+    ttl = int(host_toml(env, 1).get("cluster_lease_ttl", 10))
+    timings = ClusterTimings.from_ttl(ttl)
+    etcd_urls = json.loads(cluster_file(env, 1).read_text())["etcd"]
+    target = urlsplit(etcd_urls[0])
+    assert target.hostname == "127.0.0.1" and target.port is not None
+    etcd = EtcdServer(env.lab.root / "etcd", env.lab.ca_dir)
+    assert etcd.pid() is not None, "the lab's etcd does not run where the lab keeps it"
+    proxy = TcpProxy(("127.0.0.1", target.port)).start()
+    try:
+        # host-3 reconnects through the proxy (same CA, same IP: TLS still holds).
+        path = cluster_file(env, CUT_HOST)
+        saved = json.loads(path.read_text())
+        saved["etcd"] = [f"https://{proxy.url_host}"]
+        env.kill_agent(CUT_HOST)  # no VM runs there yet
+        path.write_text(json.dumps(saved))
+        env.restart_agent(CUT_HOST)  # started again by the lab, with the proxy's URL
+        wait_node_state(env, f"host-{CUT_HOST}", "up", timeout=30)
+        assert proxy.accepted > 0, "host-3 does not talk to etcd through the proxy"
+        yield Ha(env, timings, etcd, proxy)
+    finally:
+        proxy.stop()
+
+
+def node_states(env: LabEnv) -> dict[str, str]:
+    shown = env.cli.json("cluster", "show", CLUSTER)
+    return {n["name"]: n["state"] for n in shown["nodes"]}
+
+
+def wait_node_state(env: LabEnv, node: str, state: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    states: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        states = node_states(env)
+        if states.get(node) == state:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"node {node} never became {state}: {states}")
+
+
+def wait_all_up(ha: Ha, timeout: float = 60) -> None:
+    for index in (1, 2, 3):
+        wait_node_state(ha.env, f"host-{index}", "up", timeout)
+
+
+def console_tail(ha: Ha, name: str) -> list[int]:
+    return seqs(ha.env.console(name))
+
+
+def assert_continued(ha: Ha, name: str, before: list[int]) -> int:
+    """The new boot found the old run's records and went on from there."""
+    text = ha.env.wait_console(name, lambda t: bool(UP.search(t)) and len(seqs(t)) >= 2,
+                               timeout=90)  # fmt: skip
+    (up,) = UP.findall(text)
+    # The old run printed a seq only once it was durable; it may have written
+    # one more it did not get to print.
+    assert max(before) <= int(up) <= max(before) + 1, (up, before[-3:])
+    assert seqs(text)[0] == int(up) + 1
+    return int(up)
+
+
+def stay_away(ha: Ha, uuid: str, pid: int, seconds: float) -> None:
+    """For ``seconds``, exactly one QEMU of the VM runs: ``pid`` (the new one)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert qemu_pids_for(uuid) == [pid], "a second QEMU of the VM started"
+        time.sleep(0.2)
+
+
+# -- the faults --------------------------------------------------------------------
+
+
+def test_node_loss_restarts_the_vm_on_another_node_with_its_records(ha: Ha) -> None:
+    wait_all_up(ha)
+    vm = ha.create("lossy", host=2)
+    before = console_tail(ha, "lossy")
+    guard = guard_paths(ha.env, 2)
+    t0 = time.time()
+    # The whole node goes: agent, QEMU and guard, all at once.
+    agent_pid = ha.env.lab.host(2).pid()
+    assert agent_pid is not None
+    guard_pid = guard.pid()
+    for pid in (agent_pid, vm["pid"], guard_pid):
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+    watch = DeathWatch(vm["pid"], vm["uuid"])
+    died = watch.wait(5)
+    moved = ha.wait_elsewhere("lossy", "host-2", timeout=ha.timings.ttl_s + 60)
+    started = start_time(moved["pid"])
+    assert started > died
+    # etcd expires the lease no sooner than TTL after the last renewal (at most
+    # one renewal interval before the kill): the restart cannot come earlier.
+    assert started - t0 >= ha.timings.ttl_s - ha.timings.renew_interval_s
+    assert_continued(ha, "lossy", before)
+    restarts = ha.events(t0, "vm-restart")
+    assert [(e["vm"], e["node"]) for e in restarts] == [("lossy", moved["host"])]
+    # The node comes back: it does not start the VM it no longer owns.
+    ha.env.restart_agent(2)
+    stay_away(ha, vm["uuid"], moved["pid"], 2 * ha.timings.ttl_s)
+    ha.check_records("lossy")
+
+
+def test_a_node_cut_from_etcd_fences_itself_and_the_vm_restarts_once_elsewhere(ha: Ha) -> None:
+    wait_all_up(ha)
+    vm = ha.create("cutoff", host=CUT_HOST)
+    before = console_tail(ha, "cutoff")
+    watch = DeathWatch(vm["pid"], vm["uuid"])
+    t0 = time.time()
+    ha.proxy.cut()
+    died = watch.wait(ha.timings.ttl_s + 5)
+    # Fenced before etcd could expire the lease (the last renewal was before t0).
+    assert died - t0 < ha.timings.ttl_s, f"the cut node's QEMU lived {died - t0:.2f}s"
+    assert ha.env.lab.host(CUT_HOST).pid() is not None, "the cut node's agent died"
+    moved = ha.wait_elsewhere("cutoff", f"host-{CUT_HOST}", timeout=60)
+    assert start_time(moved["pid"]) > died
+    assert_continued(ha, "cutoff", before)
+    ha.proxy.restore()
+    # The old node rejoins with a new lease, marked fenced, and leaves the VM alone.
+    wait_node_state(ha.env, f"host-{CUT_HOST}", "fenced", timeout=30)
+    stay_away(ha, vm["uuid"], moved["pid"], 2 * ha.timings.ttl_s)
+    fenced = ha.events(t0, "node-fenced")
+    assert [e["node"] for e in fenced] == [f"host-{CUT_HOST}"]
+    restarts = ha.events(t0, "vm-restart")
+    assert [(e["vm"], e["node"]) for e in restarts] == [("cutoff", moved["host"])]
+    ha.check_records("cutoff")
+    ha.cli("cluster", "resume", f"host-{CUT_HOST}", "--cluster", CLUSTER)
+    wait_node_state(ha.env, f"host-{CUT_HOST}", "up", timeout=30)
+
+
+def test_an_agent_killed_with_its_qemu_alive_is_fenced_by_its_guard(ha: Ha) -> None:
+    wait_all_up(ha)
+    vm = ha.create("orphan", host=1)
+    before = console_tail(ha, "orphan")
+    watch = DeathWatch(vm["pid"], vm["uuid"])
+    t0 = time.time()
+    ha.env.kill_agent(1)
+    died = watch.wait(ha.timings.ttl_s + 5)
+    assert died - t0 < ha.timings.guard_limit_s + 1.0
+    moved = ha.wait_elsewhere("orphan", "host-1", timeout=60)
+    started = start_time(moved["pid"])
+    assert started > died
+    # The guard says it killed that QEMU, and when: before the new one started.
+    log = read_log(guard_paths(ha.env, 1).log)
+    killed = [r for r in log if r["event"] == "killed" and r["vm"] == vm["uuid"]]
+    gone = [r for r in log if r["event"] == "gone" and r["vm"] == vm["uuid"]]
+    assert len(killed) == 1 and len(gone) == 1, log[-6:]
+    assert t0 < killed[0]["at"] <= gone[0]["at"] < started
+    assert_continued(ha, "orphan", before)
+    ha.env.restart_agent(1)
+    stay_away(ha, vm["uuid"], moved["pid"], 2 * ha.timings.ttl_s)
+    ha.check_records("orphan")
+
+
+def test_an_etcd_restart_restarts_nothing(ha: Ha) -> None:
+    wait_all_up(ha)
+    vm = ha.create("steady", host=2)
+    pid = vm["pid"]
+    t0 = time.time()
+    ha.etcd.stop()
+    ha.etcd.start()
+    outage = time.time() - t0
+    time.sleep(2 * ha.timings.ttl_s)
+    assert qemu_pids_for(vm["uuid"]) == [pid], f"etcd was down {outage:.1f}s"
+    assert ha.where("steady")["pid"] == pid
+    assert ha.events(t0, "node-fenced") == [] and ha.events(t0, "vm-restart") == []
+    assert set(node_states(ha.env).values()) == {"up"}
+    text = ha.env.console("steady")
+    assert len(UP.findall(text)) == 1, "the guest booted again"
+    ha.check_records("steady")
