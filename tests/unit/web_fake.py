@@ -42,6 +42,15 @@ def vm_view(name: str, host: str, state: str = "running", **extra: Any) -> dict[
     return view
 
 
+def job(id: str, kind: str, state: str, host: str = "host-1", **extra: Any) -> dict[str, Any]:
+    """A job view as ``GET /v1/jobs`` lists it (of VM g1 unless ``vm`` says otherwise)."""
+    found = {"id": id, "kind": kind, "vm": "g1", "vm_uuid": "uuid-g1", "host": host,
+             "state": state, "phase": state, "created": 1.0, "updated": 2.0, "progress": {},
+             "error": None}  # fmt: skip
+    found.update(extra)
+    return found
+
+
 def host_facts(name: str, level: int = 1, **extra: Any) -> dict[str, Any]:
     facts = {
         "name": name,

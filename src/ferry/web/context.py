@@ -20,7 +20,7 @@ SESSIONS: web.AppKey[Sessions] = web.AppKey("sessions")
 ORIGIN: web.AppKey[Origin] = web.AppKey("origin")
 RENDERER: web.AppKey[Renderer] = web.AppKey("renderer")
 SAMPLER: web.AppKey[LagSampler] = web.AppKey("sampler")
-SESSION = "ferry.session"  # request key: the caller's Session
+SESSION: web.RequestKey[Session] = web.RequestKey("session")  # the caller's
 
 
 def ops(request: web.Request) -> Operations:
@@ -32,8 +32,7 @@ def sampler(request: web.Request) -> LagSampler:
 
 
 def session(request: web.Request) -> Session:
-    found: Session = request[SESSION]
-    return found
+    return request[SESSION]
 
 
 def page(
@@ -64,4 +63,5 @@ def outcome(request: web.Request, *, ok: str | None = None,
     if is_htmx(request):
         return web.Response(text=fragment(request, "_outcome.html", **data),
                             content_type="text/html")  # fmt: skip
-    return page(request, "outcome.html", http_status=200 if error is None else 409, **data)
+    return page(request, "outcome.html", http_status=200 if error is None else 409,
+                title="Refused" if error else "Done", **data)  # fmt: skip

@@ -23,17 +23,21 @@ SHOWN = 50  # rows on the jobs page; a VM page shows its own
 
 
 def fraction(job: dict[str, Any]) -> tuple[int, int]:
-    """(done, total) bytes of a job's progress, as the CLI's bar counts them."""
+    """(done, total) bytes of a job's progress, as the CLI's bar counts them (0, 0: unknown)."""
     progress = job.get("progress") or {}
-    if job["state"] == "done":
-        return 1, 1
     if progress.get("total"):
         return int(progress.get("bytes") or 0), int(progress["total"])
     total = int(progress.get("disk_total") or 0) + int(progress.get("ram_total") or 0)
     done = int(progress.get("disk_bytes") or 0) + int(progress.get("ram_bytes") or 0)
-    if job.get("phase") == "switching-over":
-        return 1, 1
     return min(done, total), total
+
+
+def percent(job: dict[str, Any]) -> int | None:
+    """How far the bar is; ``None`` while unknown (the bar then shows it is busy)."""
+    if job["state"] == "done" or job.get("phase") in ("switching-over", "done"):
+        return 100
+    done, total = fraction(job)
+    return round(100 * done / total) if total else None
 
 
 def row(job: dict[str, Any], rate: float | None = None) -> dict[str, Any]:
@@ -46,7 +50,7 @@ def row(job: dict[str, Any], rate: float | None = None) -> dict[str, Any]:
         "id": job["id"], "kind": job["kind"], "vm": job["vm"], "host": job["host"],
         "state": job["state"], "phase": job.get("phase") or job["state"],
         "waiting": progress.get("waiting"), "done": done, "total": total,
-        "percent": round(100 * done / total) if total else None,
+        "percent": percent(job),
         "rate": rate if job["state"] not in FINAL else None,
         "target": job.get("target"), "error": job.get("error"), "created": job["created"],
     }  # fmt: skip

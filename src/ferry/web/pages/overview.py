@@ -38,7 +38,7 @@ def alerts(hosts: list[HostRow], replication: dict[str, dict[str, Any]],
             found.append({"level": "warning",
                           "text": f"{job['kind']} of VM {job['vm']} on {job['host']} failed: "
                                   f"{job.get('error') or 'no reason given'}",
-                          "link": f"/jobs#job-{job['id']}"})  # fmt: skip
+                          "link": f"/jobs#job-{job['host']}-{job['id']}"})  # fmt: skip
     return found
 
 
