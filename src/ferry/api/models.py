@@ -20,7 +20,7 @@ Admin endpoints (admin certificate)::
     POST   /v1/vms/{name}/move  MoveRequest -> job (202)
     POST   /v1/vms/{name}/upgrade-version -> VmView
     POST   /v1/vms/{name}/export ExportRequest -> job (202)
-    POST   /v1/imports    ImportRequest -> job (202)
+    POST   /v1/imports    ImportRequest -> job (202)   (with ``cluster``, ``volume``: clustered)
     POST   /v1/host/refresh-vms         -> {"host", "results": [{vm, old_pid, pid, ...}]}
     GET    /v1/host/upgrade-check       -> {"host", "version", "schema_version", ...}
     GET    /v1/replica-server           -> ReplicaServerSettings
@@ -203,6 +203,9 @@ class ImportRequest(BaseModel):
     folder: str
     mode: Literal["register", "copy", "new-id"] = "copy"
     name: str | None = None
+    # Both or neither: import as a clustered VM of the host, files on that cluster volume.
+    cluster: str | None = None
+    volume: str | None = None
 
 
 class VolumeRequest(BaseModel):

@@ -287,7 +287,9 @@ class AgentApi:
 
     async def import_vm(self, request: web.Request) -> web.Response:
         body = await _body(request, ImportRequest)
-        job = self.exchange.start_import(body.folder, mode=body.mode, new_name=body.name)
+        job = await self.exchange.start_import(
+            body.folder, mode=body.mode, new_name=body.name, cluster=body.cluster,
+            volume=body.volume)  # fmt: skip
         return _json(job.view(self.vms.config.name), status=202)
 
     async def refresh_vms(self, request: web.Request) -> web.Response:

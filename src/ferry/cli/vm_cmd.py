@@ -411,17 +411,25 @@ def import_vm(
         "copy", "--mode", help="register (use in place), copy, new-id (copy with a new UUID)."
     ),
     new_name: str | None = typer.Option(None, "--name", help="Import under another name."),
+    cluster: str | None = typer.Option(
+        None, "--cluster", help="Import as a clustered VM of this cluster (needs --volume)."
+    ),
+    volume: str | None = typer.Option(
+        None, "--volume", help="With --cluster: the cluster volume its disks are copied onto."
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
     """Import a VM from an export folder (checked before anything is registered)."""
     if mode not in ("register", "copy", "new-id"):
         raise InvalidInputError(f"--mode must be register, copy or new-id, not {mode!r}")
-    body = {"folder": folder, "mode": mode, "name": new_name}
+    body = {"folder": folder, "mode": mode, "name": new_name, "cluster": cluster,
+            "volume": volume}  # fmt: skip
     result = _run_job(host, "/v1/imports", body, as_json, what=f"import from {folder}")
     if as_json:
         print_json({"result": "ok", **result})
         return
-    say(f"imported VM {result['vm']} on {host} ({mode}, uuid {result['uuid']})")
+    where = f" in cluster {cluster}" if cluster else ""
+    say(f"imported VM {result['vm']} on {host}{where} ({mode}, uuid {result['uuid']})")
     for note in result.get("notes", []):
         err.print(f"ferry: note: {note}", markup=False)
 

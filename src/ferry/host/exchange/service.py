@@ -7,6 +7,13 @@ nothing in the folder until checked: names (no traversal, no symlinks), sizes
 and SHA-256 checksums from the manifest, the config's schema, and every disk's
 header (format as declared, no backing or data file, the declared size). The
 format itself is documented in :mod:`ferry.core.export_format`.
+
+An import into a cluster (``--cluster C --volume V``) copies the disks, kernel
+and initrd onto the cluster volume (``<volume>/<uuid>/``, where clustered VMs
+keep their files) and then makes the VM clustered, owned by this node
+(:meth:`ferry.host.cluster.vms.ClusterVms.add`); if that is refused, the
+import is undone. An export of a clustered VM runs on its owner, the one node
+whose catalog holds it.
 """
 
 from __future__ import annotations
@@ -18,13 +25,14 @@ import shutil
 import stat
 import uuid as uuidlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ferry.adapters import qemu_img
 from ferry.adapters.backup import BlockBackup, Sync
 from ferry.adapters.catalog import VmRecord
 from ferry.adapters.durable import fsync_dir, fsync_file
 from ferry.core import vmstate
+from ferry.core.cluster.roles import Priority
 from ferry.core.export_format import (
     FORMAT,
     FORMAT_VERSION,
@@ -48,6 +56,9 @@ from ferry.errors import (
 )
 from ferry.host.jobs import Job, JobRegistry
 from ferry.host.vms.service import VmService
+
+if TYPE_CHECKING:
+    from ferry.host.cluster.vms import ClusterVms
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +85,8 @@ class ExchangeService:
         self.vms = vms
         self.jobs = jobs
         self.config = vms.config
+        # Set by the agent: imports into a cluster (None: this host imports plain VMs).
+        self.cluster_vms: ClusterVms | None = None
 
     def recover(self) -> None:
         """After a restart: exports and imports that were running are failed and undone."""
@@ -216,7 +229,10 @@ class ExchangeService:
 
     # == import ==============================================================
 
-    def start_import(self, folder: str, *, mode: str, new_name: str | None) -> Job:
+    async def start_import(self, folder: str, *, mode: str, new_name: str | None,
+                           cluster: str | None = None,
+                           volume: str | None = None) -> Job:  # fmt: skip
+        """``cluster`` and ``volume`` together: import as a clustered VM of this node."""
         if mode not in IMPORT_MODES:
             raise InvalidInputError(f"--mode must be one of {', '.join(IMPORT_MODES)}")
         source = self._folder(folder, "import folder")
@@ -225,10 +241,45 @@ class ExchangeService:
                                 f"{self.config.name!r}")  # fmt: skip
         if new_name is not None:
             check_name(new_name)
+        volume_dir = await self._cluster_target(cluster, volume, mode)
         job = self.jobs.create(IMPORT, "", new_name or "?", "running", source=str(source),
-                               mode=mode, progress={}, result=None, error=None)  # fmt: skip
-        self.jobs.run(job, self._import(job, source, mode, new_name))
+                               mode=mode, progress={}, result=None, error=None,
+                               cluster=cluster, volume=volume)  # fmt: skip
+        self.jobs.run(job, self._import(job, source, mode, new_name, cluster, volume_dir))
         return job
+
+    async def _cluster_target(self, cluster: str | None, volume: str | None,
+                              mode: str) -> Path | None:  # fmt: skip
+        """The cluster volume's directory an import into ``cluster`` puts its files in."""
+        if cluster is None and volume is None:
+            return None
+        if cluster is None or volume is None:
+            raise InvalidInputError("an import into a cluster needs both --cluster and --volume")
+        if mode == "register":
+            raise InvalidInputError("--mode register keeps the disks in the import folder; an "
+                                    "import into a cluster copies them onto the cluster volume "
+                                    "(--mode copy or new-id)")  # fmt: skip
+        if self.cluster_vms is None:
+            raise InvalidInputError(f"host {self.config.name!r} cannot run clustered VMs")
+        membership = self.cluster_vms.membership(cluster)
+        volumes = await self.cluster_vms.volumes(membership)
+        if volume not in volumes:
+            known = ", ".join(sorted(volumes)) or "none"
+            raise NotFoundError(f"cluster {cluster!r} has no volume {volume!r} (volumes: "
+                                f"{known})")  # fmt: skip
+        return Path(volumes[volume])
+
+    async def _check_cluster_free(self, cluster: str, name: str, uuid: str) -> None:
+        """Refuse before any file is written: the name or the UUID is taken in the cluster."""
+        assert self.cluster_vms is not None
+        membership = self.cluster_vms.membership(cluster)
+        store, keys = membership.store, membership.keys
+        if await store.get(keys.name(name)) is not None:
+            raise ConflictError(f"cluster {cluster!r} already has a VM named {name!r}; import "
+                                "with --name NEW")  # fmt: skip
+        if await store.get(keys.vm_config(uuid)) is not None:
+            raise ConflictError(f"cluster {cluster!r} already has VM {uuid} (from this export); "
+                                "import with --mode new-id")  # fmt: skip
 
     def _regular_file(self, folder: Path, name: str) -> Path:
         path = folder / name
@@ -276,8 +327,9 @@ class ExchangeService:
                                         f"the config says {disk.size}")  # fmt: skip
         return manifest, vm
 
-    async def _import(self, job: Job, folder: Path, mode: str,
-                      new_name: str | None) -> dict[str, Any]:  # fmt: skip
+    async def _import(self, job: Job, folder: Path, mode: str, new_name: str | None,
+                      cluster: str | None = None,
+                      volume_dir: Path | None = None) -> dict[str, Any]:  # fmt: skip
         _, vm = await self._verify(job, folder)
         name = new_name or vm.name
         check_host_runs(vm.config_version, self.config.functional_level,
@@ -289,18 +341,23 @@ class ExchangeService:
         if self.vms.catalog.find(uuid) is not None:
             raise ConflictError(f"VM {uuid} (from this export) already exists on host "
                                 f"{self.config.name!r}; import with --mode new-id")  # fmt: skip
+        if cluster is not None:
+            await self._check_cluster_free(cluster, name, uuid)
         self.jobs.update(job, vm_name=name)
         job.vm_uuid, job.vm_name = uuid, name
         vm_dir = self.vms.vm_dir(uuid)
         vm_dir.mkdir(parents=True)
+        # A clustered VM's files go where every node of the cluster sees them.
+        files_dir = vm_dir if volume_dir is None else volume_dir / uuid
         try:
+            files_dir.mkdir(parents=True, exist_ok=True)
             disks = []
             for index, disk in enumerate(vm.disks):
                 source = folder / disk.file
                 if mode == "register":
                     disks.append(DiskSpec(path=str(source), size=disk.size, format=disk.format))
                     continue
-                target = vm_dir / f"disk{index}.qcow2"
+                target = files_dir / f"disk{index}.qcow2"
                 await qemu_img.convert_to_qcow2(source, target, src_format=disk.format,
                                                 qemu_img=self.config.qemu_img)  # fmt: skip
                 disks.append(DiskSpec(path=str(target), size=disk.size))
@@ -308,14 +365,20 @@ class ExchangeService:
             for key in ("kernel", "initrd"):
                 file_name = getattr(vm, key)
                 if file_name:
-                    await asyncio.to_thread(shutil.copyfile, folder / file_name, vm_dir / key)
-                boot[key] = str(vm_dir / key) if file_name else None
+                    await asyncio.to_thread(shutil.copyfile, folder / file_name, files_dir / key)
+                boot[key] = str(files_dir / key) if file_name else None
             spec = VmSpec(uuid=uuid, name=name, config_version=vm.config_version,
                           memory=vm.memory, cpus=vm.cpus, disks=tuple(disks),
                           append=vm.append, **boot)  # fmt: skip
             self.vms.catalog.add_vm(spec)
+            if cluster is not None:
+                assert self.cluster_vms is not None
+                await self.cluster_vms.add(cluster, name, priority=Priority.MEDIUM)
         except BaseException:
+            if self.vms.catalog.find(uuid) is not None:
+                self.vms.catalog.delete(uuid)
             await asyncio.to_thread(shutil.rmtree, vm_dir, True)
+            await asyncio.to_thread(shutil.rmtree, files_dir, True)
             raise
         notes = []
         if vm.replication:
@@ -323,5 +386,9 @@ class ExchangeService:
                 "the export's replication settings were not imported; enable replication "
                 "again, using the existing replica as the initial copy"
             )
-        log.getChild(name).info("imported from %s (%s)", folder, mode)
-        return {"vm": name, "uuid": uuid, "mode": mode, "notes": notes}
+        log.getChild(name).info("imported from %s (%s%s)", folder, mode,
+                                f", into cluster {cluster}" if cluster else "")  # fmt: skip
+        result: dict[str, Any] = {"vm": name, "uuid": uuid, "mode": mode, "notes": notes}
+        if cluster is not None:
+            result.update(cluster=cluster, files=str(files_dir))
+        return result
