@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ferry.adapters.catalog import VmRecord
@@ -62,6 +63,11 @@ class Reconciler:
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._pass_lock = asyncio.Lock()
+        # Hook point (helper R, replication): called with the VM's uuid after this
+        # node registered and started a VM it owns, e.g. after a node loss; the
+        # VM's replication resumes here (host/cluster/replication.py on_owned).
+        # A hook's failure is logged and changes nothing here.
+        self.on_started: list[Callable[[str], Awaitable[None]]] = []
 
     # -- life ------------------------------------------------------------------------
 
@@ -179,6 +185,11 @@ class Reconciler:
                          self.node)  # fmt: skip
                 await self._event(m, "vm-started", uuid, entries,
                                   f"owned by {self.node} and wanted running")  # fmt: skip
+                for hook in list(self.on_started):
+                    try:
+                        await hook(uuid)
+                    except Exception:  # not the reconciler's failure: the VM runs
+                        log.exception("a hook after the start of VM %s failed", record.name)
         elif action is Action.KILL and record is not None:
             held = owner.node if owner else "nobody"
             await self.vms.kill(record.name)
