@@ -17,6 +17,7 @@ from typer.exceptions import TyperException
 
 from ferry import __version__
 from ferry.cli import (
+    cluster_cmd,
     failover_cmd,
     guest_cmd,
     host_cmd,
@@ -46,6 +47,7 @@ app.add_typer(job_cmd.app, name="job")
 app.add_typer(replica_cmd.app, name="replica-server")
 app.add_typer(replication_cmd.app, name="replication")
 app.add_typer(failover_cmd.app, name="failover")
+app.add_typer(cluster_cmd.app, name="cluster")
 app.add_typer(guest_cmd.app, name="guest")
 app.add_typer(pki_cmd.app, name="pki")
 app.command("web")(web_cmd.web)
