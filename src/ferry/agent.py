@@ -20,13 +20,14 @@ from pathlib import Path
 from aiohttp import web
 
 from ferry.adapters.catalog import Catalog
-from ferry.adapters.pki import server_ssl_context
+from ferry.adapters.pki import server_ssl_context, thumbprint
 from ferry.api.server import AgentApi
 from ferry.errors import ConfigError
 from ferry.host import facts
 from ferry.host.cluster.maintenance import Maintenance
 from ferry.host.cluster.membership import ClusterContext
 from ferry.host.cluster.reconciler import Reconciler
+from ferry.host.cluster.replication import ClusterReplication
 from ferry.host.cluster.switchover import OwnerHandover
 from ferry.host.cluster.vms import ClusterVms
 from ferry.host.config import HostConfig, load_host_config
@@ -96,6 +97,7 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
     replication: ReplicationService | None = None
     extensions: ExtensionService | None = None
     reconciler: Reconciler | None = None
+    cluster_replication: ClusterReplication | None = None
     try:
         tls = server_ssl_context(config.tls_dir)
         # The one peer server every service registers its endpoints with.
@@ -134,6 +136,14 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         reconciler = Reconciler(cluster_vms, migrations, jobs)
         cluster_context.listen(reconciler.on_membership)
         migrations.switch_guard = OwnerHandover(cluster_vms)
+        # Replication of a clustered VM follows its owner (host/cluster/replication.py);
+        # it listens before the membership reconnects, and resumes on the reconciler's start.
+        cluster_replication = ClusterReplication(
+            replication, cluster_context, url=url,
+            thumbprint=thumbprint(config.tls_dir / "client-cert.pem"))  # fmt: skip
+        cluster_replication.start()
+        reconciler.on_started.append(cluster_replication.on_owned)
+        exchange.cluster_vms = cluster_vms  # vm import --cluster
         maintenance = Maintenance(cluster_vms, migrations, jobs)
         api = AgentApi(
             vms,
@@ -179,6 +189,8 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
             await reconciler.stop()
         if extensions is not None:
             await extensions.shutdown()
+        if cluster_replication is not None:
+            await cluster_replication.shutdown()
         if replication is not None:
             await replication.shutdown()
         if migrations is not None:
