@@ -7,7 +7,7 @@ answer (it logs and tries again next round):
   gives one (it renews and fences), else :meth:`NodeLoops._renew_lease`, a
   plain renewal loop without fencing for unit tests and tools;
 - ``alive/<node>``: put again every :data:`ALIVE_REFRESH_S` with what the node
-  has free, so placement reads fresh numbers;
+  has free, so placement reads fresh numbers (and ``meta`` read again);
 - the election each ``leader_poll_s`` and, while this node leads, one HA pass
   after it (:class:`ferry.host.cluster.ha.HaLeader`).
 """
@@ -112,9 +112,11 @@ class NodeLoops:
             log.exception("cluster %s: %s", self.membership.cluster, what)
 
     async def _refresh_alive(self) -> None:
+        """Put ``alive`` again (fresh numbers) and re-read ``meta`` (its level may rise)."""
         while True:
             await asyncio.sleep(ALIVE_REFRESH_S)
             await self._guarded("alive refresh", self.membership.put_alive)
+            await self._guarded("meta refresh", self.membership.refresh_meta)
 
     async def _lead(self) -> None:
         while True:

@@ -121,6 +121,8 @@ class ClusterService:
             log.warning("cluster %s: cannot reconnect now (%s); retrying every %gs",
                         self._file.name, exc, RECONNECT_RETRY_S)  # fmt: skip
             self._reconnect = asyncio.create_task(self._retry(self._file), name="cluster-reconnect")
+        except FerryError as exc:  # the agent serves anyway; GET /v1/cluster says not connected
+            log.error("cluster %s: cannot reconnect: %s", self._file.name, exc)
 
     async def _retry(self, file: ClusterFile) -> None:
         while self.membership is None:
