@@ -61,6 +61,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.spawned: list[str] = []
+        self.woken: list[str] = []  # a cycle now
         self.cancelled: list[str] = []
 
     def spawn(self, key: str) -> None:
@@ -70,7 +71,7 @@ class Recorder:
         self.cancelled.append(key)
 
     def wake(self, key: str) -> None:
-        pass
+        self.woken.append(key)
 
 
 class Clock:
@@ -314,7 +315,7 @@ async def test_after_a_node_loss_the_new_owner_resumes_with_a_resync(world: Worl
     assert rel.next_point == 6 and rel.pending == () and rel.in_flight is None
     assert rel.thumbprint == world.thumbprint(REPLICA_HOST)  # still pins the replica
     assert [c.bytes for c in two.catalog.cycles(UUID)] == [4096, 8192]  # history carried on
-    assert two.scheduler.spawned == [UUID]
+    assert two.scheduler.woken == [UUID]  # the resynchronisation starts now
     replica = world.replica_rel()
     assert (replica.primary, replica.thumbprint, replica.primary_url) == (
         "node-2", world.thumbprint("node-2"), "https://node-2")  # fmt: skip
@@ -328,7 +329,7 @@ async def test_after_a_node_loss_the_new_owner_resumes_with_a_resync(world: Worl
     # A second call (the reconciler again, or the pass) changes nothing.
     await two.service.on_owned(UUID)
     await two.service.pass_once()
-    assert two.scheduler.spawned == [UUID]
+    assert two.scheduler.woken == [UUID] and two.scheduler.spawned == []
     assert len(await world.events(RESUMED)) == len(events)
 
     # node-1 comes back with its old record: it drops it and never cycles again.
@@ -384,7 +385,7 @@ async def test_a_replica_that_does_not_know_the_cluster_refuses_and_nothing_chan
     world.register_running("node-2")
     two = world.nodes["node-2"]
     await two.service.on_owned(UUID)
-    assert two.rel() is None and two.scheduler.spawned == []
+    assert two.rel() is None and two.scheduler.spawned == two.scheduler.woken == []
     assert world.replica_rel() == replica
     assert (await world.published()).primary == "node-1"  # type: ignore[union-attr]
     refused = await world.events(CLAIM_REFUSED)

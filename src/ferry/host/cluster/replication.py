@@ -29,9 +29,10 @@ dirty bitmap of a SIGKILLed QEMU is inconsistent: a running relationship
 resynchronises by block hashes), claims the primary's place at the replica,
 writes the relationship into its catalog with the cycle history, publishes it
 (now naming itself), records a ``replication-resumed`` event and schedules
-its cycles at the same frequency. A claim that fails (replica unreachable)
-is retried on every pass. The pass also adopts on its own when a VM this
-node owns and runs has a published primary that is another node for longer
+its cycles at the same frequency, the resynchronisation at once. A claim
+that fails (replica unreachable) is retried on every pass. The pass also
+adopts on its own when a VM this node owns and runs has a published primary
+that is another node for longer
 than :data:`ADOPT_GRACE_S` (a missed hook, an agent restart, a move whose
 handover failed); a live move inside the cluster normally hands the
 relationship over itself (:mod:`ferry.host.replication.handover`) within
@@ -61,7 +62,7 @@ from ferry.core.cluster.nodes import MemberRecord
 from ferry.core.cluster.roles import Owner
 from ferry.core.cluster.store import ClusterStore, Compare, Delete, Put
 from ferry.core.relationship import Relationship, Role, resumed_by_new_owner
-from ferry.core.replication import ClusterHost, format_frequency
+from ferry.core.replication import ClusterHost, format_frequency, is_running
 from ferry.core.tasks import cancel_and_wait
 from ferry.core.vmstate import VmState
 from ferry.errors import AuthError, FerryError
@@ -379,7 +380,10 @@ class ClusterReplication:
             self._unclaimed.pop(vm_uuid, None)
             self._refused.discard(vm_uuid)
         await self._publish(membership, vm_uuid)
-        self.replication.scheduler.spawn(vm_uuid)
+        if is_running(rel.state):  # the resynchronisation starts now, then every period
+            self.replication.scheduler.wake(vm_uuid)
+        else:
+            self.replication.scheduler.spawn(vm_uuid)
         what = ("resynchronising by block hashes" if rel.state.value == "resynchronising"
                 else f"{rel.state.value}, resynchronising once resumed"
                 if rel.resume_to is not None and rel.resume_to.value == "resynchronising"
