@@ -120,11 +120,14 @@ class TcpProxy:
             await self._set_cut(True)
             if self._server is not None:
                 self._server.close()
+            # Every connection was aborted: their handlers end on their own
+            # (cancelling them would log a CancelledError from asyncio's streams).
+            for _ in range(200):
+                if not self._open:
+                    break
+                await asyncio.sleep(0.01)
+            if self._server is not None:
                 await self._server.wait_closed()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
 
         with contextlib.suppress(RuntimeError):
             self._call(close())

@@ -108,33 +108,38 @@ class Ha:
         self.env.wait_console(name, lambda t: len(seqs(t)) >= 3, timeout=90)
         return self.env.vm(name)
 
-    def where(self, name: str) -> dict[str, Any]:
-        return self.env.vm(name)
-
     def wait_elsewhere(self, name: str, old_host: str, timeout: float) -> dict[str, Any]:
-        """Poll until the VM runs with a live QEMU on another node."""
+        """Poll the other nodes until one runs the VM with a live QEMU.
+
+        (The old node may still list it, crashed, while it cannot reach etcd.)
+        """
+        others = [f"host-{i}" for i in (1, 2, 3) if f"host-{i}" != old_host]
         deadline = time.monotonic() + timeout
-        last: Any = None
+        seen: dict[str, Any] = {}
         while time.monotonic() < deadline:
-            try:
-                last = self.where(name)
-            except AssertionError as exc:  # the old node may not answer: it is gone
-                last = str(exc)
-            else:
-                if (last["host"] != old_host and last["state"] == "running"
-                        and last.get("pid")):  # fmt: skip
-                    return dict(last)
+            for host in others:
+                result = self.cli("vm", "show", name, "--host", host, "--json", check=False)
+                if result.returncode != 0:
+                    seen[host] = result.stderr.strip()
+                    continue
+                shown = json.loads(result.stdout)
+                seen[host] = shown.get("state")
+                if shown["state"] == "running" and shown.get("pid"):
+                    return dict(shown)
             time.sleep(0.2)
-        raise AssertionError(f"VM {name} did not come up away from {old_host}: {last}")
+        raise AssertionError(f"VM {name} did not come up away from {old_host}: {seen}")
+
+    def where(self, name: str, host: str | None = None) -> dict[str, Any]:
+        return self.env.vm(name, host)
 
     def events(self, since: float, kind: str | None = None) -> list[dict[str, Any]]:
         found = [e for e in self.cli.json("cluster", "events", CLUSTER) if e["at"] >= since]
         return [e for e in found if kind is None or e["kind"] == kind]
 
-    def check_records(self, name: str) -> dict[str, Any]:
+    def check_records(self, name: str, host: str) -> dict[str, Any]:
         """Kill the VM and read its disk: one unbroken sequence 1..N, nothing torn."""
-        vm = self.where(name)
-        self.cli("vm", "kill", name)
+        vm = self.where(name, host)
+        self.cli("vm", "kill", name, "--host", host)
         records: dict[str, Any] = self.cli.json("guest", "records", vm["disks"][0]["path"])
         assert records["corrupt"] == 0, records
         # Each seq has one slot (the disk does not wrap in these runs): as many
@@ -204,14 +209,19 @@ def wait_all_up(ha: Ha, timeout: float = 60) -> None:
         wait_node_state(ha.env, f"host-{index}", "up", timeout)
 
 
-def console_tail(ha: Ha, name: str) -> list[int]:
-    return seqs(ha.env.console(name))
+def old_run(ha: Ha, index: int, uuid: str) -> list[int]:
+    """The seqs the VM's run on host-``index`` printed, read from its serial log file.
+
+    Read after that QEMU died (its node's agent may be dead too).
+    """
+    log = ha.env.lab.host(index).data_dir / "vms" / uuid / "serial.log"
+    return seqs(log.read_text(errors="replace").replace("\r\n", "\n"))
 
 
-def assert_continued(ha: Ha, name: str, before: list[int]) -> int:
-    """The new boot found the old run's records and went on from there."""
+def assert_continued(ha: Ha, name: str, host: str, before: list[int]) -> int:
+    """The new boot (on ``host``) found the old run's records and went on from there."""
     text = ha.env.wait_console(name, lambda t: bool(UP.search(t)) and len(seqs(t)) >= 2,
-                               timeout=90)  # fmt: skip
+                               timeout=90, host=host)  # fmt: skip
     (up,) = UP.findall(text)
     # The old run printed a seq only once it was durable; it may have written
     # one more it did not get to print.
@@ -234,7 +244,6 @@ def stay_away(ha: Ha, uuid: str, pid: int, seconds: float) -> None:
 def test_node_loss_restarts_the_vm_on_another_node_with_its_records(ha: Ha) -> None:
     wait_all_up(ha)
     vm = ha.create("lossy", host=2)
-    before = console_tail(ha, "lossy")
     guard = guard_paths(ha.env, 2)
     t0 = time.time()
     # The whole node goes: agent, QEMU and guard, all at once.
@@ -246,35 +255,36 @@ def test_node_loss_restarts_the_vm_on_another_node_with_its_records(ha: Ha) -> N
             os.kill(pid, signal.SIGKILL)
     watch = DeathWatch(vm["pid"], vm["uuid"])
     died = watch.wait(5)
+    before = old_run(ha, 2, vm["uuid"])
     moved = ha.wait_elsewhere("lossy", "host-2", timeout=ha.timings.ttl_s + 60)
     started = start_time(moved["pid"])
     assert started > died
     # etcd expires the lease no sooner than TTL after the last renewal (at most
     # one renewal interval before the kill): the restart cannot come earlier.
     assert started - t0 >= ha.timings.ttl_s - ha.timings.renew_interval_s
-    assert_continued(ha, "lossy", before)
+    assert_continued(ha, "lossy", moved["host"], before)
     restarts = ha.events(t0, "vm-restart")
     assert [(e["vm"], e["node"]) for e in restarts] == [("lossy", moved["host"])]
     # The node comes back: it does not start the VM it no longer owns.
     ha.env.restart_agent(2)
     stay_away(ha, vm["uuid"], moved["pid"], 2 * ha.timings.ttl_s)
-    ha.check_records("lossy")
+    ha.check_records("lossy", moved["host"])
 
 
 def test_a_node_cut_from_etcd_fences_itself_and_the_vm_restarts_once_elsewhere(ha: Ha) -> None:
     wait_all_up(ha)
     vm = ha.create("cutoff", host=CUT_HOST)
-    before = console_tail(ha, "cutoff")
     watch = DeathWatch(vm["pid"], vm["uuid"])
     t0 = time.time()
     ha.proxy.cut()
     died = watch.wait(ha.timings.ttl_s + 5)
+    before = old_run(ha, CUT_HOST, vm["uuid"])
     # Fenced before etcd could expire the lease (the last renewal was before t0).
     assert died - t0 < ha.timings.ttl_s, f"the cut node's QEMU lived {died - t0:.2f}s"
     assert ha.env.lab.host(CUT_HOST).pid() is not None, "the cut node's agent died"
     moved = ha.wait_elsewhere("cutoff", f"host-{CUT_HOST}", timeout=60)
     assert start_time(moved["pid"]) > died
-    assert_continued(ha, "cutoff", before)
+    assert_continued(ha, "cutoff", moved["host"], before)
     ha.proxy.restore()
     # The old node rejoins with a new lease, marked fenced, and leaves the VM alone.
     wait_node_state(ha.env, f"host-{CUT_HOST}", "fenced", timeout=30)
@@ -283,7 +293,7 @@ def test_a_node_cut_from_etcd_fences_itself_and_the_vm_restarts_once_elsewhere(h
     assert [e["node"] for e in fenced] == [f"host-{CUT_HOST}"]
     restarts = ha.events(t0, "vm-restart")
     assert [(e["vm"], e["node"]) for e in restarts] == [("cutoff", moved["host"])]
-    ha.check_records("cutoff")
+    ha.check_records("cutoff", moved["host"])
     ha.cli("cluster", "resume", f"host-{CUT_HOST}", "--cluster", CLUSTER)
     wait_node_state(ha.env, f"host-{CUT_HOST}", "up", timeout=30)
 
@@ -291,11 +301,11 @@ def test_a_node_cut_from_etcd_fences_itself_and_the_vm_restarts_once_elsewhere(h
 def test_an_agent_killed_with_its_qemu_alive_is_fenced_by_its_guard(ha: Ha) -> None:
     wait_all_up(ha)
     vm = ha.create("orphan", host=1)
-    before = console_tail(ha, "orphan")
     watch = DeathWatch(vm["pid"], vm["uuid"])
     t0 = time.time()
     ha.env.kill_agent(1)
     died = watch.wait(ha.timings.ttl_s + 5)
+    before = old_run(ha, 1, vm["uuid"])
     assert died - t0 < ha.timings.guard_limit_s + 1.0
     moved = ha.wait_elsewhere("orphan", "host-1", timeout=60)
     started = start_time(moved["pid"])
@@ -306,10 +316,10 @@ def test_an_agent_killed_with_its_qemu_alive_is_fenced_by_its_guard(ha: Ha) -> N
     gone = [r for r in log if r["event"] == "gone" and r["vm"] == vm["uuid"]]
     assert len(killed) == 1 and len(gone) == 1, log[-6:]
     assert t0 < killed[0]["at"] <= gone[0]["at"] < started
-    assert_continued(ha, "orphan", before)
+    assert_continued(ha, "orphan", moved["host"], before)
     ha.env.restart_agent(1)
     stay_away(ha, vm["uuid"], moved["pid"], 2 * ha.timings.ttl_s)
-    ha.check_records("orphan")
+    ha.check_records("orphan", moved["host"])
 
 
 def test_an_etcd_restart_restarts_nothing(ha: Ha) -> None:
@@ -322,9 +332,9 @@ def test_an_etcd_restart_restarts_nothing(ha: Ha) -> None:
     outage = time.time() - t0
     time.sleep(2 * ha.timings.ttl_s)
     assert qemu_pids_for(vm["uuid"]) == [pid], f"etcd was down {outage:.1f}s"
-    assert ha.where("steady")["pid"] == pid
+    assert ha.where("steady", "host-2")["pid"] == pid
     assert ha.events(t0, "node-fenced") == [] and ha.events(t0, "vm-restart") == []
     assert set(node_states(ha.env).values()) == {"up"}
-    text = ha.env.console("steady")
+    text = ha.env.console("steady", "host-2")
     assert len(UP.findall(text)) == 1, "the guest booted again"
-    ha.check_records("steady")
+    ha.check_records("steady", "host-2")

@@ -77,10 +77,9 @@ class GuardPaths:
         """The pid of the running guard of these paths, if one runs."""
         try:
             pid = int(self.pidfile.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
             return None
-        return pid if str(self.socket).encode() in cmdline else None
+        return pid if _runs(pid, self.socket) else None
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
@@ -96,10 +95,20 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _runs(pid: int, socket_path: Path) -> bool:
+    """Whether ``pid`` still is the guard of ``socket_path`` (a zombie is not)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return str(socket_path).encode() in cmdline
+
+
 def stop_guard(paths: GuardPaths, timeout: float = 5.0) -> bool:
     """End the guard of ``paths`` by its pid (SIGTERM, then SIGKILL); True if one ran.
 
-    A stopped guard kills nothing; its QEMUs are left as they are.
+    A stopped guard kills nothing; its QEMUs are left as they are. Returns once
+    the process has ended (its pidfile goes a moment before it does).
     """
     pid = paths.pid()
     if pid is None:
@@ -107,11 +116,13 @@ def stop_guard(paths: GuardPaths, timeout: float = 5.0) -> bool:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while paths.pid() == pid and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if paths.pid() == pid:
+    while _runs(pid, paths.socket) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if _runs(pid, paths.socket):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+        while _runs(pid, paths.socket):
+            time.sleep(0.02)
     return True
 
 
