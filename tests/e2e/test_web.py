@@ -1,0 +1,266 @@
+"""The web console in a real browser against a real lab: what an admin does, click by click.
+
+One lab of two hosts, one ``ferry web`` and one chromium for the module; the
+tests run in order on one page, as one session of an admin: open the printed
+URL, see the hosts and the VM, start it and read its serial console, move it
+and watch the job reach done, replicate it and watch the lag plot grow, rehearse
+a failover and end it, and see a refused action as one line. The hooks are the
+``data-testid`` names listed at the top of ``src/ferry/web/app.py``.
+
+Screenshots of each page go to the module's artifact directory (named in the
+pytest summary) and, with ``FERRY_SCREENSHOTS=DIR``, are copied there too:
+``FERRY_SCREENSHOTS=docs/screenshots pytest tests/e2e`` refreshes the README's.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, FloatRect, Locator, Page, expect
+
+from tests.conftest import LabEnv
+from tests.e2e.conftest import WebServer, save_screenshots
+
+pytestmark = pytest.mark.integration
+
+VM = "web1"
+SEQ_LINE = re.compile(r"seq \d+")
+BOOT = 120_000  # ms: the test guest boots under TCG on a shared 2-core machine
+JOB = 120_000
+
+
+@pytest.fixture(scope="module")
+def vm(lab_env: LabEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The test guest on host-1, off; each host accepts replication from the other."""
+    replicas = tmp_path_factory.mktemp("replicas")
+    for me, other in (("host-1", "host-2"), ("host-2", "host-1")):
+        lab_env.cli("replica-server", "enable", "--host", me, "--storage", str(replicas / me),
+                    "--allow", other)  # fmt: skip
+    lab_env.cli("vm", "create", VM, "--host", "host-1", "--guest", "test", "--memory", "128M",
+                "--disk", "64M")  # fmt: skip
+    yield VM  # lab_env's teardown kills every VM of the lab
+
+
+@pytest.fixture(scope="module")
+def page(browser: Browser, web_server: WebServer, vm: str) -> Iterator[Page]:
+    """One admin's tab: destructive actions' confirm() dialogs are accepted."""
+    context = browser.new_context(viewport={"width": 1180, "height": 760})
+    context.set_default_timeout(20_000)
+    tab = context.new_page()
+    tab.on("dialog", lambda dialog: dialog.accept())
+    try:
+        yield tab
+    finally:
+        context.close()
+
+
+@pytest.fixture(autouse=True)
+def named_artifacts(
+    artifacts: Path, record_property: Callable[[str, object], None], request: pytest.FixtureRequest
+) -> Iterator[None]:
+    """The artifact directory in the summary; a screenshot of the page when a test fails."""
+    record_property("web_artifacts", str(artifacts))
+    print(f"web console screenshots and logs: {artifacts}")
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed and "page" in request.fixturenames:
+        tab: Page = request.getfixturevalue("page")
+        tab.screenshot(path=artifacts / f"FAILED-{request.node.name}.png")
+
+
+def shoot(tab: Page, artifacts: Path, name: str, *, upto: Locator | None = None,
+          part: Locator | None = None, readme: bool = False) -> Path:  # fmt: skip
+    """A screenshot kept as an artifact: the whole page (as tall as its content), its
+    top down to the bottom of ``upto``, or only ``part`` (with a margin); the
+    README's are also copied to $FERRY_SCREENSHOTS."""
+    path = artifacts / f"{name}.png"
+    size = tab.viewport_size
+    assert size is not None
+    tab.set_viewport_size({"width": size["width"], "height": 240})
+    try:
+        clip: FloatRect | None = None
+        tab.evaluate("window.scrollTo(0, 0)")  # boxes below are then page coordinates
+        target = upto if upto is not None else part
+        if target is not None:
+            box = target.bounding_box()
+            assert box is not None, f"{target} is not on the page"
+            top = 0 if upto is not None else max(0, box["y"] - 16)
+            clip = {"x": 0, "y": top, "width": size["width"],
+                    "height": box["y"] + box["height"] + 16 - top}  # fmt: skip
+        tab.screenshot(path=path, full_page=True, clip=clip, animations="disabled")
+    finally:
+        tab.set_viewport_size(size)
+    if readme:
+        save_screenshots([path])
+    return path
+
+
+def one_line_ok(tab: Page) -> str:
+    """The action's success line (fails with the refusal's text if it was refused)."""
+    result = tab.get_by_test_id("action-result")
+    expect(result.get_by_test_id("action-ok").or_(result.get_by_test_id("action-error"))
+           ).to_be_visible(timeout=JOB)  # fmt: skip
+    error = result.get_by_test_id("action-error")
+    assert error.count() == 0, f"the action was refused: {error.inner_text()}"
+    return result.get_by_test_id("action-ok").inner_text()
+
+
+def job_done(tab: Page, kind: str) -> Locator:
+    """On the jobs page, the newest ``kind`` job of the VM once it is done."""
+    tab.get_by_test_id("nav-jobs").click()
+    job = tab.locator(f'[data-testid="job-row"][data-vm="{VM}"][data-kind="{kind}"]').first
+    expect(job).to_have_attribute("data-state", "done", timeout=JOB)
+    return job
+
+
+def open_vm(tab: Page, name: str, host: str = "host-1") -> None:
+    """The VM's page through the VMs list (a replicated VM has a row per host)."""
+    tab.get_by_test_id("nav-vms").click()
+    row = tab.locator(f'[data-testid="vm-row"][data-vm="{name}"][data-host="{host}"]')
+    row.get_by_test_id("vm-link").click()
+    expect(tab.get_by_test_id("page-title")).to_contain_text(name)
+
+
+def test_token_url_opens_a_session_once(
+    page: Page, browser: Browser, web_server: WebServer, artifacts: Path
+) -> None:
+    """The printed URL logs in (HttpOnly, SameSite=Strict cookie); its token then is spent."""
+    assert "token=" in web_server.url
+    page.goto(web_server.url)
+    assert page.url == f"{web_server.base}/"
+    (cookie,) = page.context.cookies()
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert web_server.url.split("token=", 1)[1] not in cookie["value"]
+
+    stranger = browser.new_context()
+    try:
+        again = stranger.new_page().goto(web_server.url)
+        assert again is not None and again.status == 403
+    finally:
+        stranger.close()
+
+    hosts = page.get_by_test_id("hosts-table")
+    for name in ("host-1", "host-2"):
+        row = hosts.locator(f'[data-testid="host-row"][data-host="{name}"]')
+        expect(row).to_have_attribute("data-up", "1")
+        expect(row.get_by_test_id("host-level")).not_to_be_empty()
+        expect(row.get_by_test_id("host-accel")).to_contain_text(re.compile("tcg|kvm"))
+    expect(page.get_by_test_id("alerts").or_(page.get_by_test_id("no-alerts"))).to_be_visible()
+    shoot(page, artifacts, "overview")
+
+
+def test_vms_page_lists_the_vm(page: Page, artifacts: Path) -> None:
+    page.get_by_test_id("nav-vms").click()
+    row = page.locator(f'[data-testid="vm-row"][data-vm="{VM}"]')
+    expect(row).to_have_attribute("data-host", "host-1")
+    expect(row).to_have_attribute("data-state", "off")
+    shoot(page, artifacts, "vms")
+
+
+def test_start_shows_the_serial_console(page: Page) -> None:
+    """Start from the VM page; the guest's ``seq N`` lines arrive in xterm.js over SSE."""
+    open_vm(page, VM)
+    page.get_by_test_id("action-start").click()
+    one_line_ok(page)
+    expect(page.get_by_test_id("vm-state")).to_contain_text("running", timeout=BOOT)
+    expect(page.get_by_test_id("console-text")).to_contain_text(SEQ_LINE, timeout=BOOT)
+    # The same lines are drawn by xterm.js itself, not only kept in the hidden text.
+    expect(page.get_by_test_id("console").locator(".xterm-rows")).to_contain_text(SEQ_LINE)
+
+
+def test_move_and_watch_the_job_reach_done(page: Page, lab_env: LabEnv, artifacts: Path) -> None:
+    """The picker says why the VM's own host cannot take it; the move's bar ends full."""
+    own = page.locator('[data-testid="move-target"][data-host="host-1"]')
+    expect(own).to_have_attribute("data-ok", "0")
+    expect(own).not_to_be_empty()
+    expect(page.locator('[data-testid="move-target"][data-host="host-2"]')
+           ).to_have_attribute("data-ok", "1")  # fmt: skip
+    page.get_by_label("Destination host").select_option("host-2")
+    page.get_by_test_id("action-move").click()
+    one_line_ok(page)
+
+    job = job_done(page, "move")
+    bar = job.get_by_test_id("job-progress")
+    assert bar.get_attribute("value") == bar.get_attribute("max"), "the bar did not end full"
+    shoot(page, artifacts, "jobs")
+    assert lab_env.vm(VM)["host"] == "host-2"
+
+
+def test_replication_lag_plot_gains_points(page: Page, artifacts: Path) -> None:
+    """Enable replication to host-1 from the VM page; the sampled lag plot grows."""
+    open_vm(page, VM, "host-2")
+    page.get_by_test_id("repl-replica").select_option("host-1")
+    page.get_by_label("Frequency").select_option("30")  # seconds
+    page.get_by_test_id("action-repl-enable").click()
+    one_line_ok(page)
+
+    page.reload()
+    panel = page.get_by_test_id("replication")
+    expect(panel.get_by_test_id("repl-state")).not_to_be_empty(timeout=JOB)
+    plot = panel.get_by_test_id("lag-plot")
+    expect(plot).to_have_attribute("data-samples", re.compile(r"[1-9]\d*"), timeout=JOB)
+    first = int(plot.get_attribute("data-samples") or 0)
+    page.wait_for_function(
+        "([el, n]) => Number(el.dataset.samples) > n",
+        arg=[plot.element_handle(), first],
+        timeout=JOB,
+    )
+    expect(plot.locator("canvas")).to_be_visible()
+    expect(page.get_by_test_id("points-table").get_by_test_id("point-row").first).to_be_visible()
+    shoot(page, artifacts, "vm")
+    # The README's two: the top of the VM page down to its console, and its replication.
+    shoot(page, artifacts, "vm-console", upto=page.get_by_test_id("console"), readme=True)
+    shoot(page, artifacts, "vm-replication", part=panel, readme=True)
+
+
+def test_test_failover_and_stop_it(page: Page, lab_env: LabEnv) -> None:
+    """A drill boots ``web1-test`` on the replica host; stop-test removes it."""
+    page.get_by_test_id("action-failover-test").click()
+    one_line_ok(page)
+    job_done(page, "failover-test")
+    drill = lab_env.vm(f"{VM}-test", "host-1")
+    assert drill["state"] in ("starting", "running"), drill
+    page.get_by_test_id("nav-vms").click()
+    expect(page.locator(f'[data-testid="vm-row"][data-vm="{VM}-test"]')).to_be_visible()
+
+    open_vm(page, VM, "host-2")
+    page.get_by_test_id("action-failover-stop-test").click()
+    one_line_ok(page)
+    job_done(page, "failover-stop-test")
+    page.get_by_test_id("nav-vms").click()
+    expect(page.locator(f'[data-testid="vm-row"][data-vm="{VM}-test"]')).to_have_count(0)
+    lab_env.cli.fails("vm", "show", f"{VM}-test", "--host", "host-1")
+
+
+def test_refused_action_is_one_line(page: Page, lab_env: LabEnv) -> None:
+    """An action the agent refuses (the VM was deleted behind the page) reads as one line."""
+    lab_env.cli("vm", "create", "web2", "--host", "host-1", "--guest", "test", "--memory", "128M",
+                "--disk", "16M")  # fmt: skip
+    open_vm(page, "web2")
+    lab_env.cli("vm", "delete", "web2", "--force")
+    page.get_by_test_id("action-start").click()
+    error = page.get_by_test_id("action-result").get_by_test_id("action-error")
+    expect(error).to_be_visible()
+    expect(error).to_have_attribute("role", "alert")
+    text = error.inner_text().strip()
+    assert text and "\n" not in text and "Traceback" not in text, text
+    assert "web2" in text, text
+
+
+def test_forged_post_is_refused(page: Page, web_server: WebServer, lab_env: LabEnv) -> None:
+    """A POST without the page's CSRF token, or from another origin, changes nothing."""
+    open_vm(page, VM, "host-2")
+    form = page.locator("form", has=page.get_by_test_id("action-stop"))
+    action = form.get_attribute("hx-post") or form.get_attribute("action")
+    assert action, "the stop button's form names no URL"
+    forged = page.context.request
+    no_token = forged.post(web_server.base + action, headers={"Origin": web_server.base})
+    assert no_token.status == 403, no_token.text()
+    token = form.locator('input[name="csrf"]').get_attribute("value") or ""
+    elsewhere = forged.post(web_server.base + action, form={"csrf": token},
+                            headers={"Origin": "http://evil.example"})  # fmt: skip
+    assert elsewhere.status == 403, elsewhere.text()
+    assert lab_env.vm(VM)["state"] == "running"
