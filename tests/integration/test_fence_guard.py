@@ -48,8 +48,9 @@ class Procs:
         self.qemus.append((pid, uuid))
         return uuid, pid
 
-    def popen(self, argv: list[str]) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    def popen(self, argv: list[str], *, stdin: bool = False) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE)  # fmt: skip
         self.others.append(proc)
         return proc
 
@@ -67,8 +68,9 @@ class Procs:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
+            for stream in (proc.stdout, proc.stdin):
+                if stream is not None:
+                    stream.close()
 
 
 @pytest.fixture
@@ -149,12 +151,13 @@ def test_the_guard_kills_after_its_limit_and_not_before(procs: Procs) -> None:
     asyncio.run(main())
 
 
-# A process that carries the UUID on its command line, then execs into one that
-# does not, keeping its pid: what a recycled pid looks like to the guard.
+# A process that carries the UUID on its command line, then (told so on its
+# stdin) execs into one that does not, keeping its pid: what a recycled pid
+# looks like to the guard.
 SHAPESHIFTER = textwrap.dedent("""
     import os, sys
     sys.stdout.write("ready\\n"); sys.stdout.flush()
-    import time; time.sleep(float(sys.argv[1]))
+    sys.stdin.readline()
     os.execvp("sleep", ["sleep", "60"])
 """)
 
@@ -162,7 +165,7 @@ SHAPESHIFTER = textwrap.dedent("""
 def test_the_guard_never_kills_a_pid_whose_cmdline_lacks_the_uuid(procs: Procs) -> None:
     real_uuid, real_pid = procs.qemu()
     other_uuid = str(uuids.uuid4())
-    shifter = procs.popen([sys.executable, "-c", SHAPESHIFTER, "0.8", other_uuid])
+    shifter = procs.popen([sys.executable, "-c", SHAPESHIFTER, other_uuid], stdin=True)
     assert shifter.stdout is not None and shifter.stdout.readline() == b"ready\n"
     paths = procs.paths("host-b")
 
@@ -174,9 +177,13 @@ def test_the_guard_never_kills_a_pid_whose_cmdline_lacks_the_uuid(procs: Procs) 
             await client.protect(real_uuid, shifter.pid)
         await client.protect(other_uuid, shifter.pid)
         await client.protect(real_uuid, real_pid)
-        last = await beat_for(client, 1.0)
-        # The shapeshifter has exec'd by now: same pid, no UUID.
-        assert not qemu.process_matches(shifter.pid, other_uuid)
+        assert shifter.stdin is not None
+        shifter.stdin.write(b"go\n")
+        shifter.stdin.flush()
+        await asyncio.to_thread(until, lambda: not qemu.process_matches(shifter.pid, other_uuid),
+                                "the shapeshifter to exec")  # fmt: skip
+        last = await beat_for(client, 0.5)
+        # Same pid, no UUID now.
         await wait_gone(real_pid, real_uuid, 3 * LIMIT)
         assert time.monotonic() - last >= LIMIT
         await asyncio.sleep(0.2)
