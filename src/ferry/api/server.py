@@ -209,7 +209,10 @@ class AgentApi:
     async def start_vm(self, request: web.Request) -> web.Response:
         if self.cluster_vms is not None:  # a clustered VM: on its owner, then want running
             await self.cluster_vms.before_start(request.match_info["name"])
-        return _json(self._view(await self.vms.start(request.match_info["name"])))
+        record = await self.vms.start(request.match_info["name"])
+        if self.cluster_vms is not None:
+            await self.cluster_vms.after_start(record)
+        return _json(self._view(record))
 
     async def stop_vm(self, request: web.Request) -> web.Response:
         stop = await _body(request, StopRequest)

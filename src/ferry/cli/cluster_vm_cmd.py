@@ -98,8 +98,8 @@ def drain(
         return await follow_job(client, job, as_json=as_json)
 
     job = _with_fleet(run)
-    if job["state"] != "done":
-        raise FerryError(f"drain of {node} {job['state']}: {job.get('error')}")
+    if job["state"] != "done":  # its error names the node and the VM it stopped at
+        raise FerryError(job.get("error") or f"drain of {node} {job['state']}")
     result = job["result"]
     if as_json:
         print_json({"result": "ok", **result})

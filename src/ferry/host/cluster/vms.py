@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from ferry.adapters.catalog import VmRecord
@@ -54,6 +55,10 @@ class ClusterVms:
         raw = vms.catalog.setting(CLUSTERED_SETTING)
         # uuid -> cluster, for the local VMs that are clustered
         self.clustered: dict[str, str] = dict(json.loads(raw)) if raw else {}
+        # Set by the composition from fencing: whether this node may run clustered
+        # VMs now (its lease renewed in time), and what protects a new QEMU at once.
+        self.lease_ok: Callable[[], bool] = lambda: True
+        self.protect: Callable[[str, int], Awaitable[None]] | None = None
 
     # -- which cluster -----------------------------------------------------------------
 
@@ -268,10 +273,16 @@ class ClusterVms:
             return
         m = self.membership()
         await self.owned_here(m, record, "start")
-        if await m.store.get(m.keys.alive(self.node)) is None:
+        if not self.lease_ok() or await m.store.get(m.keys.alive(self.node)) is None:
             raise StateError(f"host {self.node!r} holds no lease in cluster {cluster!r} now, "
                              "so it may not start clustered VMs")  # fmt: skip
         await m.store.put(m.keys.vm_want(record.uuid), Want.RUNNING.value.encode())
+
+    async def after_start(self, record: VmRecord) -> None:
+        """A clustered QEMU that just started is under the fence guard at once."""
+        pid = self.vms.pid_of(record.uuid)
+        if self.protect is not None and pid is not None and record.uuid in self.clustered:
+            await self.protect(record.uuid, pid)
 
     async def before_stop(self, name: str) -> None:
         """Stopped or killed on purpose: nobody restarts it (want = off)."""
