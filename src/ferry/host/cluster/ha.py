@@ -6,7 +6,8 @@ what to do, and applies each restart as one transaction: the VM's ``owner``
 still at the revision read, the lost node's ``alive`` key still absent, and
 the leader key still this node's. Only then does ``owner`` name the new node,
 whose reconciler starts the VM. Events record each node found lost, each
-restart and each refusal (once while the VM stays refused).
+restart and each refusal (once while the VM stays refused); every
+:data:`PRUNE_EVERY` passes the leader trims the events log to its last 1000.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from ferry.core.cluster.store import Compare, Put
 from ferry.host.cluster.membership import Membership
 
 log = logging.getLogger(__name__)
+
+# The leader trims the events log to Membership's EVENTS_KEPT every this many passes.
+PRUNE_EVERY = 240
 
 
 @dataclass
@@ -37,9 +41,13 @@ class HaLeader:
         self.membership = membership
         self._seen_lost: set[str] = set()
         self._refusals: dict[str, str] = {}
+        self._passes = 0
 
     async def pass_once(self) -> PassResult:
         m = self.membership
+        if self._passes % PRUNE_EVERY == 0:
+            await m.prune_events()
+        self._passes += 1
         result = PassResult(plan(await m.store.range(m.keys.prefix), m.keys))
         for node in sorted(set(result.plan.lost) - self._seen_lost):
             await m.record_event(EventKind.NODE_DOWN, node=node,

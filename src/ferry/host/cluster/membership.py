@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from ferry.core.cluster.keys import ClusterKeys
 from ferry.core.cluster.nodes import AliveRecord, MemberRecord, NodeView, node_views
 from ferry.core.cluster.records import ClusterMeta, EventKind, EventRecord
-from ferry.core.cluster.store import ClusterStore, Compare, Put
+from ferry.core.cluster.store import ClusterStore, Compare, Delete, Put
 from ferry.core.cluster.timing import ClusterTimings
 from ferry.errors import FerryError
 
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 # How many times record_event retries when another node took the event key first.
 _EVENT_ATTEMPTS = 8
+# The events log keeps this many (the leader prunes older ones).
+EVENTS_KEPT = 1000
 
 
 class Membership:
@@ -127,6 +129,14 @@ class Membership:
 
     async def events(self) -> list[EventRecord]:
         return [EventRecord.from_json(e.value) for e in await self.store.range(self.keys.events)]
+
+    async def prune_events(self, keep: int = EVENTS_KEPT) -> int:
+        """Delete all but the newest ``keep`` events (the leader does it now and then)."""
+        entries = await self.store.range(self.keys.events)
+        old = entries[: max(0, len(entries) - keep)]
+        for start in range(0, len(old), 100):  # etcd takes up to 128 ops per transaction
+            await self.store.txn([], [Delete(e.key) for e in old[start : start + 100]])
+        return len(old)
 
     # -- this node's records ----------------------------------------------------------
 
