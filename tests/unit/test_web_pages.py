@@ -180,6 +180,21 @@ def test_the_vm_page_shows_disks_replication_points_and_its_jobs() -> None:
     run_console(fleet, body)
 
 
+def test_a_running_test_failover_is_named_and_no_host_left_means_no_choice() -> None:
+    fleet = _replicated()
+    fleet.agents["host-2"].vms["g1-test"] = vm_view("g1-test", "host-2")
+
+    async def body(console: Console) -> None:
+        html = await console.page("/vms/g1")
+        hint = 'data-testid="test-failover-running">Test failover <a href="/vms/g1-test">g1-test'
+        assert hint + "</a> is running on host-2" in html
+        assert '<option value="">no host can take it</option>' in html  # host-2 holds the replica
+        fragment = await console.page("/vms/g1/replication-actions")
+        assert 'data-testid="test-failover-running"' in fragment
+
+    run_console(fleet, body)
+
+
 def test_a_vm_that_is_not_replicated_offers_enable_with_the_other_hosts() -> None:
     async def body(console: Console) -> None:
         html = await console.page("/vms/g1")

@@ -44,6 +44,8 @@ def row(job: dict[str, Any], rate: float | None = None) -> dict[str, Any]:
     """What a job row shows; ``rate`` in bytes/s when measured by the caller."""
     progress = job.get("progress") or {}
     done, total = fraction(job)
+    if job["state"] == "done":
+        done = total  # the last progress report may predate the end
     if progress.get("mbps") is not None:
         rate = float(progress["mbps"]) * 1e6 / 8
     return {

@@ -20,7 +20,8 @@ from multidict import MultiDictProxy
 from ferry.core.replication import Frequency, format_frequency
 from ferry.errors import FerryError, InvalidInputError, NotFoundError
 from ferry.web import context, events
-from ferry.web.operations import Operations
+from ferry.web.operations import HostRow, Operations
+from ferry.web.pages.jobs import rows as job_rows
 from ferry.web.targets import move_targets
 
 CONSOLE_POLL_S = 0.3
@@ -73,17 +74,38 @@ async def show(request: web.Request) -> web.Response:
     replica_hosts = {v["host"] for v in listing.items
                      if v["uuid"] == view["uuid"] and v["state"] == "replica"}  # fmt: skip
     replication = await _replication(ops, name, host, view)
-    from ferry.web.pages.jobs import rows as job_rows
-
+    targets = move_targets(view, hosts, replica_hosts=replica_hosts)
     query = f"?host={pinned}" if pinned else ""
     return context.page(
-        request, "vm.html", title=f"VM {name}", vm=view, host=host, pinned=pinned, query=query,
-        targets=move_targets(view, hosts, replica_hosts=replica_hosts),
-        replica_choices=[h.name for h in hosts if h.name != host],
-        frequencies=FREQUENCIES, jobs=job_rows(jobs.items), warnings=_warnings(
-            view, replication["points"]), samples=len(_samples(request, name)),
+        request, "vm.html", title=f"VM {name}", vm=view, host=host, query=query,
+        targets=targets, can_move=any(t.ok for t in targets), jobs=job_rows(jobs.items),
+        samples=len(_samples(request, name)),
+        **_actions_data(view, host, pinned, hosts, listing.items, replication["points"]),
         **replication,
     )  # fmt: skip
+
+
+def _actions_data(
+    view: dict[str, Any],
+    host: str,
+    pinned: str | None,
+    hosts: list[HostRow],
+    vms: list[dict[str, Any]],
+    points: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """What the replication actions show: replica choices, the test VM, the warnings."""
+    test_name = f"{view['name']}-test"
+    return {
+        "pinned": pinned, "replica_choices": [h.name for h in hosts if h.name != host],
+        "frequencies": FREQUENCIES, "warnings": _warnings(view, points),
+        "test_vm": next((v for v in vms if v["name"] == test_name), None),
+    }  # fmt: skip
+
+
+def _fragment_error(request: web.Request, exc: FerryError) -> web.Response:
+    """A part of the page that cannot be read now says why, in one line."""
+    html = context.fragment(request, "_outcome.html", ok=None, error=str(exc), back="/vms")
+    return web.Response(text=html, content_type="text/html")
 
 
 async def summary(request: web.Request) -> web.Response:
@@ -92,9 +114,7 @@ async def summary(request: web.Request) -> web.Response:
     try:
         host, view = await context.ops(request).vm(name, _host(request))
     except FerryError as exc:
-        return web.Response(text=context.fragment(request, "_outcome.html", ok=None,
-                                                  error=str(exc), back="/vms"),
-                            content_type="text/html")  # fmt: skip
+        return _fragment_error(request, exc)
     html = context.fragment(request, "_vm_summary.html", vm=view, host=host)
     return web.Response(text=html, content_type="text/html")
 
@@ -106,9 +126,7 @@ async def replication(request: web.Request) -> web.Response:
     try:
         host, view = await ops.vm(name, _host(request))
     except FerryError as exc:
-        return web.Response(text=context.fragment(request, "_outcome.html", ok=None,
-                                                  error=str(exc), back="/vms"),
-                            content_type="text/html")  # fmt: skip
+        return _fragment_error(request, exc)
     data = await _replication(ops, name, host, view)
     html = context.fragment(request, "_replication.html", vm=view, **data)
     return web.Response(text=html, content_type="text/html")
@@ -120,16 +138,13 @@ async def replication_actions(request: web.Request) -> web.Response:
     name, pinned = request.match_info["name"], _host(request)
     try:
         host, view = await ops.vm(name, pinned)
-        hosts = await ops.hosts()
+        hosts, listing = await asyncio.gather(ops.hosts(), ops.vms())
     except FerryError as exc:
-        return web.Response(text=context.fragment(request, "_outcome.html", ok=None,
-                                                  error=str(exc), back="/vms"),
-                            content_type="text/html")  # fmt: skip
+        return _fragment_error(request, exc)
     data = await _replication(ops, name, host, view)
-    html = context.fragment(
-        request, "_replication_actions.html", vm=view, pinned=pinned,
-        replica_choices=[h.name for h in hosts if h.name != host], frequencies=FREQUENCIES,
-        warnings=_warnings(view, data["points"]))  # fmt: skip
+    html = context.fragment(request, "_replication_actions.html", vm=view,
+                            **_actions_data(view, host, pinned, hosts, listing.items,
+                                            data["points"]))  # fmt: skip
     return web.Response(text=html, content_type="text/html")
 
 
