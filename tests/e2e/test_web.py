@@ -15,6 +15,7 @@ pytest summary) and, with ``FERRY_SCREENSHOTS=DIR``, are copied there too:
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -62,8 +63,7 @@ def named_artifacts(
     artifacts: Path, record_property: Callable[[str, object], None], request: pytest.FixtureRequest
 ) -> Iterator[None]:
     """The artifact directory in the summary; a screenshot of the page when a test fails."""
-    record_property("web_artifacts", str(artifacts))
-    print(f"web console screenshots and logs: {artifacts}")
+    record_property("web_artifacts", str(artifacts))  # printed by tests/e2e/conftest.py
     yield
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed and "page" in request.fixturenames:
@@ -114,6 +114,23 @@ def job_done(tab: Page, kind: str) -> Locator:
     job = tab.locator(f'[data-testid="job-row"][data-vm="{VM}"][data-kind="{kind}"]').first
     expect(job).to_have_attribute("data-state", "done", timeout=JOB)
     return job
+
+
+def watch(job: Locator, timeout_s: float = JOB / 1000) -> list[tuple[str, str, str]]:
+    """What a job row showed, (state, phase, bar value) each time it changed, until
+    it is final; the page is not reloaded meanwhile (the rows arrive over SSE)."""
+    seen: list[tuple[str, str, str]] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        now = (job.get_attribute("data-state") or "",
+               job.get_by_test_id("job-phase").inner_text().strip(),
+               job.get_by_test_id("job-progress").get_attribute("value") or "")  # fmt: skip
+        if not seen or seen[-1] != now:
+            seen.append(now)
+        if now[0] in ("done", "failed", "cancelled"):
+            break
+        job.page.wait_for_timeout(200)
+    return seen
 
 
 def open_vm(tab: Page, name: str, host: str = "host-1") -> None:
@@ -182,7 +199,13 @@ def test_move_and_watch_the_job_reach_done(page: Page, lab_env: LabEnv, artifact
     page.get_by_test_id("action-move").click()
     one_line_ok(page)
 
-    job = job_done(page, "move")
+    page.get_by_test_id("nav-jobs").click()
+    job = page.locator(f'[data-testid="job-row"][data-vm="{VM}"][data-kind="move"]').first
+    seen = watch(job)
+    print("the move job as the page showed it:", seen)
+    assert seen[-1][0] == "done", seen
+    if seen[0][0] != "done":  # caught running: the row changed while the page stayed
+        assert len(seen) >= 2, seen
     bar = job.get_by_test_id("job-progress")
     assert bar.get_attribute("value") == bar.get_attribute("max"), "the bar did not end full"
     shoot(page, artifacts, "jobs")
@@ -235,7 +258,7 @@ def test_test_failover_and_stop_it(page: Page, lab_env: LabEnv) -> None:
     lab_env.cli.fails("vm", "show", f"{VM}-test", "--host", "host-1")
 
 
-def test_refused_action_is_one_line(page: Page, lab_env: LabEnv) -> None:
+def test_refused_action_is_one_line(page: Page, lab_env: LabEnv, artifacts: Path) -> None:
     """An action the agent refuses (the VM was deleted behind the page) reads as one line."""
     lab_env.cli("vm", "create", "web2", "--host", "host-1", "--guest", "test", "--memory", "128M",
                 "--disk", "16M")  # fmt: skip
@@ -248,6 +271,7 @@ def test_refused_action_is_one_line(page: Page, lab_env: LabEnv) -> None:
     text = error.inner_text().strip()
     assert text and "\n" not in text and "Traceback" not in text, text
     assert "web2" in text, text
+    shoot(page, artifacts, "refused", upto=page.get_by_test_id("action-result"))
 
 
 def test_forged_post_is_refused(page: Page, web_server: WebServer, lab_env: LabEnv) -> None:
