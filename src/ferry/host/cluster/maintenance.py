@@ -165,6 +165,8 @@ class Maintenance:
                 raise ConflictError(f"node {node!r} is being drained (job {job.id}): "
                                     f"'ferry job cancel {job.id}' first")  # fmt: skip
         member = await self._set_draining(m, node, False)
+        # A node that fenced itself is placed on and starts VMs again once resumed.
+        await m.store.delete(m.keys.fenced(node))
         await m.record_event("node-resumed", node=node, reason="cluster resume")
         return {"cluster": cluster, "node": member.name, "draining": False}
 
