@@ -2,9 +2,10 @@
 
 A lab of four hosts: cluster ``c1`` of host-1..3 (real etcd, volume ``csv1``,
 lease TTL 4 s) and host-4, a standalone replica server. A clustered test
-guest on host-1 replicates to host-4; host-1's agent and the guest's QEMU
-are SIGKILLed; the cluster restarts the guest on another node, whose next
-cycles land on host-4 after a resynchronisation by block hashes. Checked
+guest on host-1 replicates to host-4 and moves live to host-3 (the old
+handover); host-3's agent and the guest's QEMU are SIGKILLed; the cluster
+restarts the guest on another node, whose next cycles land on host-4 after a
+resynchronisation by block hashes. Checked
 with bytes: the replica's latest point equals the disk on the cluster volume
 while the guest is paused, and the guest's own records on it are one
 unbroken sequence. host-4 refuses a primary change from a host outside the
@@ -184,15 +185,22 @@ def test_replication_follows_the_owner_through_a_node_loss(env: LabEnv) -> None:
 
     wait("host-4 to learn the cluster's hosts", replica_knows_the_cluster)
     sync(env)
-    seq_before = replica_equals_disk(env, "host-1")
+
+    # A live move inside the cluster hands replication over as before; the
+    # node it moved to publishes it from then on.
+    cli("vm", "move", VM, "--to", "host-3")
+    assert env.vm(VM)["host"] == "host-3"
+    wait("replication to follow the move", lambda: status(env)["primary"] == "host-3")
+    assert status(env, REPLICA)["primary"] == "host-3"
+    seq_before = replica_equals_disk(env, "host-3")
     before = points(env)
     assert before == sorted(before) and len(before) >= 3
 
-    # host-1 is lost: its agent and the guest's QEMU die at once.
-    lose_node(env, 1, uuid)
+    # host-3 is lost: its agent and the guest's QEMU die at once.
+    lose_node(env, 3, uuid)
     lost = time.monotonic()
     owner = wait("the guest to run on another node", lambda: (
-        (view := env.vm(VM))["state"] == "running" and view["host"] != "host-1"
+        (view := env.vm(VM))["state"] == "running" and view["host"] != "host-3"
         and view["host"]))  # fmt: skip
     assert owner in NODES
     log = env.wait_console(VM, lambda t: UP.search(t) is not None, timeout=60)
@@ -210,6 +218,7 @@ def test_replication_follows_the_owner_through_a_node_loss(env: LabEnv) -> None:
     mine = [e for e in events if e["kind"] == "replication-resumed" and e["vm"] == VM]
     assert len(mine) == 1 and mine[0]["node"] == owner, events
     assert "resynchronising by block hashes" in mine[0]["reason"]
+    assert "from host-3's last record" in mine[0]["reason"]  # what host-3 published
     jobs = cli.json("job", "list", "--host", owner)
     assert any(j["kind"] == "replication-resync" and j["state"] == "done" for j in jobs), jobs
 
@@ -233,9 +242,9 @@ def test_replication_follows_the_owner_through_a_node_loss(env: LabEnv) -> None:
     shown = cli.json("vm", "console", VM)
     assert shown["host"] == owner and UP.search(shown["text"].replace("\r\n", "\n"))
 
-    # host-1 comes back: it drops its old record and never cycles again.
+    # host-3 comes back: it drops its old record and never cycles again.
     cli("lab", "up", "--hosts", "4", "--no-guest")
-    wait("host-1 to drop its old record", lambda: not old_record(env, 1, uuid), timeout=60)
+    wait("host-3 to drop its old record", lambda: not old_record(env, 3, uuid), timeout=60)
     assert env.vm(VM)["host"] == owner  # found once, on its owner
     assert status(env, REPLICA)["primary"] == owner
     print(f"restart on {owner} {restarted_s:.1f}s after the node loss; points {before} -> "
@@ -257,7 +266,7 @@ def test_export_from_the_owner_and_import_into_the_cluster(env: LabEnv) -> None:
     cli("vm", "export", VM, "--to", str(target), "--live")
     assert (target / "manifest.json").is_file()
     volume = env.lab.root / "clusters" / "c1" / "csv1"
-    other = next(n for n in NODES if n != owner and n != "host-1")
+    other = next(n for n in NODES if n != owner)
     before = cli.json("vm", "list")
 
     # Bad input: one line each, and nothing changes.
