@@ -20,7 +20,7 @@ from ferry.core.cluster.records import ClusterMeta
 from ferry.core.cluster.timing import ClusterTimings
 from ferry.core.tasks import cancel_and_wait
 from ferry.errors import FenceGuardError
-from ferry.host.cluster.fencing import FENCED_EVENT, LeaseKeeper
+from ferry.host.cluster.fencing import FENCED_EVENT, LeaseKeeper, NodeFencing
 from ferry.host.cluster.membership import Membership
 from ferry.testing.clock import FakeClock
 from ferry.testing.store import MemoryStore
@@ -270,3 +270,47 @@ def test_a_short_outage_is_bridged_by_retries_without_fencing() -> None:
         assert w.fences == [] and w.membership.lease == lease
 
     run(body)
+
+
+@dataclass
+class FakeGuardClient(FakeGuard):
+    """What NodeFencing needs of FenceGuardClient."""
+
+    calls: list[str] = field(default_factory=list)
+
+    async def ensure_running(self) -> int:
+        self.calls.append("ensure")
+        return 99
+
+    async def protect(self, uuid: str, pid: int) -> None:
+        self.calls.append(f"protect {uuid} {pid}")
+
+    async def disarm(self) -> None:
+        self.calls.append("disarm")
+
+    async def close(self) -> None:
+        self.calls.append("close")
+
+
+def test_node_fencing_runs_a_keeper_per_membership_and_disarms_on_leave() -> None:
+    async def main() -> None:
+        async with world() as w:
+            guard = FakeGuardClient(clock=w.clock)
+            fencing = NodeFencing(guard, clock=w.clock)  # type: ignore[arg-type]
+            fencing.protected = lambda: {"u1": 7}
+            assert not fencing.holds_lease()
+            task = asyncio.create_task(fencing.keep(w.membership))
+            await w.clock.settle()
+            await w.step(2.0)
+            assert fencing.holds_lease()
+            assert guard.calls[0] == "ensure" and len(guard.beats) == 3
+            assert guard.synced[-1] == {"u1": 7}
+            await fencing.protect_now("u2", 8)
+            await fencing.on_membership(None)
+            assert guard.calls[-2:] == ["protect u2 8", "disarm"]
+            await cancel_and_wait(task)
+            assert fencing.keeper is None and not fencing.holds_lease()
+            await fencing.close()
+            assert guard.calls[-1] == "close"
+
+    asyncio.run(main())
