@@ -1,17 +1,23 @@
-"""Fixtures for tests that drive QEMU directly (adapters, no agent): the test guest on a disk."""
+"""Fixtures for tests that drive QEMU or etcd directly (adapters, no agent).
+
+``guest_spec``: the test guest on a disk. ``etcd``: one real etcd member on
+loopback with mutual TLS for a test module, and a client TLS dir of its CA.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from ferry.adapters import qemu
+from ferry.adapters import pki, qemu
+from ferry.adapters.etcd_server import EtcdServer
 from ferry.core.spec import DiskSpec, RunContext, VmSpec, qemu_argv
 from ferry.guest.build import ensure_guest
 
@@ -67,3 +73,40 @@ def guest_spec(tmp_path: Path, guest_cache: Path) -> VmSpec:
         initrd=str(guest.initrd),
         append=guest.append,
     )
+
+
+@dataclass(frozen=True)
+class EtcdEnv:
+    server: EtcdServer
+    url: str
+    client_tls: Path  # ca-cert.pem client-cert.pem client-key.pem of the server's CA
+    ca_dir: Path
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdEnv]:
+    """A running etcd member (TLS, client certificates required); stopped by pid afterwards."""
+    root = tmp_path_factory.mktemp("etcd")
+    pki.create_ca(root / "ca", name="ferry-test-ca")
+    pki.issue_host_cert(root / "ca", root / "client", "etcd-client")
+    server = EtcdServer(root / "etcd", root / "ca")
+    try:
+        server.start()
+        yield EtcdEnv(server, server.url, root / "client", root / "ca")
+    finally:
+        server.stop()
+        left = _processes_naming(root)
+        assert not left, f"etcd processes left running: {left}"
+
+
+def _processes_naming(path: Path) -> list[int]:
+    marker = str(path).encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids

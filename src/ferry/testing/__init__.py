@@ -10,6 +10,9 @@
   time moves only when a test advances it (the cycle scheduler takes one).
 - :mod:`ferry.testing.vms`: a VM service without QEMU over a real catalog;
   states change through the real table, calls are recorded.
+- :mod:`ferry.testing.store`: an in-memory cluster store with etcd's
+  semantics (leases expire on a fake clock), and
+  :mod:`ferry.testing.store_conformance`, the checks every store passes.
 - :mod:`ferry.testing.failover`: hosts with the real failover service, job
   registry and replica store on a memory network, and a replicated VM.
 

@@ -27,7 +27,7 @@ Keys are text; values are bytes (the services store JSON).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -150,8 +150,12 @@ class ClusterStore(Protocol):
         """End ``lease`` now (its keys go); no error if it is already gone."""
         ...
 
-    def watch(self, prefix: str, *, start_revision: int = 0) -> AsyncIterator[WatchEvent]:
-        """Changes under ``prefix`` from ``start_revision`` (0: from now), in order."""
+    def watch(self, prefix: str, *, start_revision: int = 0) -> AsyncGenerator[WatchEvent, None]:
+        """Changes under ``prefix`` from ``start_revision`` (0: from now), in order.
+
+        An async generator: ``async with contextlib.aclosing(store.watch(p)) as events``
+        ends its stream as soon as the caller leaves the loop (else only at GC).
+        """
         ...
 
     async def close(self) -> None: ...
