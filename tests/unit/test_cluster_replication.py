@@ -416,7 +416,10 @@ async def test_removing_replication_removes_the_published_record(world: World) -
     await _settle(world)
     one = world.nodes["node-1"]
     assert await world.published() is not None
-    await one.service.relationship_removed(UUID)
+    await one.service.relationship_removed(UUID)  # while it is still replicated here
+    assert await world.published() is not None
+    one.catalog.delete_relationship(UUID)  # what ReplicationService.remove does first
+    await one.replication.changed(UUID, removed=True)
     assert await world.published() is None
 
 
@@ -430,3 +433,41 @@ async def test_each_node_publishes_its_certificate(world: World) -> None:
              for e in await world.store.range(keys.identities)}  # fmt: skip
     assert found == {n: {"name": n, "url": f"https://{n}", "thumbprint": world.thumbprint(n)}
                      for n in NODES}  # fmt: skip
+
+
+@with_world
+async def test_a_store_out_of_reach_delays_publication_and_stops_nothing(world: World) -> None:
+    await _settle(world)
+    one = world.nodes["node-1"]
+    rel = one.rel()
+    assert rel is not None
+    one.catalog.put_relationship(rel.model_copy(update={"confirmed_point": 8}))
+    world.store.set_available(False)
+    await one.replication.changed(UUID)  # inside a cycle's turn: returns, raises nothing
+    await one.replication.changed(UUID, removed=False)
+    world.store.set_available(True)
+    assert (await world.published()).confirmed_point == 5  # type: ignore[union-attr]
+    await one.service.pass_once()  # the next pass catches up
+    assert (await world.published()).confirmed_point == 8  # type: ignore[union-attr]
+
+
+@with_world
+async def test_a_removal_the_store_missed_is_unpublished_by_the_next_pass(world: World) -> None:
+    """Else a later node loss would bring back a replication the admin removed."""
+    await _settle(world)
+    one = world.nodes["node-1"]
+    world.store.set_available(False)
+    one.catalog.delete_relationship(UUID)  # replication remove, while etcd is away
+    await one.replication.changed(UUID, removed=True)
+    world.store.set_available(True)
+    assert await world.published() is not None
+    await one.service.pass_once()
+    assert await world.published() is None
+    # A node loss now resumes nothing.
+    await world.lose("node-1")
+    await world.move_owner("node-2")
+    world.register_running("node-2")
+    two = world.nodes["node-2"]
+    await two.service.on_owned(UUID)
+    await two.service.pass_once()
+    assert two.rel() is None and world.replica_rel().primary == "node-1"

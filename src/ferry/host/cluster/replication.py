@@ -74,6 +74,7 @@ log = logging.getLogger(__name__)
 PASS_S = 5.0  # how often membership, publication, adoption and leftovers are checked
 ADOPT_GRACE_S = 15.0  # an owned VM published by another primary: adopt after this long
 CYCLES_KEPT = 100  # cycle history published with the relationship
+LISTENER_TIMEOUT_S = 3.0  # a publication inside a cycle's turn waits no longer for the store
 RESUMED = "replication-resumed"  # cluster event kinds (cluster events C)
 CLAIM_REFUSED = "replication-claim-refused"
 
@@ -186,26 +187,48 @@ class ClusterReplication:
             log.warning("VM %s: replication not resumed here yet: %s", vm_uuid, exc)
 
     async def relationship_changed(self, vm_uuid: str) -> None:
+        """Publish (if this node owns the VM). Runs inside a cycle's turn: bounded, never raises;
+        a store out of reach only delays the publication to a later pass."""
         membership = self.context.membership
         if membership is None or self.replication.cycles.primary_rel(vm_uuid) is None:
             return
-        owner = await self._owner(membership, vm_uuid)
-        if owner is not None and owner.node == membership.node:
-            await self._publish(membership, vm_uuid)
-            await self._tell_replica(membership, vm_uuid, await self._hosts(membership))
+        try:
+            async with asyncio.timeout(LISTENER_TIMEOUT_S):
+                owner = await self._owner(membership, vm_uuid)
+                if owner is not None and owner.node == membership.node:
+                    await self._publish(membership, vm_uuid)
+                    await self._tell_replica(membership, vm_uuid, await self._hosts(membership))
+        except (FerryError, TimeoutError) as exc:
+            self._warn(vm_uuid, f"VM {vm_uuid}: replication not published to cluster "
+                       f"{membership.cluster} now ({exc or 'no answer in time'}); a later pass "
+                       "retries")  # fmt: skip
 
     async def relationship_removed(self, vm_uuid: str) -> None:
         membership = self.context.membership
         if membership is None:
             return
+        try:
+            async with asyncio.timeout(LISTENER_TIMEOUT_S):
+                await self._unpublish(membership, vm_uuid)
+        except (FerryError, TimeoutError) as exc:
+            self._warn(vm_uuid, f"VM {vm_uuid}: the removed replication is still published in "
+                       f"cluster {membership.cluster} ({exc or 'no answer in time'}); a later "
+                       "pass removes it")  # fmt: skip
+
+    async def _unpublish(self, membership: ClusterNode, vm_uuid: str) -> None:
+        """Remove the published record if this node owns the VM and no longer replicates it."""
         keys = membership.keys
-        entry = await membership.store.get(keys.vm_owner(vm_uuid))
-        if entry is None or Owner.decode(entry.value).node != membership.node:
-            return
-        await membership.store.txn([Compare.unchanged(keys.vm_owner(vm_uuid), entry.mod_revision)],
-                                   [Delete(keys.vm_replication(vm_uuid))])  # fmt: skip
-        self._published.pop(vm_uuid, None)
-        self._told.pop(vm_uuid, None)
+        async with self._locks[vm_uuid]:
+            if self.replication.cycles.primary_rel(vm_uuid) is not None:
+                return  # replicated here again (adopted meanwhile)
+            entry = await membership.store.get(keys.vm_owner(vm_uuid))
+            if entry is None or Owner.decode(entry.value).node != membership.node:
+                return
+            await membership.store.txn(
+                [Compare.unchanged(keys.vm_owner(vm_uuid), entry.mod_revision)],
+                [Delete(keys.vm_replication(vm_uuid))])  # fmt: skip
+            self._published.pop(vm_uuid, None)
+            self._told.pop(vm_uuid, None)
 
     # -- the pass ------------------------------------------------------------------------
 
@@ -236,15 +259,15 @@ class ClusterReplication:
         for record in self.catalog.vms():
             if record.uuid in primaries or record.state is VmState.REPLICA:
                 continue
-            if record.state not in (VmState.RUNNING, VmState.PAUSED):
-                continue
             published = await self._published_primary(membership, record.uuid)
-            if published is None or published == here:
+            owner = None if published is None else await self._owner(membership, record.uuid)
+            if published is None or owner is None or owner.node != here or owner.pending:
                 self._unclaimed.pop(record.uuid, None)
                 continue
-            owner = await self._owner(membership, record.uuid)
-            if owner is None or owner.node != here or owner.pending:
-                self._unclaimed.pop(record.uuid, None)
+            if published == here:  # it ended here (removed) while the store was out of reach
+                await self._unpublish(membership, record.uuid)
+                continue
+            if record.state not in (VmState.RUNNING, VmState.PAUSED):
                 continue
             since = self._unclaimed.setdefault(record.uuid, now)
             # A published primary that is down (its lease expired) hands nothing over.
