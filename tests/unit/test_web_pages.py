@@ -500,3 +500,20 @@ def test_a_finished_job_fills_its_bar_and_shows_no_rate() -> None:
         }
     )
     assert done["percent"] == 100 and done["rate"] is None and done["total"] == 0
+
+
+def test_an_action_that_starts_a_job_follows_it_to_its_end_in_one_line() -> None:
+    fleet = _fleet()
+
+    async def body(console: Console) -> None:
+        _, html = await console.act("g1", "move", to="host-2")
+        follow = re.search(r'sse-connect="(/jobs/follow\?host=host-1&amp;id=([^"]+))"', html)
+        assert follow and 'sse-close="end"' in html
+        agent = fleet.agents["host-1"]
+        agent.jobs[-1].update(state="failed", error="destination refused: no space")
+        found = await _events(console, follow[1].replace("&amp;", "&"), 2)
+        assert found[1] == ("end", "")
+        assert found[0][0] == "job" and 'role="alert"' in found[0][1]
+        assert "move of VM g1 failed: destination refused: no space" in found[0][1]
+
+    run_console(fleet, body)

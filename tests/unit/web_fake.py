@@ -140,6 +140,12 @@ class FakeAgent(AgentClient):
             return list(self.vms.values())
         if (method, path) == ("GET", "/v1/jobs"):
             return self.jobs
+        match = re.fullmatch(r"/v1/jobs/([^/]+)", path)
+        if match and method == "GET":
+            for found in self.jobs:
+                if found["id"] == match[1]:
+                    return found
+            raise NotFoundError(f"no job {match[1]!r} on host {self.name!r}")
         if (method, path) == ("GET", "/v1/cluster"):
             if isinstance(self.cluster, FerryError):
                 raise self.cluster

@@ -52,14 +52,15 @@ def is_htmx(request: web.Request) -> bool:
     return request.headers.get("HX-Request") == "true"
 
 
-def outcome(request: web.Request, *, ok: str | None = None,
-            error: FerryError | None = None, back: str = "/") -> web.Response:  # fmt: skip
+def outcome(request: web.Request, *, ok: str | None = None, error: FerryError | None = None,
+            back: str = "/", job: dict[str, Any] | None = None) -> web.Response:  # fmt: skip
     """An action's one line: into ``#action-result`` for htmx, else a small page.
 
     htmx 2 swaps only 2xx answers, so a refusal is a 200 carrying
     ``role="alert"``; without htmx the page answers 409 with the same line.
+    ``job``: the job the action started, whose progress then follows the line.
     """
-    data = {"ok": ok, "error": None if error is None else str(error), "back": back}
+    data = {"ok": ok, "error": None if error is None else str(error), "back": back, "job": job}
     if is_htmx(request):
         return web.Response(text=fragment(request, "_outcome.html", **data),
                             content_type="text/html")  # fmt: skip

@@ -122,6 +122,11 @@ class Operations:
                 items += [j for j in result if vm is None or vm in (j["vm"], j.get("vm_uuid"))]
         return Listing(sorted(items, key=lambda j: j["created"], reverse=True), failures)
 
+    async def job(self, host: str, job_id: str) -> dict[str, Any]:
+        """``ferry job show ID --host H``."""
+        found: dict[str, Any] = await self.fleet.client(host).get(f"/v1/jobs/{job_id}")
+        return found
+
     async def console(self, host: str, name: str, offset: int) -> dict[str, Any]:
         """``ferry vm console`` (one chunk from ``offset``)."""
         chunk: dict[str, Any] = await self.fleet.client(host).get(

@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ferry.errors import FerryError
 from ferry.web import context, events
 
 POLL_S = 1.0
@@ -37,7 +38,9 @@ def percent(job: dict[str, Any]) -> int | None:
     if job["state"] == "done" or job.get("phase") in ("switching-over", "done"):
         return 100
     done, total = fraction(job)
-    return round(100 * done / total) if total else None
+    if total:
+        return round(100 * done / total)
+    return 0 if job["state"] in FINAL else None  # an ended job is not busy
 
 
 def row(job: dict[str, Any], rate: float | None = None) -> dict[str, Any]:
@@ -105,5 +108,35 @@ async def stream(request: web.Request) -> web.StreamResponse:
     return await events.stream(request, _job_events(request, request.query.get("vm")))
 
 
+async def _follow_events(request: web.Request, host: str,
+                         job_id: str) -> AsyncIterator[tuple[str, str] | None]:  # fmt: skip
+    """One job's line (event ``job``) until it ends, then ``end`` (htmx closes the stream)."""
+    ops = context.ops(request)
+    sent = None
+    while True:
+        try:
+            job = await ops.job(host, job_id)
+        except FerryError as exc:
+            yield ("job", context.fragment(request, "_job_outcome.html", job=None, error=str(exc)))
+            yield ("end", "")
+            return
+        html = context.fragment(request, "_job_outcome.html", job=row(job), error=None)
+        yield (("job", html) if html != sent else None)
+        sent = html
+        if job["state"] in FINAL:
+            yield ("end", "")
+            return
+        await asyncio.sleep(POLL_S)
+
+
+async def follow(request: web.Request) -> web.StreamResponse:
+    """``GET /jobs/follow?host=H&id=ID``: how the job an action started is doing, in one line."""
+    host, job_id = request.query.get("host"), request.query.get("id")
+    if not host or not job_id:
+        raise web.HTTPBadRequest(text="give host and id")
+    return await events.stream(request, _follow_events(request, host, job_id))
+
+
 def routes() -> list[web.RouteDef]:
-    return [web.get("/jobs", show), web.get("/jobs/events", stream)]
+    return [web.get("/jobs", show), web.get("/jobs/events", stream),
+            web.get("/jobs/follow", follow)]  # fmt: skip

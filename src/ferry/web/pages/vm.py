@@ -69,7 +69,7 @@ async def show(request: web.Request) -> web.Response:
     except FerryError as exc:
         status = 404 if isinstance(exc, NotFoundError) else 502
         return context.page(request, "outcome.html", http_status=status, title=f"VM {name}",
-                            ok=None, error=str(exc), back="/vms")  # fmt: skip
+                            ok=None, error=str(exc), back="/vms", job=None)  # fmt: skip
     hosts, listing, jobs = await asyncio.gather(ops.hosts(), ops.vms(), ops.jobs(view["uuid"]))
     replica_hosts = {v["host"] for v in listing.items
                      if v["uuid"] == view["uuid"] and v["state"] == "replica"}  # fmt: skip
@@ -104,7 +104,8 @@ def _actions_data(
 
 def _fragment_error(request: web.Request, exc: FerryError) -> web.Response:
     """A part of the page that cannot be read now says why, in one line."""
-    html = context.fragment(request, "_outcome.html", ok=None, error=str(exc), back="/vms")
+    html = context.fragment(request, "_outcome.html", ok=None, error=str(exc), back="/vms",
+                            job=None)  # fmt: skip
     return web.Response(text=html, content_type="text/html")
 
 
@@ -195,7 +196,8 @@ async def console(request: web.Request) -> web.StreamResponse:
 # -- actions -------------------------------------------------------------------------
 
 Form = MultiDictProxy[str | Any]
-Action = Callable[[Operations, str, str | None, Form], Awaitable[str]]
+Done = tuple[str, dict[str, Any] | None]  # the line to show, the job the action started
+Action = Callable[[Operations, str, str | None, Form], Awaitable[Done]]
 
 
 def _field(form: Form, key: str) -> str:
@@ -205,49 +207,52 @@ def _field(form: Form, key: str) -> str:
     return value
 
 
-async def _power(verb: str, ops: Operations, name: str, host: str | None, form: Form) -> str:
+async def _power(verb: str, ops: Operations, name: str, host: str | None, form: Form) -> Done:
     view = await ops.power(verb, name, host)
-    return f"VM {name} is {view['state']} on {view['host']}"
+    return f"VM {name} is {view['state']} on {view['host']}", None
 
 
-async def _move(ops: Operations, name: str, host: str | None, form: Form) -> str:
+async def _move(ops: Operations, name: str, host: str | None, form: Form) -> Done:
     to = _field(form, "to")
     job = await ops.move(name, to, host)
-    return f"moving VM {name} to {to} (job {job['id']}); its progress is below"
+    return f"moving VM {name} to {to} (job {job['id']})", job
 
 
-async def _export(ops: Operations, name: str, host: str | None, form: Form) -> str:
+async def _export(ops: Operations, name: str, host: str | None, form: Form) -> Done:
     folder = _field(form, "to")
     job = await ops.export(name, folder, form.get("live") == "on", host)
-    return f"exporting VM {name} to {folder} (job {job['id']})"
+    return f"exporting VM {name} to {folder} (job {job['id']})", job
 
 
-async def _enable(ops: Operations, name: str, host: str | None, form: Form) -> str:
+async def _enable(ops: Operations, name: str, host: str | None, form: Form) -> Done:
     replica = _field(form, "replica")
     try:
         seconds = int(form.get("frequency_s") or 300)
     except ValueError:
         raise InvalidInputError("the frequency must be one of the choices") from None
     await ops.enable_replication(name, replica, seconds, host)
-    return f"replication of VM {name} to {replica} enabled; the initial copy runs (see its job)"
+    return (
+        f"replication of VM {name} to {replica} enabled; the initial copy runs (see its job)",
+        None,
+    )
 
 
 async def _replication_action(action: str, ops: Operations, name: str, host: str | None,
-                              form: Form) -> str:  # fmt: skip
+                              form: Form) -> Done:  # fmt: skip
     found = await ops.replication_action(action, name, host)
     if action == "remove":
-        return f"replication of VM {name} to {found['replica']} removed"
-    return f"replication of VM {name} is {found['state']}"
+        return f"replication of VM {name} to {found['replica']} removed", None
+    return f"replication of VM {name} is {found['state']}", None
 
 
 async def _failover(action: str, ops: Operations, name: str, host: str | None,
-                    form: Form) -> str:  # fmt: skip
+                    form: Form) -> Done:  # fmt: skip
     job = await ops.failover(action, name, force=form.get("force") == "on")
-    return f"failover {action} of VM {name} started on {job['host']} (job {job['id']})"
+    return f"failover {action} of VM {name} started on {job['host']} (job {job['id']})", job
 
 
-def _bind(function: Callable[..., Awaitable[str]], first: str) -> Action:
-    async def bound(ops: Operations, name: str, host: str | None, form: Form) -> str:
+def _bind(function: Callable[..., Awaitable[Done]], first: str) -> Action:
+    async def bound(ops: Operations, name: str, host: str | None, form: Form) -> Done:
         return await function(first, ops, name, host, form)
 
     return bound
@@ -273,10 +278,10 @@ async def act(request: web.Request) -> web.Response:
     host = str(form.get("host") or "") or None
     back = f"/vms/{name}" + (f"?host={host}" if host else "")
     try:
-        message = await ACTIONS[action](context.ops(request), name, host, form)
+        message, job = await ACTIONS[action](context.ops(request), name, host, form)
     except FerryError as exc:
         return context.outcome(request, error=exc, back=back)
-    reply = context.outcome(request, ok=message, back=back)
+    reply = context.outcome(request, ok=message, back=back, job=job)
     reply.headers.update(CHANGED)
     return reply
 
