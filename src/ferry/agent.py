@@ -19,17 +19,28 @@ from pathlib import Path
 
 from aiohttp import web
 
+from ferry import __version__
 from ferry.adapters.catalog import Catalog
+from ferry.adapters.etcd import open_store
 from ferry.adapters.pki import server_ssl_context, thumbprint
+from ferry.api.cluster import ClusterRoutes
 from ferry.api.server import AgentApi
+from ferry.core import vmstate
+from ferry.core.cluster.timing import ClusterTimings
 from ferry.errors import ConfigError
 from ferry.host import facts
+from ferry.host.cluster.fencing import NodeFencing
+from ferry.host.cluster.guard import GuardPaths
+from ferry.host.cluster.guard_client import FenceGuardClient
+from ferry.host.cluster.ha import HaLeader
 from ferry.host.cluster.maintenance import Maintenance
 from ferry.host.cluster.membership import ClusterContext
 from ferry.host.cluster.reconciler import Reconciler
 from ferry.host.cluster.replication import ClusterReplication
+from ferry.host.cluster.service import ClusterService, NodeIdentity
 from ferry.host.cluster.switchover import OwnerHandover
 from ferry.host.cluster.vms import ClusterVms
+from ferry.host.cluster.volumes import VolumeService
 from ferry.host.config import HostConfig, load_host_config
 from ferry.host.exchange.service import EXPORT, IMPORT, ExchangeService
 from ferry.host.failover.service import FailoverService
@@ -87,6 +98,12 @@ def _route_cancels(jobs: JobRegistry, migrations: MigrationService) -> None:
             f"{job.vm_name}' stops further cycles once the one under way ends"))  # fmt: skip
 
 
+def _memory_free(vms: VmService) -> int:
+    """What placement counts as free here: the host's memory less its live VMs'."""
+    used = sum(r.spec.memory for r in vms.list() if vmstate.is_live(r.state))
+    return max(0, vms.host_memory - used)
+
+
 async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> None:
     lock_fd = _lock_data_dir(config.data_dir)
     pidfile = config.data_dir / PID_FILE
@@ -98,6 +115,8 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
     extensions: ExtensionService | None = None
     reconciler: Reconciler | None = None
     cluster_replication: ClusterReplication | None = None
+    clusters: ClusterService | None = None
+    fencing: NodeFencing | None = None
     try:
         tls = server_ssl_context(config.tls_dir)
         # The one peer server every service registers its endpoints with.
@@ -132,7 +151,23 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         _route_cancels(jobs, migrations)
         # The one holder of this host's cluster membership (None outside a cluster).
         cluster_context = ClusterContext()
+        me = NodeIdentity(config.name, url, __version__, config.functional_level,
+                          config.data_dir, config.tls_dir)  # fmt: skip
+        # Fencing: the host's guard (it outlives this agent) and, per membership,
+        # the LeaseKeeper that renews the lease and kills the clustered QEMUs.
+        timings = ClusterTimings.from_ttl(config.cluster_lease_ttl)
+        guard = GuardPaths.of_host(config.name, config.data_dir, config.runtime_dir)
+        fencing = NodeFencing(FenceGuardClient(guard, limit_s=timings.guard_limit_s))
+        clusters = ClusterService(me, timings=timings, open_store=open_store,
+                                  context=cluster_context, memory_free=lambda: _memory_free(vms),
+                                  leader_work=HaLeader, lease_keeper=fencing.keep)  # fmt: skip
+        cluster_volumes = VolumeService(cluster_context, peers, node=config.name)
+        cluster_volumes.register(peer_server)
         cluster_vms = ClusterVms(cluster_context, vms)
+        fencing.protected = lambda: dict(cluster_vms.clustered_processes())
+        cluster_vms.lease_ok = fencing.holds_lease  # no clustered start without the lease
+        cluster_vms.protect = fencing.protect_now  # a started clustered QEMU is guarded at once
+        cluster_context.listen(fencing.on_membership)
         reconciler = Reconciler(cluster_vms, migrations, jobs)
         cluster_context.listen(reconciler.on_membership)
         migrations.switch_guard = OwnerHandover(cluster_vms)
@@ -162,7 +197,10 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         await failover.recover()
         mover = ReplicaMover(store, replication.cycles.sender, failover, url, peers)
         ReplicationEndpoints(store, mover=mover, adopt=replication.adopt).register(peer_server)
-        runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
+        app = api.app()
+        app.add_routes(ClusterRoutes(clusters, cluster_volumes).routes())
+        await clusters.start()  # reconnects to its cluster (in the background if etcd is away)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, address, port, ssl_context=tls, reuse_address=True)
         try:
@@ -187,6 +225,10 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
             await runner.cleanup()
         if reconciler is not None:
             await reconciler.stop()
+        if clusters is not None:
+            await clusters.shutdown()
+        if fencing is not None:
+            await fencing.close()  # the guard stays armed: the QEMUs are still ours
         if extensions is not None:
             await extensions.shutdown()
         if cluster_replication is not None:
