@@ -8,8 +8,8 @@ a failover and end it, and see a refused action as one line. The hooks are the
 ``data-testid`` names listed at the top of ``src/ferry/web/app.py``.
 
 Screenshots of each page go to the module's artifact directory (named in the
-pytest summary) and, with ``FERRY_SCREENSHOTS=DIR``, are copied there too:
-``FERRY_SCREENSHOTS=docs/screenshots pytest tests/e2e`` refreshes the README's.
+pytest summary); with ``FERRY_SCREENSHOTS=DIR`` the README's two are copied
+there too: ``FERRY_SCREENSHOTS=docs/screenshots pytest tests/e2e`` refreshes them.
 """
 
 from __future__ import annotations
@@ -98,14 +98,18 @@ def shoot(tab: Page, artifacts: Path, name: str, *, upto: Locator | None = None,
     return path
 
 
-def one_line_ok(tab: Page) -> str:
-    """The action's success line (fails with the refusal's text if it was refused)."""
+def act(tab: Page, testid: str, *, refused: bool = False) -> str:
+    """Press an action's button and wait for its answer; its one line (ok, or the
+    refusal when ``refused``), read after that answer, never an earlier one."""
+    with tab.expect_response(lambda r: "/actions/" in r.url and r.request.method == "POST",
+                             timeout=JOB):  # fmt: skip
+        tab.get_by_test_id(testid).click()
     result = tab.get_by_test_id("action-result")
-    expect(result.get_by_test_id("action-ok").or_(result.get_by_test_id("action-error"))
-           ).to_be_visible(timeout=JOB)  # fmt: skip
-    error = result.get_by_test_id("action-error")
-    assert error.count() == 0, f"the action was refused: {error.inner_text()}"
-    return result.get_by_test_id("action-ok").inner_text()
+    expected, other = ("action-error", "action-ok") if refused else ("action-ok", "action-error")
+    expect(result.get_by_test_id(expected).or_(result.get_by_test_id(other))).to_be_visible()
+    unexpected = result.get_by_test_id(other)
+    assert unexpected.count() == 0, f"{testid}: {unexpected.inner_text()}"
+    return result.get_by_test_id(expected).inner_text().strip()
 
 
 def job_done(tab: Page, kind: str) -> Locator:
@@ -180,8 +184,7 @@ def test_vms_page_lists_the_vm(page: Page, artifacts: Path) -> None:
 def test_start_shows_the_serial_console(page: Page) -> None:
     """Start from the VM page; the guest's ``seq N`` lines arrive in xterm.js over SSE."""
     open_vm(page, VM)
-    page.get_by_test_id("action-start").click()
-    one_line_ok(page)
+    act(page, "action-start")
     expect(page.get_by_test_id("vm-state")).to_contain_text("running", timeout=BOOT)
     expect(page.get_by_test_id("console-text")).to_contain_text(SEQ_LINE, timeout=BOOT)
     # The same lines are drawn by xterm.js itself, not only kept in the hidden text.
@@ -196,8 +199,7 @@ def test_move_and_watch_the_job_reach_done(page: Page, lab_env: LabEnv, artifact
     expect(page.locator('[data-testid="move-target"][data-host="host-2"]')
            ).to_have_attribute("data-ok", "1")  # fmt: skip
     page.get_by_label("Destination host").select_option("host-2")
-    page.get_by_test_id("action-move").click()
-    one_line_ok(page)
+    act(page, "action-move")
 
     page.get_by_test_id("nav-jobs").click()
     job = page.locator(f'[data-testid="job-row"][data-vm="{VM}"][data-kind="move"]').first
@@ -217,8 +219,7 @@ def test_replication_lag_plot_gains_points(page: Page, artifacts: Path) -> None:
     open_vm(page, VM, "host-2")
     page.get_by_test_id("repl-replica").select_option("host-1")
     page.get_by_label("Frequency").select_option("30")  # seconds
-    page.get_by_test_id("action-repl-enable").click()
-    one_line_ok(page)
+    act(page, "action-repl-enable")
 
     page.reload()
     panel = page.get_by_test_id("replication")
@@ -241,8 +242,7 @@ def test_replication_lag_plot_gains_points(page: Page, artifacts: Path) -> None:
 
 def test_test_failover_and_stop_it(page: Page, lab_env: LabEnv) -> None:
     """A drill boots ``web1-test`` on the replica host; stop-test removes it."""
-    page.get_by_test_id("action-failover-test").click()
-    one_line_ok(page)
+    act(page, "action-failover-test")
     job_done(page, "failover-test")
     drill = lab_env.vm(f"{VM}-test", "host-1")
     assert drill["state"] in ("starting", "running"), drill
@@ -250,8 +250,7 @@ def test_test_failover_and_stop_it(page: Page, lab_env: LabEnv) -> None:
     expect(page.locator(f'[data-testid="vm-row"][data-vm="{VM}-test"]')).to_be_visible()
 
     open_vm(page, VM, "host-2")
-    page.get_by_test_id("action-failover-stop-test").click()
-    one_line_ok(page)
+    act(page, "action-failover-stop-test")
     job_done(page, "failover-stop-test")
     page.get_by_test_id("nav-vms").click()
     expect(page.locator(f'[data-testid="vm-row"][data-vm="{VM}-test"]')).to_have_count(0)
@@ -264,11 +263,9 @@ def test_refused_action_is_one_line(page: Page, lab_env: LabEnv, artifacts: Path
                 "--disk", "16M")  # fmt: skip
     open_vm(page, "web2")
     lab_env.cli("vm", "delete", "web2", "--force")
-    page.get_by_test_id("action-start").click()
+    text = act(page, "action-start", refused=True)
     error = page.get_by_test_id("action-result").get_by_test_id("action-error")
-    expect(error).to_be_visible()
     expect(error).to_have_attribute("role", "alert")
-    text = error.inner_text().strip()
     assert text and "\n" not in text and "Traceback" not in text, text
     assert "web2" in text, text
     shoot(page, artifacts, "refused", upto=page.get_by_test_id("action-result"))
