@@ -23,6 +23,9 @@ Keep these names; add freely.
       (stop, kill, move, remove replication, every failover but test/stop-test)
       ask first with the browser's ``confirm()`` (htmx ``hx-confirm``): accept
       the dialog (Playwright ``page.on("dialog", lambda d: d.accept())``).
+      An action that starts a job (move, export, failovers) adds ``job-outcome``
+      below its line, live: ``job-outcome-running``, then ``job-outcome-done`` or
+      ``job-outcome-error`` (role="alert", the job's error).
   Overview (/): ``hosts-table``; rows ``host-row`` with ``data-host=NAME`` and
       ``data-up=1|0``; cells ``host-level``, ``host-accel``, ``host-networks``;
       ``alerts`` (list; items ``alert-item``, or ``no-alerts``); ``clusters`` only
@@ -30,7 +33,8 @@ Keep these names; add freely.
   VMs (/vms): ``vms-table``; rows ``vm-row`` with ``data-vm``, ``data-host``,
       ``data-state``; the name cell is a link ``vm-link`` to the VM page.
   VM page (/vms/NAME, ``?host=H`` for a replica copy): ``vm-state``, ``vm-host``,
-      ``vm-config-version``; buttons ``action-start``, ``action-stop``, ``action-kill``;
+      ``vm-config-version``, ``vm-replication``; buttons ``action-start``, ``action-stop``,
+      ``action-kill``;
       move: select ``move-to`` (label "Destination host"; hosts that cannot take the
       VM are disabled options), list ``move-targets`` with items ``move-target`` /
       ``data-host`` / ``data-ok=1|0`` saying why not, button ``action-move``;
@@ -46,7 +50,8 @@ Keep these names; add freely.
       ``action-failover-test``, ``action-failover-stop-test``,
       ``action-failover-planned``, ``action-failover-start`` (checkbox
       ``failover-force``; its warnings in ``failover-warnings``),
-      ``action-failover-complete``, ``action-failover-cancel``;
+      ``action-failover-complete``, ``action-failover-cancel``; while <VM>-test
+      exists, ``test-failover-running`` names it;
       the VM's jobs ``vm-jobs`` (job rows as below, live).
   Jobs (/jobs): ``jobs-table``, live body ``jobs-body``; rows ``job-row`` with
       ``data-job-id``, ``data-kind``, ``data-vm``, ``data-state`` (``done`` at the end);

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import signal
+import sys
 import webbrowser
 from collections.abc import Callable
 
@@ -44,6 +46,14 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, port
 
 
+def has_display() -> bool:
+    """A graphical browser can open: without one, ``webbrowser`` would run a text
+    browser in this terminal, so the URL is only printed."""
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
 def is_loopback(host: str) -> bool:
     return host == "localhost" or ipaddress.ip_address(host).is_loopback
 
@@ -74,7 +84,7 @@ async def serve(settings: ClientSettings, listen: str, *, open_browser: bool,
             origin.port = int(runner.addresses[0][1])
             url = f"{origin.url}/?token={sessions.launch_token}"
             announce(url)
-            if open_browser:
+            if open_browser and has_display():
                 await asyncio.to_thread(webbrowser.open, url)
             await stop.wait()
         finally:

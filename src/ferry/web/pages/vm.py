@@ -22,6 +22,7 @@ from ferry.errors import FerryError, InvalidInputError, NotFoundError
 from ferry.web import context, events
 from ferry.web.operations import HostRow, Operations
 from ferry.web.pages.jobs import rows as job_rows
+from ferry.web.render import frequency
 from ferry.web.targets import move_targets
 
 CONSOLE_POLL_S = 0.3
@@ -44,6 +45,17 @@ async def _replication(ops: Operations, name: str, host: str,
     except FerryError as exc:
         return {"status": None, "points": [], "error": str(exc)}
     return {"status": status, "points": list(reversed(points)), "error": None}
+
+
+def replication_text(view: dict[str, Any]) -> str:
+    """The VM's part in replication, as the summary says it."""
+    summary = view.get("replication") or {}
+    if not summary:
+        return "not replicated"
+    if summary.get("role") == "replica":
+        return f"replica of {summary.get('primary')} ({summary.get('state')})"
+    every = frequency(summary.get("frequency_s"))
+    return f"to {summary.get('replica')} every {every} ({summary.get('state')})"
 
 
 def _warnings(view: dict[str, Any], points: list[dict[str, Any]]) -> list[str]:
@@ -79,6 +91,7 @@ async def show(request: web.Request) -> web.Response:
     return context.page(
         request, "vm.html", title=f"VM {name}", vm=view, host=host, query=query,
         targets=targets, can_move=any(t.ok for t in targets), jobs=job_rows(jobs.items),
+        replication_text=replication_text(view),
         samples=len(_samples(request, name)),
         **_actions_data(view, host, pinned, hosts, listing.items, replication["points"]),
         **replication,
@@ -116,7 +129,8 @@ async def summary(request: web.Request) -> web.Response:
         host, view = await context.ops(request).vm(name, _host(request))
     except FerryError as exc:
         return _fragment_error(request, exc)
-    html = context.fragment(request, "_vm_summary.html", vm=view, host=host)
+    html = context.fragment(request, "_vm_summary.html", vm=view, host=host,
+                            replication_text=replication_text(view))  # fmt: skip
     return web.Response(text=html, content_type="text/html")
 
 
