@@ -281,8 +281,9 @@ def test_the_leader_lost_another_leads_and_the_node_comes_back(cluster_lab: Clus
     killed = time.monotonic()
     cluster_lab.wait("a new leader", lambda: cluster_lab.show()["leader"] not in (None, leader))
     took = time.monotonic() - killed
-    # etcd expires the lease after TTL; the next election round (TTL/4) takes the key.
-    assert took < TTL_S + 3, took
+    print(f"new leader {took:.2f}s after the leader's SIGKILL (TTL {TTL_S}s)")
+    # etcd expires the lease after TTL; the watch on the leader key starts a round at once.
+    assert took < TTL_S + 2, took
     assert cluster_lab.states()[leader] == "down"
     events = cluster_lab.cli.json("cluster", "events", "c1")
     new = cluster_lab.show()["leader"]

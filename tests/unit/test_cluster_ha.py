@@ -173,3 +173,57 @@ def test_a_vm_above_every_nodes_level_is_refused_with_the_reason(tmp_path: Path)
         )
 
     run(body, tmp_path)
+
+
+def test_running_loops_react_to_a_lost_node_and_leader_before_the_next_poll(
+    tmp_path: Path,
+) -> None:
+    """With the node loops running: deletes of alive records and of the leader key wake them."""
+
+    async def wait_for(check: Callable[[], Awaitable[bool]], limit: float) -> float:
+        start = asyncio.get_running_loop().time()
+        while not await check():
+            assert asyncio.get_running_loop().time() - start < limit, "not in time"
+            await asyncio.sleep(0.01)
+        return asyncio.get_running_loop().time() - start
+
+    async def body(lab: MemoryCluster) -> None:
+        poll = lab.timings.leader_poll_s  # 1 s with the 4 s TTL
+        for service in lab.services.values():
+            assert service.loops is not None
+            service.loops.start()
+
+        async def leader() -> str | None:
+            entry = await lab.store.get(KEYS.leader)
+            return entry.value.decode() if entry else None
+
+        async def led() -> bool:
+            return await leader() is not None
+
+        await wait_for(led, 2 * poll)
+        first = await leader()
+        victim = next(n for n in ("host-1", "host-2", "host-3") if n != first)
+        await add_vm(lab, "web", victim)
+        loops = lab.services[victim].loops
+        assert loops is not None
+        await loops.stop()  # the node is gone: nothing renews its lease any more
+        await asyncio.sleep(0.05)
+        await lab.expire(victim)
+
+        async def moved() -> bool:
+            return (await owners(lab))["web"] != victim
+
+        assert await wait_for(moved, poll / 2) < poll / 2
+        assert first is not None
+        loops = lab.services[first].loops
+        assert loops is not None
+        await loops.stop()
+        await asyncio.sleep(0.05)
+        await lab.expire(first)
+
+        async def new_leader() -> bool:
+            return await leader() not in (None, first)
+
+        assert await wait_for(new_leader, poll / 2) < poll / 2
+
+    run(body, tmp_path)

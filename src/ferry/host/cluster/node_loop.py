@@ -1,6 +1,6 @@
 """The background work of a cluster node: its lease, its alive record, the election, HA.
 
-Three tasks per membership, each of which survives a store that does not
+The tasks of a membership, each of which survives a store that does not
 answer (it logs and tries again next round):
 
 - the lease: :class:`ferry.host.cluster.fencing.LeaseKeeper` when the agent
@@ -9,16 +9,20 @@ answer (it logs and tries again next round):
 - ``alive/<node>``: put again every :data:`ALIVE_REFRESH_S` with what the node
   has free, so placement reads fresh numbers (and ``meta`` read again);
 - the election each ``leader_poll_s`` and, while this node leads, one HA pass
-  after it (:class:`ferry.host.cluster.ha.HaLeader`).
+  after it (:class:`ferry.host.cluster.ha.HaLeader`); two watches (on the
+  ``alive/`` records and the leader key) start the next round at once when
+  one is deleted, so a lost node or leader costs no poll interval.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
+from ferry.core.cluster.store import EventKind
 from ferry.core.tasks import cancel_and_wait
 from ferry.errors import FerryError, LeaseLostError
 from ferry.host.cluster.election import LeaderElection
@@ -51,6 +55,7 @@ class NodeLoops:
         self.lease_keeper = lease_keeper
         self._tasks: list[asyncio.Task[None]] = []
         self._complaints: dict[str, str] = {}
+        self._wake = asyncio.Event()
 
     def start(self) -> None:
         m = self.membership
@@ -59,7 +64,11 @@ class NodeLoops:
             asyncio.create_task(keeper, name=f"cluster-lease-{m.node}"),
             asyncio.create_task(self._refresh_alive(), name=f"cluster-alive-{m.node}"),
             asyncio.create_task(self._lead(), name=f"cluster-leader-{m.node}"),
-        ]
+            asyncio.create_task(self._watch_deletes(m.keys.alive_prefix),
+                                name=f"cluster-watch-alive-{m.node}"),
+            asyncio.create_task(self._watch_deletes(m.keys.leader),
+                                name=f"cluster-watch-leader-{m.node}"),
+        ]  # fmt: skip
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -120,5 +129,22 @@ class NodeLoops:
 
     async def _lead(self) -> None:
         while True:
+            self._wake.clear()
             await self._guarded("election", self.lead_once)
-            await asyncio.sleep(self.membership.timings.leader_poll_s)
+            # The next round at the poll, or at once when an alive record or the
+            # leader key goes (a watch; the poll alone is enough if it breaks).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.membership.timings.leader_poll_s):
+                    await self._wake.wait()
+
+    async def _watch_deletes(self, prefix: str) -> None:
+        """Set the wake-up on each delete under ``prefix``; a broken watch is opened again."""
+        m = self.membership
+        while True:
+            try:
+                async for event in m.store.watch(prefix):
+                    if event.kind is EventKind.DELETE:
+                        self._wake.set()
+            except FerryError as exc:
+                self._complain(f"watch of {prefix}", exc)
+            await asyncio.sleep(m.timings.leader_poll_s)
