@@ -517,3 +517,23 @@ def test_an_action_that_starts_a_job_follows_it_to_its_end_in_one_line() -> None
         assert "move of VM g1 failed: destination refused: no space" in found[0][1]
 
     run_console(fleet, body)
+
+
+def test_the_jobs_page_shows_results_and_errors() -> None:
+    fleet = _fleet()
+    fleet.agents["host-1"].jobs += [
+        job("j1", "move", "done", target="host-2",
+            result={"host": "host-2", "total_s": 12.34, "downtime_ms": 40}),
+        job("j2", "failover-planned", "failed", created=2.0,
+            error="host 'host-2' is not a replica server"),
+    ]  # fmt: skip
+
+    async def body(console: Console) -> None:
+        html = await console.page("/jobs")
+        assert '<td data-testid="job-result">on host-2, 12.3 s, 40 ms downtime</td>' in html
+        assert (
+            'data-testid="job-error" class="error">host &#39;host-2&#39; is not a replica' in html
+        )
+        assert html.index('data-job-id="j2"') < html.index('data-job-id="j1"')  # newest first
+
+    run_console(fleet, body)

@@ -56,7 +56,8 @@ Keep these names; add freely.
   Jobs (/jobs): ``jobs-table``, live body ``jobs-body``; rows ``job-row`` with
       ``data-job-id``, ``data-kind``, ``data-vm``, ``data-state`` (``done`` at the end);
       inside: ``<progress data-testid="job-progress">``, ``job-phase``,
-      ``job-bytes``, ``job-rate``, ``job-error``.
+      ``job-bytes``, ``job-rate``, ``job-result`` (a done job's figures) holding
+      ``job-error`` when it failed.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from ferry.errors import FerryError
 from ferry.web import context, events
+from ferry.web.render import size
 
 POLL_S = 1.0
 FINAL = ("done", "failed", "cancelled")
@@ -43,6 +44,28 @@ def percent(job: dict[str, Any]) -> int | None:
     return 0 if job["state"] in FINAL else None  # an ended job is not busy
 
 
+def result_text(result: Any) -> str:
+    """A job's result in a few words: the figures an admin looks for first."""
+    if not isinstance(result, dict):
+        return ""
+    parts = []
+    if result.get("host"):
+        parts.append(f"on {result['host']}")
+    if result.get("test_vm"):
+        parts.append(f"test VM {result['test_vm']}")
+    if result.get("point") is not None:
+        parts.append(f"recovery point {result['point']}")
+    if result.get("total_s") is not None:
+        parts.append(f"{float(result['total_s']):.1f} s")
+    if result.get("downtime_ms") is not None:
+        parts.append(f"{result['downtime_ms']} ms downtime")
+    if result.get("folder"):
+        parts.append(str(result["folder"]))
+    if result.get("bytes") is not None:
+        parts.append(size(result["bytes"]))
+    return ", ".join(parts)
+
+
 def row(job: dict[str, Any], rate: float | None = None) -> dict[str, Any]:
     """What a job row shows; ``rate`` in bytes/s when measured by the caller."""
     progress = job.get("progress") or {}
@@ -58,6 +81,7 @@ def row(job: dict[str, Any], rate: float | None = None) -> dict[str, Any]:
         "percent": percent(job),
         "rate": rate if job["state"] not in FINAL else None,
         "target": job.get("target"), "error": job.get("error"), "created": job["created"],
+        "result": result_text(job.get("result")) if job["state"] == "done" else "",
     }  # fmt: skip
 
 

@@ -14,6 +14,8 @@
         fontSize: 13, screenReaderMode: false,
         theme: { background: "#101418", foreground: "#e6e6e6" }
       });
+      // The terminal takes no input: leave Tab to the page (no keyboard trap).
+      term.attachCustomKeyEventHandler(function (event) { return event.key !== "Tab"; });
       if (window.FitAddon) {
         var fit = new window.FitAddon.FitAddon();
         term.loadAddon(fit);
@@ -23,6 +25,7 @@
       } else {
         term.open(box);
       }
+      if (term.textarea) term.textarea.setAttribute("aria-label", "Serial console (read only)");
     } else {
       box.textContent = "The terminal did not load; the text below is the console.";
       mirror.classList.remove("visually-hidden");
