@@ -21,7 +21,7 @@ from ferry.core.cluster.store import Compare, Put
 from ferry.core.cluster.timing import ClusterTimings
 from ferry.core.migration import Phase, Storage
 from ferry.core.spec import DiskSpec, VmSpec
-from ferry.core.vmstate import VmState
+from ferry.core.vmstate import VmOp, VmState
 from ferry.errors import (
     ConflictError,
     FerryError,
@@ -437,3 +437,43 @@ def test_start_needs_ownership_and_sets_want(cluster: tuple) -> None:
     store.set_available(False)
     with pytest.raises(FerryError, match="memory://"):
         asyncio.run(one.cvms.before_start("roamer"))
+
+
+def test_a_guest_that_powered_off_stays_off_a_crashed_one_restarts(cluster: tuple) -> None:
+    lab, store, one, _ = cluster
+    spec = role_on_volume(lab)
+    asyncio.run(put_role(store, spec, "host-1", Want.RUNNING))
+    lab.one.catalog.add_vm(spec, VmState.RUNNING)  # as if its QEMU ran here
+    one.cvms.mark(spec.uuid, CLUSTER)
+    assert asyncio.run(one.reconciler.pass_once(one.m)) == []  # it runs: nothing to do
+    lab.one.vms.apply(spec.uuid, VmOp.KILL)  # off, and nobody asked through ferry
+    assert asyncio.run(one.reconciler.pass_once(one.m)) == []
+    assert snapshot(store)[one.m.keys.vm_want(spec.uuid)] == b"off"
+    events = [json.loads(v) for k, v in snapshot(store).items() if "/events/" in k]
+    assert [(e["kind"], e["reason"]) for e in events] == [("vm-stopped", "its guest powered off")]
+    # A crash is different: the reconciler starts it again.
+    asyncio.run(store.put(one.m.keys.vm_want(spec.uuid), b"running"))
+    lab.one.vms.apply(spec.uuid, VmOp.START)
+    lab.one.vms.apply(spec.uuid, VmOp.CRASHED)
+    started: list[str] = []
+
+    async def start(name: str, *, paused: bool = False) -> object:
+        started.append(name)
+        return lab.one.catalog.get(name)
+
+    lab.one.vms.start = start  # type: ignore[method-assign]
+    assert asyncio.run(one.reconciler.pass_once(one.m)) == [(spec.uuid, Action.START)]
+    assert started == ["roamer"]
+
+
+def test_upgrade_version_on_the_owner_reaches_the_cluster_config(cluster: tuple) -> None:
+    lab, store, one, _ = cluster
+    spec = role_on_volume(lab)
+    asyncio.run(put_role(store, spec, "host-1", Want.OFF))
+    lab.one.catalog.add_vm(spec.model_copy(update={"kernel": "/local/copy/kernel"}))
+    one.cvms.mark(spec.uuid, CLUSTER)
+    record = asyncio.run(lab.one.vms.upgrade_version("roamer"))
+    asyncio.run(one.cvms.after_upgrade(record))
+    role = VmRole.model_validate_json(snapshot(store)[one.m.keys.vm_config(spec.uuid)])
+    assert role.spec.config_version == record.spec.config_version == 3
+    assert role.spec.kernel is None  # only the version travels, not this node's paths

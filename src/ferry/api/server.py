@@ -265,7 +265,10 @@ class AgentApi:
         return _json(job.view(self.vms.config.name), status=202)
 
     async def upgrade_version(self, request: web.Request) -> web.Response:
-        return _json(self._view(await self.vms.upgrade_version(request.match_info["name"])))
+        record = await self.vms.upgrade_version(request.match_info["name"])
+        if self.cluster_vms is not None:  # a clustered VM restarts elsewhere at that version
+            await self.cluster_vms.after_upgrade(record)
+        return _json(self._view(record))
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         return _json([job.view(self.vms.config.name) for job in self.jobs.all()])

@@ -7,7 +7,9 @@ holds the rules). A pass runs when the store reports a change under
 ``vms/`` (a watch) and at least every :data:`PASS_EVERY_S`, which catches
 what the watch cannot see (a lease that expired, a QEMU that died here); a
 store that does not answer skips the pass (nothing is started without it).
-A VM whose start failed is left alone for :data:`START_BACKOFF_S`. Each pass
+A VM whose start failed is left alone for :data:`START_BACKOFF_S`; one that
+ran here and is now off with nobody having asked (its guest powered off)
+gets ``want = off`` instead of a restart (a QEMU that crashed is restarted). Each pass
 reads the whole ``vms/`` prefix: with 1000 roles that is about 3000 keys.
 """
 
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from ferry.adapters.catalog import VmRecord
 from ferry.core import vmstate
 from ferry.core.cluster.reconcile import Action, Local, decide
-from ferry.core.cluster.roles import Owner, VmRole, decode_role, decode_want
+from ferry.core.cluster.roles import Owner, VmRole, Want, decode_role, decode_want
 from ferry.core.cluster.store import Compare, Entry, Put
 from ferry.core.migration import Phase, is_final
 from ferry.core.tasks import cancel_and_wait
@@ -62,6 +64,7 @@ class Reconciler:
         self.jobs = jobs
         self.node = cluster_vms.node
         self._failed: dict[str, float] = {}  # uuid -> when its start failed
+        self._live: set[str] = set()  # clustered VMs seen live here at the last pass
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._pass_lock = asyncio.Lock()
@@ -139,11 +142,22 @@ class Reconciler:
             want = decode_want(entries.want.value if entries.want else None)
             if owner is not None and owner.node == self.node and uuid in local:
                 self.cvms.mark(uuid, m.cluster)  # arrived by a move, or owned again
+                if not owner.pending:  # vm upgrade-version ran here
+                    await self.cvms.sync_version(m, local[uuid], entries.config)
             action = decide(self.node, owner, want, self._local(local.get(uuid)), alive=alive,
                             self_ok=self_ok)  # fmt: skip
             if action is Action.START and time.monotonic() - self._failed.get(uuid, -1e9) < (
                 START_BACKOFF_S
             ):
+                continue
+            record = local.get(uuid)
+            if (
+                action is Action.START
+                and record is not None
+                and uuid in self._live
+                and (record.state is VmState.OFF)
+            ):
+                await self._powered_off(m, uuid, entries)
                 continue
             if action is not Action.NOTHING:
                 try:
@@ -155,7 +169,15 @@ class Reconciler:
                         await self._event(m, "vm-start-failed", uuid, entries, str(exc))
                     continue
                 done.append((uuid, action))
+        self._live = {uuid for uuid, record in local.items()
+                      if uuid in self.cvms.clustered and vmstate.is_live(record.state)}  # fmt: skip
         return done
+
+    async def _powered_off(self, m: Membership, uuid: str, entries: RoleEntries) -> None:
+        """Its guest shut down (the agent asked nothing): it stays off, as asked from inside."""
+        await m.store.put(m.keys.vm_want(uuid), Want.OFF.value.encode())
+        log.info("clustered VM %s powered off from inside: want off", uuid)
+        await self._event(m, "vm-stopped", uuid, entries, "its guest powered off")
 
     def _local(self, record: VmRecord | None) -> Local:
         if record is None:

@@ -35,7 +35,7 @@ from ferry.core.cluster.roles import Owner, Priority, VmRole, Want, encode_role
 from ferry.core.cluster.store import Compare, Delete, Entry, Put
 from ferry.core.migration import Storage, locate_on_volume
 from ferry.core.spec import VmSpec
-from ferry.errors import ConflictError, InvalidInputError, NotFoundError, StateError
+from ferry.errors import ConflictError, FerryError, InvalidInputError, NotFoundError, StateError
 from ferry.host.cluster.membership import ClusterContext, Membership
 from ferry.host.vms.requests import NewVm
 from ferry.host.vms.service import VmService
@@ -59,6 +59,7 @@ class ClusterVms:
         # VMs now (its lease renewed in time), and what protects a new QEMU at once.
         self.lease_ok: Callable[[], bool] = lambda: True
         self.protect: Callable[[str, int], Awaitable[None]] | None = None
+        self._versions: dict[str, tuple[int, int]] = {}  # uuid -> (config's revision, version)
 
     # -- which cluster -----------------------------------------------------------------
 
@@ -283,6 +284,35 @@ class ClusterVms:
         pid = self.vms.pid_of(record.uuid)
         if self.protect is not None and pid is not None and record.uuid in self.clustered:
             await self.protect(record.uuid, pid)
+
+    async def after_upgrade(self, record: VmRecord) -> None:
+        """``vm upgrade-version``: the cluster's config gets the new version now (else the
+        owner's next reconcile pass copies it, see :meth:`sync_version`)."""
+        if record.uuid not in self.clustered or self.context.membership is None:
+            return
+        entry = await self.context.membership.store.get(
+            self.context.membership.keys.vm_config(record.uuid))  # fmt: skip
+        if entry is not None:
+            try:
+                await self.sync_version(self.context.membership, record, entry)
+            except FerryError as exc:
+                log.warning("VM %s: its cluster config keeps the old version for now: %s",
+                            record.name, exc)  # fmt: skip
+
+    async def sync_version(self, m: Membership, record: VmRecord, entry: Entry) -> None:
+        """The owner's configuration version wins (only it; the local spec's kernel path
+        may be this node's own copy, so nothing else is copied)."""
+        known = self._versions.get(record.uuid)
+        if known == (entry.mod_revision, record.spec.config_version):
+            return  # read before, and the same (a pass does not parse every config again)
+        role = VmRole.model_validate_json(entry.value)
+        self._versions[record.uuid] = (entry.mod_revision, role.spec.config_version)
+        if role.spec.config_version == record.spec.config_version:
+            return
+        spec = role.spec.model_copy(update={"config_version": record.spec.config_version})
+        updated = role.model_copy(update={"spec": spec})
+        await m.store.txn([Compare.unchanged(entry.key, entry.mod_revision)],
+                          [Put(entry.key, encode_role(updated))])  # fmt: skip
 
     async def before_stop(self, name: str) -> None:
         """Stopped or killed on purpose: nobody restarts it (want = off)."""
