@@ -146,7 +146,8 @@ def test_vms_lists_every_copy_and_links_the_replica_with_its_host() -> None:
             re.search(r'data-host="([^"]+)" data-state="([^"]+)"', r).groups() for r in rows
         ] == [("host-1", "running"), ("host-2", "replica")]
         assert 'href="/vms/g1?host=host-2"' in html and 'href="/vms/g1"' in html
-        assert "<td>warning</td>" in html and "<td>replica of host-1</td>" in html
+        assert 'class="health-warning">to host-2: warning</td>' in html
+        assert ">replica of host-1</td>" in html
 
     run_console(_replicated(), body)
 

@@ -15,19 +15,21 @@ def rows(vms: list[dict[str, Any]], replication: dict[str, dict[str, Any]]) -> l
     for vm in vms:
         summary = vm.get("replication") or {}
         role = summary.get("role")
+        health = None
         if role == "replica":
-            health = f"replica of {summary.get('primary')}"
+            text = f"replica of {summary.get('primary')}"
         elif role == "primary":
             status = replication.get(vm["name"]) or {}
-            health = str(status.get("health") or summary.get("state") or "replicated")
+            health = status.get("health")
+            text = f"to {summary.get('replica')}: " + str(health or summary.get("state"))
         else:
-            health = "not replicated"
+            text = "not replicated"
         link = f"/vms/{vm['name']}" + (f"?host={vm['host']}" if role == "replica" else "")
         shown.append({
             "name": vm["name"], "host": vm["host"], "state": vm["state"],
             "config_version": vm["config_version"], "memory": vm["memory"], "cpus": vm["cpus"],
             "nics": ", ".join(n.get("network", "?") for n in vm.get("nics") or []) or "none",
-            "replication": health, "link": link, "busy": vm.get("busy"),
+            "replication": text, "health": health, "link": link, "busy": vm.get("busy"),
         })  # fmt: skip
     return shown
 
