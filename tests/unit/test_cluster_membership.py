@@ -127,9 +127,11 @@ def test_an_agent_restart_keeps_a_living_lease_and_regrants_an_expired_one(tmp_p
         lease = lab.membership("host-2").lease
         await lab.store.put(KEYS.fenced("host-2"), b'{"at": 1, "reason": "test"}')
         await lab.services["host-2"].shutdown()
+        lab.clock.advance(3)  # the restart took 3 s of the 4 s TTL
         again = lab.restart("host-2")
         await again.start()
         assert lab.membership("host-2").lease == lease
+        assert await lab.store.time_to_live(lease) == 4  # renewed at once
         assert await lab.store.get(KEYS.fenced("host-2")) is None
         assert again.info() == {"name": "c1", "node": "host-2", "etcd": [lab.url],
                                 "etcd_tls": None, "connected": True, "leader": False}  # fmt: skip

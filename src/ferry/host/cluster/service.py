@@ -33,6 +33,7 @@ from ferry.errors import (
     ConflictError,
     FerryError,
     InvalidInputError,
+    LeaseLostError,
     NotFoundError,
     StoreUnavailableError,
     VersionError,
@@ -340,7 +341,7 @@ class ClusterService:
             old = await store.get(keys.member(self.me.name))
             joined = MemberRecord.from_json(old.value).joined if old else self.clock()
             draining = MemberRecord.from_json(old.value).draining if old else False
-            kept = file.lease != 0 and await store.time_to_live(file.lease) > 0
+            kept = file.lease != 0 and await self._renewed(store, file.lease)
             lease = file.lease if kept else await store.grant(self.timings.ttl_s)
             member = self._member_record(joined)
             member = MemberRecord(**{**member.__dict__, "draining": draining})
@@ -356,6 +357,16 @@ class ClusterService:
             await store.close()
             raise
         await self._activate(m)
+
+    @staticmethod
+    async def _renewed(store: ClusterStore, lease: int) -> bool:
+        """Renew a kept lease at once: its TTL may be nearly spent after the restart, and
+        the lease keeper would take an expiry during start-up for a lost lease (and fence)."""
+        try:
+            await store.keepalive(lease)
+        except LeaseLostError:
+            return False
+        return True
 
     async def leave(self, name: str) -> dict[str, Any]:
         async with self._lock:
