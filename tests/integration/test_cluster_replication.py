@@ -22,11 +22,13 @@ import os
 import signal
 import sqlite3
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 
 from ferry.adapters import qemu
 from ferry.adapters.etcd_server import EtcdServer
@@ -61,9 +63,17 @@ def env(tmp_path_factory: pytest.TempPathFactory, guest_cache: Path) -> Iterator
     try:
         lab.up(4)
         env = LabEnv(lab=lab, cli=Cli(home), home=home)
-        for index in (1, 2, 3):
-            env.restart_agent(index, cluster_lease_ttl=4)
+        for index in (1, 2, 3):  # a short lease: in host.toml before the agents start again
+            host = lab.host(index)
+            pid = host.pid()
+            assert pid is not None
+            os.kill(pid, signal.SIGTERM)
+            while host.pid() is not None:
+                time.sleep(0.1)
+            settings = tomllib.loads(host.config_path.read_text())
+            host.config_path.write_text(tomli_w.dumps({**settings, "cluster_lease_ttl": 4}))
         etcd.start()
+        lab.up(4)
         env.cli("cluster", "create", "c1", "--etcd", etcd.url, "--host", "host-1")
         for name in NODES[1:]:
             env.cli("cluster", "join", "c1", "--host", name)
@@ -195,6 +205,7 @@ def test_replication_follows_the_owner_through_a_node_loss(env: LabEnv) -> None:
     seq_before = replica_equals_disk(env, "host-3")
     before = points(env)
     assert before == sorted(before) and len(before) >= 3
+    history = status(env)["success_count"]
 
     # host-3 is lost: its agent and the guest's QEMU die at once.
     lose_node(env, 3, uuid)
@@ -213,6 +224,7 @@ def test_replication_follows_the_owner_through_a_node_loss(env: LabEnv) -> None:
         (s := status(env))["primary"] == owner and s["state"] == "replicating"
         and s["latest_point"] is not None and s["latest_point"] > before[-1] and s))  # fmt: skip
     assert resumed["frequency_s"] == 30 and resumed["replica"] == REPLICA
+    assert resumed["success_count"] > history  # the cycle history came along, then grew
     assert status(env, REPLICA)["primary"] == owner
     events = cli.json("cluster", "events", "c1")
     mine = [e for e in events if e["kind"] == "replication-resumed" and e["vm"] == VM]
