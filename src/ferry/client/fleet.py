@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from ferry.adapters.pki import client_ssl_context
-from ferry.client.agent_client import AgentClient
+from ferry.client.agent_client import DEFAULT_TIMEOUT_S, AgentClient
 from ferry.client.settings import ClientSettings
 from ferry.errors import ConflictError, FerryError, NotFoundError
 
@@ -14,9 +14,11 @@ from ferry.errors import ConflictError, FerryError, NotFoundError
 class Fleet:
     """Clients for every configured host, sharing one admin TLS context."""
 
-    def __init__(self, settings: ClientSettings) -> None:
+    def __init__(self, settings: ClientSettings, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        """``timeout``: of each request (the CLI waits long; the web console less)."""
         self.settings = settings
         self._tls = client_ssl_context(settings.tls_dir())
+        self._timeout = timeout
         self._clients: dict[str, AgentClient] = {}
 
     async def __aenter__(self) -> Fleet:
@@ -30,7 +32,7 @@ class Fleet:
         if host not in self._clients:
             entry = self.settings.host(host)
             self._clients[host] = AgentClient(
-                host, entry.url, self._tls, server_name=entry.server_name
+                host, entry.url, self._tls, server_name=entry.server_name, timeout=self._timeout
             )
         return self._clients[host]
 

@@ -10,7 +10,7 @@ fails) or the server stops (the handler is cancelled).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from aiohttp import web
 
@@ -23,7 +23,7 @@ def encode(event: str, data: str) -> bytes:
 
 
 async def stream(
-    request: web.Request, events: AsyncIterator[tuple[str, str] | None]
+    request: web.Request, events: AsyncGenerator[tuple[str, str] | None, None]
 ) -> web.StreamResponse:
     """Send what ``events`` yields; it yields ``None`` when it has nothing new."""
     response = web.StreamResponse(headers={
@@ -41,4 +41,6 @@ async def stream(
                 quiet_since = time.monotonic()
     except ConnectionResetError:  # the browser left; aiohttp's reset error is one too
         pass
+    finally:
+        await events.aclose()  # its polling ends with the stream
     return response

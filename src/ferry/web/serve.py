@@ -27,6 +27,9 @@ from ferry.web.operations import Operations
 from ferry.web.sampler import LagSampler
 from ferry.web.session import Sessions
 
+# A page waits this long for a host that hangs; a stop (30 s, then forced) fits.
+AGENT_TIMEOUT_S = 60.0
+
 
 def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port); one address, no wildcard."""
@@ -66,7 +69,7 @@ async def serve(settings: ClientSettings, listen: str, *, open_browser: bool,
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    async with Fleet(settings) as fleet:
+    async with Fleet(settings, timeout=AGENT_TIMEOUT_S) as fleet:
         ops = Operations(fleet)
         sessions = Sessions()
         origin = Origin(host=host)

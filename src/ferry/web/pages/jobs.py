@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from aiohttp import web
@@ -114,7 +114,7 @@ async def show(request: web.Request) -> web.Response:
 
 async def _job_events(
     request: web.Request, vm: str | None
-) -> AsyncIterator[tuple[str, str] | None]:
+) -> AsyncGenerator[tuple[str, str] | None, None]:
     ops = context.ops(request)
     meter = RateMeter()
     sent = None
@@ -133,7 +133,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
 
 async def _follow_events(request: web.Request, host: str,
-                         job_id: str) -> AsyncIterator[tuple[str, str] | None]:  # fmt: skip
+                         job_id: str) -> AsyncGenerator[tuple[str, str] | None, None]:  # fmt: skip
     """One job's line (event ``job``) until it ends, then ``end`` (htmx closes the stream)."""
     ops = context.ops(request)
     sent = None

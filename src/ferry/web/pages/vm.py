@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -174,7 +174,7 @@ async def lag(request: web.Request) -> web.Response:
                               "interval_s": context.sampler(request).interval_s})  # fmt: skip
 
 
-async def _console_events(request: web.Request) -> AsyncIterator[tuple[str, str] | None]:
+async def _console_events(request: web.Request) -> AsyncGenerator[tuple[str, str] | None, None]:
     """The serial log as ``console`` events of JSON text; follows the VM when it moves."""
     ops = context.ops(request)
     name, pinned = request.match_info["name"], _host(request)
