@@ -477,3 +477,21 @@ def test_upgrade_version_on_the_owner_reaches_the_cluster_config(cluster: tuple)
     role = VmRole.model_validate_json(snapshot(store)[one.m.keys.vm_config(spec.uuid)])
     assert role.spec.config_version == record.spec.config_version == 3
     assert role.spec.kernel is None  # only the version travels, not this node's paths
+
+
+def test_deleting_an_added_vm_removes_its_files_only(cluster: tuple) -> None:
+    lab, store, one, _ = cluster
+    shared = lab.root / "shared"
+    (shared / "flat.qcow2").write_bytes(b"qcow2")  # a disk at the volume's top
+    (shared / "someone-elses.qcow2").write_bytes(b"keep me")
+    kernel = lab.root / "vmlinuz"
+    kernel.write_bytes(b"K")
+    spec = VmSpec(uuid="flat-uuid", name="flat", config_version=2, memory=128 * M,
+                  kernel=str(kernel),
+                  disks=(DiskSpec(path=str(shared / "flat.qcow2"), size=M),))  # fmt: skip
+    lab.one.catalog.add_vm(spec)
+    asyncio.run(one.cvms.add(CLUSTER, "flat", priority=Priority.LOW))
+    assert (shared / "flat-uuid" / "kernel").read_bytes() == b"K"
+    assert asyncio.run(one.cvms.delete("flat", force=False))
+    assert sorted(p.name for p in shared.iterdir()) == ["someone-elses.qcow2"]
+    assert not [k for k in snapshot(store) if "flat" in k]

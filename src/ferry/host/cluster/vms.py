@@ -18,7 +18,6 @@ Which local VMs are clustered is also kept in the catalog (setting
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
@@ -162,13 +161,14 @@ class ClusterVms:
         request = dataclasses.replace(request, config_version=version, boot_files_on_volume=True)
         record = await self.vms.create(request)
         role = VmRole(spec=record.spec, priority=priority, volume=request.volume)
+        own_dir = Path(volumes[role.volume]) / record.uuid
         try:
             claimed = await self._claim(m, role, target, Want.OFF)
         except BaseException:
-            await self._drop_files(record)
+            await self._drop_files(record, own_dir)
             raise
         if not claimed:
-            await self._drop_files(record)
+            await self._drop_files(record, own_dir)
             raise ConflictError(f"cluster {cluster!r} already has a VM named {request.name!r}")
         self.mark(record.uuid, cluster)
         if target != self.node:  # its owner's reconciler registers it there
@@ -192,11 +192,13 @@ class ClusterVms:
         )  # fmt: skip
         return result.succeeded
 
-    async def _drop_files(self, record: VmRecord) -> None:
-        """Undo a create: the local entry and the VM's dir on the volume."""
+    async def _drop_files(self, record: VmRecord, own_dir: Path) -> None:
+        """Undo a create (or end a delete): the local entry, its disks, and the VM's own
+        dir on the volume, ``<volume>/<uuid>/`` (never more: an added VM's disks may lie
+        anywhere on the volume)."""
         await self.vms.forget(record, keep_disks=False)
-        for disk in record.spec.disks:
-            await asyncio.to_thread(shutil.rmtree, Path(disk.path).parent, True)
+        if own_dir.name == record.uuid:
+            await asyncio.to_thread(shutil.rmtree, own_dir, True)
 
     async def let_go(self, record: VmRecord) -> None:
         """Drop the local entry of a VM another node owns (its files stay on the volume)."""
@@ -224,7 +226,9 @@ class ClusterVms:
             raise InvalidInputError(f"VM {name!r} cannot join cluster {cluster!r}: {what} "
                                     f"(volumes: {known}); move its disks there first")  # fmt: skip
         volume = located[0][1][0] if located[0][1] else ""
-        spec = await self._boot_files_to_volume(record, Path(located[0][0]).parent)
+        own_dir = Path(volumes[volume]) / record.uuid  # kernel and initrd go there
+        await asyncio.to_thread(own_dir.mkdir, exist_ok=True)
+        spec = await self._boot_files_to_volume(record, own_dir)
         role = VmRole(spec=spec, priority=priority, volume=volume)
         want = Want.RUNNING if vmstate.is_live(record.state) else Want.OFF
         if not await self._claim(m, role, self.node, want):
@@ -335,6 +339,9 @@ class ClusterVms:
             await self.vms.delete(name, force=force)
         m = self.membership()
         entry = await self.owned_here(m, record, "delete")
+        role = await self.role_of(m, record.uuid)
+        volumes = await self.volumes(m)
+        own_dir = Path(volumes.get(role.volume if role else "", "/nonexistent")) / record.uuid
         result = await m.store.txn(
             [Compare.unchanged(entry.key, entry.mod_revision)],
             [Delete(m.keys.vm_config(record.uuid)), Delete(m.keys.vm_owner(record.uuid)),
@@ -343,9 +350,7 @@ class ClusterVms:
         if not result.succeeded:
             raise ConflictError(f"VM {name!r} changed owner while it was being deleted; try again")
         await self.vms.delete(name, force=force)
-        for disk in record.spec.disks:
-            with contextlib.suppress(OSError):
-                await asyncio.to_thread(shutil.rmtree, Path(disk.path).parent, True)
+        await asyncio.to_thread(shutil.rmtree, own_dir, True)  # kernel, initrd, the dir
         self.mark(record.uuid, None)
         await m.record_event("vm-deleted", vm=name, node=self.node)
         return True
