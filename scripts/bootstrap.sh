@@ -5,8 +5,9 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # chromium (and a font for its screenshots) drives the web console's browser tests.
+# etcd-server: the lab's cluster store and the etcd integration tests.
 debs=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static zstd iproute2 rsync
-      chromium fonts-liberation)
+      chromium fonts-liberation etcd-server)
 missing=()
 for pkg in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -10,6 +10,12 @@ Layout of a lab dir::
     hosts/host-N/tls/      the host's certificate, usable by QEMU as is
     hosts/host-N/data/     its catalog, VMs, agent.pid
     hosts/host-N/agent.log
+    etcd/                  the lab's one etcd member (TLS, loopback), once a cluster was asked for
+    clusters/C/csv1/       volume "csv1" of cluster C, on every node of C
+
+Clusters (``up(..., clusters={"c1": ["host-1", ...]})``): the first host
+creates the cluster in the lab's etcd, the others join it, then the first adds
+volume ``csv1``; hosts already in the cluster are left as they are.
 
 Bringing a lab up is idempotent: what exists is kept, agents that run are left
 alone, the rest start. The same agent code runs here as on real hosts.
@@ -19,26 +25,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import tomli_w
 
-from ferry.adapters import pki, qemu
+from ferry.adapters import loopback, pki, qemu
 from ferry.adapters.catalog import Catalog
+from ferry.adapters.etcd_server import EtcdServer
 from ferry.agent import PID_FILE
 from ferry.client.agent_client import AgentClient
 from ferry.client.settings import HostEntry, load_settings, save_settings
 from ferry.core import vmstate
+from ferry.core.spec import check_name
 from ferry.core.vmstate import VmOp
-from ferry.errors import ConfigError, FerryError, InvalidInputError
+from ferry.errors import ConfigError, ConflictError, FerryError, InvalidInputError
 from ferry.host.cluster.guard import GuardPaths, stop_guard
 from ferry.host.config import load_host_config
 from ferry.host.vms.states import VmStates
@@ -47,6 +53,9 @@ AGENT_START_TIMEOUT_S = 60.0
 AGENT_STOP_TIMEOUT_S = 15.0
 MAX_LAB_HOSTS = 16
 SHARED_VOLUME = "shared"
+CLUSTER_VOLUME = "csv1"
+CLUSTER_CALL_TIMEOUT_S = 60.0
+MIN_LEASE_TTL_S, MAX_LEASE_TTL_S = 2, 300  # as host.toml's cluster_lease_ttl allows
 
 Progress = Callable[[str], None]
 
@@ -87,6 +96,7 @@ class Lab:
         self.admin_dir = self.root / "admin"
         self.images_dir = self.root / "images"
         self.shared_dir = self.root / "shared"
+        self.etcd = EtcdServer(self.root / "etcd", self.ca_dir)
         # Agents this object started, reaped by down(): in a long-lived process
         # (the test suite) an agent that ended stays a zombie child until then.
         self._agents: list[subprocess.Popen[bytes]] = []
@@ -122,7 +132,7 @@ class Lab:
             pki.issue_host_cert(self.ca_dir, host.dir / "tls", host.name, ips=["127.0.0.1"])
             config = {
                 "name": host.name,
-                "listen": f"127.0.0.1:{_free_port()}",
+                "listen": f"127.0.0.1:{loopback.free_port()}",
                 "data_dir": str(host.data_dir),
                 "tls_dir": str(host.dir / "tls"),
                 "accelerator": "tcg",  # nested KVM hangs guests; see DESIGN.md section 4
@@ -143,19 +153,116 @@ class Lab:
             )
         save_settings(settings)
 
-    def up(self, count: int, progress: Progress = lambda _: None) -> list[LabHost]:
+    def up(
+        self,
+        count: int,
+        progress: Progress = lambda _: None,
+        *,
+        clusters: Mapping[str, Sequence[str]] | None = None,
+        lease_ttl_s: int | None = None,
+    ) -> list[LabHost]:
+        """Hosts host-1..host-``count`` with running agents, and the ``clusters`` asked for.
+
+        ``clusters``: cluster name -> its hosts (empty: all of them).
+        ``lease_ttl_s``: written into each host.toml as ``cluster_lease_ttl``;
+        a running agent whose value changed is restarted. Bad input is refused
+        before anything changes.
+        """
         if not 1 <= count <= MAX_LAB_HOSTS:
             raise InvalidInputError(f"--hosts must be 1..{MAX_LAB_HOSTS}, not {count}")
+        wanted = _check_clusters(count, clusters or {})
+        if lease_ttl_s is not None and not MIN_LEASE_TTL_S <= lease_ttl_s <= MAX_LEASE_TTL_S:
+            raise InvalidInputError(
+                f"the lease TTL must be {MIN_LEASE_TTL_S}..{MAX_LEASE_TTL_S} s, not {lease_ttl_s}"
+            )
         hosts = self._prepare(count, progress)
+        changed = self._set_lease_ttl(hosts, lease_ttl_s)
         self._register(hosts)
+        # etcd first: agents that are cluster nodes reconnect to it as they start.
+        if wanted or self.etcd.configured:
+            progress(f"starting etcd at {self.etcd.url}")
+            self.etcd.start()
         started = []
         for host in hosts:
-            if host.pid() is None:
+            pid = host.pid()
+            if pid is not None and host.name in changed:
+                progress(f"restarting the agent of {host.name} (cluster_lease_ttl changed)")
+                loopback.terminate(pid, str(host.config_path).encode(), AGENT_STOP_TIMEOUT_S)
+                pid = None
+            if pid is None:
                 progress(f"starting the agent of {host.name}")
                 started.append((host, self._spawn(host)))
         for host, proc in started:
             asyncio.run(self._wait_ready(host, proc))
+        if wanted:
+            asyncio.run(self._make_clusters(wanted, progress))
         return hosts
+
+    def _set_lease_ttl(self, hosts: list[LabHost], ttl: int | None) -> set[str]:
+        """Write ``cluster_lease_ttl`` into each host.toml; the hosts whose value changed."""
+        if ttl is None:
+            return set()
+        changed = set()
+        for host in hosts:
+            settings = tomllib.loads(host.config_path.read_text())
+            if settings.get("cluster_lease_ttl") == ttl:
+                continue
+            if load_host_config(host.config_path).cluster_lease_ttl != ttl:
+                changed.add(host.name)
+            settings["cluster_lease_ttl"] = ttl
+            host.config_path.write_text(tomli_w.dumps(settings))
+        return changed
+
+    def cluster_volume_dir(self, cluster: str) -> Path:
+        return self.root / "clusters" / cluster / CLUSTER_VOLUME
+
+    async def _make_clusters(self, wanted: dict[str, list[str]], progress: Progress) -> None:
+        """Create or join each cluster through its hosts' agents, then add its volume."""
+        tls = pki.client_ssl_context(self.admin_dir)
+        async with contextlib.AsyncExitStack() as stack:
+            clients: dict[str, AgentClient] = {}
+            for name in sorted({h for members in wanted.values() for h in members}):
+                address, port = load_host_config(self.host_named(name).config_path).address
+                client = AgentClient(name, f"https://{address}:{port}", tls,
+                                     timeout=CLUSTER_CALL_TIMEOUT_S)  # fmt: skip
+                clients[name] = await stack.enter_async_context(client)
+            member_of = {name: await c.get("/v1/cluster") for name, c in clients.items()}
+            for cluster, members in wanted.items():
+                for name in members:
+                    current = member_of[name]
+                    if current is not None and current["name"] != cluster:
+                        raise ConflictError(
+                            f"{name} is a node of cluster {current['name']}, not {cluster}; "
+                            f"leave it first: ferry cluster leave {current['name']} --host {name}"
+                        )
+            body_of = {"etcd": [self.etcd.url], "etcd_tls": None}  # the hosts' own certificates
+            for cluster, members in wanted.items():
+                body = {"name": cluster, **body_of}
+                joined = [n for n in members if member_of[n] is not None]
+                for name in members:
+                    if name in joined:
+                        continue
+                    if not joined:
+                        progress(f"creating cluster {cluster} on {name}")
+                        try:
+                            await clients[name].post("/v1/cluster/create", body)
+                        except ConflictError:  # in etcd from an earlier lab: join it
+                            await clients[name].post("/v1/cluster/join", body)
+                    else:
+                        progress(f"joining {name} to cluster {cluster}")
+                        await clients[name].post("/v1/cluster/join", body)
+                    joined.append(name)
+                first = clients[members[0]]
+                view = await first.get(f"/v1/clusters/{cluster}")
+                if CLUSTER_VOLUME not in [v["name"] for v in view.get("volumes", [])]:
+                    path = self.cluster_volume_dir(cluster)
+                    path.mkdir(parents=True, exist_ok=True)
+                    progress(f"adding volume {CLUSTER_VOLUME} to cluster {cluster}")
+                    volume = {"name": CLUSTER_VOLUME, "path": str(path)}
+                    await first.post(f"/v1/clusters/{cluster}/volumes", volume)
+
+    def host_named(self, name: str) -> LabHost:
+        return LabHost(name, self.root / "hosts" / name)
 
     def _spawn(self, host: LabHost) -> subprocess.Popen[bytes]:
         with host.log_path.open("ab") as log_file:
@@ -178,7 +285,8 @@ class Lab:
             while True:
                 if proc.poll() is not None:
                     raise ConfigError(
-                        f"the agent of {host.name} exited at start: {_last_line(host.log_path)} "
+                        f"the agent of {host.name} exited at start: "
+                        f"{loopback.last_line(host.log_path)} "
                         f"(log: {host.log_path})"
                     )
                 with contextlib.suppress(FerryError):
@@ -204,7 +312,7 @@ class Lab:
                 with contextlib.suppress(FerryError):
                     asyncio.run(self._kill_vms(host, progress))
                 progress(f"stopping the agent of {host.name} (pid {pid})")
-                _terminate(pid)
+                loopback.terminate(pid, str(host.config_path).encode(), AGENT_STOP_TIMEOUT_S)
             # An agent leaves QEMUs running by design; end any left by their pidfiles.
             for pidfile in host.data_dir.glob("vms/*/qemu.pid"):
                 uuid = pidfile.parent.name
@@ -229,6 +337,11 @@ class Lab:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=AGENT_STOP_TIMEOUT_S)
         self._agents.clear()
+        # Last: a node's agent stopping may still write to etcd (its leave, its alive key).
+        etcd_pid = self.etcd.pid()
+        if etcd_pid is not None:
+            progress(f"stopping etcd (pid {etcd_pid})")
+        self.etcd.stop()
 
     async def _kill_vms(self, host: LabHost, progress: Progress) -> None:
         config = load_host_config(host.config_path)
@@ -241,36 +354,24 @@ class Lab:
                     await client.post(f"/v1/vms/{vm['name']}/kill")
 
 
-def _terminate(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + AGENT_STOP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rpartition(")")[2].split()[0] == "Z"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "no log"
-    return lines[-1] if lines else "no output"
+def _check_clusters(count: int, clusters: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """``clusters`` with every name checked, empty lists made all hosts; one host, one cluster."""
+    every = [f"host-{i}" for i in range(1, count + 1)]
+    wanted: dict[str, list[str]] = {}
+    seen: dict[str, str] = {}
+    for cluster, members in clusters.items():
+        check_name(cluster, what="cluster name")
+        names = list(dict.fromkeys(members)) or every
+        for name in names:
+            if name not in every:
+                raise InvalidInputError(
+                    f"--cluster {cluster}: no lab host {name!r} (this lab: host-1..host-{count})"
+                )
+            if name in seen:
+                raise InvalidInputError(
+                    f"{name} cannot be in clusters {seen[name]} and {cluster}: "
+                    "a host is in one cluster at a time"
+                )
+            seen[name] = cluster
+        wanted[cluster] = names
+    return wanted

@@ -2,11 +2,14 @@
 
 ``guest_spec``: the test guest on a disk. ``etcd``: one real etcd member on
 loopback with mutual TLS for a test module, and a client TLS dir of its CA.
+``cluster_lab_env``: a lab of three agents that form cluster ``c1`` (the lab's
+etcd, volume ``csv1``, lease TTL 4 s), checked for leftovers when it goes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -20,6 +23,8 @@ from ferry.adapters import pki, qemu
 from ferry.adapters.etcd_server import EtcdServer
 from ferry.core.spec import DiskSpec, RunContext, VmSpec, qemu_argv
 from ferry.guest.build import ensure_guest
+from ferry.lab import Lab
+from tests.conftest import Cli, LabEnv, _lab_processes
 
 DISK_SIZE = 32 * 1024**2
 
@@ -110,3 +115,52 @@ def _processes_naming(path: Path) -> list[int]:
             except OSError:
                 continue
     return pids
+
+
+CLUSTER = "c1"
+CLUSTER_LEASE_TTL_S = 4
+CLUSTER_SETTLE_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def cluster_lab_env(
+    tmp_path_factory: pytest.TempPathFactory, guest_cache: Path
+) -> Iterator[LabEnv]:
+    """Lab hosts host-1..3 with agents, the lab's etcd, cluster c1 of all three
+    (volume csv1 on ``<lab>/clusters/c1/csv1``, ``cluster_lease_ttl`` 4 s in each
+    host.toml), a leader elected and every node up. Torn down by ``lab down``,
+    then checked: no agent, QEMU, fence guard or etcd of the lab is left."""
+    root = tmp_path_factory.mktemp("lab")
+    home = root / "home"
+    old_home = os.environ.get("FERRY_HOME")
+    os.environ["FERRY_HOME"] = str(home)
+    lab = Lab(root / "lab")
+    try:
+        lab.up(3, clusters={CLUSTER: []}, lease_ttl_s=CLUSTER_LEASE_TTL_S)
+        env = LabEnv(lab=lab, cli=Cli(home), home=home)
+        _wait_settled(env)
+        yield env
+    finally:
+        lab.down()
+        if old_home is None:
+            os.environ.pop("FERRY_HOME", None)
+        else:
+            os.environ["FERRY_HOME"] = old_home
+        # Agents, QEMUs, fence guards (their pidfile is in the lab) and etcd (its data dir).
+        left = _lab_processes(lab.root)
+        assert not left, f"lab processes left running: {left}"
+
+
+def _wait_settled(env: LabEnv) -> None:
+    deadline = time.monotonic() + CLUSTER_SETTLE_TIMEOUT_S
+    view: object = None
+    while time.monotonic() < deadline:
+        view = env.cli.json("cluster", "show", CLUSTER)
+        if (
+            isinstance(view, dict)
+            and view.get("leader")
+            and all(n["state"] == "up" for n in view["nodes"])
+        ):
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"cluster {CLUSTER} did not settle: {view}")

@@ -64,6 +64,11 @@ class EtcdServer:
         return client, peer
 
     @property
+    def configured(self) -> bool:
+        """This member was made here once (its ports are chosen), running or not."""
+        return (self.dir / "etcd.json").exists()
+
+    @property
     def url(self) -> str:
         """The client URL (``https://127.0.0.1:PORT``)."""
         return f"https://127.0.0.1:{self._ports()[0]}"

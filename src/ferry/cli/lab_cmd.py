@@ -32,18 +32,46 @@ def up(
     hosts: int = typer.Option(2, "--hosts", "-n", help="How many hosts."),
     directory: Path | None = DirOpt,
     no_guest: bool = typer.Option(False, "--no-guest", help="Do not build the test guest now."),
+    cluster: list[str] = typer.Option(
+        [],
+        "--cluster",
+        help="NAME[=HOST,HOST...]: make cluster NAME of those hosts (all if none named), "
+        "with one lab etcd and volume csv1; repeat for more clusters.",
+    ),
+    lease_ttl: int | None = typer.Option(
+        None, "--lease-ttl", help="Cluster lease TTL in seconds for every host (default 10)."
+    ),
 ) -> None:
-    """Create and start lab hosts host-1..host-N (idempotent)."""
+    """Create and start lab hosts host-1..host-N (idempotent), and the clusters asked for."""
     from ferry.guest.build import default_cache_dir, ensure_guest
 
+    clusters = _parse_clusters(cluster)
     lab = _lab(directory)
     with err.status("bringing the lab up") as status:
-        lab.up(hosts, progress=lambda msg: status.update(msg))
+        lab.up(hosts, progress=lambda msg: status.update(msg), clusters=clusters,
+               lease_ttl_s=lease_ttl)  # fmt: skip
         if not no_guest:
             status.update("building the test guest (first time only)")
             ensure_guest(default_cache_dir(), progress=lambda msg: status.update(msg))
-    say(f"lab at {lab.root}: {hosts} host(s) running")
+    made = f"; cluster(s) {', '.join(clusters)} on etcd {lab.etcd.url}" if clusters else ""
+    say(f"lab at {lab.root}: {hosts} host(s) running{made}")
     _print_status(lab, as_json=False)
+
+
+def _parse_clusters(specs: list[str]) -> dict[str, list[str]]:
+    """``["c1", "c2=host-1,host-2"]`` -> ``{"c1": [], "c2": ["host-1", "host-2"]}``."""
+    from ferry.errors import InvalidInputError
+
+    clusters: dict[str, list[str]] = {}
+    for spec in specs:
+        name, _, members = spec.partition("=")
+        hosts = [h.strip() for h in members.split(",") if h.strip()]
+        if not name or name in clusters or ("=" in spec and not hosts):
+            raise InvalidInputError(
+                f"--cluster {spec!r}: use NAME or NAME=HOST,HOST..., each NAME once"
+            )
+        clusters[name] = hosts
+    return clusters
 
 
 def _print_status(lab: Lab, *, as_json: bool) -> None:
@@ -55,23 +83,29 @@ def _print_status(lab: Lab, *, as_json: bool) -> None:
         pid = host.pid()
         rows.append({"name": host.name, "url": f"https://{address}:{port}",
                      "pid": pid, "running": pid is not None})  # fmt: skip
+    etcd = None
+    if lab.etcd.configured:
+        etcd_pid = lab.etcd.pid()
+        etcd = {"url": lab.etcd.url, "pid": etcd_pid, "running": etcd_pid is not None}
     if as_json:
-        print_json({"dir": str(lab.root), "hosts": rows})
+        print_json({"dir": str(lab.root), "hosts": rows, "etcd": etcd})
     else:
         print_table(["NAME", "URL", "PID", "RUNNING"],
                     [[r["name"], r["url"], r["pid"], "yes" if r["running"] else "no"]
-                     for r in rows])  # fmt: skip
+                     for r in rows]
+                    + ([["etcd", etcd["url"], etcd["pid"], "yes" if etcd["running"] else "no"]]
+                       if etcd else []))  # fmt: skip
 
 
 @app.command("status")
 def status(directory: Path | None = DirOpt, as_json: bool = JsonOpt) -> None:
-    """Show the lab's hosts and their agent pids."""
+    """Show the lab's hosts and their agent pids, and the lab's etcd if it has one."""
     _print_status(_lab(directory), as_json=as_json)
 
 
 @app.command("down")
 def down(directory: Path | None = DirOpt) -> None:
-    """Stop every lab agent and every VM they run."""
+    """Stop every lab agent, every VM they run, their fence guards and the lab's etcd."""
     lab = _lab(directory)
     with err.status("bringing the lab down") as status:
         lab.down(progress=lambda msg: status.update(msg))
