@@ -538,3 +538,13 @@ def test_the_jobs_page_shows_results_and_errors() -> None:
         assert html.index('data-job-id="j2"') < html.index('data-job-id="j1"')  # newest first
 
     run_console(fleet, body)
+
+
+def test_polled_parts_say_in_a_plain_line_when_the_vm_is_gone() -> None:
+    async def body(console: Console) -> None:
+        for part in ("summary", "replication", "replication-actions"):
+            html = await console.page(f"/vms/nope/{part}")
+            assert html.startswith('<p class="error" data-testid="fragment-error">no VM named')
+            assert "role=" not in html
+
+    run_console(_fleet(), body)

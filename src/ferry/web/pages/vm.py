@@ -116,9 +116,9 @@ def _actions_data(
 
 
 def _fragment_error(request: web.Request, exc: FerryError) -> web.Response:
-    """A part of the page that cannot be read now says why, in one line."""
-    html = context.fragment(request, "_outcome.html", ok=None, error=str(exc), back="/vms",
-                            job=None)  # fmt: skip
+    """A part of the page that cannot be read now says why, in one line (polled parts
+    would repeat an alert every few seconds, so it is a plain line)."""
+    html = context.fragment(request, "_fragment_error.html", error=str(exc))
     return web.Response(text=html, content_type="text/html")
 
 
