@@ -62,13 +62,15 @@ def page(browser: Browser, web_server: WebServer, vm: str) -> Iterator[Page]:
 def named_artifacts(
     artifacts: Path, record_property: Callable[[str, object], None], request: pytest.FixtureRequest
 ) -> Iterator[None]:
-    """The artifact directory in the summary; a screenshot of the page when a test fails."""
+    """The artifact directory in the summary; when a test fails, a screenshot of the
+    page, and the overview loaded again so that the next test starts from a page."""
     record_property("web_artifacts", str(artifacts))  # printed by tests/e2e/conftest.py
     yield
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed and "page" in request.fixturenames:
         tab: Page = request.getfixturevalue("page")
         tab.screenshot(path=artifacts / f"FAILED-{request.node.name}.png")
+        tab.goto(request.getfixturevalue("web_server").base + "/")
 
 
 def shoot(tab: Page, artifacts: Path, name: str, *, upto: Locator | None = None,
