@@ -495,3 +495,26 @@ def test_deleting_an_added_vm_removes_its_files_only(cluster: tuple) -> None:
     assert asyncio.run(one.cvms.delete("flat", force=False))
     assert sorted(p.name for p in shared.iterdir()) == ["someone-elses.qcow2"]
     assert not [k for k in snapshot(store) if "flat" in k]
+
+
+def test_drain_moves_a_running_vm_live_and_its_owner_follows(cluster: tuple) -> None:
+    lab, store, one, _ = cluster
+    uuid = clustered_vm(lab, store, one)
+
+    async def drain() -> object:
+        job = await one.maintenance.start_drain(CLUSTER, "host-1")
+        assert job.task is not None
+        await job.task
+        return job
+
+    job = asyncio.run(drain())
+    assert job.state == "done", job.detail  # type: ignore[attr-defined]
+    assert job.detail["result"]["moved"] == [  # type: ignore[attr-defined]
+        {"vm": "roamer", "to": "host-2", "live": True}]  # fmt: skip
+    assert job.detail["progress"] == {"vms_done": 1, "vms_total": 1}  # type: ignore[attr-defined]
+    assert owner_of(store, uuid).node == "host-2" and not owner_of(store, uuid).pending
+    arrived = lab.two.vm("roamer")
+    assert arrived is not None and arrived.state is VmState.RUNNING
+    assert lab.one.vm("roamer") is None
+    kinds = [json.loads(v)["kind"] for k, v in snapshot(store).items() if "/events/" in k]
+    assert kinds == ["node-draining", "vm-drained", "node-drained"]
