@@ -11,7 +11,6 @@ Everything of cluster ``C`` lives under ``/ferry/clusters/C/``::
                                                            declared fenced); cleared on rejoin
     leader                  "<node>"                       with the leader's lease (election)
     volumes/<name>          {"name", "path"}
-    probes/<volume>/<node>  "<token>"                      transient, for volume add
     vms/<uuid>/config       {"spec": VmSpec JSON, "priority", "volume"}
     vms/<uuid>/owner        {"node", "since"}              changed only by compare-and-swap
     vms/<uuid>/want         "running" | "off"               what HA restores
@@ -21,6 +20,9 @@ Everything of cluster ``C`` lives under ``/ferry/clusters/C/``::
                                                             a replica of a clustered VM
     names/<vm name>         "<uuid>"                       unique names (create only if absent)
     events/<revision-padded> {"at", "kind", "node", "vm", "reason"}
+
+(``cluster volume add`` keeps nothing in the store while it probes: the
+tokens travel in the peer requests, see :mod:`ferry.peer.cluster`.)
 
 A node's state is read from these: ``fenced/<node>`` present -> fenced;
 ``alive/<node>`` absent -> down; ``members/<node>.draining`` -> draining;
@@ -74,9 +76,6 @@ class ClusterKeys:
 
     def volume(self, name: str) -> str:
         return self.volumes + name
-
-    def probe(self, volume: str, node: str) -> str:
-        return f"{self.prefix}probes/{volume}/{node}"
 
     @property
     def vms(self) -> str:
