@@ -205,6 +205,12 @@ class Reconciler:
         if action in (Action.REGISTER, Action.START):
             record = self._register(m, role) if record is None else record
             if action is Action.START:
+                # Read the owner again right before the start: the pass's read may be a
+                # moment old (what is left between is the lease's to cover: fencing).
+                now, _ = await self.cvms.owner_entry(m, uuid)
+                if now is None or now.node != self.node or now.pending or not self.cvms.lease_ok():
+                    log.info("VM %s changed owner since the pass began; not started", uuid)
+                    return
                 started = await self.vms.start(record.name)
                 await self.cvms.after_start(started)
                 self._failed.pop(uuid, None)
