@@ -2,21 +2,8 @@
 
 :class:`EtcdStore` implements :class:`ferry.core.cluster.store.ClusterStore`.
 etcd serves its gRPC API as JSON over HTTP (the grpc-gateway, ``/v3/...``), so
-this needs no grpc or protobuf. The wire format, as etcd 3.4 speaks it:
-
-- every call is ``POST /v3/<service>/<method>`` with a JSON body; keys and
-  values are base64; int64 fields (revisions, lease ids, TTLs, counts) travel
-  as decimal strings; a field at its zero value is left out (0, false, "").
-- a prefix is the range ``[key, range_end)`` where ``range_end`` is the prefix
-  with its last byte plus one; ``"\\0"``/``"\\0"`` is every key.
-- refusals come back as ``{"error", "message", "code"}`` (a gRPC code: 5 =
-  not found, for a lease that is gone; 3 = invalid argument).
-- ``/v3/lease/keepalive`` and ``/v3/watch`` are streams: one JSON object per
-  line, ``{"result": {...}}`` or ``{"error": {...}}``. A keepalive of a lease
-  that is gone answers without ``TTL``. A watch first answers ``created``,
-  then ``events`` (``type`` absent = PUT, ``"DELETE"``); ``canceled`` with
-  ``compact_revision`` means the history it asked for was compacted; a reply
-  with neither is a progress notification (all up to its revision was sent).
+this needs no grpc or protobuf. The wire format is in
+:mod:`ferry.adapters.etcd_wire`.
 
 Failures (aiohttp, OS, TLS, timeouts, an etcd that cannot serve) become
 :class:`StoreUnavailableError` naming the URL(s) here and nowhere else; a lease
@@ -29,7 +16,6 @@ that did apply would report it lost.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
@@ -41,6 +27,7 @@ from typing import Any
 
 import aiohttp
 
+from ferry.adapters import etcd_wire as wire
 from ferry.adapters import pki
 from ferry.core.cluster.store import (
     Compare,
@@ -48,7 +35,6 @@ from ferry.core.cluster.store import (
     EventKind,
     Op,
     Put,
-    Target,
     TxnResult,
     WatchEvent,
 )
@@ -61,72 +47,6 @@ DEFAULT_TIMEOUT_S = 5.0
 # long reconnects from where it was: a silently dead connection ends so.
 DEFAULT_WATCH_IDLE_S = 30.0
 
-_GRPC_NOT_FOUND = 5
-_GRPC_INVALID_ARGUMENT = 3
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text)
-
-
-def prefix_end(prefix: bytes) -> bytes:
-    """The smallest key after every key that starts with ``prefix`` (etcd's ``range_end``)."""
-    stripped = prefix.rstrip(b"\xff")
-    if not stripped:
-        return b"\0"  # every key
-    return stripped[:-1] + bytes([stripped[-1] + 1])
-
-
-def _range(key: str, prefix: bool) -> dict[str, str]:
-    raw = key.encode()
-    if not prefix:
-        return {"key": _b64(raw)}
-    if not raw:
-        return {"key": _b64(b"\0"), "range_end": _b64(b"\0")}
-    return {"key": _b64(raw), "range_end": _b64(prefix_end(raw))}
-
-
-def _int(fields: dict[str, Any], name: str) -> int:
-    return int(fields.get(name) or 0)
-
-
-def _entry(kv: dict[str, Any]) -> Entry:
-    return Entry(
-        key=_unb64(kv["key"]).decode(),
-        value=_unb64(kv.get("value", "")),
-        create_revision=_int(kv, "create_revision"),
-        mod_revision=_int(kv, "mod_revision"),
-        version=_int(kv, "version"),
-        lease=_int(kv, "lease"),
-    )
-
-
-def _compare(compare: Compare) -> dict[str, Any]:
-    out: dict[str, Any] = {"key": _b64(compare.key.encode()), "result": "EQUAL"}
-    if compare.target is Target.VALUE:
-        if not isinstance(compare.value, bytes):
-            raise InvalidInputError(f"compare of {compare.key}'s value needs bytes")
-        out.update(target="VALUE", value=_b64(compare.value))
-    else:
-        if not isinstance(compare.value, int):
-            raise InvalidInputError(f"compare of {compare.key}'s revision needs an int")
-        field = "mod_revision" if compare.target is Target.MOD else "create_revision"
-        out.update(target=compare.target.name, **{field: str(compare.value)})
-    return out
-
-
-def _op(op: Op) -> dict[str, Any]:
-    if isinstance(op, Put):
-        put: dict[str, str] = {"key": _b64(op.key.encode()), "value": _b64(op.value)}
-        if op.lease:
-            put["lease"] = str(op.lease)
-        return {"request_put": put}
-    return {"request_delete_range": _range(op.key, op.prefix)}
-
 
 @dataclass(frozen=True)
 class _Failure:
@@ -135,16 +55,6 @@ class _Failure:
     url: str
     reason: str
     maybe_applied: bool  # the request may have reached etcd: its outcome is unknown
-
-
-def _refusal(payload: dict[str, Any]) -> tuple[int, str] | None:
-    """``(grpc code, message)`` of an etcd error reply, unary or stream form."""
-    error = payload.get("error")
-    if error is None:
-        return None
-    if isinstance(error, dict):  # a stream's error object
-        return int(error.get("grpc_code") or 0), str(error.get("message", error))
-    return int(payload.get("code") or 0), str(payload.get("message") or error)
 
 
 class EtcdStore:
@@ -222,7 +132,7 @@ class EtcdStore:
         if not isinstance(payload, dict):
             return _Failure(url, f"HTTP {response.status}, not a JSON object", maybe_applied=True)
         result = payload.get("result", payload)
-        if response.status != 200 and _refusal(payload) is None:
+        if response.status != 200 and wire.refusal(payload) is None:
             return _Failure(url, f"HTTP {response.status}", maybe_applied=True)
         return result if isinstance(result, dict) else payload
 
@@ -239,14 +149,14 @@ class EtcdStore:
         for url in self._rotation():
             reply = await self._attempt(url, path, body)
             if isinstance(reply, dict):
-                refused = _refusal(reply)
+                refused = wire.refusal(reply)
                 if refused is None:
                     self._preferred = self._urls.index(url)
                     return reply
                 code, message = refused
-                if code == _GRPC_NOT_FOUND and "lease not found" in message:
+                if code == wire.GRPC_NOT_FOUND and "lease not found" in message:
                     raise LeaseLostError(f"etcd at {url}: {what}: the lease is gone ({message})")
-                if code == _GRPC_INVALID_ARGUMENT:
+                if code == wire.GRPC_INVALID_ARGUMENT:
                     raise InvalidInputError(f"etcd at {url} refused {what}: {message}")
                 reply = _Failure(url, message, maybe_applied=True)
             failures.append(reply)
@@ -262,47 +172,51 @@ class EtcdStore:
     # -- keys ----------------------------------------------------------------
 
     async def get(self, key: str) -> Entry | None:
-        reply = await self._call("/v3/kv/range", _range(key, False), f"read {key}", retry_safe=True)
+        reply = await self._call(
+            "/v3/kv/range", wire.key_range(key, False), f"read {key}", retry_safe=True
+        )
         kvs = reply.get("kvs") or []
-        return _entry(kvs[0]) if kvs else None
+        return wire.entry(kvs[0]) if kvs else None
 
     async def range(self, prefix: str) -> list[Entry]:
         body: dict[str, Any] = {
-            **_range(prefix, True),
+            **wire.key_range(prefix, True),
             "sort_order": "ASCEND",
             "sort_target": "KEY",
         }
         reply = await self._call("/v3/kv/range", body, f"read {prefix}*", retry_safe=True)
-        return [_entry(kv) for kv in reply.get("kvs") or []]
+        return [wire.entry(kv) for kv in reply.get("kvs") or []]
 
     async def revision(self) -> int:
-        body = {**_range("\0", False), "count_only": True}
+        body = {**wire.key_range("\0", False), "count_only": True}
         reply = await self._call("/v3/kv/range", body, "read the revision", retry_safe=True)
-        return _int(reply.get("header") or {}, "revision")
+        return wire.int_field(reply.get("header") or {}, "revision")
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
-        body = _op(Put(key, value, lease))["request_put"]
+        body = wire.op(Put(key, value, lease))["request_put"]
         reply = await self._call("/v3/kv/put", body, f"write {key}", retry_safe=False)
-        return _int(reply.get("header") or {}, "revision")
+        return wire.int_field(reply.get("header") or {}, "revision")
 
     async def delete(self, key: str, *, prefix: bool = False) -> int:
         what = f"delete {key}{'*' if prefix else ''}"
-        reply = await self._call("/v3/kv/deleterange", _range(key, prefix), what, retry_safe=False)
-        return _int(reply, "deleted")
+        reply = await self._call(
+            "/v3/kv/deleterange", wire.key_range(key, prefix), what, retry_safe=False
+        )
+        return wire.int_field(reply, "deleted")
 
     async def txn(
         self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
     ) -> TxnResult:
         body = {
-            "compare": [_compare(c) for c in compares],
-            "success": [_op(op) for op in success],
-            "failure": [_op(op) for op in failure],
+            "compare": [wire.compare(c) for c in compares],
+            "success": [wire.op(op) for op in success],
+            "failure": [wire.op(op) for op in failure],
         }
         keys = ", ".join(sorted({c.key for c in compares})) or "no keys"
         reply = await self._call("/v3/kv/txn", body, f"transaction on {keys}", retry_safe=False)
         return TxnResult(
             succeeded=bool(reply.get("succeeded")),
-            revision=_int(reply.get("header") or {}, "revision"),
+            revision=wire.int_field(reply.get("header") or {}, "revision"),
         )
 
     async def compact(self, revision: int) -> None:
@@ -320,12 +234,12 @@ class EtcdStore:
         reply = await self._call(
             "/v3/lease/grant", body, f"grant a {ttl_s} s lease", retry_safe=False
         )
-        return _int(reply, "ID")
+        return wire.int_field(reply, "ID")
 
     async def keepalive(self, lease: int) -> int:
         what = f"renew lease {lease:x}"
         reply = await self._call("/v3/lease/keepalive", {"ID": str(lease)}, what, retry_safe=True)
-        ttl = _int(reply, "TTL")
+        ttl = wire.int_field(reply, "TTL")
         if ttl <= 0:
             raise LeaseLostError(f"lease {lease:x} expired or was revoked; etcd did not renew it")
         return ttl
@@ -365,7 +279,7 @@ class EtcdStore:
                         message = json.loads(line)
                         result = message.get("result")
                         if not isinstance(result, dict):
-                            refused = _refusal(message)
+                            refused = wire.refusal(message)
                             raise StoreUnavailableError(
                                 f"etcd at {url} ended the watch of {prefix}: "
                                 f"{refused[1] if refused else message}"
@@ -394,7 +308,7 @@ class EtcdStore:
         failures: list[str] = []
         while misses < len(self._urls):
             url = self._rotation()[0]
-            create: dict[str, Any] = {**_range(prefix, True), "progress_notify": True}
+            create: dict[str, Any] = {**wire.key_range(prefix, True), "progress_notify": True}
             if next_revision:
                 create["start_revision"] = str(next_revision)
             opened = False
@@ -403,9 +317,9 @@ class EtcdStore:
                 # aclosing: leaving the loop (a raise) must end the stream now, not at GC.
                 async with contextlib.aclosing(self._watch_stream(url, prefix, create)) as stream:
                     async for result in stream:
-                        header_revision = _int(result.get("header") or {}, "revision")
+                        header_revision = wire.int_field(result.get("header") or {}, "revision")
                         if result.get("canceled"):
-                            compacted = _int(result, "compact_revision")
+                            compacted = wire.int_field(result, "compact_revision")
                             if compacted:
                                 raise StoreUnavailableError(
                                     f"etcd at {url} compacted the history of {prefix} up to "
@@ -423,7 +337,7 @@ class EtcdStore:
                             continue
                         events = result.get("events") or []
                         for event in events:
-                            entry = _entry(event["kv"])
+                            entry = wire.entry(event["kv"])
                             deleted = event.get("type") == "DELETE"
                             next_revision = entry.mod_revision + 1
                             yield WatchEvent(EventKind.DELETE if deleted else EventKind.PUT, entry)
