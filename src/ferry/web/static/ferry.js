@@ -69,7 +69,11 @@
           width: width(), height: 200,
           series: [{}, { label: "lag (s)", stroke: "#1f6feb", width: 2, fill: "rgba(31,111,235,0.1)" }],
           axes: [{}, { label: "seconds" }],
-          scales: { y: { range: function (u, min, max) { return [0, Math.max(10, max * 1.2)]; } } }
+          scales: {
+            // At least a minute wide, so a few first samples do not get sub-second ticks.
+            x: { time: true, range: function (u, min, max) { return [min, Math.max(max, min + 60)]; } },
+            y: { range: function (u, min, max) { return [0, Math.max(10, max * 1.2)]; } }
+          }
         }, series, box);
         window.addEventListener("resize", function () { plot.setSize({ width: width(), height: 200 }); });
       } else {
