@@ -19,7 +19,7 @@ from ferry.core.cluster.nodes import MemberRecord
 from ferry.core.cluster.records import ClusterMeta
 from ferry.core.cluster.timing import ClusterTimings
 from ferry.core.tasks import cancel_and_wait
-from ferry.errors import FenceGuardError
+from ferry.errors import FenceGuardError, QemuError
 from ferry.host.cluster.fencing import FENCED_EVENT, LeaseKeeper, NodeFencing
 from ferry.host.cluster.membership import Membership
 from ferry.testing.clock import FakeClock
@@ -70,6 +70,7 @@ class World:
     guard: FakeGuard
     fences: list[tuple[float, str, bool]]  # (time, reason, lease still held by etcd)
     running: dict[str, int]
+    stuck: list[bool]
 
     async def step(self, seconds: float, every: float = 1 / 16) -> None:
         """Let ``seconds`` of fake time pass in small steps, every task running between."""
@@ -101,9 +102,13 @@ async def world() -> AsyncIterator[World]:
     guard = FakeGuard(clock=clock)
     running = {"11111111-1111-1111-1111-111111111111": 4242}
     fences: list[tuple[float, str, bool]] = []
+    stuck: list[bool] = []  # one entry per kill that fails
 
     async def fence(reason: str) -> list[str]:
         fences.append((clock.time(), reason, membership.lease in store._leases))
+        if stuck:
+            stuck.pop()
+            raise QemuError(f"fencing ({reason}): pid 4242 of VM u: did not die")
         killed, running_now = list(running), dict(running)
         running.clear()
         return killed if running_now else []
@@ -113,7 +118,7 @@ async def world() -> AsyncIterator[World]:
     task = asyncio.create_task(keeper.run())
     await clock.settle()
     try:
-        yield World(clock, store, membership, keeper, guard, fences, running)
+        yield World(clock, store, membership, keeper, guard, fences, running, stuck)
     finally:
         await cancel_and_wait(task)
         if store._reaper is not None:
@@ -314,3 +319,25 @@ def test_node_fencing_runs_a_keeper_per_membership_and_disarms_on_leave() -> Non
             assert guard.calls[-1] == "close"
 
     asyncio.run(main())
+
+
+def test_no_rejoin_while_a_fenced_qemu_may_still_run() -> None:
+    async def body(w: World) -> None:
+        old = w.membership.lease
+        w.stuck.extend([True, True])  # the first two kills fail (a QEMU stuck in the kernel)
+        w.store.available = False
+        await w.step(TIMINGS.self_fence_s + 0.1)
+        assert len(w.fences) == 1
+        w.store.available = True
+        await w.step(1.1)
+        # etcd answers, but the node must not rejoin yet: it kills again first,
+        # and that fails too.
+        assert len(w.fences) == 2
+        assert w.membership.lease == old
+        assert await w.store.get(w.membership.keys.fenced(NODE)) is None
+        await w.step(1.1 + 2 * TIMINGS.leader_poll_s)
+        assert len(w.fences) == 3 and w.stuck == []
+        assert w.membership.lease != old and await w.alive_lease() == w.membership.lease
+        assert await w.store.get(w.membership.keys.fenced(NODE)) is not None
+
+    run(body)

@@ -41,7 +41,7 @@ from typing import Any, Protocol
 from ferry.adapters import qemu
 from ferry.core.clock import Clock, SystemClock
 from ferry.core.tasks import cancel_and_wait
-from ferry.errors import FerryError, LeaseLostError
+from ferry.errors import FerryError, LeaseLostError, QemuError
 from ferry.host.cluster.guard_client import FenceGuardClient
 from ferry.host.cluster.membership import Membership
 
@@ -73,7 +73,10 @@ class Guard(Protocol):
 
 
 def qemu_killer(protected: Protected) -> Fence:
-    """The fence callback: SIGKILL every protected QEMU that still runs its VM, and wait."""
+    """The fence callback: SIGKILL every protected QEMU that still runs its VM, and wait.
+
+    Raises QemuError naming those that did not die (a process stuck in the kernel).
+    """
 
     async def fence(reason: str) -> list[str]:
         victims = protected()
@@ -81,12 +84,14 @@ def qemu_killer(protected: Protected) -> Fence:
             *(qemu.kill_process(pid, uuid) for uuid, pid in victims.items()),
             return_exceptions=True,
         )
-        killed = []
+        killed, failed = [], []
         for (uuid, pid), result in zip(victims.items(), results, strict=True):
             if isinstance(result, BaseException):
-                log.error("fencing (%s): QEMU pid %d of VM %s: %s", reason, pid, uuid, result)
+                failed.append(f"pid {pid} of VM {uuid}: {result}")
             else:
                 killed.append(uuid)
+        if failed:
+            raise QemuError(f"fencing ({reason}): " + "; ".join(failed))
         return killed
 
     return fence
@@ -115,6 +120,7 @@ class LeaseKeeper:
         self.fences = 0
         self.max_lag_s = 0.0
         self._killed: list[str] = []
+        self._all_killed = True
         self._never = asyncio.Event()  # the keeper waits on its clock; cancel it to stop
         self._guard_down: str | None = None
         self.log = log.getChild(f"{membership.cluster}.{membership.node}")
@@ -203,16 +209,30 @@ class LeaseKeeper:
         self.fenced = reason
         self.fences += 1
         self.log.error("fencing this node: %s", reason)
-        killed = await self.fence_callback(reason)
+        await self._kill(reason)
+
+    async def _kill(self, reason: str) -> bool:
+        """Run the fence callback; True once no clustered QEMU is left running here."""
+        try:
+            killed = await self.fence_callback(reason)
+        except FerryError as exc:
+            # The guard keeps its list and gets no beat while fenced: it tries
+            # too; the rejoin waits until every QEMU is gone.
+            self.log.error("fencing: a clustered QEMU survived its SIGKILL: %s", exc)
+            self._all_killed = False
+            return False
+        self._killed = sorted(set(self._killed) | set(killed))
+        self._all_killed = True
         self.log.error("fenced: killed %d clustered QEMU(s) %s", len(killed), sorted(killed))
-        # The guard keeps its list and gets no beat while fenced: should a kill
-        # have failed, it tries again at its limit.
-        self._killed = list(killed)
+        return True
 
     async def _rejoin(self) -> None:
         """Etcd answers again after a fence: mark fenced, retire the old lease, take a new one."""
         m = self.membership
         reason = self.fenced or "the lease was lost"
+        # Nothing may show this node lost while one of its QEMUs might still run.
+        if not self._all_killed and not await self._kill(reason):
+            return
         record = {"at": m.clock(), "reason": reason, "killed": self._killed}
         try:
             await m.store.put(m.keys.fenced(m.node), json.dumps(record).encode())
@@ -226,6 +246,7 @@ class LeaseKeeper:
             self.log.warning("cannot rejoin after fencing yet: %s", exc)
             return
         self.fenced = None
+        self._killed = []
         self.last_renewed = self.clock.time()
         self.log.warning("rejoined with lease %x after fencing (%s)", m.lease, reason)
         try:

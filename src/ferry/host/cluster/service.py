@@ -341,7 +341,7 @@ class ClusterService:
             old = await store.get(keys.member(self.me.name))
             joined = MemberRecord.from_json(old.value).joined if old else self.clock()
             draining = MemberRecord.from_json(old.value).draining if old else False
-            kept = file.lease != 0 and await self._renewed(store, file.lease)
+            kept = file.lease != 0 and await self._renewed(store, file.lease, self.timings.ttl_s)
             lease = file.lease if kept else await store.grant(self.timings.ttl_s)
             member = self._member_record(joined)
             member = MemberRecord(**{**member.__dict__, "draining": draining})
@@ -359,14 +359,21 @@ class ClusterService:
         await self._activate(m)
 
     @staticmethod
-    async def _renewed(store: ClusterStore, lease: int) -> bool:
+    async def _renewed(store: ClusterStore, lease: int, ttl_s: int) -> bool:
         """Renew a kept lease at once: its TTL may be nearly spent after the restart, and
-        the lease keeper would take an expiry during start-up for a lost lease (and fence)."""
+        the lease keeper would take an expiry during start-up for a lost lease (and fence).
+
+        A lease granted with another TTL than ``cluster_lease_ttl`` now says is not
+        kept: the fencing deadlines are derived from the configured TTL, and are
+        safe only if etcd expires the lease no sooner than that. (It is not
+        revoked either: the alive record moves to the new lease in one put, while
+        a revoke would show this node lost, its QEMUs still running.)
+        """
         try:
-            await store.keepalive(lease)
+            granted = await store.keepalive(lease)
         except LeaseLostError:
             return False
-        return True
+        return granted == ttl_s
 
     async def leave(self, name: str) -> dict[str, Any]:
         async with self._lock:
