@@ -35,6 +35,11 @@ MEMBER_NAME = "etcd"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 
+# Members this process started, by pid: whichever EtcdServer object stops one
+# reaps it (a test may stop the lab's etcd through an object of its own), so
+# no ended child stays a zombie or is reported unwaited when collected.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
 
 class EtcdServer:
     """The etcd member living in ``directory``; its certificate comes from ``ca_dir``."""
@@ -47,7 +52,6 @@ class EtcdServer:
         self.data_dir = self.dir / "data"
         self.pid_path = self.dir / "etcd.pid"
         self.log_path = self.dir / "etcd.log"
-        self._proc: subprocess.Popen[bytes] | None = None
 
     # -- where ---------------------------------------------------------------
 
@@ -144,10 +148,14 @@ class EtcdServer:
                     f"cannot run {self.binary}: {exc.strerror}; install etcd "
                     "(Debian package etcd-server)"
                 ) from exc
-        self._proc = proc
+        _children[proc.pid] = proc
         with os_errors(f"cannot write {self.pid_path}"):
             self.pid_path.write_text(f"{proc.pid}\n")
-        self._wait_healthy(proc, timeout_s)
+        try:
+            self._wait_healthy(proc, timeout_s)
+        except BaseException:
+            self.stop()  # nothing half-started is left behind
+            raise
         log.info("etcd started at %s (pid %d, dir %s)", self.url, proc.pid, self.dir)
         return proc.pid
 
@@ -159,7 +167,7 @@ class EtcdServer:
             if proc is not None and proc.poll() is not None:
                 raise ConfigError(
                     f"etcd exited at start (code {proc.returncode}): "
-                    f"{loopback.last_line(self.log_path)} (log: {self.log_path})"
+                    f"{_reason(loopback.last_line(self.log_path))} (log: {self.log_path})"
                 )
             try:
                 with urllib.request.urlopen(self.url + "/health", context=ctx, timeout=2) as r:
@@ -180,8 +188,26 @@ class EtcdServer:
         pid = self.pid()
         if pid is not None:
             loopback.terminate(pid, self._marker, STOP_TIMEOUT_S)
-        if self._proc is not None:  # reap our own child
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(timeout=STOP_TIMEOUT_S)
-            self._proc = None
+        _reap(pid)
         self.pid_path.unlink(missing_ok=True)
+
+
+def _reap(pid: int | None) -> None:
+    """Wait for the member ``pid`` if this process started it, and for any that ended."""
+    for child_pid, proc in list(_children.items()):
+        if child_pid == pid or proc.poll() is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=STOP_TIMEOUT_S)
+                del _children[child_pid]
+
+
+def _reason(line: str) -> str:
+    """etcd's last log line (zap JSON) as ``msg: error``."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(record, dict):
+        return line
+    msg, error = record.get("msg", ""), record.get("error", "")
+    return f"{msg}: {error}" if msg and error else str(msg or error or line)
