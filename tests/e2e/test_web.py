@@ -46,12 +46,22 @@ def vm(lab_env: LabEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
 
 
 @pytest.fixture(scope="module")
-def page(browser: Browser, web_server: WebServer, vm: str) -> Iterator[Page]:
+def script_errors() -> list[str]:
+    """What the page's scripts threw or logged as errors (a CSP refusal logs one too)."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def page(browser: Browser, web_server: WebServer, vm: str, script_errors: list[str]
+         ) -> Iterator[Page]:  # fmt: skip
     """One admin's tab: destructive actions' confirm() dialogs are accepted."""
     context = browser.new_context(viewport={"width": 1180, "height": 760})
     context.set_default_timeout(20_000)
     tab = context.new_page()
     tab.on("dialog", lambda dialog: dialog.accept())
+    tab.on("pageerror", lambda exc: script_errors.append(f"{tab.url}: {exc}"))
+    tab.on("console", lambda msg: script_errors.append(f"{tab.url}: {msg.text}")
+           if msg.type == "error" else None)  # fmt: skip
     try:
         yield tab
     finally:
@@ -259,6 +269,27 @@ def test_test_failover_and_stop_it(page: Page, lab_env: LabEnv) -> None:
     lab_env.cli.fails("vm", "show", f"{VM}-test", "--host", "host-1")
 
 
+def test_keyboard_and_labels(page: Page) -> None:
+    """The pages work from the keyboard, and every control of the VM page has a name."""
+    page.get_by_test_id("nav-overview").click()
+    page.reload()  # focus at the start of the document
+    page.keyboard.press("Tab")
+    expect(page.get_by_role("link", name="Skip to content")).to_be_focused()
+    page.keyboard.press("Tab")
+    page.keyboard.press("Tab")
+    expect(page.get_by_test_id("nav-vms")).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(page.get_by_test_id("page-title")).to_have_text("VMs")
+
+    open_vm(page, VM, "host-2")
+    unnamed = page.evaluate("""() => [...document.querySelectorAll(
+            'main input:not([type=hidden]), main select, main button, main a[href]')]
+        .filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
+                      && !el.getAttribute('aria-labelledby') && !el.textContent.trim())
+        .map(el => el.outerHTML.slice(0, 120))""")
+    assert unnamed == [], unnamed
+
+
 def test_refused_action_is_one_line(page: Page, lab_env: LabEnv, artifacts: Path) -> None:
     """An action the agent refuses (the VM was deleted behind the page) reads as one line."""
     lab_env.cli("vm", "create", "web2", "--host", "host-1", "--guest", "test", "--memory", "128M",
@@ -287,3 +318,8 @@ def test_forged_post_is_refused(page: Page, web_server: WebServer, lab_env: LabE
                             headers={"Origin": "http://evil.example"})  # fmt: skip
     assert elsewhere.status == 403, elsewhere.text()
     assert lab_env.vm(VM)["state"] == "running"
+
+
+def test_no_script_errors(script_errors: list[str]) -> None:
+    """Through all of the above, no script failed and the page's policy refused nothing."""
+    assert script_errors == []
