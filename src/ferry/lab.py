@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -44,7 +46,7 @@ from ferry.client.settings import HostEntry, load_settings, save_settings
 from ferry.core import vmstate
 from ferry.core.spec import check_name
 from ferry.core.vmstate import VmOp
-from ferry.errors import ConfigError, ConflictError, FerryError, InvalidInputError
+from ferry.errors import ConfigError, ConflictError, FerryError, InvalidInputError, NotFoundError
 from ferry.host.cluster.guard import GuardPaths, stop_guard
 from ferry.host.config import load_host_config
 from ferry.host.vms.states import VmStates
@@ -342,6 +344,46 @@ class Lab:
         if etcd_pid is not None:
             progress(f"stopping etcd (pid {etcd_pid})")
         self.etcd.stop()
+
+    # -- crash ---------------------------------------------------------------
+
+    def crash(self, name: str) -> list[str]:
+        """Power loss of lab host ``name``: SIGKILL its agent, fence guard and QEMUs.
+
+        Nothing is asked to stop; the rest of the lab sees what a real host's
+        failure looks like (a cluster's leader restarts its VMs elsewhere once
+        its lease expires). ``ferry lab up`` brings its agent back. Every pid
+        is checked (agent by config path, guard by socket, QEMU by uuid) before
+        it is killed. Returns what was killed, one line each.
+        """
+        host = self.host_named(name)
+        if not host.config_path.exists():
+            known = ", ".join(h.name for h in self.hosts()) or "none"
+            raise NotFoundError(f"the lab at {self.root} has no host {name!r} (hosts: {known})")
+        killed: list[str] = []
+        pid = host.pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            killed.append(f"agent pid {pid}")
+        config = load_host_config(host.config_path)
+        guard = GuardPaths.of_host(config.name, config.data_dir, config.runtime_dir)
+        guard_pid = guard.pid()
+        if guard_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(guard_pid, signal.SIGKILL)
+            killed.append(f"fence guard pid {guard_pid}")
+        for pidfile in host.data_dir.glob("vms/*/qemu.pid"):
+            uuid = pidfile.parent.name
+            qemu_pid = qemu.find_process(pidfile, uuid)
+            if qemu_pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(qemu_pid, signal.SIGKILL)
+                killed.append(f"QEMU pid {qemu_pid} (VM {uuid})")
+        for proc in self._agents:
+            if proc.pid == pid:
+                proc.wait(timeout=AGENT_STOP_TIMEOUT_S)
+        return killed
 
     async def _kill_vms(self, host: LabHost, progress: Progress) -> None:
         config = load_host_config(host.config_path)

@@ -103,6 +103,26 @@ def status(directory: Path | None = DirOpt, as_json: bool = JsonOpt) -> None:
     _print_status(_lab(directory), as_json=as_json)
 
 
+@app.command("crash")
+def crash(
+    host: str = typer.Argument(..., help="The lab host to fail, e.g. host-1."),
+    directory: Path | None = DirOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Power loss of one lab host: SIGKILL its agent, fence guard and QEMUs.
+
+    Nothing is stopped cleanly, as when a real host dies; a cluster restarts
+    its VMs on the other nodes once its lease expires. 'ferry lab up' brings
+    the host back.
+    """
+    lab = _lab(directory)
+    killed = lab.crash(host)
+    if as_json:
+        print_json({"host": host, "killed": killed})
+        return
+    say(f"{host} crashed: " + (", ".join(killed) if killed else "nothing was running"))
+
+
 @app.command("down")
 def down(directory: Path | None = DirOpt) -> None:
     """Stop every lab agent, every VM they run, their fence guards and the lab's etcd."""
