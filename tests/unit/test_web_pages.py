@@ -112,13 +112,15 @@ def test_overview_lists_clusters_and_nodes_once_an_agent_has_one() -> None:
             {"name": "host-1", "state": "up", "vms": 1},
             {"name": "host-2", "state": "fenced", "vms": 0},
         ],
-        "volumes": [],
+        "volumes": [{"name": "csv1", "path": "/csv1"}],
     }
 
     async def body(console: Console) -> None:
         html = await console.page("/")
         assert 'data-testid="clusters"' in html and "Leader host-1" in html
-        assert re.search(r'data-node="host-2"><th scope="row">host-2</th><td>fenced', html)
+        assert "volumes: csv1 (/csv1)." in html
+        fenced = '<th scope="row">host-2</th><td><span class="badge node-fenced">fenced</span>'
+        assert fenced in html
         asked = {c for c in fleet.calls if "clusters" in c[2]}
         assert asked == {("host-1", "GET", "/v1/clusters/c1", None)}  # one member is enough
 

@@ -63,9 +63,12 @@ def cluster_rows(clusters: list[dict[str, Any]]) -> list[dict[str, Any]]:
                   "vms": n["vms"] if isinstance(n.get("vms"), int | str)
                   else ", ".join(map(str, n.get("vms") or [])) or "none"}
                  for n in cluster.get("nodes") or []]  # fmt: skip
+        volumes = ", ".join(f"{v.get('name')} ({v.get('path')})"
+                            for v in cluster.get("volumes") or []) or "none"  # fmt: skip
         shown.append({"name": cluster.get("name"), "leader": cluster.get("leader"),
                       "functional_level": cluster.get("functional_level"),
-                      "error": cluster.get("error"), "nodes": nodes})  # fmt: skip
+                      "error": cluster.get("error"), "nodes": nodes,
+                      "volumes": volumes})  # fmt: skip
     return shown
 
 
