@@ -170,8 +170,8 @@ def ha(cluster_lab_env: LabEnv) -> Iterator[Ha]:
     etcd_urls = json.loads(cluster_file(env, 1).read_text())["etcd"]
     target = urlsplit(etcd_urls[0])
     assert target.hostname == "127.0.0.1" and target.port is not None
-    etcd = EtcdServer(env.lab.root / "etcd", env.lab.ca_dir)
-    assert etcd.pid() is not None, "the lab's etcd does not run where the lab keeps it"
+    etcd = env.lab.etcd
+    assert etcd.pid() is not None, "the lab's etcd does not run"
     proxy = TcpProxy(("127.0.0.1", target.port)).start()
     try:
         # host-3 reconnects through the proxy (same CA, same IP: TLS still holds).
