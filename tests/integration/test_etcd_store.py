@@ -22,6 +22,7 @@ from ferry.core.cluster.store import EventKind
 from ferry.errors import LeaseLostError, StoreUnavailableError
 from ferry.testing.store_conformance import CHECKS, Check
 from tests.integration.conftest import EtcdEnv
+from tests.integration.tcp_proxy import TcpProxy, tcp_proxy
 
 pytestmark = pytest.mark.integration
 
@@ -94,6 +95,66 @@ def test_calls_and_watches_fail_over_to_a_live_endpoint(etcd: EtcdEnv) -> None:
             finally:
                 await events.aclose()
             assert (event.kind, event.entry.value) == (EventKind.PUT, b"1")
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_a_watch_resumes_on_the_next_endpoint_losing_and_repeating_nothing(
+    etcd: EtcdEnv,
+) -> None:
+    """The first endpoint is a proxy that is cut mid-watch: the watch goes on at the
+    second from the revision after the last it gave, while writes go on meanwhile."""
+    port = int(etcd.url.rsplit(":", 1)[1])
+
+    async def run(proxy: TcpProxy) -> None:
+        store = open_store([f"https://{proxy.url_host}", etcd.url], etcd.client_tls)
+        writer = open_store([etcd.url], etcd.client_tls)
+        try:
+            start = await writer.put("/resume/k", b"1")
+            events = store.watch("/resume/", start_revision=start)
+            try:
+                assert (await asyncio.wait_for(anext(events), 10)).entry.value == b"1"
+                assert proxy.cut() >= 1, "the watch was not going through the proxy"
+                for value in (b"2", b"3"):
+                    await writer.put("/resume/k", value)
+                later = [await asyncio.wait_for(anext(events), 10) for _ in range(2)]
+                await writer.put("/resume/k", b"4")
+                later.append(await asyncio.wait_for(anext(events), 10))
+            finally:
+                await events.aclose()
+            assert [e.entry.value for e in later] == [b"2", b"3", b"4"]
+            revisions = [e.entry.mod_revision for e in later]
+            assert revisions == list(range(start + 1, start + 4)), "none lost, none twice"
+        finally:
+            await store.close()
+            await writer.close()
+
+    with tcp_proxy(("127.0.0.1", port)) as proxy:
+        asyncio.run(run(proxy))
+
+
+def test_a_silent_watch_reopens_and_misses_nothing(etcd: EtcdEnv) -> None:
+    """A watch that hears nothing for watch_idle_s opens its stream again (this
+    etcd sends progress notes every 5 s; the watch waits 1 s here)."""
+    tls = pki.client_ssl_context(etcd.client_tls)
+
+    async def run() -> None:
+        store = EtcdStore([etcd.url], tls, watch_idle_s=1.0)
+        try:
+            start = await store.revision() + 1
+            events = store.watch("/silent/", start_revision=start)
+            try:
+                await store.put("/silent/a", b"1")
+                first = await asyncio.wait_for(anext(events), 10)
+                await asyncio.sleep(2.5)  # at least two silent stretches
+                await store.put("/silent/a", b"2")
+                second = await asyncio.wait_for(anext(events), 10)
+            finally:
+                await events.aclose()
+            assert (first.entry.value, second.entry.value) == (b"1", b"2")
+            assert second.entry.mod_revision == first.entry.mod_revision + 1
         finally:
             await store.close()
 
