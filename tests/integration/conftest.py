@@ -124,19 +124,24 @@ CLUSTER_SETTLE_TIMEOUT_S = 60.0
 
 @pytest.fixture(scope="module")
 def cluster_lab_env(
-    tmp_path_factory: pytest.TempPathFactory, guest_cache: Path
+    tmp_path_factory: pytest.TempPathFactory, guest_cache: Path, request: pytest.FixtureRequest
 ) -> Iterator[LabEnv]:
     """Lab hosts host-1..3 with agents, the lab's etcd, cluster c1 of all three
     (volume csv1 on ``<lab>/clusters/c1/csv1``, ``cluster_lease_ttl`` 4 s in each
     host.toml), a leader elected and every node up. Torn down by ``lab down``,
-    then checked: no agent, QEMU, fence guard or etcd of the lab is left."""
+    then checked: no agent, QEMU, fence guard or etcd of the lab is left.
+
+    A test module that sets ``CLUSTER_LAB_STANDALONE = N`` also gets host-4..
+    as plain hosts outside the cluster (e.g. a replica server)."""
     root = tmp_path_factory.mktemp("lab")
     home = root / "home"
     old_home = os.environ.get("FERRY_HOME")
     os.environ["FERRY_HOME"] = str(home)
     lab = Lab(root / "lab")
     try:
-        lab.up(3, clusters={CLUSTER: []}, lease_ttl_s=CLUSTER_LEASE_TTL_S)
+        standalone = int(getattr(request.module, "CLUSTER_LAB_STANDALONE", 0))
+        nodes = ["host-1", "host-2", "host-3"] if standalone else []  # []: every host
+        lab.up(3 + standalone, clusters={CLUSTER: nodes}, lease_ttl_s=CLUSTER_LEASE_TTL_S)
         env = LabEnv(lab=lab, cli=Cli(home), home=home)
         _wait_settled(env)
         yield env

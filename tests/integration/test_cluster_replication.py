@@ -22,23 +22,19 @@ import os
 import signal
 import sqlite3
 import time
-import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tomli_w
 
 from ferry.adapters import qemu
-from ferry.adapters.etcd_server import EtcdServer
 from ferry.adapters.pki import client_ssl_context, thumbprint
 from ferry.guest.records import read_records
 from ferry.host.config import load_host_config
-from ferry.lab import Lab
 from ferry.peer.https import HttpsTransport
 from ferry.peer.replication import UPDATE
-from tests.conftest import UP, Cli, LabEnv, _lab_processes, same_image, seqs
+from tests.conftest import UP, LabEnv, same_image, seqs
 
 pytestmark = pytest.mark.integration
 
@@ -47,49 +43,13 @@ REPLICA = "host-4"
 VM = "web"
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory, guest_cache: Path) -> Iterator[LabEnv]:
-    """Cluster c1 of host-1..3 (lease TTL 4 s, volume csv1) and a standalone host-4.
+CLUSTER_LAB_STANDALONE = 1  # host-4 beside cluster c1 (tests/integration/conftest.py)
 
-    Made here from a plain lab of four, one etcd of the lab's CA and the
-    cluster commands, as an admin would.
-    """
-    root = tmp_path_factory.mktemp("lab")
-    home = root / "home"
-    old_home = os.environ.get("FERRY_HOME")
-    os.environ["FERRY_HOME"] = str(home)
-    lab = Lab(root / "lab")
-    etcd = EtcdServer(root / "etcd", lab.ca_dir)
-    try:
-        lab.up(4)
-        env = LabEnv(lab=lab, cli=Cli(home), home=home)
-        for index in (1, 2, 3):  # a short lease: in host.toml before the agents start again
-            host = lab.host(index)
-            pid = host.pid()
-            assert pid is not None
-            os.kill(pid, signal.SIGTERM)
-            while host.pid() is not None:
-                time.sleep(0.1)
-            settings = tomllib.loads(host.config_path.read_text())
-            host.config_path.write_text(tomli_w.dumps({**settings, "cluster_lease_ttl": 4}))
-        etcd.start()
-        lab.up(4)
-        env.cli("cluster", "create", "c1", "--etcd", etcd.url, "--host", "host-1")
-        for name in NODES[1:]:
-            env.cli("cluster", "join", "c1", "--host", name)
-        volume = lab.root / "clusters" / "c1" / "csv1"
-        volume.mkdir(parents=True)
-        env.cli("cluster", "volume", "add", "csv1", str(volume), "--cluster", "c1")
-        yield env
-    finally:
-        lab.down()
-        etcd.stop()
-        if old_home is None:
-            os.environ.pop("FERRY_HOME", None)
-        else:
-            os.environ["FERRY_HOME"] = old_home
-        left = _lab_processes(lab.root) + _lab_processes(root / "etcd")
-        assert not left, f"lab processes left running: {left}"
+
+@pytest.fixture(scope="module")
+def env(cluster_lab_env: LabEnv) -> LabEnv:
+    """Cluster c1 of host-1..3 (lease TTL 4 s, volume csv1) and a standalone host-4."""
+    return cluster_lab_env
 
 
 def wait(what: str, probe: Callable[[], Any], timeout: float = 90) -> Any:
