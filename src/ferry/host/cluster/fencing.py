@@ -27,6 +27,11 @@ and restarts its VMs elsewhere), and asks the membership for a new one.
 ``fenced/<node>`` stays until the node reconnects or is resumed, so nothing is
 placed on it meanwhile; which VMs it may run again is the reconciler's
 business (only those it still owns), never this module's.
+
+:class:`NodeFencing` is what the agent composes: the host's one guard client,
+a keeper per membership (``keep`` is the membership's lease task), the
+clustered QEMUs to protect, ``holds_lease`` for starts, and ``protect_now`` for
+a clustered QEMU just launched.
 """
 
 from __future__ import annotations
