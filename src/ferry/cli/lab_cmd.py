@@ -35,11 +35,15 @@ def up(
     cluster: list[str] = typer.Option(
         [],
         "--cluster",
-        help="NAME[=HOST,HOST...]: make cluster NAME of those hosts (all if none named), "
+        metavar="NAME[=HOST,...]",
+        help="Make cluster NAME of those hosts (all if none named), "
         "with one lab etcd and volume csv1; repeat for more clusters.",
     ),
     lease_ttl: int | None = typer.Option(
-        None, "--lease-ttl", help="Cluster lease TTL in seconds for every host (default 10)."
+        None,
+        "--lease-ttl",
+        metavar="SECONDS",
+        help="Cluster lease TTL in seconds for every host (default 10).",
     ),
 ) -> None:
     """Create and start lab hosts host-1..host-N (idempotent), and the clusters asked for."""
