@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from ferry.errors import InvalidInputError
@@ -144,3 +149,18 @@ def test_listen_takes_one_address_and_a_port() -> None:
     for bad in ("8080", "0.0.0.0:80", "[::]:80", "example.com:80", "127.0.0.1:99999", "1.2.3.4:x"):
         with pytest.raises(InvalidInputError):
             parse_listen(bad)
+
+
+def test_ferry_web_without_an_admin_certificate_says_so_in_one_line(tmp_path: Path) -> None:
+    env = dict(os.environ, FERRY_HOME=str(tmp_path))
+    env.pop("FERRY_DEBUG", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "ferry", "web", "--no-browser"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("ferry: error: no admin certificate configured")
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -19,7 +19,8 @@ Keep these names; add freely.
   Action results: every action form answers into ``#action-result``
       (``data-testid="action-result"``): a refusal is one line
       ``<p role="alert" data-testid="action-error">``, success
-      ``<p role="status" data-testid="action-ok">``. Destructive actions
+      ``<p role="status" data-testid="action-ok">``; while it runs,
+      ``action-pending`` (and the form's button is disabled). Destructive actions
       (stop, kill, move, remove replication, every failover but test/stop-test)
       ask first with the browser's ``confirm()`` (htmx ``hx-confirm``): accept
       the dialog (Playwright ``page.on("dialog", lambda d: d.accept())``).

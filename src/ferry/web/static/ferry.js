@@ -92,6 +92,19 @@
     poll();
   }
 
+  // While an action runs (a shutdown can take 30 s), its result line says so.
+  document.addEventListener("htmx:beforeRequest", function (event) {
+    var form = event.target;
+    var result = document.getElementById("action-result");
+    if (!result || !form.classList || !form.classList.contains("action")) return;
+    var button = form.querySelector("button");
+    var line = document.createElement("p");
+    line.setAttribute("role", "status");
+    line.dataset.testid = "action-pending";
+    line.textContent = (button ? button.textContent : "Action") + ": working…";
+    result.replaceChildren(line);
+  });
+
   document.addEventListener("DOMContentLoaded", function () {
     var box = document.getElementById("console");
     if (box) startConsole(box);
