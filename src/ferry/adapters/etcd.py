@@ -55,6 +55,7 @@ class _Failure:
     url: str
     reason: str
     maybe_applied: bool  # the request may have reached etcd: its outcome is unknown
+    dropped: bool = False  # the connection closed under it (e.g. pooled from before a restart)
 
 
 class EtcdStore:
@@ -120,6 +121,8 @@ class EtcdStore:
                 text = await response.text()
         except aiohttp.ClientConnectorError as exc:
             return _Failure(url, str(exc.os_error) or str(exc), maybe_applied=False)
+        except aiohttp.ServerDisconnectedError as exc:
+            return _Failure(url, str(exc), maybe_applied=True, dropped=True)
         except (aiohttp.ClientError, OSError) as exc:
             return _Failure(url, str(exc) or type(exc).__name__, maybe_applied=True)
         except TimeoutError:
@@ -143,10 +146,12 @@ class EtcdStore:
 
         ``retry_safe``: repeating the call on another endpoint is harmless
         (reads, keepalives), so any failure moves on; else only a connection
-        that was never made does.
+        that was never made does; a dropped connection is tried once more.
         """
         failures: list[_Failure] = []
-        for url in self._rotation():
+        pending, retried = self._rotation(), set()
+        while pending:
+            url = pending.pop(0)
             reply = await self._attempt(url, path, body)
             if isinstance(reply, dict):
                 refused = wire.refusal(reply)
@@ -159,6 +164,10 @@ class EtcdStore:
                 if code == wire.GRPC_INVALID_ARGUMENT:
                     raise InvalidInputError(f"etcd at {url} refused {what}: {message}")
                 reply = _Failure(url, message, maybe_applied=True)
+            if reply.dropped and retry_safe and url not in retried:
+                retried.add(url)  # on a new connection: the old one may have outlived a restart
+                pending.insert(0, url)
+                continue
             failures.append(reply)
             log.warning("etcd at %s: %s failed: %s", url, what, reply.reason)
             if reply.maybe_applied and not retry_safe:
