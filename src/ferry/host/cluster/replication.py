@@ -136,6 +136,7 @@ class ClusterReplication:
         self._unclaimed: dict[str, float] = {}  # owned here, published by another: since
         self._refused: set[str] = set()  # claims the replica refused (an event once)
         self._warned: dict[str, str] = {}  # the last warning per VM, not repeated every pass
+        self._missing: list[str] = []  # members without a published certificate
         self._task: asyncio.Task[None] | None = None
 
     # -- life ----------------------------------------------------------------------------
@@ -303,9 +304,10 @@ class ClusterReplication:
         known = {ClusterKeys.last_part(e.key): Identity.from_json(e.value)
                  for e in await store.range(keys.identities)}  # fmt: skip
         missing = sorted(set(members) - set(known))
-        if missing:
+        if missing and missing != self._missing:  # said once, not every pass
             log.info("cluster %s: no certificate published yet for %s", membership.cluster,
                      ", ".join(missing))  # fmt: skip
+        self._missing = missing
         return tuple(ClusterHost(name, known[name].thumbprint)
                      for name in sorted(members) if name in known)  # fmt: skip
 
