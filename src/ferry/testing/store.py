@@ -267,7 +267,8 @@ class MemoryStore:
                     raise StoreUnavailableError(
                         f"cannot watch {prefix} in the cluster store: {URL}: unavailable (test)"
                     )
-                yield item
+                if item.entry.mod_revision >= start_revision:  # a start in the future waits
+                    yield item
         finally:
             self._watchers.remove(watcher)
 

@@ -278,6 +278,21 @@ async def check_watch_from_now_skips_the_past(h: StoreHarness) -> None:
         await events.aclose()
 
 
+async def check_watch_from_a_later_revision_waits_for_it(h: StoreHarness) -> None:
+    s, p = h.store, h.prefix
+    start = await s.revision() + 3
+    events = s.watch(p, start_revision=start)
+    try:
+        pending = asyncio.ensure_future(_next(events))
+        await asyncio.sleep(0.2)  # let the watch open first: the writes then arrive live
+        for value in (b"1", b"2", b"3"):  # at start - 2, start - 1, start
+            await s.put(p + "a", value)
+        event = await pending
+    finally:
+        await events.aclose()
+    assert (event.entry.value, event.entry.mod_revision) == (b"3", start)
+
+
 async def check_watch_from_compacted_history_fails(h: StoreHarness) -> None:
     s, p = h.store, h.prefix
     start = await s.put(p + "a", b"1")
@@ -308,6 +323,7 @@ CHECKS: list[Check] = [
     check_expired_lease_deletes_its_keys,
     check_watch_replays_history_in_order,
     check_watch_from_now_skips_the_past,
+    check_watch_from_a_later_revision_waits_for_it,
     check_watch_from_compacted_history_fails,
     check_lease_ttl_must_be_positive,
 ]
