@@ -69,17 +69,22 @@ def vm_add(
 @vm_app.command("remove")
 def vm_remove(
     vm: str = typer.Argument(..., help="A clustered VM."),
-    cluster: str = ClusterOpt,
+    cluster: str | None = typer.Option(
+        None, "--cluster", "-c", help="Its cluster (default: the one the VM is in)."
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
     """Take a VM out of its cluster; it stays on its node as a plain VM."""
 
-    async def run(fleet: Fleet) -> Any:
-        where, _ = await fleet.locate(vm)
-        return await fleet.client(where).delete(f"/v1/clusters/{cluster}/vms/{vm}")
+    async def run(fleet: Fleet) -> tuple[str, Any]:
+        where, view = await fleet.locate(vm)
+        name = cluster or view.get("cluster")
+        if name is None:
+            raise InvalidInputError(f"VM {vm!r} on host {where!r} is in no cluster")
+        return name, await fleet.client(where).delete(f"/v1/clusters/{name}/vms/{vm}")
 
-    view = _with_fleet(run)
-    print_json(view) if as_json else say(f"VM {vm} left cluster {cluster}; it stays on "
+    left, view = _with_fleet(run)
+    print_json(view) if as_json else say(f"VM {vm} left cluster {left}; it stays on "
                                          f"{view['host']}")  # fmt: skip
 
 

@@ -3,14 +3,15 @@
 One pass reads every VM role of the cluster (``vms/``) and the alive
 records, and for each clustered VM, local or owned here, applies the one
 action :func:`ferry.core.cluster.reconcile.decide` returns (its docstring
-holds the rules). A pass runs when the store reports a change under
-``vms/`` (a watch) and at least every :data:`PASS_EVERY_S`, which catches
-what the watch cannot see (a lease that expired, a QEMU that died here); a
-store that does not answer skips the pass (nothing is started without it).
-A VM whose start failed is left alone for :data:`START_BACKOFF_S`; one that
-ran here and is now off with nobody having asked (its guest powered off)
-gets ``want = off`` instead of a restart (a QEMU that crashed is restarted). Each pass
-reads the whole ``vms/`` prefix: with 1000 roles that is about 3000 keys.
+holds the rules). A pass runs when the store reports a change under ``vms/``
+or ``volumes/`` (one watch of the cluster's prefix, the alive refreshes
+ignored) and at least every :data:`PASS_EVERY_S`, which catches what the
+watch cannot see (a lease that expired, a QEMU that died here); a store that
+does not answer skips the pass (nothing is started without it). A VM whose
+start failed is left alone for :data:`START_BACKOFF_S`; one that ran here and
+is now off with nobody having asked (its guest powered off) gets ``want =
+off`` instead of a restart (a QEMU that crashed is restarted). Each pass reads
+the whole ``vms/`` prefix: with 1000 roles that is about 3000 keys.
 """
 
 from __future__ import annotations
@@ -106,10 +107,13 @@ class Reconciler:
             self._wake.clear()
 
     async def _watch(self, m: Membership) -> None:
+        """Wake a pass on a change of a VM role or a volume (not the alive refreshes)."""
+        wanted = (m.keys.vms, m.keys.volumes)
         while True:
             try:
-                async for _ in m.store.watch(m.keys.vms):
-                    self._wake.set()
+                async for event in m.store.watch(m.keys.prefix):
+                    if event.entry.key.startswith(wanted):
+                        self._wake.set()
             except FerryError as exc:
                 log.debug("watch of %s ended: %s", m.keys.vms, exc)
             await asyncio.sleep(PASS_EVERY_S)
