@@ -162,13 +162,17 @@ class Lab:
         *,
         clusters: Mapping[str, Sequence[str]] | None = None,
         lease_ttl_s: int | None = None,
+        image_locking: bool | None = None,
     ) -> list[LabHost]:
         """Hosts host-1..host-``count`` with running agents, and the ``clusters`` asked for.
 
         ``clusters``: cluster name -> its hosts (empty: all of them).
         ``lease_ttl_s``: written into each host.toml as ``cluster_lease_ttl``;
-        a running agent whose value changed is restarted. Bad input is refused
-        before anything changes.
+        a running agent whose value changed is restarted. ``image_locking``:
+        written as ``image_locking`` the same way; tests of fencing turn QEMU's
+        image locks off, since every lab host shares one kernel and a lock would
+        refuse a second writer that separate machines would not. Bad input is
+        refused before anything changes.
         """
         if not 1 <= count <= MAX_LAB_HOSTS:
             raise InvalidInputError(f"--hosts must be 1..{MAX_LAB_HOSTS}, not {count}")
@@ -178,7 +182,8 @@ class Lab:
                 f"the lease TTL must be {MIN_LEASE_TTL_S}..{MAX_LEASE_TTL_S} s, not {lease_ttl_s}"
             )
         hosts = self._prepare(count, progress)
-        changed = self._set_lease_ttl(hosts, lease_ttl_s)
+        changed = self._set_setting(hosts, "cluster_lease_ttl", lease_ttl_s)
+        changed |= self._set_setting(hosts, "image_locking", image_locking)
         self._register(hosts)
         # etcd first: agents that are cluster nodes reconnect to it as they start.
         if wanted or self.etcd.configured:
@@ -188,7 +193,7 @@ class Lab:
         for host in hosts:
             pid = host.pid()
             if pid is not None and host.name in changed:
-                progress(f"restarting the agent of {host.name} (cluster_lease_ttl changed)")
+                progress(f"restarting the agent of {host.name} (its host.toml changed)")
                 loopback.terminate(pid, str(host.config_path).encode(), AGENT_STOP_TIMEOUT_S)
                 pid = None
             if pid is None:
@@ -200,18 +205,18 @@ class Lab:
             asyncio.run(self._make_clusters(wanted, progress))
         return hosts
 
-    def _set_lease_ttl(self, hosts: list[LabHost], ttl: int | None) -> set[str]:
-        """Write ``cluster_lease_ttl`` into each host.toml; the hosts whose value changed."""
-        if ttl is None:
+    def _set_setting(self, hosts: list[LabHost], key: str, value: int | bool | None) -> set[str]:
+        """Write ``key = value`` into each host.toml; the hosts whose value changed."""
+        if value is None:
             return set()
         changed = set()
         for host in hosts:
             settings = tomllib.loads(host.config_path.read_text())
-            if settings.get("cluster_lease_ttl") == ttl:
+            if settings.get(key) == value:
                 continue
-            if load_host_config(host.config_path).cluster_lease_ttl != ttl:
+            if getattr(load_host_config(host.config_path), key) != value:
                 changed.add(host.name)
-            settings["cluster_lease_ttl"] = ttl
+            settings[key] = value
             host.config_path.write_text(tomli_w.dumps(settings))
         return changed
 

@@ -141,7 +141,9 @@ def cluster_lab_env(
     try:
         standalone = int(getattr(request.module, "CLUSTER_LAB_STANDALONE", 0))
         nodes = ["host-1", "host-2", "host-3"] if standalone else []  # []: every host
-        lab.up(3 + standalone, clusters={CLUSTER: nodes}, lease_ttl_s=CLUSTER_LEASE_TTL_S)
+        # Image locks off: only fencing may keep two QEMUs off one disk (one kernel here).
+        lab.up(3 + standalone, clusters={CLUSTER: nodes}, lease_ttl_s=CLUSTER_LEASE_TTL_S,
+               image_locking=False)  # fmt: skip
         env = LabEnv(lab=lab, cli=Cli(home), home=home)
         _wait_settled(env)
         yield env

@@ -80,3 +80,13 @@ def test_resources() -> None:
         check_resources(1024, 1, host_memory=1024**3, host_cpus=2)
     with pytest.raises(InvalidInputError, match="cpus 3 is out of range"):
         check_resources(256 * 1024**2, 3, host_memory=1024**3, host_cpus=2)
+
+
+def test_image_locks_stay_on_unless_the_host_turns_them_off() -> None:
+    spec = VmSpec(name="a", config_version=3, memory=64 * 1024**2,
+                  disks=(DiskSpec(path="/d/a.qcow2", size=1),))  # fmt: skip
+    files = [json.loads(v) for v in _value_after(qemu_argv(spec, CTX), "-blockdev")][::2]
+    assert all("locking" not in node for node in files)
+    unlocked = CTX.model_copy(update={"image_locking": False})
+    files = [json.loads(v) for v in _value_after(qemu_argv(spec, unlocked), "-blockdev")][::2]
+    assert [node["locking"] for node in files] == ["off"]

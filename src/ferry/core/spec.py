@@ -70,6 +70,8 @@ class RunContext(BaseModel):
     paused: bool = False
     # Keep what an earlier process of the same run wrote (refresh-vms).
     serial_append: bool = False
+    # QEMU's image locks (host.toml image_locking); off only where a lab tests fencing.
+    image_locking: bool = True
 
 
 def check_name(name: str, *, what: str = "VM name") -> str:
@@ -144,6 +146,8 @@ def qemu_argv(spec: VmSpec, ctx: RunContext) -> list[str]:
         }
         if disk.direct:
             file_node["cache"] = {"direct": True}
+        if not ctx.image_locking:
+            file_node["locking"] = "off"
         fmt_node = {"driver": disk.format, "file": f"file{index}", "node-name": f"disk{index}"}
         argv += ["-blockdev", json.dumps(file_node, separators=(",", ":"))]
         argv += ["-blockdev", json.dumps(fmt_node, separators=(",", ":"))]

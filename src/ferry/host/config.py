@@ -59,6 +59,11 @@ class HostConfig(BaseModel):
     crash_failover_at: str = ""
     # Plain TCP for memory and disk streams: only for a trusted network.
     insecure_migration: bool = False
+    # QEMU's image locks on disk files (on by default, as on real hosts). Lab
+    # hosts share one kernel, so a lock refuses a second writer that separate
+    # machines would not: fencing tests turn it off so that only fencing keeps
+    # two QEMUs from writing one clustered disk.
+    image_locking: bool = True
     # The node's cluster lease TTL in seconds; every cluster timing (renewal,
     # self-fence deadline, guard limit) derives from it (core/cluster/timing.py).
     cluster_lease_ttl: int = Field(default=10, ge=2, le=300)

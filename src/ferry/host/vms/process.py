@@ -100,6 +100,7 @@ class VmProcesses:
             qmp_socket=self.config.runtime_dir / f"{short_name(uuid)}.qmp",
             serial_log=vm_dir / "serial.log",
             qemu_log=vm_dir / QEMU_LOG,
+            image_locking=self.config.image_locking,
         )
 
     def lock(self, uuid: str) -> asyncio.Lock:
