@@ -320,6 +320,9 @@ def test_forged_post_is_refused(page: Page, web_server: WebServer, lab_env: LabE
     assert lab_env.vm(VM)["state"] == "running"
 
 
-def test_no_script_errors(script_errors: list[str]) -> None:
-    """Through all of the above, no script failed and the page's policy refused nothing."""
+def test_no_script_or_server_errors(script_errors: list[str], web_server: WebServer) -> None:
+    """Through all of the above, no script failed, the page's policy refused nothing
+    and the web server answered every request without a traceback."""
     assert script_errors == []
+    log = web_server.log.read_text()
+    assert "Traceback" not in log, log[-3000:]
