@@ -62,7 +62,8 @@
       caption.textContent = count ? count + " samples, latest lag " +
         Math.round(data.lag[count - 1]) + " s (sampled every " + data.interval_s + " s)"
         : "No samples yet: the console samples replicated VMs every " + data.interval_s + " s.";
-      if (!window.uPlot) return;
+      // uPlot picks year-long ticks for a single point: draw from the second on.
+      if (!window.uPlot || (plot === null && count < 2)) return;
       var series = [data.t, data.lag];
       if (plot === null) {
         plot = new window.uPlot({
