@@ -25,7 +25,6 @@ import pytest
 import tomli_w
 
 from ferry.adapters.etcd import open_store
-from ferry.adapters.etcd_server import EtcdServer
 from ferry.core.cluster.keys import ClusterKeys
 from ferry.core.cluster.roles import Owner
 from ferry.errors import ConflictError, FerryError
@@ -118,36 +117,35 @@ class Store:
 def env(tmp_path_factory: pytest.TempPathFactory, guest_cache: Path) -> Iterator[LabEnv]:
     """Cluster c1 of three nodes at functional level 2 (lease TTL 4 s, volume csv1).
 
-    Made as an admin would, from a plain lab of three restarted at level 2, one
-    etcd of the lab's CA and the cluster commands (``cluster_lab_env`` makes
-    its cluster at the software's level, and the upgrade needs an older one).
+    ``cluster_lab_env`` makes its cluster at the software's level; the upgrade
+    needs an older one, so the three hosts are restarted at level 2 before
+    ``Lab.up`` makes the cluster (the lab's etcd; ``lab down`` stops it).
     """
     root = tmp_path_factory.mktemp("lab")
     home = root / "home"
     old_home = os.environ.get("FERRY_HOME")
     os.environ["FERRY_HOME"] = str(home)
     lab = Lab(root / "lab")
-    etcd = EtcdServer(root / "etcd", lab.ca_dir)
     try:
         lab.up(3)
         env = LabEnv(lab=lab, cli=Cli(home), home=home)
-        etcd.start()
         restart_agents(env, [1, 2, 3], functional_level=2, cluster_lease_ttl=4)
-        env.cli("cluster", "create", CLUSTER, "--etcd", etcd.url, "--host", "host-1")
-        for name in NODES[1:]:
-            env.cli("cluster", "join", CLUSTER, "--host", name)
-        volume = lab.root / "clusters" / CLUSTER / "csv1"
-        volume.mkdir(parents=True)
-        env.cli("cluster", "volume", "add", "csv1", str(volume), "--cluster", CLUSTER)
+        lab.up(3, clusters={CLUSTER: []}, lease_ttl_s=4)
+
+        def settled() -> bool:
+            view = show(env)
+            at_two = [n["state"] == "up" and n["functional_level"] == 2 for n in view["nodes"]]
+            return bool(view["leader"]) and len(at_two) == 3 and all(at_two)
+
+        wait_for("cluster c1 settled at level 2", settled, timeout=60)
         yield env
     finally:
         lab.down()
-        etcd.stop()
         if old_home is None:
             os.environ.pop("FERRY_HOME", None)
         else:
             os.environ["FERRY_HOME"] = old_home
-        left = _lab_processes(lab.root) + _lab_processes(root / "etcd")
+        left = _lab_processes(lab.root)
         assert not left, f"lab processes left running: {left}"
 
 
@@ -205,10 +203,26 @@ def test_bad_input_is_one_line_and_changes_nothing(env: LabEnv, store: Store) ->
                      "--config-version", "3")  # fmt: skip
     assert line == ("ferry: error: configuration version 3 runs on no node of cluster 'c1' "
                     "(its newest node runs 2)")  # fmt: skip
+    line = cli.fails("cluster", "vm", "remove", "loner")
+    assert line == "ferry: error: VM 'loner' on host 'host-1' is in no cluster"
     assert store.snapshot() == before
     assert cli.json("vm", "list") == vms_before
     assert sorted(volume_path(env).iterdir()) == files_before
     cli("vm", "delete", "loner")
+
+
+def test_a_vm_on_the_cluster_volume_is_added_and_removed(env: LabEnv, store: Store) -> None:
+    cli = env.cli
+    # Every node has the cluster's volumes as host volumes too (moves find disks by them).
+    cli("vm", "create", "plain", "--host", "host-2", "--volume", "csv1", "--disk", "16M")
+    added = cli.json("cluster", "vm", "add", "plain", "--cluster", CLUSTER, "--priority", "low")
+    assert (added["cluster"], added["host"]) == (CLUSTER, "host-2")
+    assert store.owner(added["uuid"]).node == "host-2"
+    assert env.vm("plain")["cluster"] == CLUSTER
+    removed = cli.json("cluster", "vm", "remove", "plain")
+    assert removed["cluster"] is None and removed["host"] == "host-2"
+    assert not [k for k in store.snapshot() if added["uuid"] in k or k.endswith("/plain")]
+    cli("vm", "delete", "plain")
 
 
 def test_two_concurrent_placements_of_one_vm_one_wins(env: LabEnv, store: Store) -> None:
