@@ -7,13 +7,16 @@ fixture checks that no QEMU or agent of its own is left behind.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,25 +63,97 @@ def guest_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ.pop("FERRY_GUEST_CACHE", None)
 
 
+# Commands that start processes meant to outlive the command (lab agents) or
+# that serve until stopped: always a real ``python -m ferry``.
+_OWN_PROCESS = frozenset({"lab", "agent", "web"})
+_in_process_lock = threading.Lock()
+
+
+def _run_in_process(home: Path, args: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+    """``ferry ARGS`` through ``ferry.cli.main.main`` in this process.
+
+    The same code as ``python -m ferry`` runs, minus the interpreter start-up
+    and the imports (about 0.9 s of CPU a command, most of an integration
+    test's CLI time, and CPU taken from the TCG guests of the other worker).
+    It sees what a child would: $FERRY_HOME set and $FERRY_DEBUG unset, an
+    empty stdin, piped (non-terminal) stdout and stderr; an uncaught exception
+    becomes a traceback on stderr and exit status 1, as Python would print it.
+    """
+    saved_env = {k: os.environ.get(k) for k in ("FERRY_HOME", "FERRY_DEBUG")}
+    out, err = io.StringIO(), io.StringIO()
+    saved_streams = sys.stdin, sys.stdout, sys.stderr
+    os.environ["FERRY_HOME"] = str(home)
+    os.environ.pop("FERRY_DEBUG", None)
+    sys.stdin, sys.stdout, sys.stderr = io.StringIO(), out, err
+    try:
+        from ferry.cli import main as cli_main  # first import inside: consoles see pipes
+
+        cli_main._debug["on"] = False  # as a fresh process without $FERRY_DEBUG has it
+        try:
+            cli_main.main(list(args))
+            code = 0
+        except SystemExit as exc:  # main() always ends so, with an int (or None: 0)
+            code = (exc.code or 0) if isinstance(exc.code, int | None) else 1
+        except Exception:  # what the interpreter would print before exiting 1
+            traceback.print_exc(file=err)
+            code = 1
+    finally:
+        sys.stdin, sys.stdout, sys.stderr = saved_streams
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    if code == 130 and err.getvalue().startswith("ferry: interrupted"):
+        raise KeyboardInterrupt  # Ctrl-C was meant for the test run
+    return subprocess.CompletedProcess(["ferry", *args], code, out.getvalue(), err.getvalue())
+
+
+def _can_run_in_process() -> bool:
+    """Only on the main thread, outside an event loop, with $FERRY_TEST_CLI unset."""
+    if os.environ.get("FERRY_TEST_CLI") == "subprocess":
+        return False
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return True
+    return False
+
+
 @dataclass
 class Cli:
-    """Runs the real ``ferry`` command with this lab's $FERRY_HOME."""
+    """Runs the real ``ferry`` command with this lab's $FERRY_HOME.
+
+    Most commands run in this process (see ``_run_in_process``); lab and
+    agent commands, and every command with ``FERRY_TEST_CLI=subprocess``,
+    run as ``python -m ferry`` (tests that need a real process, to signal it
+    or to run it beside another, start one themselves).
+    """
 
     home: Path
 
     def __call__(
         self, *args: str, check: bool = True, timeout: float = 180
     ) -> subprocess.CompletedProcess[str]:
-        env = dict(os.environ, FERRY_HOME=str(self.home))
-        env.pop("FERRY_DEBUG", None)
-        result = subprocess.run(
-            [sys.executable, "-m", "ferry", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
+        if (args and args[0] not in _OWN_PROCESS and _can_run_in_process()
+                and _in_process_lock.acquire(blocking=False)):  # fmt: skip
+            try:
+                result = _run_in_process(self.home, args)
+            finally:
+                _in_process_lock.release()
+        else:
+            env = dict(os.environ, FERRY_HOME=str(self.home))
+            env.pop("FERRY_DEBUG", None)
+            result = subprocess.run(
+                [sys.executable, "-m", "ferry", *args],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+            )
         if check and result.returncode != 0:
             raise AssertionError(
                 f"ferry {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}"
@@ -131,7 +206,9 @@ class LabEnv:
         settings = tomllib.loads(host.config_path.read_text())
         settings.update(config)
         host.config_path.write_text(tomli_w.dumps(settings))
-        self.cli("lab", "up", "--hosts", str(len(self.lab.hosts())), "--no-guest")
+        # What 'ferry lab up' runs, minus a CLI start-up (tests of that command
+        # call it themselves); this Lab reaps the agent it starts at lab down.
+        self.lab.up(len(self.lab.hosts()))
 
     def console(self, name: str, host: str | None = None) -> str:
         """The VM's serial log through the agent API, read in this process.
