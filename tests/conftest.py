@@ -292,3 +292,40 @@ def lab_env(tmp_path_factory: pytest.TempPathFactory, guest_cache: Path) -> Iter
             os.environ["FERRY_HOME"] = old_home
         left = _lab_processes(lab.root)
         assert not left, f"lab processes left running: {left}"
+
+
+# Rough seconds each long module takes on one worker of an idle 2-core machine.
+# Under xdist (scripts/test.sh: --dist loadfile --no-loadscope-reorder) workers
+# take whole modules in collection order, so the longest go first and the many
+# short unit modules fill in at the end: the two workers finish together. A
+# module not listed counts as UNLISTED_S (unit tests: UNIT_S).
+MODULE_SECONDS = {
+    "integration/test_replication.py": 300,
+    "integration/test_failover.py": 300,
+    "integration/test_multidisk.py": 280,
+    "integration/test_cluster_replication.py": 240,
+    "integration/test_export_import.py": 200,
+    "e2e/test_web.py": 180,
+    "integration/test_migration_refusals.py": 170,
+    "integration/test_vm_lifecycle.py": 160,
+    "integration/test_migration.py": 150,
+    "integration/test_guest_boot.py": 120,
+    "integration/test_peer_authorisation.py": 80,
+    "integration/test_migration_versions.py": 70,
+    "integration/test_block_hashes.py": 60,
+    "integration/test_bad_input.py": 50,
+}
+UNLISTED_S = 100
+UNIT_S = 5
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On an xdist worker: modules longest first (a stable sort keeps each module's order)."""
+    if not hasattr(config, "workerinput"):
+        return
+
+    def seconds(item: pytest.Item) -> float:
+        module = item.nodeid.split("::")[0].removeprefix("tests/")
+        return MODULE_SECONDS.get(module, UNIT_S if module.startswith("unit/") else UNLISTED_S)
+
+    items.sort(key=seconds, reverse=True)
