@@ -22,6 +22,9 @@ def test_a_good_folder_parses() -> None:
     parsed = parse_manifest(manifest("vm.json", "disk0.qcow2", "kernel"), folder="/f")
     vm = parse_vm(json.dumps(VM).encode(), parsed, folder="/f")
     assert vm.name == "web" and vm.disks[0].file == "disk0.qcow2"
+    assert vm.display == "none"  # folders made before the field have none
+    vnc = parse_vm(json.dumps({**VM, "display": "vnc"}).encode(), parsed, folder="/f")
+    assert vnc.display == "vnc"
 
 
 @pytest.mark.parametrize(
@@ -62,6 +65,7 @@ def test_the_vm_may_only_use_files_the_manifest_vouches_for() -> None:
         ({"disks": [{"file": "d", "size": 1, "format": "vmdk"}]}, "disks.0.format"),
         ({"memory": -1}, "memory"),
         ({"surprise": 1}, "surprise"),
+        ({"display": "spice"}, "display"),
     ],
 )
 def test_malformed_configs_are_refused(change: dict[str, object], message: str) -> None:

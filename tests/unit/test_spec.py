@@ -90,3 +90,23 @@ def test_image_locks_stay_on_unless_the_host_turns_them_off() -> None:
     unlocked = CTX.model_copy(update={"image_locking": False})
     files = [json.loads(v) for v in _value_after(qemu_argv(spec, unlocked), "-blockdev")][::2]
     assert [node["locking"] for node in files] == ["off"]
+
+
+def test_no_display_unless_asked_and_vnc_only_on_a_unix_socket() -> None:
+    plain = VmSpec(name="a", config_version=3, memory=64 * 1024**2)
+    assert plain.display == "none"
+    argv = qemu_argv(plain, CTX.model_copy(update={"vnc_socket": Path("/run/f/x.vnc")}))
+    assert "-vnc" not in argv and _value_after(argv, "-display") == ["none"]
+    assert not any(d.startswith("VGA") for d in _value_after(argv, "-device"))
+    vnc = plain.model_copy(update={"display": "vnc"})
+    argv = qemu_argv(vnc, CTX.model_copy(update={"vnc_socket": Path("/run/f,x/x.vnc")}))
+    assert _value_after(argv, "-vnc") == ["unix:/run/f,,x/x.vnc"]
+    assert "VGA,id=video0" in _value_after(argv, "-device")
+    with pytest.raises(InvalidInputError, match="no socket path"):
+        qemu_argv(vnc, CTX)
+
+
+def test_specs_stored_before_the_display_field_still_load() -> None:
+    old = VmSpec(name="a", config_version=3, memory=64 * 1024**2).model_dump()
+    del old["display"]
+    assert VmSpec.model_validate(old).display == "none"

@@ -115,6 +115,9 @@ class VmView(BaseModel):
     replication: dict[str, object] | None = None
     # The cluster the VM belongs to (its config and owner live there), or None.
     cluster: str | None = None
+    # "vnc": a graphical console on a unix socket, relayed by GET /v1/vms/{name}/vnc.
+    display: str = "none"
+    vnc: bool = False
 
 
 class HostView(BaseModel):
@@ -164,6 +167,7 @@ class CreateVmRequest(BaseModel):
     cluster: str | None = None
     priority: Literal["high", "medium", "low"] = "medium"
     node: str | None = None
+    display: Literal["none", "vnc"] = "none"
 
 
 class ClusterVmRequest(BaseModel):

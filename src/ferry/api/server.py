@@ -148,6 +148,8 @@ class AgentApi:
             busy=self.vms.turns.holder(spec.uuid),
             replication=self._replication_summary(spec.uuid),
             cluster=self.cluster_vms.cluster_of(spec.uuid) if self.cluster_vms else None,
+            display=spec.display,
+            vnc=spec.display == "vnc",
         )
 
     def _replication_summary(self, vm_uuid: str) -> dict[str, object] | None:

@@ -55,6 +55,8 @@ def _show(vm: dict[str, Any], as_json: bool) -> None:
     print_table(_VM_COLUMNS, [_vm_row(vm)])
     if vm.get("cluster"):
         say(f"  cluster {vm['cluster']}")
+    if vm.get("vnc"):
+        say(f"  display vnc ('ferry vm vnc {vm['name']}' connects)")
     for disk in vm.get("disks", []):
         say(f"  disk {disk['path']} ({format_size(disk['size'])}, {disk['format']})")
 
@@ -90,6 +92,9 @@ def create(
         "medium", "--priority", help="With --cluster: high, medium or low (HA restarts high first)."
     ),
     start: bool = typer.Option(False, "--start", help="Start the VM once created."),
+    display: str = typer.Option(
+        "none", "--display", help="none, or vnc: a graphical console ('ferry vm vnc NAME')."
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
     """Create a VM (off, unless --start)."""
@@ -99,6 +104,8 @@ def create(
         raise InvalidInputError("say where: --host H, or --cluster C (placement picks a node)")
     if priority not in ("high", "medium", "low"):
         raise InvalidInputError(f"--priority must be high, medium or low, not {priority!r}")
+    if display not in ("none", "vnc"):
+        raise InvalidInputError(f"--display must be none or vnc, not {display!r}")
     body: dict[str, Any] = {
         "name": name,
         "memory": parse_size(memory, what="memory"),
@@ -112,6 +119,7 @@ def create(
         "append": append,
         "config_version": config_version,
         "volume": volume,
+        "display": display,
     }
     if cluster is not None:
         body.update(cluster=cluster, priority=priority, node=host)
@@ -450,4 +458,5 @@ def import_disk(
     """Create a VM from existing disk images, converted to qcow2 (sparse kept)."""
     create(name=name, host=host, memory=memory, cpus=cpus, disk=[], image=images, guest=guest,
            kernel=None, initrd=None, append=None, config_version=None, volume=None,
-           cluster=None, priority="medium", start=start, as_json=as_json)  # fmt: skip
+           cluster=None, priority="medium", start=start, display="none",
+           as_json=as_json)  # fmt: skip

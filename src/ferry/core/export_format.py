@@ -8,7 +8,7 @@ Pure: no I/O. An export folder is self-contained::
     vm.json         {"name", "uuid", "config_version", "memory", "cpus", "append",
                      "kernel": "kernel" | null, "initrd": "initrd" | null,
                      "disks": [{"file": "disk0.qcow2", "size": VIRTUAL, "format": "qcow2"}],
-                     "replication": null | {...}}
+                     "replication": null | {...}, "display": "none" | "vnc"}
     disk0.qcow2 ... consolidated qcow2 (no backing file), sparse
     kernel, initrd  when the VM boots a kernel directly
 
@@ -21,7 +21,7 @@ not hidden, not a symlink (the last is checked on disk by the importer).
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
@@ -86,6 +86,7 @@ class ExportedVm(BaseModel):
     initrd: FileName | None = None
     disks: list[ExportedDisk] = Field(max_length=16)
     replication: dict[str, object] | None = None
+    display: Literal["none", "vnc"] = "none"  # absent in folders made before it
 
 
 def parse_manifest(raw: bytes, *, folder: str) -> Manifest:

@@ -13,6 +13,7 @@ import json
 import re
 import uuid as uuidlib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -50,6 +51,9 @@ class VmSpec(BaseModel):
     initrd: str | None = None
     append: str | None = None
     network: bool = False
+    # "vnc": a VNC server on a unix socket in the host's runtime dir (never a
+    # TCP port), relayed to admins by the agent's API.
+    display: Literal["none", "vnc"] = "none"
 
 
 class RunContext(BaseModel):
@@ -72,6 +76,8 @@ class RunContext(BaseModel):
     serial_append: bool = False
     # QEMU's image locks (host.toml image_locking); off only where a lab tests fencing.
     image_locking: bool = True
+    # The VNC display's unix socket (a VM with display "vnc").
+    vnc_socket: Path | None = None
 
 
 def check_name(name: str, *, what: str = "VM name") -> str:
@@ -130,6 +136,11 @@ def qemu_argv(spec: VmSpec, ctx: RunContext) -> list[str]:
     ]  # fmt: skip
     if ctx.qemu_log is not None:
         argv += ["-D", str(ctx.qemu_log)]
+    if spec.display == "vnc":
+        if ctx.vnc_socket is None:
+            raise InvalidInputError(f"VM {spec.name!r} has a VNC display but no socket path")
+        # A unix socket only: the agent relays it to admins over its TLS API.
+        argv += ["-vnc", f"unix:{_opt(ctx.vnc_socket)}", "-device", "VGA,id=video0"]
     if not spec.network:
         argv += ["-nic", "none"]
     if spec.kernel:

@@ -182,7 +182,7 @@ class ExchangeService:
                 memory=spec.memory, cpus=spec.cpus, append=spec.append,
                 kernel="kernel" if spec.kernel else None,
                 initrd="initrd" if spec.initrd else None,
-                disks=disks, replication=None,
+                disks=disks, replication=None, display=spec.display,
             )  # fmt: skip
             (partial / VM_FILE).write_text(exported.model_dump_json(indent=2))
             files = sorted(p.name for p in partial.iterdir())
@@ -369,7 +369,7 @@ class ExchangeService:
                 boot[key] = str(files_dir / key) if file_name else None
             spec = VmSpec(uuid=uuid, name=name, config_version=vm.config_version,
                           memory=vm.memory, cpus=vm.cpus, disks=tuple(disks),
-                          append=vm.append, **boot)  # fmt: skip
+                          append=vm.append, display=vm.display, **boot)  # fmt: skip
             self.vms.catalog.add_vm(spec)
             if cluster is not None:
                 assert self.cluster_vms is not None

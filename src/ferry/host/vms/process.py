@@ -101,7 +101,19 @@ class VmProcesses:
             serial_log=vm_dir / "serial.log",
             qemu_log=vm_dir / QEMU_LOG,
             image_locking=self.config.image_locking,
+            vnc_socket=self.vnc_socket(uuid),
         )
+
+    def vnc_socket(self, uuid: str) -> Path:
+        """Where the VM's QEMU serves its VNC display (a VM with display "vnc")."""
+        return self.config.runtime_dir / f"{short_name(uuid)}.vnc"
+
+    def _remove_sockets(self, uuid: str) -> None:
+        """The QMP and VNC sockets of a QEMU that has gone."""
+        ctx = self.context(uuid)
+        ctx.qmp_socket.unlink(missing_ok=True)
+        if ctx.vnc_socket is not None:
+            ctx.vnc_socket.unlink(missing_ok=True)
 
     def lock(self, uuid: str) -> asyncio.Lock:
         """One operation on a VM at a time (and the watcher's observations between)."""
@@ -150,6 +162,8 @@ class VmProcesses:
     async def launch(self, record: VmRecord, ctx: RunContext) -> int:
         """Run the VM's QEMU with ``ctx``; its pid (not attached yet)."""
         ctx.qmp_socket.unlink(missing_ok=True)
+        if ctx.vnc_socket is not None:
+            ctx.vnc_socket.unlink(missing_ok=True)
         return await qemu.launch(qemu_argv(record.spec, ctx), pidfile=ctx.pidfile,
                                  uuid=record.uuid, log=ctx.qemu_log)  # fmt: skip
 
@@ -204,7 +218,7 @@ class VmProcesses:
         """The VM's QEMU is gone: let go of it and record ``op``."""
         self._runtimes.pop(record.uuid, None)
         await self.detach(runtime)
-        self.context(record.uuid).qmp_socket.unlink(missing_ok=True)
+        self._remove_sockets(record.uuid)
         self.states.apply(record, op)
 
     async def kill_leftover(self, record: VmRecord) -> None:
@@ -235,7 +249,7 @@ class VmProcesses:
             await self.quit(runtime, record.uuid)
             await self.detach(runtime)
         await self.kill_leftover(record)
-        self.context(record.uuid).qmp_socket.unlink(missing_ok=True)
+        self._remove_sockets(record.uuid)
 
     # -- watching ------------------------------------------------------------
 
@@ -261,7 +275,7 @@ class VmProcesses:
             await qemu.kill_process(runtime.pid, record.uuid)
         self._runtimes.pop(record.uuid, None)
         await runtime.channel.close()
-        self.context(record.uuid).qmp_socket.unlink(missing_ok=True)
+        self._remove_sockets(record.uuid)
         state = self.states.apply(record, op)
         vm_log.warning("QEMU pid %d exited unexpectedly; VM is %s", runtime.pid, state.value)
 

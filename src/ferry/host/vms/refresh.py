@@ -49,6 +49,7 @@ async def refresh_process(processes: VmProcesses, record: VmRecord) -> dict[str,
         "incoming": True, "serial_append": True,
         "pidfile": final.pidfile.with_suffix(".new"),
         "qmp_socket": runtime_dir / f"{short}.new.qmp",
+        "vnc_socket": runtime_dir / f"{short}.new.vnc",
     })  # fmt: skip
     stream = runtime_dir / f"{short}.mig"
     for path in (ctx.pidfile, ctx.qmp_socket, stream):
@@ -90,6 +91,8 @@ async def refresh_process(processes: VmProcesses, record: VmRecord) -> dict[str,
     await processes.detach(old)
     assert new_pid is not None
     ctx.qmp_socket.rename(final.qmp_socket)
+    if record.spec.display == "vnc" and ctx.vnc_socket and final.vnc_socket:
+        ctx.vnc_socket.rename(final.vnc_socket)
     ctx.pidfile.rename(final.pidfile)
     await processes.attach(record, new_pid, partial(vmstate.confirmed, VmOp.ARRIVED))
     vm_logger(log, record).info("moved to a fresh QEMU, pid %d -> %d", old.pid, new_pid)

@@ -42,3 +42,4 @@ class NewVm:
     # Kernel and initrd next to the disks on the volume (a clustered VM: every
     # node of the cluster boots it from there), not in the local VM dir.
     boot_files_on_volume: bool = False
+    display: str = "none"  # "vnc": a VNC display on a unix socket

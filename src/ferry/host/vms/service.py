@@ -176,7 +176,10 @@ class VmService:
         if request.guest == "test" and not disks:
             disks = [NewDisk(size=TEST_GUEST_DISK)]
 
-        spec = VmSpec(name=name, config_version=version, memory=request.memory, cpus=request.cpus)
+        if request.display not in ("none", "vnc"):
+            raise InvalidInputError(f"--display must be none or vnc, not {request.display!r}")
+        spec = VmSpec(name=name, config_version=version, memory=request.memory, cpus=request.cpus,
+                      display="vnc" if request.display == "vnc" else "none")  # fmt: skip
         vm_dir = self.vm_dir(spec.uuid)
         disk_dir = files.disk_dir(self.config, self.catalog, request.volume, vm_dir)
         vm_dir.mkdir(parents=True)
