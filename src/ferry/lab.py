@@ -163,6 +163,7 @@ class Lab:
         clusters: Mapping[str, Sequence[str]] | None = None,
         lease_ttl_s: int | None = None,
         image_locking: bool | None = None,
+        host_settings: Mapping[str, int | bool] | None = None,
     ) -> list[LabHost]:
         """Hosts host-1..host-``count`` with running agents, and the ``clusters`` asked for.
 
@@ -171,7 +172,9 @@ class Lab:
         a running agent whose value changed is restarted. ``image_locking``:
         written as ``image_locking`` the same way; tests of fencing turn QEMU's
         image locks off, since every lab host shares one kernel and a lock would
-        refuse a second writer that separate machines would not. Bad input is
+        refuse a second writer that separate machines would not.
+        ``host_settings``: more host.toml settings written the same way (tests:
+        ``{"functional_level": 2}`` before the agents first start). Bad input is
         refused before anything changes.
         """
         if not 1 <= count <= MAX_LAB_HOSTS:
@@ -184,6 +187,8 @@ class Lab:
         hosts = self._prepare(count, progress)
         changed = self._set_setting(hosts, "cluster_lease_ttl", lease_ttl_s)
         changed |= self._set_setting(hosts, "image_locking", image_locking)
+        for key, value in (host_settings or {}).items():
+            changed |= self._set_setting(hosts, key, value)
         self._register(hosts)
         # etcd first: agents that are cluster nodes reconnect to it as they start.
         if wanted or self.etcd.configured:

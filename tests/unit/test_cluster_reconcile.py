@@ -20,7 +20,10 @@ CASES = [
     (Owner.settled(ME), Want.RUNNING, RUNNING_HERE, ALL, True, Action.NOTHING),
     (Owner.settled(ME), Want.OFF, ABSENT, ALL, True, Action.REGISTER),
     (Owner.settled(ME), Want.OFF, OFF_HERE, ALL, True, Action.NOTHING),
-    (Owner.settled(ME), Want.OFF, RUNNING_HERE, ALL, True, Action.NOTHING),
+    # want off (a stop asked on any node): the owner stops it, even without its lease
+    (Owner.settled(ME), Want.OFF, RUNNING_HERE, ALL, True, Action.STOP),
+    (Owner.settled(ME), Want.OFF, RUNNING_HERE, ALL - {ME}, False, Action.STOP),
+    (Owner.settled(ME), Want.OFF, BUSY, ALL, True, Action.NOTHING),
     # without its own lease a node starts nothing
     (Owner.settled(ME), Want.RUNNING, ABSENT, ALL - {ME}, False, Action.REGISTER),
     (Owner.settled(ME), Want.RUNNING, OFF_HERE, ALL - {ME}, False, Action.NOTHING),

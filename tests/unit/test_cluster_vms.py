@@ -518,3 +518,62 @@ def test_drain_moves_a_running_vm_live_and_its_owner_follows(cluster: tuple) -> 
     assert lab.one.vm("roamer") is None
     kinds = [json.loads(v)["kind"] for k, v in snapshot(store).items() if "/events/" in k]
     assert kinds == ["node-draining", "vm-drained", "node-drained"]
+
+
+def test_want_off_asked_on_another_node_stops_it_on_its_owner(cluster: tuple) -> None:
+    """Show and stop from a node that does not own the VM: the store's view, and the
+    owner's reconciler stops it (once, cleanly) only for an "off" that came after it ran."""
+    lab, store, one, two = cluster
+    spec = role_on_volume(lab)
+    asyncio.run(put_role(store, spec, "host-1", Want.RUNNING))
+    lab.one.catalog.add_vm(spec, VmState.RUNNING)  # as if its QEMU ran here
+    one.cvms.mark(spec.uuid, CLUSTER)
+    stopped: list[str] = []
+
+    async def stop(name: str, *, timeout: float | None = None) -> tuple[object, bool]:
+        stopped.append(name)
+        lab.one.vms.apply(spec.uuid, VmOp.KILL)  # off
+        return lab.one.catalog.get(name), False
+
+    lab.one.vms.stop = stop  # type: ignore[method-assign]
+    keys = one.m.keys
+
+    async def stopping_done() -> None:
+        for _ in range(200):
+            if not one.reconciler._stopping:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the reconciler's stop never ended")
+
+    async def go() -> None:
+        assert await one.reconciler.pass_once(one.m) == []  # it runs, wanted running
+        remote = await two.cvms.remote("roamer")
+        assert remote is not None and remote.owner is not None and remote.owner.node == "host-1"
+        assert (remote.state, remote.want, remote.cluster) == ("running", Want.RUNNING, CLUSTER)
+        assert await two.cvms.remote(spec.uuid) == remote  # by uuid too
+        assert await two.cvms.remote("nope") is None
+        await two.cvms.want_remote(remote, Want.OFF)
+        assert (await store.get(keys.vm_want(spec.uuid))).value == b"off"  # type: ignore[union-attr]
+        assert await one.reconciler.pass_once(one.m) == [(spec.uuid, Action.STOP)]
+        await stopping_done()
+        assert stopped == ["roamer"]
+        assert await one.reconciler.pass_once(one.m) == []  # off and wanted off
+        assert (await two.cvms.remote("roamer")).state == "off"  # type: ignore[union-attr]
+        # Started here on purpose while want stays off: not the reconciler's to stop...
+        lab.one.vms.apply(spec.uuid, VmOp.START)
+        lab.one.vms.apply(spec.uuid, VmOp.STARTED)
+        assert await one.reconciler.pass_once(one.m) == []
+        assert await one.reconciler.pass_once(one.m) == []
+        # ... until "off" is asked again.
+        await store.put(keys.vm_want(spec.uuid), Want.OFF.value.encode())
+        assert await one.reconciler.pass_once(one.m) == [(spec.uuid, Action.STOP)]
+        await stopping_done()
+        assert stopped == ["roamer", "roamer"]
+        # The owner down: nobody can tell its state.
+        await store.delete(keys.alive("host-1"))
+        assert (await two.cvms.remote("roamer")).state == "unknown"  # type: ignore[union-attr]
+
+    asyncio.run(go())
+    events = [json.loads(v) for k, v in snapshot(store).items() if "/events/" in k]
+    assert [(e["kind"], e["reason"]) for e in events] == [
+        ("vm-stopped", "wanted off: shut down cleanly")] * 2  # fmt: skip

@@ -34,15 +34,15 @@ from ferry.api.models import (
 )
 from ferry.api.protection import ProtectionRoutes
 from ferry.core import vmstate
-from ferry.core.cluster.roles import parse_priority
+from ferry.core.cluster.roles import Want, parse_priority
 from ferry.core.migration import Storage
 from ferry.core.relationship import Role as RelRole
 from ferry.core.versions import supported_range
 from ferry.core.vmstate import VmState
-from ferry.errors import FerryError, InvalidInputError
+from ferry.errors import FerryError, InvalidInputError, StoreUnavailableError
 from ferry.host import facts
 from ferry.host.cluster.maintenance import Maintenance
-from ferry.host.cluster.vms import ClusterVms
+from ferry.host.cluster.vms import ClusterVms, RemoteVm
 from ferry.host.exchange.service import ExchangeService
 from ferry.host.failover.service import FailoverService
 from ferry.host.migration.service import MigrationService
@@ -206,9 +206,42 @@ class AgentApi:
         return self.cluster_vms
 
     async def show_vm(self, request: web.Request) -> web.Response:
-        return _json(self._view(self.vms.get(request.match_info["name"])))
+        name = request.match_info["name"]
+        remote = await self._remote(name)
+        if remote is not None:
+            return _json(self._remote_view(remote))
+        return _json(self._view(self.vms.get(name)))
+
+    async def _remote(self, name: str) -> RemoteVm | None:
+        """A clustered VM that another node owns (this node has no entry of it), or None."""
+        if self.cluster_vms is None or self.vms.catalog.find(name) is not None:
+            return None
+        try:
+            return await self.cluster_vms.remote(name)
+        except StoreUnavailableError as exc:  # the local answer ("no VM named ...") stands
+            log.info("VM %s: the cluster's store did not answer: %s", name, exc)
+            return None
+
+    def _remote_view(self, remote: RemoteVm) -> VmView:
+        spec = remote.role.spec
+        return VmView(
+            name=spec.name, uuid=spec.uuid, host=remote.owner.node if remote.owner else "",
+            state=remote.state, config_version=spec.config_version, memory=spec.memory,
+            cpus=spec.cpus, kernel=spec.kernel, append=spec.append, cluster=remote.cluster,
+            disks=[DiskView(path=d.path, size=d.size, format=d.format) for d in spec.disks],
+        )  # fmt: skip
+
+    async def _want_remote(self, remote: RemoteVm, want: Want) -> web.Response:
+        """Start or stop from a node that does not own the VM: the owner acts (202)."""
+        assert self.cluster_vms is not None
+        remote = await self.cluster_vms.want_remote(remote, want)
+        view = self._remote_view(remote).model_dump()
+        return _json({**view, "want": want.value, "owner_acts": True}, status=202)
 
     async def start_vm(self, request: web.Request) -> web.Response:
+        remote = await self._remote(request.match_info["name"])
+        if remote is not None:
+            return await self._want_remote(remote, Want.RUNNING)
         if self.cluster_vms is not None:  # a clustered VM: on its owner, then want running
             await self.cluster_vms.before_start(request.match_info["name"])
         record = await self.vms.start(request.match_info["name"])
@@ -218,6 +251,9 @@ class AgentApi:
 
     async def stop_vm(self, request: web.Request) -> web.Response:
         stop = await _body(request, StopRequest)
+        remote = await self._remote(request.match_info["name"])
+        if remote is not None:
+            return await self._want_remote(remote, Want.OFF)
         if self.cluster_vms is not None:  # a clustered VM stays off (want off)
             await self.cluster_vms.before_stop(request.match_info["name"])
         record, forced = await self.vms.stop(request.match_info["name"], timeout=stop.timeout_s)

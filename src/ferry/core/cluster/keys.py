@@ -14,6 +14,8 @@ Everything of cluster ``C`` lives under ``/ferry/clusters/C/``::
     vms/<uuid>/config       {"spec": VmSpec JSON, "priority", "volume"}
     vms/<uuid>/owner        {"node", "since"}              changed only by compare-and-swap
     vms/<uuid>/want         "running" | "off"               what HA restores
+    vms/<uuid>/state        "running" | "off" | ...         the VM's state as its owner last
+                                                           saw it (put by its reconciler)
     vms/<uuid>/replication  Takeover JSON (relationship + recent cycles)   put by the owner
                             (compare-and-swap on owner) whenever it changes
     identities/<node>       {"name", "url", "thumbprint"}   the node's host certificate, for
@@ -89,6 +91,9 @@ class ClusterKeys:
 
     def vm_want(self, uuid: str) -> str:
         return f"{self.vms}{uuid}/want"
+
+    def vm_state(self, uuid: str) -> str:
+        return f"{self.vms}{uuid}/state"
 
     def vm_replication(self, uuid: str) -> str:
         return f"{self.vms}{uuid}/replication"

@@ -15,7 +15,12 @@ clustered disk":
   (``REGISTER``, so every command finds it on its owner); one whose ``want``
   is ``running`` and that does not run here is started (``START``, registered
   first if absent), but only while this node holds its own lease
-  (``self_ok``), and never while a move is pending.
+  (``self_ok``), and never while a move is pending. One whose ``want`` is
+  ``off`` and that runs here is stopped (``STOP``: an ACPI power-down, as
+  ``vm stop``; asked on another node, which only changed ``want``). The
+  reconciler stops it only when ``want`` turned off after it saw the VM
+  running, so a VM started here on purpose while ``want`` was already off
+  (by a path that does not set it) runs on as before.
 - A pending move (owner = destination with ``from`` = source) is settled by
   whichever side runs the VM: the destination that runs it confirms
   (``CONFIRM``); the source that runs it again takes it back (``RECLAIM``);
@@ -38,6 +43,7 @@ from ferry.core.cluster.roles import Owner, Want
 class Action(StrEnum):
     NOTHING = "nothing"
     START = "start"
+    STOP = "stop"
     REGISTER = "register"
     KILL = "kill"
     FORGET = "forget"
@@ -82,6 +88,8 @@ def decide(
     startable = not local.present or local.startable
     if want is Want.RUNNING and not local.live and self_ok and startable:
         return Action.START
+    if want is Want.OFF and local.live:
+        return Action.STOP
     if not local.present:
         return Action.REGISTER
     return Action.NOTHING

@@ -10,8 +10,13 @@ watch cannot see (a lease that expired, a QEMU that died here); a store that
 does not answer skips the pass (nothing is started without it). A VM whose
 start failed is left alone for :data:`START_BACKOFF_S`; one that ran here and
 is now off with nobody having asked (its guest powered off) gets ``want =
-off`` instead of a restart (a QEMU that crashed is restarted). Each pass reads
-the whole ``vms/`` prefix: with 1000 roles that is about 3000 keys.
+off`` instead of a restart (a QEMU that crashed is restarted). A VM that runs
+here while its ``want`` turned ``off`` (``vm stop`` asked on a node that does
+not own it) is stopped cleanly, in a task of its own (ACPI, forced after the
+host's ``stop_timeout_s``). After each pass the node puts the state of every
+VM it owns, when it changed, into ``vms/<uuid>/state``: what the other nodes
+show. Each pass reads the whole ``vms/`` prefix: with 1000 roles that is
+about 4000 keys.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class RoleEntries:
     config: Entry | None = None
     owner: Entry | None = None
     want: Entry | None = None
+    state: Entry | None = None
 
 
 class Reconciler:
@@ -66,6 +72,10 @@ class Reconciler:
         self.node = cluster_vms.node
         self._failed: dict[str, float] = {}  # uuid -> when its start failed
         self._live: set[str] = set()  # clustered VMs seen live here at the last pass
+        # uuid -> the want's revision when this node first saw the VM live: only a
+        # later "off" stops it (see ferry.core.cluster.reconcile)
+        self._live_want: dict[str, int] = {}
+        self._stopping: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._pass_lock = asyncio.Lock()
@@ -85,7 +95,8 @@ class Reconciler:
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
-        await cancel_and_wait(*tasks)
+        stopping, self._stopping = list(self._stopping.values()), {}
+        await cancel_and_wait(*tasks, *stopping)
 
     async def on_membership(self, m: Membership | None) -> None:
         """The cluster context's listener: a join starts passes, a leave stops them."""
@@ -129,7 +140,7 @@ class Reconciler:
         roles: dict[str, RoleEntries] = {}
         for entry in await m.store.range(m.keys.vms):
             part = entry.key.rsplit("/", 1)[-1]
-            if part in ("config", "owner", "want"):
+            if part in ("config", "owner", "want", "state"):
                 setattr(roles.setdefault(m.keys.vm_uuid_of(entry.key), RoleEntries()), part, entry)
         alive = {m.keys.last_part(e.key) for e in await m.store.range(m.keys.alive_prefix)}
         fenced = await m.store.get(m.keys.fenced(self.node)) is not None
@@ -148,8 +159,15 @@ class Reconciler:
                 self.cvms.mark(uuid, m.cluster)  # arrived by a move, or owned again
                 if not owner.pending:  # vm upgrade-version ran here
                     await self.cvms.sync_version(m, local[uuid], entries.config)
-            action = decide(self.node, owner, want, self._local(local.get(uuid)), alive=alive,
-                            self_ok=self_ok)  # fmt: skip
+            here = self._local(local.get(uuid))
+            want_revision = entries.want.mod_revision if entries.want else 0
+            if here.live:
+                seen_with = self._live_want.setdefault(uuid, want_revision)
+            else:
+                seen_with = self._live_want.pop(uuid, want_revision)
+            action = decide(self.node, owner, want, here, alive=alive, self_ok=self_ok)
+            if action is Action.STOP and want_revision <= seen_with:
+                continue  # off already when it started here: not this node's to stop
             if action is Action.START and time.monotonic() - self._failed.get(uuid, -1e9) < (
                 START_BACKOFF_S
             ):
@@ -174,8 +192,31 @@ class Reconciler:
                     continue
                 done.append((uuid, action))
         self._live = {uuid for uuid, record in local.items()
-                      if uuid in self.cvms.clustered and vmstate.is_live(record.state)}  # fmt: skip
+                      if uuid in self.cvms.clustered and vmstate.is_live(record.state)
+                      and uuid not in self._stopping}  # fmt: skip
+        await self._publish_states(m, roles)
         return done
+
+    async def _publish_states(self, m: Membership, roles: dict[str, RoleEntries]) -> None:
+        """The state of each VM owned here, for the other nodes' ``vm show``; put only
+        while the owner is unchanged (a VM removed meanwhile leaves no key behind)."""
+        for record in self.vms.list():
+            entries = roles.get(record.uuid)
+            if entries is None or entries.config is None or entries.owner is None:
+                continue
+            owner = Owner.decode(entries.owner.value)
+            state = record.state.value.encode()
+            if (
+                owner.node != self.node
+                or owner.pending
+                or (entries.state is not None and entries.state.value == state)
+            ):
+                continue
+            with contextlib.suppress(FerryError):
+                await m.store.txn(
+                    [Compare.unchanged(entries.owner.key, entries.owner.mod_revision)],
+                    [Put(m.keys.vm_state(record.uuid), state)],
+                )
 
     async def _powered_off(self, m: Membership, uuid: str, entries: RoleEntries) -> None:
         """Its guest shut down (the agent asked nothing): it stays off, as asked from inside."""
@@ -192,6 +233,7 @@ class Reconciler:
             or self.migrations.is_incoming(uuid)
             or self.vms.turns.holder(uuid) is not None
             or self.vms.lock(uuid).locked()
+            or uuid in self._stopping
             or any(
                 job.kind == MOVE and job.vm_uuid == uuid and not is_final(Phase(job.state))
                 for job in self.jobs.all()
@@ -218,6 +260,7 @@ class Reconciler:
                 started = await self.vms.start(record.name)
                 await self.cvms.after_start(started)
                 self._failed.pop(uuid, None)
+                self._live_want[uuid] = entries.want.mod_revision if entries.want else 0
                 log.info("started clustered VM %s (owner %s, want running)", record.name,
                          self.node)  # fmt: skip
                 await self._event(m, "vm-started", uuid, entries,
@@ -227,6 +270,10 @@ class Reconciler:
                         await hook(uuid)
                     except Exception:  # not the reconciler's failure: the VM runs
                         log.exception("a hook after the start of VM %s failed", record.name)
+        elif action is Action.STOP and record is not None:
+            task = asyncio.create_task(self._stop(m, uuid, entries, record.name),
+                                       name=f"reconcile-stop-{record.name}")  # fmt: skip
+            self._stopping[uuid] = task
         elif action is Action.KILL and record is not None:
             held = owner.node if owner else "nobody"
             await self.vms.kill(record.name)
@@ -240,6 +287,26 @@ class Reconciler:
             await self._settle(m, action, owner, entries.owner)
             if action in (Action.CONFIRM, Action.RECLAIM) and record is not None:
                 self.cvms.mark(uuid, m.cluster)
+
+    async def _stop(self, m: Membership, uuid: str, entries: RoleEntries, name: str) -> None:
+        """Stop VM ``name`` cleanly, as ``vm stop`` does, if it is still wanted off."""
+        try:
+            want = await m.store.get(m.keys.vm_want(uuid))
+            if decode_want(want.value if want else None) is not Want.OFF:
+                return  # started again meanwhile
+            _, forced = await self.vms.stop(name)
+            how = "forced off after the stop timeout" if forced else "shut down cleanly"
+            log.info("stopped clustered VM %s (want off): %s", name, how)
+            await self._event(m, "vm-stopped", uuid, entries, f"wanted off: {how}")
+        except FerryError as exc:
+            log.warning("reconcile stop of VM %s: %s", name, exc)
+        except Exception:
+            log.exception("reconcile stop of VM %s failed", name)
+        finally:
+            self._stopping.pop(uuid, None)
+            self._live.discard(uuid)  # off on purpose, not by its guest
+            self._live_want.pop(uuid, None)
+            self._wake.set()  # publish its state
 
     def _register(self, m: Membership, role: VmRole) -> VmRecord:
         record = self.vms.catalog.add_vm(role.spec)

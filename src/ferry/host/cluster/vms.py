@@ -30,7 +30,7 @@ from ferry.core import vmstate
 from ferry.core.cluster.levels import config_version_for
 from ferry.core.cluster.placement import VmDemand, place
 from ferry.core.cluster.records import VolumeRecord
-from ferry.core.cluster.roles import Owner, Priority, VmRole, Want, encode_role
+from ferry.core.cluster.roles import Owner, Priority, VmRole, Want, decode_want, encode_role
 from ferry.core.cluster.store import Compare, Delete, Entry, Put
 from ferry.core.migration import Storage, locate_on_volume
 from ferry.core.spec import VmSpec
@@ -42,6 +42,17 @@ from ferry.host.vms.service import VmService
 log = logging.getLogger(__name__)
 
 CLUSTERED_SETTING = "cluster_vms"
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteVm:
+    """A clustered VM as the store has it (what a node that does not own it knows)."""
+
+    role: VmRole
+    owner: Owner | None
+    cluster: str
+    state: str  # as its owner last published it; "unknown" when the owner is down
+    want: Want
 
 
 class ClusterVms:
@@ -259,7 +270,8 @@ class ClusterVms:
         result = await m.store.txn(
             [Compare.unchanged(entry.key, entry.mod_revision)],
             [Delete(m.keys.vm_config(record.uuid)), Delete(m.keys.vm_owner(record.uuid)),
-             Delete(m.keys.vm_want(record.uuid)), Delete(m.keys.name(name))],
+             Delete(m.keys.vm_want(record.uuid)), Delete(m.keys.vm_state(record.uuid)),
+             Delete(m.keys.name(name))],
         )  # fmt: skip
         if not result.succeeded:
             raise ConflictError(f"VM {name!r} changed owner while it was being removed; try again")
@@ -326,6 +338,40 @@ class ClusterVms:
         m = self.membership()
         await m.store.put(m.keys.vm_want(record.uuid), Want.OFF.value.encode())
 
+    # -- a clustered VM another node owns: show, start and stop from here -----------------
+
+    async def remote(self, name: str) -> RemoteVm | None:
+        """VM ``name`` (or uuid) of this node's cluster when it is not in the local catalog
+        (another node owns it), read from the store; None when the cluster has no such VM."""
+        m = self.context.membership
+        if m is None:
+            return None
+        named = await m.store.get(m.keys.name(name))
+        uuid = named.value.decode() if named is not None else name
+        role = await self.role_of(m, uuid)
+        if role is None:
+            return None
+        owner, _ = await self.owner_entry(m, uuid)
+        want = await m.store.get(m.keys.vm_want(uuid))
+        state = "unknown"  # the owner is down (or nobody owns it): nobody can tell
+        if owner is not None and await m.store.get(m.keys.alive(owner.node)) is not None:
+            published = await m.store.get(m.keys.vm_state(uuid))
+            state = published.value.decode() if published is not None else "unknown"
+        return RemoteVm(role=role, owner=owner, cluster=m.cluster, state=state,
+                        want=decode_want(want.value if want else None))  # fmt: skip
+
+    async def want_remote(self, remote: RemoteVm, want: Want) -> RemoteVm:
+        """``vm start|stop`` of a VM another node owns: its ``want`` changes, and the
+        owner's reconciler (woken by the store's watch) starts or stops it."""
+        m = self.membership(remote.cluster)
+        name = remote.role.spec.name
+        if remote.owner is None:
+            raise NotFoundError(f"VM {name!r} has no owner in cluster {m.cluster!r}")
+        await m.store.put(m.keys.vm_want(remote.role.spec.uuid), want.value.encode())
+        log.info("VM %s (owner %s): want %s, asked on %s", name, remote.owner.node,
+                 want.value, self.node)  # fmt: skip
+        return dataclasses.replace(remote, want=want)
+
     async def delete(self, name: str, *, force: bool) -> bool:
         """Delete a clustered VM everywhere (role, then files); False if not clustered."""
         record = self.vms.get(name)
@@ -345,7 +391,8 @@ class ClusterVms:
         result = await m.store.txn(
             [Compare.unchanged(entry.key, entry.mod_revision)],
             [Delete(m.keys.vm_config(record.uuid)), Delete(m.keys.vm_owner(record.uuid)),
-             Delete(m.keys.vm_want(record.uuid)), Delete(m.keys.name(name))],
+             Delete(m.keys.vm_want(record.uuid)), Delete(m.keys.vm_state(record.uuid)),
+             Delete(m.keys.name(name))],
         )  # fmt: skip
         if not result.succeeded:
             raise ConflictError(f"VM {name!r} changed owner while it was being deleted; try again")
