@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, FloatRect, Locator, Page, expect
+from playwright.sync_api import Browser, Dialog, FloatRect, Locator, Page, expect
 
 from tests.conftest import LabEnv
 from tests.e2e.conftest import WebServer, save_screenshots
@@ -52,13 +52,24 @@ def script_errors() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def page(browser: Browser, web_server: WebServer, vm: str, script_errors: list[str]
-         ) -> Iterator[Page]:  # fmt: skip
-    """One admin's tab: destructive actions' confirm() dialogs are accepted."""
+def dialogs() -> list[tuple[str, str]]:
+    """The dialogs the tab showed and the admin accepted, as (type, message)."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def page(browser: Browser, web_server: WebServer, vm: str, script_errors: list[str],
+         dialogs: list[tuple[str, str]]) -> Iterator[Page]:  # fmt: skip
+    """One admin's tab: destructive actions' confirm() dialogs are recorded and accepted."""
     context = browser.new_context(viewport={"width": 1180, "height": 760})
     context.set_default_timeout(20_000)
     tab = context.new_page()
-    tab.on("dialog", lambda dialog: dialog.accept())
+
+    def accept(dialog: Dialog) -> None:
+        dialogs.append((dialog.type, dialog.message))
+        dialog.accept()
+
+    tab.on("dialog", accept)
     tab.on("pageerror", lambda exc: script_errors.append(f"{tab.url}: {exc}"))
     tab.on("console", lambda msg: script_errors.append(f"{tab.url}: {msg.text}")
            if msg.type == "error" else None)  # fmt: skip
@@ -110,12 +121,21 @@ def shoot(tab: Page, artifacts: Path, name: str, *, upto: Locator | None = None,
     return path
 
 
-def act(tab: Page, testid: str, *, refused: bool = False) -> str:
+def act(tab: Page, testid: str, dialogs: list[tuple[str, str]], *, destructive: bool = False,
+        refused: bool = False) -> str:  # fmt: skip
     """Press an action's button and wait for its answer; its one line (ok, or the
-    refusal when ``refused``), read after that answer, never an earlier one."""
+    refusal when ``refused``), read after that answer, never an earlier one. A
+    ``destructive`` action must have asked first (one confirm dialog), another must not."""
+    before = len(dialogs)
     with tab.expect_response(lambda r: "/actions/" in r.url and r.request.method == "POST",
                              timeout=JOB):  # fmt: skip
         tab.get_by_test_id(testid).click()
+    asked = dialogs[before:]
+    if destructive:
+        assert [kind for kind, _ in asked] == ["confirm"], f"{testid} did not ask: {asked}"
+        assert asked[0][1].strip(), f"{testid} asked nothing in words"
+    else:
+        assert asked == [], f"{testid} asked: {asked}"
     result = tab.get_by_test_id("action-result")
     expected, other = ("action-error", "action-ok") if refused else ("action-ok", "action-error")
     expect(result.get_by_test_id(expected).or_(result.get_by_test_id(other))).to_be_visible()
@@ -193,45 +213,74 @@ def test_vms_page_lists_the_vm(page: Page, artifacts: Path) -> None:
     shoot(page, artifacts, "vms")
 
 
-def test_start_shows_the_serial_console(page: Page) -> None:
+def test_start_shows_the_serial_console(page: Page, dialogs: list[tuple[str, str]]) -> None:
     """Start from the VM page; the guest's ``seq N`` lines arrive in xterm.js over SSE."""
     open_vm(page, VM)
-    act(page, "action-start")
+    act(page, "action-start", dialogs)
     expect(page.get_by_test_id("vm-state")).to_contain_text("running", timeout=BOOT)
     expect(page.get_by_test_id("console-text")).to_contain_text(SEQ_LINE, timeout=BOOT)
     # The same lines are drawn by xterm.js itself, not only kept in the hidden text.
     expect(page.get_by_test_id("console").locator(".xterm-rows")).to_contain_text(SEQ_LINE)
 
 
-def test_move_and_watch_the_job_reach_done(page: Page, lab_env: LabEnv, artifacts: Path) -> None:
-    """The picker says why the VM's own host cannot take it; the move's bar ends full."""
+def test_move_and_watch_the_job_reach_done(
+    page: Page, lab_env: LabEnv, artifacts: Path, web_server: WebServer,
+    dialogs: list[tuple[str, str]], script_errors: list[str],
+) -> None:  # fmt: skip
+    """The picker says why the VM's own host cannot take it; the jobs page, open (and
+    subscribed to the job rows) before the move starts, sees the job run, then done
+    with its bar full, without a reload."""
     own = page.locator('[data-testid="move-target"][data-host="host-1"]')
     expect(own).to_have_attribute("data-ok", "0")
     expect(own).not_to_be_empty()
     expect(page.locator('[data-testid="move-target"][data-host="host-2"]')
            ).to_have_attribute("data-ok", "1")  # fmt: skip
     page.get_by_label("Destination host").select_option("host-2")
-    act(page, "action-move")
 
-    page.get_by_test_id("nav-jobs").click()
-    job = page.locator(f'[data-testid="job-row"][data-vm="{VM}"][data-kind="move"]').first
-    seen = watch(job)
-    print("the move job as the page showed it:", seen)
-    assert seen[-1][0] == "done", seen
-    if seen[0][0] != "done":  # caught running: the row changed while the page stayed
-        assert len(seen) >= 2, seen
-    bar = job.get_by_test_id("job-progress")
-    assert bar.get_attribute("value") == bar.get_attribute("max"), "the bar did not end full"
-    shoot(page, artifacts, "jobs")
+    jobs = page.context.new_page()  # a second tab of the same session
+    jobs.on("pageerror", lambda exc: script_errors.append(f"{jobs.url}: {exc}"))
+    try:
+        with jobs.expect_response(lambda r: "/jobs/events" in r.url, timeout=JOB):
+            jobs.goto(web_server.base + "/jobs")  # the stream answered: subscribed
+        expect(jobs.get_by_test_id("page-title")).to_have_text("Jobs")
+        before = jobs.locator('[data-testid="job-row"]').evaluate_all(
+            "rows => rows.map(row => row.dataset.jobId)"
+        )
+        line = act(page, "action-move", dialogs, destructive=True)
+        found = re.search(r"\(job ([^)\s]+)\)", line)
+        assert found, line
+        job_id = found[1]
+        assert job_id not in before, (job_id, before)
+        job = jobs.locator(f'[data-testid="job-row"][data-job-id="{job_id}"][data-kind="move"]')
+        seen = watch(job)
+        print("the move job as the jobs page showed it:", seen)
+        assert seen[-1][0] == "done", seen
+        if seen[0][0] == "done":
+            # Done within one poll of the stream (a fast machine): the job's own record
+            # must still show it ran through its phases before it was done.
+            record = lab_env.cli.json("job", "show", job_id, "--host", "host-1")
+            steps = [(step["state"], step.get("phase")) for step in record["history"]]
+            print("the move job's recorded history:", steps)
+            assert steps[-1][0] == "done" and len(steps) >= 3, steps
+            assert any(state == "running" and phase for state, phase in steps[:-1]), steps
+        else:  # seen running first: the row changed while the page stayed
+            assert len(seen) >= 2, seen
+        bar = job.get_by_test_id("job-progress")
+        assert bar.get_attribute("value") == bar.get_attribute("max"), "the bar did not end full"
+        shoot(jobs, artifacts, "jobs")
+    finally:
+        jobs.close()
     assert lab_env.vm(VM)["host"] == "host-2"
 
 
-def test_replication_lag_plot_gains_points(page: Page, artifacts: Path) -> None:
+def test_replication_lag_plot_gains_points(
+    page: Page, artifacts: Path, dialogs: list[tuple[str, str]]
+) -> None:
     """Enable replication to host-1 from the VM page; the sampled lag plot grows."""
     open_vm(page, VM, "host-2")
     page.get_by_test_id("repl-replica").select_option("host-1")
     page.get_by_label("Frequency").select_option("30")  # seconds
-    act(page, "action-repl-enable")
+    act(page, "action-repl-enable", dialogs)
 
     page.reload()
     panel = page.get_by_test_id("replication")
@@ -252,9 +301,11 @@ def test_replication_lag_plot_gains_points(page: Page, artifacts: Path) -> None:
     shoot(page, artifacts, "vm-replication", part=panel, readme=True)
 
 
-def test_test_failover_and_stop_it(page: Page, lab_env: LabEnv) -> None:
-    """A drill boots ``web1-test`` on the replica host; stop-test removes it."""
-    act(page, "action-failover-test")
+def test_test_failover_and_stop_it(
+    page: Page, lab_env: LabEnv, dialogs: list[tuple[str, str]]
+) -> None:
+    """A drill boots ``web1-test`` on the replica host; stop-test asks, then removes it."""
+    act(page, "action-failover-test", dialogs)
     job_done(page, "failover-test")
     drill = lab_env.vm(f"{VM}-test", "host-1")
     assert drill["state"] in ("starting", "running"), drill
@@ -262,7 +313,8 @@ def test_test_failover_and_stop_it(page: Page, lab_env: LabEnv) -> None:
     expect(page.locator(f'[data-testid="vm-row"][data-vm="{VM}-test"]')).to_be_visible()
 
     open_vm(page, VM, "host-2")
-    act(page, "action-failover-stop-test")
+    act(page, "action-failover-stop-test", dialogs, destructive=True)
+    assert f"{VM}-test" in dialogs[-1][1], dialogs[-1]
     job_done(page, "failover-stop-test")
     page.get_by_test_id("nav-vms").click()
     expect(page.locator(f'[data-testid="vm-row"][data-vm="{VM}-test"]')).to_have_count(0)
@@ -290,13 +342,15 @@ def test_keyboard_and_labels(page: Page) -> None:
     assert unnamed == [], unnamed
 
 
-def test_refused_action_is_one_line(page: Page, lab_env: LabEnv, artifacts: Path) -> None:
+def test_refused_action_is_one_line(
+    page: Page, lab_env: LabEnv, artifacts: Path, dialogs: list[tuple[str, str]]
+) -> None:
     """An action the agent refuses (the VM was deleted behind the page) reads as one line."""
     lab_env.cli("vm", "create", "web2", "--host", "host-1", "--guest", "test", "--memory", "128M",
                 "--disk", "16M")  # fmt: skip
     open_vm(page, "web2")
     lab_env.cli("vm", "delete", "web2", "--force")
-    text = act(page, "action-start", refused=True)
+    text = act(page, "action-start", dialogs, refused=True)
     error = page.get_by_test_id("action-result").get_by_test_id("action-error")
     expect(error).to_have_attribute("role", "alert")
     assert text and "\n" not in text and "Traceback" not in text, text

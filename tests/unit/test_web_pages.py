@@ -16,6 +16,7 @@ import pytest
 from ferry.errors import ConnectionFailedError, StateError
 from ferry.web.pages.jobs import row as job_row
 from ferry.web.pages.overview import alerts
+from ferry.web.pages.vm import ACTIONS
 from ferry.web.targets import move_targets
 from tests.unit.web_fake import FakeFleet, host_facts, job, vm_view
 from tests.unit.web_harness import Console, run_console
@@ -31,14 +32,15 @@ REPLICATED = {
 }
 
 
-def _fleet(state: str = "running", **extra: Any) -> FakeFleet:
-    fleet = FakeFleet("host-1", "host-2")
+def _fleet(state: str = "running", hosts: tuple[str, ...] = ("host-1", "host-2"),
+           **extra: Any) -> FakeFleet:  # fmt: skip
+    fleet = FakeFleet(*hosts)
     fleet.agents["host-1"].vms["g1"] = vm_view("g1", "host-1", state=state, **extra)
     return fleet
 
 
-def _replicated() -> FakeFleet:
-    fleet = _fleet(replication=dict(REPLICATED))
+def _replicated(hosts: tuple[str, ...] = ("host-1", "host-2")) -> FakeFleet:
+    fleet = _fleet(hosts=hosts, replication=dict(REPLICATED))
     replica = vm_view(
         "g1", "host-2", state="replica", replication={**REPLICATED, "role": "replica"}
     )
@@ -327,10 +329,7 @@ def test_each_action_sends_the_clis_request(
         ("repl-pause", ("host-1", "POST", "/v1/vms/g1/replication/pause", None)),
         ("repl-resume", ("host-1", "POST", "/v1/vms/g1/replication/resume", None)),
         ("repl-remove", ("host-1", "DELETE", "/v1/vms/g1/replication", None)),
-        (
-            "failover-test",
-            ("host-2", "POST", "/v1/vms/g1/failover/test", {"point": None, "force": False}),
-        ),
+        ("failover-test", ("host-2", "POST", "/v1/vms/g1/failover/test", {"point": None})),
         ("failover-stop-test", ("host-2", "POST", "/v1/vms/g1/failover/stop-test", {})),
         (
             "failover-start",
@@ -353,6 +352,123 @@ def test_replication_and_failover_go_to_the_host_the_cli_picks(
         assert console.fleet.actions() == [call]
 
     run_console(_replicated(), body)
+
+
+def _extended() -> FakeFleet:
+    """g1 replicated host-1 -> host-2, and extended from host-2 to host-3."""
+    fleet = _replicated(("host-1", "host-2", "host-3"))
+    extended = {**REPLICATED, "role": "replica", "primary": "host-2", "replica": "host-3",
+                "origin": "host-1"}  # fmt: skip
+    fleet.agents["host-3"].vms["g1"] = vm_view("g1", "host-3", state="replica",
+                                               replication=extended)  # fmt: skip
+    return fleet
+
+
+DESTRUCTIVE = [
+    "action-stop", "action-kill", "action-move", "action-repl-remove",
+    "action-failover-planned", "action-failover-start", "action-failover-complete",
+    "action-failover-cancel", "action-failover-stop-test",
+]  # fmt: skip
+
+
+def _form_of(html: str, testid: str) -> str:
+    """The opening tag of the form that holds the button ``testid``."""
+    button = html.index(f'data-testid="{testid}"')
+    return html[html.rindex("<form", 0, button) : html.index(">", html.rindex("<form", 0, button))]
+
+
+SAFE = {"start", "export", "repl-enable", "repl-pause", "repl-resume", "failover-test"}
+
+
+def test_every_action_is_known_as_destructive_or_not() -> None:
+    """A new action (a delete, say) must join one list or the other."""
+    assert set(ACTIONS) == SAFE | {t.removeprefix("action-") for t in DESTRUCTIVE}
+
+
+@pytest.mark.parametrize("testid", DESTRUCTIVE)
+def test_every_destructive_action_asks_first(testid: str) -> None:
+    fleet = _replicated()
+    fleet.agents["host-2"].vms["g1-test"] = vm_view("g1-test", "host-2")
+
+    async def body(console: Console) -> None:
+        paths = ["/vms/g1"]
+        if "repl" in testid or "failover" in testid:  # reloaded alone after an action
+            paths.append("/vms/g1/replication-actions")
+        for path in paths:
+            html = await console.page(path)
+            form = _form_of(html, testid)
+            assert re.search(r'hx-confirm="[^"]{10,}"', form), (path, form)
+
+    run_console(fleet, body)
+
+
+def test_failover_offers_the_replica_hosts_and_the_recovery_points() -> None:
+    async def body(console: Console) -> None:
+        html = await console.page("/vms/g1")
+        hosts = html[html.index('id="failover-replica-host"') :]
+        hosts = hosts[: hosts.index("</select>")]
+        assert re.findall(r'<option value="([^"]*)"', hosts) == ["", "host-2", "host-3"]
+        assert "host-3 (extended replica)" in hosts and "selected" not in hosts
+        for select in ("failover-test-point", "failover-point"):
+            choice = html[html.index(f'id="{select}"') :]
+            assert re.findall(r'<option value="([^"]*)"', choice[: choice.index("</select>")]) == [
+                "", "4", "3"
+            ]  # fmt: skip
+        for testid in ("action-failover-test", "action-failover-stop-test",
+                       "action-failover-start", "action-failover-complete",
+                       "action-failover-cancel"):  # fmt: skip
+            assert 'hx-include="#failover-replica-host"' in _form_of(html, testid)
+        assert "hx-include" not in _form_of(html, "action-failover-planned")  # the primary's
+        replica_page = await console.page("/vms/g1/replication-actions?host=host-3")
+        assert '<option value="host-3" selected>' in replica_page
+
+    run_console(_extended(), body)
+
+
+@pytest.mark.parametrize(
+    ("action", "form", "call"),
+    [
+        ("failover-test", {"point": "3", "replica_host": "host-3"},
+         ("host-3", "POST", "/v1/vms/g1/failover/test", {"point": 3})),
+        ("failover-test", {"point": "4"},
+         ("host-2", "POST", "/v1/vms/g1/failover/test", {"point": 4})),
+        ("failover-start", {"point": "3", "replica_host": "host-3", "force": "on"},
+         ("host-3", "POST", "/v1/vms/g1/failover/start", {"point": 3, "force": True})),
+        ("failover-stop-test", {"replica_host": "host-3"},
+         ("host-3", "POST", "/v1/vms/g1/failover/stop-test", {})),
+        ("failover-complete", {"replica_host": "host-3"},
+         ("host-3", "POST", "/v1/vms/g1/failover/complete", {})),
+        ("failover-cancel", {"replica_host": "host-3"},
+         ("host-3", "POST", "/v1/vms/g1/failover/cancel", {})),
+        ("failover-planned", {"host": "host-1"},
+         ("host-1", "POST", "/v1/vms/g1/failover/planned", {})),
+    ],
+)  # fmt: skip
+def test_failover_takes_the_clis_host_and_point(
+    action: str, form: dict[str, str], call: tuple[str, str, str, Any]
+) -> None:
+    """``--host`` (the chosen replica; for planned the primary) and ``--point`` as the CLI
+    sends them: the pinned host is asked directly, without looking the VM up."""
+
+    async def body(console: Console) -> None:
+        console.fleet.calls.clear()  # signing in read the overview
+        status, html = await console.act("g1", action, **form)
+        assert status == 200 and 'data-testid="action-ok"' in html, html
+        assert console.fleet.actions() == [call]
+        lookups = [c for c in console.fleet.calls if c[2] == "/v1/vms"]
+        pinned = "host" in form or "replica_host" in form
+        assert bool(lookups) != pinned, lookups  # a given host is asked without a search
+
+    run_console(_extended(), body)
+
+
+def test_a_recovery_point_that_is_not_a_number_is_refused_before_any_call() -> None:
+    async def body(console: Console) -> None:
+        _, html = await console.act("g1", "failover-test", point="latest-ish")
+        assert 'data-testid="action-error">the recovery point must be a point id' in html
+        assert console.fleet.actions() == []
+
+    run_console(_extended(), body)
 
 
 def test_a_refused_action_is_one_alert_line_and_the_page_is_told_nothing_changed() -> None:

@@ -164,3 +164,48 @@ def test_ferry_web_without_an_admin_certificate_says_so_in_one_line(tmp_path: Pa
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith("ferry: error: no admin certificate configured")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_ferry_web_binds_127_0_0_1_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ferry web`` with no ``--listen``: the URL names 127.0.0.1 and the socket is bound
+    to that address only (127.0.0.2, loopback too, is refused: no wildcard bind)."""
+    import signal
+    import socket
+    from urllib.parse import urlsplit
+
+    from typer.testing import CliRunner
+
+    import ferry.client.settings
+    import ferry.web.serve
+    from ferry.cli.main import app
+
+    fleet = _fleet()
+    seen: dict[str, object] = {}
+
+    def reachable(address: str, port: int) -> bool:
+        try:
+            with socket.create_connection((address, port), timeout=5):
+                return True
+        except OSError:
+            return False
+
+    def browser(url: str) -> bool:  # runs in a thread while the console serves
+        try:
+            parts = urlsplit(url)
+            assert parts.port is not None
+            seen.update(url=url, host=parts.hostname,
+                        on_127_0_0_1=reachable("127.0.0.1", parts.port),
+                        on_127_0_0_2=reachable("127.0.0.2", parts.port))  # fmt: skip
+        finally:
+            os.kill(os.getpid(), signal.SIGINT)  # serve's own handler: it stops
+        return True
+
+    monkeypatch.setattr(ferry.client.settings, "load_settings", lambda: fleet.settings)
+    monkeypatch.setattr(ferry.web.serve, "Fleet", lambda settings, timeout: fleet)
+    monkeypatch.setattr(ferry.web.serve, "has_display", lambda: True)
+    monkeypatch.setattr(ferry.web.serve.webbrowser, "open", browser)
+    result = CliRunner().invoke(app, ["web"])
+    assert result.exit_code == 0, result.output
+    assert seen["host"] == "127.0.0.1", seen
+    assert result.stdout.strip() == seen["url"]
+    assert seen["on_127_0_0_1"] is True and seen["on_127_0_0_2"] is False, seen

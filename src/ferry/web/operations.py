@@ -186,18 +186,31 @@ class Operations:
         return await self.fleet.client(where).call(method, f"/v1/vms/{name}/replication{suffix}")
 
     async def failover(
-        self, action: str, name: str, *, point: int | None = None, force: bool = False
+        self,
+        action: str,
+        name: str,
+        *,
+        point: int | None = None,
+        force: bool = False,
+        host: str | None = None,
+        replica: str | None = None,
     ) -> dict[str, Any]:
         """``ferry failover ACTION VM``: on the replica host, or ``planned`` on the primary.
 
-        The reply is the job (every failover operation runs as one).
+        ``replica`` is ``--host`` of the replica-side commands (an extended replica),
+        ``host`` that of ``planned`` (the primary); ``point`` is ``--point`` of
+        ``test`` and ``start``, ``force`` ``--force`` of ``start``. The bodies are the
+        CLI's. The reply is the job (every failover operation runs as one).
         """
+        body: dict[str, Any] | None
         if action == "planned":
-            where, _ = await self.fleet.locate(name)
-            body: dict[str, Any] | None = None
+            where, _ = await self.fleet.locate(name, host)
+            body = None
         elif action in FAILOVER_ON_REPLICA:
-            where = await self.fleet.replica_host(name)
-            body = {"point": point, "force": force} if action in ("test", "start") else {}
+            where = await self.fleet.replica_host(name, replica)
+            body = {"test": {"point": point}, "start": {"point": point, "force": force}}.get(
+                action, {}
+            )
         else:
             raise ValueError(action)
         job: dict[str, Any] = await self.fleet.client(where).post(

@@ -106,13 +106,29 @@ def _actions_data(
     vms: list[dict[str, Any]],
     points: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """What the replication actions show: replica choices, the test VM, the warnings."""
+    """What the replication actions show: replica choices, the test VM, the warnings,
+    and the hosts that hold a replica of the VM (``ferry failover ... --host``)."""
     test_name = f"{view['name']}-test"
     return {
         "pinned": pinned, "replica_choices": [h.name for h in hosts if h.name != host],
         "frequencies": FREQUENCIES, "warnings": _warnings(view, points),
         "test_vm": next((v for v in vms if v["name"] == test_name), None),
+        "replica_hosts": replica_hosts(view, host, vms),
     }  # fmt: skip
+
+
+def replica_hosts(
+    view: dict[str, Any], host: str, vms: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The hosts holding the VM as a replica, first replicas first; the page's own host is
+    chosen when the page shows a replica copy (as ``--host`` would name it)."""
+    mine = view.get("replication") or {}
+    found = sorted((bool((v.get("replication") or {}).get("origin")), v["host"]) for v in vms
+                   if v["uuid"] == view["uuid"]
+                   and (v.get("replication") or {}).get("role") == "replica")  # fmt: skip
+    return [{"host": where, "extended": extended,
+             "selected": where == host and mine.get("role") == "replica"}
+            for extended, where in found]  # fmt: skip
 
 
 def _fragment_error(request: web.Request, exc: FerryError) -> web.Response:
@@ -157,7 +173,7 @@ async def replication_actions(request: web.Request) -> web.Response:
     except FerryError as exc:
         return _fragment_error(request, exc)
     data = await _replication(ops, name, host, view)
-    html = context.fragment(request, "_replication_actions.html", vm=view,
+    html = context.fragment(request, "_replication_actions.html", vm=view, points=data["points"],
                             **_actions_data(view, host, pinned, hosts, listing.items,
                                             data["points"]))  # fmt: skip
     return web.Response(text=html, content_type="text/html")
@@ -259,9 +275,23 @@ async def _replication_action(action: str, ops: Operations, name: str, host: str
     return f"replication of VM {name} is {found['state']}", None
 
 
+def _point(form: Form) -> int | None:
+    text = str(form.get("point") or "").strip()
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidInputError(f"the recovery point must be a point id, not {text!r}") from None
+
+
 async def _failover(action: str, ops: Operations, name: str, host: str | None,
                     form: Form) -> Done:  # fmt: skip
-    job = await ops.failover(action, name, force=form.get("force") == "on")
+    """``ferry failover ACTION VM [--point P] [--force] [--host H]``: ``--host`` is the
+    chosen replica host, or for ``planned`` the page's host (the primary)."""
+    replica = str(form.get("replica_host") or "").strip() or None
+    job = await ops.failover(action, name, point=_point(form), force=form.get("force") == "on",
+                             host=host, replica=replica)  # fmt: skip
     return f"failover {action} of VM {name} started on {job['host']} (job {job['id']})", job
 
 
