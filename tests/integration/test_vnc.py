@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,3 +62,54 @@ def test_a_vnc_display_speaks_rfb_and_survives_a_move(lab_env: LabEnv) -> None:
     plain = lab_env.cli.json("vm", "create", "blind", "--host", "host-1", "--memory", "64M")
     assert plain["vnc"] is False and plain["display"] == "none"
     lab_env.cli("vm", "delete", "blind")
+
+
+@contextlib.contextmanager
+def vnc_forward(env: LabEnv, name: str) -> Iterator[tuple[str, int]]:
+    """``ferry vm vnc NAME`` as its own process: its (address, port); SIGINT at the end."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ferry", "vm", "vnc", name, "--listen", "127.0.0.1:0"],
+        env=dict(os.environ, FERRY_HOME=str(env.home)), stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        match = re.fullmatch(r"vnc://(127\.0\.0\.1):(\d+)", line)
+        assert match, f"ferry vm vnc printed {line!r}; stderr: {proc.stderr and proc.stderr.read()}"
+        yield match[1], int(match[2])
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        try:
+            _, stderr = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+
+
+def tcp_banner(address: tuple[str, int]) -> bytes:
+    with socket.create_connection(address, timeout=20) as sock:
+        return read_banner(sock)
+
+
+def test_ferry_vm_vnc_relays_the_display_over_the_agents_api(lab_env: LabEnv) -> None:
+    if lab_env.vm("painter")["state"] != "running":
+        lab_env.cli("vm", "start", "painter")
+    with vnc_forward(lab_env, "painter") as address:
+        assert tcp_banner(address) == BANNER
+        assert tcp_banner(address) == BANNER  # one websocket per viewer connection
+        # The forward finds the VM where it went: a viewer reconnects after a move.
+        there = lab_env.vm("painter")["host"]
+        lab_env.cli("vm", "move", "painter", "--to", "host-1" if there == "host-2" else "host-2")
+        assert tcp_banner(address) == BANNER
+    lab_env.cli("vm", "create", "blind", "--host", "host-1", "--memory", "64M")
+    line = lab_env.cli.fails("vm", "vnc", "blind")
+    assert "has no VNC display" in line
+    line = lab_env.cli.fails("vm", "vnc", "painter", "--listen", "0.0.0.0:5900")
+    assert line.startswith("ferry: error: --listen")  # never a wildcard, loopback only
+    lab_env.cli("vm", "delete", "blind")
+    lab_env.cli("vm", "kill", "painter")
+    lab_env.cli("vm", "delete", "painter")

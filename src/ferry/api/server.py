@@ -33,6 +33,7 @@ from ferry.api.models import (
     VolumeRequest,
 )
 from ferry.api.protection import ProtectionRoutes
+from ferry.api.vnc import VncRoutes
 from ferry.core import vmstate
 from ferry.core.cluster.roles import Want, parse_priority
 from ferry.core.migration import Storage
@@ -123,6 +124,7 @@ class AgentApi:
         app.add_routes(
             ProtectionRoutes(self.vms, self.replication, self.extensions, self.failover).routes()
         )
+        app.add_routes(VncRoutes(self.vms).routes())
         if self.cluster_vms is not None and self.maintenance is not None:
             app.add_routes(ClusterVmRoutes(self.cluster_vms, self.maintenance, view=self._view,
                                            host=self.vms.config.name).routes())  # fmt: skip

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import typer
 
 from ferry.cli.output import err, print_json, print_table, say
+from ferry.cli.vnc_cmd import vnc
 from ferry.core.units import format_size, parse_duration, parse_size
 from ferry.errors import FerryError, InvalidInputError, NotFoundError
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:  # the client stack (aiohttp, TLS) loads only for commands tha
     from ferry.client.fleet import Fleet
 
 app = typer.Typer(help="Create, run and remove VMs.", no_args_is_help=True)
+app.command("vnc")(vnc)
 
 T = TypeVar("T")
 

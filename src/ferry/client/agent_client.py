@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import AsyncIterable
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any
+
+import aiohttp
 
 from ferry.errors import ThumbprintMismatchError
 from ferry.peer.https import HttpsTransport, raise_for_error
@@ -84,3 +87,7 @@ class AgentClient:
 
     async def delete(self, path: str, **params: str) -> Any:
         return await self.call("DELETE", path, params=params or None)
+
+    def websocket(self, path: str) -> AbstractAsyncContextManager[aiohttp.ClientWebSocketResponse]:
+        """A websocket to the agent (``async with``), e.g. a VM's VNC display."""
+        return self._transport.websocket(path)

@@ -9,9 +9,10 @@ same transport.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ssl
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -75,6 +76,43 @@ class HttpsTransport:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    @contextlib.asynccontextmanager
+    async def websocket(self, path: str) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+        """A websocket to ``path`` (its own session: no total timeout on a long relay)."""
+        where = f"host {self.name!r} at {self.url}"
+        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(sock_connect=10))
+        try:
+            try:
+                ws = await session.ws_connect(self.url + path, ssl=self._tls,
+                                              server_hostname=self._server_name,
+                                              heartbeat=30, max_msg_size=0)  # fmt: skip
+            except aiohttp.WSServerHandshakeError as exc:
+                raise ConnectionFailedError(
+                    f"{where} refused the websocket {path}: HTTP {exc.status}"
+                ) from exc
+            except aiohttp.ClientConnectorCertificateError as exc:
+                raise AuthError(
+                    f"{where} presented a certificate we do not trust: {exc.certificate_error}"
+                ) from exc
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                raise ConnectionFailedError(f"cannot open a websocket to {where}: {exc}") from exc
+            ssl_object = ws.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            thumbprint = hashlib.sha256(der).hexdigest() if der else None
+            if self.pin and thumbprint != self.pin:
+                await ws.close()
+                raise ThumbprintMismatchError(
+                    f"{where} presented certificate thumbprint {thumbprint}, "
+                    f"not the pinned {self.pin}",
+                    found=thumbprint or "",
+                )
+            try:
+                yield ws
+            finally:
+                await ws.close()
+        finally:
+            await session.close()
 
     async def request(
         self,
