@@ -126,6 +126,8 @@ def act(tab: Page, testid: str, dialogs: list[tuple[str, str]], *, destructive: 
     """Press an action's button and wait for its answer; its one line (ok, or the
     refusal when ``refused``), read after that answer, never an earlier one. A
     ``destructive`` action must have asked first (one confirm dialog), another must not."""
+    # htmx (a deferred script) must have taken the form over, or the click posts it plainly.
+    tab.wait_for_function("() => document.readyState === 'complete' && window.htmx !== undefined")
     before = len(dialogs)
     with tab.expect_response(lambda r: "/actions/" in r.url and r.request.method == "POST",
                              timeout=JOB):  # fmt: skip
@@ -372,6 +374,46 @@ def test_forged_post_is_refused(page: Page, web_server: WebServer, lab_env: LabE
                             headers={"Origin": "http://evil.example"})  # fmt: skip
     assert elsewhere.status == 403, elsewhere.text()
     assert lab_env.vm(VM)["state"] == "running"
+
+
+PAINTER = "painter"  # a VM with a VNC display
+LIT_PIXEL = """() => {
+  const c = document.querySelector('[data-testid="vnc-screen"] canvas');
+  const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+  for (let i = 0; i < d.length; i += 4) if (d[i] > 128) return true;
+  return false;
+}"""
+
+
+def test_graphical_console_shows_the_vnc_display(
+    page: Page, web_server: WebServer, lab_env: LabEnv, artifacts: Path
+) -> None:
+    """A VM made with --display vnc: its page connects noVNC through the console's
+    websocket (the agent's relay behind it) and draws the screen on a canvas."""
+    lab_env.cli("vm", "create", PAINTER, "--host", "host-1", "--guest", "test", "--memory",
+                "128M", "--display", "vnc", "--start")  # fmt: skip
+    try:
+        open_vm(page, PAINTER)
+        screen = page.get_by_test_id("vnc-screen")
+        expect(screen).to_have_attribute("data-state", "connected", timeout=30_000)
+        expect(page.get_by_test_id("vnc-status")).to_have_text("Connected.")
+        canvas = screen.locator("canvas")
+        expect(canvas).to_be_visible()
+        size = canvas.evaluate("c => [c.width, c.height]")
+        assert size[0] >= 640 and size[1] >= 200, size  # QEMU's VGA mode, not noVNC's blank
+        # Not a blank canvas: the guest's screen (SeaBIOS's text at least) is drawn.
+        page.wait_for_function(LIT_PIXEL, arg=None, timeout=30_000)
+        shoot(page, artifacts, "vm-graphical-console", part=page.get_by_test_id("vnc"))
+        # Only this console's pages may open the websocket (it bears the session cookie).
+        forged = page.context.request.get(web_server.base + f"/vms/{PAINTER}/vnc",
+                                          headers={"Origin": "http://evil.example"})  # fmt: skip
+        assert forged.status == 403, forged.text()
+        # A VM without a display has no panel.
+        open_vm(page, VM, lab_env.vm(VM)["host"])
+        expect(page.get_by_test_id("vnc")).to_have_count(0)
+    finally:
+        lab_env.cli("vm", "kill", PAINTER, check=False)
+        lab_env.cli("vm", "delete", PAINTER, check=False)
 
 
 def test_no_script_or_server_errors(script_errors: list[str], web_server: WebServer) -> None:

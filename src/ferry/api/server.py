@@ -230,6 +230,7 @@ class AgentApi:
             name=spec.name, uuid=spec.uuid, host=remote.owner.node if remote.owner else "",
             state=remote.state, config_version=spec.config_version, memory=spec.memory,
             cpus=spec.cpus, kernel=spec.kernel, append=spec.append, cluster=remote.cluster,
+            display=spec.display, vnc=spec.display == "vnc",
             disks=[DiskView(path=d.path, size=d.size, format=d.format) for d in spec.disks],
         )  # fmt: skip
 

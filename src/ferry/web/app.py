@@ -54,6 +54,9 @@ Keep these names; add freely.
       ``action-failover-complete``, ``action-failover-cancel``; while <VM>-test
       exists, ``test-failover-running`` names it;
       the VM's jobs ``vm-jobs`` (job rows as below, live).
+      Graphical console (only when the VM view has ``vnc`` true): section ``vnc``,
+      noVNC's screen ``vnc-screen`` (``data-state`` connecting|connected|disconnected),
+      its line ``vnc-status``; the websocket is ``/vms/NAME/vnc``.
   Jobs (/jobs): ``jobs-table``, live body ``jobs-body``; rows ``job-row`` with
       ``data-job-id``, ``data-kind``, ``data-vm``, ``data-state`` (``done`` at the end);
       inside: ``<progress data-testid="job-progress">``, ``job-phase``,
@@ -75,6 +78,7 @@ from ferry.web.pages import jobs as jobs_page
 from ferry.web.pages import overview as overview_page
 from ferry.web.pages import vm as vm_page
 from ferry.web.pages import vms as vms_page
+from ferry.web.pages import vnc as vnc_page
 from ferry.web.render import Renderer
 from ferry.web.sampler import LagSampler
 from ferry.web.session import Session, Sessions, cookie_name
@@ -191,7 +195,7 @@ def build_app(
     app[context.SAMPLER] = sampler or LagSampler(ops)
     app.on_response_prepare.append(_headers)
     app.router.add_static("/static/", STATIC)
-    for page in (overview_page, vms_page, vm_page, jobs_page):
+    for page in (overview_page, vms_page, vm_page, jobs_page, vnc_page):
         app.add_routes(page.routes())
 
     async def sampling(app: web.Application) -> AsyncIterator[None]:
