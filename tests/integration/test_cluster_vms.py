@@ -5,8 +5,12 @@ One lab for the module: three nodes of cluster ``c1`` at functional level 2
 level 3 with the guest running throughout. In order: bad
 input changes nothing; two concurrent placements of one VM, only one wins;
 a clustered guest is created, started and shown from any node and moves
-inside the cluster with its owner; stop keeps it off; drain and resume;
-a drain that cannot place says which VM and why; the rolling upgrade.
+inside the cluster with its owner; stop keeps it off, and a start asked on
+a node that does not own it brings it back (its owner acts); drain and
+resume; a drain that cannot place says which VM and why; the rolling
+upgrade; last, a stop asked on a node that does not own it (the guest is not
+booted again after it). Polling is in this process (agent calls, in-process
+CLI); agents restart only for the upgrade.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ NODES = ("host-1", "host-2", "host-3")
 
 
 def restart_agents(env: LabEnv, indexes: list[int], **config: object) -> None:
-    """Stop these agents (SIGTERM), change their host.toml, start them with one ``lab up``."""
+    """Stop these agents (SIGTERM), change their host.toml, start them with one ``Lab.up``
+    (in this process: a ``ferry lab up`` would cost a Python start-up more)."""
     for index in indexes:
         pid = env.lab.host(index).pid()
         if pid is not None:
@@ -51,11 +56,30 @@ def restart_agents(env: LabEnv, indexes: list[int], **config: object) -> None:
         settings = tomllib.loads(host.config_path.read_text())
         settings.update(config)
         host.config_path.write_text(tomli_w.dumps(settings))
-    env.cli("lab", "up", "--hosts", str(len(env.lab.hosts())), "--no-guest")
+    env.lab.up(len(env.lab.hosts()))
 
 
 def show(env: LabEnv) -> dict[str, Any]:
     result: dict[str, Any] = env.cli.json("cluster", "show", CLUSTER)
+    return result
+
+
+def agent(env: LabEnv, node: str, method: str, path: str,
+          body: dict[str, Any] | None = None) -> Any:  # fmt: skip
+    """One call to ``node``'s agent with the admin certificate, in this process."""
+    from ferry.client.fleet import Fleet
+    from ferry.client.settings import load_settings
+
+    async def go() -> Any:
+        async with Fleet(load_settings(env.home)) as fleet:
+            return await fleet.client(node).call(method, path, body=body)
+
+    return asyncio.run(go())
+
+
+def shown_on(env: LabEnv, node: str, vm: str = "g1") -> dict[str, Any]:
+    """``GET /v1/vms/{vm}`` on ``node`` itself (owner or not)."""
+    result: dict[str, Any] = agent(env, node, "GET", f"/v1/vms/{vm}")
     return result
 
 
@@ -103,6 +127,28 @@ class Store:
         result: dict[str, bytes] = self.run(read)
         return result
 
+    def one_more_pass(self, uuid: str, timeout: float = 30) -> bytes:
+        """Make the owner's reconciler run a whole pass now, and wait for its end.
+
+        The state the owner published is deleted: the deletion wakes a pass (the
+        watch), which decides about the VM and then puts its state again, its last
+        step. Returns that state. Faster than sleeping past the fallback pass
+        (PASS_EVERY_S) and as sure: a pass that wrongly started the VM would have
+        started it before putting its state (``running``).
+        """
+
+        async def drop(store: Any) -> None:
+            await store.delete(KEYS.vm_state(uuid))
+
+        async def read(store: Any) -> bytes | None:
+            entry = await store.get(KEYS.vm_state(uuid))
+            return None if entry is None else bytes(entry.value)
+
+        self.run(drop)
+        result: bytes = wait_for("a reconcile pass of the owner", lambda: self.run(read),
+                                 timeout=timeout)  # fmt: skip
+        return result
+
     def owner(self, uuid: str) -> Owner:
         async def read(store: Any) -> Owner:
             entry = await store.get(KEYS.vm_owner(uuid))
@@ -118,8 +164,9 @@ def env(tmp_path_factory: pytest.TempPathFactory, guest_cache: Path) -> Iterator
     """Cluster c1 of three nodes at functional level 2 (lease TTL 4 s, volume csv1).
 
     ``cluster_lab_env`` makes its cluster at the software's level; the upgrade
-    needs an older one, so the three hosts are restarted at level 2 before
-    ``Lab.up`` makes the cluster (the lab's etcd; ``lab down`` stops it).
+    needs an older one, so ``Lab.up`` writes level 2 into each host.toml before
+    the agents first start, then makes the cluster (the lab's etcd; ``lab down``
+    stops it).
     """
     root = tmp_path_factory.mktemp("lab")
     home = root / "home"
@@ -127,10 +174,8 @@ def env(tmp_path_factory: pytest.TempPathFactory, guest_cache: Path) -> Iterator
     os.environ["FERRY_HOME"] = str(home)
     lab = Lab(root / "lab")
     try:
-        lab.up(3)
         env = LabEnv(lab=lab, cli=Cli(home), home=home)
-        restart_agents(env, [1, 2, 3], functional_level=2, cluster_lease_ttl=4)
-        lab.up(3, clusters={CLUSTER: []}, lease_ttl_s=4)
+        lab.up(3, clusters={CLUSTER: []}, lease_ttl_s=4, host_settings={"functional_level": 2})
 
         def settled() -> bool:
             view = show(env)
@@ -278,6 +323,12 @@ def test_a_clustered_guest_runs_is_seen_from_any_node_and_moves_with_its_owner(
     shown = env.vm("g1")
     assert shown["cluster"] == CLUSTER and shown["host"] == owner
     assert [vm["host"] for vm in cli.json("vm", "list") if vm["name"] == "g1"] == [owner]
+    # Any node's agent shows it, from the store: its owner, and the state the owner published.
+    other = next(n for n in NODES if n != owner)
+    remote = wait_for("the owner's published state", lambda: (
+        view if (view := shown_on(env, other))["state"] == "running" else None))  # fmt: skip
+    assert (remote["host"], remote["uuid"], remote["cluster"]) == (owner, uuid, CLUSTER)
+    assert remote["disks"] == shown["disks"] and remote["pid"] is None
 
     target = next(n for n in NODES if n != owner)
     lines = cli("vm", "move", "g1", "--to", target, "--json").stdout.splitlines()
@@ -293,15 +344,28 @@ def test_a_clustered_guest_runs_is_seen_from_any_node_and_moves_with_its_owner(
     assert "its disks are not copied" in line
 
 
-def test_stop_keeps_it_off_and_start_brings_it_back(env: LabEnv, store: Store) -> None:
+def test_stop_keeps_it_off_and_start_from_another_node_brings_it_back(
+    env: LabEnv, store: Store
+) -> None:
     cli = env.cli
-    uuid = env.vm("g1")["uuid"]
+    shown = env.vm("g1")
+    uuid, owner = shown["uuid"], shown["host"]
     cli("vm", "stop", "g1", "--timeout", "5s")
     assert store.snapshot()[KEYS.vm_want(uuid)] == b"off"
-    time.sleep(4)  # more than a reconcile pass: nobody starts it again
-    assert env.vm("g1")["state"] == "off"
-    cli("vm", "start", "g1")
-    env.wait_console("g1", lambda t: len(seqs(t)) >= 1, timeout=90)
+    other = next(n for n in NODES if n != owner)
+    wait_for("its state published", lambda: shown_on(env, other)["state"] == "off")
+    # One more whole pass of the owner's reconciler: nobody starts it again.
+    assert store.one_more_pass(uuid) == b"off"
+    assert shown_on(env, owner)["state"] == "off"
+    # Started on a node that does not own it: want running, and the owner starts it.
+    reply = agent(env, other, "POST", "/v1/vms/g1/start")
+    assert (reply["host"], reply["want"], reply["owner_acts"]) == (owner, "running", True)
+    assert store.snapshot()[KEYS.vm_want(uuid)] == b"running"
+    # (the console is the last run's until the owner's start begins a new one)
+    wait_for("the owner started it", lambda: shown_on(env, owner)["state"] == "running",
+             timeout=120)  # fmt: skip
+    assert env.vm("g1")["host"] == owner
+    env.wait_console("g1", lambda t: len(seqs(t)) >= 1, timeout=120)
 
 
 def test_drain_moves_the_guest_live_and_resume_takes_vms_again(env: LabEnv, store: Store) -> None:
@@ -379,3 +443,24 @@ def test_rolling_upgrade_node_by_node_with_the_guest_running(env: LabEnv, store:
                    "--disk", "16M")  # fmt: skip
     assert new["config_version"] == 3
     cli("vm", "delete", "g2")
+
+
+def test_stop_from_a_node_that_does_not_own_it(env: LabEnv, store: Store) -> None:
+    """The owner's reconciler stops it cleanly; it stays off past a pass."""
+    shown = env.vm("g1")
+    uuid, owner = shown["uuid"], shown["host"]
+    assert shown["state"] == "running"
+    other = next(n for n in NODES if n != owner)
+    reply = agent(env, other, "POST", "/v1/vms/g1/stop", {})
+    assert (reply["host"], reply["want"], reply["owner_acts"]) == (owner, "off", True)
+    assert reply["uuid"] == uuid and reply["cluster"] == CLUSTER
+    assert store.snapshot()[KEYS.vm_want(uuid)] == b"off"
+    wait_for("the owner stopped it", lambda: shown_on(env, owner)["state"] == "off", timeout=60)
+    events = env.cli.json("cluster", "events", CLUSTER)
+    [stopped] = [e for e in events if e["kind"] == "vm-stopped" and e["vm"] == "g1"
+                 and e["reason"].startswith("wanted off")]  # fmt: skip
+    assert (stopped["node"], stopped["reason"]) == (owner, "wanted off: shut down cleanly")
+    wait_for("its state published", lambda: shown_on(env, other)["state"] == "off")
+    assert store.one_more_pass(uuid) == b"off"  # a whole pass later: nobody starts it again
+    assert shown_on(env, owner)["state"] == "off"
+    assert store.snapshot()[KEYS.vm_want(uuid)] == b"off"
