@@ -78,6 +78,9 @@ def test_confirmation_ends_the_initial_copy_and_clears_the_sent_point() -> None:
 def test_cycle_delay() -> None:
     assert cycle_delay(S.REPLICATING, None, 300, 1000.0) == 0.0
     assert cycle_delay(S.REPLICATING, 900.0, 300, 1000.0) == 200.0
+    # An off VM's due cycle is skipped without a start: poll, never spin at 0.
+    assert cycle_delay(S.REPLICATING, 100.0, 300, 1000.0, vm_live=False) == 5.0
+    assert cycle_delay(S.REPLICATING, 100.0, 3, 1000.0, vm_live=False) == 3.0
     assert cycle_delay(S.PAUSED, 900.0, 300, 1000.0) == IDLE_DELAY_S
     assert cycle_delay(S.INITIAL_COPY, None, 300, 1000.0, not_before=1500.0) == 500.0
     assert cycle_delay(S.REPLICATING, None, 300, 1000.0, not_before=1500.0) == 0.0

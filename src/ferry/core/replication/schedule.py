@@ -91,17 +91,25 @@ def next_due(last_started: float | None, frequency_s: int, now: float) -> float:
 # A paused or failed relationship waits this long between looks at its
 # state; resuming it wakes its task at once.
 IDLE_DELAY_S = 3600.0
+# How often the scheduler looks at an off VM whose cycle is due (a start is seen within it).
+VM_OFF_POLL_S = 5.0
 
 
 def cycle_delay(state: ReplicationState, last_started: float | None, frequency_s: int,
-                now: float, *, not_before: float | None = None) -> float:  # fmt: skip
+                now: float, *, not_before: float | None = None,
+                vm_live: bool = True) -> float:  # fmt: skip
     """Seconds until the scheduler should start the next cycle.
 
     ``not_before`` holds back an initial copy scheduled for later. A
-    relationship that is not running waits for a wake-up.
+    relationship that is not running waits for a wake-up. While the VM is off
+    its cycle is skipped without a start (its disks do not change), so the
+    due time stays in the past: look again a little later instead of at once,
+    which would spin.
     """
     if not is_running(state):
         return IDLE_DELAY_S
+    if not vm_live:
+        return min(float(frequency_s), VM_OFF_POLL_S)
     due = next_due(last_started, frequency_s, now)
     if state is ReplicationState.INITIAL_COPY and not_before is not None:
         due = max(due, not_before)

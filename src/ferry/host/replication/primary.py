@@ -184,8 +184,10 @@ class ReplicationService:
         rel = self._rel(vm_uuid)
         if rel is None or rel.state is S.REMOVED:
             return None
+        record = self.catalog.find(vm_uuid)
+        live = record is not None and record.state in (VmState.RUNNING, VmState.PAUSED)
         return rules.cycle_delay(rel.state, rel.last_started, rel.frequency_s, time.time(),
-                                 not_before=rel.initial_after)  # fmt: skip
+                                 not_before=rel.initial_after, vm_live=live)  # fmt: skip
 
     async def sync_now(self, name: str) -> dict[str, Any]:
         """Run a cycle now and return its outcome (``replication sync``)."""
