@@ -464,3 +464,7 @@ def test_stop_from_a_node_that_does_not_own_it(env: LabEnv, store: Store) -> Non
     assert store.one_more_pass(uuid) == b"off"  # a whole pass later: nobody starts it again
     assert shown_on(env, owner)["state"] == "off"
     assert store.snapshot()[KEYS.vm_want(uuid)] == b"off"
+    # The CLI with --host naming that node: the store's view, and the owner acts.
+    assert (env.vm("g1", host=other)["host"], env.vm("g1", host=other)["state"]) == (owner, "off")
+    said = env.cli("vm", "stop", "g1", "--host", other).stdout.strip()
+    assert said == f"VM g1 is wanted off: its owner {owner} stops it"

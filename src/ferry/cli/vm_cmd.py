@@ -178,7 +178,12 @@ def _action(name: str, host: str | None, verb: str, body: dict[str, Any] | None 
 def start_vm(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> None:
     """Start a VM."""
     vm = _action(name, host, "start")
-    print_json(vm) if as_json else say(f"VM {name} is {vm['state']} on {vm['host']}")
+    if as_json:
+        print_json(vm)
+    elif vm.get("owner_acts"):  # --host named a node of its cluster that does not own it
+        say(f"VM {name} is wanted running: its owner {vm['host']} starts it")
+    else:
+        say(f"VM {name} is {vm['state']} on {vm['host']}")
 
 
 @app.command("stop")
@@ -192,6 +197,8 @@ def stop_vm(
     result = _action(name, host, "stop", {"timeout_s": parse_duration(timeout, what="timeout")})
     if as_json:
         print_json(result)
+    elif result.get("owner_acts"):  # asked on a node of its cluster that does not own it
+        say(f"VM {name} is wanted off: its owner {result['host']} stops it")
     else:
         how = "forced off after the timeout" if result["forced"] else "shut down cleanly"
         say(f"VM {name} {how}")
