@@ -263,6 +263,8 @@ def test_node_loss_restarts_the_vm_on_another_node_with_its_records(ha: Ha) -> N
         f"{started - t0:.2f}s after it on {moved['host']}"
     )
     assert started > died
+    # No start came too early and failed on the way (image locks are off here).
+    assert ha.events(t0, "vm-start-failed") == []
     # etcd expires the lease no sooner than TTL after the last renewal (at most
     # one renewal interval before the kill): the restart cannot come earlier.
     assert started - t0 >= ha.timings.ttl_s - ha.timings.renew_interval_s
@@ -283,8 +285,10 @@ def test_a_node_cut_from_etcd_fences_itself_and_the_vm_restarts_once_elsewhere(h
     ha.proxy.cut()
     died = watch.wait(ha.timings.ttl_s + 5)
     before = old_run(ha, CUT_HOST, vm["uuid"])
-    # Fenced before etcd could expire the lease (the last renewal was before t0).
-    assert died - t0 < ha.timings.ttl_s, f"the cut node's QEMU lived {died - t0:.2f}s"
+    # Fenced before etcd could expire the lease: the last renewal was sent at most
+    # a renewal interval before t0, so the lease lasts at least TTL - that.
+    lease_floor = ha.timings.ttl_s - ha.timings.renew_interval_s
+    assert died - t0 < lease_floor, f"the cut node's QEMU lived {died - t0:.2f}s"
     assert ha.env.lab.host(CUT_HOST).pid() is not None, "the cut node's agent died"
     moved = ha.wait_elsewhere("cutoff", f"host-{CUT_HOST}", timeout=60)
     print(
@@ -292,18 +296,18 @@ def test_a_node_cut_from_etcd_fences_itself_and_the_vm_restarts_once_elsewhere(h
         f"new one started {start_time(moved['pid']) - t0:.2f}s after it on {moved['host']}"
     )
     assert start_time(moved["pid"]) > died
+    assert ha.events(t0, "vm-start-failed") == []
     assert_continued(ha, "cutoff", moved["host"], before)
     ha.proxy.restore()
-    # The old node rejoins with a new lease, marked fenced, and leaves the VM alone.
-    wait_node_state(ha.env, f"host-{CUT_HOST}", "fenced", timeout=30)
+    # The old node rejoins with a new lease (up again, the fence on record) and
+    # leaves the VM alone.
+    wait_node_state(ha.env, f"host-{CUT_HOST}", "up", timeout=30)
     stay_away(ha, vm["uuid"], moved["pid"], 3 * ha.timings.ttl_s / 2)
     fenced = ha.events(t0, "node-fenced")
     assert [e["node"] for e in fenced] == [f"host-{CUT_HOST}"]
     restarts = ha.events(t0, "vm-restart")
     assert [(e["vm"], e["node"]) for e in restarts] == [("cutoff", moved["host"])]
     ha.check_records("cutoff", moved["host"])
-    ha.cli("cluster", "resume", f"host-{CUT_HOST}", "--cluster", CLUSTER)
-    wait_node_state(ha.env, f"host-{CUT_HOST}", "up", timeout=30)
 
 
 def test_an_agent_killed_with_its_qemu_alive_is_fenced_by_its_guard(ha: Ha) -> None:
@@ -314,7 +318,8 @@ def test_an_agent_killed_with_its_qemu_alive_is_fenced_by_its_guard(ha: Ha) -> N
     ha.env.kill_agent(1)
     died = watch.wait(ha.timings.ttl_s + 5)
     before = old_run(ha, 1, vm["uuid"])
-    assert died - t0 < ha.timings.guard_limit_s + 1.0
+    # Killed by the guard before etcd could expire the agent's lease (see the cut test).
+    assert died - t0 < ha.timings.ttl_s - ha.timings.renew_interval_s
     moved = ha.wait_elsewhere("orphan", "host-1", timeout=60)
     started = start_time(moved["pid"])
     print(
@@ -322,6 +327,8 @@ def test_an_agent_killed_with_its_qemu_alive_is_fenced_by_its_guard(ha: Ha) -> N
         f"{ha.timings.guard_limit_s:g}s), new one started {started - t0:.2f}s after"
     )
     assert started > died
+    # No start came too early and failed on the way (image locks are off here).
+    assert ha.events(t0, "vm-start-failed") == []
     # The guard says it killed that QEMU, and when: before the new one started.
     log = read_log(guard_paths(ha.env, 1).log)
     killed = [r for r in log if r["event"] == "killed" and r["vm"] == vm["uuid"]]
@@ -335,9 +342,13 @@ def test_an_agent_killed_with_its_qemu_alive_is_fenced_by_its_guard(ha: Ha) -> N
 
 
 def test_an_etcd_restart_restarts_nothing(ha: Ha) -> None:
+    """etcd restarts: a node cannot tell that from being cut off itself, so what
+    its TTL bridges is kept running untouched; past that it fences, and then the
+    VM must come back exactly once, its records whole (never two writers)."""
     wait_all_up(ha)
     vm = ha.create("steady", host=2)
     pid = vm["pid"]
+    watch = DeathWatch(pid, vm["uuid"])
     t0 = time.time()
     ha.etcd.stop()
     ha.etcd.start()
@@ -347,18 +358,38 @@ def test_an_etcd_restart_restarts_nothing(ha: Ha) -> None:
     # old when etcd goes, and the first retry after it is back a retry away.
     bridged = t.guard_limit_s - t.renew_interval_s - t.retry_interval_s
     print(f"etcd restart: {outage:.2f}s without etcd (bridged for sure: {bridged:.2f}s)")
-    assert outage < bridged, (
-        f"etcd took {outage:.2f}s to restart, longer than the {bridged:.2f}s a "
-        f"{t.ttl_s}s lease TTL bridges for sure; the node may rightly fence: the test "
-        "needs a longer cluster_lease_ttl (or an idler machine)"
-    )
     # A needless fence would show within the self-fence deadline, a restart
     # elsewhere within the TTL and a leader poll.
-    time.sleep(2 * ha.timings.ttl_s)
-    assert qemu_pids_for(vm["uuid"]) == [pid], f"etcd was down {outage:.1f}s"
-    assert ha.where("steady", "host-2")["pid"] == pid
-    assert ha.events(t0, "node-fenced") == [] and ha.events(t0, "vm-restart") == []
-    assert set(node_states(ha.env).values()) == {"up"}
-    text = ha.env.console("steady", "host-2")
-    assert len(UP.findall(text)) == 1, "the guest booted again"
-    ha.check_records("steady", "host-2")
+    time.sleep(2 * t.ttl_s)
+    if outage < bridged:
+        watch.stop()
+        assert qemu_pids_for(vm["uuid"]) == [pid], f"etcd was down {outage:.1f}s"
+        assert ha.where("steady", "host-2")["pid"] == pid
+        assert ha.events(t0, "node-fenced") == [] and ha.events(t0, "vm-restart") == []
+        assert set(node_states(ha.env).values()) == {"up"}
+        text = ha.env.console("steady", "host-2")
+        assert len(UP.findall(text)) == 1, "the guest booted again"
+        ha.check_records("steady", "host-2")
+        return
+    # Longer than the TTL bridges (a loaded machine): the nodes rightly fenced.
+    # Whatever they did, the VM runs once, started after its old QEMU died.
+    print("etcd was away longer than the TTL bridges: checking the fenced outcome")
+    died = watch.wait(t.ttl_s)
+    deadline = time.monotonic() + 90
+    while len(qemu_pids_for(vm["uuid"])) != 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (new_pid,) = qemu_pids_for(vm["uuid"])
+    assert start_time(new_pid) > died
+    assert len(ha.events(t0, "vm-restart")) <= 1
+    stay_away(ha, vm["uuid"], new_pid, t.ttl_s)
+    for index in (1, 2, 3):
+        if ha.cli("vm", "show", "steady", "--host", f"host-{index}", "--json",
+                  check=False).returncode == 0:  # fmt: skip
+            shown = ha.where("steady", f"host-{index}")
+            if shown.get("pid") == new_pid:
+                ha.check_records("steady", f"host-{index}")
+                break
+    else:
+        raise AssertionError("no node shows the running VM")
+    # Every node that fenced is back up without an admin (they rejoined).
+    wait_all_up(ha)

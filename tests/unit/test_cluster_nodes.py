@@ -50,6 +50,30 @@ def test_states_from_the_store(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_a_fenced_node_is_up_again_once_it_rejoined_with_a_new_lease(tmp_path: Path) -> None:
+    async def main() -> None:
+        lab = MemoryCluster(tmp_path)
+        await lab.node("a").create("c1", [lab.url], None)
+        await lab.node("c").join("c1", [lab.url], None)
+        # c fenced itself: its mark is written, then its old lease goes.
+        await lab.store.put(KEYS.fenced("c"), b'{"at": 1, "reason": "lease not renewed"}')
+        await lab.expire("c")
+        states = {v.name: v.state.value for v in await lab.membership("a").nodes()}
+        assert states["c"] == "fenced"
+        # It takes a new lease (a new alive record after the mark): up again,
+        # the mark kept as the record of the fence.
+        await lab.membership("c").regrant()
+        states = {v.name: v.state.value for v in await lab.membership("a").nodes()}
+        assert states["c"] == "up"
+        assert await lab.store.get(KEYS.fenced("c")) is not None
+        # A later fence (a newer mark) makes it fenced again.
+        await lab.store.put(KEYS.fenced("c"), b'{"at": 2, "reason": "lease not renewed"}')
+        states = {v.name: v.state.value for v in await lab.membership("a").nodes()}
+        assert states["c"] == "fenced"
+
+    asyncio.run(main())
+
+
 def _three(tmp_path: Path, body: object) -> None:
     async def main() -> None:
         lab = MemoryCluster(tmp_path)

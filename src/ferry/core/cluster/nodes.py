@@ -7,10 +7,16 @@ the lease expires by etcd's clock) and ``fenced/<node>`` (the node killed its
 clustered QEMUs itself, or was declared fenced). The state is a function of
 which are there, checked in this order::
 
-    fenced/<node> present          -> fenced
-    alive/<node> absent            -> down
-    members/<node>.draining true   -> draining
-    otherwise                      -> up
+    fenced/<node> present, not yet rejoined   -> fenced
+    alive/<node> absent                       -> down
+    members/<node>.draining true              -> draining
+    otherwise                                 -> up
+
+"Rejoined": the node's alive record was created after the fenced mark was
+last written (a fenced node takes a new lease only after the leader had its
+chance to move its VMs away). Then the mark is history and the node is up
+again, so its reconciler starts the VMs it still owns: when etcd itself was
+away, every node fenced and none could have taken them over.
 
 Only ``up`` nodes take new VMs; ``down`` is the one state in which the HA
 leader may move a node's VMs away (its lease is gone, so its QEMUs are).
@@ -121,7 +127,8 @@ def node_views(entries: Iterable[Entry], keys: ClusterKeys) -> list[NodeView]:
     """
     members: dict[str, MemberRecord] = {}
     alive: dict[str, AliveRecord] = {}
-    fenced: set[str] = set()
+    alive_since: dict[str, int] = {}  # create_revision of the alive record
+    fenced_at: dict[str, int] = {}  # mod_revision of the fenced mark
     owned: dict[str, int] = {}
     for entry in entries:
         key = entry.key
@@ -130,11 +137,13 @@ def node_views(entries: Iterable[Entry], keys: ClusterKeys) -> list[NodeView]:
             members[record.name] = record
         elif key.startswith(keys.alive_prefix):
             alive[ClusterKeys.last_part(key)] = AliveRecord.from_json(entry.value)
+            alive_since[ClusterKeys.last_part(key)] = entry.create_revision
         elif key.startswith(keys.fenced_prefix):
-            fenced.add(ClusterKeys.last_part(key))
+            fenced_at[ClusterKeys.last_part(key)] = entry.mod_revision
         elif key.startswith(keys.vms) and key.endswith("/owner"):
             node = owner_of(entry.value)
             owned[node] = owned.get(node, 0) + 1
+    fenced = {name for name, rev in fenced_at.items() if alive_since.get(name, 0) < rev}
     return [_view(members[name], alive.get(name), name in fenced, owned.get(name, 0))
             for name in sorted(members)]  # fmt: skip
 

@@ -24,8 +24,10 @@ lease: it writes ``fenced/<node>`` (``{"at", "reason", "killed"}``), revokes the
 old lease if etcd still has it (its leader key and alive record go with it),
 stays without an alive record for two leader polls (so the leader sees it lost
 and restarts its VMs elsewhere), and asks the membership for a new one.
-``fenced/<node>`` stays until the node reconnects or is resumed, so nothing is
-placed on it meanwhile; which VMs it may run again is the reconciler's
+The node counts as fenced (nothing is placed on it) until its new alive
+record is there: the mark stays as the record of the fence, older than that
+alive record (see :mod:`ferry.core.cluster.nodes`), until a reconnect or
+``cluster resume`` removes it. Which VMs it may run again is the reconciler's
 business (only those it still owns), never this module's.
 
 :class:`NodeFencing` is what the agent composes: the host's one guard client,
