@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -14,8 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from ferry.adapters.pki import client_ssl_context
+from ferry.errors import ConnectionFailedError
 from ferry.host.config import load_host_config
 from ferry.host.vms.process import short_name
+from ferry.peer.https import HttpsTransport
 from tests.conftest import LabEnv, seqs
 
 pytestmark = pytest.mark.integration
@@ -95,6 +99,29 @@ def tcp_banner(address: tuple[str, int]) -> bytes:
         return read_banner(sock)
 
 
+def host_certificate_refused(env: LabEnv, name: str) -> bool:
+    """The VM's agent refuses its display to the other lab host's (peer) certificate."""
+    index = int(env.vm(name)["host"].rsplit("-", 1)[1])
+    other = 3 - index
+    config = load_host_config(env.lab.host(index).config_path)
+    address, port = config.address
+    tls = client_ssl_context(env.lab.host(other).dir / "tls")
+    transport = HttpsTransport(f"host-{index}", f"https://{address}:{port}", tls, timeout=30)
+
+    async def attempt() -> str:
+        try:
+            async with transport.websocket(f"/v1/vms/{name}/vnc"):
+                return "opened"
+        except ConnectionFailedError as exc:
+            return exc.message
+        finally:
+            await transport.close()
+
+    outcome = asyncio.run(attempt())
+    assert outcome.endswith("HTTP 403"), outcome
+    return True
+
+
 def test_ferry_vm_vnc_relays_the_display_over_the_agents_api(lab_env: LabEnv) -> None:
     if lab_env.vm("painter")["state"] != "running":
         lab_env.cli("vm", "start", "painter")
@@ -105,6 +132,7 @@ def test_ferry_vm_vnc_relays_the_display_over_the_agents_api(lab_env: LabEnv) ->
         there = lab_env.vm("painter")["host"]
         lab_env.cli("vm", "move", "painter", "--to", "host-1" if there == "host-2" else "host-2")
         assert tcp_banner(address) == BANNER
+    assert host_certificate_refused(lab_env, "painter")
     lab_env.cli("vm", "create", "blind", "--host", "host-1", "--memory", "64M")
     line = lab_env.cli.fails("vm", "vnc", "blind")
     assert "has no VNC display" in line
