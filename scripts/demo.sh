@@ -8,8 +8,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/bootstrap.sh"
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "ferry lab up --hosts 3"
-ferry lab up --hosts 3
+step "ferry lab up --hosts 3 --cluster c1   (one etcd on loopback, TLS; every host a node of c1)"
+ferry lab up --hosts 3 --cluster c1
 
 step "ferry host list"
 ferry host list
@@ -59,6 +59,38 @@ ferry vm console demo-test --host host-3 --follow --until "up last-seq" --timeou
 step "ferry failover stop-test demo"
 ferry failover stop-test demo
 
+step "ferry cluster show c1   (nodes, leader, functional level, volume csv1 all nodes see)"
+ferry cluster show c1
+if ! ferry vm show ha-demo >/dev/null 2>&1; then
+  step "ferry vm create ha-demo --cluster c1 --volume csv1 --host host-3 --priority high --guest test"
+  ferry vm create ha-demo --cluster c1 --volume csv1 --host host-3 --priority high --guest test \
+    --memory 256M --disk 256M
+fi
+if [ "$(ferry vm show ha-demo --json | field '["host"]')" != host-3 ]; then
+  step "ferry vm move ha-demo --to host-3   (inside the cluster: only memory moves, ownership follows)"
+  ferry vm move ha-demo --to host-3
+fi
+if [ "$(ferry vm show ha-demo --json | field '["state"]')" != running ]; then
+  step "ferry vm start ha-demo"
+  ferry vm start ha-demo
+fi
+ferry vm console ha-demo --follow --until "seq 3" --timeout 120s >/dev/null
+step "ferry lab crash host-3   (power loss: its agent, fence guard and QEMUs SIGKILLed)"
+ferry lab crash host-3
+step "c1 restarts ha-demo on another node once host-3's lease expires"
+start=$SECONDS
+while :; do
+  now=$(ferry vm show ha-demo --json 2>/dev/null | field '["host"]+" "+d["state"]' || true)
+  case "$now" in host-3*|"" ) ;; *" running") break ;; esac
+  [ $((SECONDS - start)) -lt 120 ] || { echo "ha-demo did not restart within 120 s" >&2; exit 1; }
+  sleep 1
+done
+ferry vm console ha-demo --follow --until "up last-seq" --timeout 60s | grep "up last-seq"
+echo "ha-demo runs on ${now% *} again after $((SECONDS - start)) s, its records carried on"
+ferry cluster events c1 | tail -n 5
+step "ferry lab up --hosts 3 --cluster c1   (host-3 comes back and rejoins; it leaves ha-demo alone)"
+ferry lab up --hosts 3 --cluster c1
+
 step "ferry vm list"
 ferry vm list
 
@@ -69,6 +101,9 @@ The test guest runs on $to and writes a record every 200 ms. Try:
   ferry vm console demo                 # its serial console
   ferry vm stop demo && ferry vm start demo   # it finds its last record again
   ferry vm move demo --to host-1        # and back; --json for scripts
+  ferry cluster show c1                 # the cluster; ferry cluster events c1
+  ferry cluster drain host-1 --cluster c1   # live-moves its clustered VMs away
+  ferry web                             # the web console, in your browser
   ferry job list                        # moves, their phases and results
   ferry replication measure demo        # lag, cycles, delta sizes (--json)
   ferry lab down                        # stop everything
