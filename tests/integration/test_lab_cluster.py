@@ -5,12 +5,16 @@ and changes nothing; ``lab status`` shows etcd (``lab down`` is the fixture's)."
 from __future__ import annotations
 
 import re
+import time
 import tomllib
+from pathlib import Path
 
 import pytest
 
 from ferry.adapters.etcd_server import EtcdServer
 from ferry.errors import FerryError
+from ferry.host.cluster.guard import GuardPaths
+from ferry.host.config import load_host_config
 from ferry.lab import Lab
 from tests.conftest import LabEnv
 from tests.integration.conftest import CLUSTER, CLUSTER_LEASE_TTL_S
@@ -79,3 +83,30 @@ def test_bad_cluster_input_is_refused_and_changes_nothing(cluster_lab_env: LabEn
     assert not (env.lab.root / "clusters" / "c9").exists()
     assert not (env.lab.root / "clusters" / "c2").exists()
     assert [v["name"] for v in env.cli.json("cluster", "show", CLUSTER)["volumes"]] == ["csv1"]
+
+
+def test_lab_crash_kills_a_host_whole_and_lab_up_brings_it_back(cluster_lab_env: LabEnv) -> None:
+    env = cluster_lab_env
+    host = env.lab.host(3)
+    config = load_host_config(host.config_path)
+    guard = GuardPaths.of_host(config.name, config.data_dir, config.runtime_dir)
+    agent_pid, guard_pid = host.pid(), guard.pid()
+    assert agent_pid is not None and guard_pid is not None
+    crashed = env.cli.json("lab", "crash", "host-3")
+    assert crashed["killed"] == [f"agent pid {agent_pid}", f"fence guard pid {guard_pid}"]
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{guard_pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the guard is no child of ours: init reaps it
+    assert host.pid() is None and not Path(f"/proc/{guard_pid}").exists()
+    assert "no host 'host-9'" in env.cli.fails("lab", "crash", "host-9")
+    env.cli("lab", "up", "--hosts", "3", "--cluster", CLUSTER,
+            "--lease-ttl", str(CLUSTER_LEASE_TTL_S), "--no-guest")  # fmt: skip
+    assert host.pid() not in (None, agent_pid)
+    deadline = time.monotonic() + 30
+    states: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        states = {n["name"]: n["state"] for n in env.cli.json("cluster", "show", CLUSTER)["nodes"]}
+        if set(states.values()) == {"up"}:
+            break
+        time.sleep(0.3)
+    assert set(states.values()) == {"up"}, states
