@@ -62,7 +62,8 @@ def test_a_vnc_display_speaks_rfb_and_survives_a_move(lab_env: LabEnv) -> None:
     assert moved["host"] == "host-2" and moved["vnc"] is True
     assert not before.exists()  # the source's QEMU and its socket are gone
     assert unix_banner(vnc_socket(lab_env, 2, vm["uuid"])) == BANNER
-    lab_env.wait_console("painter", lambda t: len(seqs(t)) >= 2)
+    # The guest runs on (its boot under TCG on a loaded 2-core machine can take a minute).
+    lab_env.wait_console("painter", lambda t: len(seqs(t)) >= 2, timeout=180)
     plain = lab_env.cli.json("vm", "create", "blind", "--host", "host-1", "--memory", "64M")
     assert plain["vnc"] is False and plain["display"] == "none"
     lab_env.cli("vm", "delete", "blind")
