@@ -300,12 +300,17 @@ def lab_env(tmp_path_factory: pytest.TempPathFactory, guest_cache: Path) -> Iter
 # short unit modules fill in at the end: the two workers finish together. A
 # module not listed counts as UNLISTED_S (unit tests: UNIT_S).
 MODULE_SECONDS = {
+    "integration/test_cluster_ha.py": 330,
     "integration/test_replication.py": 300,
     "integration/test_failover.py": 300,
     "integration/test_multidisk.py": 280,
     "integration/test_cluster_replication.py": 240,
+    "e2e/test_web.py": 210,
     "integration/test_export_import.py": 200,
-    "e2e/test_web.py": 180,
+    "integration/test_cluster_vms.py": 180,
+    "integration/test_lab_cluster.py": 130,
+    "integration/test_cluster_membership.py": 110,
+    "integration/test_vnc.py": 90,
     "integration/test_migration_refusals.py": 170,
     "integration/test_vm_lifecycle.py": 160,
     "integration/test_migration.py": 150,
