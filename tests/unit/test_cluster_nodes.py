@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from ferry.core.cluster.keys import ClusterKeys
-from ferry.core.cluster.nodes import MemberRecord, NodeState, node_state
+from ferry.core.cluster.nodes import MemberRecord, NodeState, node_state, still_fenced
+from ferry.core.cluster.store import Entry
 from ferry.errors import ConflictError, FerryError
 from ferry.host.cluster.volumes import odd_nodes
 from ferry.testing.cluster import MemoryCluster
@@ -162,3 +163,14 @@ def test_a_probe_from_a_host_outside_the_cluster_is_refused(tmp_path: Path) -> N
         assert list(tmp_path.glob(".ferry-probe-*")) == []
 
     _three(tmp_path, body)
+
+
+def test_still_fenced_until_a_newer_alive_record() -> None:
+    def entry(create: int, mod: int) -> Entry:
+        return Entry("k", b"{}", create_revision=create, mod_revision=mod, version=1)
+
+    assert not still_fenced(None, entry(5, 9))
+    assert still_fenced(entry(7, 7), None)  # fenced, not back
+    assert still_fenced(entry(7, 7), entry(5, 9))  # alive from before the mark
+    assert not still_fenced(entry(7, 7), entry(8, 12))  # rejoined after the mark
+    assert still_fenced(entry(7, 13), entry(8, 12))  # fenced again since

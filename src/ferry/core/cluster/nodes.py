@@ -114,6 +114,13 @@ def node_state(member: MemberRecord, *, alive: bool, fenced: bool) -> NodeState:
     return NodeState.UP
 
 
+def still_fenced(mark: Entry | None, alive: Entry | None) -> bool:
+    """Whether a node with this ``fenced`` mark and ``alive`` record counts as fenced:
+    the mark is there and the node has not rejoined since (its alive record, if
+    any, was created before the mark was last written)."""
+    return mark is not None and (alive is None or alive.create_revision < mark.mod_revision)
+
+
 def owner_of(raw: bytes) -> str:
     """The node named by a ``vms/<uuid>/owner`` value (``{"node", "since"}``)."""
     return str(json.loads(raw)["node"])
@@ -127,8 +134,8 @@ def node_views(entries: Iterable[Entry], keys: ClusterKeys) -> list[NodeView]:
     """
     members: dict[str, MemberRecord] = {}
     alive: dict[str, AliveRecord] = {}
-    alive_since: dict[str, int] = {}  # create_revision of the alive record
-    fenced_at: dict[str, int] = {}  # mod_revision of the fenced mark
+    alive_entries: dict[str, Entry] = {}
+    marks: dict[str, Entry] = {}
     owned: dict[str, int] = {}
     for entry in entries:
         key = entry.key
@@ -137,13 +144,13 @@ def node_views(entries: Iterable[Entry], keys: ClusterKeys) -> list[NodeView]:
             members[record.name] = record
         elif key.startswith(keys.alive_prefix):
             alive[ClusterKeys.last_part(key)] = AliveRecord.from_json(entry.value)
-            alive_since[ClusterKeys.last_part(key)] = entry.create_revision
+            alive_entries[ClusterKeys.last_part(key)] = entry
         elif key.startswith(keys.fenced_prefix):
-            fenced_at[ClusterKeys.last_part(key)] = entry.mod_revision
+            marks[ClusterKeys.last_part(key)] = entry
         elif key.startswith(keys.vms) and key.endswith("/owner"):
             node = owner_of(entry.value)
             owned[node] = owned.get(node, 0) + 1
-    fenced = {name for name, rev in fenced_at.items() if alive_since.get(name, 0) < rev}
+    fenced = {name for name, mark in marks.items() if still_fenced(mark, alive_entries.get(name))}
     return [_view(members[name], alive.get(name), name in fenced, owned.get(name, 0))
             for name in sorted(members)]  # fmt: skip
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from ferry.adapters.catalog import VmRecord
 from ferry.core import vmstate
+from ferry.core.cluster.nodes import still_fenced
 from ferry.core.cluster.reconcile import Action, Local, decide
 from ferry.core.cluster.roles import Owner, VmRole, Want, decode_role, decode_want
 from ferry.core.cluster.store import Compare, Entry, Put
@@ -142,8 +143,14 @@ class Reconciler:
             part = entry.key.rsplit("/", 1)[-1]
             if part in ("config", "owner", "want", "state"):
                 setattr(roles.setdefault(m.keys.vm_uuid_of(entry.key), RoleEntries()), part, entry)
-        alive = {m.keys.last_part(e.key) for e in await m.store.range(m.keys.alive_prefix)}
-        fenced = await m.store.get(m.keys.fenced(self.node)) is not None
+        alive_entries = {m.keys.last_part(e.key): e
+                         for e in await m.store.range(m.keys.alive_prefix)}  # fmt: skip
+        alive = set(alive_entries)
+        # Fenced until it rejoined (the rule of core/cluster/nodes.py): a node back
+        # with a new lease starts what it still owns (after an etcd outage that
+        # fenced every node, nobody else could have taken it over).
+        mark = await m.store.get(m.keys.fenced(self.node))
+        fenced = still_fenced(mark, alive_entries.get(self.node))
         self_ok = self.node in alive and not fenced and self.cvms.lease_ok()
         await self.cvms.volumes(m)
         local = {record.uuid: record for record in self.vms.list()}
