@@ -80,7 +80,7 @@ ferry lab crash host-3
 step "c1 restarts ha-demo on another node once host-3's lease expires"
 start=$SECONDS
 while :; do
-  now=$(ferry vm show ha-demo --json 2>/dev/null | field '["host"]+" "+d["state"]' || true)
+  now=$(ferry vm show ha-demo --json 2>/dev/null | field '["host"]+" "+d["state"]' 2>/dev/null || true)
   case "$now" in host-3*|"" ) ;; *" running") break ;; esac
   [ $((SECONDS - start)) -lt 120 ] || { echo "ha-demo did not restart within 120 s" >&2; exit 1; }
   sleep 1
