@@ -31,7 +31,7 @@ from ferry.core.cluster.levels import config_version_for
 from ferry.core.cluster.placement import VmDemand, place
 from ferry.core.cluster.records import VolumeRecord
 from ferry.core.cluster.roles import Owner, Priority, VmRole, Want, decode_want, encode_role
-from ferry.core.cluster.store import Compare, Delete, Entry, Put
+from ferry.core.cluster.store import Compare, Delete, Entry, Op, Put
 from ferry.core.migration import Storage, locate_on_volume
 from ferry.core.spec import VmSpec
 from ferry.errors import ConflictError, FerryError, InvalidInputError, NotFoundError, StateError
@@ -269,10 +269,8 @@ class ClusterVms:
         entry = await self.owned_here(m, record, "remove")
         result = await m.store.txn(
             [Compare.unchanged(entry.key, entry.mod_revision)],
-            [Delete(m.keys.vm_config(record.uuid)), Delete(m.keys.vm_owner(record.uuid)),
-             Delete(m.keys.vm_want(record.uuid)), Delete(m.keys.vm_state(record.uuid)),
-             Delete(m.keys.name(name))],
-        )  # fmt: skip
+            _role_deletes(m, record.uuid, name),
+        )
         if not result.succeeded:
             raise ConflictError(f"VM {name!r} changed owner while it was being removed; try again")
         self.mark(record.uuid, None)
@@ -390,10 +388,8 @@ class ClusterVms:
         own_dir = Path(volumes.get(role.volume if role else "", "/nonexistent")) / record.uuid
         result = await m.store.txn(
             [Compare.unchanged(entry.key, entry.mod_revision)],
-            [Delete(m.keys.vm_config(record.uuid)), Delete(m.keys.vm_owner(record.uuid)),
-             Delete(m.keys.vm_want(record.uuid)), Delete(m.keys.vm_state(record.uuid)),
-             Delete(m.keys.name(name))],
-        )  # fmt: skip
+            _role_deletes(m, record.uuid, name),
+        )
         if not result.succeeded:
             raise ConflictError(f"VM {name!r} changed owner while it was being deleted; try again")
         await self.vms.delete(name, force=force)
@@ -416,3 +412,10 @@ class ClusterVms:
         place(VmDemand(name, spec.memory, spec.config_version), await m.nodes(), host=to,
               exclude={self.node})  # fmt: skip
         return Storage.SHARED
+
+
+def _role_deletes(m: Membership, uuid: str, name: str) -> list[Op]:
+    """Every key of a clustered VM's role (its name too), for one transaction."""
+    return [Delete(m.keys.vm_config(uuid)), Delete(m.keys.vm_owner(uuid)),
+            Delete(m.keys.vm_want(uuid)), Delete(m.keys.vm_state(uuid)),
+            Delete(m.keys.name(name))]  # fmt: skip
