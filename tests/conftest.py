@@ -18,6 +18,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,16 +274,16 @@ def _lab_processes(root: Path) -> list[int]:
     return pids
 
 
-@pytest.fixture(scope="module")
-def lab_env(tmp_path_factory: pytest.TempPathFactory, guest_cache: Path) -> Iterator[LabEnv]:
-    """Two lab hosts with running agents; torn down (and checked) afterwards."""
-    root = tmp_path_factory.mktemp("lab")
+@contextmanager
+def lab_session(root: Path) -> Iterator[LabEnv]:
+    """A lab under ``root`` (not up yet) with ``$FERRY_HOME`` at ``root/home`` for
+    its life; on the way out ``lab down``, ``$FERRY_HOME`` as it was, and a check
+    that no agent, QEMU, fence guard or etcd of the lab is left."""
     home = root / "home"
     old_home = os.environ.get("FERRY_HOME")
     os.environ["FERRY_HOME"] = str(home)
     lab = Lab(root / "lab")
     try:
-        lab.up(2)
         yield LabEnv(lab=lab, cli=Cli(home), home=home)
     finally:
         lab.down()
@@ -292,6 +293,14 @@ def lab_env(tmp_path_factory: pytest.TempPathFactory, guest_cache: Path) -> Iter
             os.environ["FERRY_HOME"] = old_home
         left = _lab_processes(lab.root)
         assert not left, f"lab processes left running: {left}"
+
+
+@pytest.fixture(scope="module")
+def lab_env(tmp_path_factory: pytest.TempPathFactory, guest_cache: Path) -> Iterator[LabEnv]:
+    """Two lab hosts with running agents; torn down (and checked) afterwards."""
+    with lab_session(tmp_path_factory.mktemp("lab")) as env:
+        env.lab.up(2)
+        yield env
 
 
 # Rough seconds each long module takes on one worker of an idle 2-core machine.

@@ -9,7 +9,6 @@ etcd, volume ``csv1``, lease TTL 4 s), checked for leftovers when it goes.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -23,8 +22,7 @@ from ferry.adapters import pki, qemu
 from ferry.adapters.etcd_server import EtcdServer
 from ferry.core.spec import DiskSpec, RunContext, VmSpec, qemu_argv
 from ferry.guest.build import ensure_guest
-from ferry.lab import Lab
-from tests.conftest import Cli, LabEnv, _lab_processes
+from tests.conftest import LabEnv, lab_session
 
 DISK_SIZE = 32 * 1024**2
 
@@ -133,29 +131,14 @@ def cluster_lab_env(
 
     A test module that sets ``CLUSTER_LAB_STANDALONE = N`` also gets host-4..
     as plain hosts outside the cluster (e.g. a replica server)."""
-    root = tmp_path_factory.mktemp("lab")
-    home = root / "home"
-    old_home = os.environ.get("FERRY_HOME")
-    os.environ["FERRY_HOME"] = str(home)
-    lab = Lab(root / "lab")
-    try:
+    with lab_session(tmp_path_factory.mktemp("lab")) as env:
         standalone = int(getattr(request.module, "CLUSTER_LAB_STANDALONE", 0))
         nodes = ["host-1", "host-2", "host-3"] if standalone else []  # []: every host
         # Image locks off: only fencing may keep two QEMUs off one disk (one kernel here).
-        lab.up(3 + standalone, clusters={CLUSTER: nodes}, lease_ttl_s=CLUSTER_LEASE_TTL_S,
-               image_locking=False)  # fmt: skip
-        env = LabEnv(lab=lab, cli=Cli(home), home=home)
+        env.lab.up(3 + standalone, clusters={CLUSTER: nodes}, lease_ttl_s=CLUSTER_LEASE_TTL_S,
+                   image_locking=False)  # fmt: skip
         _wait_settled(env)
         yield env
-    finally:
-        lab.down()
-        if old_home is None:
-            os.environ.pop("FERRY_HOME", None)
-        else:
-            os.environ["FERRY_HOME"] = old_home
-        # Agents, QEMUs, fence guards (their pidfile is in the lab) and etcd (its data dir).
-        left = _lab_processes(lab.root)
-        assert not left, f"lab processes left running: {left}"
 
 
 def _wait_settled(env: LabEnv) -> None:

@@ -32,8 +32,7 @@ from ferry.adapters.etcd import open_store
 from ferry.core.cluster.keys import ClusterKeys
 from ferry.core.cluster.roles import Owner
 from ferry.errors import ConflictError, FerryError
-from ferry.lab import Lab
-from tests.conftest import Cli, LabEnv, _lab_processes, seqs
+from tests.conftest import LabEnv, lab_session, seqs
 
 pytestmark = pytest.mark.integration
 
@@ -168,14 +167,9 @@ def env(tmp_path_factory: pytest.TempPathFactory, guest_cache: Path) -> Iterator
     the agents first start, then makes the cluster (the lab's etcd; ``lab down``
     stops it).
     """
-    root = tmp_path_factory.mktemp("lab")
-    home = root / "home"
-    old_home = os.environ.get("FERRY_HOME")
-    os.environ["FERRY_HOME"] = str(home)
-    lab = Lab(root / "lab")
-    try:
-        env = LabEnv(lab=lab, cli=Cli(home), home=home)
-        lab.up(3, clusters={CLUSTER: []}, lease_ttl_s=4, host_settings={"functional_level": 2})
+    with lab_session(tmp_path_factory.mktemp("lab")) as env:
+        env.lab.up(3, clusters={CLUSTER: []}, lease_ttl_s=4,
+                   host_settings={"functional_level": 2})  # fmt: skip
 
         def settled() -> bool:
             view = show(env)
@@ -184,14 +178,6 @@ def env(tmp_path_factory: pytest.TempPathFactory, guest_cache: Path) -> Iterator
 
         wait_for("cluster c1 settled at level 2", settled, timeout=60)
         yield env
-    finally:
-        lab.down()
-        if old_home is None:
-            os.environ.pop("FERRY_HOME", None)
-        else:
-            os.environ["FERRY_HOME"] = old_home
-        left = _lab_processes(lab.root)
-        assert not left, f"lab processes left running: {left}"
 
 
 @pytest.fixture(scope="module")
