@@ -162,20 +162,18 @@ class Lab:
         *,
         clusters: Mapping[str, Sequence[str]] | None = None,
         lease_ttl_s: int | None = None,
-        image_locking: bool | None = None,
         host_settings: Mapping[str, int | bool] | None = None,
     ) -> list[LabHost]:
         """Hosts host-1..host-``count`` with running agents, and the ``clusters`` asked for.
 
         ``clusters``: cluster name -> its hosts (empty: all of them).
         ``lease_ttl_s``: written into each host.toml as ``cluster_lease_ttl``;
-        a running agent whose value changed is restarted. ``image_locking``:
-        written as ``image_locking`` the same way; tests of fencing turn QEMU's
-        image locks off, since every lab host shares one kernel and a lock would
-        refuse a second writer that separate machines would not.
-        ``host_settings``: more host.toml settings written the same way (tests:
-        ``{"functional_level": 2}`` before the agents first start). Bad input is
-        refused before anything changes.
+        a running agent whose value changed is restarted. ``host_settings``:
+        more host.toml settings written the same way (tests:
+        ``{"functional_level": 2}`` before the agents first start; fencing tests
+        ``{"image_locking": False}``, since every lab host shares one kernel and
+        a lock would refuse a second writer that separate machines would not).
+        Bad input is refused before anything changes.
         """
         if not 1 <= count <= MAX_LAB_HOSTS:
             raise InvalidInputError(f"--hosts must be 1..{MAX_LAB_HOSTS}, not {count}")
@@ -186,7 +184,6 @@ class Lab:
             )
         hosts = self._prepare(count, progress)
         changed = self._set_setting(hosts, "cluster_lease_ttl", lease_ttl_s)
-        changed |= self._set_setting(hosts, "image_locking", image_locking)
         for key, value in (host_settings or {}).items():
             changed |= self._set_setting(hosts, key, value)
         self._register(hosts)

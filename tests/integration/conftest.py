@@ -136,7 +136,7 @@ def cluster_lab_env(
         nodes = ["host-1", "host-2", "host-3"] if standalone else []  # []: every host
         # Image locks off: only fencing may keep two QEMUs off one disk (one kernel here).
         env.lab.up(3 + standalone, clusters={CLUSTER: nodes}, lease_ttl_s=CLUSTER_LEASE_TTL_S,
-                   image_locking=False)  # fmt: skip
+                   host_settings={"image_locking": False})  # fmt: skip
         _wait_settled(env)
         yield env
 
