@@ -136,7 +136,13 @@ def test_the_guard_kills_after_its_limit_and_not_before(procs: Procs) -> None:
         assert status["protected"] == {} and status["kills"] == 2
         assert status["pid"] == guard_pid
         await client.close()
+        # The guard logs a QEMU "gone" once it saw it end, which may be a moment
+        # after the test saw it: read the log once both are there (bounded).
+        deadline = time.monotonic() + 5
         records = read_log(paths.log)
+        while sum(r["event"] == "gone" for r in records) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            records = read_log(paths.log)
         kinds = [r["event"] for r in records]
         assert kinds[:3] == ["started", "protect", "protect"]
         (fence,) = [r for r in records if r["event"] == "fence"]
