@@ -266,10 +266,12 @@ async def _serve(args: argparse.Namespace, ready_fd: int | None) -> None:
     finally:
         server.close()
         guard.record("stopped", protected=len(guard.protected))
-        with contextlib.suppress(OSError):
-            Path(args.pidfile).unlink()
+        # The socket goes first and the pidfile last: once the pidfile is
+        # gone, nothing of this guard is left to find.
         with contextlib.suppress(OSError):
             sock.unlink()
+        with contextlib.suppress(OSError):
+            Path(args.pidfile).unlink()
 
 
 def _daemonize() -> int:
