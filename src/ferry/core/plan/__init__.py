@@ -1,0 +1,1 @@
+"""The migration planner's pure part: facts, rules, estimates, order, policy, plan file."""
