@@ -17,6 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ferry.core.network import nic_device, tap_name
+from ferry.core.guest_agent import CHANNEL_NAME
 from ferry.core.versions import machine_type
 from ferry.errors import InvalidInputError
 
@@ -36,6 +38,17 @@ class DiskSpec(BaseModel):
     direct: bool = False
 
 
+class NicSpec(BaseModel):
+    """A network card: the host network it joins, its MAC (kept for the VM's
+    life) and its model (``virtio``, or a QEMU NIC device name such as ``e1000``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    network: str
+    mac: str
+    model: str = "virtio"
+
+
 class VmSpec(BaseModel):
     """Everything needed to run a VM, as stored in the catalog."""
 
@@ -50,10 +63,14 @@ class VmSpec(BaseModel):
     kernel: str | None = None
     initrd: str | None = None
     append: str | None = None
-    network: bool = False
+    network: bool = False  # old catalogs; NICs are ``nics`` (none: ``-nic none``)
+    nics: tuple[NicSpec, ...] = ()
     # "vnc": a VNC server on a unix socket in the host's runtime dir (never a
     # TCP port), relayed to admins by the agent's API.
     display: Literal["none", "vnc"] = "none"
+    # A virtio-serial port org.qemu.guest_agent.0 on a unix socket in the
+    # host's runtime dir, for qemu-guest-agent in the guest (freeze, shutdown).
+    guest_agent: bool = False
 
 
 class RunContext(BaseModel):
@@ -78,6 +95,11 @@ class RunContext(BaseModel):
     image_locking: bool = True
     # The VNC display's unix socket (a VM with display "vnc").
     vnc_socket: Path | None = None
+    # The guest agent channel's unix socket (a VM with guest_agent).
+    guest_agent_socket: Path | None = None
+    # This host's key in tap names (ferry.core.network.tap_name): NIC i of the
+    # VM gets tap tap_name(tap_host, uuid, i). Needed by a VM with NICs.
+    tap_host: str | None = None
 
 
 def check_name(name: str, *, what: str = "VM name") -> str:
@@ -141,8 +163,16 @@ def qemu_argv(spec: VmSpec, ctx: RunContext) -> list[str]:
             raise InvalidInputError(f"VM {spec.name!r} has a VNC display but no socket path")
         # A unix socket only: the agent relays it to admins over its TLS API.
         argv += ["-vnc", f"unix:{_opt(ctx.vnc_socket)}", "-device", "VGA,id=video0"]
-    if not spec.network:
+    if not spec.nics:
         argv += ["-nic", "none"]
+    for index, nic in enumerate(spec.nics):
+        if ctx.tap_host is None:
+            raise InvalidInputError(f"VM {spec.name!r} has NICs but the host gave no tap names")
+        tap = tap_name(ctx.tap_host, spec.uuid, index)
+        # The agent attaches the tap to the network's bridge once QEMU made it.
+        argv += ["-netdev", f"tap,id=net{index},ifname={tap},script=no,downscript=no",
+                 "-device", f"{nic_device(nic.model)},netdev=net{index},mac={nic.mac},"
+                            f"id=nic{index}"]  # fmt: skip
     if spec.kernel:
         argv += ["-kernel", spec.kernel]
         if spec.initrd:
@@ -163,6 +193,15 @@ def qemu_argv(spec: VmSpec, ctx: RunContext) -> list[str]:
         argv += ["-blockdev", json.dumps(file_node, separators=(",", ":"))]
         argv += ["-blockdev", json.dumps(fmt_node, separators=(",", ":"))]
         argv += ["-device", f"virtio-blk-pci,drive=disk{index},id=vblk{index}"]
+    if spec.guest_agent:
+        if ctx.guest_agent_socket is None:
+            raise InvalidInputError(f"VM {spec.name!r} has a guest agent but no socket path")
+        # After the disks, so adding the channel moves no disk's PCI slot.
+        argv += [
+            "-chardev", f"socket,id=qga0,path={_opt(ctx.guest_agent_socket)},server=on,wait=off",
+            "-device", "virtio-serial-pci,id=vserial0",
+            "-device", f"virtserialport,chardev=qga0,id=qga0port,name={CHANNEL_NAME}",
+        ]  # fmt: skip
     if ctx.incoming:
         # Wait, paused, for a migration stream the agent points it at later.
         argv += ["-incoming", "defer", "-S"]
