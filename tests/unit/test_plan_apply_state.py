@@ -1,0 +1,229 @@
+"""Plan apply's pure part: step life cycle, state file, resume decisions, prechecks."""
+
+from __future__ import annotations
+
+import pytest
+
+from ferry.core.plan.apply_state import (
+    Action,
+    ApplyState,
+    Decision,
+    HostSeen,
+    JobSeen,
+    StepOp,
+    StepPlan,
+    StepRecord,
+    StepState,
+    VmSeen,
+    advance,
+    capacity_shortfall,
+    decide,
+    precheck,
+    step_key,
+    step_plan,
+)
+from ferry.core.plan.plan_file import Option, Preconditions, Step
+from ferry.errors import InvalidInputError, StateError
+
+M = 1024**2
+MOVE = StepPlan(key="1:a", vm="a", uuid="u-a", action=Action.LIVE_MOVE, source="host-1",
+                target="host-2", storage="copy", must_run=True)  # fmt: skip
+EXPORT = StepPlan(key="2:b", vm="b", uuid="u-b", action=Action.EXPORT_IMPORT, source="host-1",
+                  target="host-2")  # fmt: skip
+UPGRADE = StepPlan(key="3:c", vm="c", uuid="u-c", action=Action.UPGRADE_VERSION,
+                   source="host-1", target="host-1", min_level=3)  # fmt: skip
+DEST = HostSeen("host-2", free_memory=1024 * M, functional_level=3, max_config_version=3,
+                networks=frozenset({"lab"}))  # fmt: skip
+
+
+def vm(name: str = "a", host: str = "host-1", state: str = "running", **kw: object) -> VmSeen:
+    fields: dict[str, object] = {"memory": 256 * M, "config_version": 2, "uuid": f"u-{name}"}
+    fields.update(kw)
+    return VmSeen(name=name, host=host, state=state, **fields)  # type: ignore[arg-type]
+
+
+def running(record: StepRecord, job: str = "j1") -> StepRecord:
+    return advance(record, StepOp.START, job_id=job, job_host="host-1")
+
+
+# -- life cycle -------------------------------------------------------------------------
+
+
+def test_a_step_goes_pending_running_done_and_stays_done() -> None:
+    rec = running(StepRecord("1:a"))
+    assert rec.state is StepState.RUNNING and rec.job_id == "j1"
+    done = advance(rec, StepOp.FINISH, result={"downtime_ms": 40})
+    assert done.state is StepState.DONE
+    for op in (StepOp.START, StepOp.FAIL, StepOp.LOSE, StepOp.RETRY):
+        with pytest.raises(StateError, match="plan step 1:a"):
+            advance(done, op)
+
+
+def test_a_lost_job_sends_the_step_back_to_pending_without_its_job() -> None:
+    lost = advance(running(StepRecord("1:a")), StepOp.LOSE)
+    assert (lost.state, lost.job_id, lost.job_host) == (StepState.PENDING, None, None)
+
+
+def test_a_failed_step_is_retried_by_a_later_apply() -> None:
+    failed = advance(running(StepRecord("1:a")), StepOp.FAIL, error="boom")
+    assert failed.state is StepState.FAILED and failed.error == "boom"
+    again = advance(failed, StepOp.RETRY)
+    assert again.state is StepState.PENDING and again.error is None
+
+
+def test_the_state_file_round_trips_and_belongs_to_one_plan() -> None:
+    state = ApplyState.fresh("sha256:x", ["1:a", "2:b"])
+    state = state.put(advance(running(state.record("1:a")), StepOp.FINISH))
+    doc = state.to_json()
+    assert ApplyState.load(doc, "sha256:x", ["1:a", "2:b"]) == state
+    assert ApplyState.load(doc, "sha256:other", ["1:a", "2:b"]).count(StepState.DONE) == 0
+    assert not state.all_done and state.count(StepState.DONE) == 1
+
+
+def test_plan_steps_map_to_actions_and_copy_cluster_roles_is_refused() -> None:
+    pre = Preconditions(vm_uuid="u-a", vm_host="host-1", config_version=2, state="running",
+                        must_be_running=True, destination_functional_level=2,
+                        networks=["lab"])  # fmt: skip
+    step = Step(order=1, vm="a", option=Option.LIVE_MIGRATION, reason="r", estimate_s=1,
+                downtime_s=0.1, source="host-1", destination="host-2", storage="shared",
+                preconditions=pre)  # fmt: skip
+    plan = step_plan(step)
+    assert (plan.key, plan.action, plan.storage, plan.must_run, plan.networks) == (
+        "1:a",
+        Action.LIVE_MOVE,
+        "shared",
+        True,
+        ("lab",),
+    )
+    assert step_key(step) == "1:a"
+    ccr = step.model_copy(update={"option": Option.COPY_CLUSTER_ROLES})
+    with pytest.raises(InvalidInputError, match=r"copy-cluster-roles.*by hand"):
+        step_plan(ccr)
+
+
+# -- resume decisions ---------------------------------------------------------------------
+
+
+def test_a_done_step_is_skipped_whatever_the_world_says() -> None:
+    done = advance(running(StepRecord("1:a")), StepOp.FINISH)
+    assert decide(MOVE, done, None, [vm(host="host-1")])[0] is Decision.SKIP
+
+
+def test_a_pending_step_runs_when_its_vm_is_on_the_source() -> None:
+    assert decide(MOVE, StepRecord("1:a"), None, [vm()])[0] is Decision.RUN
+
+
+def test_a_pending_step_is_done_when_its_vm_is_already_on_the_destination() -> None:
+    decision, why = decide(MOVE, StepRecord("1:a"), None, [vm(host="host-2")])
+    assert decision is Decision.MARK_DONE and "already on host-2" in why
+
+
+def test_a_running_job_found_again_is_awaited() -> None:
+    job = JobSeen("j1", "copying-memory")
+    decision, why = decide(MOVE, running(StepRecord("1:a")), job, [vm(state="migrating")])
+    assert decision is Decision.AWAIT and "j1" in why
+
+
+def test_a_job_that_finished_while_apply_was_away_marks_the_step_done() -> None:
+    job = JobSeen("j1", "done")
+    assert decide(MOVE, running(StepRecord("1:a")), job, [vm(host="host-2")])[0] is \
+        Decision.MARK_DONE  # fmt: skip
+
+
+def test_a_failed_job_marks_the_step_failed_with_its_error() -> None:
+    job = JobSeen("j1", "failed", error="destination refused")
+    decision, why = decide(MOVE, running(StepRecord("1:a")), job, [vm()])
+    assert decision is Decision.MARK_FAILED and "destination refused" in why
+
+
+def test_a_cancelled_job_with_the_vm_still_on_its_source_runs_again() -> None:
+    job = JobSeen("j1", "cancelled")
+    assert decide(MOVE, running(StepRecord("1:a")), job, [vm()])[0] is Decision.RUN
+
+
+def test_a_vanished_job_is_judged_from_where_the_vm_is() -> None:
+    rec = running(StepRecord("1:a"))
+    assert decide(MOVE, rec, None, [vm(host="host-2")])[0] is Decision.MARK_DONE
+    assert decide(MOVE, rec, None, [vm(host="host-1")])[0] is Decision.RUN
+    # Two settled copies: something else happened; apply does not guess.
+    half = [vm(host="host-1"), vm(host="host-2", state="off")]
+    decision, why = decide(MOVE, rec, None, half)
+    assert decision is Decision.MARK_FAILED and "half way (copies on host-1, host-2)" in why
+
+
+def test_an_arriving_copy_does_not_count_as_arrived() -> None:
+    seen = [vm(host="host-1", state="migrating"), vm(host="host-2", incoming=True)]
+    assert decide(MOVE, StepRecord("1:a"), None, seen)[0] is Decision.RUN
+
+
+def test_a_replica_on_the_destination_is_not_the_vm() -> None:
+    seen = [vm(host="host-2", state="replica")]
+    assert decide(MOVE, StepRecord("1:a"), None, seen)[0] is Decision.RUN
+
+
+def test_an_export_import_step_goes_on_after_its_export_job_finished() -> None:
+    rec = advance(StepRecord("2:b"), StepOp.START, job_id="e1", job_host="host-1",
+                  phase="export")  # fmt: skip
+    seen = [vm("b", state="off")]
+    assert decide(EXPORT, rec, JobSeen("e1", "done"), seen)[0] is Decision.RUN
+    assert decide(EXPORT, rec, JobSeen("e1", "done"), [vm("b", host="host-2", state="off")])[
+        0] is Decision.MARK_DONE  # fmt: skip
+
+
+def test_an_in_place_upgrade_is_done_once_the_version_is_reached() -> None:
+    assert decide(UPGRADE, StepRecord("3:c"), None, [vm("c", config_version=2)])[0] is \
+        Decision.RUN  # fmt: skip
+    assert decide(UPGRADE, StepRecord("3:c"), None, [vm("c", config_version=3)])[0] is \
+        Decision.MARK_DONE  # fmt: skip
+
+
+# -- prechecks ------------------------------------------------------------------------------
+
+
+def test_precheck_passes_when_the_world_is_as_planned() -> None:
+    assert precheck(MOVE, vm(), DEST) is None
+
+
+@pytest.mark.parametrize(
+    ("seen", "dest", "words"),
+    [
+        (None, DEST, "on no host now"),
+        (vm(host="host-3"), DEST, "on host-3, not on host-1"),
+        (vm(), None, "host-2 cannot be reached"),
+        (vm(state="off"), DEST, "needs it running"),
+        (vm(busy="a replication cycle"), DEST, "busy (a replication cycle)"),
+        (
+            vm(memory=2048 * M),
+            DEST,
+            "lacks the capacity for VM a: it needs 2G of memory and host-2 has 1G free",
+        ),
+        (vm(config_version=4), DEST, "versions up to 3"),
+    ],
+)
+def test_precheck_refuses_with_one_line(seen: VmSeen | None, dest: HostSeen | None,
+                                        words: str) -> None:  # fmt: skip
+    why = precheck(MOVE, seen, dest)
+    assert why is not None and words in why and "\n" not in why
+
+
+def test_precheck_needs_the_networks_and_level_of_the_step() -> None:
+    step = StepPlan(key="1:a", vm="a", uuid="u-a", action=Action.LIVE_MOVE, source="host-1",
+                    target="host-2", must_run=True, networks=("lab", "dmz"),
+                    min_level=4)  # fmt: skip
+    why = precheck(step, vm(), DEST)
+    assert why is not None and "functional level 3" in why
+    why = precheck(StepPlan(**{**step.__dict__, "min_level": 0}), vm(), DEST)
+    assert why is not None and "lacks network dmz" in why
+
+
+def test_the_whole_plan_is_checked_for_capacity_in_order() -> None:
+    a, b = vm("a", memory=600 * M), vm("b", state="off", memory=600 * M)
+    hosts = {"host-1": HostSeen("host-1", 0, 3, 3), "host-2": DEST}
+    why = capacity_shortfall([MOVE, EXPORT], [a, b], hosts)
+    assert why is not None and "capacity for VM b" in why and "has 424M free" in why
+    assert capacity_shortfall([MOVE], [a, b], hosts) is None
+    # Moving a VM off a host frees its memory there for one moving in after it.
+    back = StepPlan(key="2:b", vm="b", uuid="u-b", action=Action.EXPORT_IMPORT,
+                    source="host-2", target="host-1")  # fmt: skip
+    b_on_2 = vm("b", host="host-2", memory=600 * M)
+    assert capacity_shortfall([MOVE, back], [a, b_on_2], hosts) is None
