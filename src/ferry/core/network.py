@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -201,32 +201,137 @@ def check_macs(wanted: Iterable[str | None], others: dict[str, str]) -> None:
             )
 
 
-# -- network maps and pre-flight checks (owner: the network-moves engineer) ----
-# (Re-written here by the networks engineer after overwriting an uncommitted
-# first version by accident; the network-moves engineer owns this part.)
+# -- network maps and pre-flight checks (moves, imports, replicas) -------------------
+# A VM's NICs name networks; another host may call the same LAN something
+# else. A network map (``--network-map SRC=DST``, repeatable) says which of
+# the other host's networks stands for each of the VM's; the MACs stay, so
+# the guest sees the same NICs.
+
+NETWORK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 def parse_network_map(items: Iterable[str]) -> dict[str, str]:
-    """``["prod=lab", ...]`` (``--network-map SRC=DST``, repeatable) -> ``{"prod": "lab"}``."""
-    mapping: dict[str, str] = {}
+    """``SRC=DST`` items (the repeatable ``--network-map``) as ``{SRC: DST}``.
+
+    SRC is a network the VM uses, DST a network of the other host. Naming
+    one SRC twice with different DSTs is refused; the same pair twice is
+    the same map.
+    """
+    found: dict[str, str] = {}
     for item in items:
-        src, sep, dst = (part.strip() for part in item.partition("="))
-        if not sep or not src or not dst:
-            raise InvalidInputError(f"--network-map {item!r}: use SRC=DST, e.g. prod=lab")
-        if src in mapping:
-            raise InvalidInputError(f"--network-map names network {src!r} twice")
-        mapping[src] = dst
-    return mapping
+        src, eq, dst = item.strip().partition("=")
+        src, dst = src.strip(), dst.strip()
+        if not eq or not src or not dst:
+            raise InvalidInputError(
+                f"--network-map {item!r}: write SRC=DST (a network the VM uses, then the "
+                "network of the other host that stands for it), e.g. prod=lab"
+            )
+        for name in (src, dst):
+            if not NETWORK_NAME_RE.match(name):
+                raise InvalidInputError(
+                    f"--network-map {item!r}: {name!r} is not a network name (1-63 letters, "
+                    "digits, '.', '_' or '-', starting with a letter or digit)"
+                )
+        if found.get(src, dst) != dst:
+            raise InvalidInputError(
+                f"--network-map maps network {src!r} twice ({found[src]!r} and {dst!r}); "
+                "give each network one destination"
+            )
+        found[src] = dst
+    return found
+
+
+def check_network_map(network_map: Mapping[str, str]) -> dict[str, str]:
+    """A map that came as JSON (the API), checked as :func:`parse_network_map` checks flags."""
+    return parse_network_map(f"{src}={dst}" for src, dst in network_map.items())
+
+
+def vm_networks(spec: VmSpec) -> list[str]:
+    """The networks the VM's NICs are on, each once, in NIC order."""
+    return list(dict.fromkeys(nic.network for nic in spec.nics))
 
 
 def missing_networks(
-    spec: VmSpec, host_networks: Iterable[str], network_map: dict[str, str]
+    spec: VmSpec, host_networks: Iterable[str], network_map: Mapping[str, str]
 ) -> list[str]:
-    """The networks (after ``network_map``) that ``spec``'s NICs need and the host lacks."""
+    """The networks (as the other host names them) that VM ``spec`` needs and it lacks.
+
+    Each of the VM's networks is looked up under its mapped name (itself
+    when the map does not name it); the answer keeps NIC order.
+    """
     have = set(host_networks)
-    missing: list[str] = []
-    for nic in spec.nics:
-        name = network_map.get(nic.network, nic.network)
-        if name not in have and name not in missing:
-            missing.append(name)
-    return missing
+    wanted = (network_map.get(name, name) for name in vm_networks(spec))
+    return [name for name in dict.fromkeys(wanted) if name not in have]
+
+
+def network_refusal(
+    spec: VmSpec,
+    *,
+    host: str,
+    host_networks: Iterable[str],
+    network_map: Mapping[str, str],
+) -> str | None:
+    """Why VM ``spec`` cannot go to ``host`` for its networks (one line), or None.
+
+    Refused: a map entry for a network the VM does not use (a typo would
+    otherwise be silently ignored), and a network the host lacks, named as
+    the host would know it, with the map entry that named it.
+    """
+    used = vm_networks(spec)
+    unused = [src for src in network_map if src not in used]
+    if unused:
+        uses = ", ".join(used) if used else "no network"
+        return (
+            f"--network-map names network {unused[0]!r}, which VM {spec.name!r} does not "
+            f"use (it uses {uses})"
+        )
+    missing = missing_networks(spec, host_networks, network_map)
+    if not missing:
+        return None
+    name = missing[0]
+    sources = [src for src, dst in network_map.items() if dst == name]
+    if sources:
+        return (
+            f"host {host!r} has no network {name!r} (--network-map {sources[0]}={name}); add "
+            f"it there ('ferry host network add {name} --bridge BR --host {host}') or map to "
+            "a network it has"
+        )
+    return (
+        f"host {host!r} has no network {name!r}, which VM {spec.name!r} uses; add it there "
+        f"('ferry host network add {name} --bridge BR --host {host}') or map it with "
+        f"--network-map {name}=NETWORK"
+    )
+
+
+def check_networks(
+    spec: VmSpec,
+    *,
+    host: str,
+    host_networks: Iterable[str],
+    network_map: Mapping[str, str],
+) -> None:
+    """Raise the one-line refusal of :func:`network_refusal`, if there is one."""
+    refusal = network_refusal(spec, host=host, host_networks=host_networks,
+                              network_map=network_map)  # fmt: skip
+    if refusal is not None:
+        raise InvalidInputError(refusal)
+
+
+def apply_network_map(spec: VmSpec, network_map: Mapping[str, str]) -> VmSpec:
+    """``spec`` with each NIC on its mapped network; MACs and models stay."""
+    if not network_map or not spec.nics:
+        return spec
+    nics = tuple(nic.model_copy(update={"network": network_map.get(nic.network, nic.network)})
+                 for nic in spec.nics)  # fmt: skip
+    return spec.model_copy(update={"nics": nics})
+
+
+def reverse_network_map(network_map: Mapping[str, str]) -> dict[str, str]:
+    """The map back (``DST=SRC``), for replication reversed after a failover.
+
+    Where two networks were mapped onto one, the first of them is the way back.
+    """
+    back: dict[str, str] = {}
+    for src, dst in network_map.items():
+        back.setdefault(dst, src)
+    return back
