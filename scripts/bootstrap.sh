@@ -6,8 +6,12 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # chromium (and a font for its screenshots) drives the web console's browser tests.
 # etcd-server: the lab's cluster store and the etcd integration tests.
+# qemu-guest-agent: qemu-ga and its libraries go into the test guest; e2fsprogs
+# makes and reads the guest-agent test's file system (mke2fs, debugfs).
+# ovmf: --firmware uefi; mtools and syslinux build bootable test disks without loop devices.
 debs=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static zstd iproute2 rsync
-      chromium fonts-liberation etcd-server)
+      chromium fonts-liberation etcd-server ovmf mtools syslinux syslinux-common
+      qemu-guest-agent e2fsprogs)
 missing=()
 for pkg in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

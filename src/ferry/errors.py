@@ -32,6 +32,8 @@ enter, in the adapter that met them, with ``raise ... from exc``.
      +-- StoreUnavailableError      store-unavailable the cluster store (etcd) cannot be reached
      +-- LeaseLostError             lease-lost        a node's cluster lease expired or was revoked
      +-- FenceGuardError            fence-guard       the fence guard cannot be started or reached
+     +-- GuestAgentError            guest-agent       the guest agent is absent, silent or refused
+     +-- NetworkError               network           a bridge, tap or namespace cannot be made/used
 
 The ``code`` travels over the API so the CLI can rebuild the same class on
 the other side.
@@ -246,6 +248,31 @@ class FenceGuardError(FerryError):
     http_status = 503
 
 
+class GuestAgentError(FerryError):
+    """The QEMU guest agent of VM ``vm`` cannot be reached, did not answer, or refused ``command``.
+
+    ``error_class`` is the agent's own error class (e.g. ``GenericError``)
+    when it answered with an error, else empty.
+    """
+
+    code = "guest-agent"
+    http_status = 502
+
+    def __init__(self, message: str, *, vm: str = "", command: str = "",
+                 error_class: str = "") -> None:  # fmt: skip
+        super().__init__(message)
+        self.vm = vm
+        self.command = command
+        self.error_class = error_class
+
+
+class NetworkError(FerryError):
+    """``ip`` could not make, change or remove a bridge, tap or network namespace."""
+
+    code = "network"
+    http_status = 500
+
+
 _BY_CODE: dict[str, type[FerryError]] = {
     cls.code: cls
     for cls in (
@@ -272,6 +299,8 @@ _BY_CODE: dict[str, type[FerryError]] = {
         StoreUnavailableError,
         LeaseLostError,
         FenceGuardError,
+        GuestAgentError,
+        NetworkError,
     )
 }
 

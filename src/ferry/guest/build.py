@@ -52,10 +52,18 @@ REQUIRED_MODULES = (
 )
 # ACPI power button -> busybox acpid -> poweroff; skipped when absent.
 OPTIONAL_MODULES = ("evdev", "button")
+# The guest agent's virtio-serial port (vm create --guest-agent).
+AGENT_MODULES = ("virtio_console",)
+# qemu-ga of Debian's qemu-guest-agent, copied with its shared libraries (the
+# ldd closure) when the build host has it; init.sh starts it on the port.
+QEMU_GA = Path("/usr/sbin/qemu-ga")
+AGENT_HINT = "apt-get install -y qemu-guest-agent"
 
 # cryptomgr.notests: the kernel's crypto self-tests cost ~0.5 s of a ~3.5 s
 # boot under TCG, and the guest does no cryptography that matters.
-APPEND = "console=ttyS0 quiet loglevel=1 cryptomgr.notests"
+# ferry.guest=test (TEST_GUEST_MARK) tells the agent a VM runs this guest, which
+# takes its address from its MAC (ferry.core.network.test_guest_ip).
+APPEND = "console=ttyS0 quiet loglevel=1 cryptomgr.notests ferry.guest=test"
 """Kernel command line of the guest; add :func:`dirty_memory_param` to it."""
 
 # Bump when the layout of the initramfs changes in a way the inputs do not show.
@@ -66,6 +74,14 @@ _POWER_BUTTON_SCRIPT = b"""#!/bin/sh
 echo "ferry-guest powerdown" >/dev/console
 sync
 poweroff -f
+"""
+
+# qemu-ga's guest-shutdown runs /sbin/shutdown, which busybox lacks.
+_SHUTDOWN_SCRIPT = b"""#!/bin/sh
+# Run by qemu-ga for guest-shutdown (any arguments): a clean poweroff.
+echo "ferry-guest agent shutdown" >/dev/console
+(sleep 0.2; sync; poweroff -f) >/dev/null 2>&1 &
+exit 0
 """
 
 _MANIFEST = "manifest.json"
@@ -93,6 +109,9 @@ class GuestInputs:
     modules: dict[str, Path]
     busybox: Path
     init_script: bytes
+    # Guest agent files: (path inside the initramfs, file on the host); empty
+    # when the host has no qemu-ga.
+    agent: tuple[tuple[str, Path], ...] = ()
 
 
 def default_cache_dir() -> Path:
@@ -274,7 +293,8 @@ def find_inputs(
 ) -> GuestInputs:
     """Locate everything the guest is built from, or say what to install."""
     kernel, release = find_kernel(boot)
-    modules = find_modules(modules_root / release, REQUIRED_MODULES + OPTIONAL_MODULES)
+    modules = find_modules(modules_root / release,
+                           REQUIRED_MODULES + OPTIONAL_MODULES + AGENT_MODULES)  # fmt: skip
     missing = [m for m in REQUIRED_MODULES if m not in modules]
     if missing:
         raise GuestBuildError(
@@ -283,7 +303,24 @@ def find_inputs(
         )
     _check_static(busybox)
     init_script = importlib.resources.files("ferry.guest").joinpath("init.sh").read_bytes()
-    return GuestInputs(kernel, release, modules, busybox, init_script)
+    agent = agent_files(QEMU_GA) if QEMU_GA.exists() else ()
+    return GuestInputs(kernel, release, modules, busybox, init_script, agent)
+
+
+def agent_files(program: Path) -> tuple[tuple[str, Path], ...]:
+    """``program`` and its shared libraries as ldd resolves them, keyed by path in the guest."""
+    try:
+        proc = subprocess.run(["ldd", str(program)], capture_output=True, check=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise GuestBuildError(f"cannot list the libraries of {program} with ldd: {exc}") from exc
+    found = [(str(program).lstrip("/"), program)]
+    for line in proc.stdout.decode().splitlines():
+        # "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux... (0x...)"
+        words = line.split()
+        path = words[2] if len(words) > 2 and words[1] == "=>" else words[0] if words else ""
+        if path.startswith("/"):
+            found.append((path.lstrip("/"), Path(path)))
+    return tuple(found)
 
 
 def _sha256_file(path: Path) -> str:
@@ -303,6 +340,8 @@ def _cache_name(inputs: GuestInputs) -> str:
             "busybox": _sha256_file(inputs.busybox),
             "modules": {m: _sha256_file(p) for m, p in sorted(inputs.modules.items())},
             "init": hashlib.sha256(inputs.init_script).hexdigest(),
+            "agent": {name: _sha256_file(path) for name, path in inputs.agent},
+            "shutdown": hashlib.sha256(_SHUTDOWN_SCRIPT).hexdigest(),
             "power_button": hashlib.sha256(_POWER_BUTTON_SCRIPT).hexdigest(),
             "append": APPEND,
         }
@@ -359,6 +398,13 @@ def build_initramfs(inputs: GuestInputs) -> bytes:
         archive.file("bin/busybox", inputs.busybox.read_bytes(), 0o755)
     except OSError as exc:
         raise GuestBuildError(f"cannot read {inputs.busybox}: {exc.strerror}") from exc
+    for name, path in inputs.agent:
+        try:
+            archive.file(name, path.read_bytes(), 0o755)
+        except OSError as exc:
+            raise GuestBuildError(f"cannot read {path}: {exc.strerror}; {AGENT_HINT}") from exc
+    if inputs.agent:
+        archive.file("sbin/shutdown", _SHUTDOWN_SCRIPT, 0o755)
     for applet in _applets(inputs.busybox):
         if applet.strip("/") not in archive:
             archive.symlink(applet, "/bin/busybox")

@@ -41,6 +41,15 @@
 # Kernel parameters read from /proc/cmdline:
 #   ferry.dirty=SIZE  (bytes, or with a K/M/G suffix) keep rewriting that
 #                     much memory in the background, for live-migration tests.
+#   ferry.fs=DISK     DISK (e.g. vdb) holds a file system the test made: no
+#                     records go to it; it is mounted at /mnt/fs and every
+#                     200 ms the guest writes file fN there (N after the
+#                     highest found), syncs, and prints "ferry-guest file N
+#                     synced". A file reads "ferry-guest file N" and a newline.
+#   ferry.agent=off   do not start qemu-ga even if the VM has its channel.
+#   ferry.acpi=off    ignore the ACPI power button (no acpid).
+# With the guest agent's channel (vm create --guest-agent) and qemu-ga in the
+# initramfs, the guest runs qemu-ga on it and prints "ferry-guest agent up".
 #
 # Anything else this script prints starts with "ferry-guest "; a fatal error
 # prints "ferry-guest error: ..." and powers the VM off.
@@ -234,19 +243,90 @@ start_acpid() {
 	acpid -f -c /etc/acpi -l /dev/null -p /run/acpid.pid &
 }
 
+# Sets FSDISK, AGENT and ACPI from ferry.fs=, ferry.agent= and ferry.acpi=.
+parse_guest_options() {
+	FSDISK= AGENT=on ACPI=on
+	read -r cmdline </proc/cmdline
+	for arg in $cmdline; do
+		case $arg in
+		ferry.fs=*) FSDISK=${arg#ferry.fs=} ;;
+		ferry.agent=*) AGENT=${arg#ferry.agent=} ;;
+		ferry.acpi=*) ACPI=${arg#ferry.acpi=} ;;
+		esac
+	done
+}
+
+# qemu-ga on the port named org.qemu.guest_agent.0, when the VM has a
+# virtio console device (id 3) and the initramfs has the agent. The port's
+# name arrives from QEMU a moment after the module loads.
+start_agent() {
+	[ "$AGENT" = off ] && return 0
+	[ -x /usr/sbin/qemu-ga ] && [ -f /lib/modules/virtio_console.ko ] || return 0
+	found=
+	for dev in /sys/bus/virtio/devices/*; do
+		[ -f "$dev/device" ] || continue
+		read -r id <"$dev/device"
+		[ "$id" = 0x0003 ] && found=1
+	done
+	[ -n "$found" ] || return 0
+	insmod /lib/modules/virtio_console.ko || fail "cannot load kernel module virtio_console"
+	tries=0
+	while [ $tries -lt 100 ]; do
+		for port in /sys/class/virtio-ports/*; do
+			[ -f "$port/name" ] || continue
+			read -r pname <"$port/name" || continue
+			[ "$pname" = org.qemu.guest_agent.0 ] && [ -c "/dev/${port##*/}" ] || continue
+			/usr/sbin/qemu-ga -m virtio-serial -p "/dev/${port##*/}" -t /run \
+				-f /run/qemu-ga.pid -d || fail "qemu-ga did not start"
+			echo "ferry-guest agent up"
+			return 0
+		done
+		tries=$((tries + 1))
+		sleep 0.1
+	done
+	echo "ferry-guest agent: no port org.qemu.guest_agent.0 after 10 s"
+}
+
+# Writes, syncs and announces file fN on /mnt/fs forever (ferry.fs=DISK).
+write_files() {
+	mkdir -p /mnt/fs
+	mount -t ext4 "/dev/$FSDISK" /mnt/fs || fail "cannot mount /dev/$FSDISK (ferry.fs)"
+	n=0
+	for f in /mnt/fs/f*; do
+		[ -f "$f" ] || continue
+		k=${f#/mnt/fs/f}
+		case $k in '' | *[!0-9]*) continue ;; esac
+		[ "$k" -gt $n ] && n=$k
+	done
+	while :; do
+		n=$((n + 1))
+		echo "ferry-guest file $n" >/mnt/fs/f$n || fail "cannot write /mnt/fs/f$n"
+		sync
+		echo "ferry-guest file $n synced"
+		sleep 0.2
+	done
+}
+
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs -o size=1m tmpfs /run
 
 parse_cmdline
+parse_guest_options
 
 for module in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
 	insmod /lib/modules/$module.ko || fail "cannot load kernel module $module"
 done
-start_acpid
+[ "$ACPI" = off ] || start_acpid
+start_agent
 
 find_disks
+if [ -n "$FSDISK" ]; then
+	[ -b "/dev/$FSDISK" ] || fail "ferry.fs=$FSDISK: no such disk"
+	DISKS=$(echo " $DISKS " | sed "s/ $FSDISK / /")
+	write_files &
+fi
 
 # TARGETS: "disk:slots" of every disk, in order; FOUND: "disk:slots:newest";
 # MAX: the highest newest seq of all disks.
