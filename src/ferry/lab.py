@@ -17,6 +17,14 @@ Clusters (``up(..., clusters={"c1": ["host-1", ...]})``): the first host
 creates the cluster in the lab's etcd, the others join it, then the first adds
 volume ``csv1``; hosts already in the cluster are left as they are.
 
+The lab network: ``up`` makes network namespace ``ferry-lab-<key>`` (the key
+derives from the lab dir) with one bridge ``fl<key>`` in it, address
+``10.213.0.1/16``, and names it network ``lab`` on every lab host. The hosts'
+taps of lab NICs move into that namespace onto the bridge, so every lab guest
+is on one LAN that nothing outside the namespace reaches; ``exec`` runs a peer
+there. ``down`` deletes the namespace (and every tap in it) and any tap of a
+lab host left in the root namespace.
+
 Bringing a lab up is idempotent: what exists is kept, agents that run are left
 alone, the rest start. The same agent code runs here as on real hosts.
 """
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import signal
 import subprocess
@@ -37,13 +46,14 @@ from pathlib import Path
 
 import tomli_w
 
-from ferry.adapters import loopback, pki, qemu
+from ferry.adapters import loopback, netdev, pki, qemu
 from ferry.adapters.catalog import Catalog
 from ferry.adapters.etcd_server import EtcdServer
 from ferry.agent import PID_FILE
 from ferry.client.agent_client import AgentClient
 from ferry.client.settings import HostEntry, load_settings, save_settings
 from ferry.core import vmstate
+from ferry.core.network import LAB_BRIDGE_IP, TEST_GUEST_PREFIX, host_key, tap_prefix
 from ferry.core.spec import check_name
 from ferry.core.vmstate import VmOp
 from ferry.errors import ConfigError, ConflictError, FerryError, InvalidInputError, NotFoundError
@@ -55,6 +65,7 @@ AGENT_START_TIMEOUT_S = 60.0
 AGENT_STOP_TIMEOUT_S = 15.0
 MAX_LAB_HOSTS = 16
 SHARED_VOLUME = "shared"
+LAB_NETWORK = "lab"
 CLUSTER_VOLUME = "csv1"
 CLUSTER_CALL_TIMEOUT_S = 60.0
 MIN_LEASE_TTL_S, MAX_LEASE_TTL_S = 2, 300  # as host.toml's cluster_lease_ttl allows
@@ -99,6 +110,10 @@ class Lab:
         self.images_dir = self.root / "images"
         self.shared_dir = self.root / "shared"
         self.etcd = EtcdServer(self.root / "etcd", self.ca_dir)
+        key = hashlib.sha256(str(self.root).encode()).hexdigest()[:8]
+        # The lab network's namespace and bridge, named from the lab dir.
+        self.netns = f"ferry-lab-{key}"
+        self.bridge = f"fl{key}"
         # Agents this object started, reaped by down(): in a long-lived process
         # (the test suite) an agent that ended stays a zombie child until then.
         self._agents: list[subprocess.Popen[bytes]] = []
@@ -187,6 +202,9 @@ class Lab:
         for key, value in (host_settings or {}).items():
             changed |= self._set_setting(hosts, key, value)
         self._register(hosts)
+        progress(f"making the lab network (bridge {self.bridge} in namespace {self.netns})")
+        netdev.add_netns(self.netns)
+        netdev.add_bridge(self.bridge, self.netns, f"{LAB_BRIDGE_IP}/{TEST_GUEST_PREFIX}")
         # etcd first: agents that are cluster nodes reconnect to it as they start.
         if wanted or self.etcd.configured:
             progress(f"starting etcd at {self.etcd.url}")
@@ -203,6 +221,7 @@ class Lab:
                 started.append((host, self._spawn(host)))
         for host, proc in started:
             asyncio.run(self._wait_ready(host, proc))
+        asyncio.run(self._add_lab_network(hosts, progress))
         if wanted:
             asyncio.run(self._make_clusters(wanted, progress))
         return hosts
@@ -269,6 +288,32 @@ class Lab:
                     progress(f"adding volume {CLUSTER_VOLUME} to cluster {cluster}")
                     volume = {"name": CLUSTER_VOLUME, "path": str(path)}
                     await first.post(f"/v1/clusters/{cluster}/volumes", volume)
+
+    async def _add_lab_network(self, hosts: list[LabHost], progress: Progress) -> None:
+        """Network ``lab`` (the lab's bridge in its namespace) on every host that lacks it."""
+        tls = pki.client_ssl_context(self.admin_dir)
+        for host in hosts:
+            address, port = load_host_config(host.config_path).address
+            async with AgentClient(host.name, f"https://{address}:{port}", tls,
+                                   timeout=CLUSTER_CALL_TIMEOUT_S) as client:  # fmt: skip
+                names = [n["name"] for n in await client.get("/v1/networks")]
+                if LAB_NETWORK not in names:
+                    progress(f"adding network {LAB_NETWORK} to {host.name}")
+                    body = {"name": LAB_NETWORK, "bridge": self.bridge, "netns": self.netns}
+                    await client.post("/v1/networks", body)
+
+    def exec(self, argv: Sequence[str]) -> int:
+        """Run ``argv`` inside the lab network's namespace; its exit status."""
+        if not argv:
+            raise InvalidInputError("say what to run: ferry lab exec -- CMD [ARG...]")
+        if not netdev.netns_exists(self.netns):
+            raise NotFoundError(
+                f"the lab at {self.root} has no network namespace {self.netns}: run ferry lab up"
+            )
+        try:
+            return subprocess.run(netdev.exec_argv(self.netns, list(argv)), check=False).returncode
+        except OSError as exc:
+            raise InvalidInputError(f"cannot run {argv[0]} in {self.netns}: {exc}") from exc
 
     def host_named(self, name: str) -> LabHost:
         return LabHost(name, self.root / "hosts" / name)
@@ -339,6 +384,10 @@ class Lab:
                     catalog.close()
             # A cluster node's fence guard outlives its agent by design; end it by pid.
             config = load_host_config(host.config_path)
+            # Taps go with their QEMUs; one left in the root namespace goes now.
+            prefix = tap_prefix(host_key(str(config.data_dir.resolve())))
+            for tap in netdev.delete_matching(prefix):
+                progress(f"removed tap {tap} of {host.name}")
             guard = GuardPaths.of_host(config.name, config.data_dir, config.runtime_dir)
             if stop_guard(guard):
                 progress(f"stopped the fence guard of {host.name}")
@@ -346,6 +395,8 @@ class Lab:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=AGENT_STOP_TIMEOUT_S)
         self._agents.clear()
+        if netdev.delete_netns(self.netns):
+            progress(f"removed the lab network (namespace {self.netns})")
         # Last: a node's agent stopping may still write to etcd (its leave, its alive key).
         etcd_pid = self.etcd.pid()
         if etcd_pid is not None:

@@ -44,6 +44,9 @@ Admin endpoints (admin certificate)::
     GET    /v1/jobs                     -> [job]
     GET    /v1/jobs/{id}                -> job
     POST   /v1/jobs/{id}/cancel         -> job
+    GET    /v1/networks                 -> [NetworkView]
+    POST   /v1/networks   NetworkRequest -> NetworkView (201; the bridge must exist)
+    DELETE /v1/networks/{name}          -> [NetworkView]  (refused while a VM uses it)
     GET    /v1/volumes                  -> {name: path}
     POST   /v1/volumes    VolumeRequest -> {name: path}
     DELETE /v1/volumes/{name}           -> {name: path}
@@ -84,6 +87,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ferry.core.cpu_models import CpuModel
+
 MAX_DISK = 64 * 1024**4
 
 
@@ -91,6 +96,24 @@ class DiskView(BaseModel):
     path: str
     size: int
     format: str
+
+
+class NicView(BaseModel):
+    network: str
+    mac: str
+    model: str
+    # The test guest's address on a lab network (derived from its MAC), else None.
+    ip: str | None = None
+
+
+class NetworkView(BaseModel):
+    """A host network: a name for a bridge (``netns``: the bridge is in that namespace)."""
+
+    name: str
+    bridge: str
+    netns: str | None = None
+    exists: bool
+    source: Literal["host.toml", "added"]
 
 
 class VmView(BaseModel):
@@ -118,6 +141,11 @@ class VmView(BaseModel):
     # "vnc": a graphical console on a unix socket, relayed by GET /v1/vms/{name}/vnc.
     display: str = "none"
     vnc: bool = False
+    nics: list[NicView] = []
+    # The QEMU CPU model it runs ("max" for VMs made before models were chosen).
+    cpu_model: str = "max"
+    # A QEMU guest agent channel (vm create --guest-agent).
+    guest_agent: bool = False
 
 
 class HostView(BaseModel):
@@ -134,6 +162,10 @@ class HostView(BaseModel):
     running_vms: int
     data_dir: str
     schema_version: int
+    networks: list[NetworkView] = []
+    # QEMU's CPU models under this host's accelerator: {name, runnable,
+    # unavailable_features, allowed} (allowed: host.toml cpu_models lets VMs use it).
+    cpu_models: list[CpuModel] = []
 
 
 class DiskRequest(BaseModel):
@@ -147,6 +179,24 @@ class DiskRequest(BaseModel):
         if (self.size is None) == (self.image is None):
             raise ValueError("a disk needs exactly one of size or image")
         return self
+
+
+class NicRequest(BaseModel):
+    """One NIC of a new VM: ``mac`` None gets a new one, kept for the VM's life."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    network: str
+    mac: str | None = None
+    model: str = "virtio"
+
+
+class NetworkRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    bridge: str
+    netns: str | None = None
 
 
 class CreateVmRequest(BaseModel):
@@ -168,6 +218,10 @@ class CreateVmRequest(BaseModel):
     priority: Literal["high", "medium", "low"] = "medium"
     node: str | None = None
     display: Literal["none", "vnc"] = "none"
+    nics: list[NicRequest] = []
+    guest_agent: bool = False
+    # None: the host's default (a named model on KVM, "max" under TCG).
+    cpu_model: str | None = None
 
 
 class ClusterVmRequest(BaseModel):
@@ -191,6 +245,8 @@ class MoveRequest(BaseModel):
     storage: Literal["auto", "shared", "copy"] = "auto"
     max_bandwidth: int | None = Field(default=None, ge=0)
     downtime_limit_ms: int | None = Field(default=None, gt=0, le=600_000)
+    # --network-map: the VM's network -> the destination's network for it.
+    network_map: dict[str, str] = {}
 
 
 class ExportRequest(BaseModel):
@@ -210,6 +266,20 @@ class ImportRequest(BaseModel):
     # Both or neither: import as a clustered VM of the host, files on that cluster volume.
     cluster: str | None = None
     volume: str | None = None
+    # --network-map: the exported VM's network -> this host's network for it.
+    network_map: dict[str, str] = {}
+
+
+class AdoptRequest(BaseModel):
+    """``vm import --libvirt FILE`` / ``--ovf FILE``: a document on the host, in its image dirs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    origin: Literal["libvirt", "ovf"]
+    path: str
+    name: str | None = None
+    # --network-map: the source's network -> this host's network for it.
+    network_map: dict[str, str] = {}
 
 
 class VolumeRequest(BaseModel):
@@ -246,6 +316,10 @@ class EnableReplicationRequest(BaseModel):
     media_dir: str | None = None
     compression: bool = True
     initial_after: float | None = None  # Unix time: start the initial copy then
+    # --network-map: the VM's network -> the replica host's network a failover uses.
+    network_map: dict[str, str] = {}
+    # --app-consistent-every: freeze the guest's file systems for one cut per interval.
+    app_consistent_every_s: int | None = Field(default=None, ge=0)
 
 
 class ExtendReplicationRequest(BaseModel):
@@ -265,6 +339,8 @@ class SetReplicationRequest(BaseModel):
     frequency_s: int | None = None
     recovery_points: int | None = Field(default=None, ge=0, le=24)
     certificate_thumbprint: str | None = None
+    network_map: dict[str, str] | None = None  # replaces the relationship's whole map
+    app_consistent_every_s: int | None = Field(default=None, ge=0)  # 0: off
 
 
 class ImportInitialRequest(BaseModel):
@@ -278,3 +354,6 @@ class FailoverRequest(BaseModel):
 
     point: int | None = None
     force: bool = False
+    # ``failover test``: the network of the replica host the test VM's NICs join
+    # (new MACs); None: the test VM has no NIC.
+    test_network: str | None = None

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from ferry import __version__
 from ferry.adapters.catalog import VmRecord
+from ferry.api.adopt import AdoptionRoutes
 from ferry.api.cluster_vms import ClusterVmRoutes
 from ferry.api.edge import guard
 from ferry.api.edge import json_reply as _json
@@ -27,6 +28,10 @@ from ferry.api.models import (
     HostView,
     ImportRequest,
     MoveRequest,
+    NetworkRequest,
+    NetworkView,
+    NicRequest,
+    NicView,
     StopRequest,
     StopResult,
     VmView,
@@ -36,12 +41,22 @@ from ferry.api.protection import ProtectionRoutes
 from ferry.api.vnc import VncRoutes
 from ferry.core import vmstate
 from ferry.core.cluster.roles import Want, parse_priority
+from ferry.core.cpu_models import effective_model
 from ferry.core.migration import Storage
+from ferry.core.network import (
+    TEST_GUEST_MARK,
+    NicOption,
+    check_network_map,
+    parse_mac,
+    test_guest_ip,
+)
 from ferry.core.relationship import Role as RelRole
+from ferry.core.spec import VmSpec
 from ferry.core.versions import supported_range
 from ferry.core.vmstate import VmState
 from ferry.errors import FerryError, InvalidInputError, StoreUnavailableError
 from ferry.host import facts
+from ferry.host.adopt import AdoptionService
 from ferry.host.cluster.maintenance import Maintenance
 from ferry.host.cluster.vms import ClusterVms, RemoteVm
 from ferry.host.exchange.service import ExchangeService
@@ -55,6 +70,19 @@ from ferry.host.vms.service import VmService
 from ferry.peer.server import PeerServer
 
 log = logging.getLogger(__name__)
+
+
+def _nic_option(nic: NicRequest) -> NicOption:
+    return NicOption(network=nic.network, mac=parse_mac(nic.mac) if nic.mac else None,
+                     model=nic.model)  # fmt: skip
+
+
+def nic_views(spec: VmSpec) -> list[NicView]:
+    """The VM's NICs; a test guest's with the address it takes from its MAC."""
+    test_guest = TEST_GUEST_MARK in (spec.append or "").split()
+    return [NicView(network=n.network, mac=n.mac, model=n.model,
+                    ip=test_guest_ip(n.mac) if test_guest else None)
+            for n in spec.nics]  # fmt: skip
 
 
 class AgentApi:
@@ -75,6 +103,7 @@ class AgentApi:
         failover: FailoverService,
         cluster_vms: ClusterVms | None = None,
         maintenance: Maintenance | None = None,
+        adoption: AdoptionService | None = None,
     ) -> None:
         self.vms = vms
         self.migrations = migrations
@@ -91,6 +120,7 @@ class AgentApi:
         self.peer_server = peer_server
         self.cluster_vms = cluster_vms
         self.maintenance = maintenance
+        self.adoption = adoption
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[guard], client_max_size=1024**2)
@@ -116,6 +146,9 @@ class AgentApi:
                 web.get("/v1/jobs", self.list_jobs),
                 web.get("/v1/jobs/{id}", self.show_job),
                 web.post("/v1/jobs/{id}/cancel", self.cancel_job),
+                web.get("/v1/networks", self.list_networks),
+                web.post("/v1/networks", self.add_network),
+                web.delete("/v1/networks/{name}", self.remove_network),
                 web.get("/v1/volumes", self.list_volumes),
                 web.post("/v1/volumes", self.add_volume),
                 web.delete("/v1/volumes/{name}", self.remove_volume),
@@ -125,6 +158,8 @@ class AgentApi:
             ProtectionRoutes(self.vms, self.replication, self.extensions, self.failover).routes()
         )
         app.add_routes(VncRoutes(self.vms).routes())
+        if self.adoption is not None:
+            app.add_routes(AdoptionRoutes(self.adoption).routes())
         if self.cluster_vms is not None and self.maintenance is not None:
             app.add_routes(ClusterVmRoutes(self.cluster_vms, self.maintenance, view=self._view,
                                            host=self.vms.config.name).routes())  # fmt: skip
@@ -152,6 +187,9 @@ class AgentApi:
             cluster=self.cluster_vms.cluster_of(spec.uuid) if self.cluster_vms else None,
             display=spec.display,
             vnc=spec.display == "vnc",
+            nics=nic_views(spec),
+            guest_agent=spec.guest_agent,
+            cpu_model=effective_model(spec.cpu_model),
         )
 
     def _replication_summary(self, vm_uuid: str) -> dict[str, object] | None:
@@ -182,6 +220,8 @@ class AgentApi:
             running_vms=sum(r.state == VmState.RUNNING for r in records),
             data_dir=str(config.data_dir),
             schema_version=self.vms.catalog.schema_version,
+            networks=await self._networks(),
+            cpu_models=list(self.vms.cpu.models),
         )
         return _json(view)
 
@@ -191,8 +231,9 @@ class AgentApi:
     async def create_vm(self, request: web.Request) -> web.Response:
         create = await _body(request, CreateVmRequest)
         new = NewVm(
-            **create.model_dump(exclude={"disks", "cluster", "priority", "node"}),
+            **create.model_dump(exclude={"disks", "cluster", "priority", "node", "nics"}),
             disks=tuple(NewDisk(size=d.size, image=d.image) for d in create.disks),
+            nics=tuple(_nic_option(n) for n in create.nics),
         )
         if create.cluster is None:
             return _json(self._view(await self.vms.create(new)), status=201)
@@ -230,8 +271,10 @@ class AgentApi:
             name=spec.name, uuid=spec.uuid, host=remote.owner.node if remote.owner else "",
             state=remote.state, config_version=spec.config_version, memory=spec.memory,
             cpus=spec.cpus, kernel=spec.kernel, append=spec.append, cluster=remote.cluster,
-            display=spec.display, vnc=spec.display == "vnc",
+            display=spec.display, vnc=spec.display == "vnc", guest_agent=spec.guest_agent,
+            cpu_model=effective_model(spec.cpu_model),
             disks=[DiskView(path=d.path, size=d.size, format=d.format) for d in spec.disks],
+            nics=nic_views(spec),
         )  # fmt: skip
 
     async def _want_remote(self, remote: RemoteVm, want: Want) -> web.Response:
@@ -295,6 +338,9 @@ class AgentApi:
         if self.cluster_vms is not None:  # inside its cluster, on the shared volume
             storage = await self.cluster_vms.check_move(request.match_info["name"], move.to,
                                                         storage)  # fmt: skip
+        network_map = check_network_map(move.network_map)
+        await self.migrations.preflight(request.match_info["name"], to=move.to,
+                                        to_url=move.to_url, network_map=network_map)  # fmt: skip
         job = self.migrations.start_move(
             request.match_info["name"],
             to=move.to,
@@ -302,6 +348,7 @@ class AgentApi:
             storage=storage,
             max_bandwidth=move.max_bandwidth,
             downtime_limit_ms=move.downtime_limit_ms,
+            network_map=network_map,
         )
         return _json(job.view(self.vms.config.name), status=202)
 
@@ -336,7 +383,7 @@ class AgentApi:
         body = await _body(request, ImportRequest)
         job = await self.exchange.start_import(
             body.folder, mode=body.mode, new_name=body.name, cluster=body.cluster,
-            volume=body.volume)  # fmt: skip
+            volume=body.volume, network_map=check_network_map(body.network_map))  # fmt: skip
         return _json(job.view(self.vms.config.name), status=202)
 
     async def refresh_vms(self, request: web.Request) -> web.Response:
@@ -362,6 +409,23 @@ class AgentApi:
             "qemu_version": self.qemu_version,
             "installed_qemu_version": installed,
         })  # fmt: skip
+
+    async def _networks(self) -> list[NetworkView]:
+        rows = await self.vms.networks.views()
+        return [NetworkView.model_validate(row) for row in rows]
+
+    async def list_networks(self, request: web.Request) -> web.Response:
+        return _json([n.model_dump() for n in await self._networks()])
+
+    async def add_network(self, request: web.Request) -> web.Response:
+        body = await _body(request, NetworkRequest)
+        await self.vms.networks.add(body.name, body.bridge, body.netns)
+        view = next(n for n in await self._networks() if n.name == body.name)
+        return _json(view, status=201)
+
+    async def remove_network(self, request: web.Request) -> web.Response:
+        self.vms.networks.remove(request.match_info["name"])
+        return _json([n.model_dump() for n in await self._networks()])
 
     async def list_volumes(self, request: web.Request) -> web.Response:
         return _json(self.vms.catalog.volumes())

@@ -64,8 +64,26 @@ def show_host(host: str, as_json: bool = JsonOpt) -> None:
         ("qemu", facts["qemu_version"]), ("memory", format_size(facts["memory"])),
         ("cpus", facts["cpus"]), ("vms", f"{facts['vms']} ({facts['running_vms']} running)"),
         ("data dir", facts["data_dir"]),
+        ("cpu models", _cpu_summary(facts.get("cpu_models", []))),
     ]:  # fmt: skip
         say(f"{label:>17}: {value}")
+    for net in facts.get("networks", []):
+        say(f"{'network':>17}: {_network_line(net)}")
+
+
+def _network_line(net: dict[str, Any]) -> str:
+    where = f" in namespace {net['netns']}" if net.get("netns") else ""
+    missing = "" if net["exists"] else " (MISSING: the bridge does not exist)"
+    return f"{net['name']} -> bridge {net['bridge']}{where}{missing}"
+
+
+def _cpu_summary(models: list[dict[str, Any]]) -> str:
+    """How many CPU models the host runs (--json lists each with its missing features)."""
+    if not models:
+        return "not known"
+    runnable = sum(bool(m["runnable"]) for m in models)
+    narrowed = "" if all(m["allowed"] for m in models) else ", narrowed by host.toml"
+    return f"{runnable} of {len(models)} runnable{narrowed} (--json lists them)"
 
 
 @app.command("add")
@@ -104,6 +122,58 @@ def remove_host(name: str) -> None:
     del settings.hosts[name]
     save_settings(settings)
     say(f"removed host {name}")
+
+
+network_app = typer.Typer(
+    help="Host networks: names for Linux bridges that VMs' NICs join.", no_args_is_help=True
+)
+app.add_typer(network_app, name="network")
+
+
+@network_app.command("add")
+def add_network(
+    name: str = typer.Argument(..., help="The network's name, as VMs' --nic names it."),
+    bridge: str = typer.Option(..., "--bridge", help="The Linux bridge (it must exist)."),
+    host: str = typer.Option(..., "--host", "-H", help="The host the bridge is on."),
+    netns: str | None = typer.Option(
+        None, "--netns", help="The bridge is inside this network namespace (taps move there)."
+    ),
+) -> None:
+    """Name a bridge of HOST as network NAME (VMs name networks, never bridges)."""
+    body = {"name": name, "bridge": bridge, "netns": netns}
+    with_fleet(lambda fleet: fleet.client(host).post("/v1/networks", body))
+    where = f" in namespace {netns}" if netns else ""
+    say(f"host {host} has network {name} on bridge {bridge}{where}")
+
+
+@network_app.command("list")
+def list_networks(
+    host: str | None = typer.Option(None, "--host", "-H", help="Only this host."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """List host networks per host, and whether each bridge exists."""
+    results = with_fleet(lambda fleet: fleet.each("/v1/networks", host))
+    rows = [{"host": name, **net} for name, result in results.items()
+            if not isinstance(result, FerryError) for net in result]  # fmt: skip
+    if as_json:
+        print_json(rows)
+    else:
+        print_table(["HOST", "NETWORK", "BRIDGE", "NETNS", "EXISTS", "FROM"],
+                    [[r["host"], r["name"], r["bridge"], r["netns"] or "-",
+                      "yes" if r["exists"] else "NO", r["source"]] for r in rows])  # fmt: skip
+    for name, result in results.items():
+        if isinstance(result, FerryError):
+            err.print(f"ferry: warning: {name}: {result}", markup=False)
+
+
+@network_app.command("remove")
+def remove_network(
+    name: str = typer.Argument(..., help="The network to forget."),
+    host: str = typer.Option(..., "--host", "-H", help="The host it is on."),
+) -> None:
+    """Forget a host network (refused while a VM of the host has a NIC on it; the bridge stays)."""
+    with_fleet(lambda fleet: fleet.client(host).delete(f"/v1/networks/{name}"))
+    say(f"host {host} no longer has network {name}")
 
 
 volume_app = typer.Typer(help="Shared volumes: dirs several hosts see.", no_args_is_help=True)

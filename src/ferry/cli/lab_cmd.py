@@ -134,3 +134,21 @@ def down(directory: Path | None = DirOpt) -> None:
     with err.status("bringing the lab down") as status:
         lab.down(progress=lambda msg: status.update(msg))
     say(f"lab at {lab.root} is down; nothing left running")
+
+
+@app.command("exec", context_settings={"ignore_unknown_options": True})
+def exec_in_lab(
+    command: list[str] = typer.Argument(
+        ..., metavar="-- CMD [ARG...]", help="The command to run inside the lab network."
+    ),
+    directory: Path | None = DirOpt,
+) -> None:
+    """Run CMD inside the lab network's namespace (a peer on the lab guests' LAN).
+
+    The lab's bridge there has 10.213.0.1/16; a test guest with a NIC on network
+    'lab' has the address 'ferry vm show NAME --json' gives as nics[i].ip, and
+    answers TCP echo on port 7. Exits with CMD's status.
+    """
+    code = _lab(directory).exec(command)
+    if code:
+        raise typer.Exit(code)

@@ -16,6 +16,8 @@ import typer
 
 from ferry.cli.output import err, print_json, print_table, say
 from ferry.cli.vnc_cmd import vnc
+from ferry.core.cpu_models import check_model_name
+from ferry.core.network import parse_network_map, parse_nic_option
 from ferry.core.units import format_size, parse_duration, parse_size
 from ferry.errors import FerryError, InvalidInputError, NotFoundError
 
@@ -29,6 +31,11 @@ T = TypeVar("T")
 
 HostOpt = typer.Option(None, "--host", "-H", help="The host, where the name is ambiguous.")
 JsonOpt = typer.Option(False, "--json", help="Print JSON.")
+NetworkMapOpt = typer.Option(
+    [], "--network-map", metavar="SRC=DST",
+    help="Put the VM's NICs on network SRC onto the destination's network DST (repeat); "
+    "MACs stay. Networks not named keep their names.",
+)  # fmt: skip
 
 
 def with_fleet(body: Callable[[Fleet], Awaitable[T]]) -> T:
@@ -59,8 +66,15 @@ def _show(vm: dict[str, Any], as_json: bool) -> None:
         say(f"  cluster {vm['cluster']}")
     if vm.get("vnc"):
         say(f"  display vnc ('ferry vm vnc {vm['name']}' connects)")
+    if vm.get("guest_agent"):
+        say("  guest agent channel (org.qemu.guest_agent.0)")
+    if vm.get("cpu_model"):
+        say(f"  cpu model {vm['cpu_model']}")
     for disk in vm.get("disks", []):
         say(f"  disk {disk['path']} ({format_size(disk['size'])}, {disk['format']})")
+    for nic in vm.get("nics", []):
+        address = f", ip {nic['ip']}" if nic.get("ip") else ""
+        say(f"  nic {nic['network']} mac {nic['mac']} ({nic['model']}{address})")
 
 
 @app.command("create")
@@ -97,6 +111,25 @@ def create(
     display: str = typer.Option(
         "none", "--display", help="none, or vnc: a graphical console ('ferry vm vnc NAME')."
     ),
+    guest_agent: bool = typer.Option(
+        False,
+        "--guest-agent",
+        help="Give the VM a QEMU guest agent channel (qemu-guest-agent in the guest): "
+        "app-consistent replication points, clean shutdown when ACPI is ignored.",
+    ),
+    cpu_model: str | None = typer.Option(
+        None,
+        "--cpu-model",
+        help="QEMU CPU model, e.g. Westmere-v1 (default: Westmere-v1 on KVM hosts, max under "
+        "TCG; 'ferry host show H --json' lists cpu_models).",
+    ),
+    nic: list[str] = typer.Option(
+        [],
+        "--nic",
+        metavar="NETWORK[,mac=MAC][,model=virtio]",
+        help="A network card on host network NETWORK (repeat for more); the MAC is chosen "
+        "once if not given and kept for the VM's life; model virtio unless named.",
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
     """Create a VM (off, unless --start)."""
@@ -122,6 +155,9 @@ def create(
         "config_version": config_version,
         "volume": volume,
         "display": display,
+        "guest_agent": guest_agent,
+        "cpu_model": None if cpu_model is None else check_model_name(cpu_model),
+        "nics": [vars(parse_nic_option(item)) for item in nic],
     }
     if cluster is not None:
         body.update(cluster=cluster, priority=priority, node=host)
@@ -344,11 +380,13 @@ def move(
     downtime_limit: int | None = typer.Option(
         None, "--downtime-limit", help="Target downtime in ms at switch-over."
     ),
+    network_map: list[str] = NetworkMapOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Live-migrate a running VM to another host; the guest keeps running."""
     from ferry.cli.progress import follow_job
 
+    networks = parse_network_map(network_map)
     if storage not in ("auto", "shared", "copy"):
         raise InvalidInputError(f"--storage must be auto, shared or copy, not {storage!r}")
     if downtime_limit is not None and downtime_limit <= 0:
@@ -361,7 +399,8 @@ def move(
         job = await fleet.client(source).post(
             f"/v1/vms/{name}/move",
             {"to": to, "to_url": target.url, "storage": storage,
-             "max_bandwidth": bandwidth, "downtime_limit_ms": downtime_limit},
+             "max_bandwidth": bandwidth, "downtime_limit_ms": downtime_limit,
+             "network_map": networks},
         )  # fmt: skip
         return await follow_job(fleet.client(source), job, as_json=as_json)
 
@@ -422,8 +461,24 @@ def export_vm(
 
 @app.command("import")
 def import_vm(
-    folder: str = typer.Argument(..., help="An export folder on the host."),
+    folder: str | None = typer.Argument(
+        None, help="An export folder on the host (or adopt with --libvirt / --ovf)."
+    ),
     host: str = typer.Option(..., "--host", "-H", help="The host that has the folder."),
+    libvirt: str | None = typer.Option(
+        None,
+        "--libvirt",
+        metavar="DOMAIN.xml",
+        help="Adopt a libvirt domain (virsh dumpxml) from this file on the host, in its image "
+        "dirs; its disks must lie in the image dirs too.",
+    ),
+    ovf: str | None = typer.Option(
+        None,
+        "--ovf",
+        metavar="FILE.ovf|FILE.ova",
+        help="Adopt an OVF appliance (VMware, VirtualBox) from this file on the host, in its "
+        "image dirs; its disks must lie in its folder or archive.",
+    ),
     mode: str = typer.Option(
         "copy", "--mode", help="register (use in place), copy, new-id (copy with a new UUID)."
     ),
@@ -434,13 +489,23 @@ def import_vm(
     volume: str | None = typer.Option(
         None, "--volume", help="With --cluster: the cluster volume its disks are copied onto."
     ),
+    network_map: list[str] = NetworkMapOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Import a VM from an export folder (checked before anything is registered)."""
+    """Import a VM from an export folder, or adopt a libvirt domain or an OVF appliance
+    (checked before anything is registered)."""
+    if libvirt is not None or ovf is not None:
+        from ferry.cli.adopt_cmd import adopt
+
+        adopt(host, folder=folder, libvirt=libvirt, ovf=ovf, name=new_name, mode=mode,
+              cluster=cluster, network_map=network_map, as_json=as_json)  # fmt: skip
+        return
+    if folder is None:
+        raise InvalidInputError("name an export folder, or adopt with --libvirt or --ovf")
     if mode not in ("register", "copy", "new-id"):
         raise InvalidInputError(f"--mode must be register, copy or new-id, not {mode!r}")
     body = {"folder": folder, "mode": mode, "name": new_name, "cluster": cluster,
-            "volume": volume}  # fmt: skip
+            "volume": volume, "network_map": parse_network_map(network_map)}  # fmt: skip
     result = _run_job(host, "/v1/imports", body, as_json, what=f"import from {folder}")
     if as_json:
         print_json({"result": "ok", **result})
@@ -468,4 +533,4 @@ def import_disk(
     create(name=name, host=host, memory=memory, cpus=cpus, disk=[], image=images, guest=guest,
            kernel=None, initrd=None, append=None, config_version=None, volume=None,
            cluster=None, priority="medium", start=start, display="none",
-           as_json=as_json)  # fmt: skip
+           guest_agent=False, cpu_model=None, as_json=as_json)  # fmt: skip

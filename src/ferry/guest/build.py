@@ -52,8 +52,12 @@ REQUIRED_MODULES = (
 )
 # ACPI power button -> busybox acpid -> poweroff; skipped when absent.
 OPTIONAL_MODULES = ("evdev", "button")
+# A NIC (vm create --nic): virtio_net and what it needs, loaded in this order.
+NET_MODULES = ("failover", "net_failover", "virtio_net")
 # The guest agent's virtio-serial port (vm create --guest-agent).
 AGENT_MODULES = ("virtio_console",)
+# efivarfs: under UEFI the guest counts its boots in a UEFI variable (init.sh).
+FIRMWARE_MODULES = ("efivarfs",)
 # qemu-ga of Debian's qemu-guest-agent, copied with its shared libraries (the
 # ldd closure) when the build host has it; init.sh starts it on the port.
 QEMU_GA = Path("/usr/sbin/qemu-ga")
@@ -293,8 +297,8 @@ def find_inputs(
 ) -> GuestInputs:
     """Locate everything the guest is built from, or say what to install."""
     kernel, release = find_kernel(boot)
-    modules = find_modules(modules_root / release,
-                           REQUIRED_MODULES + OPTIONAL_MODULES + AGENT_MODULES)  # fmt: skip
+    wanted = REQUIRED_MODULES + OPTIONAL_MODULES + AGENT_MODULES + NET_MODULES + FIRMWARE_MODULES
+    modules = find_modules(modules_root / release, wanted)
     missing = [m for m in REQUIRED_MODULES if m not in modules]
     if missing:
         raise GuestBuildError(

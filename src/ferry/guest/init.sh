@@ -307,6 +307,95 @@ write_files() {
 	done
 }
 
+# NICs (virtio device id 1): load virtio_net, give each ethN the address its
+# MAC names, 10.213.X.Y/16 with X and Y the MAC's last two bytes (as
+# ferry.core.network.test_guest_ip computes it; the lab's bridge is
+# 10.213.0.1), print "ferry-guest net ethN MAC ADDRESS", and serve TCP echo on
+# port 7 (busybox nc, one cat per connection: every byte sent comes back).
+start_network() {
+	nics=0
+	for dev in /sys/bus/virtio/devices/*; do
+		[ -f "$dev/device" ] || continue
+		read -r id <"$dev/device"
+		[ "$id" = 0x0001 ] && nics=$((nics + 1))
+	done
+	[ $nics -gt 0 ] || return 0
+	for module in failover net_failover virtio_net; do
+		[ -f /lib/modules/$module.ko ] || fail "the guest has no kernel module $module for its NIC"
+		insmod /lib/modules/$module.ko || fail "cannot load kernel module $module"
+	done
+	ip link set lo up
+	tries=0
+	while :; do
+		found=0
+		for path in /sys/class/net/eth*; do
+			[ -e "$path/address" ] && found=$((found + 1))
+		done
+		[ $found -ge $nics ] && break
+		tries=$((tries + 1))
+		[ $tries -gt 100 ] && fail "only $found of $nics NICs appeared after 10 s"
+		sleep 0.1
+	done
+	for path in /sys/class/net/eth*; do
+		nic=${path##*/}
+		read -r mac <"$path/address"
+		saved=$IFS
+		IFS=:
+		# shellcheck disable=SC2086
+		set -- $mac
+		IFS=$saved
+		address=10.213.$((0x$5)).$((0x$6))
+		ip link set "$nic" up || fail "cannot bring $nic up"
+		ip addr add "$address/16" dev "$nic" || fail "cannot give $nic address $address"
+		echo "ferry-guest net $nic $mac $address"
+	done
+	nc -ll -p 7 -e cat &
+}
+
+# A disk labelled FERRYBOOT holds the image the guest booted from
+# (ferry/guest/bootable.py): print "ferry-guest boot-disks vdX ..." and
+# write no records there. ferry.boot=TAG names the image booted.
+skip_boot_disks() {
+	kept=
+	boot=
+	for disk in $DISKS; do
+		if dd if="/dev/$disk" bs=512 count=1 2>/dev/null | grep -q FERRYBOOT; then
+			boot="$boot $disk"
+		else
+			kept="$kept $disk"
+		fi
+	done
+	DISKS=$kept
+	[ -z "$boot" ] || echo "ferry-guest boot-disks$boot"
+	for arg in $(cat /proc/cmdline); do
+		case $arg in
+		ferry.boot=*) echo "ferry-guest booted tag=${arg#ferry.boot=}" ;;
+		esac
+	done
+}
+
+# Under UEFI: count this guest's boots in a variable of its UEFI variable
+# store (efivarfs), printing "ferry-guest efi-boots=N", so a test sees the
+# store carried by a move, an export, replication and failover.
+count_efi_boots() {
+	[ -d /sys/firmware/efi ] || return 0
+	[ -f /lib/modules/efivarfs.ko ] && insmod /lib/modules/efivarfs.ko 2>/dev/null
+	if ! mount -t efivarfs efivarfs /sys/firmware/efi/efivars; then
+		echo "ferry-guest efi-boots unavailable (no efivarfs)"
+		return 0
+	fi
+	var=/sys/firmware/efi/efivars/FerryBoots-6f3c1a52-9d4e-4b7a-8c21-5e0f9a7b3d16
+	boots=0
+	[ -f $var ] && boots=$(tail -c +5 $var)
+	case $boots in
+	'' | *[!0-9]*) boots=0 ;;
+	esac
+	boots=$((boots + 1))
+	# 4 bytes of attributes (non-volatile, boot and runtime access), then the value.
+	printf '\007\000\000\000%s' $boots >$var || fail "cannot write UEFI variable $var"
+	echo "ferry-guest efi-boots=$boots"
+}
+
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
@@ -320,8 +409,11 @@ for module in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev vir
 done
 [ "$ACPI" = off ] || start_acpid
 start_agent
+start_network
 
 find_disks
+skip_boot_disks
+count_efi_boots
 if [ -n "$FSDISK" ]; then
 	[ -b "/dev/$FSDISK" ] || fail "ferry.fs=$FSDISK: no such disk"
 	DISKS=$(echo " $DISKS " | sed "s/ $FSDISK / /")

@@ -10,6 +10,10 @@ Example::
     accelerator = "auto"                # auto | kvm | tcg
     image_dirs = ["/srv/images"]        # where --image/--kernel files may come from
     cluster_lease_ttl = 10              # seconds; a cluster node's lease
+    cpu_models = ["Westmere-v1", "max"] # only these CPU models here (absent: all QEMU runs)
+
+    [networks.prod]                     # host network "prod": a name for a bridge
+    bridge = "br0"                      # (netns = "NS": a bridge inside that namespace)
 """
 
 from __future__ import annotations
@@ -20,13 +24,38 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from ferry.core.cpu_models import check_model_name
+from ferry.core.network import check_ifname, check_netns
 from ferry.core.spec import check_name
 from ferry.core.units import parse_size
 from ferry.core.validation import first_error
 from ferry.core.versions import MAX_CONFIG_VERSION, check_functional_level
 from ferry.errors import ConfigError, FerryError
+
+
+class NetworkConfig(BaseModel):
+    """A host network in host.toml: the bridge its NICs join (in ``netns`` if set)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bridge: str
+    netns: str | None = None
+
+    @model_validator(mode="after")
+    def _names(self) -> NetworkConfig:
+        check_ifname(self.bridge)
+        if self.netns is not None:
+            check_netns(self.netns)
+        return self
 
 
 class HostConfig(BaseModel):
@@ -67,6 +96,11 @@ class HostConfig(BaseModel):
     # The node's cluster lease TTL in seconds; every cluster timing (renewal,
     # self-fence deadline, guard limit) derives from it (core/cluster/timing.py).
     cluster_lease_ttl: int = Field(default=10, ge=2, le=300)
+    # Host networks (name -> bridge); more are added with 'ferry host network add'.
+    networks: dict[str, NetworkConfig] = {}
+    # The CPU models VMs may use on this host (empty: every model its QEMU can
+    # run). Moves, failovers and imports of a VM with another model are refused.
+    cpu_models: tuple[str, ...] = ()
 
     @field_validator("migration_max_bandwidth", "replication_max_bandwidth", mode="before")
     @classmethod
@@ -77,6 +111,11 @@ class HostConfig(BaseModel):
     @classmethod
     def _name(cls, value: str) -> str:
         return check_name(value, what="host name")
+
+    @field_validator("cpu_models")
+    @classmethod
+    def _cpu_models(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_model_name(name) for name in value)
 
     @field_validator("functional_level")
     @classmethod

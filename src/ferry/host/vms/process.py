@@ -32,6 +32,7 @@ from ferry.core.tasks import cancel_and_wait
 from ferry.core.vmstate import QemuStatus, VmOp, VmState
 from ferry.errors import FerryError, QemuError
 from ferry.host.config import HostConfig
+from ferry.host.networks import HostNetworks
 from ferry.host.vms.states import VmStates
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ class VmProcesses:
         self.exit_hooks: dict[str, Callable[[], Awaitable[None]]] = {}
         self.vms_dir = config.data_dir / "vms"
         self.vms_dir.mkdir(parents=True, exist_ok=True)
+        # The host's networks: each NIC's tap joins its bridge once QEMU made it.
+        self.networks = HostNetworks(config, states.catalog)
         config.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     # -- names -------------------------------------------------------------
@@ -102,18 +105,25 @@ class VmProcesses:
             qemu_log=vm_dir / QEMU_LOG,
             image_locking=self.config.image_locking,
             vnc_socket=self.vnc_socket(uuid),
+            tap_host=self.networks.key,
+            guest_agent_socket=self.guest_agent_socket(uuid),
         )
 
     def vnc_socket(self, uuid: str) -> Path:
         """Where the VM's QEMU serves its VNC display (a VM with display "vnc")."""
         return self.config.runtime_dir / f"{short_name(uuid)}.vnc"
 
+    def guest_agent_socket(self, uuid: str) -> Path:
+        """Where the VM's QEMU serves its guest agent channel (a VM with guest_agent)."""
+        return self.config.runtime_dir / f"{short_name(uuid)}.qga"
+
     def _remove_sockets(self, uuid: str) -> None:
-        """The QMP and VNC sockets of a QEMU that has gone."""
+        """The QMP, VNC and guest agent sockets of a QEMU that has gone."""
         ctx = self.context(uuid)
         ctx.qmp_socket.unlink(missing_ok=True)
-        if ctx.vnc_socket is not None:
-            ctx.vnc_socket.unlink(missing_ok=True)
+        for path in (ctx.vnc_socket, ctx.guest_agent_socket):
+            if path is not None:
+                path.unlink(missing_ok=True)
 
     def lock(self, uuid: str) -> asyncio.Lock:
         """One operation on a VM at a time (and the watcher's observations between)."""
@@ -164,8 +174,16 @@ class VmProcesses:
         ctx.qmp_socket.unlink(missing_ok=True)
         if ctx.vnc_socket is not None:
             ctx.vnc_socket.unlink(missing_ok=True)
-        return await qemu.launch(qemu_argv(record.spec, ctx), pidfile=ctx.pidfile,
-                                 uuid=record.uuid, log=ctx.qemu_log)  # fmt: skip
+        await self.networks.check_runnable(record.spec)
+        pid = await qemu.launch(qemu_argv(record.spec, ctx), pidfile=ctx.pidfile,
+                                uuid=record.uuid, log=ctx.qemu_log)  # fmt: skip
+        if record.spec.nics:
+            try:
+                await self.networks.attach(record.spec)
+            except BaseException:
+                await qemu.kill_process(pid, record.uuid)
+                raise
+        return pid
 
     async def launch_incoming(self, record: VmRecord) -> None:
         """Start QEMU paused, waiting for a migration stream (``-incoming defer``)."""
@@ -219,6 +237,7 @@ class VmProcesses:
         self._runtimes.pop(record.uuid, None)
         await self.detach(runtime)
         self._remove_sockets(record.uuid)
+        await self.networks.remove_taps(record.spec)
         self.states.apply(record, op)
 
     async def kill_leftover(self, record: VmRecord) -> None:
@@ -230,6 +249,7 @@ class VmProcesses:
         pid = qemu.find_process(self.context(record.uuid).pidfile, record.uuid)
         if pid is not None:
             await qemu.kill_process(pid, record.uuid)
+        await self.networks.remove_taps(record.spec)
 
     async def kill(self, record: VmRecord) -> None:
         """SIGKILL the VM's QEMU and record it off (the caller holds the lock)."""
@@ -276,6 +296,7 @@ class VmProcesses:
         self._runtimes.pop(record.uuid, None)
         await runtime.channel.close()
         self._remove_sockets(record.uuid)
+        await self.networks.remove_taps(record.spec)
         state = self.states.apply(record, op)
         vm_log.warning("QEMU pid %d exited unexpectedly; VM is %s", runtime.pid, state.value)
 
@@ -350,6 +371,14 @@ class VmProcesses:
                 self.states.apply(record, VmOp.CRASHED)
                 continue
             vm_log.info("re-attached to QEMU pid %d; VM is %s", pid, state.value)
+            if record.spec.nics and record.uuid in self._runtimes:
+                try:  # the agent may have died between QEMU's start and the attach
+                    await self.networks.attach(record.spec)
+                except FerryError as exc:
+                    vm_log.error("cannot attach the NICs' taps to their bridges: %s", exc)
+        running = [r.spec for r in self.catalog.vms() if r.uuid in self._runtimes]
+        for tap in await self.networks.cleanup(running):
+            log.warning("removed tap %s that no running QEMU of this host owns", tap)
 
     async def detach_all(self) -> None:
         """On agent stop: let go of every QEMU and leave them running."""

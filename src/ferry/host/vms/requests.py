@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ferry.core.network import NicOption
 from ferry.errors import InvalidInputError
 
 DEFAULT_MEMORY = 256 * 1024**2
@@ -43,3 +44,6 @@ class NewVm:
     # node of the cluster boots it from there), not in the local VM dir.
     boot_files_on_volume: bool = False
     display: str = "none"  # "vnc": a VNC display on a unix socket
+    nics: tuple[NicOption, ...] = ()  # --nic NETWORK[,mac=MAC][,model=MODEL], in order
+    cpu_model: str | None = None  # None: the host's default (core/cpu_models.py)
+    guest_agent: bool = False  # a virtio-serial channel for qemu-guest-agent

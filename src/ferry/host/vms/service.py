@@ -26,11 +26,20 @@ from typing import Any
 
 from ferry.adapters import qemu
 from ferry.adapters.catalog import Catalog, VmRecord
+from ferry.adapters.guest_agent import GuestAgent
 from ferry.core import vmstate
+from ferry.core.cpu_models import CpuFacts, check_model_name, cpu_refusal, default_model
 from ferry.core.spec import VmSpec, check_name, check_resources
 from ferry.core.versions import check_host_runs, machine_type
 from ferry.core.vmstate import VmOp, VmState
-from ferry.errors import ConflictError, InvalidInputError, NotFoundError, QemuError, StateError
+from ferry.errors import (
+    ConflictError,
+    GuestAgentError,
+    InvalidInputError,
+    NotFoundError,
+    QemuError,
+    StateError,
+)
 from ferry.host.config import HostConfig
 from ferry.host.turns import DiskTurns
 from ferry.host.vms import files
@@ -58,10 +67,13 @@ class VmService:
         accelerator: str,
         host_memory: int,
         host_cpus: int,
+        cpu: CpuFacts | None = None,
     ) -> None:
         self.config = config
         self.catalog = catalog
         self.accelerator = accelerator
+        # The CPU models this host runs (host/facts.py; none known: none refused).
+        self.cpu = cpu or CpuFacts(host=config.name)
         self.host_memory = host_memory
         self.host_cpus = host_cpus
         self.states = VmStates(catalog)
@@ -72,6 +84,7 @@ class VmService:
         # unasked (an incoming migration that failed).
         self.exit_hooks: dict[str, Callable[[], Awaitable[None]]] = self.processes.exit_hooks
         self.vms_dir = self.processes.vms_dir
+        self.networks = self.processes.networks
 
     def _log(self, record: VmRecord) -> logging.LoggerAdapter[logging.Logger]:
         return vm_logger(log, record)
@@ -178,8 +191,15 @@ class VmService:
 
         if request.display not in ("none", "vnc"):
             raise InvalidInputError(f"--display must be none or vnc, not {request.display!r}")
+        cpu_model = check_model_name(request.cpu_model or default_model(self.accelerator))
+        refusal = cpu_refusal(cpu_model, self.cpu)
+        if refusal is not None:
+            raise InvalidInputError(f"--cpu-model: {refusal}")
         spec = VmSpec(name=name, config_version=version, memory=request.memory, cpus=request.cpus,
-                      display="vnc" if request.display == "vnc" else "none")  # fmt: skip
+                      display="vnc" if request.display == "vnc" else "none", cpu_model=cpu_model,
+                      guest_agent=request.guest_agent)  # fmt: skip
+        if request.nics:  # checked (networks, bridges, models, MACs) before anything is made
+            spec = spec.model_copy(update={"nics": await self.networks.new_nics(request.nics)})
         vm_dir = self.vm_dir(spec.uuid)
         disk_dir = files.disk_dir(self.config, self.catalog, request.volume, vm_dir)
         vm_dir.mkdir(parents=True)
@@ -286,20 +306,30 @@ class VmService:
             return self.get(name)
 
     async def stop(self, name: str, *, timeout: float | None = None) -> tuple[VmRecord, bool]:
-        """ACPI power-down; force off after ``timeout``. Returns (record, forced)."""
+        """ACPI power-down; force off after ``timeout``. Returns (record, forced).
+
+        A VM with a guest agent channel gets half the time for ACPI; a guest
+        that ignores it is then asked through its agent (``guest-shutdown``)
+        for the rest, and only then forced off.
+        """
         record = self.get(name)
         deadline = timeout or self.config.stop_timeout_s
+        acpi_wait = deadline / 2 if record.spec.guest_agent else deadline
         async with self.lock(record.uuid):
             record = self.get(name)
             vmstate.transition(record.state, VmOp.STOP, vm=name)
             runtime = self.processes.runtime(record)
             self.apply(record, VmOp.STOP)
-            forced = True
+            forced, via = True, "forced"
             with contextlib.suppress(QemuError):
                 await runtime.channel.execute("system_powerdown")
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(runtime.shutdown_seen.wait(), deadline)
-                    forced = False
+                    await asyncio.wait_for(runtime.shutdown_seen.wait(), acpi_wait)
+                    forced, via = False, "clean"
+            ask_agent = forced and record.spec.guest_agent
+            if ask_agent and await self._agent_shutdown(record, runtime.shutdown_seen,
+                                                        deadline - acpi_wait):  # fmt: skip
+                forced, via = False, "clean, through the guest agent"
             runtime.expect_exit = True
             if not forced:
                 with contextlib.suppress(QemuError):
@@ -307,8 +337,25 @@ class VmService:
             if forced or not await qemu.wait_gone(runtime.pid, record.uuid, QUIT_GRACE_S):
                 await qemu.kill_process(runtime.pid, record.uuid)
             await self.processes.finish_exit(record, runtime, VmOp.STOPPED)
-            self._log(record).info("stopped (%s)", "forced" if forced else "clean")
+            self._log(record).info("stopped (%s)", via)
             return self.get(name), forced
+
+    async def _agent_shutdown(self, record: VmRecord, seen: asyncio.Event, wait: float) -> bool:
+        """``guest-shutdown`` through the guest agent; True once the guest went down in ``wait``."""
+        log = self._log(record)
+        log.info("the guest ignored ACPI power-down; asking its guest agent to shut down")
+        socket = self.processes.guest_agent_socket(record.uuid)
+        try:
+            async with GuestAgent(socket, vm=record.name) as agent:
+                await agent.shutdown()
+        except GuestAgentError as exc:
+            log.warning("guest agent shutdown failed: %s", exc)
+            return False
+        try:
+            await asyncio.wait_for(seen.wait(), max(wait, 1.0))
+        except TimeoutError:
+            return False
+        return True
 
     async def pause(self, name: str, *, resume: bool = False) -> VmRecord:
         """Freeze the guest's vCPUs (``stop``) or let them run again (``cont``)."""
