@@ -39,6 +39,8 @@ OPEN_TO_ANY_HOST = {
     ("GET", "/v1/peer/hello"): "says who answers and who asked, nothing about any VM",
     ("GET", "/v1/peer/replica-server/admission"): "answers for the caller itself",
     ("POST", "/v1/peer/migrations"): "any host of the CA may offer a new VM by live move",
+    ("POST", "/v1/peer/migrations/check"): "asks whether this host has a VM's networks, "
+    "before a move; changes nothing",
 }
 
 

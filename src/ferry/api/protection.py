@@ -22,6 +22,7 @@ from ferry.api.models import (
     ImportInitialRequest,
     SetReplicationRequest,
 )
+from ferry.core.network import check_network_map
 from ferry.core.relationship import InitialMethod
 from ferry.core.relationship import Role as RelRole
 from ferry.core.replica_server import ReplicaServerSettings
@@ -83,7 +84,9 @@ class ProtectionRoutes:
             request.match_info["name"], replica=body.replica, replica_url=body.replica_url,
             frequency_s=body.frequency_s, recovery_points=body.recovery_points,
             initial=InitialMethod(body.initial), media_dir=body.media_dir,
-            compression=body.compression, initial_after=body.initial_after)  # fmt: skip
+            compression=body.compression, initial_after=body.initial_after,
+            network_map=check_network_map(body.network_map),
+            app_consistent_every_s=body.app_consistent_every_s)  # fmt: skip
         return _json(status, status=201)
 
     async def replication_status(self, request: web.Request) -> web.Response:
@@ -107,7 +110,10 @@ class ProtectionRoutes:
         status = await self.replication.change(
             request.match_info["name"], replica=body.replica, replica_url=body.replica_url,
             frequency_s=body.frequency_s, recovery_points=body.recovery_points,
-            thumbprint=body.certificate_thumbprint)  # fmt: skip
+            thumbprint=body.certificate_thumbprint,
+            network_map=None if body.network_map is None else check_network_map(body.network_map),
+            app_consistent_every_s=body.app_consistent_every_s,
+        )  # fmt: skip
         return _json(status)
 
     async def pause_replication(self, request: web.Request) -> web.Response:
@@ -142,12 +148,18 @@ class ProtectionRoutes:
         body = await _body(request, FailoverRequest)
         failover = self.failover
         operations: dict[str, Callable[[Job], Awaitable[dict[str, Any]]]] = {
-            "test": lambda job: failover.test(name, body.point, job),
+            "test": lambda job: failover.test(
+                name, body.point, job, test_network=body.test_network
+            ),
             "stop-test": lambda job: failover.stop_test(name, job),
             "start": lambda job: failover.start(name, body.point, force=body.force, job=job),
             "complete": lambda job: failover.complete(name, job),
             "cancel": lambda job: failover.cancel(name, job),
         }
+        if body.test_network is not None and action != "test":
+            raise InvalidInputError("--test-network is for 'failover test' only")
+        if action == "test":
+            await failover.check_test_network(body.test_network)
         if action == "planned":
             job = failover.start_planned(name)
         elif action in operations:

@@ -61,10 +61,22 @@ def _on_replica(action: str, name: str, host: str | None, body: dict[str, Any],
 
 
 @app.command("test")
-def test(name: str, point: int | None = PointOpt, host: str | None = HostOpt,
-         as_json: bool = JsonOpt) -> None:  # fmt: skip
+def test(
+    name: str,
+    point: int | None = PointOpt,
+    test_network: str | None = typer.Option(
+        None, "--test-network", metavar="NET",
+        help="Put the test VM's NICs on this network of the replica host (new MACs); "
+        "without it the test VM has no NIC, so a drill never meets production.",
+    ),
+    host: str | None = HostOpt,
+    as_json: bool = JsonOpt,
+) -> None:  # fmt: skip
     """Boot a disposable copy <VM>-test on a recovery point; replication goes on."""
-    found = _on_replica("test", name, host, {"point": point}, as_json)
+    body: dict[str, Any] = {"point": point}
+    if test_network is not None:
+        body["test_network"] = test_network
+    found = _on_replica("test", name, host, body, as_json)
     _report(
         found,
         as_json,

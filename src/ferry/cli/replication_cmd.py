@@ -19,6 +19,8 @@ import typer
 
 from ferry.cli.output import print_json, print_table, say
 from ferry.cli.vm_cmd import HostOpt, JsonOpt, with_fleet
+from ferry.core.guest_agent import parse_app_consistent_every
+from ferry.core.network import parse_network_map
 from ferry.core.replication import (
     EXTENDED_FREQUENCIES,
     check_recovery_points,
@@ -32,6 +34,19 @@ if TYPE_CHECKING:
     from ferry.client.fleet import Fleet
 
 app = typer.Typer(help="Replicate running VMs to a replica host.", no_args_is_help=True)
+
+AppConsistentOpt = typer.Option(
+    None, "--app-consistent-every", metavar="DURATION",
+    help="Freeze the guest's file systems (through its guest agent, vm create --guest-agent) "
+    "around one cycle's cut per DURATION (e.g. 1h; 'off' on set): those points are "
+    "app-consistent, the others crash-consistent.",
+)  # fmt: skip
+
+ReplicaNetworkMapOpt = typer.Option(
+    [], "--network-map", metavar="SRC=DST",
+    help="A failover starts the replica VM with its NICs on network SRC on the replica "
+    "host's network DST (repeat); MACs stay, networks not named keep their names.",
+)  # fmt: skip
 
 
 def _when(stamp: float | None) -> str:
@@ -112,12 +127,16 @@ def enable(
     initial_at: str | None = typer.Option(
         None, "--initial-at", help="Start the initial copy later: HH:MM, an ISO time or 2h."
     ),
+    network_map: list[str] = ReplicaNetworkMapOpt,
+    app_consistent_every: str | None = AppConsistentOpt,
     host: str | None = HostOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Start replicating a running VM; the initial copy runs in the background."""
     from ferry.cli.progress import follow_job
 
+    networks = parse_network_map(network_map)
+    app_every = parse_app_consistent_every(app_consistent_every) if app_consistent_every else None
     seconds = parse_frequency(frequency)
     check_recovery_points(recovery_points)
     method, media = _parse_initial(initial)
@@ -134,7 +153,8 @@ def enable(
             f"/v1/vms/{name}/replication",
             {"replica": replica, "replica_url": target.url, "frequency_s": seconds,
              "recovery_points": recovery_points, "initial": method, "media_dir": media,
-             "compression": compression == "on", "initial_after": after},
+             "compression": compression == "on", "initial_after": after,
+             "network_map": networks, "app_consistent_every_s": app_every},
         )  # fmt: skip
         if method == "network" and after is None:
             # Follow the initial copy job once the scheduler has started it.
@@ -222,6 +242,12 @@ def measure(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> N
             ["longest cycle", _seconds(stats["max_cycle_s"])],
             ["network failures", stats["network_failure_count"]],
         ])  # fmt: skip
+    if found.get("app_consistent_every_s"):
+        print_table(["", ""], [
+            ["app-consistent every", _seconds(found["app_consistent_every_s"])],
+            ["app-consistent points / failed freezes",
+             f"{found['app_consistent_count']} / {found['app_consistent_failure_count']}"],
+        ])  # fmt: skip
 
 
 @app.command("points")
@@ -239,8 +265,9 @@ def points(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> No
     if as_json:
         print_json(found)
     else:
-        rows = [[p["id"], _when(p["time"]), format_size(p["size"])] for p in found]
-        print_table(["ID", "TIME", "SIZE"], rows)
+        rows = [[p["id"], _when(p["time"]), format_size(p["size"]),
+                 "app" if p.get("app_consistent") else "crash"] for p in found]  # fmt: skip
+        print_table(["ID", "TIME", "SIZE", "CONSISTENT"], rows)
 
 
 @app.command("sync")
@@ -306,22 +333,29 @@ def set_(
         None, "--certificate-thumbprint", help="SHA-256 of the replica's new certificate."
     ),
     recovery_points: int | None = typer.Option(None, "--recovery-points", help="0..24."),
+    network_map: list[str] = ReplicaNetworkMapOpt,
+    app_consistent_every: str | None = AppConsistentOpt,
     host: str | None = HostOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Change a relationship: frequency, retention, replica host, pinned certificate."""
+    """Change a relationship: frequency, retention, replica host, pinned certificate, networks."""
     seconds = parse_frequency(frequency) if frequency else None
     if recovery_points is not None:
         check_recovery_points(recovery_points)
-    if replica is None and seconds is None and thumbprint is None and recovery_points is None:
+    networks = parse_network_map(network_map) if network_map else None
+    app_every = parse_app_consistent_every(app_consistent_every) if app_consistent_every else None
+    if (replica is None and seconds is None and thumbprint is None and recovery_points is None
+            and networks is None and app_every is None):  # fmt: skip
         raise InvalidInputError("nothing to set: give --replica, --frequency, "
-                                "--certificate-thumbprint or --recovery-points")  # fmt: skip
+                                "--certificate-thumbprint, --recovery-points or "
+                                "--network-map or --app-consistent-every")  # fmt: skip
 
     async def run(fleet: Fleet) -> dict[str, Any]:
         where = await _primary(fleet, name, host)
         body = {"replica": replica, "replica_url": fleet.settings.host(replica).url if replica
                 else None, "frequency_s": seconds, "recovery_points": recovery_points,
-                "certificate_thumbprint": thumbprint}  # fmt: skip
+                "certificate_thumbprint": thumbprint, "network_map": networks,
+                "app_consistent_every_s": app_every}  # fmt: skip
         reply: dict[str, Any] = await fleet.client(where).call(
             "PATCH", f"/v1/vms/{name}/replication", body=body
         )

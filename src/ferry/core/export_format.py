@@ -8,7 +8,9 @@ Pure: no I/O. An export folder is self-contained::
     vm.json         {"name", "uuid", "config_version", "memory", "cpus", "append",
                      "kernel": "kernel" | null, "initrd": "initrd" | null,
                      "disks": [{"file": "disk0.qcow2", "size": VIRTUAL, "format": "qcow2"}],
-                     "replication": null | {...}, "display": "none" | "vnc"}
+                     "replication": null | {...}, "display": "none" | "vnc",
+                     "cpu_model": "Westmere-v1" | null,
+                     "nics": [{"network": "lab", "mac": "52:54:00:12:34:56", "model": "virtio"}]}
     disk0.qcow2 ... consolidated qcow2 (no backing file), sparse
     kernel, initrd  when the VM boots a kernel directly
 
@@ -25,6 +27,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from ferry.core.network import MAC_RE, MAX_NICS, NETWORK_NAME_RE
 from ferry.core.spec import NAME_RE
 from ferry.core.validation import first_error
 from ferry.errors import InvalidInputError
@@ -73,6 +76,14 @@ class ExportedDisk(BaseModel):
     format: str = Field(pattern=r"^(qcow2|raw)$")
 
 
+class ExportedNic(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    network: str = Field(pattern=NETWORK_NAME_RE.pattern)
+    mac: str = Field(pattern=MAC_RE.pattern)
+    model: str = Field(default="virtio", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
+
+
 class ExportedVm(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -87,6 +98,10 @@ class ExportedVm(BaseModel):
     disks: list[ExportedDisk] = Field(max_length=16)
     replication: dict[str, object] | None = None
     display: Literal["none", "vnc"] = "none"  # absent in folders made before it
+    # A QEMU CPU model name; null (and absent in older folders): the legacy "max".
+    cpu_model: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    # The VM's NICs with their MACs (absent in older folders: none).
+    nics: list[ExportedNic] = Field(default_factory=list, max_length=MAX_NICS)
 
 
 def parse_manifest(raw: bytes, *, folder: str) -> Manifest:

@@ -58,6 +58,7 @@ class PendingPoint(BaseModel):
     files: tuple[str, ...]  # absolute paths on the primary, one per disk
     resync: bool = False  # a hash-compare patch rather than a bitmap delta
     full: bool = False  # the initial full copy
+    app_consistent: bool = False  # cut while the guest's file systems were frozen
 
 
 class CycleInFlight(BaseModel):
@@ -122,6 +123,18 @@ class Relationship(BaseModel):
     # any of which may take the primary's place (core/replication/authority.py).
     cluster: str = ""
     cluster_hosts: tuple[ClusterHost, ...] = ()
+    # The VM's network -> the replica host's network its failovers use
+    # (``--network-map``); the replica VM's spec already has it applied.
+    network_map: dict[str, str] = Field(default_factory=dict)
+    # Application-consistent points (``--app-consistent-every``): primary side,
+    # how often the guest's file systems are frozen around a cut (None: never),
+    # when that was last tried and how many tries failed or succeeded; replica
+    # side, the ids of the points that were cut frozen.
+    app_consistent_every_s: int | None = None
+    last_freeze_attempt: float | None = None
+    app_consistent_failures: int = 0
+    app_consistent_successes: int = 0
+    app_consistent_points: tuple[int, ...] = ()
 
     @model_validator(mode="before")
     @classmethod

@@ -3,6 +3,9 @@
 Wire format, in call order (the source's host certificate is required; its DN
 becomes the destination QEMU's ``tls-authz`` identity)::
 
+    POST /v1/peer/migrations/check         CheckRequest -> CheckReply (before any job:
+                                           refused with one line if a network is missing
+                                           or the host cannot run the VM's CPU model)
     POST /v1/peer/migrations               PrepareRequest -> PrepareReply (201)
     PUT  /v1/peer/migrations/{id}/files/{file}  raw bytes of kernel|initrd -> FileReceived
     POST /v1/peer/migrations/{id}/launch   -> LaunchReply   (QEMU waits for the streams)
@@ -25,6 +28,21 @@ from ferry.peer.routes import NoBody, Route, Upload
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class CheckRequest(_Model):
+    """Could this VM come here? Asked before the move's job exists.
+
+    ``network_map``: the VM's network -> this host's network standing for it
+    (``--network-map``); a network it does not name keeps its name.
+    """
+
+    spec: VmSpec
+    network_map: dict[str, str] = {}
+
+
+class CheckReply(_Model):
+    networks: list[str]  # the destination's networks the VM will be on
 
 
 class PrepareRequest(_Model):
@@ -59,6 +77,7 @@ class IncomingOutcome(_Model):
     error: str | None = None
 
 
+CHECK = Route("POST", "/v1/peer/migrations/check", CheckRequest, CheckReply)
 PREPARE = Route("POST", "/v1/peer/migrations", PrepareRequest, PrepareReply, status=201)
 FILE = Route("PUT", "/v1/peer/migrations/{id}/files/{file}", Upload, FileReceived)
 LAUNCH = Route("POST", "/v1/peer/migrations/{id}/launch", NoBody, LaunchReply)

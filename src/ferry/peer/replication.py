@@ -41,10 +41,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
+from ferry.core.cpu_models import CpuModel
 from ferry.core.relationship import InitialMethod, Relationship
 from ferry.core.replica_server import Admission
 from ferry.core.replication import ClusterHost, CycleRecord
-from ferry.core.spec import VmSpec
+from ferry.core.spec import NicSpec, VmSpec
 from ferry.peer.routes import NoBody, Route, Upload
 
 
@@ -58,6 +59,8 @@ class Hello(_Model):
     functional_level: int
     caller: str
     caller_role: str
+    # The CPU models this host runs (core/cpu_models.py); empty from an older host.
+    cpu_models: tuple[CpuModel, ...] = ()
 
 
 class Offer(_Model):
@@ -72,6 +75,9 @@ class Offer(_Model):
     # An extended replica: the VM's own primary (the sender is a replica host).
     origin: str = ""
     origin_url: str = ""
+    # The VM's network -> the receiver's network a failover puts its NICs on
+    # (a network not named keeps its name); refused if the receiver lacks one.
+    network_map: dict[str, str] = {}
 
 
 class ReplicaState(_Model):
@@ -113,6 +119,10 @@ class ReplicaChanges(_Model):
     origin_url: str | None = None
     cluster: str | None = None
     cluster_hosts: list[ClusterHost] | None = None
+    # A new network map, with the VM's NICs as the primary has them (the
+    # replica VM's spec holds them mapped): its failovers use the new map.
+    network_map: dict[str, str] | None = None
+    nics: list[NicSpec] | None = None
 
 
 class ReplicaRemoved(_Model):
@@ -126,10 +136,20 @@ class PointLinked(ReplicaState):
 
 
 class PointView(_Model):
+    """A recovery point as ``replication points`` lists it.
+
+    ``consistent`` (the field since the first release) means crash-consistent:
+    every disk cut at one instant, verified whole; ``crash_consistent`` says
+    the same under its own name. ``app_consistent``: cut while the guest's
+    file systems were frozen through its guest agent (``--app-consistent-every``).
+    """
+
     id: int
     time: float
     size: int
     consistent: bool
+    crash_consistent: bool = True
+    app_consistent: bool = False
 
 
 class PointList(RootModel[list[PointView]]):

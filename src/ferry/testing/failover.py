@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,8 @@ class FakePrimary:
 
     async def enable(self, name: str, *, replica: str, replica_url: str, frequency_s: int,
                      recovery_points: int, initial: InitialMethod, media_dir: str | None,
-                     compression: bool,
-                     initial_after: float | None = None) -> dict[str, Any]:  # fmt: skip
+                     compression: bool, initial_after: float | None = None,
+                     network_map: Mapping[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
         self.calls.append(("enable", name))
         self.enabled.append({"vm": name, "replica": replica, "initial": initial})
         return {"vm": name, "primary": self.host, "replica": replica, "state": "initial-copy"}

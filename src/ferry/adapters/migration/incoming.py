@@ -11,6 +11,7 @@ guest continues.
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from ferry.adapters.migration.channel import LOADING, Channel, MigrationStatus, query_migrate
+from ferry.errors import QemuError
+
+log = logging.getLogger(__name__)
 
 SETTLE_S = 30.0  # how long the destination may take to load the last state
 
@@ -100,8 +104,26 @@ async def settled(channel: Channel, timeout: float = SETTLE_S) -> MigrationStatu
             await events.next(0.05)
 
 
-async def resume(channel: Channel, *, nbd: bool) -> None:
-    """Switch-over done: stop exporting the disks (``nbd``) and run the guest."""
+# QEMU's own announce timing (its migration defaults): five rounds, 50 ms
+# first, 100 ms more each round, at most 550 ms apart.
+ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
+
+
+async def resume(channel: Channel, *, nbd: bool, announce: bool = False) -> None:
+    """Switch-over done: stop exporting the disks (``nbd``) and run the guest.
+
+    ``announce`` (a VM with NICs): once it runs, QEMU sends RARP frames for
+    each NIC's MAC (and asks a virtio guest to announce itself), so switches
+    learn the VM's new port at once. QEMU announces by itself at the end of
+    an incoming migration, but the VM is still paused then (``-S``), and a
+    paused VM's frames only queue (DESIGN.md section 5), so it is asked again
+    after ``cont``.
+    """
     if nbd:
         await channel.execute("nbd-server-stop")
     await channel.execute("cont")
+    if announce:
+        try:
+            await channel.execute("announce-self", dict(ANNOUNCE))
+        except QemuError as exc:  # the guest runs here now: a late switch learning is no undo
+            log.warning("announce-self after the switch-over failed: %s", exc)

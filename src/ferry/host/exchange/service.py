@@ -24,6 +24,7 @@ import logging
 import shutil
 import stat
 import uuid as uuidlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,23 +34,27 @@ from ferry.adapters.catalog import VmRecord
 from ferry.adapters.durable import fsync_dir, fsync_file
 from ferry.core import vmstate
 from ferry.core.cluster.roles import Priority
+from ferry.core.cpu_models import check_cpu
 from ferry.core.export_format import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
     VM_FILE,
     ExportedDisk,
+    ExportedNic,
     ExportedVm,
     Manifest,
     ManifestFile,
     parse_manifest,
     parse_vm,
 )
-from ferry.core.spec import DiskSpec, VmSpec, check_name
+from ferry.core.network import apply_network_map, check_networks
+from ferry.core.spec import DiskSpec, NicSpec, VmSpec, check_name
 from ferry.core.versions import check_host_runs
 from ferry.core.vmstate import VmState
 from ferry.errors import (
     ConflictError,
+    FerryError,
     InvalidInputError,
     NotFoundError,
     StateError,
@@ -182,7 +187,9 @@ class ExchangeService:
                 memory=spec.memory, cpus=spec.cpus, append=spec.append,
                 kernel="kernel" if spec.kernel else None,
                 initrd="initrd" if spec.initrd else None,
-                disks=disks, replication=None, display=spec.display,
+                disks=disks, replication=None, display=spec.display, cpu_model=spec.cpu_model,
+                nics=[ExportedNic(network=n.network, mac=n.mac, model=n.model)
+                      for n in spec.nics],
             )  # fmt: skip
             (partial / VM_FILE).write_text(exported.model_dump_json(indent=2))
             files = sorted(p.name for p in partial.iterdir())
@@ -230,9 +237,15 @@ class ExchangeService:
     # == import ==============================================================
 
     async def start_import(self, folder: str, *, mode: str, new_name: str | None,
-                           cluster: str | None = None,
-                           volume: str | None = None) -> Job:  # fmt: skip
-        """``cluster`` and ``volume`` together: import as a clustered VM of this node."""
+                           cluster: str | None = None, volume: str | None = None,
+                           network_map: Mapping[str, str] | None = None) -> Job:  # fmt: skip
+        """``cluster`` and ``volume`` together: import as a clustered VM of this node.
+
+        ``network_map``: the exported VM's networks -> this host's. A network
+        this host lacks refuses the import before its job starts (read from
+        the folder's config as it stands; the job checks it again once the
+        folder's checksums held).
+        """
         if mode not in IMPORT_MODES:
             raise InvalidInputError(f"--mode must be one of {', '.join(IMPORT_MODES)}")
         source = self._folder(folder, "import folder")
@@ -242,11 +255,50 @@ class ExchangeService:
         if new_name is not None:
             check_name(new_name)
         volume_dir = await self._cluster_target(cluster, volume, mode)
+        networks = dict(network_map or {})
+        early = self._peek_vm(source)
+        if early is not None:
+            await self._nics_here(early, new_name or early.name, mode, networks)
         job = self.jobs.create(IMPORT, "", new_name or "?", "running", source=str(source),
                                mode=mode, progress={}, result=None, error=None,
-                               cluster=cluster, volume=volume)  # fmt: skip
+                               cluster=cluster, volume=volume,
+                               network_map=networks)  # fmt: skip
         self.jobs.run(job, self._import(job, source, mode, new_name, cluster, volume_dir))
         return job
+
+    def _peek_vm(self, folder: Path) -> ExportedVm | None:
+        """The folder's VM config before any checksum, or None (the job then says what is wrong)."""
+        try:
+            manifest = parse_manifest(self._regular_file(folder, MANIFEST).read_bytes(),
+                                      folder=str(folder))  # fmt: skip
+            return parse_vm(self._regular_file(folder, manifest.vm).read_bytes(), manifest,
+                            folder=str(folder))  # fmt: skip
+        except (FerryError, OSError):
+            return None
+
+    async def _nics_here(self, vm: ExportedVm, name: str, mode: str,
+                   network_map: Mapping[str, str]) -> tuple[NicSpec, ...]:  # fmt: skip
+        """The imported VM's NICs on this host's networks, or the one-line refusal.
+
+        Each network (after the map) and its bridge must be here; ``new-id``
+        gives new MACs, the other modes keep them, so they must be free here.
+        """
+        nics = tuple(NicSpec(network=n.network, mac=n.mac, model=n.model) for n in vm.nics)
+        probe = VmSpec(name=name, config_version=vm.config_version, memory=vm.memory, nics=nics)
+        networks = self.vms.networks
+        check_networks(probe, host=self.config.name, host_networks=networks.all(),
+                       network_map=network_map)  # fmt: skip
+        here = apply_network_map(probe, network_map)
+        await networks.check_runnable(here)
+        if mode == "new-id":
+            return networks.renew_macs(here.nics)
+        taken = networks.macs_in_use()
+        for nic in here.nics:
+            if nic.mac in taken:
+                raise ConflictError(f"MAC {nic.mac} of the exported VM is used by VM "
+                                    f"{taken[nic.mac]!r} on host {self.config.name!r}; "
+                                    "import with --mode new-id (new MACs)")  # fmt: skip
+        return here.nics
 
     async def _cluster_target(self, cluster: str | None, volume: str | None,
                               mode: str) -> Path | None:  # fmt: skip
@@ -334,6 +386,8 @@ class ExchangeService:
         name = new_name or vm.name
         check_host_runs(vm.config_version, self.config.functional_level,
                         host=self.config.name, vm=name)  # fmt: skip
+        check_cpu(vm.cpu_model, self.vms.cpu, vm=name)
+        nics = await self._nics_here(vm, name, mode, job.detail.get("network_map") or {})
         if self.vms.catalog.find(name) is not None:
             raise ConflictError(f"a VM named {name!r} already exists on host "
                                 f"{self.config.name!r}; import with --name NEW")  # fmt: skip
@@ -369,7 +423,8 @@ class ExchangeService:
                 boot[key] = str(files_dir / key) if file_name else None
             spec = VmSpec(uuid=uuid, name=name, config_version=vm.config_version,
                           memory=vm.memory, cpus=vm.cpus, disks=tuple(disks),
-                          append=vm.append, display=vm.display, **boot)  # fmt: skip
+                          append=vm.append, display=vm.display, cpu_model=vm.cpu_model,
+                          nics=nics, **boot)  # fmt: skip
             self.vms.catalog.add_vm(spec)
             if cluster is not None:
                 assert self.cluster_vms is not None

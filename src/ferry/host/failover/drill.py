@@ -1,9 +1,12 @@
 """Test failover, on the replica host: a drill that boots a recovery point beside replication.
 
-``test`` boots ``<VM>-test`` (a new UUID, no network: ferry VMs have no NIC
-unless asked) on fresh qcow2 overlays over a recovery point; replication goes
-on, and retention leaves that point alone until ``stop-test`` deletes the VM
-and its overlays. The failover state (``testing``) and the point are written
+``test`` boots ``<VM>-test`` (a new UUID) on fresh qcow2 overlays over a
+recovery point; replication goes on, and retention leaves that point alone
+until ``stop-test`` deletes the VM and its overlays. The test VM has no NIC,
+so a drill never meets production on the wire, unless ``--test-network NET``
+names a network of this host (Hyper-V's test network): then each of the VM's
+NICs is there, with a new MAC (the replica keeps the real ones for a
+failover). The failover state (``testing``) and the point are written
 before anything exists, so ``stop-test`` knows what to remove whatever step a
 crash or a cancel cut short.
 """
@@ -15,11 +18,14 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Any
 
+from ferry.core.cpu_models import check_cpu
 from ferry.core.failover import FailoverOp, FailoverState, Phase
+from ferry.core.spec import NicSpec, VmSpec
 from ferry.core.vmstate import VmState
 from ferry.errors import ConflictError
 from ferry.host.failover.steps import TEST_PREFIX, FailoverSteps
 from ferry.host.jobs import Job
+from ferry.host.networks import HostNetworks
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +34,25 @@ class FailoverDrill:
     def __init__(self, steps: FailoverSteps) -> None:
         self.steps = steps
 
-    async def test(self, name: str, point_id: int | None,
-                   job: Job | None = None) -> dict[str, Any]:  # fmt: skip
+    async def check_test_network(self, test_network: str | None) -> None:
+        """Refuse a test network this host lacks, or whose bridge is gone (before a job)."""
+        if test_network is not None:
+            networks = HostNetworks(self.steps.config, self.steps.catalog)
+            await networks.require_bridge(networks.get(test_network))
+
+    def _test_nics(self, spec: VmSpec, test_network: str | None) -> tuple[NicSpec, ...]:
+        if test_network is None:
+            return ()
+        on_test = [nic.model_copy(update={"network": test_network}) for nic in spec.nics]
+        return HostNetworks(self.steps.config, self.steps.catalog).renew_macs(on_test)
+
+    async def test(self, name: str, point_id: int | None, job: Job | None = None, *,
+                   test_network: str | None = None) -> dict[str, Any]:  # fmt: skip
         s = self.steps
         record, rel = s.replica(name)
         s.check(rel, FailoverOp.TEST)
+        await self.check_test_network(test_network)
+        check_cpu(record.spec.cpu_model, s.vms.cpu, vm=name)
         test_name = f"{name}-test"
         if s.catalog.find(test_name) is not None:
             raise ConflictError(f"host {s.config.name!r} already has a VM named {test_name!r}")
@@ -45,13 +65,14 @@ class FailoverDrill:
             s.phase(job, Phase.CREATING_OVERLAYS)
             disks = await s.overlays(rel, record, point, TEST_PREFIX)
             spec = record.spec.model_copy(update={
-                "uuid": test_uuid, "name": test_name, "disks": disks})  # fmt: skip
+                "uuid": test_uuid, "name": test_name, "disks": disks,
+                "nics": self._test_nics(record.spec, test_network)})  # fmt: skip
             s.catalog.add_vm(spec, VmState.OFF)
         s.phase(job, Phase.STARTING_VM)
         await s.vms.start(test_name)
         log.info("VM %s: test failover %s runs on recovery point %d", name, test_name, point.id)
         return {"vm": name, "test_vm": test_name, "host": s.config.name, "point": point.id,
-                "time": point.time}  # fmt: skip
+                "time": point.time, "test_network": test_network}  # fmt: skip
 
     async def stop_test(self, name: str, job: Job | None = None) -> dict[str, Any]:
         s = self.steps

@@ -17,6 +17,7 @@ from typing import Any
 from ferry.core import replication as rules
 from ferry.core.failover import FailoverOp, FailoverState, Phase
 from ferry.core.failover import advance as failover_advance
+from ferry.core.network import reverse_network_map
 from ferry.core.relationship import InitialMethod, Role
 from ferry.core.replication import check_partner
 from ferry.core.vmstate import VmState
@@ -72,7 +73,9 @@ class Reversal:
         status = await s.replication.enable(
             name, replica=rel.primary, replica_url=rel.primary_url,
             frequency_s=rel.frequency_s, recovery_points=rel.recovery_points,
-            initial=InitialMethod.EXISTING, media_dir=None, compression=True)  # fmt: skip
+            initial=InitialMethod.EXISTING, media_dir=None, compression=True,
+            # The NICs go back onto the old primary's networks (same MACs).
+            network_map=reverse_network_map(rel.network_map))  # fmt: skip
         log.info("VM %s: replication reversed towards %s", name, rel.primary)
         return status
 

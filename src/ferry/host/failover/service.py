@@ -100,9 +100,13 @@ class FailoverService:
 
     # -- the operations (the API runs them as jobs; replica moves call stop_test) ------
 
-    async def test(self, name: str, point_id: int | None,
-                   job: Job | None = None) -> dict[str, Any]:  # fmt: skip
-        return await self.drill.test(name, point_id, job)
+    async def test(self, name: str, point_id: int | None, job: Job | None = None, *,
+                   test_network: str | None = None) -> dict[str, Any]:  # fmt: skip
+        return await self.drill.test(name, point_id, job, test_network=test_network)
+
+    async def check_test_network(self, test_network: str | None) -> None:
+        """Before a test job: ``--test-network`` names a network of this host with its bridge."""
+        await self.drill.check_test_network(test_network)
 
     async def stop_test(self, name: str, job: Job | None = None) -> dict[str, Any]:
         return await self.drill.stop_test(name, job)

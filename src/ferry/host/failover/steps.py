@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from ferry.adapters import qemu_img
 from ferry.adapters.catalog import Catalog, VmRecord
 from ferry.core import failover as machine
+from ferry.core.cpu_models import CpuFacts
 from ferry.core.failover import FailoverJob, FailoverOp, Phase
 from ferry.core.relationship import InitialMethod, Relationship
 from ferry.core.replication import PointInfo
@@ -46,6 +47,8 @@ class Vms(Protocol):
     def config(self) -> HostConfig: ...
     @property
     def catalog(self) -> Catalog: ...
+    @property
+    def cpu(self) -> CpuFacts: ...
     def get(self, name: str) -> VmRecord: ...
     def apply(self, vm: VmRecord | str, op: VmOp) -> VmState: ...
     async def start(self, name: str, *, paused: bool = False) -> VmRecord: ...
@@ -63,8 +66,9 @@ class Primary(Protocol):
     def forget(self, vm_uuid: str) -> None: ...
     async def enable(self, name: str, *, replica: str, replica_url: str, frequency_s: int,
                      recovery_points: int, initial: InitialMethod, media_dir: str | None,
-                     compression: bool,
-                     initial_after: float | None = None) -> dict[str, Any]: ...  # fmt: skip
+                     compression: bool, initial_after: float | None = None,
+                     network_map: Mapping[str, str] | None = None,
+                     ) -> dict[str, Any]: ...  # fmt: skip
 
 
 # (overlay, backing file, virtual size) -> the overlay exists

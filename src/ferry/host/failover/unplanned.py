@@ -16,11 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ferry.core.cpu_models import check_cpu
 from ferry.core.failover import FailoverOp, FailoverState, Phase
 from ferry.core.vmstate import VmOp, VmState
 from ferry.host.failover.split_brain import SplitBrainGuard
 from ferry.host.failover.steps import RUN_PREFIX, FailoverSteps
 from ferry.host.jobs import Job
+from ferry.host.networks import HostNetworks
 from ferry.host.replication.receiver import disk_file
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,10 @@ class Failover:
         s = self.steps
         record, rel = s.replica(name)
         s.check(rel, FailoverOp.START)
+        check_cpu(record.spec.cpu_model, s.vms.cpu, vm=name)
+        # Its NICs (same MACs) join the networks the relationship's map named
+        # when the replica was made or set; they and their bridges must be here.
+        await HostNetworks(s.config, s.catalog).check_runnable(record.spec)
         s.phase(job, Phase.CHECKING_PRIMARY)
         if not (force or planned):
             await self.guard.check(rel)

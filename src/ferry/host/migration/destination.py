@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from ferry.adapters import qemu_img
 from ferry.adapters.migration import MigrationStatus
 from ferry.adapters.migration import incoming as qemu_incoming
 from ferry.adapters.pki import CertInfo, Role, qemu_dn
+from ferry.core.cpu_models import check_cpu
 from ferry.core.migration import (
     IncomingOp,
     IncomingState,
@@ -32,7 +33,8 @@ from ferry.core.migration import (
     incoming_ended,
     incoming_step,
 )
-from ferry.core.spec import DiskSpec, check_resources
+from ferry.core.network import apply_network_map, check_networks, vm_networks
+from ferry.core.spec import DiskSpec, VmSpec, check_resources
 from ferry.core.versions import check_host_runs
 from ferry.core.vmstate import VmOp, VmState
 from ferry.errors import AuthError, ConflictError, FerryError, InvalidInputError, MoveFailedError
@@ -65,6 +67,7 @@ class MoveDestination:
         return self.config.name
 
     def register(self, server: PeerServer) -> None:
+        server.handle(wire.CHECK, self.check, guard=_only_hosts)
         server.handle(wire.PREPARE, self.prepare, guard=_only_hosts)
         server.handle(wire.FILE, self.receive_file)
         server.handle(wire.LAUNCH, self.launch)
@@ -95,9 +98,28 @@ class MoveDestination:
 
     # -- the source's calls, in order ---------------------------------------------
 
+    async def _check_networks(self, spec: VmSpec, network_map: Mapping[str, str]) -> list[str]:
+        """The networks here the VM will be on, or the one-line refusal naming a missing one."""
+        networks = self.vms.networks
+        check_networks(spec, host=self.host, host_networks=networks.all(),
+                       network_map=network_map)  # fmt: skip
+        arriving = apply_network_map(spec, network_map)
+        await networks.check_runnable(arriving)  # each network's bridge is there, too
+        return vm_networks(arriving)
+
+    async def check(self, call: Call[wire.CheckRequest]) -> wire.CheckReply:
+        """Before the source starts a move: could the VM come here?"""
+        request = call.body
+        check_cpu(request.spec.cpu_model, self.vms.cpu, vm=request.spec.name)
+        networks = await self._check_networks(request.spec, request.network_map)
+        return wire.CheckReply(networks=networks)
+
     async def prepare(self, call: Call[wire.PrepareRequest]) -> wire.PrepareReply:
         caller, request = call.caller, call.body
         spec = request.spec
+        # The source sends the spec with its network map applied already.
+        await self._check_networks(spec, {})
+        check_cpu(spec.cpu_model, self.vms.cpu, vm=spec.name)
         check_host_runs(spec.config_version, self.config.functional_level,
                         host=self.host, vm=spec.name)  # fmt: skip
         check_resources(spec.memory, spec.cpus, host_memory=self.vms.host_memory,
@@ -196,7 +218,7 @@ class MoveDestination:
                     raise MoveFailedError(f"the incoming migration is {status}, not completed")
                 self.vms.exit_hooks.pop(record.uuid, None)
                 copied = job.detail["storage"] == Storage.COPY and bool(record.spec.disks)
-                await qemu_incoming.resume(channel, nbd=copied)
+                await qemu_incoming.resume(channel, nbd=copied, announce=bool(record.spec.nics))
                 self.vms.apply(record, VmOp.ARRIVED)
             except FerryError as exc:
                 words = self.vms.last_words(record.uuid)

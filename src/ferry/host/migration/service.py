@@ -10,6 +10,8 @@ one-running-copy rule are :mod:`ferry.core.migration`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from ferry.core.migration import Storage
 from ferry.core.tasks import cancel_and_wait
 from ferry.host.jobs import Job, JobRegistry
@@ -64,10 +66,17 @@ class MigrationService:
         storage: Storage,
         max_bandwidth: int | None,
         downtime_limit_ms: int | None,
+        network_map: Mapping[str, str] | None = None,
     ) -> Job:
         return self.source.start_move(name, to=to, to_url=to_url, storage=storage,
                                       max_bandwidth=max_bandwidth,
-                                      downtime_limit_ms=downtime_limit_ms)  # fmt: skip
+                                      downtime_limit_ms=downtime_limit_ms,
+                                      network_map=network_map)  # fmt: skip
+
+    async def preflight(self, name: str, *, to: str, to_url: str,
+                        network_map: Mapping[str, str]) -> None:  # fmt: skip
+        """Refuse a move the destination could not take (its networks) before it starts."""
+        await self.source.preflight(name, to=to, to_url=to_url, network_map=network_map)
 
     def cancel(self, job_id: str) -> Job:
         return self.source.cancel(job_id)

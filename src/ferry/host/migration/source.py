@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,6 +39,7 @@ from ferry.core.migration import (
     is_final,
     locate_on_volume,
 )
+from ferry.core.network import apply_network_map
 from ferry.core.spec import VmSpec
 from ferry.core.vmstate import VmOp, VmState
 from ferry.errors import (
@@ -119,16 +120,8 @@ class MoveSource:
     def host(self) -> str:
         return self.config.name
 
-    def start_move(
-        self,
-        name: str,
-        *,
-        to: str,
-        to_url: str,
-        storage: Storage,
-        max_bandwidth: int | None,
-        downtime_limit_ms: int | None,
-    ) -> Job:
+    def _movable(self, name: str, to: str) -> VmRecord:
+        """The VM, if it may start moving to ``to`` now."""
         record = self.vms.get(name)
         if to == self.host:
             raise InvalidInputError(f"VM {name!r} already runs on host {to!r}")
@@ -138,13 +131,45 @@ class MoveSource:
         for job in self.jobs.all():
             if job.vm_uuid == record.uuid and job.kind == MOVE and not is_final(Phase(job.state)):
                 raise ConflictError(f"VM {name!r} is already being moved (job {job.id})")
+        return record
+
+    async def preflight(self, name: str, *, to: str, to_url: str,
+                        network_map: Mapping[str, str]) -> None:  # fmt: skip
+        """Refuse, before any job exists, a move the destination could not take.
+
+        The destination answers for its own networks (``CHECK``): every
+        network the VM uses, under its mapped name, must exist there; and it
+        must run the VM's CPU model (``core/cpu_models.cpu_refusal``). A VM
+        without NICs, map or CPU model (an old catalog's ``max``) asks nothing,
+        so its move costs what it did.
+        """
+        record = self._movable(name, to)
+        if not record.spec.nics and not network_map and record.spec.cpu_model is None:
+            return
+        async with self.peers.connect(to, to_url) as peer:
+            await peer.call(
+                wire.CHECK, wire.CheckRequest(spec=record.spec, network_map=dict(network_map))
+            )
+
+    def start_move(
+        self,
+        name: str,
+        *,
+        to: str,
+        to_url: str,
+        storage: Storage,
+        max_bandwidth: int | None,
+        downtime_limit_ms: int | None,
+        network_map: Mapping[str, str] | None = None,
+    ) -> Job:
+        record = self._movable(name, to)
         bandwidth = self.config.migration_max_bandwidth if max_bandwidth is None else max_bandwidth
         job = self.jobs.create(
             MOVE, record.uuid, record.name, Phase.QUEUED.value,
             target=to, target_url=to_url, storage=storage.value, phase=Phase.QUEUED.value,
             phase_started={Phase.QUEUED.value: time.time()},
             max_bandwidth=bandwidth, downtime_limit_ms=downtime_limit_ms,
-            progress={}, result=None, error=None,
+            network_map=dict(network_map or {}), progress={}, result=None, error=None,
         )  # fmt: skip
         job.task = asyncio.create_task(self._run_move(job), name=f"move-{job.id}")
         return job
@@ -239,7 +264,8 @@ class MoveSource:
         record = self.vms.get(job.vm_uuid)
         self.vms.apply(record, VmOp.MIGRATE)
         attempt.record = record
-        spec = record.spec
+        # The VM arrives with each NIC on the destination's network for it (same MACs).
+        spec = apply_network_map(record.spec, job.detail.get("network_map") or {})
         volumes = self.vms.catalog.volumes()
         locations = [locate_on_volume(disk.path, volumes) for disk in spec.disks]
         attempt.peer = peer  # from here on, a failure tells the destination to clean up

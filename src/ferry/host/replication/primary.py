@@ -18,13 +18,14 @@ import contextlib
 import logging
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 from ferry.adapters.catalog import VmRecord
 from ferry.adapters.pki import CertInfo
 from ferry.core import replication as rules
+from ferry.core.guest_agent import check_app_consistent_every
 from ferry.core.relationship import InitialMethod, Relationship, Role
 from ferry.core.relationship import resume as resume_relationship
 from ferry.core.replication import ReplicationOp, ReplicationState
@@ -200,11 +201,15 @@ class ReplicationService:
 
     async def enable(self, name: str, *, replica: str, replica_url: str, frequency_s: int,
                      recovery_points: int, initial: InitialMethod, media_dir: str | None,
-                     compression: bool,
-                     initial_after: float | None = None) -> dict[str, Any]:  # fmt: skip
+                     compression: bool, initial_after: float | None = None,
+                     network_map: Mapping[str, str] | None = None,
+                     app_consistent_every_s: int | None = None) -> dict[str, Any]:  # fmt: skip
+        """``network_map``: the VM's networks -> the replica host's, for failovers there;
+        the replica refuses the offer (one line, nothing kept) if it lacks a network."""
         record = self.vms.get(name)
         rules.check_frequency(frequency_s)
         rules.check_recovery_points(recovery_points)
+        app_every = check_app_consistent_every(app_consistent_every_s, record.spec)
         if self.catalog.relationship(record.uuid) is not None:
             raise ConflictError(f"VM {name!r} already has a replication relationship; "
                                 "see 'ferry replication status'")  # fmt: skip
@@ -231,12 +236,13 @@ class ReplicationService:
             replica=replica, replica_url=replica_url, frequency_s=frequency_s,
             recovery_points=recovery_points, compression=compression, initial=initial,
             created=time.time(), initial_after=initial_after,
+            network_map=dict(network_map or {}), app_consistent_every_s=app_every,
         )  # fmt: skip
         async with self.peer(rel, pin=False) as peer:
             thumbprint = await offer_replica(
                 peer, record.spec, sender=self.config.name, level=self.config.functional_level,
                 frequency_s=frequency_s, recovery_points=recovery_points, initial=initial,
-                primary_url=self.url)  # fmt: skip
+                primary_url=self.url, network_map=rel.network_map)  # fmt: skip
         rel = rel.model_copy(update={"thumbprint": thumbprint})
         self.catalog.put_relationship(rel)
         log.info("VM %s: replication to %s enabled (every %ss, initial %s, pinned %s)", name,
@@ -260,7 +266,10 @@ class ReplicationService:
 
     async def change(self, name: str, *, replica: str | None, replica_url: str | None,
                      frequency_s: int | None, recovery_points: int | None,
-                     thumbprint: str | None) -> dict[str, Any]:  # fmt: skip
+                     thumbprint: str | None,
+                     network_map: Mapping[str, str] | None = None,
+                     app_consistent_every_s: int | None = None) -> dict[str, Any]:  # fmt: skip
+        """``network_map`` replaces the whole map the replica's failovers use."""
         record, rel = self.primary_of(name)
         async with self.turns.turn(record.uuid, CHANGE_TURN):
             rel = self._rel(record.uuid) or rel
@@ -286,10 +295,20 @@ class ReplicationService:
                         found = (await old.call(MOVE_REPLICA, there, uuid=record.uuid)).thumbprint
                 update.update(replica=replica, replica_url=replica_url,
                               thumbprint=update.get("thumbprint", found))  # fmt: skip
+            if network_map is not None:
+                update["network_map"] = dict(network_map)
+            if app_consistent_every_s is not None:  # 0: off
+                update["app_consistent_every_s"] = check_app_consistent_every(
+                    app_consistent_every_s or None, record.spec
+                )
+                update["last_freeze_attempt"] = None  # the next cycle freezes
             new = rel.model_copy(update=update)
-            if {"frequency_s", "recovery_points"} & update.keys():
+            if {"frequency_s", "recovery_points", "network_map"} & update.keys():
                 terms = ReplicaChanges(frequency_s=new.frequency_s,
                                        recovery_points=new.recovery_points)  # fmt: skip
+                if network_map is not None:  # the replica maps the NICs as we have them
+                    terms = terms.model_copy(update={"network_map": new.network_map,
+                                                     "nics": list(record.spec.nics)})  # fmt: skip
                 async with self.peer(new) as peer:
                     await peer.call(UPDATE, terms, uuid=record.uuid)
             if new.state is S.ERROR and ({"thumbprint", "replica"} & update.keys()):

@@ -21,7 +21,7 @@ import logging
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -31,6 +31,7 @@ from ferry.adapters.catalog import Catalog, VmRecord
 from ferry.adapters.durable import fsync_file
 from ferry.adapters.pki import CertInfo, Role
 from ferry.adapters.point_transfer import PointReceiver, receive_point
+from ferry.core.network import apply_network_map, check_network_map, check_networks
 from ferry.core.relationship import InitialMethod, Relationship
 from ferry.core.relationship import Role as RelRole
 from ferry.core.replication import (
@@ -45,7 +46,7 @@ from ferry.core.replication import (
     check_replica_accepts,
     format_frequency,
 )
-from ferry.core.spec import VmSpec
+from ferry.core.spec import NicSpec, VmSpec
 from ferry.core.versions import check_host_runs
 from ferry.core.vmstate import VmOp, VmState
 from ferry.errors import (
@@ -57,6 +58,7 @@ from ferry.errors import (
     StateError,
 )
 from ferry.host.config import HostConfig
+from ferry.host.networks import HostNetworks
 from ferry.host.replication.chain import (
     ADOPTED_POINT,
     BASE,
@@ -158,7 +160,7 @@ class ReplicaStore:
         return self.chain.points(vm_uuid)
 
     def point_views(self, vm_uuid: str) -> PointList:
-        return self.chain.views(vm_uuid)
+        return self.chain.views(vm_uuid, self.relationship(vm_uuid).app_consistent_points)
 
     def replica_spec(self, spec: VmSpec, storage: Path, stem: str | None) -> VmSpec:
         return replica_spec(spec, storage, stem)
@@ -204,6 +206,8 @@ class ReplicaStore:
                               vm=spec.name)  # fmt: skip
         check_host_runs(spec.config_version, self.config.functional_level,
                         host=self.config.name, vm=spec.name)  # fmt: skip
+        network_map = check_network_map(offer.network_map)
+        spec = self.mapped_spec(spec, network_map)
         async with self._locks[spec.uuid]:
             existing = self.catalog.relationship(spec.uuid)
             if existing is not None:
@@ -235,6 +239,7 @@ class ReplicaStore:
                 frequency_s=frequency, recovery_points=keep, initial=initial,
                 thumbprint=caller.thumbprint, created=time.time(), storage=str(storage),
                 primary_url=offer.primary_url, origin=offer.origin, origin_url=offer.origin_url,
+                network_map=network_map,
             )  # fmt: skip
             if adopt:
                 assert record is not None
@@ -245,6 +250,17 @@ class ReplicaStore:
         log.info("replica of VM %s from %s accepted into %s (%s)", spec.name,
                  caller.common_name, storage, admission.rule)  # fmt: skip
         return self.state(spec.uuid)
+
+    def mapped_spec(self, spec: VmSpec, network_map: Mapping[str, str]) -> VmSpec:
+        """The replica VM's spec: its NICs on this host's networks (same MACs), or the refusal.
+
+        The replica VM's spec has the map applied, so failovers start it on
+        the right networks; a network this host lacks refuses the offer.
+        """
+        check_networks(spec, host=self.config.name,
+                       host_networks=HostNetworks(self.config, self.catalog).all(),
+                       network_map=network_map)  # fmt: skip
+        return apply_network_map(spec, network_map)
 
     async def _adopt(self, record: VmRecord, spec: VmSpec, storage: Path) -> None:
         """``--initial existing``: the VM already here becomes the chain's base."""
@@ -267,8 +283,13 @@ class ReplicaStore:
     # -- recovery points -----------------------------------------------------------
 
     async def receive(self, caller: CertInfo, vm_uuid: str, point_id: int, point_time: float,
-                      stream: AsyncIterator[bytes]) -> PointLinked:  # fmt: skip
-        """Link one recovery point streamed by the primary; idempotent per id."""
+                      stream: AsyncIterator[bytes], *,
+                      app_consistent: bool = False) -> PointLinked:  # fmt: skip
+        """Link one recovery point streamed by the primary; idempotent per id.
+
+        ``app_consistent``: it was cut with the guest's file systems frozen;
+        its id is kept in the relationship for ``replication points``.
+        """
         self.partner_relationship(caller, vm_uuid)
         async with self._locks[vm_uuid]:
             rel = self.relationship(vm_uuid)
@@ -294,6 +315,11 @@ class ReplicaStore:
             receiver = PointReceiver(targets, vm_uuid=UUID(vm_uuid), point_id=point_id)
             end = await receive_point(stream, receiver, backings)
             rel = self.chain.link(rel, record, PointInfo(id=point_id, time=point_time, file=stem))
+            if app_consistent:
+                kept = {p.id for p in chain}  # ids merged away are dropped from the list
+                ids = (*(i for i in rel.app_consistent_points if i in kept), point_id)
+                rel = rel.model_copy(update={"app_consistent_points": ids})
+                self.catalog.put_relationship(rel)
             log.info("VM %s: linked recovery point %d (%d bytes of stream)", rel.vm_name,
                      point_id, end.wire_bytes)  # fmt: skip
             await self.chain.retain(rel)
@@ -367,11 +393,27 @@ class ReplicaStore:
         if changes.cluster is not None:  # "" : the VM is standalone again
             update["cluster"] = changes.cluster
             update["cluster_hosts"] = tuple(changes.cluster_hosts or ()) if changes.cluster else ()
+        if changes.network_map is not None:
+            self._remap(rel, changes.network_map, changes.nics or [])
+            update["network_map"] = check_network_map(changes.network_map)
         self.catalog.put_relationship(rel.model_copy(update=update))
         if claim:
             log.info("VM %s: host %s of cluster %s took the primary's place from %s",
                      rel.vm_name, caller.common_name, rel.cluster, rel.primary)  # fmt: skip
         return self.state(vm_uuid)
+
+    def _remap(self, rel: Relationship, network_map: Mapping[str, str],
+               nics: list[NicSpec]) -> None:  # fmt: skip
+        """A new network map: the replica VM's NICs (as the primary has them), mapped anew."""
+        record = self.catalog.get(rel.vm_uuid)
+        if record.state is not VmState.REPLICA:
+            raise StateError(
+                f"the replica of VM {rel.vm_name!r} on host {self.config.name!r} is "
+                f"{record.state.value} (failed over or under test): change its network map "
+                "once it is a replica again"
+            )
+        ours = record.spec.model_copy(update={"nics": tuple(nics)})
+        self.catalog.update_spec(self.mapped_spec(ours, check_network_map(network_map)))
 
     async def remove(self, caller: CertInfo, vm_uuid: str) -> ReplicaRemoved:
         """End the relationship; the replica VM stays, as an off VM on its latest point."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from uuid import UUID
 
@@ -35,11 +35,13 @@ from ferry.peer.replication import FILE, HELLO, OFFER, POINT, Offer, PointLinked
 async def offer_replica(peer: PeerClient, spec: VmSpec, *, sender: str, level: int,
                         frequency_s: int, recovery_points: int,
                         initial: InitialMethod = InitialMethod.NETWORK, primary_url: str,
-                        origin: str = "", origin_url: str = "") -> str:  # fmt: skip
+                        origin: str = "", origin_url: str = "",
+                        network_map: Mapping[str, str] | None = None) -> str:  # fmt: skip
     """Offer VM ``spec`` to ``peer``'s host; returns its certificate thumbprint to pin.
 
     ``origin``: for an extension, the VM's own primary (``sender`` is then
-    its replica host).
+    its replica host). ``network_map``: the VM's networks -> the receiver's
+    (the receiver refuses the offer, one line, if it lacks one).
     """
     hello = await peer.call(HELLO)
     rules.check_replica_accepts(level, hello.functional_level, primary=sender,
@@ -47,7 +49,8 @@ async def offer_replica(peer: PeerClient, spec: VmSpec, *, sender: str, level: i
     thumbprint = peer.thumbprint or ""
     offer = Offer(spec=spec, frequency_s=frequency_s, recovery_points=recovery_points,
                   functional_level=level, initial=initial, primary_url=primary_url,
-                  origin=origin, origin_url=origin_url)  # fmt: skip
+                  origin=origin, origin_url=origin_url,
+                  network_map=dict(network_map or {}))  # fmt: skip
     await peer.call(OFFER, offer)
     for kind in ("kernel", "initrd"):
         path = getattr(spec, kind)
@@ -66,12 +69,13 @@ class PointSender:
         self._corrupt_streams = config.corrupt_replication_streams
 
     async def send(self, peer: PeerClient, vm_uuid: str, point_id: int, point_time: float,
-                   files: list[Path], *, compress: bool,
-                   job: Job | None = None) -> tuple[PointLinked, int]:  # fmt: skip
+                   files: list[Path], *, compress: bool, job: Job | None = None,
+                   app_consistent: bool = False) -> tuple[PointLinked, int]:  # fmt: skip
         """PUT one point's files as a delta stream (one file per disk).
 
         Returns the receiver's answer and the bytes that crossed the wire;
-        ``job`` gets the progress.
+        ``job`` gets the progress. ``app_consistent``: the point was cut with
+        the guest's file systems frozen (the query says so to the receiver).
         """
         total = sum(f.stat().st_size for f in files)
         corrupt = self._corrupt_streams > 0
@@ -80,8 +84,11 @@ class PointSender:
         counter = [0]
         body = self._stream(files, vm_uuid, point_id, total, counter, job, compress=compress,
                             corrupt=corrupt)  # fmt: skip
-        reply = await peer.call(POINT, data=body, query={"time": repr(point_time)},
-                                uuid=vm_uuid, id=str(point_id))  # fmt: skip
+        query = {"time": repr(point_time)}
+        if app_consistent:
+            query["app_consistent"] = "1"
+        reply = await peer.call(POINT, data=body, query=query, uuid=vm_uuid,
+                                id=str(point_id))  # fmt: skip
         return reply, counter[0]
 
     async def _stream(self, files: list[Path], vm_uuid: str, point_id: int, total: int,
