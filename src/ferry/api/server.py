@@ -47,8 +47,8 @@ from ferry.core.network import (
     TEST_GUEST_MARK,
     NicOption,
     check_network_map,
+    guest_ip_of,
     parse_mac,
-    test_guest_ip,
 )
 from ferry.core.relationship import Role as RelRole
 from ferry.core.spec import VmSpec
@@ -81,7 +81,7 @@ def nic_views(spec: VmSpec) -> list[NicView]:
     """The VM's NICs; a test guest's with the address it takes from its MAC."""
     test_guest = TEST_GUEST_MARK in (spec.append or "").split()
     return [NicView(network=n.network, mac=n.mac, model=n.model,
-                    ip=test_guest_ip(n.mac) if test_guest else None)
+                    ip=guest_ip_of(n.mac) if test_guest else None)
             for n in spec.nics]  # fmt: skip
 
 

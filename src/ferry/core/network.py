@@ -50,6 +50,8 @@ _INDEX_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
 TEST_GUEST_NET = "10.213"
 TEST_GUEST_PREFIX = 16
 LAB_BRIDGE_IP = f"{TEST_GUEST_NET}.0.1"
+# On the test guest's kernel command line: vm show gives its NICs their address.
+TEST_GUEST_MARK = "ferry.guest=test"
 # Last-two-byte values a generated MAC avoids: the network, the lab's bridge, broadcast.
 _RESERVED_LOW = frozenset({0x0000, 0x0001, 0xFFFF})
 
@@ -103,7 +105,7 @@ def generate_mac(taken: Iterable[str], rng: random.Random | None = None) -> str:
     """A new locally administered unicast MAC, unlike every MAC in ``taken``.
 
     It also differs from each of them in its last two bytes, which the test
-    guest turns into its address (:func:`test_guest_ip`).
+    guest turns into its address (:func:`guest_ip_of`).
     """
     pick = rng or random.SystemRandom()
     used = set(taken)
@@ -121,6 +123,18 @@ def generate_mac(taken: Iterable[str], rng: random.Random | None = None) -> str:
 def nic_device(model: str) -> str:
     """The QEMU device of NIC ``model``."""
     return _MODEL_DEVICES.get(model, model)
+
+
+def nic_devices(device_help: str) -> frozenset[str]:
+    """The PCI NIC devices in the output of ``qemu-system-x86_64 -device help``."""
+    names = set()
+    section = False
+    for line in device_help.splitlines():
+        if line.endswith(":") and not line.startswith("name "):
+            section = line == "Network devices:"
+        elif section and line.startswith('name "') and "bus PCI" in line:
+            names.add(line.split('"')[1])
+    return frozenset(names)
 
 
 def host_key(identity: str) -> str:
@@ -146,7 +160,7 @@ def vm_taps(key: str, uuid: str, count: int) -> list[str]:
     return [tap_name(key, uuid, i) for i in range(count)]
 
 
-def test_guest_ip(mac: str) -> str:
+def guest_ip_of(mac: str) -> str:
     """The address the test guest takes on the NIC with ``mac`` (init.sh does the same)."""
     low = _low16(parse_mac(mac))
     return f"{TEST_GUEST_NET}.{low >> 8}.{low & 0xFF}"

@@ -66,7 +66,7 @@ AGENT_HINT = "apt-get install -y qemu-guest-agent"
 # cryptomgr.notests: the kernel's crypto self-tests cost ~0.5 s of a ~3.5 s
 # boot under TCG, and the guest does no cryptography that matters.
 # ferry.guest=test (TEST_GUEST_MARK) tells the agent a VM runs this guest, which
-# takes its address from its MAC (ferry.core.network.test_guest_ip).
+# takes its address from its MAC (ferry.core.network.guest_ip_of).
 APPEND = "console=ttyS0 quiet loglevel=1 cryptomgr.notests ferry.guest=test"
 """Kernel command line of the guest; add :func:`dirty_memory_param` to it."""
 

@@ -309,7 +309,7 @@ write_files() {
 
 # NICs (virtio device id 1): load virtio_net, give each ethN the address its
 # MAC names, 10.213.X.Y/16 with X and Y the MAC's last two bytes (as
-# ferry.core.network.test_guest_ip computes it; the lab's bridge is
+# ferry.core.network.guest_ip_of computes it; the lab's bridge is
 # 10.213.0.1), print "ferry-guest net ethN MAC ADDRESS", and serve TCP echo on
 # port 7 (busybox nc, one cat per connection: every byte sent comes back).
 start_network() {
@@ -391,6 +391,8 @@ count_efi_boots() {
 	'' | *[!0-9]*) boots=0 ;;
 	esac
 	boots=$((boots + 1))
+	# efivarfs marks variables it does not know immutable when it mounts.
+	[ -f $var ] && chattr -i $var
 	# 4 bytes of attributes (non-volatile, boot and runtime access), then the value.
 	printf '\007\000\000\000%s' $boots >$var || fail "cannot write UEFI variable $var"
 	echo "ferry-guest efi-boots=$boots"

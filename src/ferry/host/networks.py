@@ -30,6 +30,7 @@ from ferry.core.network import (
     generate_mac,
     host_key,
     nic_device,
+    nic_devices,
     tap_prefix,
     vm_taps,
 )
@@ -250,12 +251,4 @@ def _qemu_nic_devices(qemu_binary: str) -> frozenset[str]:
                              timeout=60, check=True).stdout  # fmt: skip
     except (OSError, subprocess.SubprocessError) as exc:
         raise NetworkError(f"cannot list the NIC devices of {qemu_binary}: {exc}") from exc
-    names = set()
-    section = False
-    for line in out.splitlines():
-        if line.endswith(":") and not line.startswith("name "):
-            section = line == "Network devices:"
-            continue
-        if section and line.startswith('name "') and "bus PCI" in line:
-            names.add(line.split('"')[1])
-    return frozenset(names)
+    return nic_devices(out)
