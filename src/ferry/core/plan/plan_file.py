@@ -49,6 +49,10 @@ class Option(StrEnum):
     EXPORT_IMPORT = "export-import"
     LIVE_MIGRATION = "live-migration"
     COPY_CLUSTER_ROLES = "copy-cluster-roles"
+    # Not one of the four: a replica VM moves to another replica host with its
+    # recovery points and the primary is told its new replica server
+    # (DESIGN.md section 1, Replica); ferry: replication set VM --replica NEW.
+    MOVE_REPLICA = "move-replica"
 
 
 class StorageKind(StrEnum):
