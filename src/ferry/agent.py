@@ -29,6 +29,7 @@ from ferry.core import vmstate
 from ferry.core.cluster.timing import ClusterTimings
 from ferry.errors import ConfigError
 from ferry.host import facts
+from ferry.host.adopt import ADOPT, AdoptionService
 from ferry.host.cluster.fencing import NodeFencing
 from ferry.host.cluster.guard import GuardPaths
 from ferry.host.cluster.guard_client import FenceGuardClient
@@ -90,7 +91,7 @@ def _route_cancels(jobs: JobRegistry, migrations: MigrationService) -> None:
     jobs.refuse_cancel(INCOMING, lambda job: (
         "it is the incoming side of a move; cancel the move's job on host "
         f"{job.detail.get('source', 'the move came from')}"))  # fmt: skip
-    for kind in (EXPORT, IMPORT):
+    for kind in (EXPORT, IMPORT, ADOPT):
         jobs.on_cancel(kind, jobs.cancel_task)
     for kind in (INITIAL_JOB, RESYNC_JOB):
         jobs.refuse_cancel(kind, lambda job: (
@@ -131,6 +132,7 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
             accelerator=accelerator,
             host_memory=facts.host_memory(),
             host_cpus=facts.host_cpus(),
+            cpu=await facts.probe_cpu_models(config, accelerator),
         )
         await vms.reattach_all()
         jobs = JobRegistry(catalog)
@@ -139,6 +141,8 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         migrations.register(peer_server)
         exchange = ExchangeService(vms, jobs)
         exchange.recover()
+        adoption = AdoptionService(vms, jobs)  # vm import --libvirt / --ovf
+        adoption.recover()
         store = ReplicaStore(config, catalog, ReplicaServer(catalog, host=config.name))
         await store.recover()
         replication = ReplicationService(vms, jobs, store, peers)
@@ -193,10 +197,12 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
             failover=failover,
             cluster_vms=cluster_vms,
             maintenance=maintenance,
+            adoption=adoption,
         )
         await failover.recover()
         mover = ReplicaMover(store, replication.cycles.sender, failover, url, peers)
-        ReplicationEndpoints(store, mover=mover, adopt=replication.adopt).register(peer_server)
+        ReplicationEndpoints(store, mover=mover, adopt=replication.adopt,
+                             cpu=vms.cpu).register(peer_server)  # fmt: skip
         app = api.app()
         app.add_routes(ClusterRoutes(clusters, cluster_volumes).routes())
         await clusters.start()  # reconnects to its cluster (in the background if etcd is away)

@@ -17,10 +17,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ferry.core.network import nic_device, tap_name
+from ferry.core.cpu_models import cpu_argument
+from ferry.core.firmware import CODE_NODE, INSTALL_HINT, guest_disk_indexes, uefi_code_argv
 from ferry.core.guest_agent import CHANNEL_NAME
+from ferry.core.network import nic_device, tap_name
 from ferry.core.versions import machine_type
-from ferry.errors import InvalidInputError
+from ferry.errors import InvalidInputError, NotFoundError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 MIN_MEMORY = 16 * 1024**2
@@ -68,9 +70,18 @@ class VmSpec(BaseModel):
     # "vnc": a VNC server on a unix socket in the host's runtime dir (never a
     # TCP port), relayed to admins by the agent's API.
     display: Literal["none", "vnc"] = "none"
+    # A QEMU CPU model name (core/cpu_models.py); None: the legacy "max" of
+    # catalogs made before the field.
+    cpu_model: str | None = None
     # A virtio-serial port org.qemu.guest_agent.0 on a unix socket in the
     # host's runtime dir, for qemu-guest-agent in the guest (freeze, shutdown).
     guest_agent: bool = False
+    # "uefi": OVMF, with the VM's own variable store as disk ``vars_disk``
+    # (attached as pflash1, never shown to the guest; core/firmware.py).
+    firmware: Literal["bios", "uefi"] = "bios"
+    # Which of the disks the guest sees it boots from (0: the first).
+    boot_disk: int = 0
+    vars_disk: int | None = None
 
 
 class RunContext(BaseModel):
@@ -93,6 +104,9 @@ class RunContext(BaseModel):
     serial_append: bool = False
     # QEMU's image locks (host.toml image_locking); off only where a lab tests fencing.
     image_locking: bool = True
+    # OVMF's code image on this host (a VM with firmware "uefi"; None: not installed).
+    uefi_code: str | None = None
+    uefi_code_format: str = "raw"
     # The VNC display's unix socket (a VM with display "vnc").
     vnc_socket: Path | None = None
     # The guest agent channel's unix socket (a VM with guest_agent).
@@ -130,18 +144,33 @@ def _opt(value: str | Path) -> str:
     return str(value).replace(",", ",,")
 
 
+def _flash_options(spec: VmSpec, ctx: RunContext) -> str:
+    """The machine's flash images: OVMF's code and the VM's variable store (UEFI)."""
+    if spec.firmware != "uefi":
+        return ""
+    if ctx.uefi_code is None:
+        raise NotFoundError(
+            f"VM {spec.name!r} boots through UEFI but this host has no OVMF firmware: "
+            f"{INSTALL_HINT}"
+        )
+    if spec.vars_disk is None or not 0 <= spec.vars_disk < len(spec.disks):
+        raise InvalidInputError(f"VM {spec.name!r} boots through UEFI but has no variable store")
+    return f",pflash0={CODE_NODE},pflash1=disk{spec.vars_disk}"
+
+
 def qemu_argv(spec: VmSpec, ctx: RunContext) -> list[str]:
     """The full QEMU command line for ``spec`` on a host described by ``ctx``."""
-    # "max" rather than "host" under KVM too: "host" aborts on an MSR on
-    # nested hosts (DESIGN.md section 4), and "max" is what TCG offers anyway.
-    cpu = "max"
+    # The VM's own model (named ones with enforce), or the legacy "max"; never
+    # "host" by default: it aborts on an MSR on nested hosts (DESIGN.md section 4).
+    cpu = cpu_argument(spec.cpu_model)
     argv = [
         ctx.qemu_binary,
         "-name", f"guest={_opt(spec.name)},debug-threads=on",
         "-uuid", spec.uuid,
         "-nodefaults",
         "-no-user-config",
-        "-machine", f"{machine_type(spec.config_version)},accel={ctx.accelerator}",
+        "-machine", f"{machine_type(spec.config_version)},accel={ctx.accelerator}"
+                    + _flash_options(spec, ctx),
         "-cpu", cpu,
         "-m", f"{spec.memory // 1024**2}M",
         "-smp", str(spec.cpus),
@@ -179,6 +208,11 @@ def qemu_argv(spec: VmSpec, ctx: RunContext) -> list[str]:
             argv += ["-initrd", spec.initrd]
         if spec.append:
             argv += ["-append", spec.append]
+    if spec.firmware == "uefi":
+        assert ctx.uefi_code is not None  # _flash_options refused it
+        argv += uefi_code_argv(ctx.uefi_code, ctx.uefi_code_format)
+    guest_disks = guest_disk_indexes(len(spec.disks), spec.vars_disk)
+    boot_at = guest_disks[spec.boot_disk] if spec.boot_disk < len(guest_disks) else None
     for index, disk in enumerate(spec.disks):
         file_node: dict[str, object] = {
             "driver": "file",
@@ -192,7 +226,12 @@ def qemu_argv(spec: VmSpec, ctx: RunContext) -> list[str]:
         fmt_node = {"driver": disk.format, "file": f"file{index}", "node-name": f"disk{index}"}
         argv += ["-blockdev", json.dumps(file_node, separators=(",", ":"))]
         argv += ["-blockdev", json.dumps(fmt_node, separators=(",", ":"))]
-        argv += ["-device", f"virtio-blk-pci,drive=disk{index},id=vblk{index}"]
+        if index == spec.vars_disk:
+            continue  # the machine's pflash1, not a guest disk
+        # Without a kernel the firmware boots the boot disk (a kernel's own
+        # option ROM comes first anyway, so then nothing changes).
+        boot = ",bootindex=1" if index == boot_at and not spec.kernel else ""
+        argv += ["-device", f"virtio-blk-pci,drive=disk{index},id=vblk{index}{boot}"]
     if spec.guest_agent:
         if ctx.guest_agent_socket is None:
             raise InvalidInputError(f"VM {spec.name!r} has a guest agent but no socket path")

@@ -1,15 +1,18 @@
-"""What a host is: its resources, QEMU and the accelerator it really has.
+"""What a host is: its resources, QEMU, the accelerator it really has and its CPU models.
 
 ``accelerator = "auto"`` does not trust ``/dev/kvm`` alone: on nested hosts
 QEMU starts fine with KVM and the guest never boots (DESIGN.md section 4). So
 auto boots the test guest under KVM once with a short deadline and caches the
-verdict in the data dir, keyed by kernel release and QEMU version.
+verdict in the data dir, keyed by kernel release and QEMU version. The CPU
+models the host runs (QEMU's ``query-cpu-definitions`` under that
+accelerator) are probed the same way once per agent start and cached.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -17,8 +20,11 @@ import platform
 import subprocess
 import tempfile
 import time
+import uuid as uuidlib
 from pathlib import Path
 
+from ferry.adapters import qemu
+from ferry.core.cpu_models import CpuFacts, parse_definitions
 from ferry.errors import FerryError, QemuError
 from ferry.guest.build import default_cache_dir, ensure_guest
 from ferry.host.config import HostConfig
@@ -114,3 +120,71 @@ async def resolve_accelerator(config: HostConfig) -> str:
              "boot" if verdict == "kvm" else "do not boot", verdict)  # fmt: skip
     cache.write_text(json.dumps({"key": key, "accelerator": verdict}))
     return verdict
+
+
+CPU_PROBE_FILE = "cpu_models.json"
+
+
+def _cpu_flags_digest() -> str:
+    """The host CPU's flags: a new CPU (or microcode hiding a feature) is a new probe."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return hashlib.sha256(line.encode()).hexdigest()[:16]
+    return "unknown"
+
+
+async def query_cpu_definitions(qemu_binary: str, accelerator: str) -> list[dict[str, object]]:
+    """QEMU's ``query-cpu-definitions`` under ``accelerator``, from a QEMU that runs no guest."""
+    marker = str(uuidlib.uuid4())
+    with tempfile.TemporaryDirectory(prefix="ferry-cpu-probe-") as tmp:
+        pidfile, sock = Path(tmp) / "qemu.pid", Path(tmp) / "qmp.sock"
+        argv = [
+            qemu_binary, "-nodefaults", "-no-user-config", "-display", "none",
+            "-machine", "none", "-accel", accelerator, "-S", "-uuid", marker,
+            "-daemonize", "-pidfile", str(pidfile),
+            "-chardev", f"socket,id=qmp,path={sock},server=on,wait=off",
+            "-mon", "chardev=qmp,mode=control",
+        ]  # fmt: skip
+        pid = await qemu.launch(argv, pidfile=pidfile, uuid=marker, timeout=30)
+        channel = qemu.QmpChannel(sock, name="cpu-probe")
+        try:
+            await channel.connect()
+            reply = await channel.execute("query-cpu-definitions")
+        finally:
+            await channel.close()
+            await qemu.kill_process(pid, marker)
+    if not isinstance(reply, list):
+        raise QemuError(f"query-cpu-definitions answered {type(reply).__name__}, not a list")
+    return [dict(entry) for entry in reply]
+
+
+async def probe_cpu_models(config: HostConfig, accelerator: str) -> CpuFacts:
+    """The CPU models this host runs under ``accelerator``: probed, or read from the cache.
+
+    The cache (``cpu_models.json`` in the data dir) holds QEMU's answer keyed by
+    kernel release, QEMU version, accelerator and the host CPU's flags; the
+    host.toml ``cpu_models`` list narrows it each time. A probe that fails
+    leaves the facts empty (nothing refused) with a warning: the VMs' own
+    start then says what QEMU lacks.
+    """
+    key = (f"{platform.release()} {qemu_version(config.qemu_binary)} {accelerator} "
+           f"{_cpu_flags_digest()}")  # fmt: skip
+    cache = config.data_dir / CPU_PROBE_FILE
+    reply: list[dict[str, object]] | None = None
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        cached = json.loads(cache.read_text())
+        if cached["key"] == key:
+            reply = list(cached["definitions"])
+    if reply is None:
+        try:
+            reply = await query_cpu_definitions(config.qemu_binary, accelerator)
+        except FerryError as exc:
+            log.warning("CPU model probe failed (%s); CPU models are not checked here", exc)
+            return CpuFacts(host=config.name)
+        slim = [{"name": e["name"], "unavailable-features": e.get("unavailable-features", [])}
+                for e in reply]  # fmt: skip
+        cache.write_text(json.dumps({"key": key, "definitions": slim}))
+        log.info("CPU model probe: %d models, %d runnable under %s", len(reply),
+                 sum(not e.get("unavailable-features") for e in reply), accelerator)  # fmt: skip
+    return CpuFacts(host=config.name, models=parse_definitions(reply, allowed=config.cpu_models))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ferry.adapters.catalog import Catalog, VmRecord
+from ferry.core.cpu_models import CpuFacts
 from ferry.core.vmstate import VmOp, VmState, is_live
 from ferry.errors import ConflictError, FerryError, NotFoundError
 from ferry.host.config import HostConfig
@@ -32,6 +33,8 @@ class FakeVms:
     fail: dict[str, FerryError] = field(default_factory=dict)  # method -> error, once
     # Set to make start() wait until the test sets it (to act while a VM boots).
     start_gate: asyncio.Event | None = None
+    # The CPU models this host runs (none known: none refused).
+    cpu: CpuFacts = field(default_factory=lambda: CpuFacts(host="fake"))
 
     def __post_init__(self) -> None:
         self.states = VmStates(self.catalog)

@@ -21,6 +21,7 @@ from typing import Any
 
 from ferry.adapters.catalog import VmRecord
 from ferry.core import replication as rules
+from ferry.core.cpu_models import CpuFacts, check_cpu
 from ferry.core.failover import Phase
 from ferry.core.relationship import Relationship
 from ferry.core.replication import ReplicationState, check_partner
@@ -71,6 +72,9 @@ class PlannedFailover:
             rules.check_reverse_allowed(hello.functional_level, s.config.functional_level,
                                         running_host=rel.replica, old_primary=s.config.name,
                                         vm=name)  # fmt: skip
+        # The replica host must run the VM's CPU model (it says which in hello).
+        check_cpu(record.spec.cpu_model, CpuFacts(host=rel.replica, models=hello.cpu_models),
+                  vm=name)  # fmt: skip
         s.phase(job, Phase.SHUTTING_DOWN)
         record = s.vms.get(name)
         running = record.state in (VmState.RUNNING, VmState.PAUSED)

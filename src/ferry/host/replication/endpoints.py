@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from ferry import __version__
 from ferry.adapters.pki import CertInfo, Role
+from ferry.core.cpu_models import CpuFacts
 from ferry.core.replica_server import Admission
 from ferry.errors import AuthError, InvalidInputError
 from ferry.host.replication.receiver import ReplicaStore
@@ -60,9 +61,11 @@ class ReplicationEndpoints:
 
     def __init__(self, store: ReplicaStore, *, mover: ReplicaMover,
                  adopt: Callable[[CertInfo, Takeover], Awaitable[PrimaryStatus]],
-                 ) -> None:  # fmt: skip
-        """``adopt``: the primary side's takeover (``ReplicationService.adopt``)."""
+                 cpu: CpuFacts | None = None) -> None:  # fmt: skip
+        """``adopt``: the primary side's takeover (``ReplicationService.adopt``);
+        ``cpu``: the CPU models this host runs, told in ``hello``."""
         self.store = store
+        self.cpu = cpu or CpuFacts(host=store.config.name)
         self.mover = mover
         self.adopt = adopt
         self.config = store.config
@@ -92,7 +95,8 @@ class ReplicationEndpoints:
         caller = call.caller
         return Hello(name=self.config.name, version=__version__,
                      functional_level=self.config.functional_level, caller=caller.common_name,
-                     caller_role=caller.role.value if caller.role else "none")  # fmt: skip
+                     caller_role=caller.role.value if caller.role else "none",
+                     cpu_models=self.cpu.models)  # fmt: skip
 
     async def admission(self, call: Call[NoBody]) -> Admission:
         if call.caller.role is not Role.HOST:
@@ -122,8 +126,9 @@ class ReplicationEndpoints:
             point_time = float(call.query.get("time", "0"))
         except ValueError:
             raise InvalidInputError("point id and time must be numbers") from None
+        frozen = call.query.get("app_consistent") == "1"
         return await self.store.receive(call.caller, call.params["uuid"], point_id, point_time,
-                                        call.stream)  # fmt: skip
+                                        call.stream, app_consistent=frozen)  # fmt: skip
 
     async def points(self, call: Call[NoBody]) -> PointList:
         return self.store.point_views(call.params["uuid"])

@@ -346,7 +346,9 @@ class VmService:
         log.info("the guest ignored ACPI power-down; asking its guest agent to shut down")
         socket = self.processes.guest_agent_socket(record.uuid)
         try:
-            async with GuestAgent(socket, vm=record.name) as agent:
+            # Half the time left at most for the agent to answer its sync.
+            async with GuestAgent(socket, vm=record.name,
+                                  sync_timeout=min(5.0, max(1.0, wait / 2))) as agent:  # fmt: skip
                 await agent.shutdown()
         except GuestAgentError as exc:
             log.warning("guest agent shutdown failed: %s", exc)
