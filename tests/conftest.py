@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import tomli_w
 
+from ferry.adapters import netdev
 from ferry.guest.build import ensure_guest
 from ferry.lab import Lab
 
@@ -278,7 +279,7 @@ def _lab_processes(root: Path) -> list[int]:
 def lab_session(root: Path) -> Iterator[LabEnv]:
     """A lab under ``root`` (not up yet) with ``$FERRY_HOME`` at ``root/home`` for
     its life; on the way out ``lab down``, ``$FERRY_HOME`` as it was, and a check
-    that no agent, QEMU, fence guard or etcd of the lab is left."""
+    that no agent, QEMU, fence guard, etcd or network namespace of the lab is left."""
     home = root / "home"
     old_home = os.environ.get("FERRY_HOME")
     os.environ["FERRY_HOME"] = str(home)
@@ -293,6 +294,7 @@ def lab_session(root: Path) -> Iterator[LabEnv]:
             os.environ["FERRY_HOME"] = old_home
         left = _lab_processes(lab.root)
         assert not left, f"lab processes left running: {left}"
+        assert not netdev.netns_exists(lab.netns), f"lab namespace {lab.netns} left behind"
 
 
 @pytest.fixture(scope="module")
@@ -319,13 +321,16 @@ MODULE_SECONDS = {
     "integration/test_cluster_vms.py": 180,
     "integration/test_lab_cluster.py": 130,
     "integration/test_cluster_membership.py": 110,
+    "integration/test_networks.py": 200,
     "integration/test_vnc.py": 90,
+    "integration/test_guest_agent.py": 200,
     "integration/test_migration_refusals.py": 170,
     "integration/test_vm_lifecycle.py": 160,
     "integration/test_migration.py": 150,
     "integration/test_guest_boot.py": 120,
     "integration/test_peer_authorisation.py": 80,
     "integration/test_migration_versions.py": 70,
+    "integration/test_cpu_models.py": 110,
     "integration/test_block_hashes.py": 60,
     "integration/test_bad_input.py": 50,
 }
