@@ -123,7 +123,8 @@ def failover_host(network: MemoryNetwork, root: Path, name: str) -> FailoverHost
     async def hello(call: Call[NoBody]) -> Hello:
         role = call.caller.role.value if call.caller.role else "none"
         return Hello(name=name, version=__version__, functional_level=config.functional_level,
-                     caller=call.caller.common_name, caller_role=role)  # fmt: skip
+                     caller=call.caller.common_name, caller_role=role,
+                     cpu_models=vms.cpu.models)  # fmt: skip
 
     server.handle(HELLO, hello)
     network.join(name, server)

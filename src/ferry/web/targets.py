@@ -5,7 +5,8 @@ refusal is shown as one line. The rules, in order: the host must answer;
 it is not the VM's own host; it does not hold the VM's replica; its
 functional level is at least the VM's configuration version (a host runs
 configuration versions up to its level); it has every network the VM's
-NICs name (when the host reports its networks).
+NICs name (when the host reports its networks); it runs the VM's CPU model
+(``core/cpu_models.cpu_refusal``, when the host reports its models).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
+from ferry.core.cpu_models import CpuFacts, CpuModel, cpu_refusal
 from ferry.web.operations import HostRow
 
 
@@ -29,6 +31,12 @@ def _networks(facts: dict[str, Any]) -> set[str] | None:
     if found is None:
         return None
     return {n if isinstance(n, str) else str(n.get("name")) for n in found}
+
+
+def _cpu_refusal(vm: dict[str, Any], row: HostRow) -> str | None:
+    assert row.facts is not None
+    models = tuple(CpuModel.model_validate(m) for m in row.facts.get("cpu_models") or [])
+    return cpu_refusal(vm.get("cpu_model"), CpuFacts(host=row.name, models=models))
 
 
 def move_targets(vm: dict[str, Any], hosts: list[HostRow], *,
@@ -51,8 +59,11 @@ def move_targets(vm: dict[str, Any], hosts: list[HostRow], *,
         else:
             have = _networks(row.facts)
             missing = sorted(wanted - have) if have is not None else []
+            cpu = _cpu_refusal(vm, row)
             if missing:
                 targets.append(Target(row.name, False, f"lacks network {', '.join(missing)}"))
+            elif cpu is not None:
+                targets.append(Target(row.name, False, cpu))
             else:
                 level = row.facts["functional_level"]
                 targets.append(Target(row.name, True, f"functional level {level}, "
