@@ -39,10 +39,11 @@ def test_a_vmware_ovf_1_0_becomes_a_plan() -> None:
                                                           "streamOptimized")  # fmt: skip
     assert (disk.file_size, disk.capacity) == (1310720, 1024**3)
     [nic] = plan.nics
-    assert (nic.network, nic.mac, nic.model) == ("VM Network", "00:50:56:8a:2b:3c", "virtio")
+    assert (nic.network, nic.mac, nic.model) == ("VM-Network", "00:50:56:8a:2b:3c", "virtio")
     notes = "\n".join(plan.not_carried)
     for expected in ("SCSI controllers become virtio disks", "CD drive", "VmxNet3 adapter",
-                     "ProductSection", "VMware settings", "svga.autodetect"):  # fmt: skip
+                     "ProductSection", "VMware settings", "svga.autodetect",
+                     "--network-map VM-Network=NETWORK"):  # fmt: skip
         assert expected in notes, expected
 
 

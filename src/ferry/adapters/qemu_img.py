@@ -127,8 +127,13 @@ def check_self_contained(info: dict[str, Any], *, what: str) -> None:
             raise InvalidInputError(f"{what} is a multi-file VMDK; convert it to one file first")
 
 
-async def info(path: Path, *, qemu_img: str = "qemu-img") -> dict[str, Any]:
-    """``qemu-img info`` of ``path``; ``-U`` so images in use can be read."""
-    out = await _run(qemu_img, "info", "-U", "--output=json", str(path))
+async def info(path: Path, *, qemu_img: str = "qemu-img", fmt: str | None = None) -> dict[str, Any]:
+    """``qemu-img info`` of ``path``; ``-U`` so images in use can be read.
+
+    ``fmt``: open it as that format (a file from outside is never probed: a raw
+    image could pose as a qcow2 with a backing file on the host).
+    """
+    args = ["info", "-U", "--output=json", *(["-f", fmt] if fmt else []), str(path)]
+    out = await _run(qemu_img, *args)
     result: dict[str, Any] = json.loads(out)
     return result

@@ -24,10 +24,12 @@ from ferry.core.adopt.plan import (
     DiskFormat,
     Firmware,
     adopted_name,
+    adopted_network,
     check_macs,
     libvirt_bytes,
     normalise_mac,
 )
+from ferry.core.guest_agent import CHANNEL_NAME
 from ferry.errors import InvalidInputError
 
 # Devices a ferry VM gets anyway, or that only wire up others: not worth a note.
@@ -86,6 +88,7 @@ def parse_domain(data: bytes, *, what: str = "the domain XML") -> AdoptionPlan:
     disks: list[AdoptedDisk] = []
     nics: list[AdoptedNic] = []
     display: str = "none"
+    guest_agent = False
     boot_orders: list[tuple[int, int]] = []  # (order, disk index)
     if devices is not None:
         for element in devices:
@@ -108,7 +111,9 @@ def parse_domain(data: bytes, *, what: str = "the domain XML") -> AdoptionPlan:
                         )
             elif tag == "graphics":
                 display = _graphics(element, notes)
-        kinds = sorted({safe_xml.local(e.tag) for e in devices} - _IMPLIED)
+        guest_agent = any(_is_guest_agent(e) for e in safe_xml.children(devices, "channel"))
+        kinds = sorted({safe_xml.local(e.tag) for e in devices if not _is_guest_agent(e)}
+                       - _IMPLIED)  # fmt: skip
         if kinds:
             notes.append(f"{label}: these devices are not carried over: {', '.join(kinds)}")
     if boot_first in ("network", "cdrom", "fd"):
@@ -137,6 +142,7 @@ def parse_domain(data: bytes, *, what: str = "the domain XML") -> AdoptionPlan:
         initrd=initrd,
         append=append,
         display="vnc" if display == "vnc" else "none",
+        guest_agent=guest_agent,
         not_carried=tuple(notes),
     )
 
@@ -331,7 +337,7 @@ def _interface(element: Element, label: str, notes: list[str]) -> AdoptedNic | N
     for extra in ("bandwidth", "filterref", "vlan", "virtualport"):
         if safe_xml.child(element, extra) is not None:
             notes.append(f"{label}: the {extra} of NIC {mac or network} is not carried over")
-    return AdoptedNic(network=network, mac=mac, model=model)
+    return AdoptedNic(network=adopted_network(network, notes), mac=mac, model=model)
 
 
 def _graphics(element: Element, notes: list[str]) -> str:
@@ -346,6 +352,14 @@ def _graphics(element: Element, notes: list[str]) -> str:
         return "vnc"
     notes.append(f"the {kind} display is not carried over")
     return "none"
+
+
+def _is_guest_agent(element: Element) -> bool:
+    """A virtio channel for qemu-guest-agent (ferry gives the VM its own)."""
+    if safe_xml.local(element.tag) != "channel":
+        return False
+    target = safe_xml.child(element, "target")
+    return target is not None and target.get("name") == CHANNEL_NAME
 
 
 def _boot_order(element: Element) -> int | None:

@@ -31,6 +31,7 @@ from ferry.core.adopt.plan import (
     DiskFormat,
     Firmware,
     adopted_name,
+    adopted_network,
     check_macs,
     normalise_mac,
 )
@@ -435,7 +436,7 @@ def _nics(
                     f"{label}: the {subtype} adapter on {network} becomes a virtio NIC "
                     "(the guest needs virtio-net drivers)"
                 )
-        nics.append(AdoptedNic(network=network, mac=mac, model=model))
+        nics.append(AdoptedNic(network=adopted_network(network, notes), mac=mac, model=model))
     if any(n.mac is None for n in nics):
         notes.append(f"{label}: the descriptor gives some NICs no MAC; ferry makes new ones")
     return tuple(nics)

@@ -69,6 +69,8 @@ class AdoptionPlan:
     initrd: str | None = None
     append: str | None = None
     display: Literal["none", "vnc"] = "none"
+    # A qemu-guest-agent channel (libvirt's org.qemu.guest_agent.0).
+    guest_agent: bool = False
     not_carried: tuple[str, ...] = field(default=())
 
     def noted(self, *notes: str) -> AdoptionPlan:
@@ -110,6 +112,18 @@ def adopted_name(raw: str | None, *, fallback: str) -> tuple[str, str | None]:
     if not source:
         return name, f"the source names no VM; it is called {name!r} (choose with --name)"
     return name, f"the name {source!r} is not a ferry VM name; it is called {name!r} (--name)"
+
+
+def adopted_network(raw: str, notes: list[str]) -> str:
+    """The source's network name as ferry names networks (``VM Network`` -> ``VM-Network``).
+
+    ``--network-map SRC=DST`` then names SRC this way; a note says so.
+    """
+    name, changed = adopted_name(raw, fallback="network")
+    if changed is not None:
+        notes.append(f"network {raw!r} is called {name!r} here: map it with "
+                     f"--network-map {name}=NETWORK")  # fmt: skip
+    return name
 
 
 # Units as libvirt writes them (<memory unit=...>); OVF units are parsed in ovf.py.
