@@ -24,6 +24,7 @@ from ferry.adapters.catalog import Catalog
 from ferry.adapters.etcd import open_store
 from ferry.adapters.pki import server_ssl_context, thumbprint
 from ferry.api.cluster import ClusterRoutes
+from ferry.api.inventory import InventoryRoutes
 from ferry.api.server import AgentApi
 from ferry.core import vmstate
 from ferry.core.cluster.timing import ClusterTimings
@@ -45,6 +46,7 @@ from ferry.host.cluster.volumes import VolumeService
 from ferry.host.config import HostConfig, load_host_config
 from ferry.host.exchange.service import EXPORT, IMPORT, ExchangeService
 from ferry.host.failover.service import FailoverService
+from ferry.host.inventory import InventoryService
 from ferry.host.jobs import JobRegistry
 from ferry.host.migration.service import INCOMING, MOVE, MigrationService
 from ferry.host.replication.cycle import INITIAL_JOB, RESYNC_JOB
@@ -184,6 +186,10 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         reconciler.on_started.append(cluster_replication.on_owned)
         exchange.cluster_vms = cluster_vms  # vm import --cluster
         maintenance = Maintenance(cluster_vms, migrations, jobs)
+        # The planner's facts: inventory, dirty rates, the bandwidth probe (peer route too).
+        inventory = InventoryService(vms, peers, memory_free=lambda: _memory_free(vms),
+                                     url=url, cluster_vms=cluster_vms)  # fmt: skip
+        inventory.register(peer_server)
         api = AgentApi(
             vms,
             migrations,
@@ -205,6 +211,7 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
                              cpu=vms.cpu).register(peer_server)  # fmt: skip
         app = api.app()
         app.add_routes(ClusterRoutes(clusters, cluster_volumes).routes())
+        app.add_routes(InventoryRoutes(inventory).routes())
         await clusters.start()  # reconnects to its cluster (in the background if etcd is away)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()

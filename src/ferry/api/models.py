@@ -52,6 +52,7 @@ Admin endpoints (admin certificate)::
     GET    /v1/vms/{name}/dirty-rate?seconds=1|2 -> DirtyRateView  (QMP calc-dirty-rate)
     POST   /v1/host/bandwidth-probe ProbeRequest -> ProbeView  (N bytes to the peer's
            PUT /v1/peer/probe over the agents' TLS channel, timed; ferry.peer.probe)
+           (these three payloads: ferry.core.plan.agent_facts)
     POST   /v1/volumes    VolumeRequest -> {name: path}
     DELETE /v1/volumes/{name}           -> {name: path}
     POST   /v1/clusters/{c}/vms ClusterVmRequest -> VmView; DELETE /v1/clusters/{c}/vms/{vm},
@@ -361,65 +362,3 @@ class FailoverRequest(BaseModel):
     # ``failover test``: the network of the replica host the test VM's NICs join
     # (new MACs); None: the test VM has no NIC.
     test_network: str | None = None
-
-
-# -- the planner's inventory (ferry.api.inventory) ------------------------------
-
-
-class DiskUsage(BaseModel):
-    path: str
-    size: int
-    format: str
-    allocation: int | None = None  # bytes on the host's file system; None: unreadable
-    volume: str | None = None  # the host volume the disk is on
-
-
-class VmInventory(BaseModel):
-    name: str
-    uuid: str
-    state: str
-    memory: int
-    cpus: int
-    config_version: int
-    disks: list[DiskUsage]
-    cluster: str | None = None
-    priority: str | None = None
-    cpu_model: str | None = None
-    networks: list[str] = []
-
-
-class HostInventory(BaseModel):
-    name: str
-    url: str
-    functional_level: int
-    memory: int
-    free_memory: int  # the host's memory less its live VMs' (what placement counts)
-    cpus: int
-    volumes: dict[str, str]
-    cluster: str | None = None
-    vms: list[VmInventory]
-
-
-class DirtyRateView(BaseModel):
-    vm: str
-    state: str
-    dirty_rate_bps: float | None  # None: not measured (see note)
-    calc_time_s: int | None = None
-    took_s: float | None = None
-    note: str | None = None
-
-
-class ProbeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    to: str
-    to_url: str
-    bytes: int = Field(default=32 * 1024**2, ge=1024**2, le=256 * 1024**2)
-
-
-class ProbeView(BaseModel):
-    src: str
-    dst: str
-    bytes: int
-    seconds: float
-    bandwidth_bps: float
