@@ -181,7 +181,7 @@ def test_an_in_place_upgrade_is_done_once_the_version_is_reached() -> None:
 
 
 def test_precheck_passes_when_the_world_is_as_planned() -> None:
-    assert precheck(MOVE, vm(), DEST) is None
+    assert precheck(MOVE, [vm()], DEST) is None
 
 
 @pytest.mark.parametrize(
@@ -202,7 +202,7 @@ def test_precheck_passes_when_the_world_is_as_planned() -> None:
 )
 def test_precheck_refuses_with_one_line(seen: VmSeen | None, dest: HostSeen | None,
                                         words: str) -> None:  # fmt: skip
-    why = precheck(MOVE, seen, dest)
+    why = precheck(MOVE, [] if seen is None else [seen], dest)
     assert why is not None and words in why and "\n" not in why
 
 
@@ -210,9 +210,9 @@ def test_precheck_needs_the_networks_and_level_of_the_step() -> None:
     step = StepPlan(key="1:a", vm="a", uuid="u-a", action=Action.LIVE_MOVE, source="host-1",
                     target="host-2", must_run=True, networks=("lab", "dmz"),
                     min_level=4)  # fmt: skip
-    why = precheck(step, vm(), DEST)
+    why = precheck(step, [vm()], DEST)
     assert why is not None and "functional level 3" in why
-    why = precheck(StepPlan(**{**step.__dict__, "min_level": 0}), vm(), DEST)
+    why = precheck(StepPlan(**{**step.__dict__, "min_level": 0}), [vm()], DEST)
     assert why is not None and "lacks network dmz" in why
 
 
@@ -227,3 +227,20 @@ def test_the_whole_plan_is_checked_for_capacity_in_order() -> None:
                     source="host-2", target="host-1")  # fmt: skip
     b_on_2 = vm("b", host="host-2", memory=600 * M)
     assert capacity_shortfall([MOVE, back], [a, b_on_2], hosts) is None
+
+
+def test_precheck_names_the_hosts_of_a_vm_found_twice() -> None:
+    why = precheck(MOVE, [vm(), vm(host="host-2", state="migrating")], DEST)
+    assert why is not None and "on several hosts (host-1, host-2)" in why
+
+
+def test_a_replica_move_follows_the_replica_copy_only() -> None:
+    step = StepPlan(key="1:r", vm="r", uuid="u-r", action=Action.MOVE_REPLICA, source="host-2",
+                    target="host-3")  # fmt: skip
+    primary = vm("r", host="host-1")
+    before = [primary, vm("r", host="host-2", state="replica")]
+    assert decide(step, StepRecord("1:r"), None, before)[0] is Decision.RUN
+    moved = [primary, vm("r", host="host-3", state="replica")]
+    assert decide(step, StepRecord("1:r"), None, moved)[0] is Decision.MARK_DONE
+    tiny = HostSeen("host-3", free_memory=0, functional_level=3, max_config_version=3)
+    assert precheck(step, before, tiny) is None

@@ -327,14 +327,18 @@ class PlanApply:
             elif record.state is StepState.FAILED:
                 record = self._put(st.advance(record, StepOp.RETRY))
             if not going_on:
-                vm = st.locate(step, world.vms)
-                refusal = st.precheck(step, vm, world.hosts.get(step.target))
+                refusal = st.precheck(step, world.vms, world.hosts.get(step.target))
                 if refusal is not None:
                     return self._fail(step, refusal)
             try:
-                await self._run_action(step, world)
+                finished = await self._run_action(step, world)
             except FerryError as exc:
                 return self._fail(step, str(exc))
+            if finished:  # a call that did the whole step (no job to judge it by)
+                record = self.state.record(step.key)
+                self._put(st.advance(record, StepOp.FINISH, ended=time.time()))
+                self.observer.step_ended(step, self.state.record(step.key), "done")
+                return None
 
     def _fail(self, step: StepPlan, why: str) -> str:
         record = self.state.record(step.key)
@@ -354,7 +358,8 @@ class PlanApply:
         self.observer.job(step, job)
         return str(job["id"])
 
-    async def _run_action(self, step: StepPlan, world: World) -> None:
+    async def _run_action(self, step: StepPlan, world: World) -> bool:
+        """Start (and follow) the step's work; True when it is all done already."""
         client = self.fleet.client(step.source)
         if step.action is Action.LIVE_MOVE:
             self.observer.step_started(step, f"live migration to {step.target} "
@@ -370,8 +375,24 @@ class PlanApply:
             self._put(st.advance(record, StepOp.START, started=time.time(),
                                  phase="upgrade-version"))  # fmt: skip
             await client.post(f"/v1/vms/{step.vm}/upgrade-version")
+            return True
+        elif step.action is Action.MOVE_REPLICA:
+            primary = next((vm.host for vm in world.vms if vm.uuid == step.uuid
+                            and vm.state != "replica" and not vm.incoming), None)  # fmt: skip
+            if primary is None:
+                raise FerryError(f"the primary of VM {step.vm} is on no reachable host: bring "
+                                 "it up, then apply again")  # fmt: skip
+            self.observer.step_started(step, f"moving its replica to {step.target}")
+            record = self.state.record(step.key)
+            self._put(st.advance(record, StepOp.START, started=time.time(), phase="replica"))
+            url = self.fleet.settings.host(step.target).url
+            await self.fleet.client(primary).call("PATCH", f"/v1/vms/{step.vm}/replication",
+                                                  body={"replica": step.target,
+                                                        "replica_url": url})  # fmt: skip
+            return True
         else:
             await self._export_import(step, world)
+        return False
 
     async def _export_import(self, step: StepPlan, world: World) -> None:
         """Stop (if it runs), export, import on the destination, remove the source, start."""

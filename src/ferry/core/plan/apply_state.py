@@ -69,13 +69,17 @@ class Action(StrEnum):
     LIVE_MOVE = "live-move"  # ferry vm move --storage MODE
     EXPORT_IMPORT = "export-import"  # ferry vm export, then vm import on the destination
     UPGRADE_VERSION = "upgrade-version"  # in place: ferry vm upgrade-version
+    MOVE_REPLICA = "move-replica"  # ferry replication set VM --replica DESTINATION
 
 
 _ACTIONS: dict[Option, Action] = {
     Option.LIVE_MIGRATION: Action.LIVE_MOVE,
     Option.EXPORT_IMPORT: Action.EXPORT_IMPORT,
     Option.IN_PLACE: Action.UPGRADE_VERSION,
+    Option.MOVE_REPLICA: Action.MOVE_REPLICA,
 }
+# Steps that bring no running VM to their destination (no memory to find there).
+_NO_MEMORY = frozenset({Action.UPGRADE_VERSION, Action.MOVE_REPLICA})
 
 
 def step_key(step: Step) -> str:
@@ -226,8 +230,8 @@ def step_plan(step: Step) -> StepPlan:
     if action is None:
         raise InvalidInputError(
             f"step {step_key(step)} is {step.option}, which plan apply cannot carry out yet "
-            "(it runs live migration, export/import and in-place upgrade): run that step "
-            "by hand, or re-plan without it"
+            "(it runs live migration, export/import, in-place upgrade and replica moves): "
+            "run that step by hand, or re-plan without it"
         )
     pre = step.preconditions
     return StepPlan(key=step_key(step), vm=step.vm, uuid=pre.vm_uuid, action=action,
@@ -239,20 +243,23 @@ def step_plan(step: Step) -> StepPlan:
 
 
 def _mine(step: StepPlan, vms: Iterable[VmSeen]) -> list[VmSeen]:
-    """The VMs that are this step's VM (by uuid, or by name when the uuid is not known)."""
+    """The copies that are this step's VM: its replica copies for a replica move, else
+    the others (matched by uuid, or by name when the uuid is not known)."""
+    replica = step.action is Action.MOVE_REPLICA
     return [vm for vm in vms if (vm.uuid == step.uuid if step.uuid and vm.uuid
-                                 else vm.name == step.vm)]  # fmt: skip
+                                 else vm.name == step.vm)
+            and (vm.state == "replica") == replica]  # fmt: skip
 
 
 def locate(step: StepPlan, vms: Iterable[VmSeen]) -> VmSeen | None:
-    """The step's VM where it counts: its primary copy, not a replica or an arriving one."""
-    own = [vm for vm in _mine(step, vms) if vm.state != "replica" and not vm.incoming]
+    """The step's VM where it counts (not a copy still arriving); None if none or several."""
+    own = [vm for vm in _mine(step, vms) if not vm.incoming]
     return own[0] if len(own) == 1 else None
 
 
 def arrived(step: StepPlan, vms: Iterable[VmSeen]) -> bool:
     """True when the step's effect is already there: the VM on its destination, settled."""
-    own = [vm for vm in _mine(step, vms) if vm.state != "replica"]
+    own = _mine(step, vms)
     if step.action is Action.UPGRADE_VERSION:
         return any(vm.host == step.target and step.min_level
                    and vm.config_version >= step.min_level for vm in own)  # fmt: skip
@@ -303,9 +310,15 @@ def decide(
     return Decision.RUN, "to run"
 
 
-def precheck(step: StepPlan, vm: VmSeen | None, target: HostSeen | None) -> str | None:
+def precheck(step: StepPlan, vms: Iterable[VmSeen], target: HostSeen | None) -> str | None:
     """Why ``step`` cannot run now (one line: what and what to do), or None."""
+    vms = list(vms)
+    vm = locate(step, vms)
     if vm is None:
+        copies = sorted({v.host for v in _mine(step, vms)})
+        if copies:
+            return (f"VM {step.vm} is on several hosts ({', '.join(copies)}): look with "
+                    "'ferry vm list' and 'ferry job list', then apply again")  # fmt: skip
         return f"VM {step.vm} is on no host now (the plan had it on {step.source}): re-plan"
     if vm.host != step.source:
         return (f"VM {step.vm} is on {vm.host}, not on {step.source} where the plan had it: "
@@ -322,7 +335,7 @@ def precheck(step: StepPlan, vm: VmSeen | None, target: HostSeen | None) -> str 
                 f"{step.min_level}: upgrade {step.target} first")  # fmt: skip
     if step.action is Action.UPGRADE_VERSION:
         return None
-    if vm.memory > target.free_memory:
+    if step.action is not Action.MOVE_REPLICA and vm.memory > target.free_memory:
         return capacity_refusal(step.vm, vm.memory, target)
     if vm.config_version > target.max_config_version:
         return (f"{step.target} runs configuration versions up to {target.max_config_version}, "
@@ -353,7 +366,7 @@ def capacity_shortfall(
     free = {name: host.free_memory for name, host in hosts.items()}
     for step in steps:
         vm = locate(step, vms)
-        if vm is None or step.action is Action.UPGRADE_VERSION or step.target not in free:
+        if vm is None or step.action in _NO_MEMORY or step.target not in free:
             continue
         if vm.memory > free[step.target]:
             left = replace(hosts[step.target], free_memory=free[step.target])
