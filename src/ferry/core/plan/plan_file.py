@@ -106,6 +106,11 @@ class VmFacts(_Model):
     dirty_rate_note: str | None = None
 
     @property
+    def is_replica(self) -> bool:
+        """A replica (or extended replica) copy of a VM that runs elsewhere."""
+        return self.replication is not None and self.replication.role != "primary"
+
+    @property
     def disk_bytes(self) -> int:
         """What a disk copy sends: the allocation where known, else the virtual size."""
         return sum(d.allocation if d.allocation is not None else d.size for d in self.disks)
@@ -156,7 +161,15 @@ class Inventory(_Model):
         return next((h for h in self.hosts if h.name == name), None)
 
     def vm(self, name: str) -> VmFacts | None:
-        return next((v for v in self.vms if v.name == name), None)
+        """The VM ``name`` itself (not a replica of it)."""
+        return next((v for v in self.vms if v.name == name and not v.is_replica), None)
+
+    def find(self, uuid: str, *, replica: bool = False) -> VmFacts | None:
+        """The VM ``uuid`` (its primary or only copy), or with ``replica`` its replica copy.
+
+        A replica host lists the replica under the VM's own name and UUID.
+        """
+        return next((v for v in self.vms if v.uuid == uuid and v.is_replica == replica), None)
 
     def link(self, src: str, dst: str) -> LinkFacts | None:
         return next((lk for lk in self.links if (lk.src, lk.dst) == (src, dst)), None)
@@ -167,6 +180,7 @@ class Preconditions(_Model):
 
     vm_uuid: str
     vm_host: str  # where the VM must be
+    replica: bool = False  # the step moves the VM's replica copy (Option.MOVE_REPLICA)
     config_version: int
     state: str  # the state the plan saw; a live option needs it running
     must_be_running: bool = False
@@ -264,10 +278,10 @@ def inventory_changes(plan: Plan, now: Inventory) -> list[str]:
     changes: list[str] = []
     for step in plan.steps:
         pre = step.preconditions
-        then = plan.inventory.vm(step.vm)
-        vm = next((v for v in now.vms if v.uuid == pre.vm_uuid), None)
+        then = plan.inventory.find(pre.vm_uuid, replica=pre.replica)
+        vm = now.find(pre.vm_uuid, replica=pre.replica)
         if vm is None:
-            changes.append(f"VM {step.vm!r} is gone")
+            changes.append(f"{'the replica of ' if pre.replica else ''}VM {step.vm!r} is gone")
             continue
         if vm.host != pre.vm_host:
             changes.append(f"VM {step.vm!r} is on {vm.host!r} now, not {pre.vm_host!r}")
