@@ -323,6 +323,7 @@ MODULE_SECONDS = {
     "integration/test_cluster_membership.py": 110,
     "integration/test_networks.py": 200,
     "integration/test_vnc.py": 90,
+    "integration/test_adopt.py": 130,
     "integration/test_guest_agent.py": 200,
     "integration/test_migration_refusals.py": 170,
     "integration/test_vm_lifecycle.py": 160,
