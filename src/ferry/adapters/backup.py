@@ -31,7 +31,7 @@ for real; :class:`ferry.testing.qmp.FakeQmp` in the unit tests).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,7 @@ class BlockBackup:
         speed: int | None = None,
         progress: Callable[[int], None] | None = None,
         cancel_on_exit: bool = True,
+        cut: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Copy each device into its target; QemuError if any job failed.
 
@@ -88,6 +89,8 @@ class BlockBackup:
         bytes/s for the whole copy, shared by the jobs. ``progress``: called
         with the bytes copied so far. ``cancel_on_exit``: False leaves jobs
         that still run when this is cancelled to finish inside QEMU.
+        ``cut``: awaited once the transaction returned (the point in time is
+        taken), before the copy runs: a frozen guest is thawed there.
         """
         if len(targets) != len(self.devices):
             raise ValueError(f"{len(self.devices)} devices, {len(targets)} targets")
@@ -117,6 +120,8 @@ class BlockBackup:
                     "actions": actions,
                     "properties": {"completion-mode": "grouped" if grouped else "individual"},
                 })  # fmt: skip
+                if cut is not None:
+                    await cut()
                 while True:
                     states = await self._states()
                     if progress is not None:

@@ -25,7 +25,7 @@ agent reads its outcome (:meth:`ChangedBlockTracker.outcome`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ from ferry.errors import QemuError
 
 BITMAP = "ferry-cbt"
 GRANULARITY = 64 * 1024  # = the qcow2 cluster size of the delta files
+# Awaited right after the transaction that is the point in time (a thaw).
+Cut = Callable[[], Awaitable[None]]
 
 
 class ChangedBlockTracker:
@@ -72,7 +74,8 @@ class ChangedBlockTracker:
                     "block-dirty-bitmap-remove", {"node": f"disk{index}", "name": BITMAP}
                 )
 
-    async def full(self, out_dir: Path, stem: str, *, tag: str | None = None) -> list[Path]:
+    async def full(self, out_dir: Path, stem: str, *, tag: str | None = None,
+                   cut: Cut | None = None) -> list[Path]:  # fmt: skip
         """Cycle 0: start tracking and copy every disk as of now into ``out_dir``.
 
         Also the start of a resynchronisation: any old bitmap is dropped and a
@@ -90,10 +93,11 @@ class ChangedBlockTracker:
         ]  # fmt: skip
         # The bitmap starts at the same instant as the copy.
         await self._backup(tag or stem).run(targets, sync=Sync.FULL, also=actions,
-                                            cancel_on_exit=False)  # fmt: skip
+                                            cancel_on_exit=False, cut=cut)  # fmt: skip
         return targets
 
-    async def delta(self, out_dir: Path, stem: str, *, tag: str | None = None) -> list[Path]:
+    async def delta(self, out_dir: Path, stem: str, *, tag: str | None = None,
+                    cut: Cut | None = None) -> list[Path]:  # fmt: skip
         """Cycle N: the clusters changed since the last cycle, one qcow2 per disk.
 
         The files have no backing file: the bitmap's granularity equals the
@@ -105,7 +109,7 @@ class ChangedBlockTracker:
         for disk, path in zip(self.disks, targets, strict=True):
             await qemu_img.create(path, disk.size, qemu_img=self.qemu_img)
         await self._backup(tag or stem).run(targets, sync=Sync.INCREMENTAL, bitmap=BITMAP,
-                                            cancel_on_exit=False)  # fmt: skip
+                                            cancel_on_exit=False, cut=cut)  # fmt: skip
         return targets
 
     def targets(self, out_dir: Path, stem: str) -> list[Path]:

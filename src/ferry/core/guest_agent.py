@@ -29,7 +29,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from ferry.core.units import parse_duration
+from ferry.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from ferry.core.spec import VmSpec
 
 CHANNEL_NAME = "org.qemu.guest_agent.0"  # the virtio-serial port name qemu-ga opens
 DELIMITER = 0xFF
@@ -161,6 +167,33 @@ def freeze_due(every_s: int | None, last_attempt: float | None, now: float) -> b
     if last_attempt is None or now < last_attempt:
         return True  # never tried, or the clock went back: do not wait for it to catch up
     return now - last_attempt >= every_s
+
+
+MAX_APP_CONSISTENT_EVERY_S = 7 * 24 * 3600
+
+
+def parse_app_consistent_every(text: str) -> int:
+    """``--app-consistent-every``: seconds in ``1h``, ``30m``, ...; ``off`` is 0."""
+    if text.strip().lower() in ("off", "0", "never"):
+        return 0
+    seconds = parse_duration(text, what="--app-consistent-every")
+    if seconds > MAX_APP_CONSISTENT_EVERY_S:
+        raise InvalidInputError(f"--app-consistent-every {text!r} is more than 7 days")
+    return seconds
+
+
+def check_app_consistent_every(seconds: int | None, spec: VmSpec) -> int | None:
+    """The interval to store (None: off), or one line if the VM cannot be frozen."""
+    if seconds is None or seconds == 0:
+        return None
+    if not 0 < seconds <= MAX_APP_CONSISTENT_EVERY_S:
+        raise InvalidInputError(f"app-consistent interval {seconds}s is out of range (1s..7d)")
+    if not spec.guest_agent:
+        raise InvalidInputError(
+            f"VM {spec.name!r} has no guest agent channel, so its file systems cannot be "
+            "frozen: app-consistent points need a VM created with --guest-agent"
+        )
+    return seconds
 
 
 # The guest's writes stall while frozen, so the freeze is bounded: QEMU's

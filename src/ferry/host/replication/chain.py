@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +76,17 @@ class RecoveryPointChain:
         """Recovery points offered for failover, oldest first."""
         return [p for p in self.catalog.points(vm_uuid) if p.id != ADOPTED_POINT]
 
-    def views(self, vm_uuid: str) -> PointList:
-        """``replication points --json``: every point is whole (linked only once verified)."""
-        return PointList([PointView(id=p.id, time=p.time, size=p.size, consistent=True)
+    def views(self, vm_uuid: str, app_consistent: Collection[int] = ()) -> PointList:
+        """``replication points --json``, each point as far as it is known consistent.
+
+        Every point is crash-consistent: one QMP transaction cut every disk at
+        one instant, and it is linked only once verified whole (``consistent``
+        keeps that old meaning). ``app_consistent``: the ids cut while the
+        guest's file systems were frozen through its guest agent.
+        """
+        frozen = set(app_consistent)
+        return PointList([PointView(id=p.id, time=p.time, size=p.size, consistent=True,
+                                    crash_consistent=True, app_consistent=p.id in frozen)
                           for p in self.points(vm_uuid)])  # fmt: skip
 
     def link(self, rel: Relationship, record: VmRecord, point: PointInfo) -> Relationship:

@@ -34,6 +34,7 @@ from ferry.adapters import block_hashes
 from ferry.adapters.catalog import Catalog, VmRecord
 from ferry.adapters.cbt import ChangedBlockTracker
 from ferry.core import replication as rules
+from ferry.core.guest_agent import freeze_due
 from ferry.core.relationship import (
     CycleInFlight,
     CycleMode,
@@ -57,6 +58,7 @@ from ferry.errors import (
 )
 from ferry.host.config import HostConfig
 from ferry.host.jobs import Job, JobRegistry
+from ferry.host.replication.freeze import FreezeWindow
 from ferry.host.replication.sender import PointSender
 from ferry.host.vms.service import VmService
 from ferry.peer.client import PeerClient
@@ -105,6 +107,17 @@ async def timed_cycle(catalog: Catalog, vm_uuid: str, vm_name: str, now: float,
         log.warning("VM %s: replication cycle failed (%s): %s", vm_name, kind.value, error)
         return {"result": kind.value, "error": error, "duration_s": duration}
     return {"result": "ok", "bytes": sent, "duration_s": duration}
+
+
+def freeze_counts(rel: Relationship, window: FreezeWindow | None) -> dict[str, Any]:
+    """The relationship's freeze figures after ``window`` (None: no freeze was due)."""
+    if window is None:
+        return {}
+    if window.app_consistent:
+        return {"last_freeze_attempt": time.time(),
+                "app_consistent_successes": rel.app_consistent_successes + 1}  # fmt: skip
+    return {"last_freeze_attempt": time.time(),
+            "app_consistent_failures": rel.app_consistent_failures + 1}  # fmt: skip
 
 
 @contextlib.asynccontextmanager
@@ -236,11 +249,14 @@ class CycleRunner:
         kind = None
         if mode is not CycleMode.DELTA:
             kind = INITIAL_JOB if rel.state is S.INITIAL_COPY else RESYNC_JOB
+        freeze = record.spec.guest_agent and freeze_due(
+            rel.app_consistent_every_s, rel.last_freeze_attempt, time.time()
+        )
         async with copy_job(self.jobs, kind, rel.vm_uuid, rel.vm_name) as job:
             if mode is CycleMode.RESYNC:
-                point = await self._resync_point(rel, tracker, peer, job)
+                point = await self._resync_point(rel, tracker, peer, job, freeze=freeze)
             else:
-                point = await self._cut(rel, tracker, full=mode is CycleMode.FULL)
+                point = await self._cut(rel, tracker, full=mode is CycleMode.FULL, freeze=freeze)
             rel = self.primary_rel(rel.vm_uuid) or rel
             if job is not None:
                 self.jobs.update(job, phase="sending")
@@ -299,8 +315,13 @@ class CycleRunner:
         return rel
 
     async def _cut(self, rel: Relationship, tracker: ChangedBlockTracker, *,
-                   full: bool, out_dir: Path | None = None) -> PendingPoint:  # fmt: skip
-        """Take a point: a full copy or a delta, recorded in flight first."""
+                   full: bool, out_dir: Path | None = None,
+                   freeze: bool = False) -> PendingPoint:  # fmt: skip
+        """Take a point: a full copy or a delta, recorded in flight first.
+
+        ``freeze``: inside a :class:`FreezeWindow` (thawed at the transaction);
+        the attempt and its outcome are counted in the relationship.
+        """
         point_id = rel.next_point
         out = out_dir or self.work_dir / rel.vm_uuid / f"p{point_id}"
         out.mkdir(parents=True, exist_ok=True)
@@ -310,17 +331,27 @@ class CycleRunner:
                                files=tuple(str(f) for f in files), full=full)  # fmt: skip
         rel = rel.model_copy(update={"in_flight": flight, "next_point": point_id + 1})
         self.catalog.put_relationship(rel)
+        window = None
+        if freeze:
+            socket = self.vms.processes.guest_agent_socket(rel.vm_uuid)
+            window = FreezeWindow(socket, vm=rel.vm_name)
         try:
-            if full:
-                await tracker.full(out, "base", tag=tag)
-            else:
-                await tracker.delta(out, f"p{point_id}", tag=tag)
+            async with window or contextlib.nullcontext():
+                cut = window.thaw if window is not None else None
+                if full:
+                    await tracker.full(out, "base", tag=tag, cut=cut)
+                else:
+                    await tracker.delta(out, f"p{point_id}", tag=tag, cut=cut)
         except FerryError:
             for path in files:
                 path.unlink(missing_ok=True)
-            self.catalog.put_relationship(rel.model_copy(update={"in_flight": None}))
+            rel = rel.model_copy(update={"in_flight": None, **freeze_counts(rel, window)})
+            self.catalog.put_relationship(rel)
             raise
-        point = PendingPoint(id=point_id, time=flight.time, files=flight.files, full=full)
+        rel = rel.model_copy(update=freeze_counts(rel, window))
+        consistent = window is not None and window.app_consistent
+        point = PendingPoint(id=point_id, time=flight.time, files=flight.files, full=full,
+                             app_consistent=consistent)  # fmt: skip
         if out_dir is None:
             rel = rel.model_copy(update={"in_flight": None, "pending": (*rel.pending, point)})
         else:
@@ -329,11 +360,12 @@ class CycleRunner:
         return point
 
     async def _resync_point(self, rel: Relationship, tracker: ChangedBlockTracker,
-                            peer: PeerClient, job: Job | None) -> PendingPoint:  # fmt: skip
+                            peer: PeerClient, job: Job | None, *,
+                            freeze: bool = False) -> PendingPoint:  # fmt: skip
         """A new bitmap and full copy here, then only blocks whose hashes differ."""
         scratch = self.work_dir / rel.vm_uuid / "resync"
         scratch.mkdir(parents=True, exist_ok=True)
-        full = await self._cut(rel, tracker, full=True, out_dir=scratch)
+        full = await self._cut(rel, tracker, full=True, out_dir=scratch, freeze=freeze)
         rel = self.primary_rel(rel.vm_uuid) or rel
         if job is not None:
             self.jobs.update(job, phase="comparing")
@@ -362,7 +394,8 @@ class CycleRunner:
             await asyncio.to_thread(shutil.rmtree, scratch, True)
         log.info("VM %s: resynchronisation found %d differing blocks of %d MiB", rel.vm_name,
                  differing, block_hashes.BLOCK_SIZE // 2**20)  # fmt: skip
-        point = PendingPoint(id=full.id, time=full.time, files=tuple(patches), resync=True)
+        point = PendingPoint(id=full.id, time=full.time, files=tuple(patches), resync=True,
+                             app_consistent=full.app_consistent)  # fmt: skip
         rel = rel.model_copy(update={"pending": (*rel.pending, point)})
         self.catalog.put_relationship(rel)
         return point
@@ -372,7 +405,8 @@ class CycleRunner:
         """Stream one point; on the replica's answer, forget it here."""
         reply, sent = await self.sender.send(peer, rel.vm_uuid, point.id, point.time,
                                              [Path(f) for f in point.files],
-                                             compress=rel.compression, job=job)  # fmt: skip
+                                             compress=rel.compression, job=job,
+                                             app_consistent=point.app_consistent)  # fmt: skip
         self.confirm(rel, reply.latest_point)
         return sent
 

@@ -35,6 +35,10 @@ def primary_view(rel: Relationship, cycles: list[CycleRecord], now: float) -> di
         "failure_count": stats["failure_count"],
         "network_failure_count": stats["network_failure_count"],
         "pending_bytes": pending, "pending_points": len(rel.pending),
+        "app_consistent_every_s": rel.app_consistent_every_s,
+        "app_consistent_count": rel.app_consistent_successes,
+        "app_consistent_failure_count": rel.app_consistent_failures,
+        "last_freeze_attempt": rel.last_freeze_attempt,
         "latest_point": rel.confirmed_point, "error": rel.error,
         "next_cycle": (rules.next_due(rel.last_started, rel.frequency_s, now)
                        if rules.is_running(rel.state) else None),
