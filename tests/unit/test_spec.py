@@ -39,7 +39,7 @@ def test_argv_pins_machine_type_and_uses_stable_node_names() -> None:
     assert nodes[1] == {"driver": "qcow2", "file": "file0", "node-name": "disk0"}
     assert nodes[2]["filename"] == "/d/b.qcow2"
     assert _value_after(argv, "-device") == [
-        "virtio-blk-pci,drive=disk0,id=vblk0",
+        "virtio-blk-pci,drive=disk0,id=vblk0,bootindex=1",  # no kernel: the firmware boots it
         "virtio-blk-pci,drive=disk1,id=vblk1",
     ]
     assert _value_after(argv, "-nic") == ["none"]

@@ -377,6 +377,7 @@ skip_boot_disks() {
 # Under UEFI: count this guest's boots in a variable of its UEFI variable
 # store (efivarfs), printing "ferry-guest efi-boots=N", so a test sees the
 # store carried by a move, an export, replication and failover.
+EFI_GUID=6f3c1a52-9d4e-4b7a-8c21-5e0f9a7b3d16
 count_efi_boots() {
 	[ -d /sys/firmware/efi ] || return 0
 	[ -f /lib/modules/efivarfs.ko ] && insmod /lib/modules/efivarfs.ko 2>/dev/null
@@ -384,15 +385,13 @@ count_efi_boots() {
 		echo "ferry-guest efi-boots unavailable (no efivarfs)"
 		return 0
 	fi
-	var=/sys/firmware/efi/efivars/FerryBoots-6f3c1a52-9d4e-4b7a-8c21-5e0f9a7b3d16
-	boots=0
-	[ -f $var ] && boots=$(tail -c +5 $var)
-	case $boots in
-	'' | *[!0-9]*) boots=0 ;;
-	esac
-	boots=$((boots + 1))
-	# efivarfs marks variables it does not know immutable when it mounts.
-	[ -f $var ] && chattr -i $var
+	# One new variable FerryBootN per boot: efivarfs marks variables it does
+	# not know immutable when it mounts, but it may always create one.
+	boots=1
+	while [ -f /sys/firmware/efi/efivars/FerryBoot$boots-$EFI_GUID ]; do
+		boots=$((boots + 1))
+	done
+	var=/sys/firmware/efi/efivars/FerryBoot$boots-$EFI_GUID
 	# 4 bytes of attributes (non-volatile, boot and runtime access), then the value.
 	printf '\007\000\000\000%s' $boots >$var || fail "cannot write UEFI variable $var"
 	echo "ferry-guest efi-boots=$boots"
