@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from ferry.adapters.guest_agent import GuestAgent, thaw_quietly
+from ferry.adapters.guest_agent import SYNC_TIMEOUT_S, GuestAgent, thaw_quietly
 from ferry.core.guest_agent import MAX_FREEZE_S
 from ferry.errors import GuestAgentError
 
@@ -36,10 +36,12 @@ log = logging.getLogger(__name__)
 class FreezeWindow:
     """Freeze VM ``vm``'s file systems on entry; thaw at the cut, on timeout and on exit."""
 
-    def __init__(self, socket_path: Path, *, vm: str, limit: float = MAX_FREEZE_S) -> None:
+    def __init__(self, socket_path: Path, *, vm: str, limit: float = MAX_FREEZE_S,
+                 sync_timeout: float = SYNC_TIMEOUT_S) -> None:  # fmt: skip
         self.socket_path = socket_path
         self.vm = vm
         self.limit = limit
+        self.sync_timeout = sync_timeout
         self.error: str | None = None  # why the freeze failed (the point is crash-consistent)
         self.frozen_s: float | None = None  # how long the guest stayed frozen
         self._agent: GuestAgent | None = None
@@ -54,7 +56,7 @@ class FreezeWindow:
         return self._cut_frozen
 
     async def __aenter__(self) -> FreezeWindow:
-        agent = GuestAgent(self.socket_path, vm=self.vm)
+        agent = GuestAgent(self.socket_path, vm=self.vm, sync_timeout=self.sync_timeout)
         try:
             await agent.__aenter__()
             self._agent = agent
