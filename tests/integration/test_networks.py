@@ -192,6 +192,12 @@ def test_agent_restart_reattaches_a_tap_and_removes_leftovers(env: LabEnv) -> No
     _wait_up(env, "echo2")
     assert _echo(env, "10.213.18.52", "through two NICs") == "through two NICs\n"
     assert _echo(env, second["ip"], "the second one too") == "the second one too\n"
+    # A refresh to a fresh QEMU on this host: the new one takes the other tap names.
+    report = env.cli.json("host", "refresh-vms", "host-2")
+    assert [r["vm"] for r in report["results"] if "error" not in r] == ["echo2"], report
+    now = _taps_of(env, vm["uuid"])[env.lab.netns]
+    assert len(now) == 2 and not set(now) & set(taps)
+    assert _echo(env, "10.213.18.52", "after a refresh") == "after a refresh\n"
     env.cli("vm", "delete", "echo2", "--force")
     assert _taps_of(env, vm["uuid"]) == {}
 

@@ -66,6 +66,11 @@ def test_tap_names_fit_the_kernel_and_differ_by_host_vm_and_index() -> None:
     assert len(set(vm_taps(key_a, UUID, 8))) == 8
     with pytest.raises(InvalidInputError):
         tap_name(key_a, UUID, 99)
+    # A refresh's second QEMU takes the other slot: eight NICs each, no name shared.
+    both = vm_taps(key_a, UUID, 8, 0) + vm_taps(key_a, UUID, 8, 1)
+    assert len(set(both)) == 16 and all(len(n) == 15 for n in both)
+    with pytest.raises(InvalidInputError):
+        tap_name(key_a, UUID, 0, 2)
 
 
 def test_guest_ip_of_is_the_macs_last_two_bytes() -> None:

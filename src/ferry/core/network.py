@@ -43,6 +43,12 @@ _MODEL_DEVICES = {"virtio": "virtio-net-pci"}
 # source's and the destination's taps of one VM exist at the same time.
 TAP_PREFIX = "ft"
 _INDEX_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
+# Two sets of tap names per VM and host ("slots"): a refresh to a fresh QEMU
+# on the same host (host refresh-vms) starts the new QEMU in the other slot
+# while the old one still holds its taps. Slot s uses index characters
+# s * TAP_SLOT_SIZE ... (so at most TAP_SLOT_SIZE NICs).
+TAP_SLOTS = 2
+TAP_SLOT_SIZE = len(_INDEX_CHARS) // TAP_SLOTS
 
 # The test guest takes an address in this /16 derived from its MAC (the
 # MAC's last two bytes), so nothing has to hand addresses out; the lab's
@@ -147,17 +153,18 @@ def tap_prefix(key: str) -> str:
     return f"{TAP_PREFIX}{key}"
 
 
-def tap_name(key: str, uuid: str, index: int) -> str:
-    """The tap of NIC ``index`` of VM ``uuid`` on the host with ``key``."""
-    if not 0 <= index < len(_INDEX_CHARS):
-        raise InvalidInputError(f"NIC index {index} is out of range")
-    name = f"{tap_prefix(key)}{uuid.replace('-', '')[:8]}{_INDEX_CHARS[index]}"
+def tap_name(key: str, uuid: str, index: int, slot: int = 0) -> str:
+    """The tap of NIC ``index`` of VM ``uuid`` on the host with ``key``, in ``slot``."""
+    if not 0 <= index < TAP_SLOT_SIZE or not 0 <= slot < TAP_SLOTS:
+        raise InvalidInputError(f"NIC index {index} (slot {slot}) is out of range")
+    char = _INDEX_CHARS[slot * TAP_SLOT_SIZE + index]
+    name = f"{tap_prefix(key)}{uuid.replace('-', '')[:8]}{char}"
     assert len(name) <= 15, name
     return name
 
 
-def vm_taps(key: str, uuid: str, count: int) -> list[str]:
-    return [tap_name(key, uuid, i) for i in range(count)]
+def vm_taps(key: str, uuid: str, count: int, slot: int = 0) -> list[str]:
+    return [tap_name(key, uuid, i, slot) for i in range(count)]
 
 
 def guest_ip_of(mac: str) -> str:

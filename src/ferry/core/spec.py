@@ -114,6 +114,8 @@ class RunContext(BaseModel):
     # This host's key in tap names (ferry.core.network.tap_name): NIC i of the
     # VM gets tap tap_name(tap_host, uuid, i). Needed by a VM with NICs.
     tap_host: str | None = None
+    # Which of the host's two sets of tap names (a refresh uses the other one).
+    tap_slot: int = 0
 
 
 def check_name(name: str, *, what: str = "VM name") -> str:
@@ -197,7 +199,7 @@ def qemu_argv(spec: VmSpec, ctx: RunContext) -> list[str]:
     for index, nic in enumerate(spec.nics):
         if ctx.tap_host is None:
             raise InvalidInputError(f"VM {spec.name!r} has NICs but the host gave no tap names")
-        tap = tap_name(ctx.tap_host, spec.uuid, index)
+        tap = tap_name(ctx.tap_host, spec.uuid, index, ctx.tap_slot)
         # The agent attaches the tap to the network's bridge once QEMU made it.
         argv += ["-netdev", f"tap,id=net{index},ifname={tap},script=no,downscript=no",
                  "-device", f"{nic_device(nic.model)},netdev=net{index},mac={nic.mac},"

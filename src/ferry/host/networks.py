@@ -22,6 +22,7 @@ from ferry.adapters import netdev
 from ferry.adapters.catalog import Catalog
 from ferry.core.network import (
     MAX_NICS,
+    TAP_SLOTS,
     HostNetwork,
     NicOption,
     check_ifname,
@@ -205,14 +206,28 @@ class HostNetworks:
 
     # -- taps ------------------------------------------------------------------
 
-    def taps(self, spec: VmSpec) -> list[str]:
-        return vm_taps(self.key, spec.uuid, len(spec.nics))
+    def taps(self, spec: VmSpec, slot: int = 0) -> list[str]:
+        return vm_taps(self.key, spec.uuid, len(spec.nics), slot)
 
-    async def attach(self, spec: VmSpec) -> None:
-        """Attach each tap of the VM's running QEMU to its network's bridge (idempotent)."""
-        for tap, nic in zip(self.taps(spec), spec.nics, strict=True):
+    def _all_taps(self, spec: VmSpec) -> list[str]:
+        return [tap for slot in range(TAP_SLOTS) for tap in self.taps(spec, slot)]
+
+    async def attach(self, spec: VmSpec, slot: int = 0) -> None:
+        """Attach each tap of the VM's QEMU in ``slot`` to its network's bridge (idempotent)."""
+        for tap, nic in zip(self.taps(spec, slot), spec.nics, strict=True):
             net = self.get(nic.network)
             await asyncio.to_thread(netdev.attach, tap, net.bridge, net.netns)
+
+    async def slot_of(self, spec: VmSpec) -> int:
+        """The slot whose taps the VM's running QEMU holds (0 if none is found)."""
+        if not spec.nics:
+            return 0
+        for slot in range(TAP_SLOTS):
+            first = self.taps(spec, slot)[0]
+            for netns in self._namespaces():
+                if await asyncio.to_thread(netdev.link, first, netns) is not None:
+                    return slot
+        return 0
 
     def _namespaces(self) -> list[str | None]:
         spaces: list[str | None] = [None]
@@ -223,7 +238,7 @@ class HostNetworks:
         """Remove the VM's taps wherever they are (its QEMU has gone)."""
         if not spec.nics:
             return
-        taps = self.taps(spec)
+        taps = self._all_taps(spec)
         for netns in self._namespaces():
             for tap in taps:
                 try:
@@ -233,7 +248,7 @@ class HostNetworks:
 
     async def cleanup(self, running: Iterable[VmSpec]) -> list[str]:
         """Remove this host's taps that no running QEMU owns; the names removed."""
-        keep = frozenset(tap for spec in running for tap in self.taps(spec))
+        keep = frozenset(tap for spec in running for tap in self._all_taps(spec))
         gone: list[str] = []
         for netns in self._namespaces():
             try:

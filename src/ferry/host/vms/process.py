@@ -26,7 +26,9 @@ from typing import Any
 
 from ferry.adapters import qemu
 from ferry.adapters.catalog import VmRecord
+from ferry.adapters.firmware import find_uefi
 from ferry.core import vmstate
+from ferry.core.firmware import UefiFirmware
 from ferry.core.spec import RunContext, qemu_argv
 from ferry.core.tasks import cancel_and_wait
 from ferry.core.vmstate import QemuStatus, VmOp, VmState
@@ -78,6 +80,7 @@ class VmProcesses:
         self.accelerator = accelerator
         self._runtimes: dict[str, Runtime] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._uefi: UefiFirmware | None = None
         self._background: set[asyncio.Task[None]] = set()
         # uuid -> what to do instead of "crashed" when that VM's QEMU exits
         # unasked (an incoming migration that failed).
@@ -95,6 +98,7 @@ class VmProcesses:
 
     def context(self, uuid: str, *, incoming: bool = False) -> RunContext:
         vm_dir = self.vm_dir(uuid)
+        uefi = self.uefi()
         return RunContext(
             incoming=incoming,
             qemu_binary=self.config.qemu_binary,
@@ -107,7 +111,15 @@ class VmProcesses:
             vnc_socket=self.vnc_socket(uuid),
             tap_host=self.networks.key,
             guest_agent_socket=self.guest_agent_socket(uuid),
+            uefi_code=uefi.code if uefi else None,
+            uefi_code_format=uefi.code_format if uefi else "raw",
         )
+
+    def uefi(self) -> UefiFirmware | None:
+        """This host's OVMF; looked for again until found (installing ovmf needs no restart)."""
+        if self._uefi is None:
+            self._uefi = find_uefi(self.config.firmware_descriptors)
+        return self._uefi
 
     def vnc_socket(self, uuid: str) -> Path:
         """Where the VM's QEMU serves its VNC display (a VM with display "vnc")."""
@@ -179,7 +191,7 @@ class VmProcesses:
                                 uuid=record.uuid, log=ctx.qemu_log)  # fmt: skip
         if record.spec.nics:
             try:
-                await self.networks.attach(record.spec)
+                await self.networks.attach(record.spec, ctx.tap_slot)
             except BaseException:
                 await qemu.kill_process(pid, record.uuid)
                 raise
@@ -373,7 +385,8 @@ class VmProcesses:
             vm_log.info("re-attached to QEMU pid %d; VM is %s", pid, state.value)
             if record.spec.nics and record.uuid in self._runtimes:
                 try:  # the agent may have died between QEMU's start and the attach
-                    await self.networks.attach(record.spec)
+                    slot = await self.networks.slot_of(record.spec)
+                    await self.networks.attach(record.spec, slot)
                 except FerryError as exc:
                     vm_log.error("cannot attach the NICs' taps to their bridges: %s", exc)
         running = [r.spec for r in self.catalog.vms() if r.uuid in self._runtimes]

@@ -45,11 +45,14 @@ async def refresh_process(processes: VmProcesses, record: VmRecord) -> dict[str,
     final = processes.context(record.uuid)
     short = short_name(record.uuid)
     runtime_dir = processes.config.runtime_dir
+    # The old QEMU holds its taps until it quits: the new one takes the other names.
+    slot = 1 - await processes.networks.slot_of(record.spec) if record.spec.nics else 0
     ctx = final.model_copy(update={
         "incoming": True, "serial_append": True,
         "pidfile": final.pidfile.with_suffix(".new"),
         "qmp_socket": runtime_dir / f"{short}.new.qmp",
         "vnc_socket": runtime_dir / f"{short}.new.vnc",
+        "tap_slot": slot,
     })  # fmt: skip
     stream = runtime_dir / f"{short}.mig"
     for path in (ctx.pidfile, ctx.qmp_socket, stream):
