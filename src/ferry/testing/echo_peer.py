@@ -10,7 +10,8 @@ frames a MAC announces (QEMU's ``announce-self``).
 Protocol on its stdin/stdout (one JSON document a line on stdout):
 
 * once connected and the first echo is back: ``{"event": "ready"}``;
-* ``mark`` on stdin: ``{"event": "mark", "received": N, "rarp": R}`` (how far it got);
+* ``mark`` on stdin: ``{"event": "mark", "received": N, "rarp": R, "stall_ms": S}``
+  (how far it got, and the longest stall since the last mark);
 * ``stop`` on stdin (or EOF): stops sending, waits up to ``--drain`` seconds
   for the outstanding echoes, prints ``{"event": "done", "sent", "received",
   "in_order", "longest_stall_ms", "stalls": [[at_s, ms], ...], "rarp": [...],
@@ -25,7 +26,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import queue
+import signal
 import socket
 import struct
 import subprocess
@@ -51,6 +54,7 @@ class Peer:
         self.error: str | None = None
         self.last_echo: float | None = None
         self.longest_stall = 0.0
+        self.window_stall = 0.0  # since the last mark
         self.stalls: list[list[float]] = []
         self.rarp: list[float] = []
         self.sending = threading.Event()
@@ -121,6 +125,7 @@ class Peer:
                 if self.last_echo is not None and self.sending.is_set():
                     gap = (now - self.last_echo) * 1000
                     self.longest_stall = max(self.longest_stall, gap)
+                    self.window_stall = max(self.window_stall, gap)
                     if gap > STALL_REPORT_MS:
                         self.stalls.append([round(now - self.started, 3), round(gap, 1)])
                 self.last_echo = now
@@ -172,8 +177,10 @@ class Peer:
         for line in sys.stdin:
             command = line.strip()
             if command == "mark":
+                stall = round(self.window_stall, 1)
                 self.say({"event": "mark", "received": self.received, "rarp": len(self.rarp),
-                          "error": self.error})  # fmt: skip
+                          "stall_ms": stall, "error": self.error})  # fmt: skip
+                self.window_stall = 0.0
             elif command == "stop":
                 break
         self.sending.clear()
@@ -203,10 +210,13 @@ class PeerProcess:
     """
 
     def __init__(self, argv: list[str]) -> None:
+        # Its own session: ``ferry lab exec`` runs the peer as a child, and
+        # close() must end both (by this process group's id).
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, bufsize=1)  # fmt: skip
+                                     text=True, bufsize=1, start_new_session=True)  # fmt: skip
         self.lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -248,9 +258,19 @@ class PeerProcess:
         return done
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
+        """End the peer: EOF on its stdin stops it; what is left after 40 s is killed."""
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(40)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self._reader.join(10)  # it reads to the end of the peer's output
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 def main(argv: list[str] | None = None) -> int:
