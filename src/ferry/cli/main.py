@@ -24,6 +24,7 @@ from ferry.cli import (
     job_cmd,
     lab_cmd,
     pki_cmd,
+    plan_cmd,
     replica_cmd,
     replication_cmd,
     vm_cmd,
@@ -50,6 +51,7 @@ app.add_typer(failover_cmd.app, name="failover")
 app.add_typer(cluster_cmd.app, name="cluster")
 app.add_typer(guest_cmd.app, name="guest")
 app.add_typer(pki_cmd.app, name="pki")
+app.add_typer(plan_cmd.app, name="plan")
 app.command("web")(web_cmd.web)
 
 _debug = {"on": os.environ.get("FERRY_DEBUG") == "1"}
