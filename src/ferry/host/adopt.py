@@ -23,6 +23,7 @@ import asyncio
 import logging
 import shutil
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -231,19 +232,28 @@ class AdoptionService:
         spec, plan = checked.spec, checked.plan
         vm_dir = self.vms.vm_dir(spec.uuid)
         staging = vm_dir / "staging"
-        total = sum(d.size for d in checked.disks) * 2
+        # Bytes read: each appliance disk once to hash (an OVA's while extracted), then
+        # each disk once more to convert.
+        sizes = [d.size for d in checked.disks]
+        total = sum(sizes) * (2 if checked.appliance is not None else 1)
         done = 0
 
         def count(n: int) -> None:
             nonlocal done
             done += n
-            self.jobs.update(job, progress={"bytes": done, "total": total})
+            self.jobs.update(job, progress={"bytes": min(done, total), "total": total})
 
         vm_dir.mkdir(parents=True)
         try:
             staging.mkdir()
             if checked.appliance is not None:
-                sources = await asyncio.to_thread(checked.appliance.stage, staging, count)
+                # The job registry is the loop's: the hashing thread reports through it.
+                loop = asyncio.get_running_loop()
+
+                def from_thread(n: int) -> None:
+                    loop.call_soon_threadsafe(count, n)
+
+                sources = await asyncio.to_thread(checked.appliance.stage, staging, from_thread)
             else:
                 sources = [d.path for d in checked.disks]
             disks = []
@@ -285,7 +295,7 @@ class AdoptionService:
         }
 
     async def _disk(
-        self, item: ApplianceDisk, src: Path | None, target: Path, count: Any
+        self, item: ApplianceDisk, src: Path | None, target: Path, count: Callable[[int], None]
     ) -> DiskSpec:
         disk = item.disk
         tool = self.config.qemu_img
@@ -309,13 +319,18 @@ class AdoptionService:
                     f"{what} is a {kind} VMDK; the descriptor says {disk.subformat}"
                 )
 
+        reported = 0
+
         def report(fraction: float) -> None:
-            count(0)
+            nonlocal reported
+            now = int(fraction * item.size)
+            count(now - reported)
+            reported = now
 
         await qemu_img.convert_to_qcow2(
             src, target, src_format=disk.format, qemu_img=tool, progress=report
         )
-        count(item.size)
+        count(item.size - reported)
         return DiskSpec(path=str(target), size=size)
 
 
