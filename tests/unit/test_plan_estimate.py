@@ -15,7 +15,8 @@ from ferry.core.plan.estimate import (
 )
 
 M = 1024**2
-CAL = Calibration(setup_s=1.0, switch_s=0.05, downtime_limit_s=0.3, migration_cap_bps=1e12,
+CAL = Calibration(setup_s=1.0, memory_fixed_s=0.0, disk_fixed_s=0.0, switch_s=0.05,
+                  downtime_limit_s=0.3, migration_cap_bps=1e12,
                   stream_factor=1.0, zero_page_bps=1e15, used_fraction=1.0, disk_factor=1.0,
                   local_disk_bps=100 * M, stop_s=2.0, start_s=1.0)  # fmt: skip
 

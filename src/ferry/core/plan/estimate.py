@@ -32,14 +32,19 @@ MAX_PASSES = 30  # QEMU keeps going; the model stops counting here
 
 @dataclass(frozen=True)
 class Calibration:
-    setup_s: float = 1.2  # prepare, launch the destination, files, finish, forget
-    switch_s: float = 0.05  # the pause beyond the last pages: device state, cont
+    """The model's constants, measured on this lab (2 hosts on loopback, TCG test
+    guests, load average ~11 from other work): see docs/architecture.md, "Planner"."""
+
+    setup_s: float = 4.0  # preparing: the destination QEMU launched and answering, files
+    memory_fixed_s: float = 1.7  # the stream's start, TLS, pre-switchover, finish, resume
+    switch_s: float = 0.2  # QEMU's downtime for device state beyond the last pages
     downtime_limit_s: float = 0.3  # QEMU's default downtime-limit
     migration_cap_bps: float = 1024.0**3  # host.toml migration_max_bandwidth default
     stream_factor: float = 1.0  # QEMU's TLS stream against the agents' probe
-    zero_page_bps: float = 4.0 * 1024**3  # how fast a pass skips pages that are zero
-    used_fraction: float = 0.5  # of memory not zero, when nothing better is known
-    disk_factor: float = 0.6  # the NBD mirror against the stream's rate
+    zero_page_bps: float = 512.0 * 1024**2  # how fast a pass gets over zero pages
+    used_fraction: float = 0.125  # of memory not zero (the test guest: ~32 MiB of 256 MiB)
+    disk_fixed_s: float = 0.3  # NBD exports, mirrors started and ready
+    disk_factor: float = 1.0  # the NBD mirror against the stream's rate
     local_disk_bps: float = 400.0 * 1024**2  # qemu-img convert on one host (export, import)
     stop_s: float = 2.0  # a clean shutdown of the guest
     start_s: float = 1.0  # QEMU up again on the new host (not the guest's boot)
@@ -78,11 +83,11 @@ def stream_bps(w: Workload, cal: Calibration = DEFAULT) -> float:
 def live_migration(w: Workload, cal: Calibration = DEFAULT) -> Estimate:
     """Pre-copy as QEMU does it, pass by pass."""
     rate = stream_bps(w, cal)
-    disk_s = w.disk_bytes / (rate * cal.disk_factor) if w.copy_disks else 0.0
+    disk_s = cal.disk_fixed_s + w.disk_bytes / (rate * cal.disk_factor) if w.copy_disks else 0.0
     limit = w.downtime_limit_s or cal.downtime_limit_s
     used = w.memory * cal.used_fraction
     pass_s = used / rate + (w.memory - used) / cal.zero_page_bps
-    memory_s, passes = pass_s, 1
+    memory_s, passes = cal.memory_fixed_s + pass_s, 1
     # While the disks copy, the guest dirties memory too, but QEMU starts the
     # memory stream only once the mirrors are ready: the first pass starts clean.
     left = min(w.dirty_rate_bps * pass_s, w.memory)
