@@ -132,6 +132,7 @@ class Relationship(BaseModel):
     # side, the ids of the points that were cut frozen.
     app_consistent_every_s: int | None = None
     last_freeze_attempt: float | None = None
+    last_freeze_s: float | None = None  # how long the guest stayed frozen that time
     app_consistent_failures: int = 0
     app_consistent_successes: int = 0
     app_consistent_points: tuple[int, ...] = ()

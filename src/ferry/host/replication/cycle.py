@@ -113,11 +113,10 @@ def freeze_counts(rel: Relationship, window: FreezeWindow | None) -> dict[str, A
     """The relationship's freeze figures after ``window`` (None: no freeze was due)."""
     if window is None:
         return {}
+    tried = {"last_freeze_attempt": time.time(), "last_freeze_s": window.frozen_s}
     if window.app_consistent:
-        return {"last_freeze_attempt": time.time(),
-                "app_consistent_successes": rel.app_consistent_successes + 1}  # fmt: skip
-    return {"last_freeze_attempt": time.time(),
-            "app_consistent_failures": rel.app_consistent_failures + 1}  # fmt: skip
+        return {**tried, "app_consistent_successes": rel.app_consistent_successes + 1}
+    return {**tried, "app_consistent_failures": rel.app_consistent_failures + 1}
 
 
 @contextlib.asynccontextmanager

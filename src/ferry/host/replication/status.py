@@ -38,7 +38,7 @@ def primary_view(rel: Relationship, cycles: list[CycleRecord], now: float) -> di
         "app_consistent_every_s": rel.app_consistent_every_s,
         "app_consistent_count": rel.app_consistent_successes,
         "app_consistent_failure_count": rel.app_consistent_failures,
-        "last_freeze_attempt": rel.last_freeze_attempt,
+        "last_freeze_attempt": rel.last_freeze_attempt, "last_freeze_s": rel.last_freeze_s,
         "latest_point": rel.confirmed_point, "error": rel.error,
         "next_cycle": (rules.next_due(rel.last_started, rel.frequency_s, now)
                        if rules.is_running(rel.state) else None),
