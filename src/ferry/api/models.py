@@ -101,6 +101,8 @@ class DiskView(BaseModel):
     path: str
     size: int
     format: str
+    # The UEFI variable store (pflash1), carried like a disk, never seen by the guest.
+    firmware: bool = False
 
 
 class NicView(BaseModel):
@@ -151,6 +153,9 @@ class VmView(BaseModel):
     cpu_model: str = "max"
     # A QEMU guest agent channel (vm create --guest-agent).
     guest_agent: bool = False
+    # "bios" or "uefi", and which disk it boots (an index into the guest's disks).
+    firmware: str = "bios"
+    boot_disk: int = 0
 
 
 class HostView(BaseModel):
@@ -227,6 +232,9 @@ class CreateVmRequest(BaseModel):
     guest_agent: bool = False
     # None: the host's default (a named model on KVM, "max" under TCG).
     cpu_model: str | None = None
+    # "uefi": OVMF with the VM's own variable store; the disk it boots (0: the first).
+    firmware: Literal["bios", "uefi"] = "bios"
+    boot_disk: int = Field(default=0, ge=0)
 
 
 class ClusterVmRequest(BaseModel):

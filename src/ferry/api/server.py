@@ -85,6 +85,11 @@ def nic_views(spec: VmSpec) -> list[NicView]:
             for n in spec.nics]  # fmt: skip
 
 
+def _disk_views(spec: VmSpec) -> list[DiskView]:
+    return [DiskView(path=d.path, size=d.size, format=d.format, firmware=i == spec.vars_disk)
+            for i, d in enumerate(spec.disks)]  # fmt: skip
+
+
 class AgentApi:
     """Route handlers over one host's services."""
 
@@ -177,7 +182,7 @@ class AgentApi:
             config_version=spec.config_version,
             memory=spec.memory,
             cpus=spec.cpus,
-            disks=[DiskView(path=d.path, size=d.size, format=d.format) for d in spec.disks],
+            disks=_disk_views(spec),
             kernel=spec.kernel,
             append=spec.append,
             pid=self.vms.pid_of(spec.uuid),
@@ -190,6 +195,8 @@ class AgentApi:
             nics=nic_views(spec),
             guest_agent=spec.guest_agent,
             cpu_model=effective_model(spec.cpu_model),
+            firmware=spec.firmware,
+            boot_disk=spec.boot_disk,
         )
 
     def _replication_summary(self, vm_uuid: str) -> dict[str, object] | None:
@@ -272,9 +279,8 @@ class AgentApi:
             state=remote.state, config_version=spec.config_version, memory=spec.memory,
             cpus=spec.cpus, kernel=spec.kernel, append=spec.append, cluster=remote.cluster,
             display=spec.display, vnc=spec.display == "vnc", guest_agent=spec.guest_agent,
-            cpu_model=effective_model(spec.cpu_model),
-            disks=[DiskView(path=d.path, size=d.size, format=d.format) for d in spec.disks],
-            nics=nic_views(spec),
+            cpu_model=effective_model(spec.cpu_model), firmware=spec.firmware,
+            boot_disk=spec.boot_disk, disks=_disk_views(spec), nics=nic_views(spec),
         )  # fmt: skip
 
     async def _want_remote(self, remote: RemoteVm, want: Want) -> web.Response:

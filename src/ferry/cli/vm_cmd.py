@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 
+from ferry.cli.option_order import TypedOrderCommand, in_typed_order, typed_order
 from ferry.cli.output import err, print_json, print_table, say
 from ferry.cli.vnc_cmd import vnc
 from ferry.core.cpu_models import check_model_name
+from ferry.core.firmware import check_firmware
 from ferry.core.network import parse_network_map, parse_nic_option
 from ferry.core.units import format_size, parse_duration, parse_size
 from ferry.errors import FerryError, InvalidInputError, NotFoundError
@@ -70,15 +72,26 @@ def _show(vm: dict[str, Any], as_json: bool) -> None:
         say("  guest agent channel (org.qemu.guest_agent.0)")
     if vm.get("cpu_model"):
         say(f"  cpu model {vm['cpu_model']}")
+    if vm.get("firmware") == "uefi":
+        say(f"  firmware uefi, boots disk {vm.get('boot_disk', 0)}")
     for disk in vm.get("disks", []):
-        say(f"  disk {disk['path']} ({format_size(disk['size'])}, {disk['format']})")
+        what = "UEFI variable store" if disk.get("firmware") else "disk"
+        say(f"  {what} {disk['path']} ({format_size(disk['size'])}, {disk['format']})")
     for nic in vm.get("nics", []):
         address = f", ip {nic['ip']}" if nic.get("ip") else ""
         say(f"  nic {nic['network']} mac {nic['mac']} ({nic['model']}{address})")
 
 
-@app.command("create")
+def _disks_as_typed(ctx: typer.Context, images: list[str], sizes: list[str]) -> list[Any]:
+    """The disk requests of ``--image`` and ``--disk``, in the order they were typed."""
+    typed = in_typed_order(typed_order(ctx), {"image": images, "disk": sizes})
+    return [{"image": value} if option == "image" else
+            {"size": parse_size(value, what="disk size")} for option, value in typed]  # fmt: skip
+
+
+@app.command("create", cls=TypedOrderCommand)
 def create(
+    ctx: typer.Context,
     name: str = typer.Argument(..., help="VM name, unique on its host (or in its cluster)."),
     host: str | None = typer.Option(
         None, "--host", "-H", help="Host to create it on (with --cluster: the node it runs on)."
@@ -86,10 +99,10 @@ def create(
     memory: str = typer.Option("256M", "--memory", "-m", help="Memory, e.g. 256M, 1G."),
     cpus: int = typer.Option(1, "--cpus", help="Virtual CPUs."),
     disk: list[str] = typer.Option(
-        [], "--disk", help="New empty qcow2 disk of SIZE (repeat), after any --image disks."
+        [], "--disk", help="New empty qcow2 disk of SIZE (repeat); disks keep the order typed."
     ),
     image: list[str] = typer.Option(
-        [], "--image", help="Disk copied from an image file on the host (repeat); these come first."
+        [], "--image", help="Disk copied from an image file on the host (repeat), in order typed."
     ),
     guest: str | None = typer.Option(None, "--guest", help="'test' boots ferry's test guest."),
     kernel: str | None = typer.Option(None, "--kernel", help="Kernel file on the host."),
@@ -130,6 +143,12 @@ def create(
         help="A network card on host network NETWORK (repeat for more); the MAC is chosen "
         "once if not given and kept for the VM's life; model virtio unless named.",
     ),
+    firmware: str = typer.Option(
+        "bios", "--firmware", help="bios (SeaBIOS), or uefi (OVMF, its own variable store)."
+    ),
+    boot_disk: int = typer.Option(
+        0, "--boot-disk", help="The disk to boot without --kernel: 0 is the first --image/--disk."
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
     """Create a VM (off, unless --start)."""
@@ -145,9 +164,10 @@ def create(
         "name": name,
         "memory": parse_size(memory, what="memory"),
         "cpus": cpus,
-        # Images first: the disk a guest boots from is usually the copied one.
-        "disks": [{"image": path} for path in image]
-        + [{"size": parse_size(size, what="disk size")} for size in disk],
+        # The guest sees the disks in the order --image and --disk were typed.
+        "disks": _disks_as_typed(ctx, image, disk),
+        "firmware": check_firmware(firmware),
+        "boot_disk": boot_disk,
         "guest": guest,
         "kernel": kernel,
         "initrd": initrd,
@@ -518,6 +538,7 @@ def import_vm(
 
 @app.command("import-disk")
 def import_disk(
+    ctx: typer.Context,
     name: str,
     images: list[str] = typer.Argument(
         ..., help="Disk images on the host (qcow2, raw, VHDX, VMDK, VDI), in its image dirs."
@@ -530,7 +551,8 @@ def import_disk(
     as_json: bool = JsonOpt,
 ) -> None:
     """Create a VM from existing disk images, converted to qcow2 (sparse kept)."""
-    create(name=name, host=host, memory=memory, cpus=cpus, disk=[], image=images, guest=guest,
+    create(ctx, name=name, host=host, memory=memory, cpus=cpus, disk=[], image=images, guest=guest,
            kernel=None, initrd=None, append=None, config_version=None, volume=None,
            cluster=None, priority="medium", start=start, display="none",
-           guest_agent=False, cpu_model=None, as_json=as_json)  # fmt: skip
+           guest_agent=False, cpu_model=None, nic=[], firmware="bios", boot_disk=0,
+           as_json=as_json)  # fmt: skip

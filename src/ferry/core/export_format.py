@@ -10,7 +10,9 @@ Pure: no I/O. An export folder is self-contained::
                      "disks": [{"file": "disk0.qcow2", "size": VIRTUAL, "format": "qcow2"}],
                      "replication": null | {...}, "display": "none" | "vnc",
                      "cpu_model": "Westmere-v1" | null,
-                     "nics": [{"network": "lab", "mac": "52:54:00:12:34:56", "model": "virtio"}]}
+                     "nics": [{"network": "lab", "mac": "52:54:00:12:34:56", "model": "virtio"}],
+                     "firmware": "bios" | "uefi", "boot_disk": N,
+                     "vars_disk": null | index of the UEFI variable store in "disks"}
     disk0.qcow2 ... consolidated qcow2 (no backing file), sparse
     kernel, initrd  when the VM boots a kernel directly
 
@@ -25,8 +27,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ferry.core.firmware import check_vars_disk
 from ferry.core.network import MAC_RE, MAX_NICS, NETWORK_NAME_RE
 from ferry.core.spec import NAME_RE
 from ferry.core.validation import first_error
@@ -102,6 +105,15 @@ class ExportedVm(BaseModel):
     cpu_model: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     # The VM's NICs with their MACs (absent in older folders: none).
     nics: list[ExportedNic] = Field(default_factory=list, max_length=MAX_NICS)
+    # Firmware (absent in older folders: BIOS, booting the first disk).
+    firmware: Literal["bios", "uefi"] = "bios"
+    boot_disk: int = Field(default=0, ge=0, le=16)
+    vars_disk: int | None = Field(default=None, ge=0, le=16)
+
+    @model_validator(mode="after")
+    def _firmware_fits(self) -> ExportedVm:
+        check_vars_disk(self.firmware, self.vars_disk, len(self.disks))
+        return self
 
 
 def parse_manifest(raw: bytes, *, folder: str) -> Manifest:

@@ -65,6 +65,14 @@ def check_boot_disk(boot_disk: int, guest_disks: int) -> None:
         )
 
 
+def check_vars_disk(firmware: str, vars_disk: int | None, disks: int) -> None:
+    """A UEFI VM has a variable store among its disks; a BIOS VM has none."""
+    if firmware == "uefi" and (vars_disk is None or not 0 <= vars_disk < disks):
+        raise ValueError("a UEFI VM needs vars_disk naming one of its disks")
+    if firmware == "bios" and vars_disk is not None:
+        raise ValueError("a BIOS VM has no UEFI variable store (vars_disk)")
+
+
 def guest_disk_indexes(disks: int, vars_disk: int | None) -> list[int]:
     """Indexes into ``VmSpec.disks`` of the disks the guest sees, in its order."""
     return [i for i in range(disks) if i != vars_disk]

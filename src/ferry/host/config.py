@@ -72,6 +72,8 @@ class HostConfig(BaseModel):
     run_dir: Path | None = None
     qemu_binary: str = "qemu-system-x86_64"
     qemu_img: str = "qemu-img"
+    # QEMU firmware descriptors (Debian's ovmf installs them): where UEFI VMs find OVMF.
+    firmware_descriptors: Path = Path("/usr/share/qemu/firmware")
     stop_timeout_s: float = Field(default=30.0, gt=0)
     # Live migration: simultaneous moves per host (more wait in a queue), and
     # the default bandwidth cap per move in bytes/s ("1G" style accepted).

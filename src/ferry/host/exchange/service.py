@@ -190,6 +190,7 @@ class ExchangeService:
                 disks=disks, replication=None, display=spec.display, cpu_model=spec.cpu_model,
                 nics=[ExportedNic(network=n.network, mac=n.mac, model=n.model)
                       for n in spec.nics],
+                firmware=spec.firmware, boot_disk=spec.boot_disk, vars_disk=spec.vars_disk,
             )  # fmt: skip
             (partial / VM_FILE).write_text(exported.model_dump_json(indent=2))
             files = sorted(p.name for p in partial.iterdir())
@@ -424,7 +425,8 @@ class ExchangeService:
             spec = VmSpec(uuid=uuid, name=name, config_version=vm.config_version,
                           memory=vm.memory, cpus=vm.cpus, disks=tuple(disks),
                           append=vm.append, display=vm.display, cpu_model=vm.cpu_model,
-                          nics=nics, **boot)  # fmt: skip
+                          nics=nics, firmware=vm.firmware, boot_disk=vm.boot_disk,
+                          vars_disk=vm.vars_disk, **boot)  # fmt: skip
             self.vms.catalog.add_vm(spec)
             if cluster is not None:
                 assert self.cluster_vms is not None

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ferry.adapters import qemu_img
 from ferry.adapters.catalog import Catalog
+from ferry.core.firmware import UefiFirmware
 from ferry.core.spec import DiskSpec
 from ferry.errors import InvalidInputError, NotFoundError
 from ferry.guest.build import default_cache_dir, ensure_guest
@@ -65,6 +66,16 @@ async def make_disk(config: HostConfig, request: NewDisk, dst: Path, *, direct: 
         src, dst, src_format=str(src_info["format"]), qemu_img=config.qemu_img
     )
     return DiskSpec(path=str(dst), size=int(src_info["virtual-size"]), direct=direct)
+
+
+async def make_vars_store(config: HostConfig, uefi: UefiFirmware, dst: Path, *,
+                          direct: bool) -> DiskSpec:  # fmt: skip
+    """A UEFI VM's own variable store: a qcow2 copy of OVMF's template (see core/firmware.py)."""
+    template = Path(uefi.vars_template)
+    info = await qemu_img.info(template, qemu_img=config.qemu_img, fmt=uefi.vars_format)
+    await qemu_img.convert_to_qcow2(template, dst, src_format=uefi.vars_format,
+                                    qemu_img=config.qemu_img)  # fmt: skip
+    return DiskSpec(path=str(dst), size=int(info["virtual-size"]), direct=direct)
 
 
 @dataclass(frozen=True)

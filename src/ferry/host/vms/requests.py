@@ -47,3 +47,5 @@ class NewVm:
     nics: tuple[NicOption, ...] = ()  # --nic NETWORK[,mac=MAC][,model=MODEL], in order
     cpu_model: str | None = None  # None: the host's default (core/cpu_models.py)
     guest_agent: bool = False  # a virtio-serial channel for qemu-guest-agent
+    firmware: str = "bios"  # "uefi": OVMF with the VM's own variable store
+    boot_disk: int = 0  # which disk the firmware boots (0: the first, in the order given)

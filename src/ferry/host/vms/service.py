@@ -29,6 +29,7 @@ from ferry.adapters.catalog import Catalog, VmRecord
 from ferry.adapters.guest_agent import GuestAgent
 from ferry.core import vmstate
 from ferry.core.cpu_models import CpuFacts, check_model_name, cpu_refusal, default_model
+from ferry.core.firmware import INSTALL_HINT, check_boot_disk, check_firmware
 from ferry.core.spec import VmSpec, check_name, check_resources
 from ferry.core.versions import check_host_runs, machine_type
 from ferry.core.vmstate import VmOp, VmState
@@ -195,9 +196,16 @@ class VmService:
         refusal = cpu_refusal(cpu_model, self.cpu)
         if refusal is not None:
             raise InvalidInputError(f"--cpu-model: {refusal}")
+        firmware = check_firmware(request.firmware)
+        check_boot_disk(request.boot_disk, len(disks))
+        uefi = self.processes.uefi() if firmware == "uefi" else None
+        if firmware == "uefi" and uefi is None:
+            raise NotFoundError(f"--firmware uefi: host {self.config.name!r} has no UEFI firmware "
+                                f"(OVMF); {INSTALL_HINT}, then create the VM again")  # fmt: skip
         spec = VmSpec(name=name, config_version=version, memory=request.memory, cpus=request.cpus,
                       display="vnc" if request.display == "vnc" else "none", cpu_model=cpu_model,
-                      guest_agent=request.guest_agent)  # fmt: skip
+                      guest_agent=request.guest_agent, firmware=firmware,
+                      boot_disk=request.boot_disk)  # fmt: skip
         if request.nics:  # checked (networks, bridges, models, MACs) before anything is made
             spec = spec.model_copy(update={"nics": await self.networks.new_nics(request.nics)})
         vm_dir = self.vm_dir(spec.uuid)
@@ -212,6 +220,11 @@ class VmService:
             for index, disk in enumerate(disks):
                 dst = disk_dir / f"disk{index}.qcow2"
                 disk_specs.append(await files.make_disk(self.config, disk, dst, direct=on_volume))
+            if uefi is not None:  # the VM's own variable store, after the guest's disks
+                dst = disk_dir / f"disk{len(disk_specs)}.qcow2"
+                spec = spec.model_copy(update={"vars_disk": len(disk_specs)})
+                disk_specs.append(await files.make_vars_store(self.config, uefi, dst,
+                                                              direct=on_volume))  # fmt: skip
             spec = spec.model_copy(
                 update={
                     "disks": tuple(disk_specs),
