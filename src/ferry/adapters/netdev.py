@@ -156,3 +156,15 @@ def add_bridge(name: str, netns: str | None = None, address: str | None = None) 
 def exec_argv(netns: str, argv: list[str]) -> list[str]:
     """The command line that runs ``argv`` inside ``netns``."""
     return [IP, "netns", "exec", netns, *argv]
+
+
+class IpLinks:
+    """This machine's links through ``ip``, as :class:`ferry.host.networks.Links`
+    asks for them (``ferry.testing.netdev.FakeLinks`` is the unit tests' one)."""
+
+    netns_exists = staticmethod(netns_exists)
+    bridge_exists = staticmethod(bridge_exists)
+    link = staticmethod(link)
+    attach = staticmethod(attach)
+    delete = staticmethod(delete)
+    delete_matching = staticmethod(delete_matching)

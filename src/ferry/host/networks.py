@@ -17,6 +17,7 @@ import json
 import logging
 import subprocess
 from collections.abc import Iterable, Mapping
+from typing import Protocol
 
 from ferry.adapters import netdev
 from ferry.adapters.catalog import Catalog
@@ -44,14 +45,36 @@ log = logging.getLogger(__name__)
 SETTING = "networks"
 
 
+class Links(Protocol):
+    """The link operations the host's networks need (:class:`netdev.IpLinks` for real)."""
+
+    def netns_exists(self, name: str) -> bool: ...
+    def bridge_exists(self, name: str, netns: str | None = None) -> bool: ...
+    def link(self, name: str, netns: str | None = None) -> netdev.Link | None: ...
+    def attach(self, tap: str, bridge: str, netns: str | None = None) -> None: ...
+    def delete(self, name: str, netns: str | None = None) -> bool: ...
+    def delete_matching(
+        self, prefix: str, netns: str | None = None, keep: frozenset[str] = frozenset()
+    ) -> list[str]: ...
+
+
 class HostNetworks:
     """The networks of one host, and the taps of its VMs."""
 
-    def __init__(self, config: HostConfig, catalog: Catalog) -> None:
+    def __init__(
+        self,
+        config: HostConfig,
+        catalog: Catalog,
+        *,
+        links: Links | None = None,
+        nic_models: frozenset[str] | None = None,
+    ) -> None:
         self.config = config
         self.catalog = catalog
         self.key = host_key(str(config.data_dir.resolve()))
-        self._nic_models: frozenset[str] | None = None
+        self.links: Links = links or netdev.IpLinks()
+        # The PCI NIC devices of the host's QEMU (None: asked once, when first needed).
+        self._nic_models = nic_models
 
     # -- the list ------------------------------------------------------------
 
@@ -86,7 +109,7 @@ class HostNetworks:
         """``[{name, bridge, netns, exists, source}]`` for host show / network list."""
         rows: list[dict[str, object]] = []
         for name, net in sorted(self.all().items()):
-            exists = await asyncio.to_thread(netdev.bridge_exists, net.bridge, net.netns)
+            exists = await asyncio.to_thread(self.links.bridge_exists, net.bridge, net.netns)
             rows.append({"name": name, "bridge": net.bridge, "netns": net.netns,
                          "exists": exists,
                          "source": "host.toml" if name in self.config.networks
@@ -108,11 +131,11 @@ class HostNetworks:
                 f"{existing.bridge}); remove it first: ferry host network remove {name} "
                 f"--host {self.config.name}"
             )
-        if netns is not None and not await asyncio.to_thread(netdev.netns_exists, netns):
+        if netns is not None and not await asyncio.to_thread(self.links.netns_exists, netns):
             raise NotFoundError(
                 f"network namespace {netns!r} does not exist on host {self.config.name!r}"
             )
-        if not await asyncio.to_thread(netdev.bridge_exists, bridge, netns):
+        if not await asyncio.to_thread(self.links.bridge_exists, bridge, netns):
             where = f" in namespace {netns}" if netns else ""
             raise NotFoundError(
                 f"bridge {bridge!r} does not exist{where} on host {self.config.name!r}: "
@@ -192,7 +215,7 @@ class HostNetworks:
         return tuple(renewed)
 
     async def require_bridge(self, net: HostNetwork) -> None:
-        if not await asyncio.to_thread(netdev.bridge_exists, net.bridge, net.netns):
+        if not await asyncio.to_thread(self.links.bridge_exists, net.bridge, net.netns):
             where = f" in namespace {net.netns}" if net.netns else ""
             raise NotFoundError(
                 f"network {net.name!r} on host {self.config.name!r}: its bridge "
@@ -216,7 +239,7 @@ class HostNetworks:
         """Attach each tap of the VM's QEMU in ``slot`` to its network's bridge (idempotent)."""
         for tap, nic in zip(self.taps(spec, slot), spec.nics, strict=True):
             net = self.get(nic.network)
-            await asyncio.to_thread(netdev.attach, tap, net.bridge, net.netns)
+            await asyncio.to_thread(self.links.attach, tap, net.bridge, net.netns)
 
     async def slot_of(self, spec: VmSpec) -> int:
         """The slot whose taps the VM's running QEMU holds (0 if none is found)."""
@@ -225,7 +248,7 @@ class HostNetworks:
         for slot in range(TAP_SLOTS):
             first = self.taps(spec, slot)[0]
             for netns in self._namespaces():
-                if await asyncio.to_thread(netdev.link, first, netns) is not None:
+                if await asyncio.to_thread(self.links.link, first, netns) is not None:
                     return slot
         return 0
 
@@ -242,7 +265,7 @@ class HostNetworks:
         for netns in self._namespaces():
             for tap in taps:
                 try:
-                    await asyncio.to_thread(netdev.delete, tap, netns)
+                    await asyncio.to_thread(self.links.delete, tap, netns)
                 except NetworkError as exc:
                     log.warning("cannot remove tap %s: %s", tap, exc)
 
@@ -253,7 +276,7 @@ class HostNetworks:
         for netns in self._namespaces():
             try:
                 gone += await asyncio.to_thread(
-                    netdev.delete_matching, tap_prefix(self.key), netns, keep
+                    self.links.delete_matching, tap_prefix(self.key), netns, keep
                 )
             except NetworkError as exc:
                 log.warning("cannot clean up taps%s: %s", f" in {netns}" if netns else "", exc)
