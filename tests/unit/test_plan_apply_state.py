@@ -130,10 +130,12 @@ def test_a_job_that_finished_while_apply_was_away_marks_the_step_done() -> None:
         Decision.MARK_DONE  # fmt: skip
 
 
-def test_a_failed_job_marks_the_step_failed_with_its_error() -> None:
-    job = JobSeen("j1", "failed", error="destination refused")
-    decision, why = decide(MOVE, running(StepRecord("1:a")), job, [vm()])
-    assert decision is Decision.MARK_FAILED and "destination refused" in why
+def test_a_job_that_failed_unwatched_runs_again_if_its_vm_is_where_it_was() -> None:
+    job = JobSeen("j1", "failed", error="the agent restarted during the move")
+    assert decide(MOVE, running(StepRecord("1:a")), job, [vm()])[0] is Decision.RUN
+    lost = [vm(host="host-3")]
+    decision, why = decide(MOVE, running(StepRecord("1:a")), job, lost)
+    assert decision is Decision.MARK_FAILED and "agent restarted" in why
 
 
 def test_a_cancelled_job_with_the_vm_still_on_its_source_runs_again() -> None:

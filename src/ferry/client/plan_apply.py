@@ -135,6 +135,8 @@ class PlanApply:
         self.state_file = state_path(path)
         self.state = ApplyState.load(self._read_state(), self.plan.digest,
                                      [s.key for s in self.steps])  # fmt: skip
+        self._outage: set[str] = set()  # steps whose job's agent stopped answering
+        self._retried: set[str] = set()
 
     # -- the state file --------------------------------------------------------------
 
@@ -299,7 +301,10 @@ class PlanApply:
     async def _carry_out(self, step: StepPlan) -> str | None:
         """Run one step to its end; the failure's line, or None."""
         while True:
-            world = await self.world()
+            try:
+                world = await self._world_for(step)
+            except ConnectionFailedError as exc:
+                return self._fail(step, str(exc))
             record = self.state.record(step.key)
             job = await self._job(record) if record.state is StepState.RUNNING else None
             decision, why = st.decide(step, record, job, world.vms)
@@ -333,12 +338,36 @@ class PlanApply:
             try:
                 finished = await self._run_action(step, world)
             except FerryError as exc:
+                if step.key in self._outage and step.key not in self._retried:
+                    # Its agent went away during the job (a restart undoes a move, the
+                    # VM stays): once per step, the world decides again.
+                    log.info("step %s: %s after its agent was away; once more", step.key, exc)
+                    self._retried.add(step.key)
+                    record = self.state.record(step.key)
+                    if record.state is StepState.RUNNING:
+                        self._put(st.advance(record, StepOp.LOSE))
+                    continue
                 return self._fail(step, str(exc))
             if finished:  # a call that did the whole step (no job to judge it by)
                 record = self.state.record(step.key)
                 self._put(st.advance(record, StepOp.FINISH, ended=time.time()))
                 self.observer.step_ended(step, self.state.record(step.key), "done")
                 return None
+
+    async def _world_for(self, step: StepPlan) -> World:
+        """The world once the step's hosts answer (an agent restarting is waited for)."""
+        since = time.monotonic()
+        while True:
+            world = await self.world()
+            away = [h for h in (step.source, step.target) if h in world.unreachable]
+            if not away:
+                return world
+            if time.monotonic() - since > UNREACHABLE_GRACE_S:
+                raise ConnectionFailedError(
+                    f"host {away[0]} cannot be reached ({world.unreachable[away[0]]}): bring "
+                    "its agent up, then apply again")  # fmt: skip
+            self.observer.step_started(step, f"waiting for host {away[0]} to answer")
+            await asyncio.sleep(2 * POLL_S)
 
     def _fail(self, step: StepPlan, why: str) -> str:
         record = self.state.record(step.key)
@@ -449,6 +478,7 @@ class PlanApply:
                     job: dict[str, Any] = await client.get(f"/v1/jobs/{job_id}")
                     lost_since = None
                 except ConnectionFailedError:
+                    self._outage.add(step.key)
                     lost_since = lost_since or time.monotonic()
                     if time.monotonic() - lost_since > UNREACHABLE_GRACE_S:
                         raise

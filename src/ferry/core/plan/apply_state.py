@@ -286,7 +286,9 @@ def decide(
     A done step is skipped. A running step's job, found again by its id, is
     followed while it runs and decides when it ended; a job that is gone, or
     that ended without carrying the step out, leaves it to where the VM is:
-    on its destination the step is done, on its source it runs (again).
+    on its destination the step is done, on its source it runs (again). A job
+    that failed while no apply watched fails the step only when its VM is no
+    longer where it was (a move's failure leaves the VM on its source).
     """
     vms = list(vms)
     if record.state is StepState.DONE:
@@ -298,7 +300,11 @@ def decide(
         if job.state == "done" and not several_jobs:
             return Decision.MARK_DONE, f"its job {job.id} finished"
         if job.state == "failed" and not arrived(step, vms):
-            return Decision.MARK_FAILED, f"its job {job.id} failed: {job.error}"
+            home = locate(step, vms)
+            if home is None or home.host != step.source:
+                return Decision.MARK_FAILED, f"its job {job.id} failed: {job.error}"
+            # Failed while no apply watched (an agent restart undoes a move), and the
+            # VM is where it was: running it again is what a new apply of it does.
     if arrived(step, vms):
         return Decision.MARK_DONE, f"VM {step.vm} is already on {step.target}"
     if (record.state is StepState.RUNNING and not several_jobs
