@@ -15,6 +15,8 @@ announced on the console. host-1 replicates to host-2. What is checked:
   before the freeze, and its ext4 is clean (no ``needs_recovery``, ``e2fsck -n`` 0);
 * a failed freeze (qemu-ga not started in the guest) still cuts a
   crash-consistent point and is counted in ``replication measure``;
+* the channel survives a live move (the same qemu-ga answers on the
+  destination's socket);
 * ``vm stop`` of a guest that ignores ACPI shuts it down through the agent,
   and forces off one without an agent answering.
 """
@@ -91,9 +93,9 @@ def wait_synced(lab_env: LabEnv, name: str, at_least: int, timeout: float = 120)
     return synced(text)
 
 
-def agent_socket(lab_env: LabEnv, name: str) -> Path:
-    config = load_host_config(lab_env.lab.host(1).config_path)
-    return config.runtime_dir / f"{short_name(lab_env.vm(name)['uuid'])}.qga"
+def agent_socket(lab_env: LabEnv, name: str, host: int = 1) -> Path:
+    config = load_host_config(lab_env.lab.host(host).config_path)
+    return config.runtime_dir / f"{short_name(lab_env.vm(name, f'host-{host}')['uuid'])}.qga"
 
 
 def points(lab_env: LabEnv, name: str) -> list[dict[str, Any]]:
@@ -253,19 +255,32 @@ def test_a_failed_freeze_cuts_a_crash_consistent_point(lab_env: LabEnv, storage:
         remove_vm(lab_env, name)
 
 
-def test_stop_goes_through_the_agent_when_acpi_is_ignored(lab_env: LabEnv,
-                                                          fs_image: Path) -> None:  # fmt: skip
+def test_the_agent_moves_with_the_vm_and_stops_it_when_acpi_is_ignored(
+    lab_env: LabEnv, fs_image: Path
+) -> None:
     name = "ga-stop"
     make_vm(lab_env, name, fs_image, "ferry.acpi=off")
     try:
         lab_env.wait_console(name, lambda t: "ferry-guest agent up" in t, timeout=180)
         wait_synced(lab_env, name, 2)
+        # A live move: the channel comes along, and the same qemu-ga answers there.
+        lab_env.cli("vm", "move", name, "--to", "host-2", "--json", timeout=400)
+        socket = agent_socket(lab_env, name, host=2)
+
+        async def ping() -> str:
+            async with GuestAgent(socket, vm=name) as agent:
+                await agent.ping()
+                return await agent.freeze_status()
+
+        assert asyncio.run(ping()) == "thawed"
+        now = synced(lab_env.console(name, "host-2"))
+        lab_env.wait_console(name, lambda t: synced(t) >= now + 2, host="host-2")
         started = time.monotonic()
-        result = lab_env.cli.json("vm", "stop", name, "--host", "host-1", "--timeout", "10s")
+        result = lab_env.cli.json("vm", "stop", name, "--host", "host-2", "--timeout", "10s")
         assert result["forced"] is False
         assert result["vm"]["state"] == "off"
         assert time.monotonic() - started < 60
-        text = lab_env.console(name)
+        text = lab_env.console(name, "host-2")
         assert "ferry-guest agent shutdown" in text
         assert "ferry-guest powerdown" not in text  # ACPI was ignored
     finally:
