@@ -18,10 +18,10 @@ import pytest
 
 from ferry.adapters.catalog import Catalog, JobRow, VmRecord
 from ferry.core.migration import IncomingState, Phase, Storage
-from ferry.core.spec import DiskSpec, VmSpec
+from ferry.core.spec import DiskSpec, NicSpec, VmSpec
 from ferry.core.versions import MAX_CONFIG_VERSION
 from ferry.core.vmstate import VmState
-from ferry.errors import AuthError, QemuError, StateError
+from ferry.errors import AuthError, InvalidInputError, QemuError, StateError
 from ferry.host import jobs as jobs_module
 from ferry.host.config import HostConfig
 from ferry.host.jobs import Job, JobRegistry
@@ -31,6 +31,7 @@ from ferry.host.vms.service import VmService
 from ferry.peer import migration as wire
 from ferry.peer.server import PeerServer
 from ferry.testing.migration import IncomingQemu, SourceQemu
+from ferry.testing.netdev import FakeLinks
 from ferry.testing.peers import MemoryNetwork, host_cert
 from ferry.testing.qmp import FakeQmp
 
@@ -501,3 +502,56 @@ def _row_of(job: Job, phase: Phase) -> JobRow:
     detail = dict(job.detail, phase=phase.value)
     return JobRow(job.id, job.kind, job.vm_uuid, job.vm_name, phase.value, json.dumps(detail),
                   job.created, job.updated)  # fmt: skip
+
+
+# -- networks ---------------------------------------------------------------------------
+
+MAC = "02:00:00:00:0a:01"
+
+
+def _with_nic(lab: Lab, network: str = "lab") -> None:
+    record = lab.one.vm("roamer")
+    assert record is not None
+    lab.one.catalog.update_spec(record.spec.model_copy(update={
+        "nics": (NicSpec(network=network, mac=MAC),)}))  # fmt: skip
+
+
+def test_a_move_to_a_host_without_the_network_is_refused_before_any_job(lab: Lab) -> None:
+    lab.boot()
+    _with_nic(lab)
+    with pytest.raises(InvalidInputError) as refused:
+        asyncio.run(lab.one.migrations.preflight("roamer", to="host-2", to_url="https://host-2",
+                                                 network_map={}))  # fmt: skip
+    assert str(refused.value).startswith("host 'host-2' has no network 'lab', which VM 'roamer'")
+    # Only the question crossed; no job, no trace on either host.
+    assert [p for _, _, _, p in lab.network.calls] == ["/v1/peer/migrations/check"]
+    assert lab.one.jobs.all() == [] and lab.two.jobs.all() == []
+    assert lab.two.vm("roamer") is None
+
+
+def test_a_mapped_move_arrives_on_the_destinations_network_and_announces(lab: Lab) -> None:
+    links = FakeLinks()
+    links.add_bridge("br-prod")
+    lab.two.vms.networks.links = links
+    asyncio.run(lab.two.vms.networks.add("prod", "br-prod"))
+    lab.boot()
+    _with_nic(lab)
+
+    async def go() -> Job:
+        await lab.one.migrations.preflight("roamer", to="host-2", to_url="https://host-2",
+                                           network_map={"lab": "prod"})  # fmt: skip
+        job = lab.one.migrations.start_move("roamer", to="host-2", to_url="https://host-2",
+                                            storage=Storage.COPY, max_bandwidth=None,
+                                            downtime_limit_ms=None,
+                                            network_map={"lab": "prod"})  # fmt: skip
+        return await ended(job)
+
+    job = asyncio.run(go())
+    assert job.state == Phase.DONE, job.detail["error"]
+    arrived = lab.two.vm("roamer")
+    assert arrived is not None and arrived.spec.nics == (NicSpec(network="prod", mac=MAC),)
+    # After its cont, the destination asked QEMU to announce the NIC's MAC.
+    incoming = lab.two.vms.incoming
+    assert incoming is not None
+    commands = incoming.qmp.commands()
+    assert commands[-2:] == ["cont", "announce-self"]
