@@ -145,15 +145,20 @@ def test_taps_attach_move_into_the_namespace_and_leftovers_go(
     links.delete(prod_tap)
     assert asyncio.run(nets.slot_of(spec)) == 1
 
-    # Agent start: taps of this host that no running QEMU owns go, others stay.
+    # Agent start: taps of this host's prefix that nothing holds go; taps of
+    # another prefix, and taps a live process holds (another host's with the
+    # same key, or a QEMU not known here), stay.
     stray = tap_prefix(nets.key) + "deadbeef0"
-    links.add_tap(stray)
-    links.add_tap("ft0000deadbeef0")  # another host's (another data dir's key)
-    links.add_tap(tap_prefix(nets.key) + "cafecafe0", NS)
+    held = tap_prefix(nets.key) + "0123abcd0"
+    links.add_tap(stray, persistent=True)
+    links.add_tap(held)
+    links.add_tap("ft0000deadbeef0", persistent=True)
+    links.add_tap(tap_prefix(nets.key) + "cafecafe0", NS, persistent=True)
     gone = asyncio.run(nets.cleanup([spec]))
     assert sorted(gone) == sorted([stray, tap_prefix(nets.key) + "cafecafe0"])
-    assert links.names() == sorted(["br0", fresh[1], "ft0000deadbeef0"])
+    assert links.names() == sorted(["br0", fresh[1], held, "ft0000deadbeef0"])
     assert links.names(NS) == ["br-lab", fresh[0]]
+    links.delete(held)
 
     # The QEMU ended: whatever of its taps is left goes, in every namespace and slot.
     asyncio.run(nets.remove_taps(spec))

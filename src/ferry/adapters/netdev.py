@@ -45,6 +45,9 @@ class Link:
     kind: str | None  # "bridge", "tun", "veth", ... (None: a plain device)
     master: str | None
     up: bool
+    # A tap made to outlive its opener (ip tuntap add); QEMU's taps are not,
+    # so one that is not persistent is held open by a live process.
+    persistent: bool = False
 
 
 def netns_exists(name: str) -> bool:
@@ -65,6 +68,7 @@ def links(netns: str | None = None) -> list[Link]:
                 kind=info.get("info_kind"),
                 master=item.get("master"),
                 up="UP" in item.get("flags", []),
+                persistent=bool((info.get("info_data") or {}).get("persist")),
             )
         )
     return found
@@ -115,10 +119,16 @@ def delete(name: str, netns: str | None = None) -> bool:
 def delete_matching(
     prefix: str, netns: str | None = None, keep: frozenset[str] = frozenset()
 ) -> list[str]:
-    """Remove every link whose name starts with ``prefix``, except ``keep``."""
+    """Remove every link whose name starts with ``prefix``, except ``keep`` and taps
+    a live process holds open (a QEMU's: another host's with the same key, or one
+    not known here), which the kernel removes when that process ends."""
     gone = []
     for found in links(netns):
-        if found.name.startswith(prefix) and found.name not in keep and delete(found.name, netns):
+        if not found.name.startswith(prefix) or found.name in keep:
+            continue
+        if found.kind == "tun" and not found.persistent:
+            continue
+        if delete(found.name, netns):
             gone.append(found.name)
     return gone
 

@@ -29,9 +29,11 @@ class FakeLinks:
     def add_bridge(self, name: str, netns: Space = None) -> None:
         self.spaces[netns][name] = Link(name=name, kind="bridge", master=None, up=True)
 
-    def add_tap(self, name: str, netns: Space = None) -> None:
-        """A tap as QEMU makes it: in the root namespace, on no bridge, down."""
-        self.spaces[netns][name] = Link(name=name, kind="tun", master=None, up=False)
+    def add_tap(self, name: str, netns: Space = None, *, persistent: bool = False) -> None:
+        """A tap as QEMU makes it (held open, in the root namespace, on no bridge, down),
+        or ``persistent`` as ``ip tuntap add`` makes one that nothing holds."""
+        self.spaces[netns][name] = Link(name=name, kind="tun", master=None, up=False,
+                                        persistent=persistent)  # fmt: skip
 
     def names(self, netns: Space = None) -> list[str]:
         return sorted(self.spaces.get(netns, {}))
@@ -68,7 +70,9 @@ class FakeLinks:
     def delete_matching(
         self, prefix: str, netns: Space = None, keep: frozenset[str] = frozenset()
     ) -> list[str]:
-        gone = [n for n in self.names(netns) if n.startswith(prefix) and n not in keep]
+        gone = [n for n, link in sorted(self.spaces.get(netns, {}).items())
+                if n.startswith(prefix) and n not in keep
+                and (link.kind != "tun" or link.persistent)]  # fmt: skip
         for name in gone:
             self.delete(name, netns)
         return gone
