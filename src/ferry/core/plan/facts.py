@@ -100,7 +100,7 @@ def vm_facts(
         cpu_model=view.get("cpu_model") or (usage.cpu_model if usage else None),
         networks=networks, replication=_replication(host, view.get("replication")),
         dirty_rate_bps=rate.dirty_rate_bps if rate else None,
-        dirty_rate_note=(rate.note if rate else "not measured"),
+        dirty_rate_note=rate.note if rate else f"not measured: the VM is {view['state']}",
     )  # fmt: skip
 
 
