@@ -33,12 +33,13 @@ from ferry.core.adopt.libvirt import parse_domain
 from ferry.core.adopt.plan import AdoptedDisk, AdoptionPlan
 from ferry.core.adopt.safe_xml import MAX_DOCUMENT
 from ferry.core.cpu_models import check_model_name, cpu_refusal, default_model
+from ferry.core.firmware import INSTALL_HINT, UefiFirmware
 from ferry.core.network import NicOption, check_network_map, network_refusal
 from ferry.core.spec import DiskSpec, NicSpec, VmSpec, check_name, check_resources
-from ferry.errors import ConflictError, InvalidInputError
+from ferry.errors import ConflictError, InvalidInputError, NotFoundError
 from ferry.host.appliance import Appliance, ApplianceDisk, open_appliance
 from ferry.host.jobs import Job, JobRegistry
-from ferry.host.vms.files import allowed_file
+from ferry.host.vms.files import allowed_file, make_vars_store
 from ferry.host.vms.service import VmService
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class _Checked:
     disks: tuple[ApplianceDisk, ...]
     appliance: Appliance | None
     notes: tuple[str, ...]
+    uefi: UefiFirmware | None = None
 
 
 class AdoptionService:
@@ -146,8 +148,10 @@ class AdoptionService:
             append=plan.append,
         )
         spec = spec.model_copy(update={"nics": await self._nics(plan, spec, network_map, notes)})
-        spec = self._firmware(plan, spec, notes)
-        return _Checked(plan=plan, spec=spec, disks=disks, appliance=appliance, notes=tuple(notes))
+        uefi = self._firmware(plan)
+        spec = spec.model_copy(update={"firmware": plan.firmware})
+        return _Checked(plan=plan, spec=spec, disks=disks, appliance=appliance,
+                        notes=tuple(notes), uefi=uefi)  # fmt: skip
 
     def _domain_disk(self, disk: AdoptedDisk) -> ApplianceDisk:
         assert disk.source is not None
@@ -221,10 +225,15 @@ class AdoptionService:
             )
         return await networks.new_nics(options)
 
-    def _firmware(self, plan: AdoptionPlan, spec: VmSpec, notes: list[str]) -> VmSpec:
-        if plan.firmware == "uefi":
-            notes.append("UEFI firmware is not carried over yet; the VM boots through the BIOS")
-        return spec
+    def _firmware(self, plan: AdoptionPlan) -> UefiFirmware | None:
+        """This host's OVMF for a UEFI source (refused without one); None for BIOS."""
+        if plan.firmware != "uefi":
+            return None
+        uefi = self.vms.processes.uefi()
+        if uefi is None:
+            raise NotFoundError(f"{plan.name!r} boots through UEFI but host {self.config.name!r} "
+                                f"has no UEFI firmware (OVMF): {INSTALL_HINT}")  # fmt: skip
+        return uefi
 
     # == the job ==============================================================
 
@@ -260,6 +269,11 @@ class AdoptionService:
             for index, (item, src) in enumerate(zip(checked.disks, sources, strict=True)):
                 target = vm_dir / f"disk{index}.qcow2"
                 disks.append(await self._disk(item, src, target, count))
+            update: dict[str, Any] = {"boot_disk": plan.boot_disk}
+            if checked.uefi is not None:  # a fresh variable store after the guest's disks
+                update["vars_disk"] = len(disks)
+                target = vm_dir / f"disk{len(disks)}.qcow2"
+                disks.append(await make_vars_store(self.config, checked.uefi, target, direct=False))
             boot: dict[str, str | None] = {"kernel": None, "initrd": None}
             for key in ("kernel", "initrd"):
                 file = getattr(plan, key)
@@ -267,9 +281,7 @@ class AdoptionService:
                     await asyncio.to_thread(shutil.copyfile, file, vm_dir / key)
                     boot[key] = str(vm_dir / key)
             await asyncio.to_thread(shutil.rmtree, staging)
-            spec = spec.model_copy(
-                update={"disks": tuple(disks), "boot_disk": plan.boot_disk, **boot}
-            )
+            spec = spec.model_copy(update={"disks": tuple(disks), **update, **boot})
             self.vms.catalog.add_vm(spec)
         except BaseException:
             if self.vms.catalog.find(spec.uuid) is not None:
@@ -287,7 +299,7 @@ class AdoptionService:
             "vm": spec.name,
             "uuid": spec.uuid,
             "origin": plan.origin,
-            "disks": len(disks),
+            "disks": len(disks) - (checked.uefi is not None),
             "nics": [n.model_dump() for n in spec.nics],
             "cpu_model": spec.cpu_model,
             "firmware": plan.firmware,
