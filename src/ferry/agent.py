@@ -145,7 +145,8 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         exchange.recover()
         adoption = AdoptionService(vms, jobs)  # vm import --libvirt / --ovf
         adoption.recover()
-        store = ReplicaStore(config, catalog, ReplicaServer(catalog, host=config.name))
+        store = ReplicaStore(config, catalog, ReplicaServer(catalog, host=config.name),
+                             cpu=vms.cpu)  # fmt: skip
         await store.recover()
         replication = ReplicationService(vms, jobs, store, peers)
         migrations.observer = replication
@@ -207,8 +208,7 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         )
         await failover.recover()
         mover = ReplicaMover(store, replication.cycles.sender, failover, url, peers)
-        ReplicationEndpoints(store, mover=mover, adopt=replication.adopt,
-                             cpu=vms.cpu).register(peer_server)  # fmt: skip
+        ReplicationEndpoints(store, mover=mover, adopt=replication.adopt).register(peer_server)
         app = api.app()
         app.add_routes(ClusterRoutes(clusters, cluster_volumes).routes())
         app.add_routes(InventoryRoutes(inventory).routes())

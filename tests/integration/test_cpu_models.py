@@ -1,5 +1,6 @@
 """CPU models on real agents and QEMU: a named model boots under TCG and moves, and a
-host that cannot run a VM's model refuses its move, failovers and import, changing nothing.
+host that cannot run a VM's model refuses its move, replica, failovers and import,
+changing nothing.
 
 TCG runs every model it has all the features of; two ways make a host unable to
 run one: QEMU's own ``unavailable-features`` under TCG (Haswell-v4 lacks pcid,
@@ -134,7 +135,16 @@ def test_a_host_that_does_not_offer_the_model_refuses_move_and_failovers(
     assert after["host"] == "host-1" and after["state"] == "running"
     assert after["pid"] == vm["pid"] and qemu_pids_for(vm["uuid"]) == [vm["pid"]]
 
-    cli("replication", "enable", "westy", "--replica", "host-2", "--frequency", "30s")
+    # Nor may host-2 become a replica it could never fail over to.
+    enable = ("replication", "enable", "westy", "--replica", "host-2", "--frequency", "30s")
+    assert refusal in cli.fails(*enable)
+    assert env.vm("westy")["replication"] is None and vm_dirs(env, 2) == dirs
+    assert "westy" not in names(env, "host-2")
+
+    # A replica made while host-2 still offered the model; then host-2 stops offering it.
+    env.restart_agent(2, cpu_models=[])
+    cli(*enable)
+    env.restart_agent(2, cpu_models=["max"])
     try:
         assert env.vm("westy", "host-2")["state"] == "replica"
         replica_dirs = vm_dirs(env, 2)

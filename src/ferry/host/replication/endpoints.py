@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 
 from ferry import __version__
 from ferry.adapters.pki import CertInfo, Role
-from ferry.core.cpu_models import CpuFacts
 from ferry.core.replica_server import Admission
 from ferry.errors import AuthError, InvalidInputError
 from ferry.host.replication.receiver import ReplicaStore
@@ -61,11 +60,9 @@ class ReplicationEndpoints:
 
     def __init__(self, store: ReplicaStore, *, mover: ReplicaMover,
                  adopt: Callable[[CertInfo, Takeover], Awaitable[PrimaryStatus]],
-                 cpu: CpuFacts | None = None) -> None:  # fmt: skip
-        """``adopt``: the primary side's takeover (``ReplicationService.adopt``);
-        ``cpu``: the CPU models this host runs, told in ``hello``."""
+                 ) -> None:  # fmt: skip
+        """``adopt``: the primary side's takeover (``ReplicationService.adopt``)."""
         self.store = store
-        self.cpu = cpu or CpuFacts(host=store.config.name)
         self.mover = mover
         self.adopt = adopt
         self.config = store.config
@@ -96,7 +93,8 @@ class ReplicationEndpoints:
         return Hello(name=self.config.name, version=__version__,
                      functional_level=self.config.functional_level, caller=caller.common_name,
                      caller_role=caller.role.value if caller.role else "none",
-                     cpu_models=self.cpu.models)  # fmt: skip
+                     cpu_models=self.store.cpu.models,
+                     networks=tuple(sorted(self.store.networks().all())))  # fmt: skip
 
     async def admission(self, call: Call[NoBody]) -> Admission:
         if call.caller.role is not Role.HOST:

@@ -31,6 +31,7 @@ from ferry.adapters.catalog import Catalog, VmRecord
 from ferry.adapters.durable import fsync_file
 from ferry.adapters.pki import CertInfo, Role
 from ferry.adapters.point_transfer import PointReceiver, receive_point
+from ferry.core.cpu_models import CpuFacts, check_cpu
 from ferry.core.network import apply_network_map, check_network_map, check_networks
 from ferry.core.relationship import InitialMethod, Relationship
 from ferry.core.relationship import Role as RelRole
@@ -91,9 +92,12 @@ def caller_of(cert: CertInfo) -> Caller:
 class ReplicaStore:
     """This host's replica VMs and their recovery point chains."""
 
-    def __init__(self, config: HostConfig, catalog: Catalog, server: ReplicaServer) -> None:
+    def __init__(self, config: HostConfig, catalog: Catalog, server: ReplicaServer,
+                 cpu: CpuFacts | None = None) -> None:  # fmt: skip
         self.config = config
         self.catalog = catalog
+        # The CPU models this host runs: a replica it could never fail over is refused.
+        self.cpu = cpu or CpuFacts(host=config.name)
         self.states = VmStates(catalog)  # the replica VMs' states change only through it
         self.server = server
         self.chain = RecoveryPointChain(catalog)
@@ -206,6 +210,7 @@ class ReplicaStore:
                               vm=spec.name)  # fmt: skip
         check_host_runs(spec.config_version, self.config.functional_level,
                         host=self.config.name, vm=spec.name)  # fmt: skip
+        check_cpu(spec.cpu_model, self.cpu, vm=spec.name)
         network_map = check_network_map(offer.network_map)
         spec = self.mapped_spec(spec, network_map)
         async with self._locks[spec.uuid]:
@@ -257,10 +262,13 @@ class ReplicaStore:
         The replica VM's spec has the map applied, so failovers start it on
         the right networks; a network this host lacks refuses the offer.
         """
-        check_networks(spec, host=self.config.name,
-                       host_networks=HostNetworks(self.config, self.catalog).all(),
+        check_networks(spec, host=self.config.name, host_networks=self.networks().all(),
                        network_map=network_map)  # fmt: skip
         return apply_network_map(spec, network_map)
+
+    def networks(self) -> HostNetworks:
+        """This host's networks (names only are read here: no link is touched)."""
+        return HostNetworks(self.config, self.catalog)
 
     async def _adopt(self, record: VmRecord, spec: VmSpec, storage: Path) -> None:
         """``--initial existing``: the VM already here becomes the chain's base."""
