@@ -61,6 +61,8 @@ class Hello(_Model):
     caller_role: str
     # The CPU models this host runs (core/cpu_models.py); empty from an older host.
     cpu_models: tuple[CpuModel, ...] = ()
+    # The names of this host's networks (a planned failover checks them first).
+    networks: tuple[str, ...] = ()
 
 
 class Offer(_Model):

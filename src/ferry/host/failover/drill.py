@@ -25,7 +25,6 @@ from ferry.core.vmstate import VmState
 from ferry.errors import ConflictError
 from ferry.host.failover.steps import TEST_PREFIX, FailoverSteps
 from ferry.host.jobs import Job
-from ferry.host.networks import HostNetworks
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +36,14 @@ class FailoverDrill:
     async def check_test_network(self, test_network: str | None) -> None:
         """Refuse a test network this host lacks, or whose bridge is gone (before a job)."""
         if test_network is not None:
-            networks = HostNetworks(self.steps.config, self.steps.catalog)
+            networks = self.steps.store.networks()
             await networks.require_bridge(networks.get(test_network))
 
     def _test_nics(self, spec: VmSpec, test_network: str | None) -> tuple[NicSpec, ...]:
         if test_network is None:
             return ()
         on_test = [nic.model_copy(update={"network": test_network}) for nic in spec.nics]
-        return HostNetworks(self.steps.config, self.steps.catalog).renew_macs(on_test)
+        return self.steps.store.networks().renew_macs(on_test)
 
     async def test(self, name: str, point_id: int | None, job: Job | None = None, *,
                    test_network: str | None = None) -> dict[str, Any]:  # fmt: skip

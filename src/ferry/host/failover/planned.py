@@ -23,6 +23,7 @@ from ferry.adapters.catalog import VmRecord
 from ferry.core import replication as rules
 from ferry.core.cpu_models import CpuFacts, check_cpu
 from ferry.core.failover import Phase
+from ferry.core.network import check_networks
 from ferry.core.relationship import Relationship
 from ferry.core.replication import ReplicationState, check_partner
 from ferry.core.vmstate import VmOp, VmState
@@ -75,6 +76,10 @@ class PlannedFailover:
         # The replica host must run the VM's CPU model (it says which in hello).
         check_cpu(record.spec.cpu_model, CpuFacts(host=rel.replica, models=hello.cpu_models),
                   vm=name)  # fmt: skip
+        # ... and have the networks its NICs go to there (the relationship's
+        # map), before the VM is shut down here.
+        check_networks(record.spec, host=rel.replica, host_networks=hello.networks,
+                       network_map=rel.network_map)  # fmt: skip
         s.phase(job, Phase.SHUTTING_DOWN)
         record = s.vms.get(name)
         running = record.state in (VmState.RUNNING, VmState.PAUSED)

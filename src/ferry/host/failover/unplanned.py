@@ -22,7 +22,6 @@ from ferry.core.vmstate import VmOp, VmState
 from ferry.host.failover.split_brain import SplitBrainGuard
 from ferry.host.failover.steps import RUN_PREFIX, FailoverSteps
 from ferry.host.jobs import Job
-from ferry.host.networks import HostNetworks
 from ferry.host.replication.receiver import disk_file
 
 log = logging.getLogger(__name__)
@@ -41,7 +40,7 @@ class Failover:
         check_cpu(record.spec.cpu_model, s.vms.cpu, vm=name)
         # Its NICs (same MACs) join the networks the relationship's map named
         # when the replica was made or set; they and their bridges must be here.
-        await HostNetworks(s.config, s.catalog).check_runnable(record.spec)
+        await s.store.networks().check_runnable(record.spec)
         s.phase(job, Phase.CHECKING_PRIMARY)
         if not (force or planned):
             await self.guard.check(rel)
