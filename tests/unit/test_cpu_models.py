@@ -119,3 +119,13 @@ def test_a_model_name_is_never_options(bad: str) -> None:
     with pytest.raises(InvalidInputError, match="invalid CPU model"):
         check_model_name(bad)
     assert check_model_name("Skylake-Server-noTSX-IBRS") == "Skylake-Server-noTSX-IBRS"
+
+
+def test_a_stored_spec_never_holds_options_as_its_model() -> None:
+    from pydantic import ValidationError
+
+    from ferry.core.spec import VmSpec
+
+    VmSpec(name="ok", config_version=3, memory=1 << 27, cpu_model="Westmere-v1")
+    with pytest.raises(ValidationError):
+        VmSpec(name="peer", config_version=3, memory=1 << 27, cpu_model="max,+avx512f")

@@ -33,7 +33,10 @@ KVM_DEFAULT = "Westmere-v1"
 TCG_DEFAULT = "max"
 # Models that mean "whatever this host has": QEMU's enforce means nothing there.
 HOST_DEPENDENT = frozenset({"max", "host"})
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# A model name as QEMU spells them: letters, digits, '.', '_', '-'; never a comma
+# (that would add options such as features). Stored specs and folders obey it too.
+MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_NAME_RE = re.compile(MODEL_PATTERN)
 _SHOWN_FEATURES = 12  # a refusal line names this many missing features at most
 
 

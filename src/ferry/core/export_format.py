@@ -29,6 +29,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ferry.core.cpu_models import MODEL_PATTERN
 from ferry.core.firmware import check_vars_disk
 from ferry.core.network import MAC_RE, MAX_NICS, NETWORK_NAME_RE
 from ferry.core.spec import NAME_RE
@@ -102,7 +103,7 @@ class ExportedVm(BaseModel):
     replication: dict[str, object] | None = None
     display: Literal["none", "vnc"] = "none"  # absent in folders made before it
     # A QEMU CPU model name; null (and absent in older folders): the legacy "max".
-    cpu_model: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    cpu_model: str | None = Field(default=None, pattern=MODEL_PATTERN)
     # The VM's NICs with their MACs (absent in older folders: none).
     nics: list[ExportedNic] = Field(default_factory=list, max_length=MAX_NICS)
     # Firmware (absent in older folders: BIOS, booting the first disk).

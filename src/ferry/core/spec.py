@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ferry.core.cpu_models import cpu_argument
+from ferry.core.cpu_models import MODEL_PATTERN, cpu_argument
 from ferry.core.firmware import CODE_NODE, INSTALL_HINT, guest_disk_indexes, uefi_code_argv
 from ferry.core.guest_agent import CHANNEL_NAME
 from ferry.core.network import nic_device, tap_name
@@ -72,7 +72,7 @@ class VmSpec(BaseModel):
     display: Literal["none", "vnc"] = "none"
     # A QEMU CPU model name (core/cpu_models.py); None: the legacy "max" of
     # catalogs made before the field.
-    cpu_model: str | None = None
+    cpu_model: str | None = Field(default=None, pattern=MODEL_PATTERN)
     # A virtio-serial port org.qemu.guest_agent.0 on a unix socket in the
     # host's runtime dir, for qemu-guest-agent in the guest (freeze, shutdown).
     guest_agent: bool = False
