@@ -81,7 +81,7 @@ def test_export_import_is_downtime_for_a_running_vm_and_none_for_an_off_one() ->
     on = export_import(work(disk_bytes=100 * M), CAL)
     assert on.downtime_s == on.total_s == pytest.approx(2.0 + 2 * 1.0 + 1.0 + 1.0, abs=2e-3)
     off = export_import(work(disk_bytes=100 * M, running=False), CAL)
-    assert off.downtime_s == 0 and off.total_s == pytest.approx(4.0, abs=2e-3)
+    assert off.downtime_s == 0 and off.total_s == pytest.approx(3.0, abs=2e-3)
 
 
 def test_the_other_options() -> None:

@@ -151,5 +151,5 @@ def test_improvement_effects() -> None:
 
 def test_reason_speaks_the_reference() -> None:
     text = reason(D.CLUSTER_SHARED_VOLUMES, O.EXPORT_IMPORT)
-    assert text.startswith("cluster with shared volumes (CSV): export import yes")
+    assert text.startswith("cluster with shared volumes (CSV): export/import yes")
     assert "VM is off during export/import" in text

@@ -111,8 +111,9 @@ def export_import(w: Workload, cal: Calibration = DEFAULT) -> Estimate:
     """Off for all of it: stop, export, carry the files over the link, import, start."""
     disk = w.disk_bytes
     work = 2 * disk / cal.local_disk_bps + disk / stream_bps(w, cal)
-    stop = cal.stop_s if w.running else 0.0
-    total = stop + work + cal.start_s
+    # A running VM is stopped first and started again where it landed.
+    stop = cal.stop_s + cal.start_s if w.running else 0.0
+    total = stop + work
     return Estimate(round(total, 3), round(total if w.running else 0.0, 3), disk_s=round(work, 3))
 
 

@@ -253,10 +253,19 @@ PREFERENCE: dict[bool, tuple[Option, ...]] = {
 MUST_RUN_ACCEPTS = frozenset({Downtime.NONE})
 
 
+# The options as the reference names them.
+TITLES: dict[Option, str] = {
+    Option.IN_PLACE: "in-place upgrade",
+    Option.EXPORT_IMPORT: "export/import",
+    Option.LIVE_MIGRATION: "live migration",
+    Option.COPY_CLUSTER_ROLES: "Copy Cluster Roles",
+}
+
+
 def reason(deployment: Deployment, option: Option) -> str:
     """Why ``option`` fits a VM of ``deployment``, in the reference's terms."""
     fit, traits, better = effective(deployment, option)
-    words = f"{deployment}: {option.value.replace('-', ' ')} {fit.text()}"
+    words = f"{deployment}: {TITLES[option]} {fit.text()}"
     words += f" ({traits.gives[0]}; {traits.costs[0]})"
     if better is not None:
         words += f"; ferry improvement: {better.title}"
