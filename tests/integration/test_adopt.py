@@ -90,7 +90,7 @@ LOADER = "<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</
 
 def domain_xml(seed: Seed, name: str, **changes: str) -> Path:
     """The sample virsh dumpxml, made bootable here: UEFI (OVMF) with the test guest's
-    kernel, the seed's disk as vda (qcow2), a fresh raw disk on SATA, host-model CPU."""
+    kernel, the seed's disk as vda (qcow2), a fresh raw disk on SATA, CPU model qemu64."""
     kernel, initrd = seed.images / "vmlinuz", seed.images / "initrd.img"
     if not kernel.exists():
         shutil.copyfile(seed.guest.kernel, kernel)
@@ -108,7 +108,7 @@ def domain_xml(seed: Seed, name: str, **changes: str) -> Path:
         "<vcpu placement='static'>2</vcpu>": "<vcpu placement='static'>1</vcpu>",
         LOADER: f"{LOADER}<kernel>{kernel}</kernel><initrd>{initrd}</initrd>"
         f"<cmdline>{seed.guest.append}</cmdline>",
-        "<cpu mode='custom' match='exact' check='partial'>": "<cpu mode='host-model'>",
+        "Skylake-Client-IBRS": "qemu64",
         **changes,
     }
     for old, new in replacements.items():
@@ -146,7 +146,7 @@ def test_a_libvirt_domain_is_adopted_and_boots(seed: Seed) -> None:
         "cdrom sdb",
         "bus sata becomes a virtio disk",
         "SPICE",
-        "CPU mode host-model",
+        "CPU feature changes (md-clear)",
         "sound",
         "rng",
         "redirdev",
@@ -155,7 +155,7 @@ def test_a_libvirt_domain_is_adopted_and_boots(seed: Seed) -> None:
         assert expected in notes, expected
     assert (result["firmware"], result["disks"]) == ("uefi", 2)
     vm = env.vm("web01")
-    assert vm["firmware"] == "uefi"
+    assert (vm["firmware"], vm["cpu_model"]) == ("uefi", "qemu64")
     assert (vm["memory"], vm["cpus"]) == (192 * 1024**2, 1)
     assert [(n["network"], n["mac"], n["model"]) for n in vm["nics"]] == [
         ("lab", "52:54:00:6b:3c:58", "virtio"),
@@ -351,13 +351,18 @@ def test_each_hostile_or_broken_file_is_refused_and_nothing_is_registered(seed: 
         assert registered(env) == before, f"{args}: something was left"
         return line
 
+    good = domain_xml(seed, "typo")
+    assert "not both" in refused("--libvirt", str(good), "--ovf", str(good))
+    assert "--mode applies to export folders" in refused("--libvirt", str(good), "--mode",
+                                                         "register")  # fmt: skip
+    line = refused("--libvirt", str(good), *DOMAIN_MAP, "--network-map", "nothere=lab")
+    assert "names network 'nothere', which VM 'typo' does not use" in line
     for name, document in (("entity", EXTERNAL_ENTITY), ("laughs", BILLION_LAUGHS)):
         (images / f"{name}.xml").write_bytes(document)
         assert "DTD or entities" in refused("--libvirt", str(images / f"{name}.xml"))
     source = "<source file='" + str(images / "outside-data.img")
     outside = domain_xml(seed, "outside", **{source: "<source file='/etc/hostname"})
     assert "outside the allowed image dirs" in refused("--libvirt", str(outside), *DOMAIN_MAP)
-    good = domain_xml(seed, "typo")
     assert "has no network 'nowhere'" in refused(
         "--libvirt",
         str(good),
