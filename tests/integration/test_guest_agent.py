@@ -80,6 +80,7 @@ def remove_vm(lab_env: LabEnv, name: str) -> None:
     lab_env.cli("replication", "remove", name, "--host", "host-1", check=False)
     lab_env.cli("vm", "delete", name, "--force", "--host", "host-1", check=False)
     lab_env.cli("vm", "delete", name, "--force", "--host", "host-2", check=False)
+    lab_env.cli("vm", "delete", name, "--force", "--host", "host-3", check=False)
 
 
 def synced(text: str) -> int:
@@ -227,6 +228,19 @@ def test_app_consistent_points_hold_every_synced_file(lab_env: LabEnv, app_vm: s
     # The table view says the same.
     table = lab_env.cli("replication", "points", name).stdout
     assert "app" in table and "crash" in table
+
+
+def test_a_replica_move_keeps_which_points_are_app_consistent(lab_env: LabEnv, app_vm: str,
+                                                              tmp_path: Path) -> None:  # fmt: skip
+    before = [(p["id"], p["app_consistent"]) for p in points(lab_env, app_vm)]
+    assert any(frozen for _, frozen in before) and not all(frozen for _, frozen in before)
+    lab_env.cli("lab", "up", "--hosts", "3", "--no-guest")
+    lab_env.cli("replica-server", "enable", "--host", "host-3", "--storage",
+                str(tmp_path / "replicas3"), "--allow", "host-1", "--allow", "host-2")  # fmt: skip
+    lab_env.cli("replication", "set", app_vm, "--replica", "host-3", timeout=400)
+    after = [(p["id"], p["app_consistent"]) for p in points(lab_env, app_vm)]
+    assert lab_env.cli.json("replication", "status", app_vm)["replica"] == "host-3"
+    assert after[: len(before)] == before
 
 
 def test_a_failed_freeze_cuts_a_crash_consistent_point(lab_env: LabEnv, storage: Path,

@@ -256,9 +256,11 @@ class ExtensionService:
                     point, files = cut
                     if job is not None:
                         self.jobs.update(job, phase="sending")
+                    # The point reads as the replica's point of that id: its flag holds.
+                    frozen = point.id in self.store.relationship(ext.vm_uuid).app_consistent_points
                     reply, sent = await self.cycles.sender.send(
-                        peer, ext.vm_uuid, point.id, point.time, files, compress=True, job=job
-                    )
+                        peer, ext.vm_uuid, point.id, point.time, files, compress=True,
+                        job=job, app_consistent=frozen)  # fmt: skip
                     if job is not None:
                         self.jobs.update(job, "done", phase="done", result="ok", bytes_sent=sent)
                 self._confirmed(self.catalog.extension(ext.vm_uuid) or ext, reply.latest_point)

@@ -86,8 +86,10 @@ class ReplicaMover:
                 for point in chain:
                     files = [disk_file(storage, point.file, i)
                              for i in range(len(record.spec.disks))]  # fmt: skip
+                    frozen = point.id in rel.app_consistent_points
                     _, wire = await self.sender.send(peer, vm_uuid, point.id, point.time, files,
-                                                     compress=True)  # fmt: skip
+                                                     compress=True,
+                                                     app_consistent=frozen)  # fmt: skip
                     sent += wire
                 # From now on only the primary may send to the new replica host.
                 primary = ReplicaChanges(primary=rel.primary, thumbprint=rel.thumbprint,
