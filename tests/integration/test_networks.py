@@ -115,6 +115,9 @@ def test_lab_up_makes_network_lab_on_every_host(env: LabEnv) -> None:
     facts = env.cli.json("host", "show", "host-1")
     assert [(n["name"], n["exists"]) for n in facts["networks"]] == [("lab", True)]
     assert "network: lab -> bridge" in env.cli("host", "show", "host-1").stdout
+    status = env.cli.json("lab", "status", "--dir", str(env.lab.root))
+    assert status["network"] == {"name": "lab", "netns": env.lab.netns,
+                                 "bridge": env.lab.bridge, "up": True}  # fmt: skip
 
 
 def test_guest_with_a_nic_answers_echo_and_keeps_its_mac(env: LabEnv) -> None:
@@ -320,5 +323,6 @@ def test_lab_down_removes_the_taps_and_the_namespace(env: LabEnv) -> None:
     assert _taps_of(env, uuid) != {}
     env.lab.down()
     assert not netdev.netns_exists(env.lab.netns)
+    assert env.cli.json("lab", "status", "--dir", str(env.lab.root))["network"]["up"] is False
     mark = uuid.replace("-", "")[:8]
     assert [link.name for link in netdev.links() if mark in link.name] == []

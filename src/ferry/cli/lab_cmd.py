@@ -91,14 +91,22 @@ def _print_status(lab: Lab, *, as_json: bool) -> None:
     if lab.etcd.configured:
         etcd_pid = lab.etcd.pid()
         etcd = {"url": lab.etcd.url, "pid": etcd_pid, "running": etcd_pid is not None}
+    from ferry.adapters import netdev
+    from ferry.lab import LAB_NETWORK
+
+    network = {"name": LAB_NETWORK, "netns": lab.netns, "bridge": lab.bridge,
+               "up": netdev.netns_exists(lab.netns)}  # fmt: skip
     if as_json:
-        print_json({"dir": str(lab.root), "hosts": rows, "etcd": etcd})
+        print_json({"dir": str(lab.root), "hosts": rows, "etcd": etcd, "network": network})
     else:
         print_table(["NAME", "URL", "PID", "RUNNING"],
                     [[r["name"], r["url"], r["pid"], "yes" if r["running"] else "no"]
                      for r in rows]
                     + ([["etcd", etcd["url"], etcd["pid"], "yes" if etcd["running"] else "no"]]
                        if etcd else []))  # fmt: skip
+        if network["up"]:
+            say(f"network {LAB_NETWORK}: bridge {lab.bridge} in namespace {lab.netns} "
+                "('ferry lab exec -- CMD' runs there)")  # fmt: skip
 
 
 @app.command("status")
