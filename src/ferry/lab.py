@@ -66,6 +66,7 @@ AGENT_STOP_TIMEOUT_S = 15.0
 MAX_LAB_HOSTS = 16
 SHARED_VOLUME = "shared"
 LAB_NETWORK = "lab"
+LAB_NETNS_PREFIX = "ferry-lab-"
 CLUSTER_VOLUME = "csv1"
 CLUSTER_CALL_TIMEOUT_S = 60.0
 MIN_LEASE_TTL_S, MAX_LEASE_TTL_S = 2, 300  # as host.toml's cluster_lease_ttl allows
@@ -112,7 +113,7 @@ class Lab:
         self.etcd = EtcdServer(self.root / "etcd", self.ca_dir)
         key = hashlib.sha256(str(self.root).encode()).hexdigest()[:8]
         # The lab network's namespace and bridge, named from the lab dir.
-        self.netns = f"ferry-lab-{key}"
+        self.netns = f"{LAB_NETNS_PREFIX}{key}"
         self.bridge = f"fl{key}"
         # Agents this object started, reaped by down(): in a long-lived process
         # (the test suite) an agent that ended stays a zombie child until then.
@@ -203,8 +204,14 @@ class Lab:
             changed |= self._set_setting(hosts, key, value)
         self._register(hosts)
         progress(f"making the lab network (bridge {self.bridge} in namespace {self.netns})")
+        for orphan in sweep_orphan_networks():
+            progress(f"removed namespace {orphan} of a lab whose dir is gone")
         netdev.add_netns(self.netns)
         netdev.add_bridge(self.bridge, self.netns, f"{LAB_BRIDGE_IP}/{TEST_GUEST_PREFIX}")
+        # The bridge names its lab, so a later sweep can tell an orphan (dir gone);
+        # a dir too long for the alias is not named (never swept: a cut name lies).
+        if len(str(self.root).encode()) <= netdev.MAX_ALIAS:
+            netdev.set_alias(self.bridge, str(self.root), self.netns)
         # etcd first: agents that are cluster nodes reconnect to it as they start.
         if wanted or self.etcd.configured:
             progress(f"starting etcd at {self.etcd.url}")
@@ -397,6 +404,8 @@ class Lab:
         self._agents.clear()
         if netdev.delete_netns(self.netns):
             progress(f"removed the lab network (namespace {self.netns})")
+        for orphan in sweep_orphan_networks():
+            progress(f"removed namespace {orphan} of a lab whose dir is gone")
         # Last: a node's agent stopping may still write to etcd (its leave, its alive key).
         etcd_pid = self.etcd.pid()
         if etcd_pid is not None:
@@ -452,6 +461,25 @@ class Lab:
                 if vm["state"] not in ("off", "crashed"):
                     progress(f"killing VM {vm['name']} on {host.name}")
                     await client.post(f"/v1/vms/{vm['name']}/kill")
+
+
+def sweep_orphan_networks() -> list[str]:
+    """Delete lab network namespaces whose lab dir no longer exists (a lab that
+    was never brought down: its test run died, its tmp dir was removed).
+
+    A lab's bridge carries its lab dir as its alias; a namespace without that
+    mark, or whose dir still exists, is left alone (another lab, perhaps of
+    another user of this machine, still has it).
+    """
+    gone = []
+    for netns in netdev.namespaces(LAB_NETNS_PREFIX):
+        key = netns.removeprefix(LAB_NETNS_PREFIX)
+        with contextlib.suppress(FerryError):
+            root = netdev.alias_of(f"fl{key}", netns)
+            orphan = root is not None and Path(root).is_absolute() and not Path(root).exists()
+            if orphan and netdev.delete_netns(netns):
+                gone.append(netns)
+    return gone
 
 
 def _check_clusters(count: int, clusters: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:

@@ -120,6 +120,28 @@ def test_lab_up_makes_network_lab_on_every_host(env: LabEnv) -> None:
                                  "bridge": env.lab.bridge, "up": True}  # fmt: skip
 
 
+def test_lab_up_sweeps_the_namespace_of_a_lab_whose_dir_is_gone(
+    env: LabEnv, tmp_path: Path
+) -> None:
+    gone_dir, live_dir = tmp_path / "gone-lab", tmp_path / "live-lab"
+    live_dir.mkdir()
+    made = []
+    try:
+        for name, root in (("ferry-lab-0rphan00", gone_dir), ("ferry-lab-11ve0000", live_dir)):
+            netdev.add_netns(name)
+            made.append(name)
+            bridge = "fl" + name.removeprefix("ferry-lab-")
+            netdev.add_bridge(bridge, name)
+            netdev.set_alias(bridge, str(root), name)
+        env.lab.up(2)
+        assert not netdev.netns_exists("ferry-lab-0rphan00")
+        assert netdev.netns_exists("ferry-lab-11ve0000")  # its lab dir is still there
+        assert netdev.netns_exists(env.lab.netns)
+    finally:
+        for name in made:
+            netdev.delete_netns(name)
+
+
 def test_guest_with_a_nic_answers_echo_and_keeps_its_mac(env: LabEnv) -> None:
     env.cli("vm", "create", "echo1", "--host", "host-1", "--guest", "test",
             "--memory", GUEST_MEMORY, "--nic", "lab", "--start")  # fmt: skip

@@ -22,6 +22,7 @@ from pathlib import Path
 from ferry.errors import NetworkError
 
 IP = "ip"
+MAX_ALIAS = 255  # bytes of a link's IFALIAS
 _TIMEOUT_S = 30
 
 
@@ -161,6 +162,30 @@ def add_bridge(name: str, netns: str | None = None, address: str | None = None) 
         }
         if address not in have:
             _ip("addr", "add", address, "dev", name, netns=netns)
+
+
+def set_alias(name: str, alias: str, netns: str | None = None) -> None:
+    """Label link ``name`` (its IFALIAS, up to MAX_ALIAS bytes) so a sweep knows its owner."""
+    _ip("link", "set", name, "alias", alias, netns=netns)
+
+
+def alias_of(name: str, netns: str | None = None) -> str | None:
+    if netns is not None and not netns_exists(netns):
+        return None
+    proc = _ip("-j", "link", "show", "dev", name, netns=netns, check=False)
+    if proc.returncode != 0:
+        return None
+    items = json.loads(proc.stdout or "[]")
+    alias = items[0].get("ifalias") if items else None
+    return str(alias) if alias else None
+
+
+def namespaces(prefix: str) -> list[str]:
+    """The named network namespaces whose names start with ``prefix``."""
+    try:
+        return sorted(p.name for p in Path("/run/netns").iterdir() if p.name.startswith(prefix))
+    except FileNotFoundError:
+        return []
 
 
 def exec_argv(netns: str, argv: list[str]) -> list[str]:
