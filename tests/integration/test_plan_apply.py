@@ -1,0 +1,204 @@
+"""``ferry plan apply`` for real: two lab agents, running test guests moved host-1 -> host-2.
+
+The plan comes from ``ferry plan create``; apply runs as a real process so it
+can be killed (SIGKILL: its job goes on at the agent and the next apply finds
+it again by id) and interrupted (SIGINT: the step's move is cancelled and the
+next apply runs it again); done steps are never redone, and a second apply of
+a finished plan says so. Bad plans (edited, stale, a destination without the
+capacity) are refused with one line and change nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import LabEnv, seqs
+
+pytestmark = pytest.mark.integration
+
+M = 1024**2
+EVENT_TIMEOUT_S = 240.0  # a move under TCG at a load of ~15 takes well under a minute
+
+
+def vm_hosts(env: LabEnv) -> dict[str, tuple[str, str]]:
+    """name -> (host, state) of every VM copy that counts (not replicas)."""
+    return {vm["name"]: (vm["host"], vm["state"]) for vm in env.cli.json("vm", "list")}
+
+
+def moves_of(env: LabEnv, vm: str) -> list[dict[str, Any]]:
+    return [j for j in env.cli.json("job", "list", "--host", "host-1")
+            if j["kind"] == "move" and j["vm"] == vm]  # fmt: skip
+
+
+def plan_create(env: LabEnv, path: Path) -> dict[str, Any]:
+    env.cli("plan", "create", "--from", "host-1", "--to", "host-2", "-o", str(path))
+    doc: dict[str, Any] = json.loads(path.read_text())
+    return doc
+
+
+def state_of(plan: Path) -> dict[str, dict[str, Any]]:
+    doc = json.loads(plan.with_name(plan.name + ".state").read_text())
+    return {step["key"]: step for step in doc["steps"]}
+
+
+def apply_until(env: LabEnv, plan: Path, when: Callable[[dict[str, Any]], bool],
+                sig: signal.Signals) -> tuple[int, list[dict[str, Any]]]:  # fmt: skip
+    """Run ``ferry plan apply PLAN --json`` as a process; send ``sig`` at the first
+    event ``when`` accepts; return its exit status and every event it printed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ferry", "plan", "apply", str(plan), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        env={**os.environ, "FERRY_HOME": str(env.home)},
+    )  # fmt: skip
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    events: list[dict[str, Any]] = []
+    deadline = time.monotonic() + EVENT_TIMEOUT_S
+    try:
+        while True:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            if line is None:
+                stderr = proc.stderr.read() if proc.stderr else ""
+                raise AssertionError(f"apply ended before the event: {events}, {stderr}")
+            events.append(json.loads(line))
+            if when(events[-1]):
+                proc.send_signal(sig)
+                break
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:  # only on a failed test: end what this test started
+            proc.kill()
+            proc.wait()
+    while (line := lines.get(timeout=10)) is not None:
+        events.append(json.loads(line))
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+    return code, events
+
+
+def test_bad_plans_are_refused_with_one_line_and_change_nothing(
+    lab_env: LabEnv, tmp_path: Path
+) -> None:
+    env = lab_env
+    env.cli("vm", "create", "c", "--host", "host-1", "--memory", "64M", "--disk", "16M")
+    stale = tmp_path / "stale.json"
+    plan_create(env, stale)
+    before = vm_hosts(env)
+
+    edited = tmp_path / "edited.json"
+    doc = json.loads(stale.read_text())
+    doc["steps"][0]["estimate_s"] += 1
+    edited.write_text(json.dumps(doc, indent=2))
+    line = env.cli.fails("plan", "apply", str(edited))
+    assert "was edited" in line and "ferry plan create" in line
+    assert vm_hosts(env) == before
+    assert not edited.with_name("edited.json.state").exists()
+
+    # A destination that lost the room for a VM between plan and apply: a VM that
+    # takes most of host-2's memory (no disk, no kernel: SeaBIOS touches little of it).
+    memory = env.cli.json("host", "show", "host-2")["memory"]
+    env.cli("vm", "create", "huge", "--host", "host-1", "--memory", f"{memory * 4 // 10 // M}M")
+    big = tmp_path / "big.json"
+    plan_create(env, big)
+    env.cli("vm", "create", "hog", "--host", "host-2", "--memory", f"{memory * 7 // 10 // M}M",
+            "--start")  # fmt: skip
+    try:
+        line = env.cli.fails("plan", "apply", str(big))
+    finally:
+        env.cli("vm", "delete", "hog", "--force")
+    assert "host-2 lacks the capacity for VM huge" in line and "nothing was changed" in line
+    assert not big.with_name("big.json.state").exists()
+    env.cli("vm", "delete", "huge")
+
+    env.cli("vm", "delete", "c")
+    line = env.cli.fails("plan", "apply", str(stale))
+    assert f"plan {stale} is stale" in line and "VM 'c' is gone" in line
+    assert line.endswith(f"re-plan with ferry plan create --from host-1 --to host-2 -o {stale}")
+    line = env.cli.fails("plan", "apply", str(stale), "--dry-run")
+    assert "is stale" in line
+    assert not stale.with_name("stale.json.state").exists()
+    assert "c" not in vm_hosts(env)
+
+
+def test_plan_apply_moves_the_vms_resumes_after_kill_and_ctrl_c_and_twice_is_done(
+    lab_env: LabEnv, tmp_path: Path
+) -> None:
+    env = lab_env
+    for name in ("a", "b"):
+        env.cli("vm", "create", name, "--host", "host-1", "--guest", "test", "--memory", "256M",
+                "--disk", "32M", "--start")  # fmt: skip
+    for name in ("a", "b"):
+        env.wait_console(name, lambda t: len(seqs(t)) >= 2, timeout=180)
+    plan = tmp_path / "plan.json"
+    doc = plan_create(env, plan)
+    steps = {s["vm"]: s for s in doc["steps"]}
+    assert set(steps) == {"a", "b"}
+    for step in steps.values():
+        assert step["option"] == "live-migration"
+        assert (step["source"], step["destination"]) == ("host-1", "host-2")
+    first, second = sorted(steps.values(), key=lambda s: s["order"])
+    key1, key2 = (f"{s['order']}:{s['vm']}" for s in (first, second))
+
+    dry = env.cli("plan", "apply", str(plan), "--dry-run").stdout
+    assert "apply would run" in dry and first["vm"] in dry and second["vm"] in dry
+    assert not plan.with_name("plan.json.state").exists()
+
+    # 1. Killed while the first step's move runs: the move goes on at the agent.
+    code, _ = apply_until(env, plan, lambda e: e.get("event") == "progress"
+                          and e["step"] == key1, signal.SIGKILL)  # fmt: skip
+    assert code == -signal.SIGKILL
+    record = state_of(plan)[key1]
+    assert record["state"] == "running" and record["job_host"] == "host-1"
+    job1 = record["job_id"]
+
+    # 2. The next apply finds that job again by id, then is interrupted in step two
+    # once its memory moves (a cancel while the destination prepares can race it).
+    def late_in_step_two(event: dict[str, Any]) -> bool:
+        return event.get("event") == "progress" and event["step"] == key2 and \
+            event["phase"] in ("copying-memory", "switching-over")  # fmt: skip
+
+    code, events = apply_until(env, plan, late_in_step_two, signal.SIGINT)
+    assert code == 130
+    ends = [e for e in events if e.get("event") == "step" and e["step"] == key1]
+    assert ends[-1]["state"] == "done" and job1 in ends[-1]["why"]
+    state = state_of(plan)
+    assert state[key1]["state"] == "done" and state[key1]["job_id"] == job1
+    assert state[key2]["state"] == "running"
+
+    # 3. Resumed: step one stays done (its VM moved once), step two finishes.
+    result = json.loads(env.cli("plan", "apply", str(plan), "--json").stdout.splitlines()[-1])
+    assert result["result"] == "ok" and result["done"] == [key1, key2]
+    assert [j["id"] for j in moves_of(env, first["vm"])] == [job1]
+    hosts = vm_hosts(env)
+    assert hosts["a"] == ("host-2", "running") and hosts["b"] == ("host-2", "running")
+    for name in ("a", "b"):
+        count = len(seqs(env.console(name)))
+        env.wait_console(name, lambda t, n=count: len(seqs(t)) > n, timeout=120)
+
+    # 4. Twice: everything is done, nothing runs.
+    moves = len(env.cli.json("job", "list", "--host", "host-1"))
+    out = env.cli("plan", "apply", str(plan)).stdout
+    assert f"every step of plan {plan} is done already (2 steps)" in out
+    assert len(env.cli.json("job", "list", "--host", "host-1")) == moves
+    env.cli("vm", "kill", "a")
+    env.cli("vm", "kill", "b")
