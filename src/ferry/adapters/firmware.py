@@ -13,7 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ferry.core.firmware import UefiFirmware, pick_uefi
+from ferry.core.firmware import INSTALL_HINT, UefiFirmware, pick_uefi
+from ferry.errors import ConflictError
 
 log = logging.getLogger(__name__)
 
@@ -49,3 +50,11 @@ def _files_exist(desc: dict[str, Any]) -> bool:
         if not isinstance(name, str) or not Path(name).is_file():
             return False
     return True
+
+
+def check_firmware_here(firmware: str, descriptor_dir: Path, *, host: str, vm: str) -> None:
+    """Refuse, before a move, import, replica or failover starts, a UEFI VM on a host
+    without OVMF (its QEMU could not start there)."""
+    if firmware == "uefi" and find_uefi(descriptor_dir) is None:
+        raise ConflictError(f"VM {vm!r} boots through UEFI but host {host!r} has no UEFI "
+                            f"firmware (OVMF): {INSTALL_HINT} there first")  # fmt: skip

@@ -32,6 +32,7 @@ from ferry.adapters import qemu_img
 from ferry.adapters.backup import BlockBackup, Sync
 from ferry.adapters.catalog import VmRecord
 from ferry.adapters.durable import fsync_dir, fsync_file
+from ferry.adapters.firmware import check_firmware_here
 from ferry.core import vmstate
 from ferry.core.cluster.roles import Priority
 from ferry.core.cpu_models import check_cpu
@@ -388,6 +389,8 @@ class ExchangeService:
         check_host_runs(vm.config_version, self.config.functional_level,
                         host=self.config.name, vm=name)  # fmt: skip
         check_cpu(vm.cpu_model, self.vms.cpu, vm=name)
+        check_firmware_here(vm.firmware, self.config.firmware_descriptors,
+                            host=self.config.name, vm=name)  # fmt: skip
         nics = await self._nics_here(vm, name, mode, job.detail.get("network_map") or {})
         if self.vms.catalog.find(name) is not None:
             raise ConflictError(f"a VM named {name!r} already exists on host "

@@ -18,6 +18,7 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Any
 
+from ferry.adapters.firmware import check_firmware_here
 from ferry.core.cpu_models import check_cpu
 from ferry.core.failover import FailoverOp, FailoverState, Phase
 from ferry.core.spec import NicSpec, VmSpec
@@ -52,6 +53,8 @@ class FailoverDrill:
         s.check(rel, FailoverOp.TEST)
         await self.check_test_network(test_network)
         check_cpu(record.spec.cpu_model, s.vms.cpu, vm=name)
+        check_firmware_here(record.spec.firmware, s.vms.config.firmware_descriptors,
+                            host=s.vms.config.name, vm=name)  # fmt: skip
         test_name = f"{name}-test"
         if s.catalog.find(test_name) is not None:
             raise ConflictError(f"host {s.config.name!r} already has a VM named {test_name!r}")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ferry.adapters.firmware import check_firmware_here
 from ferry.core.cpu_models import check_cpu
 from ferry.core.failover import FailoverOp, FailoverState, Phase
 from ferry.core.vmstate import VmOp, VmState
@@ -38,6 +39,8 @@ class Failover:
         record, rel = s.replica(name)
         s.check(rel, FailoverOp.START)
         check_cpu(record.spec.cpu_model, s.vms.cpu, vm=name)
+        check_firmware_here(record.spec.firmware, s.vms.config.firmware_descriptors,
+                            host=s.vms.config.name, vm=name)  # fmt: skip
         # Its NICs (same MACs) join the networks the relationship's map named
         # when the replica was made or set; they and their bridges must be here.
         await s.store.networks().check_runnable(record.spec)

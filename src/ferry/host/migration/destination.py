@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.adapters import qemu_img
+from ferry.adapters.firmware import check_firmware_here
 from ferry.adapters.migration import MigrationStatus
 from ferry.adapters.migration import incoming as qemu_incoming
 from ferry.adapters.pki import CertInfo, Role, qemu_dn
@@ -111,6 +112,8 @@ class MoveDestination:
         """Before the source starts a move: could the VM come here?"""
         request = call.body
         check_cpu(request.spec.cpu_model, self.vms.cpu, vm=request.spec.name)
+        check_firmware_here(request.spec.firmware, self.config.firmware_descriptors,
+                            host=self.config.name, vm=request.spec.name)  # fmt: skip
         networks = await self._check_networks(request.spec, request.network_map)
         return wire.CheckReply(networks=networks)
 
@@ -120,6 +123,8 @@ class MoveDestination:
         # The source sends the spec with its network map applied already.
         await self._check_networks(spec, {})
         check_cpu(spec.cpu_model, self.vms.cpu, vm=spec.name)
+        check_firmware_here(spec.firmware, self.config.firmware_descriptors,
+                            host=self.config.name, vm=spec.name)  # fmt: skip
         check_host_runs(spec.config_version, self.config.functional_level,
                         host=self.host, vm=spec.name)  # fmt: skip
         check_resources(spec.memory, spec.cpus, host_memory=self.vms.host_memory,

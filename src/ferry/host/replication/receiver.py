@@ -29,6 +29,7 @@ from uuid import UUID
 from ferry import __version__
 from ferry.adapters.catalog import Catalog, VmRecord
 from ferry.adapters.durable import fsync_file
+from ferry.adapters.firmware import check_firmware_here
 from ferry.adapters.pki import CertInfo, Role
 from ferry.adapters.point_transfer import PointReceiver, receive_point
 from ferry.core.cpu_models import CpuFacts, check_cpu
@@ -211,6 +212,8 @@ class ReplicaStore:
         check_host_runs(spec.config_version, self.config.functional_level,
                         host=self.config.name, vm=spec.name)  # fmt: skip
         check_cpu(spec.cpu_model, self.cpu, vm=spec.name)
+        check_firmware_here(spec.firmware, self.config.firmware_descriptors,
+                            host=self.config.name, vm=spec.name)  # fmt: skip
         network_map = check_network_map(offer.network_map)
         spec = self.mapped_spec(spec, network_map)
         async with self._locks[spec.uuid]:
