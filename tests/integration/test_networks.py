@@ -9,6 +9,7 @@ Spare bridges live in a namespace this module makes and deletes.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -263,6 +264,26 @@ def test_host_toml_network(env: LabEnv, spare_ns: str) -> None:
     finally:
         env.restart_agent(2, networks={})
     assert [n["name"] for n in env.cli.json("host", "show", "host-2")["networks"]] == ["lab"]
+
+
+def test_export_and_import_keep_the_macs_new_id_gives_new_ones(env: LabEnv) -> None:
+    env.cli("vm", "create", "carried", "--host", "host-1", "--memory", "64M", "--disk", "16M",
+            "--nic", "lab", "--nic", "lab,mac=02:00:00:00:bb:01")  # fmt: skip
+    nics = env.vm("carried")["nics"]
+    folder = env.lab.images_dir / "carried-export"
+    env.cli("vm", "export", "carried", "--to", str(folder))
+    try:
+        env.cli("vm", "import", str(folder), "--host", "host-2", "--mode", "copy")
+        assert env.vm("carried", "host-2")["nics"] == nics
+        env.cli("vm", "import", str(folder), "--host", "host-2", "--mode", "new-id",
+                "--name", "fresh")  # fmt: skip
+        fresh = env.vm("fresh")["nics"]
+        assert [(n["network"], n["model"]) for n in fresh] == [("lab", "virtio")] * 2
+        assert not {n["mac"] for n in fresh} & {n["mac"] for n in nics}
+    finally:
+        for name, host in (("carried", "host-1"), ("carried", "host-2"), ("fresh", "host-2")):
+            env.cli("vm", "delete", name, "--host", host, check=False)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _refused(env: LabEnv, *args: str) -> str:
