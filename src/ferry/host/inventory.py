@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from ferry.adapters import dirty_rate
+from ferry.adapters import dirty_rate, guest_memory
 from ferry.core.migration import locate_on_volume
 from ferry.core.plan.agent_facts import (
     DirtyRateView,
@@ -121,9 +121,12 @@ class InventoryService:
                                 "ask again in a few seconds")  # fmt: skip
         async with lock:
             rate = await dirty_rate.measure(self.vms.channel(record), seconds=seconds)
+        pid = self.vms.pid_of(record.uuid)
+        used = None if pid is None else await asyncio.to_thread(
+            guest_memory.nonzero_fraction, pid, record.spec.memory)  # fmt: skip
         return DirtyRateView(vm=record.name, state=record.state.value,
                              dirty_rate_bps=rate.bytes_per_s, calc_time_s=rate.calc_time_s,
-                             took_s=rate.took_s)  # fmt: skip
+                             took_s=rate.took_s, nonzero_fraction=used)  # fmt: skip
 
     # -- bandwidth ---------------------------------------------------------------
 

@@ -56,6 +56,8 @@ class DirtyRateView(BaseModel):
     calc_time_s: int | None = None
     took_s: float | None = None
     note: str | None = None
+    # The share of its memory that is not zero (sampled pages; None: unknown).
+    nonzero_fraction: float | None = None
 
 
 class ProbeRequest(BaseModel):

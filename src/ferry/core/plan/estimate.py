@@ -64,6 +64,7 @@ class Workload:
     bandwidth_bps: float  # the measured link to the destination
     running: bool = True
     downtime_limit_s: float | None = None  # a policy's max-downtime, given to the move
+    memory_used: int | None = None  # bytes not zero (sampled); None: the calibrated share
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,8 @@ def live_migration(w: Workload, cal: Calibration = DEFAULT) -> Estimate:
     rate = stream_bps(w, cal)
     disk_s = cal.disk_fixed_s + w.disk_bytes / (rate * cal.disk_factor) if w.copy_disks else 0.0
     limit = w.downtime_limit_s or cal.downtime_limit_s
-    used = w.memory * cal.used_fraction
+    used = min(w.memory, w.memory_used if w.memory_used is not None
+               else int(w.memory * cal.used_fraction))  # fmt: skip
     pass_s = used / rate + (w.memory - used) / cal.zero_page_bps
     memory_s, passes = cal.memory_fixed_s + pass_s, 1
     # While the disks copy, the guest dirties memory too, but QEMU starts the
@@ -120,7 +122,7 @@ def export_import(w: Workload, cal: Calibration = DEFAULT) -> Estimate:
 def in_place(w: Workload, cal: Calibration = DEFAULT) -> Estimate:
     """ferry's in-place upgrade with VMs running: a live migration into a new QEMU here."""
     local = Workload(w.memory, w.dirty_rate_bps, 0, False, cal.migration_cap_bps, w.running,
-                     w.downtime_limit_s)  # fmt: skip
+                     w.downtime_limit_s, w.memory_used)  # fmt: skip
     return live_migration(local, cal) if w.running else Estimate(0.0, 0.0)
 
 

@@ -100,6 +100,8 @@ def vm_facts(
         cpu_model=view.get("cpu_model") or (usage.cpu_model if usage else None),
         networks=networks, replication=_replication(host, view.get("replication")),
         dirty_rate_bps=rate.dirty_rate_bps if rate else None,
+        memory_used=None if rate is None or rate.nonzero_fraction is None
+        else int(rate.nonzero_fraction * int(view["memory"])),
         dirty_rate_note=rate.note if rate else f"not measured: the VM is {view['state']}",
     )  # fmt: skip
 

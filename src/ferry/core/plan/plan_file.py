@@ -104,6 +104,8 @@ class VmFacts(_Model):
     # not measured (the VM is off, or the measurement failed: see dirty_rate_note).
     dirty_rate_bps: float | None = None
     dirty_rate_note: str | None = None
+    # Bytes of its memory that are not zero (sampled by the agent); None: unknown.
+    memory_used: int | None = None
 
     @property
     def is_replica(self) -> bool:

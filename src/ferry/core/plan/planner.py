@@ -120,6 +120,7 @@ def _workload(vm: VmFacts, src: str, dst: HostFacts, inv: Inventory, needs: Need
         copy_disks=not _sees(dst, vm, inv),
         bandwidth_bps=link.bandwidth_bps if link else est.DEFAULT.migration_cap_bps,
         running=vm.state == "running", downtime_limit_s=needs.max_downtime_s,
+        memory_used=vm.memory_used,
     )  # fmt: skip
 
 
@@ -260,7 +261,7 @@ def make_plan(
                 config_version=vm.config_version, state=vm.state,
                 must_be_running=choice.option is Option.LIVE_MIGRATION,
                 destination_free_memory=vm.memory if p.needs_memory else 0,
-                destination_functional_level=0, networks=list(vm.networks),
+                destination_functional_level=dst.functional_level, networks=list(vm.networks),
                 cpu_model=vm.cpu_model, after=after),
         ))  # fmt: skip
     if not steps:
