@@ -246,3 +246,15 @@ def test_a_replica_move_follows_the_replica_copy_only() -> None:
     assert decide(step, StepRecord("1:r"), None, moved)[0] is Decision.MARK_DONE
     tiny = HostSeen("host-3", free_memory=0, functional_level=3, max_config_version=3)
     assert precheck(step, before, tiny) is None
+
+
+def test_precheck_needs_the_cpu_model_the_plan_asked_for() -> None:
+    from ferry.core.cpu_models import CpuFacts, CpuModel
+
+    step = StepPlan(key="1:a", vm="a", uuid="u-a", action=Action.LIVE_MOVE, source="host-1",
+                    target="host-2", must_run=True, cpu_model="Haswell-v4")  # fmt: skip
+    cpu = CpuFacts(host="host-2", models=(
+        CpuModel(name="Haswell-v4", runnable=False, unavailable_features=("pcid",)),))  # fmt: skip
+    why = precheck(step, [vm()], HostSeen("host-2", 1024 * M, 3, 3, cpu=cpu))
+    assert why is not None and "lacks feature pcid" in why and "VM a uses it" in why
+    assert precheck(step, [vm()], DEST) is None  # a host that does not report its models

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ferry.client.fleet import Fleet
+from ferry.core.cpu_models import CpuFacts, CpuModel
 from ferry.core.plan import apply_state as st
 from ferry.core.plan.apply_state import Action, ApplyState, Decision, StepOp, StepPlan, StepState
 from ferry.core.plan.plan_file import (
@@ -197,7 +198,9 @@ class PlanApply:
                 name, free_memory=int(free), functional_level=host["functional_level"],
                 max_config_version=host["supported_config_versions"][1],
                 networks=None if nets is None else frozenset(
-                    n["name"] if isinstance(n, dict) else str(n) for n in nets))  # fmt: skip
+                    n["name"] if isinstance(n, dict) else str(n) for n in nets),
+                cpu=CpuFacts(host=name, models=tuple(
+                    CpuModel.model_validate(m) for m in host.get("cpu_models") or ())))  # fmt: skip
         return world
 
     async def _ask(self, host: str, path: str) -> Any:

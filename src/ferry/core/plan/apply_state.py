@@ -30,6 +30,7 @@ from enum import StrEnum
 from typing import Any
 
 from ferry.core import transitions
+from ferry.core.cpu_models import CpuFacts, cpu_refusal
 from ferry.core.plan.plan_file import Option, Step
 from ferry.core.units import format_size
 from ferry.errors import InvalidInputError
@@ -195,6 +196,7 @@ class HostSeen:
     functional_level: int
     max_config_version: int
     networks: frozenset[str] | None = None  # None: the host does not report its networks
+    cpu: CpuFacts | None = None  # the CPU models it runs (None: not reported)
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,7 @@ class StepPlan:
     must_run: bool = False  # the VM must be running (a live option)
     min_level: int = 0  # the destination's functional level must be at least this
     networks: tuple[str, ...] = ()  # the destination must have these
+    cpu_model: str | None = None  # and run this CPU model (None: not asked)
 
 
 def step_plan(step: Step) -> StepPlan:
@@ -239,7 +242,7 @@ def step_plan(step: Step) -> StepPlan:
                     storage=step.storage or "auto",
                     must_run=pre.must_be_running or action is Action.LIVE_MOVE,
                     min_level=pre.destination_functional_level,
-                    networks=tuple(pre.networks))  # fmt: skip
+                    networks=tuple(pre.networks), cpu_model=pre.cpu_model)  # fmt: skip
 
 
 def _mine(step: StepPlan, vms: Iterable[VmSeen]) -> list[VmSeen]:
@@ -346,6 +349,10 @@ def precheck(step: StepPlan, vms: Iterable[VmSeen], target: HostSeen | None) -> 
     if vm.config_version > target.max_config_version:
         return (f"{step.target} runs configuration versions up to {target.max_config_version}, "
                 f"VM {step.vm} has {vm.config_version}: upgrade {step.target} first")  # fmt: skip
+    if step.cpu_model is not None and target.cpu is not None:
+        refusal = cpu_refusal(step.cpu_model, target.cpu)
+        if refusal is not None:
+            return f"{refusal}: VM {step.vm} uses it; re-plan to another destination"
     if target.networks is not None:
         missing = sorted(set(step.networks) - target.networks)
         if missing:
