@@ -64,6 +64,10 @@ def test_add_list_remove(tmp_path: Path, catalog: Catalog, links: FakeLinks) -> 
         asyncio.run(nets.add("lab", "br0"))
     with pytest.raises(NotFoundError, match="bridge 'nobr' does not exist"):
         asyncio.run(nets.add("other", "nobr"))
+    links.add_tap("tap9")
+    with pytest.raises(InvalidInputError, match="'tap9' on host 'host-1' is not a bridge"):
+        asyncio.run(nets.add("other", "tap9"))
+    links.delete("tap9")
     with pytest.raises(NotFoundError, match="namespace 'ns-gone' does not exist"):
         asyncio.run(nets.add("other", "br-lab", "ns-gone"))
     with pytest.raises(InvalidInputError, match="invalid bridge name"):

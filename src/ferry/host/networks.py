@@ -137,6 +137,11 @@ class HostNetworks:
             )
         if not await asyncio.to_thread(self.links.bridge_exists, bridge, netns):
             where = f" in namespace {netns}" if netns else ""
+            if await asyncio.to_thread(self.links.link, bridge, netns) is not None:
+                raise InvalidInputError(
+                    f"{bridge!r}{where} on host {self.config.name!r} is not a bridge: "
+                    "name a Linux bridge (ip link add NAME type bridge)"
+                )
             raise NotFoundError(
                 f"bridge {bridge!r} does not exist{where} on host {self.config.name!r}: "
                 f"create it first (ip link add {bridge} type bridge)"
@@ -181,9 +186,11 @@ class HostNetworks:
         device = nic_device(model)
         models = await self.nic_models()
         if device not in models:
+            others = [m for m in ("e1000", "e1000e", "rtl8139") if m in models]
+            also = f" (or one of: {', '.join(others)})" if others else ""
             raise InvalidInputError(
                 f"NIC model {model!r}: this host's QEMU has no NIC device {device!r}; "
-                "use model=virtio (or one of: e1000, e1000e, rtl8139)"
+                f"use model=virtio{also}"
             )
 
     async def new_nics(self, options: Iterable[NicOption]) -> tuple[NicSpec, ...]:
