@@ -31,27 +31,22 @@ say how many. Numbers only.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from ferry.guest.build import default_cache_dir, ensure_guest
+from bench_lab import bench_lab, ferry
+
 from ferry.lab import Lab
 from ferry.testing.echo_peer import PeerProcess
 
 HOSTS = ("host-1", "host-2")
-
-
-def ferry(home: Path, *args: str) -> str:
-    env = dict(os.environ, FERRY_HOME=str(home))
-    return subprocess.run([sys.executable, "-m", "ferry", *args], check=True, text=True,
-                          capture_output=True, env=env).stdout  # fmt: skip
 
 
 def show(home: Path, name: str) -> dict[str, Any]:
@@ -82,6 +77,15 @@ def move(home: Path, name: str, to: str, storage: str) -> dict[str, Any]:
     if result.get("result") != "ok":
         raise RuntimeError(f"move of {name} to {to} did not succeed: {result}")
     return result
+
+
+def phase_seconds(home: Path, name: str, source: str) -> dict[str, float]:
+    """How long the VM's last move on ``source`` spent in each phase (its job's record)."""
+    jobs = json.loads(ferry(home, "job", "list", "--host", source, "--json"))
+    job_id = [j for j in jobs if j["vm"] == name and j["kind"] == "move"][-1]["id"]
+    job = json.loads(ferry(home, "job", "show", job_id, "--host", source, "--json"))
+    entered = list(job["phase_started"].items())
+    return {phase: at_next - at for (phase, at), (_, at_next) in itertools.pairwise(entered)}
 
 
 def pause_ms(result: dict[str, Any]) -> float:
@@ -165,16 +169,19 @@ def nics(home: Path, lab: Lab, runs: int) -> None:
     create(home, lab, names["none"], 0, "--volume", "shared")
     create(home, lab, names["two"], 2, "--volume", "shared")
     moves: dict[str, list[dict[str, Any]]] = {key: [] for key in names}
+    spent: dict[str, list[dict[str, float]]] = {key: [] for key in names}
     try:
         for run in range(runs):
             order = list(names) if run % 2 == 0 else list(reversed(names))
             for key in order:
-                for way, to in (("there", HOSTS[1]), ("back", HOSTS[0])):
+                for way, source, to in (("there", *HOSTS), ("back", *reversed(HOSTS))):
                     result = move(home, names[key], to, "shared")
                     moves[key].append(result)
+                    spent[key].append(phase_seconds(home, names[key], source))
+                    phases = ", ".join(f"{p} {s:.2f}" for p, s in spent[key][-1].items())
                     print(f"nics run {run + 1} {key} {way}: total {result['total_s']:.2f} s, "
                           f"downtime {result['downtime_ms']} ms, resume {result['resume_ms']} "
-                          "ms", flush=True)  # fmt: skip
+                          f"ms; phases (s): {phases}", flush=True)  # fmt: skip
     finally:
         for name in names.values():
             delete(home, name)
@@ -194,6 +201,11 @@ def nics(home: Path, lab: Lab, runs: int) -> None:
           f"ratio {ratio(b['down'], a['down'])}; pause {a['pause']:.0f} ms / "
           f"{b['pause']:.0f} ms, ratio {ratio(b['pause'], a['pause'])} (goal: within 1.1)",
           flush=True)  # fmt: skip
+    for phase in ("preparing", "copying-memory", "switching-over"):
+        times = {key: statistics.median(p.get(phase, 0.0) for p in rows)
+                 for key, rows in spent.items()}  # fmt: skip
+        print(f"nics median {phase}: no NIC {times['none']:.2f} s / two NICs "
+              f"{times['two']:.2f} s, ratio {ratio(times['two'], times['none'])}")  # fmt: skip
 
 
 def main() -> None:
@@ -202,22 +214,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="nics: there-and-back runs")
     parser.add_argument("--only", choices=["stall", "nics"], default=None)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="ferry-bench-network-") as tmp:
-        root = Path(tmp)
-        home = root / "home"
-        os.environ["FERRY_HOME"] = str(home)
-        cache = default_cache_dir()
-        os.environ["FERRY_GUEST_CACHE"] = str(cache)
-        ensure_guest(cache)
-        lab = Lab(root / "lab")
-        try:
-            lab.up(2)
-            if args.only in (None, "stall"):
-                stall(home, lab, args.moves)
-            if args.only in (None, "nics"):
-                nics(home, lab, args.runs)
-        finally:
-            lab.down()
+    with bench_lab("ferry-bench-network-") as (home, lab):
+        if args.only in (None, "stall"):
+            stall(home, lab, args.moves)
+        if args.only in (None, "nics"):
+            nics(home, lab, args.runs)
 
 
 if __name__ == "__main__":

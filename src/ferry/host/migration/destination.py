@@ -99,14 +99,11 @@ class MoveDestination:
 
     # -- the source's calls, in order ---------------------------------------------
 
-    async def _check_networks(self, spec: VmSpec, network_map: Mapping[str, str]) -> list[str]:
-        """The networks here the VM will be on, or the one-line refusal naming a missing one."""
-        networks = self.vms.networks
-        check_networks(spec, host=self.host, host_networks=networks.all(),
+    def _check_networks(self, spec: VmSpec, network_map: Mapping[str, str]) -> VmSpec:
+        """The VM as it would arrive, or the one-line refusal naming a missing network."""
+        check_networks(spec, host=self.host, host_networks=self.vms.networks.all(),
                        network_map=network_map)  # fmt: skip
-        arriving = apply_network_map(spec, network_map)
-        await networks.check_runnable(arriving)  # each network's bridge is there, too
-        return vm_networks(arriving)
+        return apply_network_map(spec, network_map)
 
     async def check(self, call: Call[wire.CheckRequest]) -> wire.CheckReply:
         """Before the source starts a move: could the VM come here?"""
@@ -114,14 +111,16 @@ class MoveDestination:
         check_cpu(request.spec.cpu_model, self.vms.cpu, vm=request.spec.name)
         check_firmware_here(request.spec.firmware, self.config.firmware_descriptors,
                             host=self.config.name, vm=request.spec.name)  # fmt: skip
-        networks = await self._check_networks(request.spec, request.network_map)
-        return wire.CheckReply(networks=networks)
+        arriving = self._check_networks(request.spec, request.network_map)
+        await self.vms.networks.check_runnable(arriving)  # each network's bridge is there, too
+        return wire.CheckReply(networks=vm_networks(arriving))
 
     async def prepare(self, call: Call[wire.PrepareRequest]) -> wire.PrepareReply:
         caller, request = call.caller, call.body
         spec = request.spec
-        # The source sends the spec with its network map applied already.
-        await self._check_networks(spec, {})
+        # The source sends the spec with its network map applied already; the
+        # bridges were probed by the check and are again when QEMU starts.
+        self._check_networks(spec, {})
         check_cpu(spec.cpu_model, self.vms.cpu, vm=spec.name)
         check_firmware_here(spec.firmware, self.config.firmware_descriptors,
                             host=self.config.name, vm=spec.name)  # fmt: skip
