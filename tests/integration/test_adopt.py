@@ -374,7 +374,7 @@ def test_each_hostile_or_broken_file_is_refused_and_nothing_is_registered(seed: 
     # A raw disk the domain calls qcow2: opened as qcow2 (never probed), it is not one.
     declared = "type='raw'/>\n      <source file='" + str(images / "liar-data.img")
     liar = domain_xml(seed, "liar", **{declared: declared.replace("'raw'", "'qcow2'")})
-    assert "not in qcow2 format" in refused("--libvirt", str(liar), *DOMAIN_MAP)
+    assert "is not a qcow2 image" in refused("--libvirt", str(liar), *DOMAIN_MAP)
 
     parts = appliance(seed, "hostile")
     # An OVF whose disk climbs out of its folder.
@@ -405,6 +405,17 @@ def test_each_hostile_or_broken_file_is_refused_and_nothing_is_registered(seed: 
     for name, data in parts.files.items():
         (folder / name).write_bytes(data + (b"\0" * 512 if name == disk else b""))
     assert "the descriptor says" in refused("--ovf", str(folder / "hostile.ovf"), *OVA_MAP)
+    # A VMDK text descriptor naming a host file as its extent (no manifest, sizes right):
+    # refused by its header, before qemu-img would open the extent.
+    folder = images / "descriptor"
+    folder.mkdir()
+    evil = b'# Disk DescriptorFile\ncreateType="monolithicFlat"\nRW 2 FLAT "/etc/shadow" 0\n'
+    old_size = f'ovf:size="{len(parts.files[disk])}"'.encode()
+    ovf = parts.files[parts.ovf].replace(old_size, f'ovf:size="{len(evil)}"'.encode())
+    (folder / parts.ovf).write_bytes(ovf)
+    (folder / disk).write_bytes(evil)
+    (folder / "hostile-disk001.vmdk").write_bytes(parts.files["hostile-disk001.vmdk"])
+    assert "is a text descriptor" in refused("--ovf", str(folder / parts.ovf), *OVA_MAP)
     # A VMDK of another kind than the descriptor declares (qemu-img, opened as vmdk).
     ova = write_ova(images / "kind.ova", appliance(seed, "kind", file_kind="streamOptimized"))
     assert "VMDK; the descriptor says monolithicSparse" in refused("--ovf", str(ova), *OVA_MAP)

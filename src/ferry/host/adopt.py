@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import uuid as uuidlib
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ferry.adapters import qemu_img
+from ferry.core.adopt.headers import HEADER_BYTES, check_header
 from ferry.core.adopt.libvirt import parse_domain
 from ferry.core.adopt.plan import AdoptedDisk, AdoptionPlan
 from ferry.core.adopt.safe_xml import MAX_DOCUMENT
@@ -316,6 +318,7 @@ class AdoptionService:
             await qemu_img.create(target, disk.capacity, qemu_img=tool)
             return DiskSpec(path=str(target), size=disk.capacity)
         what = f"disk {disk.target} ({disk.source})"
+        check_header(disk.format, await asyncio.to_thread(_head, src), what=what)
         info = await qemu_img.info(src, qemu_img=tool, fmt=disk.format)
         qemu_img.check_self_contained(info, what=what)
         size = int(info.get("virtual-size", -1))
@@ -344,6 +347,13 @@ class AdoptionService:
         )
         count(item.size - reported)
         return DiskSpec(path=str(target), size=size)
+
+
+def _head(path: Path) -> bytes:
+    """A disk file's first bytes (a symlink put in its place since the check is refused)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read(HEADER_BYTES)
 
 
 def _read_document(path: Path) -> bytes:
