@@ -1,5 +1,6 @@
 """The CPU refusal where it is used, without QEMU: failovers on the in-memory peer
-network (ferry.testing.failover) and the web console's destination picker.
+network (ferry.testing.failover), the web console's destination picker, and
+``vm create``'s default model on a KVM host.
 
 host-2 cannot run the VM's model (its facts lack a feature of it); every
 failover is refused before anything changes, on the host that decides.
@@ -115,3 +116,38 @@ def test_the_destination_picker_names_the_missing_features() -> None:
         "host-3": (True, "functional level 3, tcg"),
         "host-4": (True, "functional level 3, tcg"),
     }  # fmt: skip
+
+
+# Westmere-v1 under this machine's nested KVM (measured with query-cpu-definitions).
+NESTED_KVM = [{"name": "Westmere-v1", "unavailable-features": [
+    "pni", "pclmulqdq", "ssse3", "sse4.1", "sse4.2", "popcnt", "aes"]},
+    {"name": "pentium3-v1", "unavailable-features": []}]  # fmt: skip
+
+
+def test_vm_create_on_kvm_defaults_to_westmere_and_refuses_it_where_it_cannot_run(
+    tmp_path: Path,
+) -> None:
+    from ferry.adapters.catalog import Catalog
+    from ferry.errors import InvalidInputError
+    from ferry.host.config import HostConfig
+    from ferry.host.vms.requests import NewVm
+    from ferry.host.vms.service import VmService
+
+    config = HostConfig(name="kvm-1", data_dir=tmp_path / "data", tls_dir=tmp_path / "tls",
+                        run_dir=tmp_path / "run")  # fmt: skip
+    config.data_dir.mkdir()
+    catalog = Catalog(config.data_dir)
+    vms = VmService(config, catalog, accelerator="kvm", host_memory=1 << 32, host_cpus=2,
+                    cpu=CpuFacts(host="kvm-1", models=parse_definitions(NESTED_KVM)))  # fmt: skip
+    try:
+        with pytest.raises(InvalidInputError) as refused:
+            asyncio.run(vms.create(NewVm(name="web")))
+        assert str(refused.value) == (
+            "host 'kvm-1' cannot run CPU model 'Westmere-v1': it lacks features pni, "
+            "pclmulqdq, ssse3, sse4.1, sse4.2, popcnt, aes; choose one it runs with --cpu-model"
+        )
+        assert catalog.find("web") is None and not any((config.data_dir / "vms").iterdir())
+        record = asyncio.run(vms.create(NewVm(name="web", cpu_model="pentium3-v1")))
+        assert record.spec.cpu_model == "pentium3-v1"
+    finally:
+        catalog.close()

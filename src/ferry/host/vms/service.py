@@ -195,6 +195,8 @@ class VmService:
         cpu_model = check_model_name(request.cpu_model or default_model(self.accelerator))
         refusal = cpu_refusal(cpu_model, self.cpu)
         if refusal is not None:
+            if request.cpu_model is None:  # the default; say how to choose another
+                raise InvalidInputError(f"{refusal}; choose one it runs with --cpu-model")
             raise InvalidInputError(f"--cpu-model: {refusal}")
         firmware = check_firmware(request.firmware)
         check_boot_disk(request.boot_disk, len(disks))
