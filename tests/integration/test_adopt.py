@@ -371,6 +371,10 @@ def test_each_hostile_or_broken_file_is_refused_and_nothing_is_registered(seed: 
         "--network-map",
         "br-storage=lab",
     )
+    # A CPU model this host's QEMU knows but cannot run (TCG lacks its features).
+    skylake = domain_xml(seed, "skylake", **{"qemu64</model>": "Skylake-Client-IBRS</model>"})
+    line = refused("--libvirt", str(skylake), *DOMAIN_MAP)
+    assert "cannot run CPU model 'Skylake-Client-IBRS': it lacks features" in line
     # A raw disk the domain calls qcow2: opened as qcow2 (never probed), it is not one.
     declared = "type='raw'/>\n      <source file='" + str(images / "liar-data.img")
     liar = domain_xml(seed, "liar", **{declared: declared.replace("'raw'", "'qcow2'")})
