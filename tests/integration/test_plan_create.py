@@ -124,3 +124,20 @@ def test_bad_inputs_are_one_line_and_change_nothing(lab_vms: LabEnv, tmp_path: P
     assert "was edited after ferry plan create wrote it" in line
     assert lab_vms.vm("busy")["host"] == "host-1"
     assert cli.json("vm", "list", "--host", "host-2") == []
+
+
+def test_replication_roles_and_partners(lab_vms: LabEnv, tmp_path: Path) -> None:
+    """Last in the module: it leaves busy replicated to host-2."""
+    cli = lab_vms.cli
+    cli("replica-server", "enable", "--host", "host-2", "--storage", str(tmp_path / "replicas"),
+        "--allow", "host-1")  # fmt: skip
+    cli("replication", "enable", "busy", "--replica", "host-2", "--json")
+    plan = cli.json("plan", "create", "--from", "host-1", "--to", "host-2", "--probe-size", "4M")
+    copies = [v for v in plan["inventory"]["vms"] if v["name"] == "busy"]
+    roles = {v["host"]: v["replication"] for v in copies}
+    assert roles["host-1"]["role"] == "primary" and roles["host-1"]["partners"] == ["host-2"]
+    assert roles["host-2"]["role"] == "replica" and roles["host-2"]["partners"] == ["host-1"]
+    # busy's only destination holds its replica: planned, with a warning that says so
+    move = _step(plan, "busy")
+    assert any("holds a copy of VM 'busy' already" in w for w in move["warnings"])
+    cli("replication", "remove", "busy")

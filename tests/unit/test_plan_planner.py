@@ -121,6 +121,9 @@ def test_replica_site_moves_first_and_the_primary_waits_for_it() -> None:
     assert plan.steps[0].reason.startswith("replication in use: move the replica site first")
     a_step = next(s for s in plan.steps if s.vm == "a" and not s.preconditions.replica)
     assert a_step.preconditions.after == [1]
+    # the primary does not land where its replica went
+    assert a_step.destination != plan.steps[0].destination
+    assert all(not s.warnings for s in plan.steps)
 
 
 def test_a_volumes_vms_go_together() -> None:

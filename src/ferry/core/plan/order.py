@@ -7,8 +7,9 @@ shared volume go together, one after another), then the name. Then the steps
 are walked in that order with each host's free memory: a running VM needs its
 memory free on its destination when its step runs, and gives it back to its
 source once moved. With several destinations, a step takes the one that
-suits the VM (its networks, its CPU model, its configuration version) and
-has the most memory free then; when none has room, the plan is refused.
+suits the VM (its networks, its CPU model, its configuration version, no
+other copy of it there or going there) and has the most memory free then;
+when none has room, the plan is refused.
 """
 
 from __future__ import annotations
@@ -71,11 +72,15 @@ def place(
 ) -> list[Pending]:
     """Pick each step's destination in order, keeping every host's free memory."""
     free = {name: h.free_memory for name, h in hosts.items()}
+    landed: dict[str, str] = {}  # uuid -> where an earlier step put a copy of that VM
     for p in ordered:
         reasons: list[str] = []
         fitting: list[str] = []
         for name in p.destinations:
             why = suits(p.vm, hosts[name]) if name in hosts else f"host {name!r} is unknown"
+            if why is None and landed.get(p.vm.uuid) == name:
+                why = (f"destination {name} takes the other copy of VM {p.vm.name!r} "
+                       "(replication) in an earlier step")  # fmt: skip
             if why is None:
                 fitting.append(name)
             else:
@@ -95,6 +100,7 @@ def place(
                 )
             candidates = roomy
         p.chosen = max(candidates, key=lambda n: (free.get(n, 0), [-ord(c) for c in n]))
+        landed[p.vm.uuid] = p.chosen
         if p.needs_memory and p.chosen != p.vm.host:
             free[p.chosen] -= p.vm.memory
             if p.vm.host in free:
