@@ -26,8 +26,8 @@ def adopt(host: str, *, folder: str | None, libvirt: str | None, ovf: str | None
         raise InvalidInputError("--mode applies to export folders; an adoption always copies "
                                 "the disks into new qcow2 files")  # fmt: skip
     if cluster is not None:
-        raise InvalidInputError("--cluster applies to export folders; adopt the VM on a host, "
-                                "then 'ferry cluster vm add'")  # fmt: skip
+        raise InvalidInputError("--cluster and --volume apply to export folders; adopt the VM "
+                                "on a host, then 'ferry cluster vm add'")  # fmt: skip
     origin, path = ("libvirt", libvirt) if libvirt is not None else ("ovf", ovf)
     assert path is not None
     body = {"origin": origin, "path": path, "name": name,

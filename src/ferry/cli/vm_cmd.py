@@ -518,7 +518,8 @@ def import_vm(
         from ferry.cli.adopt_cmd import adopt
 
         adopt(host, folder=folder, libvirt=libvirt, ovf=ovf, name=new_name, mode=mode,
-              cluster=cluster, network_map=network_map, as_json=as_json)  # fmt: skip
+              cluster=cluster or volume, network_map=network_map,
+              as_json=as_json)  # fmt: skip
         return
     if folder is None:
         raise InvalidInputError("name an export folder, or adopt with --libvirt or --ovf")
