@@ -175,7 +175,8 @@ def _convergence_warning(vm: VmFacts, choice: _Choice, work: est.Workload) -> st
         return None
     return (f"VM {vm.name!r} will not converge: it dirties "
             f"{work.dirty_rate_bps / MiB:.0f} MiB/s and the link carries "
-            f"{est.stream_bps(work) / MiB:.0f} MiB/s; lower its load, raise the bandwidth, "
+            f"{work.bandwidth_bps / MiB:.0f} MiB/s (a move's stream about "
+            f"{est.stream_bps(work) / MiB:.0f}); lower its load, raise the bandwidth, "
             "or plan it as export/import")  # fmt: skip
 
 
