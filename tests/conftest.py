@@ -324,7 +324,7 @@ MODULE_SECONDS = {
     "integration/test_cluster_vms.py": 180,
     "integration/test_lab_cluster.py": 130,
     "integration/test_cluster_membership.py": 110,
-    "integration/test_networks.py": 200,
+    "integration/test_networks.py": 230,
     "integration/test_vnc.py": 90,
     "integration/test_adopt.py": 130,
     "integration/test_guest_agent.py": 250,
