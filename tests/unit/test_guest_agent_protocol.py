@@ -8,13 +8,13 @@ import pytest
 
 from ferry.core.guest_agent import (
     DELIMITER,
-    FramingError,
     Reply,
     ReplyReader,
     encode_command,
     encode_sync,
     freeze_due,
 )
+from ferry.errors import GuestAgentError
 
 FF = bytes([DELIMITER])
 
@@ -67,11 +67,11 @@ def test_garbage_after_the_sync_is_a_framing_error() -> None:
     reader = ReplyReader()
     reader.expect_sync(1)
     reader.feed(FF + b'{"return": 1}\n')
-    with pytest.raises(FramingError):
+    with pytest.raises(GuestAgentError):
         reader.feed(b"not json\n")
-    with pytest.raises(FramingError):
+    with pytest.raises(GuestAgentError):
         reader.feed(b'{"neither": 1}\n')
-    with pytest.raises(FramingError):
+    with pytest.raises(GuestAgentError):
         reader.feed(b"[1, 2]\n")
 
 
@@ -79,7 +79,7 @@ def test_an_endless_line_is_refused() -> None:
     reader = ReplyReader()
     reader.expect_sync(1)
     reader.feed(FF + b'{"return": 1}\n')
-    with pytest.raises(FramingError):
+    with pytest.raises(GuestAgentError):
         reader.feed(b"x" * (2 << 20))
 
 

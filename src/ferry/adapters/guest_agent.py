@@ -21,7 +21,6 @@ from typing import Any
 from ferry.core.guest_agent import (
     COMMAND_TIMEOUT_S,
     FREEZE_TIMEOUT_S,
-    FramingError,
     Reply,
     ReplyReader,
     encode_command,
@@ -161,7 +160,7 @@ class GuestAgent:
             raise self._error(command, "the channel closed (QEMU gone?)")
         try:
             self._queue += self._replies.feed(data)
-        except FramingError as exc:
+        except GuestAgentError as exc:
             raise self._error(command, f"garbage on the channel: {exc}") from exc
 
     def _error(self, command: str, what: str, error_class: str = "") -> GuestAgentError:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ferry.core.units import parse_duration
-from ferry.errors import InvalidInputError
+from ferry.errors import GuestAgentError, InvalidInputError
 
 if TYPE_CHECKING:
     from ferry.core.spec import VmSpec
@@ -53,10 +53,6 @@ def encode_command(command: str, arguments: dict[str, Any] | None = None) -> byt
 def encode_sync(sync_id: int) -> bytes:
     """The delimiter that resets the agent's parser, then ``guest-sync-delimited``."""
     return bytes([DELIMITER]) + encode_command("guest-sync-delimited", {"id": sync_id})
-
-
-class FramingError(Exception):
-    """The bytes from the channel are not the agent's replies (a library error, no I/O)."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +91,11 @@ class ReplyReader:
         self._buffer.clear()
 
     def feed(self, data: bytes) -> list[Reply]:
-        """The replies complete after ``data``; raises :class:`FramingError` on garbage."""
+        """The replies complete after ``data``.
+
+        Garbage raises :class:`~ferry.errors.GuestAgentError` naming no VM: the
+        adapter says which VM and command when it passes it on.
+        """
         if self._sync_id is not None and not self._seen_delimiter:
             at = data.find(bytes([DELIMITER]))
             if at < 0:
@@ -112,7 +112,7 @@ class ReplyReader:
                 continue  # an earlier client's reply, or the sync itself
             replies.append(_reply(message))
         if len(self._buffer) > MAX_LINE:
-            raise FramingError(f"a reply of more than {MAX_LINE} bytes")
+            raise GuestAgentError(f"a reply of more than {MAX_LINE} bytes")
         return replies
 
     def _lines(self) -> Iterator[bytes]:
@@ -133,9 +133,9 @@ def _parse(line: bytes) -> dict[str, Any]:
     try:
         message = json.loads(line)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise FramingError(f"not JSON: {line[:80]!r}") from exc
+        raise GuestAgentError(f"not JSON: {line[:80]!r}") from exc
     if not isinstance(message, dict):
-        raise FramingError(f"not a JSON object: {line[:80]!r}")
+        raise GuestAgentError(f"not a JSON object: {line[:80]!r}")
     return message
 
 
@@ -146,7 +146,7 @@ def _reply(message: dict[str, Any]) -> Reply:
     if isinstance(error, dict):
         return Reply(error_class=str(error.get("class") or "GenericError"),
                      desc=str(error.get("desc") or ""))  # fmt: skip
-    raise FramingError(f"neither a return nor an error: {json.dumps(message)[:80]}")
+    raise GuestAgentError(f"neither a return nor an error: {json.dumps(message)[:80]}")
 
 
 # --------------------------------------------------------------------------- freeze schedule
