@@ -53,10 +53,14 @@ def state_of(plan: Path) -> dict[str, dict[str, Any]]:
     return {step["key"]: step for step in doc["steps"]}
 
 
+Events = list[dict[str, Any]]
+
+
 def apply_until(env: LabEnv, plan: Path, when: Callable[[dict[str, Any]], bool],
-                sig: signal.Signals) -> tuple[int, list[dict[str, Any]]]:  # fmt: skip
-    """Run ``ferry plan apply PLAN --json`` as a process; send ``sig`` at the first
-    event ``when`` accepts; return its exit status and every event it printed."""
+                act: signal.Signals | Callable[[], object]) -> tuple[int, Events]:  # fmt: skip
+    """Run ``ferry plan apply PLAN --json`` as a process; at the first event ``when``
+    accepts send it signal ``act`` (or call ``act``); return its exit status and
+    every event it printed."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "ferry", "plan", "apply", str(plan), "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
@@ -71,7 +75,7 @@ def apply_until(env: LabEnv, plan: Path, when: Callable[[dict[str, Any]], bool],
         lines.put(None)
 
     threading.Thread(target=pump, daemon=True).start()
-    events: list[dict[str, Any]] = []
+    events: Events = []
     deadline = time.monotonic() + EVENT_TIMEOUT_S
     try:
         while True:
@@ -81,9 +85,12 @@ def apply_until(env: LabEnv, plan: Path, when: Callable[[dict[str, Any]], bool],
                 raise AssertionError(f"apply ended before the event: {events}, {stderr}")
             events.append(json.loads(line))
             if when(events[-1]):
-                proc.send_signal(sig)
+                if isinstance(act, signal.Signals):
+                    proc.send_signal(act)
+                else:
+                    act()
                 break
-        code = proc.wait(timeout=120)
+        code = proc.wait(timeout=EVENT_TIMEOUT_S)
     finally:
         if proc.poll() is None:  # only on a failed test: end what this test started
             proc.kill()
@@ -202,3 +209,37 @@ def test_plan_apply_moves_the_vms_resumes_after_kill_and_ctrl_c_and_twice_is_don
     assert len(env.cli.json("job", "list", "--host", "host-1")) == moves
     env.cli("vm", "kill", "a")
     env.cli("vm", "kill", "b")
+
+
+def test_plan_apply_carries_on_across_a_restart_of_the_source_agent(
+    lab_env: LabEnv, tmp_path: Path
+) -> None:
+    """The source agent dies in the middle of the move and comes back: the agent undoes
+    the move (the VM stays on host-1), apply waits for it, runs the move once more and
+    finishes, without being started again."""
+    env = lab_env
+    env.cli("vm", "create", "r", "--host", "host-1", "--guest", "test", "--memory", "256M",
+            "--disk", "32M", "--start")  # fmt: skip
+    env.wait_console("r", lambda t: len(seqs(t)) >= 2, timeout=180)
+    plan = tmp_path / "r.json"
+    doc = plan_create(env, plan)
+    assert [s["vm"] for s in doc["steps"]] == ["r"]
+
+    def restart_host_1() -> None:
+        env.kill_agent(1)
+        env.lab.up(2)
+
+    def memory_moving(event: dict[str, Any]) -> bool:
+        return event.get("event") == "progress" and event["phase"] == "copying-memory"
+
+    code, events = apply_until(env, plan, memory_moving, restart_host_1)
+    assert code == 0, events[-3:]
+    assert events[-1]["result"] == "ok" and events[-1]["done"] == [f"{doc['steps'][0]['order']}:r"]
+    moves = moves_of(env, "r")
+    assert [m["state"] for m in moves] == ["failed", "done"], moves
+    assert "agent restarted" in moves[0]["error"]
+    assert events[-1]["steps"][0]["job_id"] == moves[1]["id"]
+    assert vm_hosts(env)["r"] == ("host-2", "running")
+    count = len(seqs(env.console("r")))
+    env.wait_console("r", lambda t: len(seqs(t)) > count, timeout=120)
+    env.cli("vm", "kill", "r")
