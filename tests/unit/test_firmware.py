@@ -23,6 +23,8 @@ from ferry.core.firmware import (
 )
 from ferry.core.spec import DiskSpec, RunContext, VmSpec, qemu_argv
 from ferry.errors import InvalidInputError, NotFoundError
+from ferry.guest.bootable import boot_append, build_boot_image, startup_nsh, syslinux_cfg
+from ferry.guest.build import GuestArtifacts
 
 
 def descriptor(code: str = "/fw/CODE.fd", features: tuple[str, ...] = (),
@@ -197,3 +199,20 @@ def test_a_usage_error_is_reported_once_as_before() -> None:
     result = CliRunner().invoke(_app(seen), ["create", "vm1", "--disk"])
     assert result.exit_code == 2 and seen == []
     assert result.output.count("requires an argument") == 1
+
+
+# -- the bootable test image -----------------------------------------------------------------
+
+
+def test_boot_image_configs_boot_the_guest_with_its_tag(tmp_path: Path) -> None:
+    guest = GuestArtifacts(kernel=tmp_path / "k", initrd=tmp_path / "i", append="console=ttyS0")
+    append = boot_append(guest, "B")
+    assert append == "console=ttyS0 ferry.boot=B"
+    cfg = syslinux_cfg(append)
+    assert "LINUX /linux.efi" in cfg and "INITRD /initrd.img" in cfg and f"APPEND {append}" in cfg
+    assert startup_nsh(append) == f"fs0:\r\n\\linux.efi initrd=\\initrd.img {append}\r\n"
+    with pytest.raises(InvalidInputError, match="boot image tag 'a b'"):
+        build_boot_image(tmp_path / "x.img", guest, tag="a b")
+    with pytest.raises(InvalidInputError, match="is not a directory"):
+        build_boot_image(tmp_path / "none" / "x.img", guest, tag="B")
+    assert not (tmp_path / "none").exists()

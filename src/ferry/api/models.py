@@ -176,6 +176,8 @@ class HostView(BaseModel):
     # QEMU's CPU models under this host's accelerator: {name, runnable,
     # unavailable_features, allowed} (allowed: host.toml cpu_models lets VMs use it).
     cpu_models: list[CpuModel] = []
+    # The firmware VMs can boot here: "bios" always, "uefi" when OVMF is installed.
+    firmware: list[str] = ["bios"]
 
 
 class DiskRequest(BaseModel):

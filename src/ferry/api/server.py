@@ -229,6 +229,7 @@ class AgentApi:
             schema_version=self.vms.catalog.schema_version,
             networks=await self._networks(),
             cpu_models=list(self.vms.cpu.models),
+            firmware=["bios", "uefi"] if self.vms.processes.uefi() else ["bios"],
         )
         return _json(view)
 

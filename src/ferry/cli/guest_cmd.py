@@ -26,6 +26,22 @@ def build(
     say(f"test guest: kernel {guest.kernel}, initrd {guest.initrd}")
 
 
+@app.command("boot-image")
+def boot_image(
+    target: Path = typer.Argument(..., help="The raw disk image to write (replaced whole)."),
+    tag: str = typer.Option("ferry", "--tag", help="The guest prints 'booted tag=TAG'."),
+    cache: Path | None = typer.Option(None, "--cache", help="Cache dir of the test guest."),
+) -> None:
+    """Write a disk image that boots the test guest through BIOS or UEFI (vm create --image)."""
+    from ferry.guest.bootable import build_boot_image
+    from ferry.guest.build import default_cache_dir, ensure_guest
+
+    with err.status("building a bootable test guest image"):
+        guest = ensure_guest(cache or default_cache_dir())
+        build_boot_image(target, guest, tag=tag)
+    say(f"bootable test guest image: {target} (BIOS and UEFI)")
+
+
 @app.command("records")
 def records(
     images: list[Path] = typer.Argument(

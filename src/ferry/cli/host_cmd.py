@@ -65,6 +65,7 @@ def show_host(host: str, as_json: bool = JsonOpt) -> None:
         ("cpus", facts["cpus"]), ("vms", f"{facts['vms']} ({facts['running_vms']} running)"),
         ("data dir", facts["data_dir"]),
         ("cpu models", _cpu_summary(facts.get("cpu_models", []))),
+        ("firmware", ", ".join(facts.get("firmware", ["bios"]))),
     ]:  # fmt: skip
         say(f"{label:>17}: {value}")
     for net in facts.get("networks", []):

@@ -63,6 +63,8 @@ def build_boot_image(target: Path, guest: GuestArtifacts, *, tag: str = "ferry")
                 f"cannot build a bootable disk image: {tool} is missing "
                 f"(apt-get install -y {PACKAGES})"
             )
+    if not target.parent.is_dir():
+        raise InvalidInputError(f"cannot write {target}: {target.parent} is not a directory")
     append = boot_append(guest, tag)
     size = guest.kernel.stat().st_size + guest.initrd.stat().st_size + _SLACK
     size = -(-size // 1024**2) * 1024**2
@@ -70,7 +72,7 @@ def build_boot_image(target: Path, guest: GuestArtifacts, *, tag: str = "ferry")
     config_dir = target.with_name(f".{target.name}.files")
     partial.unlink(missing_ok=True)
     shutil.rmtree(config_dir, ignore_errors=True)
-    config_dir.mkdir(parents=True)
+    config_dir.mkdir()
     try:
         (config_dir / "syslinux.cfg").write_text(syslinux_cfg(append))
         (config_dir / "startup.nsh").write_text(startup_nsh(append))
