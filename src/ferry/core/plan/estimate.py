@@ -33,17 +33,17 @@ MAX_PASSES = 30  # QEMU keeps going; the model stops counting here
 @dataclass(frozen=True)
 class Calibration:
     """The model's constants, measured on this lab (2 hosts on loopback, TCG test
-    guests, load average ~11 from other work): see docs/architecture.md, "Planner"."""
+    guests, load average 14-18 from other work): see docs/architecture.md, "Planner"."""
 
-    setup_s: float = 2.0  # preparing: the destination QEMU launched and answering, files
+    setup_s: float = 1.5  # preparing: the destination QEMU launched and answering, files
     memory_fixed_s: float = 1.5  # the stream's start, TLS, pre-switchover, finish, resume
     switch_s: float = 0.2  # QEMU's downtime for device state beyond the last pages
     downtime_limit_s: float = 0.3  # QEMU's default downtime-limit
     migration_cap_bps: float = 1024.0**3  # host.toml migration_max_bandwidth default
     stream_factor: float = 0.9  # QEMU's TLS stream against the agents' probe
-    zero_page_bps: float = 1024.0**3  # how fast a pass gets over zero pages
+    zero_page_bps: float = 512.0 * 1024**2  # how fast a pass gets over zero pages
     used_fraction: float = 0.4  # of memory not zero, when not sampled (test guests: 0.2-0.6)
-    disk_fixed_s: float = 4.0  # destination disks made, NBD exports, mirrors ready
+    disk_fixed_s: float = 2.0  # destination disks made, NBD exports, mirrors ready
     disk_factor: float = 1.0  # the NBD mirror against the stream's rate
     local_disk_bps: float = 400.0 * 1024**2  # qemu-img convert on one host (export, import)
     stop_s: float = 2.0  # a clean shutdown of the guest
