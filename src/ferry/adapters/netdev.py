@@ -88,7 +88,18 @@ def bridge_exists(name: str, netns: str | None = None) -> bool:
 
 
 def attach(tap: str, bridge: str, netns: str | None = None) -> None:
-    """Put ``tap`` on ``bridge`` (moving it into ``netns`` first) and bring it up."""
+    """Put ``tap`` on ``bridge`` (moving it into ``netns`` first) and bring it up.
+
+    The usual case, a tap its QEMU has just made in the root namespace, takes
+    one or two ``ip`` calls (each an ``ip`` process: this runs while a move
+    launches its destination); anything else is looked at first.
+    """
+    if netns is not None and _ip("link", "set", tap, "netns", netns, check=False).returncode == 0:
+        _ip("link", "set", tap, "master", bridge, "up", netns=netns)
+        return
+    if netns is None and _ip("link", "set", tap, "master", bridge, "up",
+                             check=False).returncode == 0:  # fmt: skip
+        return
     if netns is not None:
         current = link(tap, netns)
         if current is None:
@@ -199,6 +210,7 @@ class IpLinks:
 
     netns_exists = staticmethod(netns_exists)
     bridge_exists = staticmethod(bridge_exists)
+    links = staticmethod(links)
     link = staticmethod(link)
     attach = staticmethod(attach)
     delete = staticmethod(delete)

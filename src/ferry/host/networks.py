@@ -50,6 +50,7 @@ class Links(Protocol):
 
     def netns_exists(self, name: str) -> bool: ...
     def bridge_exists(self, name: str, netns: str | None = None) -> bool: ...
+    def links(self, netns: str | None = None) -> list[netdev.Link]: ...
     def link(self, name: str, netns: str | None = None) -> netdev.Link | None: ...
     def attach(self, tap: str, bridge: str, netns: str | None = None) -> None: ...
     def delete(self, name: str, netns: str | None = None) -> bool: ...
@@ -231,8 +232,8 @@ class HostNetworks:
 
     async def check_runnable(self, spec: VmSpec) -> None:
         """Before a QEMU of ``spec`` starts here: every NIC's network and bridge exist."""
-        for nic in spec.nics:
-            await self.require_bridge(self.get(nic.network))
+        for name in dict.fromkeys(nic.network for nic in spec.nics):  # each bridge looked at once
+            await self.require_bridge(self.get(name))
 
     # -- taps ------------------------------------------------------------------
 
@@ -268,9 +269,16 @@ class HostNetworks:
         """Remove the VM's taps wherever they are (its QEMU has gone)."""
         if not spec.nics:
             return
-        taps = self._all_taps(spec)
+        taps = frozenset(self._all_taps(spec))
         for netns in self._namespaces():
-            for tap in taps:
+            # One listing per namespace, not a look per tap name and slot (each
+            # an ip process: this runs in a move's switch-over on its source).
+            try:
+                found = await asyncio.to_thread(self.links.links, netns)
+            except NetworkError as exc:
+                log.warning("cannot list the links%s: %s", f" in {netns}" if netns else "", exc)
+                continue
+            for tap in sorted(link.name for link in found if link.name in taps):
                 try:
                     await asyncio.to_thread(self.links.delete, tap, netns)
                 except NetworkError as exc:

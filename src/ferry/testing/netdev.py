@@ -47,6 +47,9 @@ class FakeLinks:
         found = self.link(name, netns)
         return found is not None and found.kind == "bridge"
 
+    def links(self, netns: Space = None) -> list[Link]:
+        return [link for _, link in sorted(self.spaces.get(netns, {}).items())]
+
     def link(self, name: str, netns: Space = None) -> Link | None:
         return self.spaces.get(netns, {}).get(name)
 
