@@ -15,8 +15,8 @@ step "ferry host list"
 ferry host list
 
 if ! ferry vm show demo >/dev/null 2>&1; then
-  step "ferry vm create demo --host host-1 --guest test --memory 256M --disk 256M"
-  ferry vm create demo --host host-1 --guest test --memory 256M --disk 256M
+  step "ferry vm create demo --host host-1 --guest test --memory 256M --disk 256M --nic lab"
+  ferry vm create demo --host host-1 --guest test --memory 256M --disk 256M --nic lab
 fi
 if [ "$(ferry vm show demo --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])')" != running ]; then
   step "ferry vm start demo"
@@ -39,8 +39,25 @@ ferry replication sync demo
 
 where=$(ferry vm show demo --json | field '["host"]')
 to=host-2; [ "$where" = host-2 ] && to=host-1
+# A peer on the lab network keeps one TCP connection to the guest's echo
+# service (port 7) through the move; it never reconnects.
+ip=$(ferry vm show demo --json | field '["nics"][0]["ip"]' 2>/dev/null || true)
+if [ -n "$ip" ]; then
+  step "ferry lab exec -- python -m ferry.testing.echo_peer $ip   (a TCP session from the lab LAN to demo)"
+  coproc PEER { ferry lab exec -- "$root/.venv/bin/python" -m ferry.testing.echo_peer "$ip" \
+    --connect-timeout 120; }
+  peer_pid=$PEER_PID peer_out=${PEER[0]} peer_in=${PEER[1]}
+  read -r -t 180 ready <&"$peer_out" || { echo "the echo peer never connected" >&2; exit 1; }
+  echo "$ready"
+fi
 step "ferry vm move demo --to $to   (live migration, shared-nothing: disk and memory move)"
 ferry vm move demo --to "$to"
+if [ -n "$ip" ]; then
+  echo stop >&"$peer_in"
+  read -r -t 60 done_line <&"$peer_out" || { echo "the echo peer did not report" >&2; exit 1; }
+  wait "$peer_pid" || { echo "the TCP session broke during the move: $done_line" >&2; exit 1; }
+  echo "$done_line" | python3 -c "import json,sys; d=json.load(sys.stdin); print('TCP session survived the move: %d/%d lines echoed in order, longest stall %.0f ms' % (d['received'], d['sent'], d['longest_stall_ms']))"
+fi
 
 step "ferry vm console demo --follow --until 'seq'   (the same guest run, now on $to)"
 ferry vm console demo --follow --until "seq" --timeout 60s
