@@ -338,7 +338,7 @@ MODULE_SECONDS = {
     "integration/test_cpu_models.py": 110,
     "integration/test_block_hashes.py": 60,
     "integration/test_bad_input.py": 50,
-    "integration/test_plan_create.py": 75,
+    "integration/test_plan_create.py": 100,
 }
 UNLISTED_S = 100
 UNIT_S = 5

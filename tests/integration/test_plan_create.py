@@ -4,6 +4,7 @@ a plan for the lab's VMs from host-1 to host-2, and the bad inputs that change n
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from ferry.client.fleet import Fleet
+from ferry.client.settings import load_settings
 from ferry.guest.build import dirty_memory_param
 from tests.conftest import LabEnv
 
@@ -33,6 +36,23 @@ def lab_vms(lab_env: LabEnv) -> Iterator[LabEnv]:
         cli("vm", "delete", name, "--force", check=False)
 
 
+def _dirty_rates(host: str, vm: str, *, tries: int) -> list[float]:
+    """Ask the agent for ``vm``'s dirty rate until one is above zero (at most ``tries``)."""
+
+    async def ask() -> list[float]:
+        seen: list[float] = []
+        async with Fleet(load_settings()) as fleet:
+            for _ in range(tries):
+                view = await fleet.client(host).get(f"/v1/vms/{vm}/dirty-rate", seconds="2")
+                assert view["calc_time_s"] == 2 and 1.5 < view["took_s"] < 10
+                seen.append(float(view["dirty_rate_bps"]))
+                if seen[-1] > 0:
+                    break
+        return seen
+
+    return asyncio.run(ask())
+
+
 def _step(plan: dict[str, Any], vm: str) -> dict[str, Any]:
     return next(s for s in plan["steps"] if s["vm"] == vm)
 
@@ -51,8 +71,10 @@ def test_plan_from_host_1_to_host_2(lab_vms: LabEnv, tmp_path: Path) -> None:
     assert hosts["host-1"]["free_memory"] <= hosts["host-1"]["memory"] - 384 * M
     vms = {v["name"]: v for v in inv["vms"]}
     busy, quiet = vms["busy"], vms["quiet"]
-    # measured by busy's QEMU (calc-dirty-rate): the guest rewrites 128 MiB over and over
-    assert busy["dirty_rate_bps"] is not None and busy["dirty_rate_bps"] > 0
+    # measured by busy's QEMU (calc-dirty-rate over 2 s); the guest rewrites its 128 MiB
+    # in bursts (a shell loop), so one window may see none: a few more must see some
+    assert busy["dirty_rate_bps"] is not None and busy["dirty_rate_bps"] >= 0
+    assert max(_dirty_rates("host-1", "busy", tries=6)) > 0
     assert quiet["dirty_rate_bps"] is None and "off" in quiet["dirty_rate_note"]
     # sampled from its QEMU's memory: its kernel, initramfs and what it rewrites are not
     # zero (the 128 MiB fill as the guest's loop reaches them), most of the rest is
