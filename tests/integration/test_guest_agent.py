@@ -259,6 +259,7 @@ def test_a_failed_freeze_cuts_a_crash_consistent_point(lab_env: LabEnv, storage:
         stats = measure(lab_env, name)
         assert stats["app_consistent_failure_count"] == 1 and stats["app_consistent_count"] == 0
         assert stats["success_count"] >= 1  # the cycle itself succeeded
+        assert "0 points, 1 failed freezes" in lab_env.cli("replication", "measure", name).stdout
         now = synced(lab_env.console(name))
         wait_synced(lab_env, name, now + 2)  # the guest was never left frozen
         # No ACPI, no agent answering: forced off after the timeout.

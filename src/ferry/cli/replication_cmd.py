@@ -88,6 +88,10 @@ def _show_status(status: dict[str, Any]) -> None:
             ["pending", format_size(status.get("pending_bytes") or 0)],
             ["recovery points kept", f"{status['recovery_points']} + latest"],
         ]  # fmt: skip
+        if status.get("app_consistent_every_s"):
+            rows.append(["app-consistent every", f"{_seconds(status['app_consistent_every_s'])}: "
+                         f"{status['app_consistent_count']} points, "
+                         f"{status['app_consistent_failure_count']} failed freezes"])  # fmt: skip
     else:
         rows.append(["recovery points", str(status.get("points"))])
     if status.get("origin"):
@@ -241,12 +245,6 @@ def measure(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> N
             ["average cycle", _seconds(stats["average_cycle_s"])],
             ["longest cycle", _seconds(stats["max_cycle_s"])],
             ["network failures", stats["network_failure_count"]],
-        ])  # fmt: skip
-    if found.get("app_consistent_every_s"):
-        print_table(["", ""], [
-            ["app-consistent every", _seconds(found["app_consistent_every_s"])],
-            ["app-consistent points / failed freezes",
-             f"{found['app_consistent_count']} / {found['app_consistent_failure_count']}"],
         ])  # fmt: skip
 
 
