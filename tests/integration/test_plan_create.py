@@ -147,6 +147,19 @@ def test_bad_inputs_are_one_line_and_change_nothing(lab_vms: LabEnv, tmp_path: P
     assert lab_vms.vm("busy")["host"] == "host-1"
     assert cli.json("vm", "list", "--host", "host-2") == []
 
+    # A destination without the room: a VM that takes all but 128M of host-2's memory
+    # (no disk, no kernel: SeaBIOS touches little of it); busy needs 384M there.
+    memory = cli.json("host", "show", "host-2")["memory"]
+    cli("vm", "create", "hog", "--host", "host-2", "--memory", f"{memory // M - 128}M",
+        "--start")  # fmt: skip
+    try:
+        line = cli.fails("plan", "create", "--from", "host-1", "--to", "host-2", "-o",
+                         str(out), "--probe-size", "4M")  # fmt: skip
+    finally:
+        cli("vm", "delete", "hog", "--force")
+    assert "destination lacks capacity: VM 'busy' needs 384M of memory and host-2 has" in line
+    assert not out.exists() and lab_vms.vm("busy")["host"] == "host-1"
+
 
 def test_replication_roles_and_partners(lab_vms: LabEnv, tmp_path: Path) -> None:
     """Last in the module: it leaves busy replicated to host-2."""

@@ -65,6 +65,12 @@ def _write(path: Path, text: str) -> None:
         raise StorageError(f"cannot write plan {path}: {exc.strerror or exc}") from None
 
 
+def _progress(text: str) -> None:
+    """What the measuring is doing, on a terminal only: a failure stays one line."""
+    if err.is_terminal:
+        err.print(f"[dim]{text}[/dim]")
+
+
 def _seconds(value: float) -> str:
     if value >= 120:
         return f"{value / 60:.1f}m"
@@ -132,8 +138,7 @@ def create(
     async def run(fleet: Fleet) -> Plan:
         src = await resolve(fleet, _names(sources), flag="--from")
         dst = await resolve(fleet, _names(destinations), flag="--to")
-        inventory = await collect(fleet, src, dst, probe_bytes=probe_bytes,
-                                  say=lambda text: err.print(f"[dim]{text}[/dim]"))  # fmt: skip
+        inventory = await collect(fleet, src, dst, probe_bytes=probe_bytes, say=_progress)
         targets = Targets(src.hosts, dst.hosts, dst.clusters, src.named, dst.named)
         created = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         return make_plan(inventory, targets, rules, created=created)
