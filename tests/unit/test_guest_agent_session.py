@@ -92,17 +92,17 @@ def test_shutdown_has_no_reply_when_it_works(sock: Path) -> None:
     assert fake.commands[-1] == "guest-shutdown"
 
 
-def test_the_cut_inside_the_window_is_app_consistent_and_thawed_at_once(sock: Path) -> None:
+def test_the_transaction_inside_the_window_is_app_consistent_and_thawed_after(sock: Path) -> None:
     fake = FakeGuestAgent(sock)
     seen: list[bool] = []
 
     async def body() -> None:
-        async with FreezeWindow(sock, vm="web") as window:
-            seen.append(fake.frozen)  # the transaction runs frozen
-            await window.thaw()  # BlockBackup.run's cut callback
+        window = FreezeWindow(sock, vm="web")
+        assert not window.attempted
+        async with window:  # as BlockBackup.run holds it around the transaction
             seen.append(fake.frozen)
-            await asyncio.sleep(0.05)  # the copy goes on, the guest runs
-        assert window.app_consistent and window.error is None
+        seen.append(fake.frozen)
+        assert window.attempted and window.app_consistent and window.error is None
         assert window.frozen_s is not None and window.frozen_s < 1
 
     run(fake, body)
@@ -116,7 +116,6 @@ def test_a_failed_freeze_lets_the_cut_go_on_crash_consistent(sock: Path) -> None
 
         async def body(cut: list[bool] = cut) -> None:
             async with FreezeWindow(sock, vm="web", sync_timeout=0.3) as window:
-                await window.thaw()
                 cut.append(True)
             assert not window.app_consistent and window.error
 
@@ -128,11 +127,12 @@ def test_a_failure_or_a_cancel_during_the_cut_still_thaws(sock: Path) -> None:
     fake = FakeGuestAgent(sock)
 
     async def failing() -> None:
-        with pytest.raises(FerryError, match="backup failed"):
-            async with FreezeWindow(sock, vm="web"):
+        window = FreezeWindow(sock, vm="web")
+        with pytest.raises(FerryError, match="transaction failed"):
+            async with window:
                 assert fake.frozen
-                raise FerryError("backup failed")
-        assert not fake.frozen
+                raise FerryError("transaction failed")
+        assert not fake.frozen and not window.app_consistent
 
     async def cancelled() -> None:
         entered = asyncio.Event()
@@ -162,7 +162,6 @@ def test_the_watchdog_bounds_the_freeze_and_the_late_cut_is_crash_consistent(soc
         async with FreezeWindow(sock, vm="web", limit=0.2) as window:
             await asyncio.sleep(0.6)  # a transaction that hangs
             assert not fake.frozen  # thawed by the watchdog meanwhile
-            await window.thaw()
         assert not window.app_consistent
         assert window.error is not None and "within" in window.error
 

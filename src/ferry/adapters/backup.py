@@ -31,7 +31,8 @@ for real; :class:`ferry.testing.qmp.FakeQmp` in the unit tests).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ class BlockBackup:
         speed: int | None = None,
         progress: Callable[[int], None] | None = None,
         cancel_on_exit: bool = True,
-        cut: Callable[[], Awaitable[None]] | None = None,
+        cut: AbstractAsyncContextManager[object] | None = None,
     ) -> None:
         """Copy each device into its target; QemuError if any job failed.
 
@@ -89,8 +90,9 @@ class BlockBackup:
         bytes/s for the whole copy, shared by the jobs. ``progress``: called
         with the bytes copied so far. ``cancel_on_exit``: False leaves jobs
         that still run when this is cancelled to finish inside QEMU.
-        ``cut``: awaited once the transaction returned (the point in time is
-        taken), before the copy runs: a frozen guest is thawed there.
+        ``cut``: entered just before the transaction (the point in time) and
+        left once it returned, before the copy runs: a guest frozen for the
+        cut stays frozen for the transaction alone.
         """
         if len(targets) != len(self.devices):
             raise ValueError(f"{len(self.devices)} devices, {len(targets)} targets")
@@ -116,12 +118,11 @@ class BlockBackup:
                 actions.append({"type": "blockdev-backup", "data": data})
             grouped = not any(a["type"] == "block-dirty-bitmap-add" for a in actions)
             with self.channel.listen("BLOCK_JOB_COMPLETED", "JOB_STATUS_CHANGE") as events:
-                await self.channel.execute("transaction", {
-                    "actions": actions,
-                    "properties": {"completion-mode": "grouped" if grouped else "individual"},
-                })  # fmt: skip
-                if cut is not None:
-                    await cut()
+                async with cut or contextlib.nullcontext():
+                    await self.channel.execute("transaction", {
+                        "actions": actions,
+                        "properties": {"completion-mode": "grouped" if grouped else "individual"},
+                    })  # fmt: skip
                 while True:
                     states = await self._states()
                     if progress is not None:

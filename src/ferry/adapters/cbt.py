@@ -25,7 +25,8 @@ agent reads its outcome (:meth:`ChangedBlockTracker.outcome`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,8 @@ from ferry.errors import QemuError
 
 BITMAP = "ferry-cbt"
 GRANULARITY = 64 * 1024  # = the qcow2 cluster size of the delta files
-# Awaited right after the transaction that is the point in time (a thaw).
-Cut = Callable[[], Awaitable[None]]
+# Held around the transaction that is the point in time (a guest's freeze).
+Cut = AbstractAsyncContextManager[object]
 
 
 class ChangedBlockTracker:

@@ -111,7 +111,7 @@ async def timed_cycle(catalog: Catalog, vm_uuid: str, vm_name: str, now: float,
 
 def freeze_counts(rel: Relationship, window: FreezeWindow | None) -> dict[str, Any]:
     """The relationship's freeze figures after ``window`` (None: no freeze was due)."""
-    if window is None:
+    if window is None or not window.attempted:
         return {}
     tried = {"last_freeze_attempt": time.time(), "last_freeze_s": window.frozen_s}
     if window.app_consistent:
@@ -318,8 +318,8 @@ class CycleRunner:
                    freeze: bool = False) -> PendingPoint:  # fmt: skip
         """Take a point: a full copy or a delta, recorded in flight first.
 
-        ``freeze``: inside a :class:`FreezeWindow` (thawed at the transaction);
-        the attempt and its outcome are counted in the relationship.
+        ``freeze``: the transaction inside a :class:`FreezeWindow`; the attempt
+        and its outcome are counted in the relationship.
         """
         point_id = rel.next_point
         out = out_dir or self.work_dir / rel.vm_uuid / f"p{point_id}"
@@ -335,12 +335,10 @@ class CycleRunner:
             socket = self.vms.processes.guest_agent_socket(rel.vm_uuid)
             window = FreezeWindow(socket, vm=rel.vm_name)
         try:
-            async with window or contextlib.nullcontext():
-                cut = window.thaw if window is not None else None
-                if full:
-                    await tracker.full(out, "base", tag=tag, cut=cut)
-                else:
-                    await tracker.delta(out, f"p{point_id}", tag=tag, cut=cut)
+            if full:
+                await tracker.full(out, "base", tag=tag, cut=window)
+            else:
+                await tracker.delta(out, f"p{point_id}", tag=tag, cut=window)
         except FerryError:
             for path in files:
                 path.unlink(missing_ok=True)

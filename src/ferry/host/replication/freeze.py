@@ -1,20 +1,21 @@
 """The guest's file systems frozen around one replication cut (app-consistent points).
 
-A cycle that :func:`ferry.core.guest_agent.freeze_due` picks runs its cut
-inside :class:`FreezeWindow`::
+A cycle that :func:`ferry.core.guest_agent.freeze_due` picks hands a
+:class:`FreezeWindow` to the backup, which holds it around the QMP
+transaction alone (the point in time; the target files and nodes are made
+before, the copy runs after)::
 
-    async with FreezeWindow(socket, vm=name) as window:
-        await tracker.delta(..., cut=window.thaw)   # thawed right after the transaction
-    window.app_consistent                           # the cut was taken frozen
+    window = FreezeWindow(socket, vm=name)
+    await tracker.delta(..., cut=window)   # async with window: transaction
+    window.app_consistent                  # the transaction ran frozen
 
 The window freezes on entry through the guest agent; a freeze that fails
 (no agent in the guest, an error, a timeout) is recorded in ``error`` and
-the cut goes on crash-consistent. The guest is thawed three ways, whichever
-comes first: at the cut (``thaw``), by a watchdog after ``limit`` seconds (a
-cut that hangs must not stall the guest's writes; the point is then only
-crash-consistent), and on exit whatever happened, an error or a
-cancellation included (the thaw then runs shielded, so a second cancel
-cannot leave the guest frozen).
+the cut goes on crash-consistent. The guest is thawed on exit, whatever
+happened (an error, a cancellation: the thaw runs shielded, so a second
+cancel cannot leave the guest frozen), or earlier by a watchdog after
+``limit`` seconds (a transaction that hangs must not stall the guest's
+writes; the point is then only crash-consistent).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class FreezeWindow:
         self.vm = vm
         self.limit = limit
         self.sync_timeout = sync_timeout
+        self.attempted = False  # entered: a freeze was tried
         self.error: str | None = None  # why the freeze failed (the point is crash-consistent)
         self.frozen_s: float | None = None  # how long the guest stayed frozen
         self._agent: GuestAgent | None = None
@@ -56,6 +58,7 @@ class FreezeWindow:
         return self._cut_frozen
 
     async def __aenter__(self) -> FreezeWindow:
+        self.attempted = True
         agent = GuestAgent(self.socket_path, vm=self.vm, sync_timeout=self.sync_timeout)
         try:
             await agent.__aenter__()
@@ -78,14 +81,10 @@ class FreezeWindow:
         self._watchdog = asyncio.create_task(self._expire(), name=f"freeze-watchdog-{self.vm}")
         return self
 
-    async def thaw(self) -> None:
-        """The cut is taken: thaw now (the callback the backup awaits)."""
-        if self._frozen_at is not None and self._thawing is None:
-            self._cut_frozen = True
-        await self._thaw_once()
-
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:  # fmt: skip
+        if exc_type is None and self._frozen_at is not None and self._thawing is None:
+            self._cut_frozen = True  # the body (the transaction) ended, still frozen
         if self._watchdog is not None:
             self._watchdog.cancel()
         # Shielded: a cancelled cycle still thaws its guest to the end.
