@@ -18,6 +18,7 @@ import pytest
 from ferry.core.failover import FailoverState
 from ferry.core.relationship import InitialMethod
 from ferry.core.replication import ReplicationState
+from ferry.core.spec import NicSpec
 from ferry.core.vmstate import VmState
 from ferry.errors import InvalidInputError, StateError
 from ferry.host import jobs as jobs_module
@@ -294,3 +295,18 @@ def test_a_restart_leaves_every_interrupted_failover_completable_or_cancellable(
     asyncio.run(go())
     assert lab.states == [F.FAILED_OVER, F.NONE]
     assert lab.state(two) is VmState.REPLICA
+
+
+def test_a_planned_failover_is_refused_before_shutdown_when_the_replica_lacks_a_network(
+    lab: Lab,
+) -> None:
+    # The replica VM's NIC is on 'prod' there (as a map made it); host-2 has no 'prod'.
+    replica = lab.two.catalog.get(lab.uuid)
+    nic = NicSpec(network="prod", mac="02:00:00:00:0c:01")
+    lab.two.catalog.update_spec(replica.spec.model_copy(update={"nics": (nic,)}))
+    job = run_to_end(lab, lab.one, "planned")
+    assert job.state == "failed"
+    assert job.detail["error"].startswith("host 'host-2' has no network 'prod', which the "
+                                          "replica of VM 'web' is on there")  # fmt: skip
+    assert lab.one.vms.calls == []  # never shut down: it runs on here
+    assert lab.state(lab.one) is VmState.RUNNING and lab.states == []

@@ -61,8 +61,6 @@ class Hello(_Model):
     caller_role: str
     # The CPU models this host runs (core/cpu_models.py); empty from an older host.
     cpu_models: tuple[CpuModel, ...] = ()
-    # The names of this host's networks (a planned failover checks them first).
-    networks: tuple[str, ...] = ()
 
 
 class Offer(_Model):
@@ -99,6 +97,9 @@ class ReplicaState(_Model):
     # A clustered VM: the cluster and hosts the replica accepts a new primary from.
     cluster: str = ""
     cluster_hosts: list[ClusterHost] = Field(default_factory=list)
+    # Networks the replica VM's NICs are on that this host lacks now (a
+    # failover could not start it; a planned failover checks before it begins).
+    missing_networks: list[str] = Field(default_factory=list)
 
 
 class ReplicaChanges(_Model):

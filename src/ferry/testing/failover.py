@@ -33,7 +33,7 @@ from ferry.host.failover.service import FailoverService
 from ferry.host.jobs import JobRegistry
 from ferry.host.replication.receiver import ReplicaStore, disk_file
 from ferry.host.replication.server import ReplicaServer
-from ferry.peer.replication import HELLO, Hello
+from ferry.peer.replication import HELLO, REPLICA, Hello, ReplicaState
 from ferry.peer.routes import NoBody
 from ferry.peer.server import Call, PeerServer
 from ferry.testing.peers import MemoryNetwork
@@ -126,7 +126,11 @@ def failover_host(network: MemoryNetwork, root: Path, name: str) -> FailoverHost
                      caller=call.caller.common_name, caller_role=role,
                      cpu_models=vms.cpu.models)  # fmt: skip
 
+    async def replica(call: Call[NoBody]) -> ReplicaState:
+        return store.state(call.params["uuid"])
+
     server.handle(HELLO, hello)
+    server.handle(REPLICA, replica)  # what a planned failover asks the replica host first
     network.join(name, server)
     return FailoverHost(name, f"https://{name}", config, catalog, vms, jobs, store, replication,
                         failover, server)  # fmt: skip

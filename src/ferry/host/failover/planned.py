@@ -23,11 +23,10 @@ from ferry.adapters.catalog import VmRecord
 from ferry.core import replication as rules
 from ferry.core.cpu_models import CpuFacts, check_cpu
 from ferry.core.failover import Phase
-from ferry.core.network import check_networks
 from ferry.core.relationship import Relationship
 from ferry.core.replication import ReplicationState, check_partner
 from ferry.core.vmstate import VmOp, VmState
-from ferry.errors import FerryError, StateError
+from ferry.errors import FerryError, InvalidInputError, StateError
 from ferry.host.failover.reverse import Reversal
 from ferry.host.failover.split_brain import caller_of
 from ferry.host.failover.steps import FailoverSteps
@@ -35,7 +34,7 @@ from ferry.host.failover.unplanned import Failover
 from ferry.host.jobs import Job
 from ferry.peer import failover as wire
 from ferry.peer.client import PeerClient, Timeout
-from ferry.peer.replication import HELLO
+from ferry.peer.replication import HELLO, REPLICA
 from ferry.peer.routes import NoBody
 from ferry.peer.server import Call
 
@@ -73,13 +72,18 @@ class PlannedFailover:
             rules.check_reverse_allowed(hello.functional_level, s.config.functional_level,
                                         running_host=rel.replica, old_primary=s.config.name,
                                         vm=name)  # fmt: skip
+            replica = await peer.call(REPLICA, uuid=rel.vm_uuid)
         # The replica host must run the VM's CPU model (it says which in hello).
         check_cpu(record.spec.cpu_model, CpuFacts(host=rel.replica, models=hello.cpu_models),
                   vm=name)  # fmt: skip
-        # ... and have the networks its NICs go to there (the relationship's
-        # map), before the VM is shut down here.
-        check_networks(record.spec, host=rel.replica, host_networks=hello.networks,
-                       network_map=rel.network_map)  # fmt: skip
+        # ... and have the networks the replica VM's NICs are on there (its spec
+        # holds the map's names), before the VM is shut down here.
+        if replica.missing_networks:
+            raise InvalidInputError(
+                f"host {rel.replica!r} has no network {replica.missing_networks[0]!r}, which the "
+                f"replica of VM {name!r} is on there; add it there or change the map "
+                f"('ferry replication set {name} --network-map SRC=DST')"
+            )
         s.phase(job, Phase.SHUTTING_DOWN)
         record = s.vms.get(name)
         running = record.state in (VmState.RUNNING, VmState.PAUSED)

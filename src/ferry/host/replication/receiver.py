@@ -33,7 +33,12 @@ from ferry.adapters.firmware import check_firmware_here
 from ferry.adapters.pki import CertInfo, Role
 from ferry.adapters.point_transfer import PointReceiver, receive_point
 from ferry.core.cpu_models import CpuFacts, check_cpu
-from ferry.core.network import apply_network_map, check_network_map, check_networks
+from ferry.core.network import (
+    apply_network_map,
+    check_network_map,
+    check_networks,
+    missing_networks,
+)
 from ferry.core.relationship import InitialMethod, Relationship
 from ferry.core.relationship import Role as RelRole
 from ferry.core.replication import (
@@ -174,6 +179,7 @@ class ReplicaStore:
         rel = self.relationship(vm_uuid)
         chain = self.catalog.points(vm_uuid)
         points = [p for p in chain if p.id != ADOPTED_POINT]
+        record = self.catalog.find(vm_uuid)
         return ReplicaState(
             vm=rel.vm_name,
             host=self.config.name,
@@ -188,6 +194,9 @@ class ReplicaStore:
             bytes=sum(p.size for p in chain),
             cluster=rel.cluster,
             cluster_hosts=list(rel.cluster_hosts),
+            missing_networks=missing_networks(record.spec, self.networks().all(), {})
+            if record is not None
+            else [],
         )
 
     # -- accepting a VM ----------------------------------------------------------
