@@ -199,3 +199,29 @@ def test_policy_max_downtime_and_must_run() -> None:
     (step,) = make_plan(inventory([calm]), ONE_TO_TWO, strict, created=NOW).steps
     assert any("over the policy's max-downtime" in w for w in step.warnings)
     assert policy.source is not None
+
+
+def test_copy_cluster_roles_takes_the_whole_volume_along() -> None:
+    hosts = [host("host-1", cluster="c1", volumes={"csv1": "/c1"}),
+             host("host-2", cluster="c2", volumes={"csv1": "/c2"})]  # fmt: skip
+
+    def on_csv(name: str, **kw: object) -> VmFacts:
+        return vm(name, cluster="c1", storage=StorageKind.CLUSTER_VOLUME, volume="csv1",
+                  disks=[DiskFacts(path=f"/c1/{name}", size=G, allocation=64 * M,
+                                   volume="csv1", storage=StorageKind.CLUSTER_VOLUME)],
+                  **kw)  # fmt: skip
+
+    # z (2G) dirties more than the link carries and may be down 5 s at most: live
+    # migration would not converge even so; Copy Cluster Roles is brief enough
+    vms = [on_csv("b"), on_csv("z", dirty_rate_bps=500.0 * M, memory=2 * G)]
+    policy = parse_policy('[[vm]]\nmatch = "z"\nmax-downtime = "5s"')
+    targets = Targets(["host-1"], ["host-2"], ["c2"], ["cluster:c1"], ["cluster:c2"])
+    plan = make_plan(inventory(vms, hosts), targets, policy, created=NOW)
+    steps = {s.vm: s for s in plan.steps}
+    assert steps["z"].option is Option.COPY_CLUSTER_ROLES
+    assert steps["z"].improvement == "replication kept across Copy Cluster Roles"
+    # b came first and would have gone live; it goes with its volume instead
+    assert steps["b"].option is Option.COPY_CLUSTER_ROLES
+    assert steps["b"].reason.endswith("moves with its volume")
+    assert steps["b"].group == steps["z"].group == "c1/csv1"
+    assert [s.vm for s in plan.steps] == ["b", "z"]

@@ -34,6 +34,7 @@ from ferry.core.plan.policy import NO_POLICY, Needs, Policy
 from ferry.core.plan.rules import (
     DESTINATIONS,
     MUST_RUN_ACCEPTS,
+    OPTIONS,
     PREFERENCE,
     Deployment,
     DestinationKind,
@@ -213,24 +214,17 @@ def make_plan(
     warnings: list[str] = []
     elapsed = 0.0
     by_uuid: dict[str, list[int]] = {}
-    volume_option: dict[str, Option] = {}
-    for index, p in enumerate(placed, 1):
+    choices = [_first_choice(p, hosts, inv, targets, policy) for p in placed]
+    # A volume that moves whole (Copy Cluster Roles) takes every VM on it along.
+    whole = {p.group: c.option for p, c in zip(placed, choices, strict=True)
+             if p.group is not None and c.option in OPTIONS
+             and OPTIONS[c.option].scope is Scope.VOLUME}  # fmt: skip
+    for index, (p, choice) in enumerate(zip(placed, choices, strict=True), 1):
         vm, dst = p.vm, hosts[p.chosen or p.destinations[0]]
         needs = policy.needs(vm)
-        if vm.is_replica:
-            work = _workload(vm, vm.host, dst, inv, needs)
-            choice = _Choice(Option.MOVE_REPLICA,
-                             "replication in use: move the replica site first, then the "
-                             "primary (an older replica refuses a newer primary)",
-                             est.estimate(Option.MOVE_REPLICA, work), None, [])  # fmt: skip
-        else:
-            choice = choose(vm, dst, inv, targets, needs)
-            work = _workload(vm, vm.host, dst, inv, needs)
-            if p.group is not None and p.group in volume_option:
-                choice = _follow_volume(vm, dst, inv, targets, needs, volume_option[p.group],
-                                        choice)  # fmt: skip
-            elif p.group is not None and choice.option is Option.COPY_CLUSTER_ROLES:
-                volume_option[p.group] = choice.option
+        work = _workload(vm, vm.host, dst, inv, needs)
+        if p.group in whole and not vm.is_replica:
+            choice = _follow_volume(vm, dst, inv, targets, needs, whole[p.group], choice)
         step_warnings = [*p.warnings, *choice.warnings]
         converge = _convergence_warning(vm, choice, work)
         if converge:
@@ -270,6 +264,19 @@ def make_plan(
     return Plan(created=created, sources=list(targets.named_sources or targets.sources),
                 destinations=list(targets.named_destinations or targets.destinations),
                 policy=policy.source, inventory=inv, steps=steps, warnings=warnings)  # fmt: skip
+
+
+def _first_choice(p: Pending, hosts: dict[str, HostFacts], inv: Inventory, targets: Targets,
+                  policy: Policy) -> _Choice:  # fmt: skip
+    vm, dst = p.vm, hosts[p.chosen or p.destinations[0]]
+    needs = policy.needs(vm)
+    if not vm.is_replica:
+        return choose(vm, dst, inv, targets, needs)
+    work = _workload(vm, vm.host, dst, inv, needs)
+    return _Choice(Option.MOVE_REPLICA,
+                   "replication in use: move the replica site first, then the primary "
+                   "(an older replica refuses a newer primary)",
+                   est.estimate(Option.MOVE_REPLICA, work), None, [])  # fmt: skip
 
 
 def _follow_volume(vm: VmFacts, dst: HostFacts, inv: Inventory, targets: Targets, needs: Needs,
