@@ -311,7 +311,7 @@ def lab_env(tmp_path_factory: pytest.TempPathFactory, guest_cache: Path) -> Iter
 # short unit modules fill in at the end: the two workers finish together. A
 # module not listed counts as UNLISTED_S (unit tests: UNIT_S).
 MODULE_SECONDS = {
-    # Nine TCG boots, seven through OVMF and its shell (6 tests: 691 s measured at load 14).
+    # Ten TCG boots, eight through OVMF and its shell (6 tests: 691 s measured at load 14).
     "integration/test_firmware.py": 480,
     "integration/test_cluster_ha.py": 330,
     "integration/test_replication.py": 300,
