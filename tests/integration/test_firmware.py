@@ -20,8 +20,6 @@ from typing import Any
 
 import pytest
 
-from ferry.guest.bootable import build_boot_image
-from ferry.guest.build import ensure_guest
 from tests.conftest import LabEnv, lab_session, seqs
 
 pytestmark = pytest.mark.integration
@@ -44,12 +42,12 @@ def env(tmp_path_factory: pytest.TempPathFactory, guest_cache: Path) -> Iterator
 
 @pytest.fixture(scope="module")
 def images(env: LabEnv, guest_cache: Path) -> dict[str, str]:
-    """Boot images A and B (their kernel command lines say ferry.boot=A / B) in image_dirs."""
-    guest = ensure_guest(guest_cache)
+    """Boot images A and B (their kernel command lines say ferry.boot=A / B) in image_dirs,
+    written by ``ferry guest boot-image``."""
     made = {}
     for tag in ("A", "B"):
         path = env.lab.images_dir / f"boot-{tag}.img"
-        build_boot_image(path, guest, tag=tag)
+        env.cli("guest", "boot-image", str(path), "--tag", tag, "--cache", str(guest_cache))
         made[tag] = str(path)
     return made
 
