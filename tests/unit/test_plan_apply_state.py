@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from ferry.core.plan.apply_state import (
@@ -18,9 +20,11 @@ from ferry.core.plan.apply_state import (
     advance,
     capacity_shortfall,
     decide,
+    in_place_work,
     precheck,
     step_key,
     step_plan,
+    upgrade_allowed,
 )
 from ferry.core.plan.plan_file import Option, Preconditions, Step
 from ferry.errors import InvalidInputError, StateError
@@ -30,7 +34,7 @@ MOVE = StepPlan(key="1:a", vm="a", uuid="u-a", action=Action.LIVE_MOVE, source="
                 target="host-2", storage="copy", must_run=True)  # fmt: skip
 EXPORT = StepPlan(key="2:b", vm="b", uuid="u-b", action=Action.EXPORT_IMPORT, source="host-1",
                   target="host-2")  # fmt: skip
-UPGRADE = StepPlan(key="3:c", vm="c", uuid="u-c", action=Action.UPGRADE_VERSION,
+UPGRADE = StepPlan(key="3:c", vm="c", uuid="u-c", action=Action.IN_PLACE,
                    source="host-1", target="host-1", min_level=3)  # fmt: skip
 DEST = HostSeen("host-2", free_memory=1024 * M, functional_level=3, max_config_version=3,
                 networks=frozenset({"lab"}))  # fmt: skip
@@ -172,11 +176,52 @@ def test_an_export_import_step_goes_on_after_its_export_job_finished() -> None:
         0] is Decision.MARK_DONE  # fmt: skip
 
 
-def test_an_in_place_upgrade_is_done_once_the_version_is_reached() -> None:
-    assert decide(UPGRADE, StepRecord("3:c"), None, [vm("c", config_version=2)])[0] is \
+def test_an_in_place_step_of_an_off_vm_is_done_once_the_version_is_reached() -> None:
+    off = {"state": "off", "pid": None}
+    assert decide(UPGRADE, StepRecord("3:c"), None, [vm("c", config_version=2, **off)])[0] is \
         Decision.RUN  # fmt: skip
-    assert decide(UPGRADE, StepRecord("3:c"), None, [vm("c", config_version=3)])[0] is \
+    assert in_place_work(UPGRADE, vm("c", config_version=2, **off), None) == (False, True)
+    decision, why = decide(UPGRADE, StepRecord("3:c"), None, [vm("c", config_version=3, **off)])
+    assert decision is Decision.MARK_DONE and why == "VM c is upgraded in place on host-1"
+
+
+def test_an_in_place_step_of_a_running_vm_refreshes_it_and_is_done_after_the_refresh() -> None:
+    # Running at the host's version already: the step is the move into a fresh QEMU.
+    now = vm("c", config_version=3, pid=100)
+    assert in_place_work(UPGRADE, now, None) == (True, False)
+    assert decide(UPGRADE, StepRecord("3:c"), None, [now])[0] is Decision.RUN
+    # The pid the step found is recorded before the refresh is asked for: a resumed
+    # apply that sees another pid does not refresh again, whatever the record's phase.
+    asked = advance(StepRecord("3:c"), StepOp.START, phase="refresh", result={"from_pid": 100})
+    assert decide(UPGRADE, asked, None, [now])[0] is Decision.RUN
+    assert decide(UPGRADE, asked, None, [vm("c", config_version=3, pid=200)])[0] is \
         Decision.MARK_DONE  # fmt: skip
+    told = replace(asked, result={"from_pid": 100, "refreshed": True})
+    assert decide(UPGRADE, told, None, [now])[0] is Decision.MARK_DONE
+    # Still moving (its state says migrating): not done yet.
+    assert decide(UPGRADE, asked, None, [vm("c", "host-1", "migrating", config_version=3,
+                                            pid=200)])[0] is Decision.RUN  # fmt: skip
+
+
+def test_a_running_vm_below_the_level_is_refreshed_but_not_upgraded_live() -> None:
+    # Every configuration version has its own machine type: raising it live would change
+    # the guest's hardware, which the agent refuses; an off VM is upgraded.
+    assert in_place_work(UPGRADE, vm("c", config_version=2, pid=100), None) == (True, False)
+    assert not upgrade_allowed("running", 2, 3) and not upgrade_allowed("paused", 2, 3)
+    assert upgrade_allowed("off", 2, 3) and upgrade_allowed("crashed", 1, 3)
+    assert not upgrade_allowed("off", 3, 3)
+    after = advance(StepRecord("3:c"), StepOp.START, result={"from_pid": 100, "refreshed": True})
+    assert decide(UPGRADE, after, None, [vm("c", config_version=2, pid=200)])[0] is \
+        Decision.MARK_DONE  # fmt: skip
+
+
+def test_an_in_place_refresh_needs_room_for_the_second_qemu() -> None:
+    here = HostSeen("host-1", free_memory=128 * M, functional_level=3, max_config_version=3)
+    line = precheck(UPGRADE, [vm("c", config_version=3, pid=1)], here)
+    assert line is not None and line.startswith("host-1 lacks the capacity for VM c")
+    assert precheck(UPGRADE, [vm("c", state="off", config_version=2)], here) is None
+    roomy = HostSeen("host-1", free_memory=1024 * M, functional_level=3, max_config_version=3)
+    assert precheck(UPGRADE, [vm("c", config_version=3, pid=1)], roomy) is None
 
 
 # -- prechecks ------------------------------------------------------------------------------

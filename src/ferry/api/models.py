@@ -21,6 +21,7 @@ Admin endpoints (admin certificate)::
     POST   /v1/vms/{name}/upgrade-version -> VmView
     POST   /v1/vms/{name}/export ExportRequest -> job (202)
     POST   /v1/imports    ImportRequest -> job (202)   (with ``cluster``, ``volume``: clustered)
+    POST   /v1/vms/{name}/refresh       -> {vm, old_pid, pid, downtime_ms, total_s}
     POST   /v1/host/refresh-vms         -> {"host", "results": [{vm, old_pid, pid, ...}]}
     GET    /v1/host/upgrade-check       -> {"host", "version", "schema_version", ...}
     GET    /v1/replica-server           -> ReplicaServerSettings

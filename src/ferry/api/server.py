@@ -146,6 +146,7 @@ class AgentApi:
                 web.post("/v1/vms/{name}/upgrade-version", self.upgrade_version),
                 web.post("/v1/vms/{name}/export", self.export_vm),
                 web.post("/v1/imports", self.import_vm),
+                web.post("/v1/vms/{name}/refresh", self.refresh_vm),
                 web.post("/v1/host/refresh-vms", self.refresh_vms),
                 web.get("/v1/host/upgrade-check", self.upgrade_check),
                 web.get("/v1/jobs", self.list_jobs),
@@ -392,6 +393,12 @@ class AgentApi:
             body.folder, mode=body.mode, new_name=body.name, cluster=body.cluster,
             volume=body.volume, network_map=check_network_map(body.network_map))  # fmt: skip
         return _json(job.view(self.vms.config.name), status=202)
+
+    async def refresh_vm(self, request: web.Request) -> web.Response:
+        """One running VM into a fresh QEMU on this host (vm refresh, plan apply in place)."""
+        name = request.match_info["name"]
+        async with self.vms.turns.turn(self.vms.get(name).uuid, "a refresh"):
+            return _json(await self.vms.refresh_process(name))
 
     async def refresh_vms(self, request: web.Request) -> web.Response:
         results = []

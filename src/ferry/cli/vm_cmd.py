@@ -386,6 +386,23 @@ def upgrade_version(name: str, host: str | None = HostOpt, as_json: bool = JsonO
         say(f"VM {name} now has configuration version {vm['config_version']}")
 
 
+@app.command("refresh")
+def refresh(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> None:
+    """Move a running VM into a fresh QEMU process on its host, live (after a QEMU upgrade)."""
+
+    async def run(fleet: Fleet) -> Any:
+        where, _ = await fleet.locate(name, host)
+        with err.status(f"moving VM {name} into a fresh QEMU on {where}"):
+            return {"host": where, **await fleet.client(where).post(f"/v1/vms/{name}/refresh")}
+
+    report = with_fleet(run)
+    if as_json:
+        print_json(report)
+    else:
+        say(f"VM {name} runs in a fresh QEMU on {report['host']} (pid {report['old_pid']} -> "
+            f"{report['pid']}, downtime {report.get('downtime_ms')} ms)")  # fmt: skip
+
+
 @app.command("move")
 def move(
     name: str,

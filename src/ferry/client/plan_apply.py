@@ -2,7 +2,8 @@
 
 Each step goes through the same agent calls as its CLI command (``vm move``
 with the step's storage mode; ``vm export`` then ``vm import`` on the
-destination; ``vm upgrade-version``). The step states live in a state file
+destination; in place, ``vm refresh`` for a running VM (a fresh QEMU on its
+host) then ``vm upgrade-version`` where its state allows). The step states live in a state file
 beside the plan (``PLAN.json.state``), written before and after every job,
 so an apply stopped anywhere (Ctrl-C, a killed client, an agent restart)
 is carried on by the next one: done steps stay done, a step whose job was
@@ -190,7 +191,8 @@ class PlanApply:
                 world.vms.append(st.VmSeen(
                     name=view["name"], host=name, state=view["state"], memory=view["memory"],
                     config_version=view["config_version"], uuid=view["uuid"],
-                    busy=view.get("busy"), incoming=bool(view.get("incoming"))))  # fmt: skip
+                    busy=view.get("busy"), incoming=bool(view.get("incoming")),
+                    pid=view.get("pid")))  # fmt: skip
             running = sum(v["memory"] for v in views if v["state"] in _USES_MEMORY)
             free = host.get("free_memory", host["memory"] - running)
             nets = host.get("networks")
@@ -392,7 +394,6 @@ class PlanApply:
 
     async def _run_action(self, step: StepPlan, world: World) -> bool:
         """Start (and follow) the step's work; True when it is all done already."""
-        client = self.fleet.client(step.source)
         if step.action is Action.LIVE_MOVE:
             self.observer.step_started(step, f"live migration to {step.target} "
                                              f"({step.storage} storage)")  # fmt: skip
@@ -401,12 +402,8 @@ class PlanApply:
                                            {"to": step.target, "to_url": target.url,
                                             "storage": step.storage}, "move")  # fmt: skip
             await self._follow(step, step.source, job_id)
-        elif step.action is Action.UPGRADE_VERSION:
-            self.observer.step_started(step, "in-place upgrade of its configuration version")
-            record = self.state.record(step.key)
-            self._put(st.advance(record, StepOp.START, started=time.time(),
-                                 phase="upgrade-version"))  # fmt: skip
-            await client.post(f"/v1/vms/{step.vm}/upgrade-version")
+        elif step.action is Action.IN_PLACE:
+            await self._in_place(step, world)
             return True
         elif step.action is Action.MOVE_REPLICA:
             primary = next((vm.host for vm in world.vms if vm.uuid == step.uuid
@@ -425,6 +422,41 @@ class PlanApply:
         else:
             await self._export_import(step, world)
         return False
+
+    async def _in_place(self, step: StepPlan, world: World) -> None:
+        """A running VM into a fresh QEMU on its host, then its version up where allowed.
+
+        The pid the step found is recorded before the refresh is asked for, so a later
+        apply knows a refresh that happened while nobody watched (a new pid).
+        """
+        client = self.fleet.client(step.source)
+        vm = st.locate(step, world.vms)
+        assert vm is not None  # the precheck found it
+        record = self.state.record(step.key)
+        refresh, upgrade = st.in_place_work(step, vm, record)
+        result = dict(record.result)
+        if refresh and "from_pid" not in result:
+            result["from_pid"] = vm.pid
+        record = self._put(st.advance(record, StepOp.START, started=time.time(),
+                                      phase="refresh" if refresh else "upgrade-version",
+                                      result=result))  # fmt: skip
+        if refresh:
+            self.observer.step_started(step, f"moving it into a fresh QEMU on {step.source}")
+            done = await client.post(f"/v1/vms/{step.vm}/refresh")
+            result = {**record.result, "refreshed": True, "pid": done.get("pid"),
+                      "old_pid": done.get("old_pid"), "downtime_ms": done.get("downtime_ms"),
+                      "total_s": done.get("total_s")}  # fmt: skip
+            record = self._put(_with(record, phase="upgrade-version", result=result))
+        if upgrade:
+            self.observer.step_started(step, "raising its configuration version")
+            view = await client.post(f"/v1/vms/{step.vm}/upgrade-version")
+            result = {**record.result, "config_version": view.get("config_version")}
+        elif vm.config_version < step.min_level:
+            result = {**record.result, "config_version": vm.config_version,
+                      "note": f"configuration version {vm.config_version} stays: raising it "
+                              "changes the machine type, which needs a restart (stop it, "
+                              "then ferry vm upgrade-version)"}  # fmt: skip
+        self._put(_with(record, result=result))
 
     async def _export_import(self, step: StepPlan, world: World) -> None:
         """Stop (if it runs), export, import on the destination, remove the source, start."""

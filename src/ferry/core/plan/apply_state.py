@@ -33,6 +33,7 @@ from ferry.core import transitions
 from ferry.core.cpu_models import CpuFacts, cpu_refusal
 from ferry.core.plan.plan_file import Option, Step
 from ferry.core.units import format_size
+from ferry.core.versions import machine_type
 from ferry.errors import InvalidInputError
 
 STATE_FORMAT = 1
@@ -69,18 +70,23 @@ TRANSITIONS: dict[StepOp, tuple[frozenset[StepState], StepState]] = {
 class Action(StrEnum):
     LIVE_MOVE = "live-move"  # ferry vm move --storage MODE
     EXPORT_IMPORT = "export-import"  # ferry vm export, then vm import on the destination
-    UPGRADE_VERSION = "upgrade-version"  # in place: ferry vm upgrade-version
+    # In place, as the plan's improvement says: a running VM moves into a fresh QEMU
+    # on its host (ferry vm refresh), then, where its configuration version is below
+    # the host's level and its state allows that, ferry vm upgrade-version; an off VM
+    # gets the upgrade-version alone.
+    IN_PLACE = "in-place"
     MOVE_REPLICA = "move-replica"  # ferry replication set VM --replica DESTINATION
 
 
 _ACTIONS: dict[Option, Action] = {
     Option.LIVE_MIGRATION: Action.LIVE_MOVE,
     Option.EXPORT_IMPORT: Action.EXPORT_IMPORT,
-    Option.IN_PLACE: Action.UPGRADE_VERSION,
+    Option.IN_PLACE: Action.IN_PLACE,
     Option.MOVE_REPLICA: Action.MOVE_REPLICA,
 }
 # Steps that bring no running VM to their destination (no memory to find there).
-_NO_MEMORY = frozenset({Action.UPGRADE_VERSION, Action.MOVE_REPLICA})
+# (A refresh holds a second QEMU only for a while: precheck asks for its memory.)
+_NO_MEMORY = frozenset({Action.IN_PLACE, Action.MOVE_REPLICA})
 
 
 def step_key(step: Step) -> str:
@@ -185,6 +191,7 @@ class VmSeen:
     uuid: str = ""
     busy: str | None = None
     incoming: bool = False  # arriving by live migration; still the source's
+    pid: int | None = None  # its QEMU's process id while it runs
 
 
 @dataclass(frozen=True)
@@ -260,12 +267,42 @@ def locate(step: StepPlan, vms: Iterable[VmSeen]) -> VmSeen | None:
     return own[0] if len(own) == 1 else None
 
 
-def arrived(step: StepPlan, vms: Iterable[VmSeen]) -> bool:
-    """True when the step's effect is already there: the VM on its destination, settled."""
+def upgrade_allowed(state: str, current: int, level: int) -> bool:
+    """Whether ``vm upgrade-version`` takes a VM in ``state`` from ``current`` to ``level``:
+    a live VM only when its machine type stays (else it needs a restart first)."""
+    if current >= level:
+        return False
+    live = state not in ("off", "crashed")
+    return not live or machine_type(current) == machine_type(level)
+
+
+def refreshed(vm: VmSeen, record: StepRecord | None) -> bool:
+    """Whether the in-place step's move into a fresh QEMU already happened: the record
+    says so, or the VM's QEMU is not the one the step found (its pid, recorded before
+    the refresh was asked for, changed: a refresh, or a restart, made a new process,
+    which runs the host's current binary)."""
+    if record is None:
+        return False
+    if record.result.get("refreshed"):
+        return True
+    before = record.result.get("from_pid")
+    return before is not None and vm.pid is not None and vm.pid != before
+
+
+def in_place_work(step: StepPlan, vm: VmSeen, record: StepRecord | None) -> tuple[bool, bool]:
+    """What the in-place step has still to do to ``vm``: (refresh it, upgrade its version)."""
+    refresh = vm.state == "running" and not refreshed(vm, record)
+    return refresh, upgrade_allowed(vm.state, vm.config_version, step.min_level)
+
+
+def arrived(step: StepPlan, vms: Iterable[VmSeen], record: StepRecord | None = None) -> bool:
+    """True when the step's effect is already there: the VM on its destination, settled
+    (in place: in a fresh QEMU if it runs, at the host's version where its state allows)."""
     own = _mine(step, vms)
-    if step.action is Action.UPGRADE_VERSION:
-        return any(vm.host == step.target and step.min_level
-                   and vm.config_version >= step.min_level for vm in own)  # fmt: skip
+    if step.action is Action.IN_PLACE:
+        here = [vm for vm in own if vm.host == step.target and not vm.incoming
+                and vm.state not in ("migrating", "starting")]  # fmt: skip
+        return len(here) == 1 and not any(in_place_work(step, here[0], record))
     if any(vm.host == step.source for vm in own):
         return False  # still there (a copy on the destination is not yet the VM)
     settled = [vm for vm in own if vm.host == step.target and not vm.incoming
@@ -302,13 +339,15 @@ def decide(
             return Decision.AWAIT, f"its job {job.id} still runs ({job.state})"
         if job.state == "done" and not several_jobs:
             return Decision.MARK_DONE, f"its job {job.id} finished"
-        if job.state == "failed" and not arrived(step, vms):
+        if job.state == "failed" and not arrived(step, vms, record):
             home = locate(step, vms)
             if home is None or home.host != step.source:
                 return Decision.MARK_FAILED, f"its job {job.id} failed: {job.error}"
             # Failed while no apply watched (an agent restart undoes a move), and the
             # VM is where it was: running it again is what a new apply of it does.
-    if arrived(step, vms):
+    if arrived(step, vms, record):
+        if step.action is Action.IN_PLACE:
+            return Decision.MARK_DONE, f"VM {step.vm} is upgraded in place on {step.target}"
         return Decision.MARK_DONE, f"VM {step.vm} is already on {step.target}"
     if (record.state is StepState.RUNNING and not several_jobs
             and locate(step, vms) is None and _mine(step, vms)):  # fmt: skip
@@ -342,7 +381,10 @@ def precheck(step: StepPlan, vms: Iterable[VmSeen], target: HostSeen | None) -> 
     if step.min_level > target.functional_level:
         return (f"{step.target} runs functional level {target.functional_level}, the step needs "
                 f"{step.min_level}: upgrade {step.target} first")  # fmt: skip
-    if step.action is Action.UPGRADE_VERSION:
+    if step.action is Action.IN_PLACE:
+        if vm.state == "running" and vm.memory > target.free_memory:
+            # Its fresh QEMU takes the VM's memory until the old one quits.
+            return capacity_refusal(step.vm, vm.memory, target)
         return None
     if step.action is not Action.MOVE_REPLICA and vm.memory > target.free_memory:
         return capacity_refusal(step.vm, vm.memory, target)

@@ -120,7 +120,9 @@ def export_import(w: Workload, cal: Calibration = DEFAULT) -> Estimate:
 
 
 def in_place(w: Workload, cal: Calibration = DEFAULT) -> Estimate:
-    """ferry's in-place upgrade with VMs running: a live migration into a new QEMU here."""
+    """ferry's in-place upgrade with VMs running: a live migration into a new QEMU here
+    (``vm refresh``; the ``vm upgrade-version`` after it, or alone for an off VM, is a
+    catalog write and costs nothing)."""
     local = Workload(w.memory, w.dirty_rate_bps, 0, False, cal.migration_cap_bps, w.running,
                      w.downtime_limit_s, w.memory_used)  # fmt: skip
     return live_migration(local, cal) if w.running else Estimate(0.0, 0.0)

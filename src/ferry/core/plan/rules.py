@@ -188,7 +188,9 @@ IMPROVEMENTS: tuple[Improvement, ...] = (
     Improvement(
         "in-place upgrade with VMs running", Option.IN_PLACE,
         frozenset({Deployment.STANDALONE}),
-        "ferry host refresh-vms: each VM moves into a new QEMU on the same host",
+        "ferry vm refresh (host refresh-vms for all): a running VM moves into a new QEMU on "
+        "the same host, then ferry vm upgrade-version where its state allows (an off VM: "
+        "upgrade-version alone)",
         downtime=Downtime.NONE,
     ),
     Improvement(
