@@ -332,6 +332,7 @@ MODULE_SECONDS = {
     "integration/test_vm_lifecycle.py": 160,
     "integration/test_plan_apply.py": 200,
     "integration/test_migration.py": 150,
+    "integration/test_migration_cancel.py": 100,
     "integration/test_guest_boot.py": 120,
     "integration/test_peer_authorisation.py": 80,
     "integration/test_migration_versions.py": 70,

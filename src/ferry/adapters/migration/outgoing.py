@@ -145,8 +145,10 @@ class OutgoingMigration:
             if self.tls_id:
                 node_args["tls-creds"] = self.tls_id
                 node_args["tls-hostname"] = self.target
-            await self.channel.execute("blockdev-add", node_args)
+            # Noted before it is sent: a cancel may land while QEMU makes it,
+            # and undo must take down whatever QEMU made (a missing one is skipped).
             self.nbd_nodes.append(node)
+            await self.channel.execute("blockdev-add", node_args)
             mirror = f"mirror{index}-{self.tag}"
             mirror_args: dict[str, Any] = {
                 "job-id": mirror,
@@ -156,8 +158,8 @@ class OutgoingMigration:
             }
             if speed:
                 mirror_args["speed"] = max(1, speed * size // total)
-            await self.channel.execute("blockdev-mirror", mirror_args)
             self.mirrors.append(mirror)
+            await self.channel.execute("blockdev-mirror", mirror_args)
 
     async def wait_mirrors_ready(
         self, report: Callable[[MirrorProgress], None], check: Check
@@ -187,8 +189,8 @@ class OutgoingMigration:
     # -- memory -----------------------------------------------------------------
 
     async def migrate(self, uri: str) -> None:
+        self.migrating = True  # before it is sent, as with the mirrors
         await self.channel.execute("migrate", {"uri": uri})
-        self.migrating = True
 
     async def wait_for(
         self,

@@ -9,6 +9,13 @@ that move. The source's certificate DN becomes QEMU's ``tls-authz``
 identity, so only that host's QEMU may feed the streams. The job's state
 changes only by :func:`ferry.core.migration.incoming_step`; an aborted move
 leaves no trace here (shared disks stay where they are).
+
+The source may call a move off while one of its calls is still being
+answered here (the HTTP server does not stop a handler whose caller went
+away). So prepare, file, launch and abort of one move take turns (one lock
+per move), and an abort that finds no move yet is remembered: the prepare
+that comes after it is refused. A cancel at any point before switch-over
+thus leaves no record, QEMU or file of the VM here.
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ from ferry.peer.server import Call, PeerServer
 
 log = logging.getLogger(__name__)
 
+CALLED_OFF_KEPT = 256  # aborts of moves not prepared yet, remembered to refuse their prepare
+
 
 def _only_hosts(caller: CertInfo, params: dict[str, str]) -> None:
     """Checked before the body is read: nobody else learns what it must hold."""
@@ -62,10 +71,16 @@ class MoveDestination:
         self.vms = vms
         self.jobs = jobs
         self.config = vms.config
+        self._turns: dict[str, asyncio.Lock] = {}  # move id -> its calls take turns
+        self._called_off: dict[str, str] = {}  # move id -> source host, aborted before prepare
 
     @property
     def host(self) -> str:
         return self.config.name
+
+    def _turn(self, job_id: str) -> asyncio.Lock:
+        """The lock one move's prepare, file, launch and abort calls take in turn."""
+        return self._turns.setdefault(job_id, asyncio.Lock())
 
     def register(self, server: PeerServer) -> None:
         server.handle(wire.CHECK, self.check, guard=_only_hosts)
@@ -116,7 +131,20 @@ class MoveDestination:
         return wire.CheckReply(networks=vm_networks(arriving))
 
     async def prepare(self, call: Call[wire.PrepareRequest]) -> wire.PrepareReply:
+        # Taken before the first await: an abort sent after this call waits for it.
+        job_id = call.body.job_id
+        async with self._turn(job_id):
+            try:
+                return await self._prepare(call)
+            finally:
+                job = self.jobs.find(job_id)
+                if job is None or incoming_ended(IncomingState(job.state)):
+                    self._turns.pop(job_id, None)
+
+    async def _prepare(self, call: Call[wire.PrepareRequest]) -> wire.PrepareReply:
         caller, request = call.caller, call.body
+        if self._called_off.get(request.job_id) == caller.common_name:
+            raise MoveFailedError(f"move {request.job_id} was called off by its source")
         spec = request.spec
         # The source sends the spec with its network map applied already; the
         # bridges were probed by the check and are again when QEMU starts.
@@ -179,12 +207,17 @@ class MoveDestination:
         name = call.params["file"]
         if name not in KERNEL_FILES:
             raise InvalidInputError(f"unknown VM file {name!r}")
-        incoming_step(IncomingState(job.state), IncomingOp.RECEIVE_FILE, job=job.id)
-        await _write(self.vms.vm_dir(job.vm_uuid) / name, call.stream)
+        async with self._turn(job.id):
+            incoming_step(IncomingState(job.state), IncomingOp.RECEIVE_FILE, job=job.id)
+            await _write(self.vms.vm_dir(job.vm_uuid) / name, call.stream)
         return wire.FileReceived(received=name)
 
     async def launch(self, call: Call[NoBody]) -> wire.LaunchReply:
         job = self._incoming(call.params["id"], call.caller)
+        async with self._turn(job.id):
+            return await self._launch(job)
+
+    async def _launch(self, job: Job) -> wire.LaunchReply:
         incoming_step(IncomingState(job.state), IncomingOp.LAUNCH, job=job.id)
         record = self.vms.get(job.vm_uuid)
         tls = not self.config.insecure_migration
@@ -230,6 +263,7 @@ class MoveDestination:
                 await self.abort_incoming(job, reason)
                 return wire.IncomingOutcome(state=IncomingState(job.state), error=reason)
             self._step(job, IncomingOp.RESUME)
+        self._turns.pop(job.id, None)
         log.getChild(record.name).info("arrived from %s; running here", job.detail["source"])
         return wire.IncomingOutcome(state=IncomingState(job.state))
 
@@ -237,8 +271,18 @@ class MoveDestination:
         return self._outcome(self._incoming(call.params["id"], call.caller))
 
     async def abort(self, call: Call[NoBody]) -> wire.IncomingOutcome:
-        job = self._incoming(call.params["id"], call.caller)
-        await self.abort_incoming(job, "the source called the move off")
+        """Called off by the source; waits for the move's call under way here, if any."""
+        job_id = call.params["id"]
+        async with self._turn(job_id):
+            if self.jobs.find(job_id) is None:  # its prepare has not come (yet): refuse it
+                _only_hosts(call.caller, call.params)
+                self._turns.pop(job_id, None)
+                self._called_off[job_id] = call.caller.common_name
+                while len(self._called_off) > CALLED_OFF_KEPT:
+                    del self._called_off[next(iter(self._called_off))]
+                return wire.IncomingOutcome(state=IncomingState.ABORTED)
+            job = self._incoming(job_id, call.caller)
+            await self.abort_incoming(job, "the source called the move off")
         return wire.IncomingOutcome(state=IncomingState(job.state))
 
     # -- endings --------------------------------------------------------------------
@@ -260,6 +304,7 @@ class MoveDestination:
         if incoming_ended(IncomingState(job.state)):
             return
         self._step(job, IncomingOp.ABORT, error=reason)
+        self._turns.pop(job.id, None)
         record = self.vms.catalog.find(job.vm_uuid)
         shared = job.detail.get("storage") == Storage.SHARED
         if record is not None:

@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 PEER_CHECK_S = 1.0  # how often a long copy asks whether the destination still receives
 PEER_GRACE_S = 4.0  # the destination agent may be silent this long mid-copy
 OUTCOME_WAIT_S = 60.0  # how long to learn the destination's fate after switch-over
+ABORT_WAIT_S = 30.0  # the destination's abort waits for its prepare or launch under way
 
 
 class MoveObserver(Protocol):
@@ -184,7 +185,9 @@ class MoveSource:
             raise StateError(f"job {job_id} has already ended ({phase.value})")
         if not cancellable(phase):
             raise StateError(f"job {job_id} is {phase.value}: too late to cancel")
-        if job.task is not None:
+        # Once only: a second cancel (Ctrl-C, then 'job cancel') would cut
+        # short the undo the first one started, leaving the destination's copy.
+        if job.task is not None and not job.task.cancelling():
             job.task.cancel()
         return job
 
@@ -419,7 +422,7 @@ class MoveSource:
         peer = attempt.peer
         if peer is not None:
             try:
-                async with asyncio.timeout(10):
+                async with asyncio.timeout(ABORT_WAIT_S):
                     await peer.call(wire.ABORT, id=job.id)
             except (FerryError, TimeoutError) as exc:
                 # It cleans itself when its agent is back (see recover()).
