@@ -5,7 +5,8 @@ can be killed (SIGKILL: its job goes on at the agent and the next apply finds
 it again by id) and interrupted (SIGINT: the step's move is cancelled and the
 next apply runs it again); done steps are never redone, and a second apply of
 a finished plan says so. Bad plans (edited, stale, a destination without the
-capacity) are refused with one line and change nothing.
+capacity) are refused with one line and change nothing. A plan from host-1 to
+host-1 is ferry's in-place upgrade: the running VM moves into a fresh QEMU there.
 """
 
 from __future__ import annotations
@@ -51,6 +52,20 @@ def plan_create(env: LabEnv, path: Path) -> dict[str, Any]:
 def state_of(plan: Path) -> dict[str, dict[str, Any]]:
     doc = json.loads(plan.with_name(plan.name + ".state").read_text())
     return {step["key"]: step for step in doc["steps"]}
+
+
+def ended(pid: int, timeout: float = 60) -> bool:
+    """Whether process ``pid`` ends (gone, or a zombie not reaped yet) within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return True
+        if "\nState:\tZ" in status:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 Events = list[dict[str, Any]]
@@ -243,3 +258,74 @@ def test_plan_apply_carries_on_across_a_restart_of_the_source_agent(
     count = len(seqs(env.console("r")))
     env.wait_console("r", lambda t: len(seqs(t)) > count, timeout=120)
     env.cli("vm", "kill", "r")
+
+
+def test_an_in_place_step_moves_a_running_vm_into_a_fresh_qemu_and_upgrades_an_off_one(
+    lab_env: LabEnv, tmp_path: Path
+) -> None:
+    """``--from host-1 --to host-1`` plans ferry's in-place upgrade; apply runs it as the
+    plan says: the running VM moves live into a new QEMU on host-1 (its records keep
+    counting, no reboot), the off VM gets ``vm upgrade-version``. A resumed apply whose
+    record says the refresh was asked for, and finds another pid, does not refresh again."""
+    env = lab_env
+    level = env.cli.json("host", "show", "host-1")["functional_level"]
+    assert level == 3
+    env.cli("vm", "create", "p", "--host", "host-1", "--guest", "test", "--memory", "128M",
+            "--disk", "16M", "--config-version", "2", "--start")  # fmt: skip
+    env.cli("vm", "create", "o", "--host", "host-1", "--memory", "64M", "--disk", "16M",
+            "--config-version", "2")  # fmt: skip
+    env.wait_console("p", lambda t: len(seqs(t)) >= 2, timeout=180)
+    before = env.vm("p")
+    assert before["pid"] and before["config_version"] == env.vm("o")["config_version"] == 2
+    plan = tmp_path / "in-place.json"
+    env.cli("plan", "create", "--from", "host-1", "--to", "host-1", "-o", str(plan))
+    steps = {s["vm"]: s for s in json.loads(plan.read_text())["steps"]}
+    assert set(steps) == {"p", "o"}
+    for step in steps.values():
+        assert step["option"] == "in-place-upgrade"
+        assert (step["source"], step["destination"]) == ("host-1", "host-1")
+    assert steps["p"]["improvement"] == "in-place upgrade with VMs running"
+    assert steps["p"]["estimate_s"] > 0 and steps["o"]["estimate_s"] == 0
+    keys = {name: f"{s['order']}:{name}" for name, s in steps.items()}
+
+    result = json.loads(env.cli("plan", "apply", str(plan), "--json").stdout.splitlines()[-1])
+    assert result["result"] == "ok", result
+    assert sorted(result["done"]) == sorted(keys.values())
+    after = env.vm("p")
+    assert (after["host"], after["state"]) == ("host-1", "running")
+    assert after["pid"] != before["pid"] and after["config_version"] == before["config_version"]
+    record = state_of(plan)[keys["p"]]["result"]
+    assert record["refreshed"] and (record["from_pid"], record["old_pid"], record["pid"]) == (
+        before["pid"], before["pid"], after["pid"])  # fmt: skip
+    # Version 2 -> 3 changes the machine type: not while it runs (the step says so).
+    assert record["config_version"] == 2 and "needs a restart" in record["note"]
+    assert ended(before["pid"]), f"the old QEMU {before['pid']} runs on"
+    count = len(seqs(env.console("p")))
+    text = env.wait_console("p", lambda t: len(seqs(t)) > count + 1, timeout=120)
+    numbers = seqs(text)
+    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)  # no reboot
+    upgraded = env.vm("o")
+    assert (upgraded["state"], upgraded["config_version"]) == ("off", level)
+
+    # Resumed where the record says the refresh was asked for and not that it ended:
+    # the pid differs from the one recorded, so it is done without a second refresh.
+    doc = json.loads(plan.with_name(plan.name + ".state").read_text())
+    for step in doc["steps"]:
+        if step["key"] == keys["p"]:
+            step.update(state="running", phase="refresh", result={"from_pid": before["pid"]})
+    plan.with_name(plan.name + ".state").write_text(json.dumps(doc))
+    result = json.loads(env.cli("plan", "apply", str(plan), "--json").stdout.splitlines()[-1])
+    assert result["result"] == "ok" and sorted(result["done"]) == sorted(keys.values())
+    assert env.vm("p")["pid"] == after["pid"]
+    out = env.cli("plan", "apply", str(plan)).stdout
+    assert f"every step of plan {plan} is done already (2 steps)" in out
+    assert env.vm("p")["pid"] == after["pid"]
+
+    # ferry vm refresh does the same for one VM by hand.
+    moved = env.cli.json("vm", "refresh", "p")
+    assert moved["old_pid"] == after["pid"] and moved["pid"] == env.vm("p")["pid"] != after["pid"]
+    line = env.cli.fails("vm", "refresh", "o")
+    assert "cannot migrate VM 'o': it is off" in line
+    env.cli("vm", "kill", "p")
+    env.cli("vm", "delete", "p")
+    env.cli("vm", "delete", "o")

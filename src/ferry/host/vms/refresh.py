@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import time
 from functools import partial
 from typing import Any
@@ -47,11 +48,15 @@ async def refresh_process(processes: VmProcesses, record: VmRecord) -> dict[str,
     runtime_dir = processes.config.runtime_dir
     # The old QEMU holds its taps until it quits: the new one takes the other names.
     slot = 1 - await processes.networks.slot_of(record.spec) if record.spec.nics else 0
+    # QEMU removes its pidfile and sockets by the names it was given when it quits: a
+    # QEMU that came from an earlier refresh would take a fixed ".new" name from its
+    # successor as it quits, so each refresh names its files afresh.
+    tag = f"new-{secrets.token_hex(4)}"
     ctx = final.model_copy(update={
         "incoming": True, "serial_append": True,
-        "pidfile": final.pidfile.with_suffix(".new"),
-        "qmp_socket": runtime_dir / f"{short}.new.qmp",
-        "vnc_socket": runtime_dir / f"{short}.new.vnc",
+        "pidfile": final.pidfile.with_suffix(f".{tag}"),
+        "qmp_socket": runtime_dir / f"{short}.{tag}.qmp",
+        "vnc_socket": runtime_dir / f"{short}.{tag}.vnc",
         "tap_slot": slot,
     })  # fmt: skip
     stream = runtime_dir / f"{short}.mig"
@@ -84,6 +89,9 @@ async def refresh_process(processes: VmProcesses, record: VmRecord) -> dict[str,
     except BaseException:
         if not resumed:
             await _take_back(processes, record, old, new, new_pid)
+            for left in (ctx.pidfile, ctx.qmp_socket, ctx.vnc_socket):
+                if left is not None:
+                    left.unlink(missing_ok=True)
         raise
     finally:
         stream.unlink(missing_ok=True)
