@@ -153,3 +153,10 @@ def test_reason_speaks_the_reference() -> None:
     text = reason(D.CLUSTER_SHARED_VOLUMES, O.EXPORT_IMPORT)
     assert text.startswith("cluster with shared volumes (CSV): export/import yes")
     assert "VM is off during export/import" in text
+
+
+def test_the_in_place_reason_names_what_plan_apply_runs() -> None:
+    # plan apply runs an in-place step as vm refresh, then vm upgrade-version.
+    words = reason(Deployment.STANDALONE, Option.IN_PLACE)
+    assert "ferry improvement: in-place upgrade with VMs running (ferry vm refresh:" in words
+    assert "then ferry vm upgrade-version where its state allows" in words

@@ -188,9 +188,8 @@ IMPROVEMENTS: tuple[Improvement, ...] = (
     Improvement(
         "in-place upgrade with VMs running", Option.IN_PLACE,
         frozenset({Deployment.STANDALONE}),
-        "ferry vm refresh (host refresh-vms for all): a running VM moves into a new QEMU on "
-        "the same host, then ferry vm upgrade-version where its state allows (an off VM: "
-        "upgrade-version alone)",
+        "ferry vm refresh: a running VM moves into a new QEMU on the same host, then ferry "
+        "vm upgrade-version where its state allows; an off VM gets upgrade-version alone",
         downtime=Downtime.NONE,
     ),
     Improvement(
@@ -270,5 +269,6 @@ def reason(deployment: Deployment, option: Option) -> str:
     words = f"{deployment}: {TITLES[option]} {fit.text()}"
     words += f" ({traits.gives[0]}; {traits.costs[0]})"
     if better is not None:
-        words += f"; ferry improvement: {better.title}"
+        # How ferry does it: the reference's cost above may be what it takes away.
+        words += f"; ferry improvement: {better.title} ({better.command})"
     return words
