@@ -11,6 +11,7 @@ by sleeping.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -101,10 +102,24 @@ def host2_has_it(env: LabEnv, uuid: str) -> bool:
     return listed or vm_dir.exists()
 
 
-def assert_cancelled_cleanly(env: LabEnv, move: Move, job_id: str, before: dict[str, Any]) -> None:
+def job_end(env: LabEnv, job_id: str) -> str:
+    """The job's final state (a Ctrl-C'd CLI leaves before the agent's undo ends)."""
+    deadline = time.monotonic() + POLL_TIMEOUT_S
+    while True:
+        state = str(env.cli.json("job", "show", job_id, "--host", "host-1")["state"])
+        if state in ("done", "failed", "cancelled") or time.monotonic() > deadline:
+            return state
+        time.sleep(0.1)
+
+
+def assert_cancelled_cleanly(env: LabEnv, move: Move, job_id: str, before: dict[str, Any],
+                             *, interrupted: bool = False) -> None:  # fmt: skip
     code, err = move.result()
-    assert code != 0 and "cancelled" in err, err
-    assert env.cli.json("job", "show", job_id, "--host", "host-1")["state"] == "cancelled"
+    if interrupted:
+        assert code == 130, err  # Ctrl-C: the CLI cancels the job, then leaves
+    else:
+        assert code != 0 and "cancelled" in err, err
+    assert job_end(env, job_id) == "cancelled"
     after = env.vm(NAME, "host-1")
     assert after["state"] == "running" and after["pid"] == before["pid"]
     deadline = time.monotonic() + CLEAN_TIMEOUT_S
@@ -147,6 +162,13 @@ def test_cancel_once_the_destination_qemu_waits(lab: LabEnv, move: Move) -> None
 
 def test_cancel_as_the_disk_mirror_starts(lab: LabEnv, move: Move) -> None:
     assert cancel_when(lab, move, lambda job: job["phase"] == "copying-disks") == "copying-disks"
+
+
+def test_ctrl_c_of_vm_move_mid_mirror(lab: LabEnv, move: Move) -> None:
+    before = lab.vm(NAME, "host-1")
+    job = move.until(lambda job: job["phase"] == "copying-disks")
+    move.proc.send_signal(signal.SIGINT)  # what Ctrl-C does: the CLI cancels the job
+    assert_cancelled_cleanly(lab, move, job["id"], before, interrupted=True)
 
 
 def test_a_move_after_the_cancels_goes_through(lab: LabEnv) -> None:
