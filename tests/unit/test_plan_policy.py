@@ -59,6 +59,8 @@ def test_tags() -> None:
         ('[[vm]]\nmust-run = true', "exactly one of match"),
         ('[[vm]]\nmatch = "a"\ntag = "b"', "exactly one of match"),
         ('[[vm]]\nmatch = "a"\nmax-downtime = "fast"', "max-downtime 'fast'"),
+        ('[[vm]]\nmatch = "a"\nmax-downtime = "0ms"', "max-downtime '0ms' must be more than 0"),
+        ('[[vm]]\nmatch = "a"\nmax-downtime = 0', "max-downtime 0 must be more than 0"),
         ('[[vm]]\nmatch = "a"\nmust-run = "yes"', "must-run must be true or false"),
         ('window = "9-5"', "window '9-5' is not HH:MM-HH:MM"),
         ("vm = 3", "vm must be a list"),

@@ -123,6 +123,8 @@ def parse_downtime(text: object, *, where: str) -> float:
         raise InvalidInputError(f"{where}: max-downtime {text!r} is not a duration such as "
                                 "500ms or 2s")  # fmt: skip
     value = float(found.group(1)) / (1000 if found.group(2) == "ms" else 1)
+    if value <= 0:
+        raise InvalidInputError(f"{where}: max-downtime {text!r} must be more than 0 (e.g. 500ms)")
     return value
 
 
