@@ -27,7 +27,7 @@ from ferry.core.plan.apply_state import (
     upgrade_allowed,
 )
 from ferry.core.plan.plan_file import Option, Preconditions, Step
-from ferry.errors import InvalidInputError, StateError
+from ferry.errors import InvalidInputError, StateError, StorageError
 
 M = 1024**2
 MOVE = StepPlan(key="1:a", vm="a", uuid="u-a", action=Action.LIVE_MOVE, source="host-1",
@@ -100,6 +100,16 @@ def test_plan_steps_map_to_actions_and_copy_cluster_roles_is_refused() -> None:
         ("lab",),
     )
     assert step_key(step) == "1:a"
+    assert (plan.needs_memory, plan.downtime_limit_ms) == (False, None)
+    limited = step_plan(
+        step.model_copy(
+            update={
+                "downtime_limit_ms": 500,
+                "preconditions": pre.model_copy(update={"destination_free_memory": 256 * M}),
+            }
+        )
+    )
+    assert (limited.needs_memory, limited.downtime_limit_ms) == (True, 500)
     ccr = step.model_copy(update={"option": Option.COPY_CLUSTER_ROLES})
     with pytest.raises(InvalidInputError, match=r"copy-cluster-roles.*by hand"):
         step_plan(ccr)
@@ -253,6 +263,18 @@ def test_precheck_refuses_with_one_line(seen: VmSeen | None, dest: HostSeen | No
     assert why is not None and words in why and "\n" not in why
 
 
+def test_precheck_asks_memory_only_for_a_vm_that_will_run_on_the_destination() -> None:
+    big = 2048 * M
+    assert precheck(EXPORT, [vm("b", state="off", memory=big)], DEST) is None
+    assert precheck(EXPORT, [vm("b", state="crashed", memory=big)], DEST) is None
+    why = precheck(EXPORT, [vm("b", memory=big)], DEST)
+    assert why is not None and "lacks the capacity for VM b" in why
+    why = precheck(replace(EXPORT, needs_memory=True), [vm("b", state="off", memory=big)], DEST)
+    assert why is not None and "lacks the capacity for VM b" in why
+    off_move = replace(MOVE, must_run=False)
+    assert precheck(off_move, [vm(state="off", memory=big)], DEST) is None
+
+
 def test_precheck_needs_the_networks_and_level_of_the_step() -> None:
     step = StepPlan(key="1:a", vm="a", uuid="u-a", action=Action.LIVE_MOVE, source="host-1",
                     target="host-2", must_run=True, networks=("lab", "dmz"),
@@ -264,11 +286,19 @@ def test_precheck_needs_the_networks_and_level_of_the_step() -> None:
 
 
 def test_the_whole_plan_is_checked_for_capacity_in_order() -> None:
-    a, b = vm("a", memory=600 * M), vm("b", state="off", memory=600 * M)
+    # b runs: its export/import starts it again on host-2, where a took 600M already.
+    a, b = vm("a", memory=600 * M), vm("b", memory=600 * M)
     hosts = {"host-1": HostSeen("host-1", 0, 3, 3), "host-2": DEST}
     why = capacity_shortfall([MOVE, EXPORT], [a, b], hosts)
     assert why is not None and "capacity for VM b" in why and "has 424M free" in why
     assert capacity_shortfall([MOVE], [a, b], hosts) is None
+    # Off, it lands off and takes no memory there (as the planner counts it)...
+    off = vm("b", state="off", memory=600 * M)
+    assert capacity_shortfall([MOVE, EXPORT], [a, off], hosts) is None
+    # ...unless the plan has it running there.
+    restarted = replace(EXPORT, needs_memory=True)
+    why = capacity_shortfall([MOVE, restarted], [a, off], hosts)
+    assert why is not None and "capacity for VM b" in why
     # Moving a VM off a host frees its memory there for one moving in after it.
     back = StepPlan(key="2:b", vm="b", uuid="u-b", action=Action.EXPORT_IMPORT,
                     source="host-2", target="host-1")  # fmt: skip
@@ -303,3 +333,22 @@ def test_precheck_needs_the_cpu_model_the_plan_asked_for() -> None:
     why = precheck(step, [vm()], HostSeen("host-2", 1024 * M, 3, 3, cpu=cpu))
     assert why is not None and "lacks feature pcid" in why and "VM a uses it" in why
     assert precheck(step, [vm()], DEST) is None  # a host that does not report its models
+
+
+@pytest.mark.parametrize(
+    ("steps", "words"),
+    [
+        ([{"state": "done"}], "a step has no 'key'"),
+        ([{"key": "1:a", "state": "halfway"}], "'halfway' is not a valid StepState"),
+        ({"1:a": "done"}, "its steps are a dict, not a list"),
+        (["1:a"], "damaged"),
+        ([{"key": "1:a", "state": "done", "result": 5}], "damaged"),
+    ],
+)
+def test_a_damaged_state_file_is_refused_with_one_line(steps: object, words: str) -> None:
+    doc = {"format": 1, "plan_digest": "sha256:x", "steps": steps}
+    with pytest.raises(StorageError) as caught:
+        ApplyState.load(doc, "sha256:x", ["1:a"], source="apply state p.json.state")
+    line = str(caught.value)
+    assert words in line and "move it away to start over" in line and "\n" not in line
+    assert line.startswith("cannot read apply state p.json.state: it is damaged")

@@ -136,7 +136,8 @@ class PlanApply:
         self.steps = [st.step_plan(step) for step in self.plan.steps]
         self.state_file = state_path(path)
         self.state = ApplyState.load(self._read_state(), self.plan.digest,
-                                     [s.key for s in self.steps])  # fmt: skip
+                                     [s.key for s in self.steps],
+                                     source=f"apply state {self.state_file}")  # fmt: skip
         self._outage: set[str] = set()  # steps whose job's agent stopped answering
         self._retried: set[str] = set()
 
@@ -397,10 +398,8 @@ class PlanApply:
         if step.action is Action.LIVE_MOVE:
             self.observer.step_started(step, f"live migration to {step.target} "
                                              f"({step.storage} storage)")  # fmt: skip
-            target = self.fleet.settings.host(step.target)
             job_id = await self._start_job(step, step.source, f"/v1/vms/{step.vm}/move",
-                                           {"to": step.target, "to_url": target.url,
-                                            "storage": step.storage}, "move")  # fmt: skip
+                                           self.move_body(step), "move")  # fmt: skip
             await self._follow(step, step.source, job_id)
         elif step.action is Action.IN_PLACE:
             await self._in_place(step, world)
@@ -422,6 +421,14 @@ class PlanApply:
         else:
             await self._export_import(step, world)
         return False
+
+    def move_body(self, step: StepPlan) -> dict[str, Any]:
+        """The ``vm move`` request of a live-move step (with the plan's downtime limit)."""
+        url = self.fleet.settings.host(step.target).url
+        body: dict[str, Any] = {"to": step.target, "to_url": url, "storage": step.storage}
+        if step.downtime_limit_ms is not None:
+            body["downtime_limit_ms"] = step.downtime_limit_ms
+        return body
 
     async def _in_place(self, step: StepPlan, world: World) -> None:
         """A running VM into a fresh QEMU on its host, then its version up where allowed.

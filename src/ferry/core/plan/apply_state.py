@@ -34,7 +34,7 @@ from ferry.core.cpu_models import CpuFacts, cpu_refusal
 from ferry.core.plan.plan_file import Option, Step
 from ferry.core.units import format_size
 from ferry.core.versions import machine_type
-from ferry.errors import InvalidInputError
+from ferry.errors import InvalidInputError, StorageError
 
 STATE_FORMAT = 1
 
@@ -163,16 +163,29 @@ class ApplyState:
                 "steps": [r.to_json() for r in self.steps]}  # fmt: skip
 
     @classmethod
-    def load(cls, doc: Mapping[str, Any], plan_digest: str, keys: Iterable[str]) -> ApplyState:
+    def load(cls, doc: Mapping[str, Any], plan_digest: str, keys: Iterable[str], *,
+             source: str = "apply state") -> ApplyState:  # fmt: skip
         """The state of this plan: ``doc`` if it is this plan's, else a fresh one.
 
         A state file left by another plan (re-planned under the same name) does
-        not count: where the VMs really are decides its steps then.
+        not count: where the VMs really are decides its steps then. One of this
+        plan's that is damaged (a step without its key, an unknown state, steps
+        that are not a list) is refused with one line (StorageError).
         """
         keys = list(keys)
         if doc.get("format") != STATE_FORMAT or doc.get("plan_digest") != plan_digest:
             return cls.fresh(plan_digest, keys)
-        known = {r.key: r for r in (StepRecord.from_json(s) for s in doc.get("steps", []))}
+        try:
+            steps = doc.get("steps", [])
+            if not isinstance(steps, list):
+                raise TypeError(f"its steps are a {type(steps).__name__}, not a list")
+            known = {r.key: r for r in (StepRecord.from_json(s) for s in steps)}
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            what = f"a step has no {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise StorageError(
+                f"cannot read {source}: it is damaged ({what}): move it away "
+                "to start over (where the VMs are decides then)"
+            ) from None
         return cls(plan_digest, tuple(known.get(key, StepRecord(key)) for key in keys))
 
 
@@ -232,6 +245,18 @@ class StepPlan:
     min_level: int = 0  # the destination's functional level must be at least this
     networks: tuple[str, ...] = ()  # the destination must have these
     cpu_model: str | None = None  # and run this CPU model (None: not asked)
+    # The plan has the VM running on the destination (it asks for memory there).
+    needs_memory: bool = False
+    downtime_limit_ms: int | None = None  # a live move's limit (the policy's max-downtime)
+
+
+def lands_running(step: StepPlan, vm: VmSeen) -> bool:
+    """Whether ``vm`` will run on the step's destination, so it needs memory there: it
+    runs now (a move keeps it running, an export/import starts it again), or the plan
+    says so. An off VM moved or exported and imported lands off and takes none."""
+    if step.action in _NO_MEMORY:
+        return False
+    return step.needs_memory or step.must_run or vm.state not in ("off", "crashed")
 
 
 def step_plan(step: Step) -> StepPlan:
@@ -249,7 +274,9 @@ def step_plan(step: Step) -> StepPlan:
                     storage=step.storage or "auto",
                     must_run=pre.must_be_running or action is Action.LIVE_MOVE,
                     min_level=pre.destination_functional_level,
-                    networks=tuple(pre.networks), cpu_model=pre.cpu_model)  # fmt: skip
+                    networks=tuple(pre.networks), cpu_model=pre.cpu_model,
+                    needs_memory=pre.destination_free_memory > 0,
+                    downtime_limit_ms=step.downtime_limit_ms)  # fmt: skip
 
 
 def _mine(step: StepPlan, vms: Iterable[VmSeen]) -> list[VmSeen]:
@@ -386,7 +413,7 @@ def precheck(step: StepPlan, vms: Iterable[VmSeen], target: HostSeen | None) -> 
             # Its fresh QEMU takes the VM's memory until the old one quits.
             return capacity_refusal(step.vm, vm.memory, target)
         return None
-    if step.action is not Action.MOVE_REPLICA and vm.memory > target.free_memory:
+    if lands_running(step, vm) and vm.memory > target.free_memory:
         return capacity_refusal(step.vm, vm.memory, target)
     if vm.config_version > target.max_config_version:
         return (f"{step.target} runs configuration versions up to {target.max_config_version}, "
@@ -421,7 +448,7 @@ def capacity_shortfall(
     free = {name: host.free_memory for name, host in hosts.items()}
     for step in steps:
         vm = locate(step, vms)
-        if vm is None or step.action in _NO_MEMORY or step.target not in free:
+        if vm is None or not lands_running(step, vm) or step.target not in free:
             continue
         if vm.memory > free[step.target]:
             left = replace(hosts[step.target], free_memory=free[step.target])

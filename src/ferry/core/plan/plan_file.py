@@ -204,6 +204,8 @@ class Step(_Model):
     destination: str  # host (the node, for a cluster destination)
     destination_cluster: str | None = None
     storage: Literal["shared", "copy"] | None = None  # for live migration
+    # A live move's downtime limit (the policy's max-downtime), given to the move.
+    downtime_limit_ms: int | None = None
     volume: str | None = None  # the cluster volume, for moves into or between clusters
     group: str | None = None  # steps with one group go together
     # Set when the option as planned is one of ferry's improvements over the
