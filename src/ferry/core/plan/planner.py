@@ -100,7 +100,7 @@ def suits(vm: VmFacts, host: HostFacts) -> str | None:
         missing = sorted(set(vm.networks) - set(host.networks))
         if missing:
             return (f"destination {host.name} lacks network {missing[0]!r} of VM {vm.name!r} "
-                    "(add it there, or map it with --network-map when applying)")  # fmt: skip
+                    "(add it there with 'ferry host network add', or re-plan)")  # fmt: skip
     if host.cpu_models:
         model = effective_model(vm.cpu_model)
         if model not in host.cpu_models:
@@ -250,6 +250,8 @@ def make_plan(
             destination_cluster=dst.cluster if dst.cluster in targets.destination_clusters
             else None,
             storage=storage, volume=vm.volume, group=p.group, improvement=choice.improvement,
+            downtime_limit_ms=None if storage is None or needs.max_downtime_s is None
+            else min(max(round(needs.max_downtime_s * 1000), 1), 600_000),
             warnings=step_warnings,
             preconditions=Preconditions(
                 vm_uuid=vm.uuid, vm_host=vm.host, replica=vm.is_replica,
