@@ -103,9 +103,26 @@ def test_clustered_vm_leaving_for_another_cluster_is_marked_as_ferry_improvement
     targets = Targets(["host-1"], ["host-2"], ["c2"], ["cluster:c1"], ["cluster:c2"])
     (step,) = make_plan(inventory([a], hosts), targets, created=NOW).steps
     assert step.option is Option.LIVE_MIGRATION and step.storage == "copy"
-    assert step.reason.startswith("cluster with shared volumes (CSV): live migration yes")
+    assert step.reason.startswith("cluster with shared volumes (CSV): live migration yes, "
+                                  "copying its disks during the move (")  # fmt: skip
     assert step.improvement == "live migration without leaving the cluster"
     assert step.destination_cluster == "c2"
+    # Marked as a cluster destination, so apply can tell it from a move to a host.
+    assert "ferry vm move --to-cluster (issue 13)" in step.reason
+
+
+def test_clustered_vm_going_to_a_standalone_host_leaves_its_cluster() -> None:
+    hosts = [host("host-1", cluster="c1", volumes={"csv1": "/c1"}), host("host-2")]
+    a = vm("a", cluster="c1", storage=StorageKind.CLUSTER_VOLUME, volume="csv1",
+           disks=[DiskFacts(path="/c1/a", size=G, volume="csv1",
+                            storage=StorageKind.CLUSTER_VOLUME)])  # fmt: skip
+    (step,) = make_plan(inventory([a], hosts), ONE_TO_TWO, created=NOW).steps
+    assert step.option is Option.LIVE_MIGRATION and step.storage == "copy"
+    assert step.reason.startswith("cluster with shared volumes (CSV): live migration yes, "
+                                  "after removing the VM from its cluster, copying its disks "
+                                  "during the move")  # fmt: skip
+    assert step.improvement is None and "ferry improvement" not in step.reason
+    assert step.destination_cluster is None
 
 
 def test_replica_site_moves_first_and_the_primary_waits_for_it() -> None:

@@ -12,6 +12,7 @@ from ferry.core.plan.rules import (
     SITE_ORDER,
     UNREPLICATED_RANK,
     Deployment,
+    DestinationKind,
     Downtime,
     ReplicationFate,
     Scope,
@@ -22,6 +23,8 @@ from ferry.core.plan.rules import (
 
 D = Deployment
 O = Option  # noqa: E741
+K = DestinationKind
+ANY = frozenset(K)
 
 # "Which option fits which deployment", as the reference writes each cell.
 FIT_CELLS = {
@@ -102,61 +105,78 @@ def test_replica_site_moves_first() -> None:
     assert SITE_ORDER["primary"] == UNREPLICATED_RANK
 
 
-# Ferry's improvements: each changes exactly the cells it names, and is marked.
+# Ferry's improvements: each changes exactly the cells it names, for the destination
+# kinds it names, and is marked.
 IMPROVED = {
-    (D.STANDALONE, O.IN_PLACE): ("in-place upgrade with VMs running", "yes", Downtime.NONE),
+    (D.STANDALONE, O.IN_PLACE): ("in-place upgrade with VMs running", "yes", Downtime.NONE, ANY),
     (D.CLUSTER_SHARED_VOLUMES, O.IN_PLACE):
         ("rolling cluster upgrade", "yes, node by node: drain, upgrade, resume, then raise "
-         "the cluster's level", Downtime.NONE),
+         "the cluster's level", Downtime.NONE, ANY),
     (D.CLUSTER_FILE_SERVER, O.IN_PLACE):
         ("rolling cluster upgrade", "yes, node by node: drain, upgrade, resume, then raise "
-         "the cluster's level", Downtime.NONE),
+         "the cluster's level", Downtime.NONE, ANY),
     (D.CLUSTER_SHARED_VOLUMES, O.COPY_CLUSTER_ROLES):
-        ("replication kept across Copy Cluster Roles", "yes", Downtime.BRIEF),
+        ("replication kept across Copy Cluster Roles", "yes", Downtime.BRIEF, ANY),
     (D.CLUSTER_FILE_SERVER, O.COPY_CLUSTER_ROLES):
-        ("replication kept across Copy Cluster Roles", "yes", Downtime.BRIEF),
+        ("replication kept across Copy Cluster Roles", "yes", Downtime.BRIEF, ANY),
+    # Only into a cluster; the disks are still copied when the cluster does not see them.
     (D.CLUSTER_SHARED_VOLUMES, O.LIVE_MIGRATION):
-        ("live migration without leaving the cluster", "yes", Downtime.NONE),
+        ("live migration without leaving the cluster", "yes, copying its disks during the "
+         "move", Downtime.NONE, frozenset({K.CLUSTER})),
     (D.CLUSTER_FILE_SERVER, O.LIVE_MIGRATION):
-        ("live migration without leaving the cluster", "yes", Downtime.NONE),
+        ("live migration without leaving the cluster", "yes", Downtime.NONE,
+         frozenset({K.CLUSTER})),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    ("deployment", "option"), [(d, o) for d in FIT_CELLS for o in FIT_CELLS[d]]
+    ("deployment", "option", "kind"),
+    [(d, o, k) for d in FIT_CELLS for o in FIT_CELLS[d] for k in K],
 )
-def test_improvements_change_only_their_cells(deployment: Deployment, option: Option) -> None:
-    fit, traits, better = effective(deployment, option)
-    if (deployment, option) not in IMPROVED:
+def test_improvements_change_only_their_cells(
+    deployment: Deployment, option: Option, kind: DestinationKind
+) -> None:
+    fit, traits, better = effective(deployment, option, kind)
+    if (deployment, option) not in IMPROVED or kind not in IMPROVED[deployment, option][3]:
         assert better is None
         assert fit == FITS[deployment][option] and traits == OPTIONS[option]
-        assert "ferry improvement" not in reason(deployment, option)
+        assert "ferry improvement" not in reason(deployment, option, kind)
         return
-    title, cell, downtime = IMPROVED[deployment, option]
+    title, cell, downtime, _ = IMPROVED[deployment, option]
     assert better is not None and better.title == title
     assert fit.text() == cell and traits.downtime is downtime
-    assert f"ferry improvement: {title}" in reason(deployment, option)
+    assert f"ferry improvement: {title}" in reason(deployment, option, kind)
     # The reference's own cell stays as it was.
     assert FITS[deployment][option].text() == FIT_CELLS[deployment][option]
 
 
 def test_improvement_effects() -> None:
-    _, ccr, _ = effective(D.CLUSTER_SHARED_VOLUMES, O.COPY_CLUSTER_ROLES)
+    _, ccr, _ = effective(D.CLUSTER_SHARED_VOLUMES, O.COPY_CLUSTER_ROLES, K.CLUSTER)
     assert ccr.replication is ReplicationFate.KEPT
-    _, live, _ = effective(D.CLUSTER_FILE_SERVER, O.LIVE_MIGRATION)
+    _, live, _ = effective(D.CLUSTER_FILE_SERVER, O.LIVE_MIGRATION, K.CLUSTER)
     assert live.unprotected_during_move is False
-    assert {i.title for i in IMPROVEMENTS} == {t for t, _, _ in IMPROVED.values()}
-    assert improvement_for(D.STANDALONE, O.LIVE_MIGRATION) is None
+    # A clustered VM going to a standalone host leaves its cluster, as the reference says.
+    _, leaving, _ = effective(D.CLUSTER_FILE_SERVER, O.LIVE_MIGRATION, K.HOST)
+    assert leaving.unprotected_during_move is True
+    assert {i.title for i in IMPROVEMENTS} == {v[0] for v in IMPROVED.values()}
+    assert improvement_for(D.STANDALONE, O.LIVE_MIGRATION, K.HOST) is None
+    assert improvement_for(D.CLUSTER_SHARED_VOLUMES, O.LIVE_MIGRATION, K.HOST) is None
+
+
+def test_the_cluster_move_improvement_promises_no_command_that_does_not_exist() -> None:
+    words = reason(D.CLUSTER_FILE_SERVER, O.LIVE_MIGRATION, K.CLUSTER)
+    assert "planned, not built yet: ferry vm move --to-cluster (issue 13)" in words
+    assert "ferry cluster vm remove, then ferry vm move" in words
 
 
 def test_reason_speaks_the_reference() -> None:
-    text = reason(D.CLUSTER_SHARED_VOLUMES, O.EXPORT_IMPORT)
+    text = reason(D.CLUSTER_SHARED_VOLUMES, O.EXPORT_IMPORT, K.HOST)
     assert text.startswith("cluster with shared volumes (CSV): export/import yes")
     assert "VM is off during export/import" in text
 
 
 def test_the_in_place_reason_names_what_plan_apply_runs() -> None:
     # plan apply runs an in-place step as vm refresh, then vm upgrade-version.
-    words = reason(Deployment.STANDALONE, Option.IN_PLACE)
+    words = reason(Deployment.STANDALONE, Option.IN_PLACE, DestinationKind.SAME_HOST)
     assert "ferry improvement: in-place upgrade with VMs running (ferry vm refresh:" in words
     assert "then ferry vm upgrade-version where its state allows" in words

@@ -144,11 +144,11 @@ def choose(vm: VmFacts, dst: HostFacts, inv: Inventory, targets: Targets, needs:
     running = vm.state == "running"
     candidates: list[tuple[_Choice, str | None]] = []
     for option in PREFERENCE[running]:
-        fit, traits, better = effective(dep, option)
+        fit, traits, better = effective(dep, option, kind)
         if not fit.allowed or kind not in DESTINATIONS[option]:
             continue
         figure = est.estimate(option, work)
-        choice = _Choice(option, reason(dep, option), figure,
+        choice = _Choice(option, reason(dep, option, kind), figure,
                          better.title if better else None, [])  # fmt: skip
         if traits.replication is ReplicationFate.DROPPED and vm.replication is not None:
             choice.warnings.append(
@@ -288,6 +288,7 @@ def _follow_volume(vm: VmFacts, dst: HostFacts, inv: Inventory, targets: Targets
         return own
     dep = deployment(vm, dst, inv)
     figure = est.estimate(option, _workload(vm, vm.host, dst, inv, needs))
-    _, _, better = effective(dep, option)
-    return _Choice(option, reason(dep, option) + "; moves with its volume",
+    kind = destination_kind(vm, dst, targets)
+    _, _, better = effective(dep, option, kind)
+    return _Choice(option, reason(dep, option, kind) + "; moves with its volume",
                    figure, better.title if better else None, [])  # fmt: skip

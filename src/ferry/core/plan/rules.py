@@ -176,7 +176,10 @@ class Improvement:
     option: Option
     deployments: frozenset[Deployment]
     command: str  # how ferry does it
+    # The destinations it applies to (a VM going elsewhere gets the reference's cell).
+    destinations: frozenset[DestinationKind] = frozenset(DestinationKind)
     fit: Fit | None = None  # the cell ferry has instead of the reference's
+    lifts: tuple[Need, ...] = ()  # conditions of the reference's cell ferry does without
     downtime: Downtime | None = None
     replication: ReplicationFate | None = None
     unprotected_during_move: bool | None = None
@@ -204,23 +207,32 @@ IMPROVEMENTS: tuple[Improvement, ...] = (
     ),
     Improvement(
         "live migration without leaving the cluster", Option.LIVE_MIGRATION, _CLUSTERS,
-        "ferry vm move --to-cluster: ownership changes hands at the switch-over",
-        fit=Fit(True), unprotected_during_move=False,
+        "planned, not built yet: ferry vm move --to-cluster (issue 13) will hand ownership "
+        "over at the switch-over; until then take the VM out with ferry cluster vm remove, "
+        "then ferry vm move it",
+        destinations=frozenset({DestinationKind.CLUSTER}),
+        lifts=(Need.LEAVE_CLUSTER,), unprotected_during_move=False,
     ),
 )  # fmt: skip
 
 
-def improvement_for(deployment: Deployment, option: Option) -> Improvement | None:
-    return next((i for i in IMPROVEMENTS
-                 if i.option is option and deployment in i.deployments), None)  # fmt: skip
+def improvement_for(deployment: Deployment, option: Option,
+                    kind: DestinationKind) -> Improvement | None:  # fmt: skip
+    return next((i for i in IMPROVEMENTS if i.option is option and deployment in i.deployments
+                 and kind in i.destinations), None)  # fmt: skip
 
 
-def effective(deployment: Deployment, option: Option) -> tuple[Fit, Traits, Improvement | None]:
-    """The fit and traits ferry plans with: the reference's, with its improvement applied."""
+def effective(
+    deployment: Deployment, option: Option, kind: DestinationKind
+) -> tuple[Fit, Traits, Improvement | None]:
+    """The fit and traits ferry plans with for a VM going to a ``kind`` destination: the
+    reference's, with its improvement applied."""
     fit, traits = FITS[deployment][option], OPTIONS[option]
-    better = improvement_for(deployment, option)
+    better = improvement_for(deployment, option, kind)
     if better is None:
         return fit, traits, None
+    fit = better.fit or fit
+    fit = replace(fit, needs=tuple(n for n in fit.needs if n not in better.lifts))
     traits = replace(
         traits,
         downtime=better.downtime or traits.downtime,
@@ -229,7 +241,7 @@ def effective(deployment: Deployment, option: Option) -> tuple[Fit, Traits, Impr
         if better.unprotected_during_move is None
         else better.unprotected_during_move,
     )
-    return better.fit or fit, traits, better
+    return fit, traits, better
 
 
 # Which destinations an option can reach.
@@ -263,9 +275,9 @@ TITLES: dict[Option, str] = {
 }
 
 
-def reason(deployment: Deployment, option: Option) -> str:
-    """Why ``option`` fits a VM of ``deployment``, in the reference's terms."""
-    fit, traits, better = effective(deployment, option)
+def reason(deployment: Deployment, option: Option, kind: DestinationKind) -> str:
+    """Why ``option`` fits a VM of ``deployment`` going to ``kind``, in the reference's terms."""
+    fit, traits, better = effective(deployment, option, kind)
     words = f"{deployment}: {TITLES[option]} {fit.text()}"
     words += f" ({traits.gives[0]}; {traits.costs[0]})"
     if better is not None:
