@@ -31,7 +31,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from ferry.core.cpu_models import MODEL_PATTERN
 from ferry.core.firmware import check_vars_disk
-from ferry.core.network import MAC_RE, MAX_NICS, NETWORK_NAME_RE
+from ferry.core.network import MAX_NICS, network_name_value, nic_mac_value, nic_model_value
 from ferry.core.spec import NAME_RE
 from ferry.core.validation import first_error
 from ferry.errors import InvalidInputError
@@ -83,9 +83,9 @@ class ExportedDisk(BaseModel):
 class ExportedNic(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    network: str = Field(pattern=NETWORK_NAME_RE.pattern)
-    mac: str = Field(pattern=MAC_RE.pattern)
-    model: str = Field(default="virtio", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
+    network: Annotated[str, AfterValidator(network_name_value)]
+    mac: Annotated[str, AfterValidator(nic_mac_value)]
+    model: Annotated[str, AfterValidator(nic_model_value)] = "virtio"
 
 
 class ExportedVm(BaseModel):

@@ -31,8 +31,11 @@ if TYPE_CHECKING:
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 NETNS_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+NETWORK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 MAX_NICS = 8
 DEFAULT_MODEL = "virtio"
+# A NIC model: a QEMU device name, so never ',' '=' or spaces (it goes into -device).
+NIC_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
 # The QEMU device of each NIC model ferry names itself; any other model is a
 # QEMU NIC device name (e1000, rtl8139, ...), checked against the host's QEMU.
 _MODEL_DEVICES = {"virtio": "virtio-net-pci"}
@@ -101,6 +104,45 @@ def parse_mac(text: str) -> str:
     if mac == "00:00:00:00:00:00":
         raise InvalidInputError(f"MAC {text!r} is all zeros: a NIC needs a real MAC")
     return mac
+
+
+def nic_mac_value(mac: str) -> str:
+    """A stored NIC's MAC as a pydantic validator: canonical, unicast, not all zeros."""
+    try:
+        canonical = parse_mac(mac)
+    except InvalidInputError as exc:
+        raise ValueError(str(exc)) from None
+    if canonical != mac:
+        raise ValueError(f"MAC {mac!r} is not in the form aa:bb:cc:dd:ee:ff (lower case)")
+    return mac
+
+
+def check_nic_model(model: str) -> str:
+    """A NIC model as typed or read from a file: one clear line if it cannot be one."""
+    try:
+        return nic_model_value(model)
+    except ValueError as exc:
+        raise InvalidInputError(str(exc)) from None
+
+
+def nic_model_value(model: str) -> str:
+    """A stored NIC's model as a pydantic validator (it ends up in QEMU's -device)."""
+    if not NIC_MODEL_RE.match(model):
+        raise ValueError(
+            f"invalid NIC model {model!r}: use a QEMU NIC device name "
+            "(letters, digits, '.', '_' or '-'), e.g. virtio or e1000"
+        )
+    return model
+
+
+def network_name_value(name: str) -> str:
+    """A NIC's network name as a pydantic validator."""
+    if not NETWORK_NAME_RE.match(name):
+        raise ValueError(
+            f"invalid network name {name!r}: use 1-63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
 
 
 def _low16(mac: str) -> int:
@@ -202,7 +244,7 @@ def parse_nic_option(text: str) -> NicOption:
         if key == "mac":
             mac = parse_mac(value)
         else:
-            model = value
+            model = check_nic_model(value)
     return NicOption(network=network, mac=mac, model=model)
 
 
@@ -227,8 +269,6 @@ def check_macs(wanted: Iterable[str | None], others: dict[str, str]) -> None:
 # else. A network map (``--network-map SRC=DST``, repeatable) says which of
 # the other host's networks stands for each of the VM's; the MACs stay, so
 # the guest sees the same NICs.
-
-NETWORK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 def parse_network_map(items: Iterable[str]) -> dict[str, str]:

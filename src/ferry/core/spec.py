@@ -13,14 +13,20 @@ import json
 import re
 import uuid as uuidlib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ferry.core.cpu_models import MODEL_PATTERN, cpu_argument
 from ferry.core.firmware import CODE_NODE, INSTALL_HINT, guest_disk_indexes, uefi_code_argv
 from ferry.core.guest_agent import CHANNEL_NAME
-from ferry.core.network import nic_device, tap_name
+from ferry.core.network import (
+    network_name_value,
+    nic_device,
+    nic_mac_value,
+    nic_model_value,
+    tap_name,
+)
 from ferry.core.versions import machine_type
 from ferry.errors import InvalidInputError, NotFoundError
 
@@ -46,9 +52,11 @@ class NicSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    network: str
-    mac: str
-    model: str = "virtio"
+    # Checked whenever a spec is built or read (a peer's move/replica, an
+    # export folder, the catalog): mac and model go into QEMU's -device option.
+    network: Annotated[str, AfterValidator(network_name_value)]
+    mac: Annotated[str, AfterValidator(nic_mac_value)]
+    model: Annotated[str, AfterValidator(nic_model_value)] = "virtio"
 
 
 class VmSpec(BaseModel):

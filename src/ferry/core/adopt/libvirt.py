@@ -30,6 +30,7 @@ from ferry.core.adopt.plan import (
     normalise_mac,
 )
 from ferry.core.guest_agent import CHANNEL_NAME
+from ferry.core.network import check_nic_model
 from ferry.errors import InvalidInputError
 
 # Devices a ferry VM gets anyway, or that only wire up others: not worth a note.
@@ -333,7 +334,7 @@ def _interface(element: Element, label: str, notes: list[str]) -> AdoptedNic | N
         )
         return None
     model_el = safe_xml.child(element, "model")
-    model = (model_el.get("type") if model_el is not None else None) or "virtio"
+    model = check_nic_model((model_el.get("type") if model_el is not None else None) or "virtio")
     for extra in ("bandwidth", "filterref", "vlan", "virtualport"):
         if safe_xml.child(element, extra) is not None:
             notes.append(f"{label}: the {extra} of NIC {mac or network} is not carried over")

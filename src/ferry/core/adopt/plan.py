@@ -85,6 +85,10 @@ def normalise_mac(raw: str, *, what: str) -> str:
     mac = ":".join(compact[i : i + 2] for i in range(0, 12, 2))
     if int(compact[:2], 16) & 1:
         raise InvalidInputError(f"{what} has a multicast MAC address {raw!r}; a NIC needs unicast")
+    if compact == "0" * 12:
+        raise InvalidInputError(
+            f"{what} has an all-zero MAC address {raw!r}; a NIC needs a real one"
+        )
     return mac
 
 
