@@ -136,12 +136,17 @@ def test_bad_plans_are_refused_with_one_line_and_change_nothing(
     assert vm_hosts(env) == before
     assert not edited.with_name("edited.json.state").exists()
 
-    # A destination that lost the room for a VM between plan and apply: a VM that
-    # takes most of host-2's memory (no disk, no kernel: SeaBIOS touches little of it).
+    # A destination that lost the room for a VM between plan and apply. The VM runs,
+    # so it runs on host-2 after its live migration and needs its memory there (an
+    # off VM lands off and needs none). No disk, no kernel: SeaBIOS touches little
+    # of its memory, and neither does the hog's.
     memory = env.cli.json("host", "show", "host-2")["memory"]
-    env.cli("vm", "create", "huge", "--host", "host-1", "--memory", f"{memory * 4 // 10 // M}M")
+    env.cli("vm", "create", "huge", "--host", "host-1", "--memory", f"{memory * 4 // 10 // M}M",
+            "--start")  # fmt: skip
     big = tmp_path / "big.json"
-    plan_create(env, big)
+    huge = next(s for s in plan_create(env, big)["steps"] if s["vm"] == "huge")
+    assert huge["option"] == "live-migration"
+    assert huge["preconditions"]["destination_free_memory"] > 0
     env.cli("vm", "create", "hog", "--host", "host-2", "--memory", f"{memory * 7 // 10 // M}M",
             "--start")  # fmt: skip
     try:
@@ -150,7 +155,8 @@ def test_bad_plans_are_refused_with_one_line_and_change_nothing(
         env.cli("vm", "delete", "hog", "--force")
     assert "host-2 lacks the capacity for VM huge" in line and "nothing was changed" in line
     assert not big.with_name("big.json.state").exists()
-    env.cli("vm", "delete", "huge")
+    assert vm_hosts(env)["huge"] == ("host-1", "running")
+    env.cli("vm", "delete", "huge", "--force")
 
     env.cli("vm", "delete", "c")
     line = env.cli.fails("plan", "apply", str(stale))
