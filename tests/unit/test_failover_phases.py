@@ -24,6 +24,7 @@ from ferry.errors import InvalidInputError, StateError
 from ferry.host import jobs as jobs_module
 from ferry.host.jobs import Job
 from ferry.testing.failover import FailoverHost, failover_host, replicate
+from ferry.testing.netdev import FakeLinks
 from ferry.testing.peers import MemoryNetwork
 
 F = FailoverState
@@ -310,3 +311,57 @@ def test_a_planned_failover_is_refused_before_shutdown_when_the_replica_lacks_a_
                                           "replica of VM 'web' is on there")  # fmt: skip
     assert lab.one.vms.calls == []  # never shut down: it runs on here
     assert lab.state(lab.one) is VmState.RUNNING and lab.states == []
+
+
+def _replica_nic_on_prod(lab: Lab) -> None:
+    """The replica VM's NIC is on 'prod' there (as a map made it)."""
+    replica = lab.two.catalog.get(lab.uuid)
+    nic = NicSpec(network="prod", mac="02:00:00:00:0c:01")
+    lab.two.catalog.update_spec(replica.spec.model_copy(update={"nics": (nic,)}))
+
+
+def _prod_without_its_bridge(lab: Lab) -> None:
+    """host-2 has network 'prod', but its bridge was deleted after it was added."""
+    links = lab.two.store.links
+    assert isinstance(links, FakeLinks)
+    links.add_bridge("br-prod")
+    asyncio.run(lab.two.store.networks().add("prod", "br-prod"))
+    del links.spaces[None]["br-prod"]
+
+
+def test_an_unplanned_failover_is_refused_when_the_replica_lacks_a_network(lab: Lab) -> None:
+    _replica_nic_on_prod(lab)  # host-2 has no 'prod'
+
+    async def go() -> Job:
+        await lab.one.vms.kill("web")  # the primary's copy is down: only the network refuses
+        return await ended(lab.run(lab.two, "start"))
+
+    job = asyncio.run(go())
+    assert job.state == "failed"
+    assert job.detail["error"].startswith("no network named 'prod' on host 'host-2'")
+    assert steps(job) == [(RUN, "starting"), ("failed", "failed")]
+    assert lab.states == [] and lab.state(lab.two) is VmState.REPLICA
+    rel = lab.two.rel(lab.uuid)
+    assert rel is not None and rel.failover is F.NONE
+    assert lab.two.vms.calls == []  # nothing started
+    assert [p.id for p in lab.two.catalog.points(lab.uuid)] == [1, 2, 3]  # the points stay
+
+
+def test_a_planned_failover_is_refused_before_shutdown_when_a_replica_bridge_is_gone(
+    lab: Lab,
+) -> None:
+    _replica_nic_on_prod(lab)
+    _prod_without_its_bridge(lab)
+    job = run_to_end(lab, lab.one, "planned")
+    assert job.state == "failed"
+    wanted = ("host 'host-2': network prod (bridge br-prod), which the replica of VM 'web' "
+              "is on there, has no bridge")  # fmt: skip
+    assert job.detail["error"].startswith(wanted)
+    assert lab.one.vms.calls == []  # never shut down: it runs on here
+    assert lab.state(lab.one) is VmState.RUNNING and lab.states == []
+    # With the bridge back, the replica host reports nothing missing.
+    links = lab.two.store.links
+    assert isinstance(links, FakeLinks)
+    links.add_bridge("br-prod")
+    state = asyncio.run(lab.two.store.checked_state(lab.uuid))
+    assert state.missing_bridges == [] and state.missing_networks == []

@@ -100,6 +100,9 @@ class ReplicaState(_Model):
     # Networks the replica VM's NICs are on that this host lacks now (a
     # failover could not start it; a planned failover checks before it begins).
     missing_networks: list[str] = Field(default_factory=list)
+    # Networks it has whose bridge is gone (asked through REPLICA only: the
+    # links are looked at); "NETWORK (bridge BR)" each.
+    missing_bridges: list[str] = Field(default_factory=list)
 
 
 class ReplicaChanges(_Model):

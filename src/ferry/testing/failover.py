@@ -36,6 +36,7 @@ from ferry.host.replication.server import ReplicaServer
 from ferry.peer.replication import HELLO, REPLICA, Hello, ReplicaState
 from ferry.peer.routes import NoBody
 from ferry.peer.server import Call, PeerServer
+from ferry.testing.netdev import FakeLinks
 from ferry.testing.peers import MemoryNetwork
 from ferry.testing.vms import FakeVms
 
@@ -113,7 +114,7 @@ def failover_host(network: MemoryNetwork, root: Path, name: str) -> FailoverHost
     catalog = Catalog(config.data_dir)
     vms = FakeVms(config, catalog)
     jobs = JobRegistry(catalog)
-    store = ReplicaStore(config, catalog, ReplicaServer(catalog, host=name))
+    store = ReplicaStore(config, catalog, ReplicaServer(catalog, host=name), links=FakeLinks())
     replication = FakePrimary(catalog, name)
     failover = FailoverService(vms, jobs, store, replication, network.connector(name),
                                make_overlay=touch_overlay)  # fmt: skip
@@ -127,7 +128,7 @@ def failover_host(network: MemoryNetwork, root: Path, name: str) -> FailoverHost
                      cpu_models=vms.cpu.models)  # fmt: skip
 
     async def replica(call: Call[NoBody]) -> ReplicaState:
-        return store.state(call.params["uuid"])
+        return await store.checked_state(call.params["uuid"])
 
     server.handle(HELLO, hello)
     server.handle(REPLICA, replica)  # what a planned failover asks the replica host first

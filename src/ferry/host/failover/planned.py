@@ -84,6 +84,14 @@ class PlannedFailover:
                 f"replica of VM {name!r} is on there; add it there or change the map "
                 f"('ferry replication set {name} --network-map SRC=DST')"
             )
+        # ... with their bridges (a bridge deleted after the network was added).
+        if replica.missing_bridges:
+            raise InvalidInputError(
+                f"host {rel.replica!r}: network {replica.missing_bridges[0]}, which the replica "
+                f"of VM {name!r} is on there, has no bridge; create the bridge there or change "
+                f"the map ('ferry replication set {name} --network-map SRC=DST'); VM {name!r} "
+                "runs on here"
+            )
         s.phase(job, Phase.SHUTTING_DOWN)
         record = s.vms.get(name)
         running = record.state in (VmState.RUNNING, VmState.PAUSED)

@@ -109,7 +109,7 @@ class ReplicationEndpoints:
     # -- one replica VM (guarded: its pinned primary only) --------------------------------
 
     async def replica(self, call: Call[NoBody]) -> ReplicaState:
-        return self.store.state(call.params["uuid"])
+        return await self.store.checked_state(call.params["uuid"])
 
     async def update(self, call: Call[ReplicaChanges]) -> ReplicaState:
         return self.store.update(call.caller, call.params["uuid"], call.body)

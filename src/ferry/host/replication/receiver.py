@@ -65,7 +65,7 @@ from ferry.errors import (
     StateError,
 )
 from ferry.host.config import HostConfig
-from ferry.host.networks import HostNetworks
+from ferry.host.networks import HostNetworks, Links
 from ferry.host.replication.chain import (
     ADOPTED_POINT,
     BASE,
@@ -99,9 +99,10 @@ class ReplicaStore:
     """This host's replica VMs and their recovery point chains."""
 
     def __init__(self, config: HostConfig, catalog: Catalog, server: ReplicaServer,
-                 cpu: CpuFacts | None = None) -> None:  # fmt: skip
+                 cpu: CpuFacts | None = None, links: Links | None = None) -> None:  # fmt: skip
         self.config = config
         self.catalog = catalog
+        self.links = links  # the host's links (None: the real ones, through ip)
         # The CPU models this host runs: a replica it could never fail over is refused.
         self.cpu = cpu or CpuFacts(host=config.name)
         self.states = VmStates(catalog)  # the replica VMs' states change only through it
@@ -279,8 +280,29 @@ class ReplicaStore:
         return apply_network_map(spec, network_map)
 
     def networks(self) -> HostNetworks:
-        """This host's networks (names only are read here: no link is touched)."""
-        return HostNetworks(self.config, self.catalog)
+        """This host's networks (only :meth:`checked_state` and failovers touch links)."""
+        return HostNetworks(self.config, self.catalog, links=self.links)
+
+    async def checked_state(self, vm_uuid: str) -> ReplicaState:
+        """:meth:`state` with the bridges of the replica VM's networks looked at, too.
+
+        What a planned failover asks before it shuts the VM down: a network
+        this host has whose bridge is gone would refuse the start here later.
+        """
+        state = self.state(vm_uuid)
+        record = self.catalog.find(vm_uuid)
+        if record is None:
+            return state
+        networks = self.networks()
+        have = networks.all()
+        gone = []
+        for name in dict.fromkeys(nic.network for nic in record.spec.nics):
+            net = have.get(name)
+            if net is not None and not await asyncio.to_thread(
+                networks.links.bridge_exists, net.bridge, net.netns
+            ):
+                gone.append(f"{name} (bridge {net.bridge})")
+        return state.model_copy(update={"missing_bridges": gone})
 
     async def _adopt(self, record: VmRecord, spec: VmSpec, storage: Path) -> None:
         """``--initial existing``: the VM already here becomes the chain's base."""
