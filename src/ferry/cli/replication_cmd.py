@@ -48,6 +48,25 @@ ReplicaNetworkMapOpt = typer.Option(
     "host's network DST (repeat); MACs stay, networks not named keep their names.",
 )  # fmt: skip
 
+ReplicaSetNetworkMapOpt = typer.Option(
+    [], "--network-map", metavar="SRC=DST|none",
+    help="Replace the map failovers use: NICs on network SRC go on the replica host's "
+    "network DST (repeat); MACs stay, networks not named keep their names. "
+    "'none' clears the map (every NIC back on the network of its own name).",
+)  # fmt: skip
+
+
+def _set_network_map(items: list[str]) -> dict[str, str] | None:
+    """``replication set --network-map``: None (unchanged), ``none`` ({}: cleared) or a map."""
+    if not items:
+        return None
+    if any(item.strip().lower() == "none" for item in items):
+        if len(items) > 1:
+            raise InvalidInputError("--network-map none clears the map: give it alone, "
+                                    "not with SRC=DST items")  # fmt: skip
+        return {}
+    return parse_network_map(items)
+
 
 def _when(stamp: float | None) -> str:
     if stamp is None:
@@ -331,7 +350,7 @@ def set_(
         None, "--certificate-thumbprint", help="SHA-256 of the replica's new certificate."
     ),
     recovery_points: int | None = typer.Option(None, "--recovery-points", help="0..24."),
-    network_map: list[str] = ReplicaNetworkMapOpt,
+    network_map: list[str] = ReplicaSetNetworkMapOpt,
     app_consistent_every: str | None = AppConsistentOpt,
     host: str | None = HostOpt,
     as_json: bool = JsonOpt,
@@ -340,7 +359,7 @@ def set_(
     seconds = parse_frequency(frequency) if frequency else None
     if recovery_points is not None:
         check_recovery_points(recovery_points)
-    networks = parse_network_map(network_map) if network_map else None
+    networks = _set_network_map(network_map)
     app_every = parse_app_consistent_every(app_consistent_every) if app_consistent_every else None
     if (replica is None and seconds is None and thumbprint is None and recovery_points is None
             and networks is None and app_every is None):  # fmt: skip
