@@ -83,3 +83,55 @@ def test_inventory_changes_name_what_changed() -> None:
     assert any("host 'host-2' is gone" in c for c in changes)
     gone = plan.inventory.model_copy(update={"vms": []})
     assert inventory_changes(plan, gone) == ["VM 'a' is gone"]
+
+
+def _off_plan() -> Plan:
+    """The plan of _plan with its VM off and planned as export/import."""
+    plan = _plan()
+    off = plan.inventory.vms[0].model_copy(update={"state": "off"})
+    pre = plan.steps[0].preconditions.model_copy(update={"state": "off",
+                                                         "must_be_running": False})  # fmt: skip
+    step = plan.steps[0].model_copy(update={"option": Option.EXPORT_IMPORT, "storage": None,
+                                            "preconditions": pre})  # fmt: skip
+    inv = plan.inventory.model_copy(update={"vms": [off]})
+    return plan.model_copy(update={"inventory": inv, "steps": [step]})
+
+
+def test_a_state_change_of_a_steps_vm_is_a_change() -> None:
+    plan = _off_plan()
+    assert inventory_changes(plan, plan.inventory) == []
+    started = plan.inventory.vms[0].model_copy(update={"state": "running"})
+    now = plan.inventory.model_copy(update={"vms": [started]})
+    assert inventory_changes(plan, now) == ["VM 'a' is running now, not off as planned"]
+    # running -> off on a live step: said once.
+    live = _plan()
+    stopped = live.inventory.vms[0].model_copy(update={"state": "off"})
+    now = live.inventory.model_copy(update={"vms": [stopped]})
+    assert inventory_changes(live, now) == ["VM 'a' is off, not running"]
+    # running -> off on a step that does not need it running is still a change.
+    plan = _off_plan()
+    pre = plan.steps[0].preconditions.model_copy(update={"state": "running"})
+    planned_running = plan.model_copy(update={
+        "steps": [plan.steps[0].model_copy(update={"preconditions": pre})]})  # fmt: skip
+    assert inventory_changes(planned_running, plan.inventory) == [
+        "VM 'a' is off now, not running as planned"]  # fmt: skip
+
+
+def test_a_vm_new_on_a_source_host_is_a_change() -> None:
+    plan = _plan()
+    new = VmFacts(name="x", uuid="u-x", host="host-1", state="off", memory=128 * M,
+                  config_version=2, storage=StorageKind.LOCAL)  # fmt: skip
+    now = plan.inventory.model_copy(update={"vms": [*plan.inventory.vms, new]})
+    assert inventory_changes(plan, now) == ["VM 'x' is new on host-1"]
+    # New on a destination host only: not the plan's business (capacity is checked apart).
+    there = new.model_copy(update={"host": "host-2"})
+    now = plan.inventory.model_copy(update={"vms": [*plan.inventory.vms, there]})
+    assert inventory_changes(plan, now) == []
+    # A source named as a cluster covers its hosts.
+    hosts = [h.model_copy(update={"cluster": "c1"}) if h.name == "host-1" else h
+             for h in plan.inventory.hosts]  # fmt: skip
+    by_cluster = plan.model_copy(update={
+        "sources": ["cluster:c1"], "steps": [],
+        "inventory": plan.inventory.model_copy(update={"hosts": hosts})})  # fmt: skip
+    now = by_cluster.inventory.model_copy(update={"vms": [*plan.inventory.vms, new]})
+    assert inventory_changes(by_cluster, now) == ["VM 'x' is new on host-1"]

@@ -304,10 +304,28 @@ def inventory_changes(plan: Plan, now: Inventory) -> list[str]:
                 changes.append(f"VM {step.vm!r} storage is {vm.storage}, not {then.storage}")
         if pre.must_be_running and vm.state != "running":
             changes.append(f"VM {step.vm!r} is {vm.state}, not running")
+        elif {pre.state, vm.state} == {"off", "running"}:
+            changes.append(f"VM {step.vm!r} is {vm.state} now, not {pre.state} as planned")
+    # A VM the plan never saw, on a host it empties, would be left behind. (One the plan
+    # saw elsewhere has a step whose check above says where it is, or moved by a step.)
+    known = {v.uuid for v in plan.inventory.vms}
+    sources = source_hosts(plan)
+    for vm in now.vms:
+        if vm.host in sources and vm.uuid not in known:
+            changes.append(f"VM {vm.name!r} is new on {vm.host}")
     for host in plan.inventory.hosts:
         if now.host(host.name) is None:
             changes.append(f"host {host.name!r} is gone")
     return changes
+
+
+def source_hosts(plan: Plan) -> set[str]:
+    """The hosts the plan moves VMs from: its sources (a ``cluster:NAME`` is the cluster's
+    hosts in the plan's inventory) and every step's source."""
+    named = set(plan.sources)
+    clusters = {n.removeprefix("cluster:") for n in named if n.startswith("cluster:")}
+    hosts = {h.name for h in plan.inventory.hosts if h.name in named or h.cluster in clusters}
+    return hosts | {s.source for s in plan.steps}
 
 
 def _mib(n: int) -> str:
