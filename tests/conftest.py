@@ -330,7 +330,7 @@ MODULE_SECONDS = {
     "integration/test_guest_agent.py": 250,
     "integration/test_migration_refusals.py": 170,
     "integration/test_vm_lifecycle.py": 160,
-    "integration/test_plan_apply.py": 230,
+    "integration/test_plan_apply.py": 260,
     "integration/test_migration.py": 150,
     "integration/test_migration_cancel.py": 100,
     "integration/test_guest_boot.py": 120,

@@ -7,6 +7,7 @@ next apply runs it again); done steps are never redone, and a second apply of
 a finished plan says so. Bad plans (edited, stale, a destination without the
 capacity) are refused with one line and change nothing. A plan from host-1 to
 host-1 is ferry's in-place upgrade: the running VM moves into a fresh QEMU there.
+An off VM goes by export/import through --export-dir and lands off on host-2.
 """
 
 from __future__ import annotations
@@ -335,3 +336,42 @@ def test_an_in_place_step_moves_a_running_vm_into_a_fresh_qemu_and_upgrades_an_o
     env.cli("vm", "kill", "p")
     env.cli("vm", "delete", "p")
     env.cli("vm", "delete", "o")
+
+
+def test_an_off_vm_is_exported_and_imported_with_export_dir(
+    lab_env: LabEnv, tmp_path: Path
+) -> None:
+    """An off VM is planned as export/import (no memory asked of host-2); apply needs
+    --export-dir, then the VM ends on host-2, off, with its UUID, gone from host-1;
+    a second apply says every step is done."""
+    env = lab_env
+    env.cli("vm", "create", "cold", "--host", "host-1", "--memory", "64M", "--disk", "16M")
+    uuid = env.vm("cold")["uuid"]
+    plan = tmp_path / "cold.json"
+    doc = plan_create(env, plan)
+    assert [s["vm"] for s in doc["steps"]] == ["cold"]
+    step = doc["steps"][0]
+    assert step["option"] == "export-import" and step["destination"] == "host-2"
+    assert step["preconditions"]["destination_free_memory"] == 0
+    key = f"{step['order']}:cold"
+
+    line = env.cli.fails("plan", "apply", str(plan))
+    assert "pass --export-dir DIR" in line and "nothing was changed" in line
+    assert vm_hosts(env)["cold"] == ("host-1", "off")
+    assert not plan.with_name("cold.json.state").exists()
+
+    exports = env.lab.images_dir / "plan-exports"
+    exports.mkdir(exist_ok=True)
+    out = env.cli("plan", "apply", str(plan), "--export-dir", str(exports), "--json").stdout
+    result = json.loads(out.splitlines()[-1])
+    assert result["result"] == "ok" and result["done"] == [key], result
+    copies = [vm for vm in env.cli.json("vm", "list") if vm["uuid"] == uuid]
+    assert [(vm["name"], vm["host"], vm["state"]) for vm in copies] == [
+        ("cold", "host-2", "off")], copies  # fmt: skip
+    assert all(vm["name"] != "cold" for vm in env.cli.json("vm", "list", "--host", "host-1"))
+    assert state_of(plan)[key]["state"] == "done"
+
+    out = env.cli("plan", "apply", str(plan), "--export-dir", str(exports)).stdout
+    assert f"every step of plan {plan} is done already (1 steps)" in out
+    assert env.vm("cold")["host"] == "host-2"
+    env.cli("vm", "delete", "cold")
