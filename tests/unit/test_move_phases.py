@@ -21,7 +21,7 @@ from ferry.core.migration import IncomingState, Phase, Storage
 from ferry.core.spec import DiskSpec, NicSpec, VmSpec
 from ferry.core.versions import MAX_CONFIG_VERSION
 from ferry.core.vmstate import VmState
-from ferry.errors import AuthError, InvalidInputError, QemuError, StateError
+from ferry.errors import AuthError, ConflictError, InvalidInputError, QemuError, StateError
 from ferry.host import jobs as jobs_module
 from ferry.host.config import HostConfig
 from ferry.host.jobs import Job, JobRegistry
@@ -555,3 +555,30 @@ def test_a_mapped_move_arrives_on_the_destinations_network_and_announces(lab: La
     assert incoming is not None
     commands = incoming.qmp.commands()
     assert commands[-2:] == ["cont", "announce-self"]
+
+
+def test_a_move_whose_mac_another_vm_uses_on_the_destination_is_refused(lab: Lab) -> None:
+    links = FakeLinks()
+    links.add_bridge("br-lab")
+    lab.two.vms.networks.links = links
+    asyncio.run(lab.two.vms.networks.add("lab", "br-lab"))
+    lab.two.catalog.add_vm(VmSpec(name="squatter", config_version=1, memory=1 << 20,
+                                  nics=(NicSpec(network="lab", mac=MAC),)))  # fmt: skip
+    lab.boot()
+    _with_nic(lab)
+    with pytest.raises(ConflictError) as refused:
+        asyncio.run(lab.one.migrations.preflight("roamer", to="host-2", to_url="https://host-2",
+                                                 network_map={}))  # fmt: skip
+    assert f"MAC {MAC} of VM 'roamer' is used by VM 'squatter' on host 'host-2'" in str(
+        refused.value
+    )
+    # The prepare (a source that skipped the check) refuses it too, leaving nothing.
+    record = lab.one.vm("roamer")
+    assert record is not None
+    body = {"job_id": "j-mac", "spec": record.spec.model_dump(mode="json"), "storage": "copy"}
+    raw = json.dumps(body).encode()
+    status, reply = asyncio.run(
+        lab.two.server.dispatch(host_cert("host-1"), "POST", "/v1/peer/migrations", body=raw)
+    )
+    assert status >= 400 and "is used by VM 'squatter'" in reply["error"]["message"]
+    assert lab.two.vm("roamer") is None and lab.two.jobs.find("j-mac") is None

@@ -167,3 +167,16 @@ def test_taps_attach_move_into_the_namespace_and_leftovers_go(
     # The QEMU ended: whatever of its taps is left goes, in every namespace and slot.
     asyncio.run(nets.remove_taps(spec))
     assert links.names() == ["br0", "ft0000deadbeef0"] and links.names(NS) == ["br-lab"]
+
+
+def test_check_runnable_refuses_a_model_this_hosts_qemu_lacks(
+    tmp_path: Path, catalog: Catalog, links: FakeLinks
+) -> None:
+    """Start, move, import and failover all ask check_runnable: the model is checked there."""
+    nets = _networks(tmp_path, catalog, links, lab=NetworkConfig(bridge="br-lab", netns=NS))
+    asyncio.run(nets.check_runnable(_vm("web", NicSpec(network="lab", mac="02:00:00:00:00:30",
+                                                       model="e1000"))))  # fmt: skip
+    arriving = _vm("web", NicSpec(network="lab", mac="02:00:00:00:00:30"),
+                   NicSpec(network="lab", mac="02:00:00:00:00:31", model="rtl8139"))  # fmt: skip
+    with pytest.raises(InvalidInputError, match="NIC model 'rtl8139': this host's QEMU has no"):
+        asyncio.run(nets.check_runnable(arriving))

@@ -231,9 +231,23 @@ class HostNetworks:
             )
 
     async def check_runnable(self, spec: VmSpec) -> None:
-        """Before a QEMU of ``spec`` starts here: every NIC's network and bridge exist."""
+        """Before a QEMU of ``spec`` starts here (start, move, import, failover):
+        every NIC's network and bridge exist, and this host's QEMU has its model."""
         for name in dict.fromkeys(nic.network for nic in spec.nics):  # each bridge looked at once
             await self.require_bridge(self.get(name))
+        for model in dict.fromkeys(nic.model for nic in spec.nics):
+            await self.check_model(model)
+
+    def check_macs_free(self, spec: VmSpec) -> None:
+        """A VM arriving with its MACs (a move): none is used by another VM here."""
+        taken = self.macs_in_use(except_uuid=spec.uuid)
+        for nic in spec.nics:
+            if nic.mac in taken:
+                raise ConflictError(
+                    f"MAC {nic.mac} of VM {spec.name!r} is used by VM {taken[nic.mac]!r} on "
+                    f"host {self.config.name!r}: MACs are unique per host; change the other "
+                    "VM's NIC or pick another host"
+                )
 
     # -- taps ------------------------------------------------------------------
 

@@ -128,6 +128,7 @@ class MoveDestination:
                             host=self.config.name, vm=request.spec.name)  # fmt: skip
         arriving = self._check_networks(request.spec, request.network_map)
         await self.vms.networks.check_runnable(arriving)  # each network's bridge is there, too
+        self.vms.networks.check_macs_free(arriving)
         return wire.CheckReply(networks=vm_networks(arriving))
 
     async def prepare(self, call: Call[wire.PrepareRequest]) -> wire.PrepareReply:
@@ -149,6 +150,7 @@ class MoveDestination:
         # The source sends the spec with its network map applied already; the
         # bridges were probed by the check and are again when QEMU starts.
         self._check_networks(spec, {})
+        self.vms.networks.check_macs_free(spec)
         check_cpu(spec.cpu_model, self.vms.cpu, vm=spec.name)
         check_firmware_here(spec.firmware, self.config.firmware_descriptors,
                             host=self.config.name, vm=spec.name)  # fmt: skip
