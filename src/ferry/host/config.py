@@ -114,6 +114,13 @@ class HostConfig(BaseModel):
     def _name(cls, value: str) -> str:
         return check_name(value, what="host name")
 
+    @field_validator("networks")
+    @classmethod
+    def _networks(cls, value: dict[str, NetworkConfig]) -> dict[str, NetworkConfig]:
+        for name in value:  # the same rule as 'ferry host network add'
+            check_name(name, what="network name")
+        return value
+
     @field_validator("cpu_models")
     @classmethod
     def _cpu_models(cls, value: tuple[str, ...]) -> tuple[str, ...]:
