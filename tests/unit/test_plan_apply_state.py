@@ -113,6 +113,9 @@ def test_plan_steps_map_to_actions_and_copy_cluster_roles_is_refused() -> None:
     ccr = step.model_copy(update={"option": Option.COPY_CLUSTER_ROLES})
     with pytest.raises(InvalidInputError, match=r"copy-cluster-roles.*by hand"):
         step_plan(ccr)
+    into_cluster = step.model_copy(update={"destination_cluster": "c2"})
+    with pytest.raises(InvalidInputError, match=r"into cluster c2, which plan apply cannot"):
+        step_plan(into_cluster)
 
 
 # -- resume decisions ---------------------------------------------------------------------

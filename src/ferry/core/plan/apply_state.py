@@ -268,6 +268,15 @@ def step_plan(step: Step) -> StepPlan:
             "(it runs live migration, export/import, in-place upgrade and replica moves): "
             "run that step by hand, or re-plan without it"
         )
+    if action is Action.LIVE_MOVE and step.destination_cluster is not None:
+        # A move that keeps the VM clustered hands ownership over between
+        # clusters; that command (vm move --to-cluster) is not built yet.
+        raise InvalidInputError(
+            f"step {step_key(step)} moves VM {step.vm} into cluster "
+            f"{step.destination_cluster}, which plan apply cannot carry out yet: take it out "
+            "of its cluster ('ferry cluster vm remove'), move it, then add it "
+            "('ferry cluster vm add'), or re-plan to hosts"
+        )
     pre = step.preconditions
     return StepPlan(key=step_key(step), vm=step.vm, uuid=pre.vm_uuid, action=action,
                     source=step.source, target=step.destination,
