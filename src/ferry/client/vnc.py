@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from urllib.parse import quote
 
@@ -53,7 +54,16 @@ class VncForward:
 
     async def start(self, address: str, port: int) -> int:
         """Listen on ``address:port``; the port it listens on (0 picks a free one)."""
-        self._server = await asyncio.start_server(self._connection, address, port)
+        try:
+            self._server = await asyncio.start_server(self._connection, address, port)
+        except OSError as exc:  # busy port, address not of this machine, unknown name
+            # asyncio rewords bind errors ("error while attempting to bind ..."): the
+            # errno's own words say it shortest.
+            reason = os.strerror(exc.errno) if (exc.errno or 0) > 0 else exc.strerror or str(exc)
+            raise InvalidInputError(
+                f"--listen {address}:{port}: {reason}; pick another "
+                "address or port (port 0 picks a free one)"
+            ) from None
         return int(self._server.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
