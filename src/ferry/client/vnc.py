@@ -59,7 +59,8 @@ class VncForward:
         except OSError as exc:  # busy port, address not of this machine, unknown name
             # asyncio rewords bind errors ("error while attempting to bind ..."): the
             # errno's own words say it shortest.
-            reason = os.strerror(exc.errno) if (exc.errno or 0) > 0 else exc.strerror or str(exc)
+            code = exc.errno or 0  # getaddrinfo's are negative: their strerror says it
+            reason = os.strerror(code) if code > 0 else exc.strerror or str(exc)
             raise InvalidInputError(
                 f"--listen {address}:{port}: {reason}; pick another "
                 "address or port (port 0 picks a free one)"
