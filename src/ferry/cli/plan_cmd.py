@@ -21,6 +21,7 @@ from ferry.cli import plan_apply_cmd
 from ferry.cli.output import err, print_json, print_table, say
 from ferry.cli.vm_cmd import JsonOpt, with_fleet
 from ferry.core.plan import plan_file
+from ferry.core.plan.calibrate import note as calibration_note
 from ferry.core.plan.plan_file import Plan
 from ferry.core.plan.policy import NO_POLICY, Policy, parse_policy
 from ferry.core.units import format_size, parse_size
@@ -84,6 +85,9 @@ def print_plan(plan: Plan) -> None:
     for link in inv.links:
         say(f"  link {link.src} -> {link.dst}: {link.bandwidth_bps / 1024**2:.0f} MiB/s "
             f"(probe {format_size(link.probe_bytes)} in {link.probe_s:.2f} s)")  # fmt: skip
+    for source in sorted({step.source for step in plan.steps}):
+        host = inv.host(source)
+        say(f"  {calibration_note(host.recent_moves if host else [], source)}")
     rows = []
     for step in plan.steps:
         vm = inv.find(step.preconditions.vm_uuid, replica=step.preconditions.replica)

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ferry.core.plan.agent_facts import DirtyRateView, HostInventory, ProbeView
+from ferry.core.plan.calibrate import samples_of
 from ferry.core.plan.plan_file import (
     ClusterFacts,
     DiskFacts,
@@ -118,11 +119,15 @@ def assemble(
     rates: Mapping[str, DirtyRateView],
     probes: list[ProbeView],
     clusters: list[ClusterFacts],
+    jobs: Mapping[str, list[Mapping[str, Any]]] | None = None,
 ) -> Inventory:
-    """``hosts``: name -> (host view, inventory, VM views); ``rates`` by VM uuid."""
+    """``hosts``: name -> (host view, inventory, VM views); ``rates`` by VM uuid;
+    ``jobs``: a source host's job views (its recent moves calibrate its estimates)."""
     host_list, vm_list = [], []
     for name, (view, inventory, vms) in sorted(hosts.items()):
-        host_list.append(host_facts(view, inventory))
+        facts = host_facts(view, inventory)
+        moves = samples_of((jobs or {}).get(name) or [])
+        host_list.append(facts.model_copy(update={"recent_moves": moves}) if moves else facts)
         for vm in vms:
             if vm.get("incoming"):
                 continue  # arriving here: still its source's

@@ -118,6 +118,20 @@ class VmFacts(_Model):
         return sum(d.allocation if d.allocation is not None else d.size for d in self.disks)
 
 
+class MoveSample(_Model):
+    """One finished live move from a host, as its job's result and progress said."""
+
+    finished: float = 0.0  # the job's last update, seconds since the epoch
+    total_s: float
+    downtime_ms: float = 0.0
+    storage: str = "shared"
+    disk_copy_s: float = 0.0
+    disk_bytes: int | None = None  # the mirrors' total
+    memory_copy_s: float = 0.0  # from the memory stream's start to the move's end
+    memory_bytes: int | None = None  # the guest's RAM as QEMU counted it
+    memory_sent: int | None = None  # RAM bytes QEMU sent (zero pages barely count)
+
+
 class HostFacts(_Model):
     name: str
     url: str
@@ -133,6 +147,8 @@ class HostFacts(_Model):
     networks: list[str] | None = None
     cpu_models: list[str] | None = None
     reachable: bool = True
+    # The host's recent finished live moves (newest last): the estimates' calibration.
+    recent_moves: list[MoveSample] = []
 
 
 class LinkFacts(_Model):

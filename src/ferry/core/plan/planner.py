@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from ferry.core.cpu_models import effective_model
 from ferry.core.plan import estimate as est
+from ferry.core.plan.calibrate import calibrate
 from ferry.core.plan.order import Pending, group_of, place, site_rank, sort
 from ferry.core.plan.plan_file import (
     HostFacts,
@@ -114,6 +115,12 @@ def suits(vm: VmFacts, host: HostFacts) -> str | None:
     return None
 
 
+def calibration(inv: Inventory, host: str) -> est.Calibration:
+    """The estimate's constants for moves from ``host``: fitted from its recent moves."""
+    facts = inv.host(host)
+    return calibrate(facts.recent_moves) if facts else est.DEFAULT
+
+
 def _workload(vm: VmFacts, src: str, dst: HostFacts, inv: Inventory, needs: Needs) -> est.Workload:
     link = inv.link(src, dst.name)
     return est.Workload(
@@ -147,7 +154,7 @@ def choose(vm: VmFacts, dst: HostFacts, inv: Inventory, targets: Targets, needs:
         fit, traits, better = effective(dep, option, kind)
         if not fit.allowed or kind not in DESTINATIONS[option]:
             continue
-        figure = est.estimate(option, work)
+        figure = est.estimate(option, work, calibration(inv, vm.host))
         choice = _Choice(option, reason(dep, option, kind), figure,
                          better.title if better else None, [])  # fmt: skip
         if traits.replication is ReplicationFate.DROPPED and vm.replication is not None:
@@ -275,10 +282,11 @@ def _first_choice(p: Pending, hosts: dict[str, HostFacts], inv: Inventory, targe
     if not vm.is_replica:
         return choose(vm, dst, inv, targets, needs)
     work = _workload(vm, vm.host, dst, inv, needs)
+    cal = calibration(inv, vm.host)
     return _Choice(Option.MOVE_REPLICA,
                    "replication in use: move the replica site first, then the primary "
                    "(an older replica refuses a newer primary)",
-                   est.estimate(Option.MOVE_REPLICA, work), None, [])  # fmt: skip
+                   est.estimate(Option.MOVE_REPLICA, work, cal), None, [])  # fmt: skip
 
 
 def _follow_volume(vm: VmFacts, dst: HostFacts, inv: Inventory, targets: Targets, needs: Needs,
@@ -287,7 +295,8 @@ def _follow_volume(vm: VmFacts, dst: HostFacts, inv: Inventory, targets: Targets
     if own.option is option:
         return own
     dep = deployment(vm, dst, inv)
-    figure = est.estimate(option, _workload(vm, vm.host, dst, inv, needs))
+    work = _workload(vm, vm.host, dst, inv, needs)
+    figure = est.estimate(option, work, calibration(inv, vm.host))
     kind = destination_kind(vm, dst, targets)
     _, _, better = effective(dep, option, kind)
     return _Choice(option, reason(dep, option, kind) + "; moves with its volume",
