@@ -166,7 +166,7 @@ def test_moves_imports_and_replication_are_refused_without_the_network(
     cli("vm", "delete", "walled", "--force")
 
 
-def test_failover_networks_test_network_and_planned_failover_keep_the_macs(
+def test_failover_networks_test_network_planned_and_unplanned_failovers_keep_the_macs(
     net_env: LabEnv,
 ) -> None:
     env, cli = net_env, net_env.cli
@@ -182,6 +182,11 @@ def test_failover_networks_test_network_and_planned_failover_keep_the_macs(
         line = cli.fails("replication", "set", "guarded", "--network-map", "lab=nowhere")
         assert "host 'host-2' has no network 'nowhere' (--network-map lab=nowhere)" in line
         assert env.vm("guarded", "host-2")["nics"][0]["network"] == "prod"  # the map stayed
+        # 'none' clears the map: the replica's NIC is on 'lab' there again; then back.
+        cli("replication", "set", "guarded", "--network-map", "none")
+        assert env.vm("guarded", "host-2")["nics"][0]["network"] == "lab"
+        cli("replication", "set", "guarded", "--network-map", "lab=prod")
+        assert env.vm("guarded", "host-2")["nics"][0]["network"] == "prod"
         wait_for(lambda: cli.json("replication", "status", "guarded"),
                  lambda s: s["state"] == "replicating")  # fmt: skip
         cli("replication", "sync", "guarded")
@@ -224,6 +229,24 @@ def test_failover_networks_test_network_and_planned_failover_keep_the_macs(
         # Replication flows back; the replica on host-1 is on 'lab' again (the map back).
         back = wait_for(lambda: env.vm("guarded", "host-1"), lambda v: v["state"] == "replica")
         assert back["nics"][0]["network"] == "lab" and back["nics"][0]["mac"] == nic["mac"]
+
+        # Unplanned failover back: the VM dies on host-2 (its primary now) and
+        # host-1 starts it from its replica: the NIC on 'lab' (the map back),
+        # the same MAC, the same address, and it answers.
+        status = wait_for(lambda: cli.json("replication", "status", "guarded"),
+                          lambda s: s["state"] == "replicating")  # fmt: skip
+        assert status["state"] == "replicating", status
+        cli("replication", "sync", "guarded")
+        cli("vm", "kill", "guarded", "--host", "host-2")  # the primary's VM is down
+        cli("failover", "start", "guarded", "--host", "host-1")
+        home = env.vm("guarded", "host-1")
+        assert home["state"] == "running"
+        (again,) = home["nics"]
+        assert again["network"] == "lab" and again["mac"] == nic["mac"]
+        assert again["ip"] == nic["ip"]
+        with echo_peer(env, "guarded", "host-1") as peer:
+            report = peer.stop()
+        assert report["error"] is None and report["received"] == report["sent"] > 0, report
     finally:
         for host in ("host-1", "host-2"):
             cli("replication", "remove", "guarded", "--host", host, check=False)
