@@ -316,7 +316,7 @@ MODULE_SECONDS = {
     "integration/test_cluster_ha.py": 330,
     "integration/test_replication.py": 300,
     "integration/test_failover.py": 300,
-    "integration/test_network_moves.py": 280,
+    "integration/test_network_moves.py": 320,
     "integration/test_multidisk.py": 280,
     "integration/test_cluster_replication.py": 240,
     "e2e/test_web.py": 210,
