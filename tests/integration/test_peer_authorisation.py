@@ -41,6 +41,8 @@ OPEN_TO_ANY_HOST = {
     ("POST", "/v1/peer/migrations"): "any host of the CA may offer a new VM by live move",
     ("POST", "/v1/peer/migrations/check"): "asks whether this host has a VM's networks, "
     "before a move; changes nothing",
+    ("PUT", "/v1/peer/probe"): "the planner's bandwidth probe: at most 256 MiB, read and "
+    "dropped, nothing kept and nothing about any VM",
 }
 
 
