@@ -8,10 +8,11 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # etcd-server: the lab's cluster store and the etcd integration tests.
 # qemu-guest-agent: qemu-ga and its libraries go into the test guest; e2fsprogs
 # makes and reads the guest-agent test's file system (mke2fs, debugfs).
+# prometheus: promtool checks the agents' /metrics output in the tests.
 # ovmf: --firmware uefi; mtools and syslinux build bootable test disks without loop devices.
 debs=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static zstd iproute2 rsync
       chromium fonts-liberation etcd-server ovmf mtools syslinux syslinux-common
-      qemu-guest-agent e2fsprogs)
+      qemu-guest-agent e2fsprogs prometheus)
 missing=()
 for pkg in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
