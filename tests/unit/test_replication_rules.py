@@ -125,7 +125,7 @@ def test_running_states_are_the_ones_the_scheduler_serves() -> None:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("30s", 30), ("5m", 300), ("15m", 900), ("300s", 300), (" 5M ", 300), ("900", 900)],
+    [("5s", 5), ("30s", 30), ("5m", 300), ("15m", 900), ("300s", 300), (" 5M ", 300), ("900", 900)],
 )
 def test_frequencies_parse(text: str, seconds: int) -> None:
     assert parse_frequency(text) == seconds
@@ -135,12 +135,12 @@ def test_frequencies_parse(text: str, seconds: int) -> None:
 def test_other_frequencies_are_refused(text: str) -> None:
     with pytest.raises(InvalidInputError) as info:
         parse_frequency(text)
-    assert str(info.value) == f"invalid replication frequency {text!r}: use 30s, 5m or 15m"
+    assert str(info.value) == f"invalid replication frequency {text!r}: use 5s, 30s, 5m or 15m"
 
 
 def test_frequency_in_seconds_and_back() -> None:
     assert DEFAULT_FREQUENCY == 300
-    assert [format_frequency(s) for s in (30, 300, 900)] == ["30s", "5m", "15m"]
+    assert [format_frequency(s) for s in (5, 30, 300, 900)] == ["5s", "30s", "5m", "15m"]
     assert check_frequency(30) == 30
     with pytest.raises(InvalidInputError, match="invalid replication frequency 60s"):
         check_frequency(60)

@@ -25,7 +25,7 @@ from ferry.adapters import qemu_img
 from ferry.adapters.durable import fsync_dir, fsync_file
 from ferry.adapters.os_errors import os_errors
 from ferry.core.delta_stream import DeltaEncoder, DeltaEnd, Extent, FrameDecoder
-from ferry.core.replication import Merge
+from ferry.core.replication import Merge, Thin
 from ferry.errors import DeltaCorruptError
 
 CHUNK = 4 * 1024 * 1024
@@ -201,3 +201,19 @@ async def apply_merge(merge: Merge, root: Path, *, qemu_img_bin: str = "qemu-img
     await asyncio.to_thread(fsync_file, root / merge.base_file)
     with os_errors(f"cannot delete the merged overlay {overlay}"):
         await asyncio.to_thread(overlay.unlink)
+
+
+async def apply_thin(thin: Thin, root: Path, *, qemu_img_bin: str = "qemu-img") -> None:
+    """Step 1 of a thinning step: the point after the dropped one no longer needs it.
+
+    The caller then drops the point from the catalog and deletes its file
+    (:func:`delete_point_file`).
+    """
+    target = root / thin.rebase.file
+    await qemu_img.rebase(target, root / thin.onto.file, qemu_img=qemu_img_bin)
+    await asyncio.to_thread(fsync_file, target)
+
+
+async def delete_point_file(path: Path) -> None:
+    with os_errors(f"cannot delete the thinned point file {path}"):
+        await asyncio.to_thread(path.unlink, True)

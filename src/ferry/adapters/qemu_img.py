@@ -77,6 +77,12 @@ async def rebase_unsafe(path: Path, backing: Path, *, qemu_img: str = "qemu-img"
                "-F", "qcow2", str(path))  # fmt: skip
 
 
+async def rebase(path: Path, backing: Path, *, qemu_img: str = "qemu-img") -> None:
+    """Point ``path`` at ``backing``, first copying in what differs (it reads the same after)."""
+    await _run(qemu_img, "rebase", "-f", "qcow2", "-b", str(backing.resolve()),
+               "-F", "qcow2", str(path))  # fmt: skip
+
+
 async def commit(overlay: Path, *, qemu_img: str = "qemu-img") -> None:
     """Write ``overlay``'s clusters into its backing file; ``-d`` leaves it intact."""
     await _run(qemu_img, "commit", "-q", "-d", "-f", "qcow2", str(overlay))

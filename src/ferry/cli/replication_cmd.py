@@ -105,6 +105,9 @@ def _show_status(status: dict[str, Any]) -> None:
             ["cycles ok / missed / failed", f"{status['success_count']} / "
              f"{status['miss_count']} / {status['failure_count']}"],
             ["pending", format_size(status.get("pending_bytes") or 0)],
+            ["RPO now / p99", f"{_seconds(status.get('rpo_s'))} / "
+             f"{_seconds(status.get('rpo_p99_s'))} (last "
+             f"{_seconds(status.get('rpo_window_s'))})"],
             ["recovery points kept", f"{status['recovery_points']} + latest"],
         ]  # fmt: skip
         if status.get("app_consistent_every_s"):
@@ -139,7 +142,12 @@ def _show_status(status: dict[str, Any]) -> None:
 def enable(
     name: str,
     replica: str = typer.Option(..., "--replica", help="The replica host."),
-    frequency: str = typer.Option("5m", "--frequency", help="30s, 5m or 15m."),
+    frequency: str = typer.Option(
+        "5m",
+        "--frequency",
+        help="5s (continuous: points thinned as they age; at most 10 VMs per host), 30s, 5m "
+        "or 15m.",
+    ),
     recovery_points: int = typer.Option(
         4, "--recovery-points", help="Older points kept besides the latest (0..24)."
     ),
@@ -345,7 +353,12 @@ def set_(
         help="Move the replica VM and its points to this host (or point at "
         "it if the replica is there already); a test failover ends.",
     ),
-    frequency: str | None = typer.Option(None, "--frequency", help="30s, 5m or 15m."),
+    frequency: str | None = typer.Option(
+        None,
+        "--frequency",
+        help="5s (continuous: points thinned as they age; at most 10 VMs per host), 30s, 5m "
+        "or 15m.",
+    ),
     thumbprint: str | None = typer.Option(
         None, "--certificate-thumbprint", help="SHA-256 of the replica's new certificate."
     ),

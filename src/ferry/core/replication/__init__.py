@@ -10,7 +10,9 @@ before. Nothing here does I/O; the replication service and its adapters
 
 - :mod:`.lifecycle`: the relationship's states and the transition table;
 - :mod:`.schedule`: the allowed frequencies and when a cycle is due or missed;
-- :mod:`.retention`: recovery point counts and the retention plan (:class:`Merge`);
+- :mod:`.retention`: recovery point counts, the retention plan (:class:`Merge`)
+  and continuous replication's thinning (:class:`Thin`);
+- :mod:`.rpo`: the recovery point objective a relationship achieved;
 - :mod:`.versions`: the functional-level rule between primary and replica;
 - :mod:`.health`: cycle records, health and statistics;
 - :mod:`.authority`: which peer may act on a relationship.
@@ -59,19 +61,25 @@ from ferry.core.replication.retention import (
     MAX_RECOVERY_POINTS,
     Merge,
     PointInfo,
+    Thin,
     check_recovery_points,
     retention_plan,
+    thinning_plan,
 )
+from ferry.core.replication.rpo import RPO_WINDOW_S, Rpo, rpo
 from ferry.core.replication.schedule import (
     DEFAULT_FREQUENCY,
     EXTENDED_FREQUENCIES,
     IDLE_DELAY_S,
+    MAX_CONTINUOUS_VMS,
     Frequency,
+    check_continuous_slot,
     check_extended_frequency,
     check_frequency,
     cycle_delay,
     default_extended_frequency,
     format_frequency,
+    is_continuous,
     is_missed,
     missed_slots,
     next_due,
@@ -86,7 +94,9 @@ __all__ = [
     "EXTENDED_FREQUENCIES",
     "IDLE_DELAY_S",
     "INITIAL_STATE",
+    "MAX_CONTINUOUS_VMS",
     "MAX_RECOVERY_POINTS",
+    "RPO_WINDOW_S",
     "STALE_CRITICAL_S",
     "STALE_WARNING_S",
     "TRANSITIONS",
@@ -103,8 +113,11 @@ __all__ = [
     "PointInfo",
     "ReplicationOp",
     "ReplicationState",
+    "Rpo",
+    "Thin",
     "allowed",
     "assess_health",
+    "check_continuous_slot",
     "check_extended_frequency",
     "check_frequency",
     "check_partner",
@@ -118,6 +131,7 @@ __all__ = [
     "default_extended_frequency",
     "format_frequency",
     "health",
+    "is_continuous",
     "is_missed",
     "is_running",
     "latest_point_time",
@@ -125,6 +139,8 @@ __all__ = [
     "next_due",
     "parse_frequency",
     "retention_plan",
+    "rpo",
     "statistics",
+    "thinning_plan",
     "transition",
 ]

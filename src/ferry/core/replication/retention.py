@@ -97,3 +97,77 @@ def retention_plan(
             break
         plan.append(Merge(base_file=base_file, drops=drops, overlay=overlay, rebase=rebase))
     return plan
+
+
+# Continuous replication thins its points as they age (age limit, spacing):
+# every point of the last minute, one per 5 minutes for the last hour, then
+# one per hour; the count limit (``recovery_points``) applies after thinning.
+THINNING_TIERS: tuple[tuple[float, float], ...] = ((60.0, 0.0), (3600.0, 300.0))
+THINNING_OLDER_SPACING_S = 3600.0
+
+
+@dataclass(frozen=True)
+class Thin:
+    """One thinning step: drop point ``drops`` from the middle of the chain.
+
+    Before the step ``drops.file`` is backed by ``onto.file`` and
+    ``rebase.file`` by ``drops.file``. The adapter runs, in this order:
+
+    1. ``qemu-img rebase -b {onto.file} -F qcow2 {rebase.file}`` (the safe
+       rebase): the clusters of ``drops`` that ``rebase`` does not hide are
+       copied into ``rebase.file``, which reads the same before, during and
+       after (a rebase cut short leaves it on ``drops.file`` with some clusters
+       it read through it anyway); ``drops`` still reads as it did.
+    2. catalog: point ``drops.id`` is gone.
+    3. delete ``drops.file`` (a crash before it leaves an unlisted file).
+
+    Every step is repeatable. Neither the base nor the latest point is ever
+    dropped this way.
+    """
+
+    drops: PointInfo
+    onto: PointInfo
+    rebase: PointInfo
+
+
+def _spacing(age: float) -> float:
+    for limit, spacing in THINNING_TIERS:
+        if age <= limit:
+            return spacing
+    return THINNING_OLDER_SPACING_S
+
+
+def thinning_plan(
+    points: Sequence[PointInfo], now: float, *, in_use: Collection[int] = frozenset()
+) -> list[Thin]:
+    """The points continuous replication drops as they age, oldest first.
+
+    A point whose age puts it in a tier with a spacing (5 minutes within the
+    hour, an hour beyond) is kept only if it is the oldest point of its slot
+    (``time // spacing``) in that tier; slots are fixed in time, so a point
+    that was kept stays kept until it ages into the next tier. The base and
+    the latest point always stay; a step that would drop, or rewrite, a point
+    in ``in_use`` is skipped (that point stays).
+    """
+    chain = list(points)
+    seen: set[tuple[float, int]] = set()
+    if chain and (base_spacing := _spacing(now - chain[0].time)) > 0.0:
+        seen.add((base_spacing, int(chain[0].time // base_spacing)))  # the base holds its slot
+    plan: list[Thin] = []
+    i = 1
+    while i < len(chain) - 1:
+        point = chain[i]
+        spacing = _spacing(now - point.time)
+        if spacing == 0.0:
+            i += 1
+            continue
+        slot = (spacing, int(point.time // spacing))
+        first_in_slot = slot not in seen
+        seen.add(slot)
+        onto, rebase = chain[i - 1], chain[i + 1]
+        if first_in_slot or {point.id, onto.id, rebase.id} & set(in_use):
+            i += 1
+            continue
+        plan.append(Thin(drops=point, onto=onto, rebase=rebase))
+        del chain[i]
+    return plan

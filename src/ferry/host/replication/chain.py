@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import time
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -26,14 +27,17 @@ from typing import Any
 from ferry.adapters import block_hashes, qemu_img
 from ferry.adapters.catalog import Catalog, VmRecord
 from ferry.adapters.durable import fsync_file
-from ferry.adapters.point_transfer import apply_merge
+from ferry.adapters.point_transfer import apply_merge, apply_thin, delete_point_file
 from ferry.core.relationship import Relationship, extension_pin
 from ferry.core.replication import (
     Merge,
     PointInfo,
     ReplicationOp,
     ReplicationState,
+    Thin,
+    is_continuous,
     retention_plan,
+    thinning_plan,
     transition,
 )
 from ferry.core.spec import DiskSpec, VmSpec
@@ -126,9 +130,32 @@ class RecoveryPointChain:
         pin = extension_pin(self.catalog.extension(rel.vm_uuid))
         if pin is not None:  # the extended host still needs these as separate overlays
             in_use |= {p.id for p in chain if p.id > pin}
+        if is_continuous(rel.frequency_s):
+            for thin in thinning_plan(chain, time.time(), in_use=in_use):
+                await self._thin(thin, storage, disks, rel)
+            chain = self.catalog.points(rel.vm_uuid)
         for merge in retention_plan(chain, rel.recovery_points, in_use=in_use):
             self.catalog.delete_point(rel.vm_uuid, merge.drops.id)
             await self._merge(merge, storage, disks, rel)
+
+    async def _thin(self, thin: Thin, storage: Path, disks: int, rel: Relationship) -> None:
+        """Drop a middle point (continuous replication's thinning), see :class:`Thin`."""
+        for i in range(disks):
+            per_disk = Thin(
+                drops=thin.drops,
+                onto=PointInfo(thin.onto.id, thin.onto.time,
+                               disk_file(storage, thin.onto.file, i).name),
+                rebase=PointInfo(thin.rebase.id, thin.rebase.time,
+                                 disk_file(storage, thin.rebase.file, i).name),
+            )  # fmt: skip
+            await apply_thin(per_disk, storage)
+        self.catalog.delete_point(rel.vm_uuid, thin.drops.id)
+        for i in range(disks):
+            await delete_point_file(disk_file(storage, thin.drops.file, i))
+        kept = thin.rebase
+        size = stem_size(storage, kept.file, disks)
+        self.catalog.add_point(rel.vm_uuid, PointInfo(kept.id, kept.time, kept.file, size))
+        log.info("VM %s: thinned recovery point %d out", rel.vm_name, thin.drops.id)
 
     async def _merge(self, merge: Merge, storage: Path, disks: int, rel: Relationship) -> None:
         for i in range(disks):

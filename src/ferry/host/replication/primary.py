@@ -40,6 +40,7 @@ from ferry.errors import (
     StateError,
 )
 from ferry.host.jobs import JobRegistry
+from ferry.host.metrics.recorder import NO_METRICS, MetricEvents
 from ferry.host.replication import handover
 from ferry.host.replication.cycle import INITIAL_JOB, CycleRunner
 from ferry.host.replication.receiver import ReplicaStore
@@ -93,9 +94,12 @@ class ReplicationService:
             turn=lambda key: self.turns.turn(key, CYCLE_TURN),
         )  # fmt: skip
         self.listeners: list[RelationshipListener] = []
+        self.metrics: MetricEvents = NO_METRICS  # counts every cycle's end (the agent's)
 
     async def _cycle(self, vm_uuid: str) -> dict[str, Any]:
+        before = self._rel(vm_uuid)
         outcome = await self.cycles.run(vm_uuid)
+        self.metrics.replication_cycle(before, self._rel(vm_uuid), outcome)
         await self.changed(vm_uuid)
         return outcome
 
@@ -123,6 +127,14 @@ class ReplicationService:
 
     def _rel(self, vm_uuid: str) -> Relationship | None:
         return self.cycles.primary_rel(vm_uuid)
+
+    def _check_continuous(self, frequency_s: int, vm_uuid: str, name: str) -> None:
+        """At most MAX_CONTINUOUS_VMS VMs of this host replicate continuously."""
+        others = sum(1 for rel in self.catalog.relationships()
+                     if rel.role is Role.PRIMARY and rel.vm_uuid != vm_uuid
+                     and rel.state is not ReplicationState.REMOVED
+                     and rules.is_continuous(rel.frequency_s))  # fmt: skip
+        rules.check_continuous_slot(frequency_s, others, host=self.config.name, vm=name)
 
     def primary_of(self, name: str) -> tuple[VmRecord, Relationship]:
         """The VM here and its relationship as primary, or a NotFoundError with the remedy."""
@@ -208,6 +220,7 @@ class ReplicationService:
         the replica refuses the offer (one line, nothing kept) if it lacks a network."""
         record = self.vms.get(name)
         rules.check_frequency(frequency_s)
+        self._check_continuous(frequency_s, record.uuid, name)
         rules.check_recovery_points(recovery_points)
         app_every = check_app_consistent_every(app_consistent_every_s, record.spec)
         if self.catalog.relationship(record.uuid) is not None:
@@ -276,6 +289,7 @@ class ReplicationService:
             update: dict[str, Any] = {}
             if frequency_s is not None:
                 update["frequency_s"] = rules.check_frequency(frequency_s)
+                self._check_continuous(frequency_s, record.uuid, name)
             if recovery_points is not None:
                 update["recovery_points"] = rules.check_recovery_points(recovery_points)
             if thumbprint is not None:

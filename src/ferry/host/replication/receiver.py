@@ -52,6 +52,7 @@ from ferry.core.replication import (
     check_recovery_points,
     check_replica_accepts,
     format_frequency,
+    is_continuous,
 )
 from ferry.core.spec import NicSpec, VmSpec
 from ferry.core.versions import check_host_runs
@@ -109,6 +110,9 @@ class ReplicaStore:
         self.server = server
         self.chain = RecoveryPointChain(catalog)
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Background retention (continuous replication): VM -> another run wanted.
+        self._retaining: dict[str, bool] = {}
+        self._retain_tasks: set[asyncio.Task[None]] = set()
 
     def lock(self, vm_uuid: str) -> asyncio.Lock:
         return self._locks[vm_uuid]
@@ -364,8 +368,38 @@ class ReplicaStore:
                 self.catalog.put_relationship(rel)
             log.info("VM %s: linked recovery point %d (%d bytes of stream)", rel.vm_name,
                      point_id, end.wire_bytes)  # fmt: skip
-            await self.chain.retain(rel)
+            if not is_continuous(rel.frequency_s):
+                await self.chain.retain(rel)
+        if is_continuous(rel.frequency_s):
+            self.retain_later(vm_uuid)  # the reply, and so the cycle, does not wait for merges
         return PointLinked(point=point_id, linked=True, **self.state(vm_uuid).model_dump())
+
+    def retain_later(self, vm_uuid: str) -> None:
+        """Run retention in the background (continuous replication), one run per VM at a time.
+
+        A point arriving during a run asks for another run after it; the next
+        point waits for the VM's lock only if a run still holds it then.
+        """
+        if vm_uuid in self._retaining:
+            self._retaining[vm_uuid] = True
+            return
+        self._retaining[vm_uuid] = False
+        task = asyncio.create_task(self._retain_loop(vm_uuid), name=f"retain-{vm_uuid}")
+        self._retain_tasks.add(task)
+        task.add_done_callback(self._retain_tasks.discard)
+
+    async def _retain_loop(self, vm_uuid: str) -> None:
+        try:
+            while True:
+                self._retaining[vm_uuid] = False
+                try:
+                    await self.retain(vm_uuid)
+                except FerryError as exc:
+                    log.error("VM %s: retention failed: %s", vm_uuid, exc)
+                if not self._retaining[vm_uuid]:
+                    return
+        finally:
+            self._retaining.pop(vm_uuid, None)
 
     async def block_hashes(self, caller: CertInfo, vm_uuid: str,
                            block_size: int) -> list[list[str]]:  # fmt: skip

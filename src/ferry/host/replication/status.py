@@ -22,6 +22,7 @@ def primary_view(rel: Relationship, cycles: list[CycleRecord], now: float) -> di
     report = rules.assess_health(rel.state, cycles, now=now, frequency_s=rel.frequency_s,
                                  last_success=rules.latest_point_time(cycles),
                                  since=rel.created)  # fmt: skip
+    achieved = rules.rpo(cycles, now)
     pending = sum(Path(f).stat().st_size for p in rel.pending for f in p.files
                   if Path(f).exists())  # fmt: skip
     return {
@@ -43,6 +44,9 @@ def primary_view(rel: Relationship, cycles: list[CycleRecord], now: float) -> di
         "next_cycle": (rules.next_due(rel.last_started, rel.frequency_s, now)
                        if rules.is_running(rel.state) else None),
         "statistics": dict(stats),
+        # The RPO achieved: now, and the p99 of its peaks over rpo_window_s.
+        "rpo_s": achieved.rpo_s, "rpo_p99_s": achieved.rpo_p99_s,
+        "rpo_window_s": rules.RPO_WINDOW_S,
     }  # fmt: skip
 
 
