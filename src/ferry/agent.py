@@ -24,6 +24,7 @@ from ferry.adapters.catalog import Catalog
 from ferry.adapters.etcd import open_store
 from ferry.adapters.pki import server_ssl_context, thumbprint
 from ferry.api.cluster import ClusterRoutes
+from ferry.api.doctor import DoctorRoutes
 from ferry.api.inventory import InventoryRoutes
 from ferry.api.server import AgentApi
 from ferry.core import vmstate
@@ -44,6 +45,7 @@ from ferry.host.cluster.switchover import OwnerHandover
 from ferry.host.cluster.vms import ClusterVms
 from ferry.host.cluster.volumes import VolumeService
 from ferry.host.config import HostConfig, load_host_config
+from ferry.host.doctor import HostDoctor
 from ferry.host.exchange.service import EXPORT, IMPORT, ExchangeService
 from ferry.host.failover.service import FailoverService
 from ferry.host.inventory import InventoryService
@@ -212,6 +214,10 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         app = api.app()
         app.add_routes(ClusterRoutes(clusters, cluster_volumes).routes())
         app.add_routes(InventoryRoutes(inventory).routes())
+        doctor = HostDoctor(config, accelerator=accelerator, qemu_version=qemu_version,
+                            networks=vms.networks, replica_server=store.server,
+                            cluster=cluster_context, volumes=cluster_volumes)  # fmt: skip
+        app.add_routes(DoctorRoutes(doctor).routes())
         await clusters.start()  # reconnects to its cluster (in the background if etcd is away)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()

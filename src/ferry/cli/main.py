@@ -18,6 +18,7 @@ from typer.exceptions import TyperException
 from ferry import __version__
 from ferry.cli import (
     cluster_cmd,
+    doctor_cmd,
     failover_cmd,
     guest_cmd,
     host_cmd,
@@ -53,6 +54,7 @@ app.add_typer(guest_cmd.app, name="guest")
 app.add_typer(pki_cmd.app, name="pki")
 app.add_typer(plan_cmd.app, name="plan")
 app.command("web")(web_cmd.web)
+app.command("doctor")(doctor_cmd.doctor)
 
 _debug = {"on": os.environ.get("FERRY_DEBUG") == "1"}
 

@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import time
 import uuid as uuidlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from ferry.adapters import qemu
@@ -134,26 +135,35 @@ def _cpu_flags_digest() -> str:
     return "unknown"
 
 
-async def query_cpu_definitions(qemu_binary: str, accelerator: str) -> list[dict[str, object]]:
-    """QEMU's ``query-cpu-definitions`` under ``accelerator``, from a QEMU that runs no guest."""
+@contextlib.asynccontextmanager
+async def bare_qemu(qemu_binary: str, *, name: str,
+                    accelerator: str | None = None) -> AsyncIterator[qemu.QmpChannel]:  # fmt: skip
+    """A QMP channel to a QEMU that runs no guest (``-machine none``, paused), ended on exit."""
     marker = str(uuidlib.uuid4())
-    with tempfile.TemporaryDirectory(prefix="ferry-cpu-probe-") as tmp:
+    accel = ["-accel", accelerator] if accelerator else []
+    with tempfile.TemporaryDirectory(prefix=f"ferry-{name}-") as tmp:
         pidfile, sock = Path(tmp) / "qemu.pid", Path(tmp) / "qmp.sock"
         argv = [
             qemu_binary, "-nodefaults", "-no-user-config", "-display", "none",
-            "-machine", "none", "-accel", accelerator, "-S", "-uuid", marker,
+            "-machine", "none", *accel, "-S", "-uuid", marker,
             "-daemonize", "-pidfile", str(pidfile),
             "-chardev", f"socket,id=qmp,path={sock},server=on,wait=off",
             "-mon", "chardev=qmp,mode=control",
         ]  # fmt: skip
         pid = await qemu.launch(argv, pidfile=pidfile, uuid=marker, timeout=30)
-        channel = qemu.QmpChannel(sock, name="cpu-probe")
+        channel = qemu.QmpChannel(sock, name=name)
         try:
             await channel.connect()
-            reply = await channel.execute("query-cpu-definitions")
+            yield channel
         finally:
             await channel.close()
             await qemu.kill_process(pid, marker)
+
+
+async def query_cpu_definitions(qemu_binary: str, accelerator: str) -> list[dict[str, object]]:
+    """QEMU's ``query-cpu-definitions`` under ``accelerator``, from a QEMU that runs no guest."""
+    async with bare_qemu(qemu_binary, name="cpu-probe", accelerator=accelerator) as channel:
+        reply = await channel.execute("query-cpu-definitions")
     if not isinstance(reply, list):
         raise QemuError(f"query-cpu-definitions answered {type(reply).__name__}, not a list")
     return [dict(entry) for entry in reply]

@@ -1,0 +1,24 @@
+"""``GET /v1/host/doctor``: this host's ``ferry doctor`` checks (admin certificate only).
+
+The reply is ``{"host", "time", "checks": [{"name", "status", "detail", "remedy",
+"host"}]}``; ``time`` is the agent's Unix time, which the client compares
+across hosts for the clock check. The work is :class:`ferry.host.doctor.HostDoctor`.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ferry.api.edge import json_reply
+from ferry.host.doctor import HostDoctor
+
+
+class DoctorRoutes:
+    def __init__(self, doctor: HostDoctor) -> None:
+        self.doctor = doctor
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/v1/host/doctor", self.report)]
+
+    async def report(self, request: web.Request) -> web.Response:
+        return json_reply(await self.doctor.report())
