@@ -119,6 +119,9 @@ class RunContext(BaseModel):
     vnc_socket: Path | None = None
     # The guest agent channel's unix socket (a VM with guest_agent).
     guest_agent_socket: Path | None = None
+    # Test hook (host.toml test_monitor): a second QMP monitor, where benchmarks
+    # inject guest writes with HMP qemu-io while the agent holds the first.
+    test_monitor_socket: Path | None = None
     # This host's key in tap names (ferry.core.network.tap_name): NIC i of the
     # VM gets tap tap_name(tap_host, uuid, i). Needed by a VM with NICs.
     tap_host: str | None = None
@@ -251,6 +254,9 @@ def qemu_argv(spec: VmSpec, ctx: RunContext) -> list[str]:
             "-device", "virtio-serial-pci,id=vserial0",
             "-device", f"virtserialport,chardev=qga0,id=qga0port,name={CHANNEL_NAME}",
         ]  # fmt: skip
+    if ctx.test_monitor_socket is not None:
+        argv += ["-chardev", f"socket,id=testmon,path={_opt(ctx.test_monitor_socket)},"
+                 "server=on,wait=off", "-mon", "chardev=testmon,mode=control"]  # fmt: skip
     if ctx.incoming:
         # Wait, paused, for a migration stream the agent points it at later.
         argv += ["-incoming", "defer", "-S"]

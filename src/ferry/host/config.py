@@ -11,6 +11,7 @@ Example::
     image_dirs = ["/srv/images"]        # where --image/--kernel files may come from
     cluster_lease_ttl = 10              # seconds; a cluster node's lease
     cpu_models = ["Westmere-v1", "max"] # only these CPU models here (absent: all QEMU runs)
+    metrics_listen = "127.0.0.1:9464"   # plain-HTTP GET /metrics, loopback only (optional)
 
     [networks.prod]                     # host network "prod": a name for a bridge
     bridge = "br0"                      # (netns = "NS": a bridge inside that namespace)
@@ -19,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import tempfile
 import tomllib
 from pathlib import Path
@@ -40,6 +42,25 @@ from ferry.core.units import parse_size
 from ferry.core.validation import first_error
 from ferry.core.versions import MAX_CONFIG_VERSION, check_functional_level
 from ferry.errors import ConfigError, FerryError
+
+
+def check_loopback_listen(value: str) -> str:
+    """``ADDRESS:PORT`` on a loopback address (what an unauthenticated listener may use)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("use ADDRESS:PORT on a loopback address, e.g. 127.0.0.1:9464")
+    address = host.strip("[]")
+    try:
+        loopback = address == "localhost" or ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(
+            f"{value} is not a loopback address: the plain metrics listener has no "
+            "authentication, so it may only listen on 127.0.0.0/8, ::1 or "
+            "localhost; scrape the admin port with an admin certificate instead"
+        )
+    return value
 
 
 class NetworkConfig(BaseModel):
@@ -84,6 +105,9 @@ class HostConfig(BaseModel):
     # Test hook: damage one byte in each of the next N replication streams this
     # host sends, so tests can prove the replica rejects and the primary resends.
     corrupt_replication_streams: int = Field(default=0, ge=0)
+    # Test hook: every VM's QEMU gets a second QMP monitor, {runtime}/{short uuid}.tqmp,
+    # where benchmarks inject guest writes (HMP qemu-io) while the agent holds the first.
+    test_monitor: bool = False
     # Test hook: the agent exits at once (as if killed) when a failover job
     # enters this phase, so tests can prove the restart leaves a state that
     # can be completed or cancelled. Empty: never.
@@ -103,6 +127,9 @@ class HostConfig(BaseModel):
     # The CPU models VMs may use on this host (empty: every model its QEMU can
     # run). Moves, failovers and imports of a VM with another model are refused.
     cpu_models: tuple[str, ...] = ()
+    # A plain-HTTP listener for GET /metrics (Prometheus), loopback only: it has no
+    # authentication. None: metrics only on the admin TLS port.
+    metrics_listen: str | None = None
 
     @field_validator("migration_max_bandwidth", "replication_max_bandwidth", mode="before")
     @classmethod
@@ -138,6 +165,20 @@ class HostConfig(BaseModel):
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError("use ADDRESS:PORT, e.g. 127.0.0.1:8443")
         return value
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_loopback_listen(value)
+        return value
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        if self.metrics_listen is None:
+            return None
+        host, _, port = self.metrics_listen.rpartition(":")
+        return host.strip("[]"), int(port)
 
     @property
     def address(self) -> tuple[str, int]:

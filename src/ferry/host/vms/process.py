@@ -111,6 +111,11 @@ class VmProcesses:
             vnc_socket=self.vnc_socket(uuid),
             tap_host=self.networks.key,
             guest_agent_socket=self.guest_agent_socket(uuid),
+            test_monitor_socket=(
+                self.config.runtime_dir / f"{short_name(uuid)}.tqmp"
+                if self.config.test_monitor
+                else None
+            ),
             uefi_code=uefi.code if uefi else None,
             uefi_code_format=uefi.code_format if uefi else "raw",
         )
