@@ -38,6 +38,7 @@ from ferry.errors import (
     NotFoundError,
     StateError,
 )
+from ferry.host.metrics.recorder import NO_METRICS, MetricEvents
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class JobRegistry:
         self._cancel: dict[str, CancelHandler] = {}
         self._refusals: dict[str, Refusal] = {}
         self._own_states: set[str] = set()
+        self.metrics: MetricEvents = NO_METRICS  # hears every change of state (the agent's)
         for row in catalog.jobs():
             self._jobs[row.id] = Job(row.id, row.kind, row.vm_uuid, row.vm_name, row.state,
                                      json.loads(row.detail), row.created, row.updated)  # fmt: skip
@@ -156,6 +158,8 @@ class JobRegistry:
         job.updated = time.time()
         if new_state or new_phase:
             self._note(job)
+        if new_state:
+            self.metrics.job_changed(job.kind, job.state, job.detail, job.updated - job.created)
         if new_state or new_phase or job.updated - job.persisted >= PERSIST_EVERY_S:
             self._persist(job)
 

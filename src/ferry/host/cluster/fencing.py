@@ -51,6 +51,7 @@ from ferry.core.tasks import cancel_and_wait
 from ferry.errors import FerryError, LeaseLostError, QemuError
 from ferry.host.cluster.guard_client import FenceGuardClient
 from ferry.host.cluster.membership import Membership
+from ferry.host.metrics.recorder import NO_METRICS, MetricEvents
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,10 @@ class LeaseKeeper:
         guard: Guard | None = None,
         protected: Protected = dict,
         clock: Clock | None = None,
+        metrics: MetricEvents = NO_METRICS,
     ) -> None:
         self.membership = membership
+        self.metrics = metrics  # counts renewals and fences
         self.timings = membership.timings
         self.fence_callback = fence
         self.guard = guard
@@ -164,6 +167,7 @@ class LeaseKeeper:
                 late = now - wake >= t.renew_interval_s
                 wake = (now if late else wake) + t.renew_interval_s
                 renewed = await self.renew_once()
+                self.metrics.lease_renewal(self.membership.cluster, ok=renewed)
                 if self.clock.time() >= wake:  # a rejoin took its time
                     wake = self.clock.time() + t.renew_interval_s
                 if not renewed and self.fenced is None:
@@ -215,6 +219,7 @@ class LeaseKeeper:
         """Kill this node's clustered QEMUs now; the rejoin waits for etcd."""
         self.fenced = reason
         self.fences += 1
+        self.metrics.fenced(self.membership.cluster)
         self.log.error("fencing this node: %s", reason)
         await self._kill(reason)
 
@@ -296,6 +301,7 @@ class NodeFencing:
         self.clock = clock
         self.protected: Protected = dict
         self.keeper: LeaseKeeper | None = None
+        self.metrics: MetricEvents = NO_METRICS  # the agent's, handed to each keeper
 
     def holds_lease(self) -> bool:
         return self.keeper is not None and self.keeper.holds_lease()
@@ -309,7 +315,7 @@ class NodeFencing:
                 log.error("cannot start the fence guard: %s", exc)
         keeper = LeaseKeeper(membership, fence=qemu_killer(lambda: self.protected()),
                              guard=self.guard, protected=lambda: self.protected(),
-                             clock=self.clock)  # fmt: skip
+                             clock=self.clock, metrics=self.metrics)  # fmt: skip
         self.keeper = keeper
         try:
             await keeper.run()
