@@ -26,6 +26,7 @@ from ferry.adapters.pki import server_ssl_context, thumbprint
 from ferry.api.cluster import ClusterRoutes
 from ferry.api.doctor import DoctorRoutes
 from ferry.api.inventory import InventoryRoutes
+from ferry.api.metrics import MetricsRoutes, serve_plain
 from ferry.api.server import AgentApi
 from ferry.core import vmstate
 from ferry.core.cluster.timing import ClusterTimings
@@ -50,6 +51,7 @@ from ferry.host.exchange.service import EXPORT, IMPORT, ExchangeService
 from ferry.host.failover.service import FailoverService
 from ferry.host.inventory import InventoryService
 from ferry.host.jobs import JobRegistry
+from ferry.host.metrics.wiring import agent_metrics
 from ferry.host.migration.service import INCOMING, MOVE, MigrationService
 from ferry.host.replication.cycle import INITIAL_JOB, RESYNC_JOB
 from ferry.host.replication.endpoints import ReplicationEndpoints
@@ -114,6 +116,7 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
     pidfile = config.data_dir / PID_FILE
     catalog = Catalog(config.data_dir)
     runner: web.AppRunner | None = None
+    metrics_runner: web.AppRunner | None = None
     vms: VmService | None = None
     migrations: MigrationService | None = None
     replication: ReplicationService | None = None
@@ -211,7 +214,11 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         await failover.recover()
         mover = ReplicaMover(store, replication.cycles.sender, failover, url, peers)
         ReplicationEndpoints(store, mover=mover, adopt=replication.adopt).register(peer_server)
+        # GET /metrics: counters the services bump, gauges read at scrape time.
+        metrics = agent_metrics(host=config.name, catalog=catalog, jobs=jobs,
+                                replication=replication, fencing=fencing)  # fmt: skip
         app = api.app()
+        app.add_routes(MetricsRoutes(metrics.registry).routes())
         app.add_routes(ClusterRoutes(clusters, cluster_volumes).routes())
         app.add_routes(InventoryRoutes(inventory).routes())
         doctor = HostDoctor(config, accelerator=accelerator, qemu_version=qemu_version,
@@ -226,6 +233,8 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
             await site.start()
         except OSError as exc:
             raise ConfigError(f"cannot listen on {config.listen}: {exc.strerror}") from exc
+        if config.metrics_address is not None:  # loopback only (host config)
+            metrics_runner = await serve_plain(metrics.registry, *config.metrics_address)
         pidfile.write_text(f"{os.getpid()}\n")
         log.info("agent %s serving %s (accelerator %s, QEMU %s)", config.name, url,
                  accelerator, qemu_version)  # fmt: skip
@@ -240,6 +249,8 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         await stop.wait()
         log.info("agent %s stopping; VMs keep running", config.name)
     finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         if runner is not None:
             await runner.cleanup()
         if reconciler is not None:
