@@ -22,6 +22,7 @@ from aiohttp import web
 from ferry import __version__
 from ferry.adapters.catalog import Catalog
 from ferry.adapters.etcd import open_store
+from ferry.adapters import sd_notify
 from ferry.adapters.pki import server_ssl_context, thumbprint
 from ferry.api.cluster import ClusterRoutes
 from ferry.api.doctor import DoctorRoutes
@@ -51,6 +52,7 @@ from ferry.host.exchange.service import EXPORT, IMPORT, ExchangeService
 from ferry.host.failover.service import FailoverService
 from ferry.host.inventory import InventoryService
 from ferry.host.jobs import JobRegistry
+from ferry.host.log_format import LogFormat, configure_logging
 from ferry.host.metrics.wiring import agent_metrics
 from ferry.host.migration.service import INCOMING, MOVE, MigrationService
 from ferry.host.replication.cycle import INITIAL_JOB, RESYNC_JOB
@@ -116,6 +118,7 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
     pidfile = config.data_dir / PID_FILE
     catalog = Catalog(config.data_dir)
     runner: web.AppRunner | None = None
+    watchdog: asyncio.Task[None] | None = None
     metrics_runner: web.AppRunner | None = None
     vms: VmService | None = None
     migrations: MigrationService | None = None
@@ -246,9 +249,17 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         await extensions.start()
         if ready is not None:
             ready.set()
+        # systemd (Type=notify): ready only now, when the port answers and services run.
+        sd_notify.notify(READY="1", STATUS=f"serving {url}", MAINPID=str(os.getpid()))
+        interval = sd_notify.watchdog_interval()
+        if interval is not None:
+            watchdog = asyncio.create_task(sd_notify.keep_watchdog(interval), name="watchdog")
         await stop.wait()
         log.info("agent %s stopping; VMs keep running", config.name)
     finally:
+        sd_notify.notify(STOPPING="1", STATUS="stopping; VMs keep running")
+        if watchdog is not None:
+            watchdog.cancel()
         if metrics_runner is not None:
             await metrics_runner.cleanup()
         if runner is not None:
@@ -275,10 +286,7 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         os.close(lock_fd)
 
 
-def run_agent(config_path: Path) -> None:
+def run_agent(config_path: Path, log_format: LogFormat = "text") -> None:
     config = load_host_config(config_path)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(log_format, host=config.name)
     asyncio.run(serve(config))

@@ -32,7 +32,7 @@ from ferry.cli import (
     web_cmd,
 )
 from ferry.cli.output import err
-from ferry.errors import FerryError
+from ferry.errors import FerryError, InvalidInputError
 
 app = typer.Typer(
     name="ferry",
@@ -78,12 +78,32 @@ def _root(
 
 @app.command("agent")
 def agent(
-    config: Path = typer.Option(..., "--config", "-c", help="The host's host.toml."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="The host's host.toml."),
+    log_format: str = typer.Option(
+        "text",
+        "--log-format",
+        envvar="FERRY_LOG_FORMAT",
+        metavar="text|json",
+        help="Log lines as text, or as one JSON event per line (ts, level, logger, msg, "
+        "and vm, job, peer when known).",
+    ),
+    print_unit: bool = typer.Option(
+        False, "--print-unit", help="Print the systemd unit for the agent and exit."
+    ),
 ) -> None:
     """Run this host's agent in the foreground (HTTPS API, owns the VMs)."""
+    if print_unit:
+        from ferry.packaging import agent_unit
+
+        print(agent_unit(), end="")
+        return
+    if log_format not in ("text", "json"):
+        raise InvalidInputError(f"--log-format must be text or json, not {log_format!r}")
+    if config is None:
+        raise InvalidInputError("say which host.toml to run: ferry agent --config PATH")
     from ferry.agent import run_agent
 
-    run_agent(config)
+    run_agent(config, "json" if log_format == "json" else "text")
 
 
 def main(argv: list[str] | None = None) -> None:

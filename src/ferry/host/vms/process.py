@@ -56,7 +56,8 @@ def short_name(uuid: str) -> str:
 
 def vm_logger(parent: logging.Logger, record: VmRecord) -> logging.LoggerAdapter[logging.Logger]:
     """The child logger of one VM."""
-    return logging.LoggerAdapter(parent.getChild(record.name), {"vm": record.uuid})
+    return logging.LoggerAdapter(parent.getChild(record.name),
+                                 {"vm": record.name, "vm_uuid": record.uuid})  # fmt: skip
 
 
 @dataclass
