@@ -3,7 +3,8 @@
 The verified client certificate of each request decides its role: an *admin*
 certificate may call everything; a *host* certificate of the same CA (a peer)
 may only call ``/v1/peer/...``; anything else is cut off in the TLS handshake
-(no or foreign certificate) or answered 403. Every error leaves as one JSON
+(no, foreign or expired certificate) or answered 403, and so is a revoked
+certificate (:data:`VET_CALLER`, which also closes its connection). Every error leaves as one JSON
 line ``{"error": {"code", "message"}}``; an unexpected exception is logged
 with its traceback here and answered as an internal error.
 """
@@ -25,6 +26,10 @@ log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# The agent's check of every caller beyond the CA (ferry.host.certificates):
+# AuthError for a revoked certificate, else the caller as the rules see it.
+VET_CALLER: web.AppKey[Callable[[CertInfo], CertInfo]] = web.AppKey("ferry_vet_caller")
 
 
 def json_reply(model: BaseModel | list[Any] | dict[str, Any], status: int = 200) -> web.Response:
@@ -53,6 +58,14 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Authorise by certificate role, and turn every error into one JSON line."""
     try:
         caller = caller_of(request)
+        vet = request.config_dict.get(VET_CALLER)
+        if vet is not None:
+            try:
+                caller = vet(caller)
+            except AuthError as exc:  # revoked: refused, and the connection closed
+                reply = error_reply(exc)
+                reply.force_close()
+                return reply
         is_peer_path = request.path.startswith("/v1/peer/")
         if caller.role is Role.HOST and not is_peer_path:
             raise AuthError(

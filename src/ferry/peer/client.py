@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from ferry.adapters.pki import client_ssl_context
 from ferry.core.validation import first_error
 from ferry.errors import ConnectionFailedError
-from ferry.peer.https import HttpsTransport, raise_for_error
+from ferry.peer.https import HttpsTransport, ServerTrust, raise_for_error
 from ferry.peer.routes import NoBody, Route, Upload
 from ferry.peer.transport import Transport
 
@@ -102,17 +102,28 @@ class Connector(Protocol):
 
 
 class PeerConnector:
-    """Builds peer clients with this host's certificate (the TLS context made once)."""
+    """Builds peer clients with this host's certificate (the TLS context made once).
 
-    def __init__(self, tls_dir: Path) -> None:
+    ``trust`` (the agent's :class:`ferry.host.certificates.HostCertificates`)
+    refuses revoked agents and follows renewed pins; :meth:`reload` puts a
+    renewed certificate into the one context, for the connections made after.
+    """
+
+    def __init__(self, tls_dir: Path, trust: ServerTrust | None = None) -> None:
         self._tls: ssl.SSLContext = client_ssl_context(tls_dir)
+        self.trust = trust
+
+    def reload(self, cert: Path, key: Path) -> None:
+        """Present ``cert`` from now on (connections already open keep the old one)."""
+        self._tls.load_cert_chain(certfile=str(cert), keyfile=str(key))
 
     def connect(
         self, name: str, url: str, *, timeout: Timeout = Timeout.CONTROL, pin: str | None = None
     ) -> PeerClient:
         transport = HttpsTransport(
-            name, url, self._tls, server_name=name, timeout=float(timeout), pin=pin
-        )
+            name, url, self._tls, server_name=name, timeout=float(timeout), pin=pin,
+            trust=self.trust,
+        )  # fmt: skip
         return PeerClient(name, url, transport)
 
 

@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -27,7 +27,7 @@ from ferry.errors import (
 from ferry.peer.transport import Reply
 
 
-def _server_thumbprint(response: aiohttp.ClientResponse) -> str | None:
+def _server_der(response: aiohttp.ClientResponse) -> bytes | None:
     # A small body arrives with the headers and releases the connection at
     # once, so ``response.connection`` is often None here; the protocol (and
     # its TLS transport) outlives that. aiohttp has no public accessor.
@@ -35,7 +35,28 @@ def _server_thumbprint(response: aiohttp.ClientResponse) -> str | None:
     transport = getattr(protocol, "transport", None)
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    return hashlib.sha256(der).hexdigest() if der else None
+    return der or None
+
+
+class ServerTrust(Protocol):
+    """What an agent adds to the CA check of the agents it calls (host/certificates.py).
+
+    ``check_server`` raises AuthError for a revoked certificate and
+    ThumbprintMismatchError unless ``der`` is ``name``'s pinned certificate
+    (or the one it was renewed to, during the grace period).
+    """
+
+    def check_server(self, name: str, where: str, pin: str | None, der: bytes | None) -> None: ...
+
+
+def check_pin(where: str, pin: str | None, der: bytes | None) -> None:
+    """ThumbprintMismatchError unless ``der`` has thumbprint ``pin`` (no pin: anything)."""
+    thumbprint = hashlib.sha256(der).hexdigest() if der else None
+    if pin and thumbprint != pin:
+        raise ThumbprintMismatchError(
+            f"{where} presented certificate thumbprint {thumbprint}, not the pinned {pin}",
+            found=thumbprint or "",
+        )
 
 
 def raise_for_error(status: int, payload: Any) -> None:
@@ -51,7 +72,7 @@ class HttpsTransport:
     """Requests to the agent of host ``name`` at ``url`` over one aiohttp session.
 
     ``pin``: the SHA-256 thumbprint the agent's certificate must have; it is
-    checked on every response before its body is read.
+    checked on every response before its body is read (by ``trust`` if given).
     """
 
     def __init__(
@@ -63,10 +84,12 @@ class HttpsTransport:
         server_name: str | None = None,
         timeout: float,
         pin: str | None = None,
+        trust: ServerTrust | None = None,
     ) -> None:
         self.name = name
         self.url = url.rstrip("/")
         self.pin = pin
+        self._trust = trust
         self._tls = tls
         self._server_name = server_name or name
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=10)
@@ -99,20 +122,23 @@ class HttpsTransport:
                 raise ConnectionFailedError(f"cannot open a websocket to {where}: {exc}") from exc
             ssl_object = ws.get_extra_info("ssl_object")
             der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-            thumbprint = hashlib.sha256(der).hexdigest() if der else None
-            if self.pin and thumbprint != self.pin:
+            try:
+                self._check_server(where, der)
+            except FerryError:
                 await ws.close()
-                raise ThumbprintMismatchError(
-                    f"{where} presented certificate thumbprint {thumbprint}, "
-                    f"not the pinned {self.pin}",
-                    found=thumbprint or "",
-                )
+                raise
             try:
                 yield ws
             finally:
                 await ws.close()
         finally:
             await session.close()
+
+    def _check_server(self, where: str, der: bytes | None) -> None:
+        if self._trust is not None:
+            self._trust.check_server(self.name, where, self.pin, der)
+        else:
+            check_pin(where, self.pin, der)
 
     async def request(
         self,
@@ -136,13 +162,9 @@ class HttpsTransport:
                 ssl=self._tls,
                 server_hostname=self._server_name,
             ) as response:
-                thumbprint = _server_thumbprint(response)
-                if self.pin and thumbprint != self.pin:
-                    raise ThumbprintMismatchError(
-                        f"{where} presented certificate thumbprint {thumbprint}, "
-                        f"not the pinned {self.pin}",
-                        found=thumbprint or "",
-                    )
+                der = _server_der(response)
+                self._check_server(where, der)
+                thumbprint = hashlib.sha256(der).hexdigest() if der else None
                 payload = await response.json(content_type=None)
                 return Reply(response.status, payload, thumbprint)
         except FerryError:

@@ -38,9 +38,12 @@ from ferry.adapters.pki.issue import (
     CA_VALIDITY,
     DEFAULT_CA_NAME,
     LEAF_VALIDITY,
+    HostCertPems,
     create_ca,
+    host_cert_pems,
     issue_admin_cert,
     issue_host_cert,
+    write_host_dir,
 )
 from ferry.adapters.pki.tls import client_ssl_context, server_ssl_context
 
@@ -56,14 +59,17 @@ __all__ = [
     "SERVER_CERT",
     "SERVER_KEY",
     "CertInfo",
+    "HostCertPems",
     "Role",
     "cert_info_from_der",
     "client_ssl_context",
     "create_ca",
+    "host_cert_pems",
     "issue_admin_cert",
     "issue_host_cert",
     "load_cert_info",
     "qemu_dn",
     "server_ssl_context",
     "thumbprint",
+    "write_host_dir",
 ]

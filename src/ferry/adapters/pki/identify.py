@@ -47,6 +47,7 @@ class CertInfo:
     ``cryptography`` and OpenSSL print it); :func:`qemu_dn` gives the form
     QEMU compares. ``thumbprint`` is the SHA-256 of the DER, lowercase hex
     without colons, the value pinned by replication relationships.
+    ``serial`` is the serial number in lowercase hex, what a revocation names.
     """
 
     subject: str
@@ -56,6 +57,7 @@ class CertInfo:
     not_after: dt.datetime
     dns_names: tuple[str, ...]
     ips: tuple[str, ...]
+    serial: str = ""
 
 
 def cert_info(cert: x509.Certificate) -> CertInfo:
@@ -81,6 +83,7 @@ def cert_info(cert: x509.Certificate) -> CertInfo:
         not_after=cert.not_valid_after_utc,
         dns_names=tuple(dns),
         ips=tuple(ips),
+        serial=format(cert.serial_number, "x"),
     )
 
 

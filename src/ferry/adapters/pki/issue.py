@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -189,20 +190,25 @@ def _issue(
     subject: x509.Name,
     usages: Sequence[x509.ObjectIdentifier],
     sans: Sequence[x509.GeneralName],
+    not_after: dt.datetime | None = None,
 ) -> tuple[x509.Certificate, rsa.RSAPrivateKey, x509.Certificate]:
-    """Sign a fresh leaf key and certificate; return ``(cert, key, ca_cert)``."""
+    """Sign a fresh leaf key and certificate; return ``(cert, key, ca_cert)``.
+
+    ``not_after`` other than the default is for tests (an expired certificate).
+    """
     ca_cert, ca_key = _load_ca(ca_dir)
     key = _new_key()
     now = dt.datetime.now(dt.UTC)
     # A leaf must not outlive its CA; verifiers would reject it past that day.
-    not_after = min(now + LEAF_VALIDITY, ca_cert.not_valid_after_utc)
+    not_after = min(not_after or now + LEAF_VALIDITY, ca_cert.not_valid_after_utc)
+    not_before = min(now, not_after - dt.timedelta(days=1)) - _CLOCK_SKEW
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_LEAF_KEY_USAGE, critical=True)
@@ -218,6 +224,16 @@ def _issue(
     return builder.sign(ca_key, hashes.SHA256()), key, ca_cert
 
 
+@dataclass(frozen=True)
+class HostCertPems:
+    """A host certificate issued in memory: what ``ferry pki renew`` sends the agent."""
+
+    cert_pem: bytes
+    key_pem: bytes
+    ca_pem: bytes
+    info: CertInfo
+
+
 def issue_host_cert(
     ca_dir: Path,
     out_dir: Path,
@@ -225,6 +241,7 @@ def issue_host_cert(
     *,
     dns_names: Sequence[str] = (),
     ips: Sequence[str] = (),
+    not_after: dt.datetime | None = None,
 ) -> CertInfo:
     """Issue ``host``'s certificate and write the host layout into ``out_dir``.
 
@@ -232,6 +249,35 @@ def issue_host_cert(
     the other names peers and QEMU (``tls-hostname``) may dial it by.
     Re-issuing replaces the previous key and certificate in ``out_dir``.
     """
+    pems = host_cert_pems(ca_dir, host, dns_names=dns_names, ips=ips, not_after=not_after)
+    write_host_dir(out_dir, pems)
+    log.info("issued host certificate for %s into %s (%s)", host, out_dir, pems.info.thumbprint)
+    return pems.info
+
+
+def write_host_dir(out_dir: Path, pems: HostCertPems) -> None:
+    """Write the host layout (QEMU's ``tls-creds-x509`` dir) into ``out_dir``."""
+    write_files(
+        out_dir,
+        {
+            CA_CERT: (pems.ca_pem, False),
+            SERVER_KEY: (pems.key_pem, True),
+            SERVER_CERT: (pems.cert_pem, False),
+            CLIENT_KEY: (pems.key_pem, True),
+            CLIENT_CERT: (pems.cert_pem, False),
+        },
+    )
+
+
+def host_cert_pems(
+    ca_dir: Path,
+    host: str,
+    *,
+    dns_names: Sequence[str] = (),
+    ips: Sequence[str] = (),
+    not_after: dt.datetime | None = None,
+) -> HostCertPems:
+    """Issue ``host``'s certificate and key in memory (PEM), nothing written."""
     _check_name(host, "host")
     names = list(dict.fromkeys([host, *(_check_dns_name(n) for n in dns_names)]))
     addrs = list(dict.fromkeys(_check_ip(ip) for ip in ips))
@@ -249,24 +295,13 @@ def issue_host_cert(
         subject,
         [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
         sans,
+        not_after,
     )
-    cert_pem, key_pem = _pem_cert(cert), _pem_key(key)
-    write_files(
-        out_dir,
-        {
-            CA_CERT: (_pem_cert(ca_cert), False),
-            SERVER_KEY: (key_pem, True),
-            SERVER_CERT: (cert_pem, False),
-            CLIENT_KEY: (key_pem, True),
-            CLIENT_CERT: (cert_pem, False),
-        },
-    )
-    info = cert_info(cert)
-    log.info("issued host certificate for %s into %s (%s)", host, out_dir, info.thumbprint)
-    return info
+    return HostCertPems(_pem_cert(cert), _pem_key(key), _pem_cert(ca_cert), cert_info(cert))
 
 
-def issue_admin_cert(ca_dir: Path, out_dir: Path, name: str = "admin") -> CertInfo:
+def issue_admin_cert(ca_dir: Path, out_dir: Path, name: str = "admin", *,
+                     not_after: dt.datetime | None = None) -> CertInfo:  # fmt: skip
     """Issue an admin (CLI) client certificate and write the admin layout."""
     _check_name(name, "admin")
     subject = x509.Name(
@@ -276,7 +311,7 @@ def issue_admin_cert(ca_dir: Path, out_dir: Path, name: str = "admin") -> CertIn
             x509.NameAttribute(NameOID.COMMON_NAME, name),
         ]
     )
-    cert, key, ca_cert = _issue(ca_dir, subject, [ExtendedKeyUsageOID.CLIENT_AUTH], [])
+    cert, key, ca_cert = _issue(ca_dir, subject, [ExtendedKeyUsageOID.CLIENT_AUTH], [], not_after)
     write_files(
         out_dir,
         {
