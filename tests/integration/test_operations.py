@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from ferry.adapters import netdev
 
-from ..conftest import LabEnv, lab_session
+from ..conftest import LabEnv, lab_session, seqs
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +111,41 @@ def test_doctor_on_a_healthy_lab_and_when_checks_fail(env: LabEnv) -> None:
         assert checks[("host-2", "cert_host")]["status"] == "ok"
     finally:
         cert_path.write_bytes(original)
+
+
+def _events(env: LabEnv, host: str) -> list[dict[str, Any]]:
+    lines = (env.lab.root / "hosts" / host / "agent.log").read_text().splitlines()
+    events = []
+    for number, line in enumerate(lines, 1):
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(f"{host} agent.log line {number} is not JSON: {line!r}") from None
+    return events
+
+
+def test_one_move_followed_across_both_hosts_json_logs(env: LabEnv) -> None:
+    env.cli("vm", "create", "tracked", "--host", "host-1", "--guest", "test", "--memory", "128M",
+            "--disk", "32M", "--start")  # fmt: skip
+    env.wait_console("tracked", lambda t: len(seqs(t)) >= 1)
+    uuid = env.vm("tracked")["uuid"]
+    env.cli("vm", "move", "tracked", "--to", "host-2")
+    assert env.vm("tracked")["host"] == "host-2"
+    source = [e for e in _events(env, "host-1") if e.get("kind") == "move"]
+    jobs = {e["job"] for e in source}
+    assert len(jobs) == 1, source
+    (job,) = jobs
+    assert all(e["vm"] == "tracked" and e["vm_uuid"] == uuid and e["peer"] == "host-2"
+               and e["host"] == "host-1" for e in source)  # fmt: skip
+    # The source logs the move from its first phase to its last.
+    assert source[0]["msg"] == f"move {job}: preparing" and source[-1]["msg"] == f"move {job}: done"
+    arriving = [e for e in _events(env, "host-2") if e.get("job") == job]
+    assert arriving, "the destination logged nothing with the move's job id"
+    assert all(e["vm"] == "tracked" and e["kind"] == "incoming" and e["peer"] == "host-1"
+               for e in arriving)  # fmt: skip
+    assert any(e["msg"] == "arrived from host-1; running here" for e in arriving), arriving
+    # Lines of the VM's own logger (its state changes) carry it too, on both hosts.
+    for host in ("host-1", "host-2"):
+        assert any(e.get("vm_uuid") == uuid and "state" in e["msg"]
+                   for e in _events(env, host)), host  # fmt: skip
+    env.cli("vm", "delete", "tracked", "--force")

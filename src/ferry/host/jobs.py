@@ -30,6 +30,7 @@ from typing import Any
 
 from ferry.adapters.catalog import Catalog, JobRow
 from ferry.core import jobs as table
+from ferry.core import log_context
 from ferry.core.jobs import JobState
 from ferry.errors import (
     FerryError,
@@ -186,6 +187,7 @@ class JobRegistry:
             self.update(job, state.value, **detail)
 
         async def runner() -> None:
+            log_context.bind(vm=job.vm_name, vm_uuid=job.vm_uuid, job=job.id, kind=job.kind)
             try:
                 result = await work
             except asyncio.CancelledError:

@@ -22,6 +22,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from ferry.adapters.pki import CertInfo, Role
+from ferry.core import log_context
 from ferry.core.validation import first_error
 from ferry.errors import AuthError, FerryError, InvalidInputError, NotFoundError
 from ferry.peer.routes import NoBody, Route, RouteTable
@@ -114,6 +115,7 @@ class PeerServer:
             if found is None:
                 raise NotFoundError(f"no peer endpoint {method} {path}")
             route, params = found
+            log_context.bind(peer=caller.common_name)  # this request's task only
             guard = self._guards.get(id(route))
             if guard is not None:
                 guard(caller, params)

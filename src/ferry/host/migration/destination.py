@@ -32,6 +32,7 @@ from ferry.adapters.firmware import check_firmware_here
 from ferry.adapters.migration import MigrationStatus
 from ferry.adapters.migration import incoming as qemu_incoming
 from ferry.adapters.pki import CertInfo, Role, qemu_dn
+from ferry.core import log_context
 from ferry.core.cpu_models import check_cpu
 from ferry.core.migration import (
     IncomingOp,
@@ -62,6 +63,11 @@ def _only_hosts(caller: CertInfo, params: dict[str, str]) -> None:
     """Checked before the body is read: nobody else learns what it must hold."""
     if caller.role is not Role.HOST:
         raise AuthError("only a ferry host may send a VM here")
+
+
+def _bind_log(job: Job) -> None:
+    """This request's log lines are about ``job`` (its id is the source's move job's)."""
+    log_context.bind(vm=job.vm_name, vm_uuid=job.vm_uuid, job=job.id, kind=job.kind)
 
 
 class MoveDestination:
@@ -101,6 +107,7 @@ class MoveDestination:
         job = self.jobs.get(job_id)
         if job.kind != INCOMING or job.detail.get("source") != caller.common_name:
             raise AuthError(f"job {job_id} is not an incoming move from {caller.common_name!r}")
+        _bind_log(job)
         return job
 
     def _step(self, job: Job, op: IncomingOp, **detail: Any) -> None:
@@ -177,6 +184,7 @@ class MoveDestination:
         visible = bool(spec.disks) and len(shared_paths) == len(spec.disks)
         storage = choose_storage(request.storage, visible=visible, vm=spec.name, host=self.host)
 
+        log_context.bind(vm=spec.name, vm_uuid=spec.uuid, job=request.job_id, kind=INCOMING)
         job = self.jobs.adopt(request.job_id, INCOMING, spec.uuid, spec.name,
                               IncomingState.RECEIVING.value, source=caller.common_name,
                               source_dn=qemu_dn(caller), storage=storage.value,

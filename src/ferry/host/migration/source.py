@@ -29,7 +29,7 @@ from ferry.adapters.migration import (
     MirrorProgress,
     OutgoingMigration,
 )
-from ferry.core import vmstate
+from ferry.core import log_context, vmstate
 from ferry.core.migration import (
     IncomingState,
     Phase,
@@ -172,7 +172,10 @@ class MoveSource:
             max_bandwidth=bandwidth, downtime_limit_ms=downtime_limit_ms,
             network_map=dict(network_map or {}), progress={}, result=None, error=None,
         )  # fmt: skip
-        job.task = asyncio.create_task(self._run_move(job), name=f"move-{job.id}")
+        # Its log lines carry the VM, the job (the same id on the destination) and the peer.
+        work = log_context.bound(self._run_move(job), vm=job.vm_name, vm_uuid=job.vm_uuid,
+                                 job=job.id, kind=MOVE, peer=to)  # fmt: skip
+        job.task = asyncio.create_task(work, name=f"move-{job.id}")
         return job
 
     def cancel(self, job_id: str) -> Job:
