@@ -340,6 +340,8 @@ MODULE_SECONDS = {
     "integration/test_block_hashes.py": 60,
     "integration/test_bad_input.py": 50,
     "integration/test_plan_create.py": 100,
+    # Two small guests, one replication and one move; 55 s at load 11.
+    "integration/test_metrics.py": 60,
     # One 2-host lab: doctor (healthy, missing bridge, short-lived cert), a JSON-logged move.
     "integration/test_operations.py": 80,
     "integration/test_agent_service.py": 25,

@@ -11,9 +11,14 @@ Prometheus or node agent scrapes it).
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from ferry.errors import ConfigError
+
+# The classic text format (0.0.4), which every Prometheus and scraper reads: the
+# names are plain [a-z_] ones, so the output is the same as 1.0.0's without escaping.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 
 class MetricsRoutes:
@@ -27,7 +32,7 @@ class MetricsRoutes:
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def serve_plain(registry: CollectorRegistry, address: str, port: int) -> web.AppRunner:
