@@ -1,6 +1,20 @@
 """Replication cycle benchmark: one 4 GiB disk, 64 MiB changed per cycle, ferry vs rsync --inplace.
 
-Run: ``.venv/bin/python bench/bench_replication_delta.py [--cycles 3]``
+Run: ``.venv/bin/python bench/bench_replication_delta.py [--cycles 3] [--https]``
+
+``--https`` (issue 18 item 4) measures the whole cycle through the agents
+instead: a two-host lab (host.toml ``test_monitor``), a test guest with a
+4 GiB disk holding 1 GiB, replicated to host-2. Per cycle 64 MiB of fresh
+random data go into the running disk over the VM's test monitor (HMP
+``qemu-io``), then, for the *same* change: the bare incremental backup from
+a bitmap of the benchmark's own (``bench-bare``, the floor), and
+``replication sync`` (cut, compress, send over HTTPS, verify, link). Printed:
+seconds of each, their ratio (goal <= 2), the cycle's phases as the agent
+measured them, and bytes sent / bytes changed (goal <= 1.05). At the end the
+VM is paused, synced once more and the replica's latest point compared with
+the primary's disk (``qemu-img compare``).
+
+Without it:
 
 A running test guest (TCG) on a 4 GiB qcow2 holding 1 GiB of random data.
 Before each cycle 64 scattered MiB of fresh random data are written into the
@@ -22,12 +36,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import resource
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import uuid as uuidlib
@@ -178,10 +194,109 @@ async def run(cycles: int, root: Path, verbose: bool) -> None:
           f"{med(ferry_rows, 2) / med(rsync_rows, 2):7.2f}")  # fmt: skip
 
 
+def ferry_cli(*args: str) -> str:
+    argv = [sys.executable, "-m", "ferry", *args]
+    done = subprocess.run(argv, text=True, capture_output=True, env=dict(os.environ))
+    if done.returncode != 0:
+        raise RuntimeError(f"'ferry {' '.join(args)}' exited {done.returncode}: "
+                           f"{done.stderr.strip() or done.stdout.strip()}")  # fmt: skip
+    return done.stdout
+
+
+async def https_cycles(lab_root: Path, uuid: str, cycles: int, scratch: Path) -> list[dict]:  # type: ignore[type-arg]
+    from inject import TestMonitor, monitor_socket
+
+    from ferry.client.fleet import Fleet
+    from ferry.client.settings import load_settings
+
+    rows = []
+    async with TestMonitor(monitor_socket(lab_root, "host-1", uuid), "bench") as mon, \
+            Fleet(load_settings()) as fleet:  # fmt: skip
+        host = fleet.client("host-1")
+        await mon.start_bare_bitmap()
+        await host.post("/v1/vms/bench/replication/sync")  # the bitmaps start level
+        await mon.bare_backup(scratch / "bare-0.qcow2", DISK, "0")
+        for cycle in range(1, cycles + 1):
+            await mon.random_writes(scratch, 64 * MiB, DISK, cycle)
+            bare_s = await mon.bare_backup(scratch / f"bare-{cycle}.qcow2", DISK, str(cycle))
+            bare_bytes = (scratch / f"bare-{cycle}.qcow2").stat().st_blocks * 512
+            (scratch / f"bare-{cycle}.qcow2").unlink()
+            t0 = time.monotonic()
+            out = await host.post("/v1/vms/bench/replication/sync")
+            wall = time.monotonic() - t0
+            if out.get("result") != "ok":
+                raise RuntimeError(f"sync failed: {out}")
+            rows.append({"bare_s": bare_s, "bare_bytes": bare_bytes, "cycle_s": out["duration_s"],
+                         "wall_s": wall, "bytes": out["bytes"], "phases": out.get("phases_s", {})})
+            if os.environ.get("BENCH_VERBOSE"):
+                print(f"cycle {cycle}: {rows[-1]}", file=sys.stderr)
+    return rows
+
+
+def run_https(cycles: int, root: Path) -> None:
+    from ferry.lab import Lab
+
+    os.environ["FERRY_HOME"] = str(root / "home")
+    lab = Lab(root / "lab")
+    try:
+        lab.up(2, host_settings={"test_monitor": True})
+        ferry_cli("replica-server", "enable", "--host", "host-2", "--storage",
+                  str(root / "replicas"), "--allow", "host-1")  # fmt: skip
+        ferry_cli("vm", "create", "bench", "--host", "host-1", "--guest", "test",
+                  "--memory", "256M", "--disk", "4G", "--start")  # fmt: skip
+        uuid = next(v["uuid"] for v in json.loads(ferry_cli("vm", "list", "--json"))
+                    if v["name"] == "bench")  # fmt: skip
+
+        async def fill() -> None:
+            from inject import TestMonitor, monitor_socket
+
+            async with TestMonitor(monitor_socket(lab.root, "host-1", uuid), "bench") as mon:
+                for i in range(16):  # 1 GiB in 16 runs of 64 MiB, spread over the disk
+                    await mon.write((i * 256 + 64) * MiB, 64 * MiB, pattern=0x30 + i)
+                await mon.flush()
+
+        asyncio.run(fill())
+        ferry_cli("replication", "enable", "bench", "--replica", "host-2", "--frequency", "15m",
+                  "--json")  # fmt: skip
+        rows = asyncio.run(https_cycles(lab.root, uuid, cycles, root))
+        ferry_cli("vm", "pause", "bench")
+        ferry_cli("replication", "sync", "bench")
+        disk = next(lab.root.glob(f"hosts/host-1/**/vms/{uuid}/*.qcow2"))
+        latest = max((root / "replicas").glob(f"**/{uuid}/p*-disk0.qcow2"),
+                     key=lambda p: int(p.name[1:].split("-")[0]))  # fmt: skip
+        same = subprocess.run(["qemu-img", "compare", "-U", str(latest), str(disk)],
+                              capture_output=True).returncode == 0  # fmt: skip
+    finally:
+        lab.down()
+
+    def med(key: str) -> float:
+        return statistics.median(r[key] for r in rows)
+
+    phases = sorted({k for r in rows for k in r["phases"]})
+    print(f"through the agents' HTTPS: 4 GiB disk, 1 GiB data, 64 MiB random data changed per "
+          f"cycle, {cycles} cycles (medians)")  # fmt: skip
+    print(f"  bare incremental backup  {med('bare_s'):6.3f} s  ({med('bare_bytes') / MiB:.1f} MiB "
+          "file)")  # fmt: skip
+    print(f"  replication sync cycle   {med('cycle_s'):6.3f} s  (client wall {med('wall_s'):.3f} s)"
+          f"; ratio cycle / bare = {med('cycle_s') / med('bare_s'):.2f} (goal <= 2)")  # fmt: skip
+    print("  phases: " + ", ".join(
+        f"{k} {statistics.median(r['phases'].get(k, 0.0) for r in rows):.3f} s" for k in phases))
+    print(f"  bytes sent {med('bytes') / MiB:.1f} MiB; / changed 64 MiB = "
+          f"{med('bytes') / (64 * MiB):.3f} (goal <= 1.05)")  # fmt: skip
+    print(f"  replica latest point == primary disk (paused, after a last sync): {same}")
+    assert same, "the replica differs from the primary"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=3)
+    parser.add_argument("--https", action="store_true",
+                        help="the whole cycle through two lab agents (see the docstring)")
     args = parser.parse_args()
+    if args.https:
+        with tempfile.TemporaryDirectory(prefix="ferry-bench-rh-", dir="/var/tmp") as tmp:
+            run_https(args.cycles, Path(tmp))
+        return
     if shutil.which("rsync") is None:
         raise SystemExit("rsync is not installed: apt-get install -y rsync")
     with tempfile.TemporaryDirectory(prefix="ferry-bench-r-", dir="/var/tmp") as tmp:

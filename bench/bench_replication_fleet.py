@@ -17,6 +17,16 @@ their average and longest duration, how many VMs ever lagged more than one
 period plus their own longest cycle (head-of-line blocking), and the CPU time
 the two agents and all QEMUs used during the observation window.
 ``BENCH_VERBOSE=1`` adds progress on stderr and a row per VM.
+
+``--cheap`` (issue 18 item 5: 50 VMs on this 2-core host, where about 6 TCG
+guests saturate it): the hosts run with ``test_monitor`` and every VM is
+paused right after its start, so its QEMU costs almost nothing; during the
+window each VM gets ``--write-kib`` KiB of fresh data every 10 s, written
+into its running disk over its test monitor (HMP ``qemu-io``, see
+``bench/inject.py``), so every cycle has a delta to cut, send and link. It
+also prints the agent's CPU per cycle: host-1's agent (and its children)
+utime+stime over the window, from ``/proc/PID/stat``, divided by the cycles
+that succeeded in it.
 """
 
 from __future__ import annotations
@@ -106,11 +116,59 @@ def percentile(ordered: list[float], q: int) -> float:
 Statuses = dict[str, dict[str, Any]]  # VM name -> GET /v1/vms/NAME/replication
 
 
+WRITE_EVERY_S = 10.0
+
+
+async def write_loop(sockets: dict[str, Path], kib: int, stop: asyncio.Event,
+                     written: list[int]) -> None:  # fmt: skip
+    """Every WRITE_EVERY_S, ``kib`` KiB of new data into each VM's disk (spread over the period)."""
+    from inject import TestMonitor
+
+    monitors = [TestMonitor(sock, name) for name, sock in sockets.items()]
+    for mon in monitors:
+        await mon.__aenter__()
+    try:
+        rounds = 0
+        while not stop.is_set():
+            gap = WRITE_EVERY_S / max(1, len(monitors))
+            for mon in monitors:
+                offset = ((rounds * 37 + hash(mon.name)) % 60) * 1024**2
+                await mon.write(offset, kib * 1024, pattern=rounds % 250 + 1)
+                written[0] += kib * 1024
+                try:
+                    await asyncio.wait_for(stop.wait(), gap)
+                    return
+                except TimeoutError:
+                    pass
+            rounds += 1
+    finally:
+        for mon in monitors:
+            await mon.__aexit__(None, None, None)
+
+
 async def observe(
-    names: list[str], duration: float
+    names: list[str], duration: float, sockets: dict[str, Path] | None = None,
+    write_kib: int = 0, written: list[int] | None = None,
 ) -> tuple[dict[str, list[float | None]], Statuses, Statuses]:
-    """Lag samples per VM every SAMPLE_EVERY_S, plus each VM's status at start and end."""
+    """Lag samples per VM every SAMPLE_EVERY_S, plus each VM's status at start and end.
+
+    ``sockets``: the VMs' test monitors, written into while observing.
+    """
     samples: dict[str, list[float | None]] = {name: [] for name in names}
+    stop = asyncio.Event()
+    writer = (asyncio.create_task(write_loop(sockets, write_kib, stop, written or [0]))
+              if sockets else None)  # fmt: skip
+    try:
+        return await _observe(names, duration, samples)
+    finally:
+        stop.set()
+        if writer is not None:
+            await writer
+
+
+async def _observe(
+    names: list[str], duration: float, samples: dict[str, list[float | None]]
+) -> tuple[dict[str, list[float | None]], Statuses, Statuses]:
     async with Fleet(load_settings()) as fleet:
         host = fleet.client("host-1")
 
@@ -140,6 +198,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vms", type=int, default=20)
     parser.add_argument("--duration", type=int, default=300, help="seconds observed (>= 60)")
+    parser.add_argument("--cheap", action="store_true",
+                        help="paused VMs, writes injected over their test monitors")
+    parser.add_argument("--write-kib", type=int, default=256,
+                        help="with --cheap: KiB written into each VM every 10 s")
     args = parser.parse_args()
     if args.duration < MIN_DURATION_S:
         parser.error(f"--duration must be at least {MIN_DURATION_S} s (two 30 s periods)")
@@ -153,7 +215,7 @@ def main() -> None:
         lab = Lab(root / "lab")
         try:
             note("bringing up 2 lab hosts")
-            lab.up(2)
+            lab.up(2, host_settings={"test_monitor": True} if args.cheap else None)
             ferry("replica-server", "enable", "--host", "host-2",
                   "--storage", str(root / "replicas"), "--allow", "host-1")  # fmt: skip
             setup_started = time.monotonic()
@@ -161,7 +223,10 @@ def main() -> None:
                 note(f"creating {name}")
                 ferry("vm", "create", name, "--host", "host-1", "--guest", "test",
                       "--memory", "128M", "--disk", "64M", "--start")  # fmt: skip
-                ferry("vm", "console", name, "--follow", "--until", "seq 2", "--timeout", "5m")
+                if args.cheap:
+                    ferry("vm", "pause", name)
+                else:
+                    ferry("vm", "console", name, "--follow", "--until", "seq 2", "--timeout", "5m")
             create_s = time.monotonic() - setup_started
             enable_s: list[float] = []
             for name in names:
@@ -179,7 +244,15 @@ def main() -> None:
             note(f"observing {args.duration} s (agents {agents}, {len(qemus)} QEMUs)")
             cpu_before = cpu_snapshot(agents, qemus)
             window_started = time.monotonic()
-            samples, first, last = asyncio.run(observe(names, args.duration))
+            sockets = None
+            if args.cheap:
+                from inject import monitor_socket
+
+                vms = json.loads(ferry("vm", "list", "--host", "host-1", "--json"))
+                sockets = {v["name"]: monitor_socket(lab.root, "host-1", v["uuid"]) for v in vms}
+            written = [0]
+            samples, first, last = asyncio.run(observe(names, args.duration, sockets,
+                                                       args.write_kib, written))  # fmt: skip
             window_s = time.monotonic() - window_started
             cpu_after = cpu_snapshot(agents, qemus)
         finally:
@@ -228,6 +301,14 @@ def main() -> None:
     which = f" ({', '.join(blocked)})" if blocked else ""
     print(f"VMs whose lag exceeded one period + their longest cycle: {len(blocked)}{which}")
     cpu = cpu_used(cpu_before, cpu_after)
+    if args.cheap:
+        agent = cpu["host-1 agent"] + cpu["host-1 agent's children"]
+        replica = cpu["host-2 agent"] + cpu["host-2 agent's children"]
+        ok = max(1, in_window["success_count"])
+        print(f"writes injected: {written[0] / 1024**2:.0f} MiB over the window "
+              f"({args.write_kib} KiB per VM every {WRITE_EVERY_S:.0f} s, VMs paused)")
+        print(f"agent CPU per cycle: primary (host-1 agent + children) {1000 * agent / ok:.0f} ms, "
+              f"replica (host-2) {1000 * replica / ok:.0f} ms, over {ok} cycles")  # fmt: skip
     print(f"CPU over the {window_s:.0f} s window: "
           + ", ".join(f"{k} {v:.1f} s ({100 * v / window_s:.0f}% of a core)"
                       for k, v in cpu.items()))  # fmt: skip

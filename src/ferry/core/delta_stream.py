@@ -115,11 +115,23 @@ def encode_frame(
     :class:`FrameDecoder` take the codec as a callable, so this module stays
     pure and tests can use any codec.
     """
+    head = frame_header(kind, vm_uuid=vm_uuid, point_id=point_id, disk=disk, offset=offset,
+                        length=length, payload=payload, compressed=compressed)  # fmt: skip
+    return head + payload
+
+
+def frame_header(kind: FrameKind, *, vm_uuid: UUID, point_id: int, disk: int, offset: int,
+                 length: int, payload: bytes, compressed: bool) -> bytes:  # fmt: skip
+    """The header of :func:`encode_frame`'s frame: the frame is it followed by ``payload``.
+
+    Senders of large payloads send the two pieces one after the other instead
+    of copying them into one (the stream's bytes are the same).
+    """
     flags = FLAG_COMPRESSED if compressed else 0
     digest = hashlib.sha256(payload).digest()
     fields = (vm_uuid.bytes, point_id, disk, offset, length, len(payload), digest)
     head = _HEAD.pack(MAGIC, STREAM_VERSION, kind, flags, 0, *fields)
-    return head + _CRC.pack(zlib.crc32(head)) + payload
+    return head + _CRC.pack(zlib.crc32(head))
 
 
 class DeltaEncoder:
@@ -163,22 +175,30 @@ class DeltaEncoder:
 
     def data(self, disk: int, offset: int, data: bytes) -> bytes:
         """DATA frames for ``data`` at ``offset``, split at MAX_EXTENT_BYTES."""
+        return b"".join(self.data_pieces(disk, offset, data))
+
+    def data_pieces(self, disk: int, offset: int, data: bytes) -> list[bytes]:
+        """:meth:`data` as pieces (each frame's header, then its payload), copying no payload."""
         if not data:
             raise InvalidInputError("a data extent needs at least one byte")
+        if self._ended:
+            raise StateError("the delta stream has already ended")
         out = []
         for start in range(0, len(data), MAX_EXTENT_BYTES):
-            chunk = data[start : start + MAX_EXTENT_BYTES]
+            chunk = data[start : start + MAX_EXTENT_BYTES] if len(data) > MAX_EXTENT_BYTES else data
             packed = self._compress(chunk) if self._compress else chunk
-            if len(packed) < len(chunk):
-                frame = self._emit(
-                    FrameKind.DATA, disk, offset + start, len(chunk), packed, compressed=True
-                )
-            else:
-                frame = self._emit(FrameKind.DATA, disk, offset + start, len(chunk), chunk)
-            out.append(frame)
+            compressed = len(packed) < len(chunk)
+            payload = packed if compressed else chunk
+            head = frame_header(FrameKind.DATA, vm_uuid=self.vm_uuid, point_id=self.point_id,
+                                disk=disk, offset=offset + start, length=len(chunk),
+                                payload=payload, compressed=compressed)  # fmt: skip
+            self._hash.update(head)
+            self._hash.update(payload)
+            self._wire += len(head) + len(payload)
+            out += [head, payload]
             self._extents += 1
             self._data_bytes += len(chunk)
-        return b"".join(out)
+        return out
 
     def zero(self, disk: int, offset: int, length: int) -> bytes:
         """A ZERO frame: ``length`` bytes at ``offset`` read as zeros."""
@@ -293,14 +313,15 @@ class FrameDecoder:
         self._check_shape(kind, flags, disk, offset, length, payload_len)
         if len(buf) < HEADER_SIZE + payload_len:
             return None
-        payload = bytes(buf[HEADER_SIZE : HEADER_SIZE + payload_len])
+        size = HEADER_SIZE + payload_len
+        with memoryview(buf) as view:  # one copy of the payload, not three
+            payload = bytes(view[HEADER_SIZE:size])
+            if kind != FrameKind.END:
+                self._hash.update(view[:size])
         if hashlib.sha256(payload).digest() != digest:
             raise self._fail("payload checksum mismatch")
         self._check_identity(UUID(bytes=raw_uuid), point_id)
         frame = self._frame(kind, flags, disk, offset, length, payload)
-        size = HEADER_SIZE + payload_len
-        if kind != FrameKind.END:
-            self._hash.update(buf[:size])
         del buf[:size]
         self._pos += size
         return frame

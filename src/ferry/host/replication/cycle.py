@@ -177,6 +177,8 @@ class CycleRunner:
         self.work_dir = work_dir
         self._peer = peer  # a client pinned to the relationship's replica
         self.sender = PointSender(self.config, jobs)  # the host's one: one bandwidth cap
+        # Per VM: seconds of each phase of its latest cycle (``replication sync`` shows them).
+        self.phases: dict[str, dict[str, float]] = {}
 
     def primary_rel(self, vm_uuid: str) -> Relationship | None:
         """The VM's relationship if this host is its primary."""
@@ -208,6 +210,7 @@ class CycleRunner:
                                     rel.frequency_s, self._cycle(record, rel), stopped)  # fmt: skip
         if outcome["result"] == "ok":
             outcome["point"] = (self.primary_rel(vm_uuid) or rel).confirmed_point
+            outcome["phases_s"] = self.phases.pop(vm_uuid, {})
         return outcome
 
     async def _cycle(self, record: VmRecord, rel: Relationship) -> int | None:
@@ -222,7 +225,10 @@ class CycleRunner:
                 f"replication of VM {name!r} pins {rel.thumbprint}; if its certificate was "
                 f"renewed, run 'ferry replication set {name} --certificate-thumbprint {found}'"),
         )  # fmt: skip
+        phases = self.phases[rel.vm_uuid] = {}
+        started = time.monotonic()
         async with session as (peer, remote):
+            phases["ask"] = time.monotonic() - started
             return await self._exchange(record, rel, peer, remote)
 
     async def _exchange(self, record: VmRecord, rel: Relationship, peer: PeerClient,
@@ -251,6 +257,8 @@ class CycleRunner:
         freeze = record.spec.guest_agent and freeze_due(
             rel.app_consistent_every_s, rel.last_freeze_attempt, time.time()
         )
+        phases = self.phases.setdefault(rel.vm_uuid, {})
+        cut_started = time.monotonic()
         async with copy_job(self.jobs, kind, rel.vm_uuid, rel.vm_name) as job:
             if mode is CycleMode.RESYNC:
                 point = await self._resync_point(rel, tracker, peer, job, freeze=freeze)
@@ -259,7 +267,10 @@ class CycleRunner:
             rel = self.primary_rel(rel.vm_uuid) or rel
             if job is not None:
                 self.jobs.update(job, phase="sending")
+            send_started = time.monotonic()
+            phases["cut"] = send_started - cut_started
             sent += await self.send(peer, rel, point, job)
+            phases["send_and_link"] = time.monotonic() - send_started
             if mode is not CycleMode.DELTA:
                 self._after_point(self.primary_rel(rel.vm_uuid) or rel)
             if job is not None:

@@ -98,19 +98,28 @@ class PointSender:
             files, vm_uuid=UUID(vm_uuid), point_id=point_id, compress=compress
         )
         done = object()
-        while True:
-            frame = await asyncio.to_thread(next, frames, done)
-            if frame is done:
-                return
-            assert isinstance(frame, bytes)
-            if corrupt and len(frame) > 200:
-                # Test hook (corrupt_replication_streams): damage one payload byte.
-                frame = frame[:150] + bytes([frame[150] ^ 0xFF]) + frame[151:]
-                corrupt = False
-            wait = self._bucket.reserve(len(frame), time.monotonic())
-            if wait > 0:
-                await asyncio.sleep(wait)
-            counter[0] += len(frame)
-            if job is not None:
-                self.jobs.update(job, progress={"bytes": min(counter[0], total), "total": total})
-            yield frame
+        # One frame ahead: the next is read and compressed in a thread while
+        # this one goes out, so the disk, zstd and the TLS socket overlap.
+        ahead = asyncio.ensure_future(asyncio.to_thread(next, frames, done))
+        try:
+            while True:
+                frame = await ahead
+                if frame is done:
+                    return
+                ahead = asyncio.ensure_future(asyncio.to_thread(next, frames, done))
+                assert isinstance(frame, bytes)
+                if corrupt and len(frame) > 200:
+                    # Test hook (corrupt_replication_streams): damage one payload byte.
+                    frame = frame[:150] + bytes([frame[150] ^ 0xFF]) + frame[151:]
+                    corrupt = False
+                wait = self._bucket.reserve(len(frame), time.monotonic())
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                counter[0] += len(frame)
+                if job is not None:
+                    self.jobs.update(job, progress={"bytes": min(counter[0], total),
+                                                    "total": total})  # fmt: skip
+                yield frame
+        finally:
+            if not ahead.done():  # the thread still holds the encoder: let it finish
+                await asyncio.wait([ahead])
