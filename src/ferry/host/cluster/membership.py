@@ -39,6 +39,18 @@ _EVENT_ATTEMPTS = 8
 EVENTS_KEPT = 1000
 
 
+async def append_event(store: ClusterStore, keys: ClusterKeys, record: EventRecord) -> None:
+    """Append ``record`` to the events log of ``keys``' cluster (see
+    :meth:`Membership.record_event`); also how a move into another cluster writes there."""
+    for _ in range(_EVENT_ATTEMPTS):
+        key = keys.event(await store.revision() + 1)
+        result = await store.txn([Compare.absent(key)], [Put(key, record.to_json())])
+        if result.succeeded:
+            return
+    raise FerryError(f"cannot record event {record.kind} in cluster {keys.cluster}: the store "
+                     "kept moving under it")  # fmt: skip
+
+
 class Membership:
     """One host's place in one cluster; see the module docstring."""
 
@@ -118,14 +130,8 @@ class Membership:
         keys sort in the order events were written.
         """
         record = EventRecord(at=self.clock(), kind=str(kind), node=node, vm=vm, reason=reason)
-        for _ in range(_EVENT_ATTEMPTS):
-            key = self.keys.event(await self.store.revision() + 1)
-            result = await self.store.txn([Compare.absent(key)], [Put(key, record.to_json())])
-            if result.succeeded:
-                self.log.info("event %s node=%s vm=%s: %s", kind, node, vm, reason)
-                return
-        raise FerryError(f"cannot record event {kind} in cluster {self.cluster}: the store "
-                         "kept moving under it")  # fmt: skip
+        await append_event(self.store, self.keys, record)
+        self.log.info("event %s node=%s vm=%s: %s", kind, node, vm, reason)
 
     async def events(self) -> list[EventRecord]:
         return [EventRecord.from_json(e.value) for e in await self.store.range(self.keys.events)]
