@@ -81,7 +81,7 @@ def default_model(accelerator: str) -> str:
 
 def check_model_name(name: str) -> str:
     """A model name as QEMU spells them; never options (``max,+x`` would add features)."""
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise InvalidInputError(
             f"invalid CPU model {name!r}: a QEMU model name such as {KVM_DEFAULT} "
             "('ferry host show H --json' lists cpu_models)"

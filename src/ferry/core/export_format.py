@@ -46,7 +46,7 @@ _FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 def check_file_name(name: str) -> str:
     """A name inside an export folder: one plain path component."""
-    if not _FILE_RE.match(name) or name in (".", "..") or ".." in name:
+    if not _FILE_RE.fullmatch(name) or name in (".", "..") or ".." in name:
         raise ValueError(f"{name!r} is not a plain file name inside the export folder")
     return name
 

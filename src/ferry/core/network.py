@@ -76,7 +76,7 @@ class HostNetwork(BaseModel):
 
 
 def check_ifname(name: str, *, what: str = "bridge name") -> str:
-    if not IFNAME_RE.match(name):
+    if not IFNAME_RE.fullmatch(name):
         raise InvalidInputError(
             f"invalid {what} {name!r}: use 1-15 letters, digits, '.', '_' or '-'"
         )
@@ -84,7 +84,7 @@ def check_ifname(name: str, *, what: str = "bridge name") -> str:
 
 
 def check_netns(name: str) -> str:
-    if not NETNS_RE.match(name):
+    if not NETNS_RE.fullmatch(name):
         raise InvalidInputError(
             f"invalid network namespace {name!r}: use 1-64 letters, digits, '.', '_' or '-'"
         )
@@ -94,7 +94,7 @@ def check_netns(name: str) -> str:
 def parse_mac(text: str) -> str:
     """A MAC a NIC can use, as ``aa:bb:cc:dd:ee:ff`` (``-`` separators accepted)."""
     mac = text.strip().lower().replace("-", ":")
-    if not MAC_RE.match(mac):
+    if not MAC_RE.fullmatch(mac):
         raise InvalidInputError(
             f"malformed MAC {text!r}: use six hex bytes, e.g. 52:54:00:12:34:56"
         )
@@ -127,7 +127,7 @@ def check_nic_model(model: str) -> str:
 
 def nic_model_value(model: str) -> str:
     """A stored NIC's model as a pydantic validator (it ends up in QEMU's -device)."""
-    if not NIC_MODEL_RE.match(model):
+    if not NIC_MODEL_RE.fullmatch(model):
         raise ValueError(
             f"invalid NIC model {model!r}: use a QEMU NIC device name "
             "(letters, digits, '.', '_' or '-'), e.g. virtio or e1000"
@@ -137,7 +137,7 @@ def nic_model_value(model: str) -> str:
 
 def network_name_value(name: str) -> str:
     """A NIC's network name as a pydantic validator."""
-    if not NETWORK_NAME_RE.match(name):
+    if not NETWORK_NAME_RE.fullmatch(name):
         raise ValueError(
             f"invalid network name {name!r}: use 1-63 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -288,7 +288,7 @@ def parse_network_map(items: Iterable[str]) -> dict[str, str]:
                 "network of the other host that stands for it), e.g. prod=lab"
             )
         for name in (src, dst):
-            if not NETWORK_NAME_RE.match(name):
+            if not NETWORK_NAME_RE.fullmatch(name):
                 raise InvalidInputError(
                     f"--network-map {item!r}: {name!r} is not a network name (1-63 letters, "
                     "digits, '.', '_' or '-', starting with a letter or digit)"

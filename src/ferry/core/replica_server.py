@@ -32,14 +32,14 @@ class AllowEntry(BaseModel):
     @field_validator("pattern")
     @classmethod
     def _pattern(cls, value: str) -> str:
-        if not _PATTERN_RE.match(value):
+        if not _PATTERN_RE.fullmatch(value):
             raise ValueError(f"{value!r} is not a host name pattern (a-z, 0-9, '.', '-', * ?)")
         return value
 
     @field_validator("trust_group")
     @classmethod
     def _group(cls, value: str | None) -> str | None:
-        if value is not None and not _GROUP_RE.match(value):
+        if value is not None and not _GROUP_RE.fullmatch(value):
             raise ValueError(f"{value!r} is not a trust group name")
         return value
 

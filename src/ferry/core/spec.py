@@ -130,7 +130,7 @@ class RunContext(BaseModel):
 
 
 def check_name(name: str, *, what: str = "VM name") -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise InvalidInputError(
             f"invalid {what} {name!r}: use 1-63 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"

@@ -109,10 +109,10 @@ def adopted_name(raw: str | None, *, fallback: str) -> tuple[str, str | None]:
     characters a ferry name may not hold become ``-``.
     """
     source = (raw or "").strip()
-    if source and NAME_RE.match(source):
+    if source and NAME_RE.fullmatch(source):
         return source, None
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", source).strip("-._")[:63].rstrip("-._")
-    name = cleaned if cleaned and NAME_RE.match(cleaned) else fallback
+    name = cleaned if cleaned and NAME_RE.fullmatch(cleaned) else fallback
     if not source:
         return name, f"the source names no VM; it is called {name!r} (choose with --name)"
     return name, f"the name {source!r} is not a ferry VM name; it is called {name!r} (--name)"
