@@ -337,3 +337,33 @@ def test_the_dashboard_uses_only_metrics_the_agent_exports(hosts: Hosts) -> None
                  "ferry_migration_downtime_seconds_bucket", "ferry_jobs", "ferry_vms",
                  "ferry_replication_failures_total"):  # fmt: skip
         assert name in used, name
+
+
+@pytest.mark.parametrize("recent_ok", [True, False])
+def test_a_scrape_reads_one_hour_and_agrees_with_status(tmp_path: Path, recent_ok: bool) -> None:
+    """Lag, health and RPO from this hour's cycles equal those from the day's (status)."""
+    from ferry.host.replication.status import primary_view
+
+    now = 1_000_000.0
+    catalog = Catalog(tmp_path)
+    catalog.add_vm(_spec(), VmState.RUNNING)
+    rel = _rel(Role.PRIMARY, created=now - 86000, last_started=now - 10)
+    catalog.put_relationship(rel)
+    cycles = []
+    for k in range(2880):  # a day at 30 s: every 7th failed; in the last hour maybe all
+        started = now - 86400 + 30 * k
+        bad = k % 7 == 0 or (not recent_ok and started > now - 5000)
+        kind = CycleKind.NETWORK_FAILURE if bad else CycleKind.SUCCESS
+        cycles.append(CycleRecord(started, not bad, kind, 0 if bad else 4096, 0.3 + k % 5))
+    catalog.replace_cycles(UUID, cycles)
+    rec = MetricsRecorder()
+    rec.registry.register(StateCollector(host="host-1", catalog=catalog, jobs=list,
+                                         replica_state=lambda u: pytest.fail("replica asked"),
+                                         clock=lambda: now))  # fmt: skip
+    text = generate_latest(rec.registry).decode()
+    status = primary_view(rel, catalog.cycles(UUID), now)
+    assert value(text, "ferry_replication_lag_seconds", vm="web", role="primary") == status["lag_s"]
+    assert value(text, "ferry_replication_health", vm="web", health=status["health"]) == 1
+    assert status["health"] == ("normal" if recent_ok else "warning")
+    assert value(text, "ferry_replication_rpo_seconds", vm="web") == status["rpo_s"]
+    assert value(text, "ferry_replication_rpo_p99_seconds", vm="web") == status["rpo_p99_s"]

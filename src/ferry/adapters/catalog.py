@@ -358,11 +358,12 @@ class Catalog:
             )
 
     @_sql("list replication cycles")
-    def cycles(self, vm_uuid: str) -> list[CycleRecord]:
+    def cycles(self, vm_uuid: str, *, since: float | None = None) -> list[CycleRecord]:
+        """The VM's cycles, oldest first; ``since``: only those started after it."""
         rows = self._db.execute(
             "SELECT started, kind, bytes, duration_s FROM cycles WHERE vm_uuid = ? "
-            "ORDER BY started",
-            (vm_uuid,),
+            "AND started > ? ORDER BY started",
+            (vm_uuid, float("-inf") if since is None else since),
         ).fetchall()
         return [CycleRecord(started=s, ok=k == "success", kind=k, bytes=b, duration_s=d)
                 for s, k, b, d in rows]  # fmt: skip

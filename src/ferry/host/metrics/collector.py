@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 from ferry import __version__
 from ferry.adapters.catalog import Catalog
 from ferry.core.relationship import Relationship, Role
-from ferry.core.replication import Health, ReplicationState
+from ferry.core.replication import CycleRecord, Health, ReplicationState
 from ferry.core.vmstate import VmState
 from ferry.errors import FerryError
 from ferry.host.jobs import Job
@@ -31,6 +31,9 @@ from ferry.host.replication.status import primary_view
 from ferry.peer.replication import ReplicaState
 
 log = logging.getLogger(__name__)
+
+# assess_health's window (its default, as 'replication status' judges).
+HEALTH_WINDOW_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,7 @@ class StateCollector(Collector):
         pending, points, stored = sizes
         vm, role = rel.vm_name, rel.role.value
         if rel.role is Role.PRIMARY:
-            view = primary_view(rel, self.catalog.cycles(rel.vm_uuid), now)
+            view = primary_view(rel, self._recent_cycles(rel, now), now)
             if view["lag_s"] is not None:
                 lag.add_metric([vm, role], float(view["lag_s"]))
             # rpo_s (the RPO achieved now) is the lag by its definition; older status lacks it.
@@ -166,6 +169,20 @@ class StateCollector(Collector):
             lag.add_metric([vm, role], max(0.0, now - replica.latest_time))
         points.add_metric([vm], float(replica.points))
         stored.add_metric([vm], float(replica.bytes))
+
+    def _recent_cycles(self, rel: Relationship, now: float) -> list[CycleRecord]:
+        """The cycles the gauges depend on: the health window's (and the RPO's, shorter).
+
+        A scrape reads this hour's cycles, not the day the catalog keeps (2,880
+        rows a VM at 30 s, 17,280 at 5 s); lag, health and RPO come out the same
+        as from all of them while a recovery point was made in it. Without one,
+        all are read: the lag and the staleness rule need the latest success.
+        """
+        since = now - HEALTH_WINDOW_S - rel.frequency_s
+        recent = self.catalog.cycles(rel.vm_uuid, since=since)
+        if any(c.ok for c in recent):
+            return recent
+        return self.catalog.cycles(rel.vm_uuid)
 
     def _lease(self) -> Iterator[Metric]:
         lease = self.lease()
