@@ -11,6 +11,7 @@ import pytest
 from ferry.adapters.migration import MigrationInfo, MigrationStatus, OutgoingMigration
 from ferry.adapters.migration import incoming as qemu_incoming
 from ferry.adapters.migration.channel import migration_status
+from ferry.adapters.migration.disk_copy import MIRROR_BUF_SIZE, MIRROR_GRANULARITY
 from ferry.core.vmstate import QemuStatus
 from ferry.errors import MoveFailedError, QemuError
 from ferry.testing.migration import SourceQemu
@@ -157,6 +158,8 @@ def test_mirrors_go_to_the_destinations_nbd_exports() -> None:
     assert all(a and a["tls-creds"] == "ferry-tls-j5" and a["tls-hostname"] == "host-2"
                for a in adds)  # fmt: skip
     assert [a and a["export"] for a in adds] == ["disk0", "disk1"]
+    # zeroes read from allocated clusters go as write-zeroes commands, not data
+    assert all(a and a["detect-zeroes"] == "unmap" and a["discard"] == "unmap" for a in adds)
     mirrors = model.qmp.arguments("blockdev-mirror")
     assert mirrors == [
         {
@@ -164,6 +167,8 @@ def test_mirrors_go_to_the_destinations_nbd_exports() -> None:
             "device": "disk0",
             "target": "nbd0-j5",
             "sync": "full",
+            "granularity": MIRROR_GRANULARITY,
+            "buf-size": MIRROR_BUF_SIZE,
             "speed": 600,
         },
         {
@@ -171,6 +176,8 @@ def test_mirrors_go_to_the_destinations_nbd_exports() -> None:
             "device": "disk1",
             "target": "nbd1-j5",
             "sync": "full",
+            "granularity": MIRROR_GRANULARITY,
+            "buf-size": MIRROR_BUF_SIZE,
             "speed": 200,
         },
     ]  # fmt: skip  (the move's cap, shared by disk size)

@@ -32,6 +32,7 @@ from ferry.adapters.migration.channel import (
     block_jobs,
     query_migrate,
 )
+from ferry.adapters.migration.disk_copy import mirror_arguments, nbd_target
 from ferry.core.vmstate import QemuStatus
 from ferry.errors import FerryError, MoveFailedError
 
@@ -136,28 +137,15 @@ class OutgoingMigration:
         total = sum(sizes) or 1
         for index, size in enumerate(sizes):
             node = f"nbd{index}-{self.tag}"
-            node_args: dict[str, Any] = {
-                "driver": "nbd",
-                "node-name": node,
-                "server": {"type": "inet", "host": host, "port": str(port)},
-                "export": f"disk{index}",
-            }
-            if self.tls_id:
-                node_args["tls-creds"] = self.tls_id
-                node_args["tls-hostname"] = self.target
+            node_args = nbd_target(node, f"disk{index}", (host, port), tls_id=self.tls_id,
+                                   tls_hostname=self.target)  # fmt: skip
             # Noted before it is sent: a cancel may land while QEMU makes it,
             # and undo must take down whatever QEMU made (a missing one is skipped).
             self.nbd_nodes.append(node)
             await self.channel.execute("blockdev-add", node_args)
             mirror = f"mirror{index}-{self.tag}"
-            mirror_args: dict[str, Any] = {
-                "job-id": mirror,
-                "device": f"disk{index}",
-                "target": node,
-                "sync": "full",
-            }
-            if speed:
-                mirror_args["speed"] = max(1, speed * size // total)
+            share = max(1, speed * size // total) if speed else 0
+            mirror_args = mirror_arguments(mirror, f"disk{index}", node, speed=share)
             self.mirrors.append(mirror)
             await self.channel.execute("blockdev-mirror", mirror_args)
 
