@@ -226,8 +226,16 @@ async def https_cycles(lab_root: Path, uuid: str, cycles: int, scratch: Path) ->
             wall = time.monotonic() - t0
             if out.get("result") != "ok":
                 raise RuntimeError(f"sync failed: {out}")
-            rows.append({"bare_s": bare_s, "bare_bytes": bare_bytes, "cycle_s": out["duration_s"],
-                         "wall_s": wall, "bytes": out["bytes"], "phases": out.get("phases_s", {})})
+            rows.append(
+                {
+                    "bare_s": bare_s,
+                    "bare_bytes": bare_bytes,
+                    "cycle_s": out["duration_s"],
+                    "wall_s": wall,
+                    "bytes": out["bytes"],
+                    "phases": out.get("phases_s", {}),
+                }
+            )
             if os.environ.get("BENCH_VERBOSE"):
                 print(f"cycle {cycle}: {rows[-1]}", file=sys.stderr)
     return rows
@@ -279,8 +287,12 @@ def run_https(cycles: int, root: Path) -> None:
           "file)")  # fmt: skip
     print(f"  replication sync cycle   {med('cycle_s'):6.3f} s  (client wall {med('wall_s'):.3f} s)"
           f"; ratio cycle / bare = {med('cycle_s') / med('bare_s'):.2f} (goal <= 2)")  # fmt: skip
-    print("  phases: " + ", ".join(
-        f"{k} {statistics.median(r['phases'].get(k, 0.0) for r in rows):.3f} s" for k in phases))
+    print(
+        "  phases: "
+        + ", ".join(
+            f"{k} {statistics.median(r['phases'].get(k, 0.0) for r in rows):.3f} s" for k in phases
+        )
+    )
     print(f"  bytes sent {med('bytes') / MiB:.1f} MiB; / changed 64 MiB = "
           f"{med('bytes') / (64 * MiB):.3f} (goal <= 1.05)")  # fmt: skip
     print(f"  replica latest point == primary disk (paused, after a last sync): {same}")
@@ -290,8 +302,11 @@ def run_https(cycles: int, root: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=3)
-    parser.add_argument("--https", action="store_true",
-                        help="the whole cycle through two lab agents (see the docstring)")
+    parser.add_argument(
+        "--https",
+        action="store_true",
+        help="the whole cycle through two lab agents (see the docstring)",
+    )
     args = parser.parse_args()
     if args.https:
         with tempfile.TemporaryDirectory(prefix="ferry-bench-rh-", dir="/var/tmp") as tmp:

@@ -80,5 +80,6 @@ class TestMonitor:
         started = time.monotonic()
         await qemu_img.create(target, size)
         await BlockBackup(self.channel, f"bare-{tag}", ["disk0"], what="bare backup").run(
-            [target], sync=Sync.INCREMENTAL, bitmap=BARE_BITMAP, cancel_on_exit=False)
+            [target], sync=Sync.INCREMENTAL, bitmap=BARE_BITMAP, cancel_on_exit=False
+        )
         return time.monotonic() - started

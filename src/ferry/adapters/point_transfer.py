@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from uuid import UUID
@@ -146,6 +147,7 @@ class PointReceiver:
         self.partials = [t.with_name(t.name + ".partial") for t in targets]
         self.qemu_img = qemu_img_bin
         self._decoder = FrameDecoder(decompress=_decompress, vm_uuid=vm_uuid, point_id=point_id)
+        self.commit_s = 0.0  # seconds commit() took (check, rebase, fsync, rename)
         with os_errors(f"cannot create recovery point files in {targets[0].parent}"):
             self._files = [p.open("wb") for p in self.partials]
 
@@ -171,6 +173,7 @@ class PointReceiver:
 
     async def commit(self, backings: list[Path | None]) -> DeltaEnd:
         """Verify the whole stream and the images, then link them in. All or nothing."""
+        started = time.monotonic()
         try:
             end = self._decoder.finish()
             with os_errors(f"cannot write recovery point files in {self.targets[0].parent}"):
@@ -191,6 +194,7 @@ class PointReceiver:
             with os_errors(f"cannot link recovery point file {target}"):
                 partial.rename(target)
         fsync_dir(self.targets[0].parent)
+        self.commit_s = time.monotonic() - started
         return end
 
 

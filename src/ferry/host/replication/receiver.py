@@ -359,17 +359,22 @@ class ReplicaStore:
                 if chain else [None] * disks
             )  # fmt: skip
             receiver = PointReceiver(targets, vm_uuid=UUID(vm_uuid), point_id=point_id)
+            started = time.monotonic()
             end = await receive_point(stream, receiver, backings)
+            received = time.monotonic()
             rel = self.chain.link(rel, record, PointInfo(id=point_id, time=point_time, file=stem))
             if app_consistent:
                 kept = {p.id for p in chain}  # ids merged away are dropped from the list
                 ids = (*(i for i in rel.app_consistent_points if i in kept), point_id)
                 rel = rel.model_copy(update={"app_consistent_points": ids})
                 self.catalog.put_relationship(rel)
-            log.info("VM %s: linked recovery point %d (%d bytes of stream)", rel.vm_name,
-                     point_id, end.wire_bytes)  # fmt: skip
+            linked = time.monotonic()
             if not is_continuous(rel.frequency_s):
                 await self.chain.retain(rel)
+            log.info("VM %s: linked recovery point %d (%d bytes of stream; receive %.3f s, of "
+                     "which commit %.3f s, link %.3f s, retention %.3f s)", rel.vm_name, point_id,
+                     end.wire_bytes, received - started, receiver.commit_s, linked - received,
+                     time.monotonic() - linked)  # fmt: skip
         if is_continuous(rel.frequency_s):
             self.retain_later(vm_uuid)  # the reply, and so the cycle, does not wait for merges
         return PointLinked(point=point_id, linked=True, **self.state(vm_uuid).model_dump())
