@@ -20,20 +20,22 @@ from pathlib import Path
 from aiohttp import web
 
 from ferry import __version__
+from ferry.adapters import sd_notify
 from ferry.adapters.catalog import Catalog
 from ferry.adapters.etcd import open_store
-from ferry.adapters import sd_notify
 from ferry.adapters.pki import server_ssl_context, thumbprint
 from ferry.api.cluster import ClusterRoutes
 from ferry.api.doctor import DoctorRoutes
 from ferry.api.inventory import InventoryRoutes
 from ferry.api.metrics import MetricsRoutes, serve_plain
+from ferry.api.pki import PkiRoutes, open_connections
 from ferry.api.server import AgentApi
 from ferry.core import vmstate
 from ferry.core.cluster.timing import ClusterTimings
 from ferry.errors import ConfigError
 from ferry.host import facts
 from ferry.host.adopt import ADOPT, AdoptionService
+from ferry.host.certificates import HostCertificates
 from ferry.host.cluster.fencing import NodeFencing
 from ferry.host.cluster.guard import GuardPaths
 from ferry.host.cluster.guard_client import FenceGuardClient
@@ -220,7 +222,11 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         # GET /metrics: counters the services bump, gauges read at scrape time.
         metrics = agent_metrics(host=config.name, catalog=catalog, jobs=jobs,
                                 replication=replication, fencing=fencing)  # fmt: skip
+        certificates = HostCertificates.build(
+            config, tls, peers, vms=vms, store=store, extensions=extensions, peer_server=peer_server
+        )
         app = api.app()
+        PkiRoutes.install(app, certificates)  # renewal in place, the deny-list
         app.add_routes(MetricsRoutes(metrics.registry).routes())
         app.add_routes(ClusterRoutes(clusters, cluster_volumes).routes())
         app.add_routes(InventoryRoutes(inventory).routes())
@@ -231,6 +237,7 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         await clusters.start()  # reconnects to its cluster (in the background if etcd is away)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
+        certificates.revocations.attach(open_connections(runner))  # a revocation cuts them
         site = web.TCPSite(runner, address, port, ssl_context=tls, reuse_address=True)
         try:
             await site.start()
