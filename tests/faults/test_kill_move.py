@@ -1,0 +1,205 @@
+"""SIGKILL of an agent or a QEMU, on either side, at every phase of a live move, looped.
+
+One test guest moves back and forth between host-1 and host-2 (the disk
+copied, the bandwidth capped so each phase lasts long enough to be seen).
+The move job's phase is watched through the source agent's API and the
+victim is killed by pid as soon as the job reaches the phase wanted
+(``phase_at_kill`` is the phase seen then; a move that ended first counts
+under ``ended-before-kill``). Then, as an admin would: ``lab up`` (restarts
+the agent killed), ``vm start`` if the guest's QEMU is gone, and the checks:
+the VM runs on exactly one host, every job of it ends or is cancelled, the
+disk holds every record the guest reported durable before the kill, and the
+other host keeps no entry of it. A last move must succeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ferry.guest.records import read_records
+from tests.conftest import LabEnv
+from tests.faults.conftest import (
+    FULL,
+    LONG_TIMEOUT,
+    Tally,
+    api,
+    jobs_of,
+    lab_up,
+    printed_seq,
+    running_on,
+    runs,
+    settle_jobs,
+)
+
+pytestmark = pytest.mark.integration
+
+VM = "kmove"
+PHASES = ["preparing", "copying-disks", "copying-memory", "switching-over"]
+VICTIMS = ["source-agent", "destination-agent", "source-qemu", "destination-qemu"]
+BANDWIDTH = "24M"  # 64 MiB of disk and the guest's memory: a few seconds a move
+
+
+@pytest.fixture(scope="module")
+def guest(lab_env: LabEnv) -> Iterator[str]:
+    lab_env.cli("vm", "create", VM, "--host", "host-1", "--guest", "test", "--memory", "128M",
+                "--disk", "64M", "--start")  # fmt: skip
+    lab_env.wait_console(VM, lambda t: t.count("seq ") >= 2, timeout=240)
+    yield VM
+    for host in ("host-1", "host-2"):
+        lab_env.cli("vm", "delete", VM, "--force", "--host", host, check=False)
+
+
+def qemu_pid_on(env: LabEnv, host: str, uuid: str) -> int | None:
+    """The QEMU of VM ``uuid`` that ``host``'s agent started (its files are under that host)."""
+    marker = f"/hosts/{host}/".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if uuid.encode() in argv and marker in argv and b"qemu-system" in argv:
+            return int(entry.name)
+    return None
+
+
+def move_job(env: LabEnv, host: str, uuid: str, known: set[str]) -> dict[str, object] | None:
+    try:
+        jobs = api(env, host, "GET", "/v1/jobs")
+    except Exception:
+        return None
+    new = [j for j in jobs if j["kind"] == "move" and j.get("vm_uuid") == uuid
+           and j["id"] not in known]  # fmt: skip
+    return new[-1] if new else None
+
+
+def kill(env: LabEnv, victim: str, source: str, dest: str, uuid: str) -> bool:
+    host = source if victim.startswith("source") else dest
+    if victim.endswith("agent"):
+        pid = env.lab.host_named(host).pid()
+    else:
+        pid = qemu_pid_on(env, host, uuid)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def recover(env: LabEnv, name: str, tally: Tally) -> str:
+    """Restart what was killed; start the guest if no QEMU runs it; the host it runs on."""
+    lab_up(env)
+    deadline = time.monotonic() + 90
+    started = False
+    while True:
+        where = running_on(env, name)
+        if len(where) > 1:
+            tally.double_running += 1
+            tally.notes.append(f"{name} running on {where}")
+            raise AssertionError(f"{name} runs on two hosts: {where}")
+        if where:
+            return where[0]
+        if time.monotonic() > deadline:
+            states = {h: [(v["state"], v.get("incoming")) for v in api(env, h, "GET", "/v1/vms")
+                          if v["name"] == name] for h in ("host-1", "host-2")}  # fmt: skip
+            raise AssertionError(f"{name} never ran again: {states}")
+        if not started:
+            for host in ("host-1", "host-2"):
+                found = [v for v in api(env, host, "GET", "/v1/vms")
+                         if v["name"] == name and not v.get("incoming")]  # fmt: skip
+                if found and found[0]["state"] in ("crashed", "off"):
+                    env.cli("vm", "start", name, "--host", host)
+                    started = True
+        time.sleep(0.5)
+
+
+def check_records(env: LabEnv, name: str, host: str, durable: int, tally: Tally) -> None:
+    env.cli("vm", "pause", name, "--host", host)
+    try:
+        disk = Path(env.vm(name, host)["disks"][0]["path"])
+        found = read_records(disk)
+        if found.last_seq < durable or found.corrupt:
+            tally.lost_records += max(0, durable - found.last_seq)
+            tally.notes.append(f"disk at {found.last_seq}, {durable} durable, "
+                               f"{found.corrupt} corrupt")  # fmt: skip
+    finally:
+        env.cli("vm", "resume", name, "--host", host)
+
+
+def one_run(env: LabEnv, tally: Tally, victim: str, phase: str) -> None:
+    (source,) = running_on(env, VM)
+    dest = "host-2" if source == "host-1" else "host-1"
+    uuid = env.vm(VM, source)["uuid"]
+    known = {j["id"] for j in jobs_of(env, uuid)}
+    cmd = [sys.executable, "-m", "ferry", "vm", "move", VM, "--to", dest, "--max-bandwidth",
+           BANDWIDTH, "--json"]  # fmt: skip
+    mover = subprocess.Popen(cmd, env=dict(os.environ, FERRY_HOME=str(env.home)),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             stdin=subprocess.DEVNULL)  # fmt: skip
+    seen = "ended-before-kill"
+    durable = 0
+    try:
+        deadline = time.monotonic() + 120
+        while mover.poll() is None and time.monotonic() < deadline:
+            job = move_job(env, source, uuid, known)
+            now = str(job["phase"]) if job else ""
+            if now in PHASES and PHASES.index(now) >= PHASES.index(phase):
+                durable = printed_seq(env, VM)
+                if kill(env, victim, source, dest, uuid):
+                    seen = now
+                break
+            time.sleep(0.02)
+        # The job is what must end well; a CLI whose agent died may wait long
+        # for its stream, so it gets a moment, then this test ends it.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            mover.wait(timeout=15 if seen != "ended-before-kill" else 120)
+    finally:
+        if mover.poll() is None:
+            mover.kill()
+            mover.wait()
+    tally.ran(f"{victim}@{seen}")
+    took = time.monotonic()
+    try:
+        where = recover(env, VM, tally)
+    except AssertionError as exc:
+        tally.stuck_operations += 1
+        tally.notes.append(f"{victim}@{seen}: {exc}")
+        raise
+    settle_jobs(env, uuid, tally)
+    tally.notes.append(f"{victim}@{seen}: recovered in {time.monotonic() - took:.0f} s")
+    check_records(env, VM, where, durable, tally)
+    other = dest if where == source else source
+    left = [v for v in api(env, other, "GET", "/v1/vms") if v["name"] == VM]
+    if left:
+        tally.notes.append(f"{other} kept an entry of {VM}: {left[0]['state']}")
+        env.cli("vm", "delete", VM, "--force", "--host", other, check=False)
+    assert not left, f"{other} kept {VM} after a {victim} kill at {seen}: {left[0]['state']}"
+
+
+@LONG_TIMEOUT
+def test_kill_at_every_phase_of_a_move(lab_env: LabEnv, guest: str, tally: Tally) -> None:
+    # Short form: each victim once, each at another phase (4 runs cover all four
+    # victims and all four phases); long form: N runs per phase, victims in turn.
+    if FULL:
+        plan = [(VICTIMS[i % 4], p) for p in PHASES for i in range(runs(1))]
+    else:
+        plan = list(zip(VICTIMS, PHASES, strict=True))
+    for victim, phase in plan:
+        one_run(lab_env, tally, victim, phase)
+    (source,) = running_on(lab_env, VM)
+    dest = "host-2" if source == "host-1" else "host-1"
+    out = lab_env.cli("vm", "move", VM, "--to", dest, "--json").stdout
+    final = json.loads(out.strip().splitlines()[-1])
+    assert final["result"] == "ok", final
+    assert tally.lost_records == 0 and tally.double_running == 0, tally.notes
+    assert tally.stuck_operations == 0, tally.notes
