@@ -24,7 +24,7 @@ import logging
 import shutil
 import stat
 import uuid as uuidlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ from ferry.adapters.backup import BlockBackup, Sync
 from ferry.adapters.catalog import VmRecord
 from ferry.adapters.durable import fsync_dir, fsync_file
 from ferry.adapters.firmware import check_firmware_here
+from ferry.adapters.hashed_copy import sha256_file as sha256_file  # used by initial_media
 from ferry.core import vmstate
 from ferry.core.cluster.roles import Priority
 from ferry.core.cpu_models import check_cpu
@@ -60,6 +61,7 @@ from ferry.errors import (
     NotFoundError,
     StateError,
 )
+from ferry.host.exchange.disk_files import check_disk_header, import_qcow2
 from ferry.host.jobs import Job, JobRegistry
 from ferry.host.vms.service import VmService
 
@@ -70,18 +72,8 @@ log = logging.getLogger(__name__)
 
 EXPORT = "export"
 IMPORT = "import"
-HASH_CHUNK = 4 * 1024 * 1024
 IMPORT_MODES = ("register", "copy", "new-id")
-
-
-def sha256_file(path: Path, on_bytes: Any = None) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-            if on_bytes is not None:
-                on_bytes(len(chunk))
-    return digest.hexdigest()
+Counter = Callable[[int], None]  # hears bytes hashed or copied
 
 
 class ExchangeService:
@@ -198,7 +190,9 @@ class ExchangeService:
             entries = []
             for name in files:
                 path = partial / name
-                digest = await asyncio.to_thread(sha256_file, path)
+                # Hashed (CPU, from the page cache) while the disk writes it back.
+                digest, _ = await asyncio.gather(asyncio.to_thread(sha256_file, path),
+                                                 asyncio.to_thread(fsync_file, path))  # fmt: skip
                 entries.append(ManifestFile(path=name, size=path.stat().st_size, sha256=digest))
             manifest = Manifest(format=FORMAT, version=FORMAT_VERSION, vm=VM_FILE, files=entries)
             await asyncio.to_thread(self._seal, partial, manifest)
@@ -347,9 +341,8 @@ class ExchangeService:
             raise InvalidInputError(f"{folder}: {name} is not a regular file")
         return path
 
-    async def _verify(self, job: Job, folder: Path) -> tuple[Manifest, ExportedVm]:
-        manifest = parse_manifest(self._regular_file(folder, MANIFEST).read_bytes(),
-                                  folder=str(folder))  # fmt: skip
+    def _counter(self, job: Job, manifest: Manifest) -> Counter:
+        """Progress over every file of the folder, hashed or copied."""
         total = sum(f.size for f in manifest.files)
         done = 0
 
@@ -358,33 +351,56 @@ class ExchangeService:
             done += n
             self._progress(job, done, total)
 
+        return count
+
+    async def _verify(
+        self, job: Job, folder: Path, *, copying: bool
+    ) -> tuple[Manifest, ExportedVm, Counter]:
+        """Every file's size and checksum, the config, every disk's header.
+
+        ``copying``: the checksums of qcow2 disks are left to the copy, which
+        hashes what it copies (:mod:`.disk_files`); their sizes and headers
+        are checked here all the same.
+        """
+        manifest = parse_manifest(self._regular_file(folder, MANIFEST).read_bytes(),
+                                  folder=str(folder))  # fmt: skip
+        count = self._counter(job, manifest)
+        entries = {entry.path: entry for entry in manifest.files}
+        vm_entry = entries.get(manifest.vm)
+        vm_bytes = self._regular_file(folder, manifest.vm).read_bytes()
+        later: set[str] = set()  # hashed by the copy
+        vm_intact = vm_entry is not None and hashlib.sha256(vm_bytes).hexdigest() == vm_entry.sha256
+        if copying and vm_intact:
+            vm_first = parse_vm(vm_bytes, manifest, folder=str(folder))
+            later = {d.file for d in vm_first.disks if d.format == "qcow2"}
         for entry in manifest.files:
             path = self._regular_file(folder, entry.path)
             if path.stat().st_size != entry.size:
                 raise InvalidInputError(f"{folder}: {entry.path} is {path.stat().st_size} bytes, "
                                         f"the manifest says {entry.size}")  # fmt: skip
-            digest = await asyncio.to_thread(sha256_file, path, count)
-            if digest != entry.sha256:
+            if entry.path in later:
+                continue
+            if entry.path == manifest.vm:  # the bytes read above are the ones parsed
+                intact = vm_intact
+            else:
+                intact = await asyncio.to_thread(sha256_file, path, count) == entry.sha256
+            if not intact:
                 raise InvalidInputError(
                     f"{folder}: {entry.path} does not match its SHA-256 checksum in the "
                     "manifest (damaged or altered)"
                 )
-        vm = parse_vm((folder / manifest.vm).read_bytes(), manifest, folder=str(folder))
+        vm = parse_vm(vm_bytes, manifest, folder=str(folder))
         for disk in vm.disks:
-            info = await qemu_img.info(folder / disk.file, qemu_img=self.config.qemu_img)
-            what = f"{folder}: {disk.file}"
-            if info.get("format") != disk.format:
-                raise InvalidInputError(f"{what} is {info.get('format')}, not {disk.format}")
-            qemu_img.check_self_contained(info, what=what)
-            if int(info.get("virtual-size", -1)) != disk.size:
-                raise InvalidInputError(f"{what} has virtual size {info.get('virtual-size')}, "
-                                        f"the config says {disk.size}")  # fmt: skip
-        return manifest, vm
+            await check_disk_header(folder / disk.file, fmt=disk.format, size=disk.size,
+                                    what=f"{folder}: {disk.file}",
+                                    qemu_img_bin=self.config.qemu_img)  # fmt: skip
+        return manifest, vm, count
 
     async def _import(self, job: Job, folder: Path, mode: str, new_name: str | None,
                       cluster: str | None = None,
                       volume_dir: Path | None = None) -> dict[str, Any]:  # fmt: skip
-        _, vm = await self._verify(job, folder)
+        manifest, vm, count = await self._verify(job, folder, copying=mode != "register")
+        sums = {entry.path: entry.sha256 for entry in manifest.files}
         name = new_name or vm.name
         check_host_runs(vm.config_version, self.config.functional_level,
                         host=self.config.name, vm=name)  # fmt: skip
@@ -416,8 +432,14 @@ class ExchangeService:
                     disks.append(DiskSpec(path=str(source), size=disk.size, format=disk.format))
                     continue
                 target = files_dir / f"disk{index}.qcow2"
-                await qemu_img.convert_to_qcow2(source, target, src_format=disk.format,
-                                                qemu_img=self.config.qemu_img)  # fmt: skip
+                if disk.format == "qcow2":  # hashed as it is copied, checked as copied
+                    await import_qcow2(source, target, sha256=sums[disk.file], size=disk.size,
+                                       what=f"{folder}: {disk.file}",
+                                       qemu_img_bin=self.config.qemu_img,
+                                       on_bytes=count)  # fmt: skip
+                else:
+                    await qemu_img.convert_to_qcow2(source, target, src_format=disk.format,
+                                                    qemu_img=self.config.qemu_img)  # fmt: skip
                 disks.append(DiskSpec(path=str(target), size=disk.size))
             boot: dict[str, str | None] = {}
             for key in ("kernel", "initrd"):
