@@ -301,10 +301,31 @@ def test_metrics_listen_on_loopback_is_accepted(tmp_path: Path) -> None:
     assert load_host_config(path).metrics_address == ("127.0.0.2", 9464)
 
 
+def dashboard_exprs() -> list[str]:
+    doc = json.loads(DASHBOARD.read_text())
+    return [target["expr"] for panel in doc["panels"] for target in panel.get("targets", [])]
+
+
+def test_the_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    """promtool parses every query (as recording rules, Grafana's variables filled in)."""
+    grafana = {"$__rate_interval": "2m", "$__range": "6h", "$host": ".*"}
+    rules = []
+    for i, expr in enumerate(dashboard_exprs()):
+        for variable, example in grafana.items():
+            expr = expr.replace(variable, example)
+        assert "$" not in expr, expr
+        rules.append({"record": f"ferry:dashboard_{i}", "expr": expr})
+    path = tmp_path / "rules.json"  # YAML is a superset of JSON
+    path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))
+    done = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True,
+                          text=True, timeout=30, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in done.stdout, done.stdout
+
+
 def dashboard_metric_names() -> set[str]:
     """Every ferry_/process_ metric name the dashboard's queries use."""
-    doc = json.loads(DASHBOARD.read_text())
-    exprs = [target["expr"] for panel in doc["panels"] for target in panel.get("targets", [])]
+    exprs = dashboard_exprs()
     assert exprs, "the dashboard has no queries"
     return {name for expr in exprs for name in re.findall(r"\b(?:ferry|process)_[a-z0-9_]+", expr)}
 
