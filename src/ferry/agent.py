@@ -36,6 +36,7 @@ from ferry.errors import ConfigError
 from ferry.host import facts
 from ferry.host.adopt import ADOPT, AdoptionService
 from ferry.host.certificates import HostCertificates
+from ferry.host.cluster.crossing import ClusterCrossing, CrossingGuard
 from ferry.host.cluster.fencing import NodeFencing
 from ferry.host.cluster.guard import GuardPaths
 from ferry.host.cluster.guard_client import FenceGuardClient
@@ -187,7 +188,8 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         cluster_context.listen(fencing.on_membership)
         reconciler = Reconciler(cluster_vms, migrations, jobs)
         cluster_context.listen(reconciler.on_membership)
-        migrations.switch_guard = OwnerHandover(cluster_vms)
+        crossing = ClusterCrossing(cluster_vms, jobs)  # vm move --to-cluster
+        migrations.switch_guard = CrossingGuard(crossing, OwnerHandover(cluster_vms))
         # Replication of a clustered VM follows its owner (host/cluster/replication.py);
         # it listens before the membership reconnects, and resumes on the reconciler's start.
         cluster_replication = ClusterReplication(
@@ -225,6 +227,7 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         certificates = HostCertificates.build(
             config, tls, peers, vms=vms, store=store, extensions=extensions, peer_server=peer_server
         )
+        api.crossing = crossing
         app = api.app()
         PkiRoutes.install(app, certificates)  # renewal in place, the deny-list
         app.add_routes(MetricsRoutes(metrics.registry).routes())

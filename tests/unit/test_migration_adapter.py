@@ -104,9 +104,16 @@ def test_settling_gives_up_with_the_status_it_last_saw() -> None:
 
 def test_resume_stops_the_exports_first() -> None:
     qmp = FakeQmp()
+    qmp.reply("query-status", {"status": "paused", "running": False})
     run(qemu_incoming.resume(qmp, nbd=True))
     run(qemu_incoming.resume(qmp, nbd=False))
-    assert qmp.commands() == ["nbd-server-stop", "cont", "cont"]
+    assert qmp.actions() == ["nbd-server-stop", "cont", "cont"]
+
+
+def test_resume_leaves_a_guest_autostart_already_ran() -> None:
+    qmp = FakeQmp()  # query-status: running
+    run(qemu_incoming.resume(qmp, nbd=True))
+    assert qmp.actions() == ["nbd-server-stop"]
 
 
 # -- the source side ------------------------------------------------------------------
@@ -121,7 +128,7 @@ def test_configure_with_tls() -> None:
     (caps,) = qmp.arguments("migrate-set-capabilities")
     assert caps is not None
     assert {c["capability"] for c in caps["capabilities"]} == {
-        "events", "pause-before-switchover", "dirty-bitmaps"}  # fmt: skip
+        "events", "pause-before-switchover", "dirty-bitmaps", "auto-converge"}  # fmt: skip
     assert qmp.arguments("migrate-set-parameters") == [{
         "tls-creds": "ferry-tls-j3", "tls-hostname": "host-2", "max-bandwidth": 1000,
         "downtime-limit": 200}]  # fmt: skip

@@ -256,8 +256,11 @@ class NodeRequest(BaseModel):
 class MoveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    to: str
-    to_url: str
+    to: str = ""  # a host (empty with to_cluster: the target cluster's placement picks)
+    to_url: str = ""
+    # vm move --to-cluster C2 [--volume V]: into another cluster (api/cluster_moves.py)
+    to_cluster: str | None = None
+    volume: str | None = None
     storage: Literal["auto", "shared", "copy"] = "auto"
     max_bandwidth: int | None = Field(default=None, ge=0)
     downtime_limit_ms: int | None = Field(default=None, gt=0, le=600_000)

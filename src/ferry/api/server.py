@@ -16,6 +16,7 @@ from aiohttp import web
 from ferry import __version__
 from ferry.adapters.catalog import VmRecord
 from ferry.api.adopt import AdoptionRoutes
+from ferry.api.cluster_moves import move_to_cluster
 from ferry.api.cluster_vms import ClusterVmRoutes
 from ferry.api.edge import guard
 from ferry.api.edge import json_reply as _json
@@ -57,6 +58,7 @@ from ferry.core.vmstate import VmState
 from ferry.errors import FerryError, InvalidInputError, StoreUnavailableError
 from ferry.host import facts
 from ferry.host.adopt import AdoptionService
+from ferry.host.cluster.crossing import ClusterCrossing
 from ferry.host.cluster.maintenance import Maintenance
 from ferry.host.cluster.vms import ClusterVms, RemoteVm
 from ferry.host.exchange.service import ExchangeService
@@ -126,6 +128,7 @@ class AgentApi:
         self.cluster_vms = cluster_vms
         self.maintenance = maintenance
         self.adoption = adoption
+        self.crossing: ClusterCrossing | None = None  # vm move --to-cluster (set by the agent)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[guard], client_max_size=1024**2)
@@ -342,6 +345,10 @@ class AgentApi:
 
     async def move_vm(self, request: web.Request) -> web.Response:
         move = await _body(request, MoveRequest)
+        if move.to_cluster is not None or not move.to:  # into another cluster
+            job = await move_to_cluster(self.crossing, self.migrations,
+                                        request.match_info["name"], move)  # fmt: skip
+            return _json(job.view(self.vms.config.name), status=202)
         storage = Storage(move.storage)
         if self.cluster_vms is not None:  # inside its cluster, on the shared volume
             storage = await self.cluster_vms.check_move(request.match_info["name"], move.to,

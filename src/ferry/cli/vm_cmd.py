@@ -406,7 +406,22 @@ def refresh(name: str, host: str | None = HostOpt, as_json: bool = JsonOpt) -> N
 @app.command("move")
 def move(
     name: str,
-    to: str = typer.Option(..., "--to", help="Destination host."),
+    to: str | None = typer.Option(
+        None, "--to", help="Destination host (with --to-cluster: a node of that cluster)."
+    ),
+    to_cluster: str | None = typer.Option(
+        None,
+        "--to-cluster",
+        metavar="CLUSTER",
+        help="Move a clustered VM into another cluster, live and protected by one cluster "
+        "throughout (the disks are copied onto its volume unless it sees the same one).",
+    ),
+    volume: str | None = typer.Option(
+        None,
+        "--volume",
+        help="With --to-cluster: the target cluster's volume for the disks (default: the "
+        "VM's volume's name, else the cluster's only volume).",
+    ),
     host: str | None = HostOpt,
     storage: str = typer.Option(
         "auto", "--storage", help="auto (shared if the destination sees the disks), shared, copy."
@@ -429,24 +444,36 @@ def move(
     if downtime_limit is not None and downtime_limit <= 0:
         raise InvalidInputError("--downtime-limit must be a positive number of milliseconds")
     bandwidth = parse_size(max_bandwidth, what="bandwidth") if max_bandwidth else None
+    if to is None and to_cluster is None:
+        raise InvalidInputError("vm move needs --to HOST, or --to-cluster CLUSTER")
+    if volume is not None and to_cluster is None:
+        raise InvalidInputError("--volume goes with --to-cluster (a move inside a cluster "
+                                "stays on the VM's volume)")  # fmt: skip
 
     async def run(fleet: Fleet) -> dict[str, Any]:
         source, _ = await fleet.locate(name, host)
-        target = fleet.settings.host(to)
-        job = await fleet.client(source).post(
-            f"/v1/vms/{name}/move",
-            {"to": to, "to_url": target.url, "storage": storage,
-             "max_bandwidth": bandwidth, "downtime_limit_ms": downtime_limit,
-             "network_map": networks},
-        )  # fmt: skip
+        body = {"to": to or "", "to_url": "", "storage": storage,
+                "max_bandwidth": bandwidth, "downtime_limit_ms": downtime_limit,
+                "network_map": networks}  # fmt: skip
+        if to_cluster is not None:  # the VM's owner finds the node and its URL in the store
+            body.update(to_cluster=to_cluster, volume=volume)
+        elif to is not None:
+            body["to_url"] = fleet.settings.host(to).url
+        job = await fleet.client(source).post(f"/v1/vms/{name}/move", body)
         return await follow_job(fleet.client(source), job, as_json=as_json)
 
     job = with_fleet(run)
+    where = to if to_cluster is None else f"cluster {to_cluster}"
     if job["state"] != "done":
-        raise FerryError(f"move of VM {name} to {to} {job['state']}: {job.get('error')}")
+        raise FerryError(f"move of VM {name} to {where} {job['state']}: {job.get('error')}")
     result = job["result"]
     if as_json:
         print_json(result)
+    elif to_cluster is not None:
+        say(f"VM {name} now runs on {result['host']} in cluster {result.get('cluster')} "
+            f"({result['storage']} storage): {result['total_s']:.1f} s in all, "
+            f"{result['downtime_ms']} ms downtime, unprotected "
+            f"{result.get('unprotected_s')} s")  # fmt: skip
     else:
         say(f"VM {name} now runs on {result['host']} ({result['storage']} storage): "
             f"{result['total_s']:.1f} s in all, {result['downtime_ms']} ms downtime")  # fmt: skip

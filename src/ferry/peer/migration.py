@@ -51,6 +51,9 @@ class PrepareRequest(_Model):
     storage: Storage
     # Per disk: (volume name, path inside it) when the disk lies on a volume.
     disk_volumes: list[tuple[str, str] | None] = []
+    # A copy into another cluster: the destination's volume whose ``<uuid>/`` dir holds
+    # the copied disks, kernel and initrd (so every node there can start the VM).
+    into_volume: str | None = None
 
 
 class PrepareReply(_Model):

@@ -67,6 +67,7 @@ class SourceQemu:
             reply["total-time"] = 0 if late else 1000 + self.downtime_ms
         if self.migration == "active" and not self.hold:
             self.run = "finish-migrate"
+            self.qmp.emit("STOP")  # the vCPUs stop before QEMU waits in pre-switchover
             self._set("pre-switchover")  # seen by the next query, announced now
         return reply
 
@@ -104,6 +105,7 @@ class SourceQemu:
 
     def _cont(self, _: Any) -> dict[str, Any]:
         self.run = "running"
+        self.qmp.emit("RESUME")
         return {}
 
 
@@ -115,6 +117,7 @@ class IncomingQemu:
     qmp: FakeQmp = field(default_factory=lambda: FakeQmp("destination"))
     run: str = "inmigrate"
     loads: str = "completed"  # what the incoming side ends in once the source completed
+    autostart: bool = False  # 'cont' came while loading: run once loaded
 
     def __post_init__(self) -> None:
         q = self.qmp
@@ -124,10 +127,17 @@ class IncomingQemu:
 
     def _query_migrate(self, _: Any) -> dict[str, Any]:
         if self.source.migration == "completed":
+            if self.autostart and self.loads == "completed" and self.run != "running":
+                self.run = "running"  # QEMU starts the vCPUs as the load's last step
+                self.qmp.emit("RESUME")
             return {"status": self.loads}
         started = any(command == "migrate-incoming" for command in self.qmp.commands())
         return {"status": "active" if started else "none"}
 
     def _cont(self, _: Any) -> dict[str, Any]:
+        if self.run == "inmigrate" and self.source.migration != "completed":
+            self.autostart = True  # QEMU's cont while loading: it runs the guest when done
+            return {}
         self.run = "running"
+        self.qmp.emit("RESUME")
         return {}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -82,7 +83,9 @@ class FakeQmp:
         self.reply(command, QemuError(f"QEMU of VM {self.name!r} refused {command}: {message}"))
 
     def emit(self, name: str, data: dict[str, Any] | None = None) -> None:
-        event = {"event": name, "data": dict(data or {})}
+        now = time.time()  # QEMU stamps each event with the host's wall clock
+        stamp = {"seconds": int(now), "microseconds": int(now % 1 * 1_000_000)}
+        event = {"event": name, "data": dict(data or {}), "timestamp": stamp}
         self.events.append(event)
         for listener in self._listeners:
             if name in listener.names:

@@ -64,8 +64,9 @@ LOADING = frozenset({S.ACTIVE, S.SETUP, S.DEVICE})
 # The outgoing side has not let go of the stream yet (a cancel waits for these).
 IN_FLIGHT = frozenset({S.ACTIVE, S.SETUP, S.PRE_SWITCHOVER, S.DEVICE, S.CANCELLING,
                        S.WAIT_UNPLUG})  # fmt: skip
-# The stream will not complete.
-BROKEN = frozenset({S.FAILED, S.CANCELLED, S.NONE})
+# The stream will not complete (post-copy paused: the link broke after the
+# switch; ferry does not recover it, see convergence.py).
+BROKEN = frozenset({S.FAILED, S.CANCELLED, S.NONE, S.POSTCOPY_PAUSED})
 
 
 def migration_status(raw: object) -> MigrationStatus:
@@ -91,6 +92,9 @@ class MigrationInfo:
     # 0 in a ``completed`` reply until QEMU has worked out the times: QEMU 7.2
     # sets the status first, so a reply read at once has downtime 0 too.
     total_time_ms: int = 0
+    # How often QEMU synced the dirty bitmap: past 1 once every page went once.
+    dirty_sync_count: int = 0
+    postcopy_bytes: int = 0  # sent after the switch to post-copy (0: none happened)
 
     @classmethod
     def from_qmp(cls, reply: dict[str, Any]) -> MigrationInfo:
@@ -106,6 +110,8 @@ class MigrationInfo:
             downtime_ms=int(reply.get("downtime", 0)),
             total_time_ms=int(reply.get("total-time", 0)),
             error=reply.get("error-desc"),
+            dirty_sync_count=int(ram.get("dirty-sync-count", 0)),
+            postcopy_bytes=int(ram.get("postcopy-bytes", 0)),
         )
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.adapters.migration.channel import LOADING, Channel, MigrationStatus, query_migrate
+from ferry.core.vmstate import QemuStatus
 from ferry.errors import QemuError
 
 log = logging.getLogger(__name__)
@@ -50,16 +51,19 @@ async def receive(
     tls_dir: Path | None,
     source_dn: str,
     disks: int,
+    postcopy: bool = False,
 ) -> IncomingEndpoints:
     """Make the paused incoming QEMU wait for the streams; where they go.
 
     ``tag`` makes QEMU object ids unique to the move; ``tls_dir`` None means
-    plain TCP; ``disks`` is how many disks to export over NBD (0: shared).
+    plain TCP; ``disks`` is how many disks to export over NBD (0: shared);
+    ``postcopy``: the source may switch to post-copy (both sides need it).
     """
-    await channel.execute("migrate-set-capabilities", {"capabilities": [
-        {"capability": "events", "state": True},
-        {"capability": "dirty-bitmaps", "state": True},
-    ]})  # fmt: skip
+    caps = [{"capability": "events", "state": True},
+            {"capability": "dirty-bitmaps", "state": True}]  # fmt: skip
+    if postcopy:
+        caps.append({"capability": "postcopy-ram", "state": True})
+    await channel.execute("migrate-set-capabilities", {"capabilities": caps})
     tls_id, authz_id = f"ferry-tls-{tag}", f"ferry-authz-{tag}"
     if tls_dir is not None:
         await channel.execute("object-add", {
@@ -104,9 +108,26 @@ async def settled(channel: Channel, timeout: float = SETTLE_S) -> MigrationStatu
             await events.next(0.05)
 
 
+# The incoming side may run the guest: the whole state loaded, or (post-copy)
+# the device state is coming and the pages follow on demand ('cont' while still
+# loading only sets autostart; QEMU starts the vCPUs once the device state is in).
+RUNNABLE = frozenset({MigrationStatus.COMPLETED, MigrationStatus.POSTCOPY_ACTIVE})
+
+
 # QEMU's own announce timing (its migration defaults): five rounds, 50 ms
 # first, 100 ms more each round, at most 550 ms apart.
 ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
+
+
+async def autostart(channel: Channel) -> None:
+    """Let QEMU run the guest by itself the moment the stream has loaded.
+
+    ``cont`` on a QEMU still in ``inmigrate`` only sets its autostart flag:
+    QEMU then starts the vCPUs as the last step of a successful load (or, in
+    post-copy, once the device state is in), with no round trip between the
+    load and the run. A load that fails never runs the guest.
+    """
+    await channel.execute("cont")
 
 
 async def resume(channel: Channel, *, nbd: bool, announce: bool = False) -> None:
@@ -121,7 +142,8 @@ async def resume(channel: Channel, *, nbd: bool, announce: bool = False) -> None
     """
     if nbd:
         await channel.execute("nbd-server-stop")
-    await channel.execute("cont")
+    if await channel.status() is not QemuStatus.RUNNING:  # autostart may have run it
+        await channel.execute("cont")
     if announce:
         try:
             await channel.execute("announce-self", dict(ANNOUNCE))

@@ -32,6 +32,7 @@ from ferry.adapters.migration.channel import (
     block_jobs,
     query_migrate,
 )
+from ferry.adapters.migration.convergence import Convergence
 from ferry.adapters.migration.disk_copy import mirror_arguments, nbd_target
 from ferry.core.vmstate import QemuStatus
 from ferry.errors import FerryError, MoveFailedError
@@ -85,9 +86,18 @@ class OutgoingMigration:
         return (await query_migrate(self.channel)).status
 
     async def configure(
-        self, *, tls_dir: Path | None, max_bandwidth: int, downtime_limit_ms: int | None
+        self,
+        *,
+        tls_dir: Path | None,
+        max_bandwidth: int,
+        downtime_limit_ms: int | None,
+        convergence: Convergence = Convergence(),
     ) -> None:
-        """Capabilities and parameters of the stream; TLS with ``tls_dir``'s certificates."""
+        """Capabilities and parameters of the stream; TLS with ``tls_dir``'s certificates.
+
+        ``convergence``: auto-converge (QEMU throttles a guest that dirties
+        memory faster than the link) and post-copy (:mod:`.convergence`).
+        """
         if tls_dir is not None:
             tls_id = f"ferry-tls-{self.tag}"
             await self.channel.execute("object-add", {
@@ -98,6 +108,7 @@ class OutgoingMigration:
             {"capability": "events", "state": True},
             {"capability": "pause-before-switchover", "state": True},
             {"capability": "dirty-bitmaps", "state": True},
+            *convergence.capabilities(),
         ]})  # fmt: skip
         params: dict[str, Any] = {
             "tls-creds": self.tls_id or "",
@@ -198,13 +209,44 @@ class OutgoingMigration:
                 await check()
             await self._pause(POLL_S)
 
+    async def start_postcopy(
+        self, report: Callable[[MigrationInfo], None], check: Check | None = None
+    ) -> bool:
+        """Once the first pass is done, ask QEMU to switch to post-copy (:mod:`.convergence`).
+
+        False if the stream reached ``pre-switchover`` first (it converged by
+        itself: the move ends as a pre-copy one).
+        """
+        while True:
+            info = await query_migrate(self.channel)
+            report(info)
+            if info.status is MigrationStatus.PRE_SWITCHOVER:
+                return False
+            if info.status in BROKEN:
+                raise MoveFailedError(f"memory copy failed: {info.error or info.status.value}")
+            if info.dirty_sync_count > 1:
+                await self.channel.execute("migrate-start-postcopy")
+                return True
+            if check is not None:
+                await check()
+            await self._pause(POLL_S)
+
     # -- switch-over and undo ---------------------------------------------------
 
     async def switch_over(self, report: Callable[[MigrationInfo], None]) -> MigrationInfo:
         """From ``pre-switchover``: complete the mirrors, send the last pages."""
-        for mirror in self.mirrors:
-            await self.channel.execute("block-job-cancel", {"device": mirror})
+        await self.complete_mirrors()
+        return await self.continue_switch_over(report)
+
+    async def complete_mirrors(self) -> None:
+        """At ``pre-switchover``: complete every mirror at once (the guest is paused)."""
+        # Side by side: each cancel is one round trip, and the guest waits for all.
+        await asyncio.gather(*(self.channel.execute("block-job-cancel", {"device": mirror})
+                               for mirror in self.mirrors))  # fmt: skip
         await self._wait_mirrors_gone(SWITCH_OVER_JOBS_S)
+
+    async def continue_switch_over(self, report: Callable[[MigrationInfo], None]) -> MigrationInfo:
+        """Send the last pages (``migrate-continue``) until ``completed``; QEMU's times."""
         await self.channel.execute("migrate-continue", {"state": "pre-switchover"})
         info = await self.wait_for(MigrationStatus.COMPLETED, report)
         # QEMU 7.2 reports ``completed`` a moment before it fills in the times

@@ -184,6 +184,7 @@ class MoveDestination:
         visible = bool(spec.disks) and len(shared_paths) == len(spec.disks)
         storage = choose_storage(request.storage, visible=visible, vm=spec.name, host=self.host)
 
+        files_dir = self._files_dir(request, volumes, self.vms.vm_dir(spec.uuid))
         log_context.bind(vm=spec.name, vm_uuid=spec.uuid, job=request.job_id, kind=INCOMING)
         job = self.jobs.adopt(request.job_id, INCOMING, spec.uuid, spec.name,
                               IncomingState.RECEIVING.value, source=caller.common_name,
@@ -191,26 +192,42 @@ class MoveDestination:
                               # a takeover of the VM's replication must come with it
                               source_thumbprint=caller.thumbprint)  # fmt: skip
         vm_dir = self.vms.vm_dir(spec.uuid)
+        if files_dir != vm_dir:
+            self.jobs.update(job, files_dir=str(files_dir))
         try:
             vm_dir.mkdir(parents=True, exist_ok=True)
+            files_dir.mkdir(parents=True, exist_ok=True)
             disks = []
             for index, disk in enumerate(spec.disks):
                 if storage is Storage.SHARED:
                     disks.append(disk.model_copy(update={"path": shared_paths[index]}))
                 else:
-                    path = vm_dir / f"disk{index}.qcow2"
+                    path = files_dir / f"disk{index}.qcow2"
                     await qemu_img.create(path, disk.size, qemu_img=self.config.qemu_img)
-                    disks.append(DiskSpec(path=str(path), size=disk.size, format="qcow2"))
+                    disks.append(DiskSpec(path=str(path), size=disk.size, format="qcow2",
+                                          direct=disk.direct and files_dir != vm_dir))  # fmt: skip
             local = spec.model_copy(update={
                 "disks": tuple(disks),
-                "kernel": str(vm_dir / "kernel") if spec.kernel else None,
-                "initrd": str(vm_dir / "initrd") if spec.initrd else None,
+                "kernel": str(files_dir / "kernel") if spec.kernel else None,
+                "initrd": str(files_dir / "initrd") if spec.initrd else None,
             })  # fmt: skip
             self.vms.catalog.add_vm(local, VmState.MIGRATING)
         except BaseException as exc:
             await self.abort_incoming(job, f"prepare failed: {exc}")
             raise
         return wire.PrepareReply(storage=storage)
+
+    @staticmethod
+    def _files_dir(request: wire.PrepareRequest, volumes: Mapping[str, str], vm_dir: Path) -> Path:
+        """Where copied disks and boot files go: the VM dir, or ``<volume>/<uuid>/`` of the
+        volume a move into a cluster names (host/cluster/crossing.py)."""
+        if request.into_volume is None:
+            return vm_dir
+        if request.into_volume not in volumes:
+            listed = ", ".join(sorted(volumes)) or "none"
+            raise InvalidInputError(f"this host has no volume {request.into_volume!r} "
+                                    f"(volumes: {listed})")  # fmt: skip
+        return Path(volumes[request.into_volume]) / request.spec.uuid
 
     async def receive_file(self, call: Call[Upload]) -> wire.FileReceived:
         job = self._incoming(call.params["id"], call.caller)
@@ -219,7 +236,8 @@ class MoveDestination:
             raise InvalidInputError(f"unknown VM file {name!r}")
         async with self._turn(job.id):
             incoming_step(IncomingState(job.state), IncomingOp.RECEIVE_FILE, job=job.id)
-            await _write(self.vms.vm_dir(job.vm_uuid) / name, call.stream)
+            where = job.detail.get("files_dir") or self.vms.vm_dir(job.vm_uuid)
+            await _write(Path(where) / name, call.stream)
         return wire.FileReceived(received=name)
 
     async def launch(self, call: Call[NoBody]) -> wire.LaunchReply:
@@ -321,6 +339,8 @@ class MoveDestination:
             await self.vms.forget(record, keep_disks=shared)
         else:
             await asyncio.to_thread(shutil.rmtree, self.vms.vm_dir(job.vm_uuid), True)
+        if job.detail.get("files_dir"):  # a copy into a cluster volume: its own dir there
+            await asyncio.to_thread(shutil.rmtree, job.detail["files_dir"], True)
         log.getChild(job.vm_name).warning("incoming move %s aborted: %s", job.id, reason)
 
 

@@ -67,11 +67,12 @@ class MigrationService:
         max_bandwidth: int | None,
         downtime_limit_ms: int | None,
         network_map: Mapping[str, str] | None = None,
+        postcopy: bool = False,
     ) -> Job:
         return self.source.start_move(name, to=to, to_url=to_url, storage=storage,
                                       max_bandwidth=max_bandwidth,
                                       downtime_limit_ms=downtime_limit_ms,
-                                      network_map=network_map)  # fmt: skip
+                                      network_map=network_map, postcopy=postcopy)  # fmt: skip
 
     async def preflight(self, name: str, *, to: str, to_url: str,
                         network_map: Mapping[str, str]) -> None:  # fmt: skip

@@ -260,7 +260,8 @@ class MoveSource:
                  "total_s": total_s, "downtime_ms": info.downtime_ms,
                  "resume_ms": resume_ms,
                  "storage": storage.value, "disk_copy_s": round(disk_s, 3),
-                 "memory_copy_s": round(memory_s, 3)})  # fmt: skip
+                 "memory_copy_s": round(memory_s, 3),
+                 **(job.detail.get("result_extra") or {})})  # fmt: skip
 
     async def _prepare(
         self, attempt: MoveAttempt, peer: PeerClient
@@ -277,7 +278,7 @@ class MoveSource:
         attempt.peer = peer  # from here on, a failure tells the destination to clean up
         prepared = await peer.call(wire.PREPARE, wire.PrepareRequest(
             job_id=job.id, spec=spec, storage=Storage(job.detail["storage"]),
-            disk_volumes=locations))  # fmt: skip
+            disk_volumes=locations, into_volume=job.detail.get("into_volume")))  # fmt: skip
         storage = attempt.storage = prepared.storage
         self.jobs.update(job, storage=storage.value)
         await self._send_files(peer, job.id, spec)
