@@ -56,6 +56,7 @@ class Tally:
     corrupt_sent: int = 0
     corrupt_detected: int = 0
     stuck_operations: int = 0
+    half_written_left: int = 0  # files or entries a failed operation left behind
     by_phase: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
