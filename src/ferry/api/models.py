@@ -266,6 +266,8 @@ class MoveRequest(BaseModel):
     downtime_limit_ms: int | None = Field(default=None, gt=0, le=600_000)
     # --network-map: the VM's network -> the destination's network for it.
     network_map: dict[str, str] = {}
+    # --postcopy: switch to post-copy after the first pass (a failed link loses the VM)
+    postcopy: bool = False
 
 
 class ExportRequest(BaseModel):

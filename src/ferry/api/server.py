@@ -364,6 +364,7 @@ class AgentApi:
             max_bandwidth=move.max_bandwidth,
             downtime_limit_ms=move.downtime_limit_ms,
             network_map=network_map,
+            postcopy=move.postcopy,
         )
         return _json(job.view(self.vms.config.name), status=202)
 

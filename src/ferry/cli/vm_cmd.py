@@ -433,6 +433,15 @@ def move(
         None, "--downtime-limit", help="Target downtime in ms at switch-over."
     ),
     network_map: list[str] = NetworkMapOpt,
+    postcopy: bool = typer.Option(
+        False,
+        "--postcopy",
+        help="After the first pass over memory, run the guest on the destination at once and "
+        "fetch the rest of its memory from the source on demand: always converges, shortest "
+        "pause. RISK: until the last page arrived the memory is split over both hosts; if the "
+        "link or either host fails then, the VM is lost. Without it, auto-converge slows a "
+        "guest that dirties memory faster than the link.",
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
     """Live-migrate a running VM to another host; the guest keeps running."""
@@ -446,6 +455,8 @@ def move(
     bandwidth = parse_size(max_bandwidth, what="bandwidth") if max_bandwidth else None
     if to is None and to_cluster is None:
         raise InvalidInputError("vm move needs --to HOST, or --to-cluster CLUSTER")
+    if postcopy and to_cluster is not None:
+        raise InvalidInputError("--postcopy is for moves between hosts, not --to-cluster")
     if volume is not None and to_cluster is None:
         raise InvalidInputError("--volume goes with --to-cluster (a move inside a cluster "
                                 "stays on the VM's volume)")  # fmt: skip
@@ -455,6 +466,8 @@ def move(
         body = {"to": to or "", "to_url": "", "storage": storage,
                 "max_bandwidth": bandwidth, "downtime_limit_ms": downtime_limit,
                 "network_map": networks}  # fmt: skip
+        if postcopy:
+            body["postcopy"] = True
         if to_cluster is not None:  # the VM's owner finds the node and its URL in the store
             body.update(to_cluster=to_cluster, volume=volume)
         elif to is not None:

@@ -54,6 +54,7 @@ class PrepareRequest(_Model):
     # A copy into another cluster: the destination's volume whose ``<uuid>/`` dir holds
     # the copied disks, kernel and initrd (so every node there can start the VM).
     into_volume: str | None = None
+    postcopy: bool = False  # the source may switch to post-copy (both QEMUs need it)
 
 
 class PrepareReply(_Model):
@@ -78,6 +79,14 @@ class LaunchReply(_Model):
 class IncomingOutcome(_Model):
     state: IncomingState
     error: str | None = None
+    # The destination's clock when it answered (seconds since the epoch): the
+    # source estimates the clock offset from it (ferry.core.pause).
+    clock: float | None = None
+    # Once resumed, on the destination's clock: its incoming side settled
+    # (loaded), and its QEMU's RESUME event (vCPUs running).
+    loaded_at: float | None = None
+    resumed_at: float | None = None
+    loaded_status: str | None = None  # 'completed', or 'postcopy-active' (post-copy)
 
 
 CHECK = Route("POST", "/v1/peer/migrations/check", CheckRequest, CheckReply)

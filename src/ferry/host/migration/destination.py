@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from ferry.adapters import qemu_img
 from ferry.adapters.firmware import check_firmware_here
 from ferry.adapters.migration import MigrationStatus
 from ferry.adapters.migration import incoming as qemu_incoming
+from ferry.adapters.migration.run_state import run_state_events
 from ferry.adapters.pki import CertInfo, Role, qemu_dn
 from ferry.core import log_context
 from ferry.core.cpu_models import check_cpu
@@ -56,6 +58,8 @@ from ferry.peer.server import Call, PeerServer
 
 log = logging.getLogger(__name__)
 
+RESUME_WAIT_S = 5.0  # post-copy: QEMU starts the vCPUs once the device state is in
+RESUME_EVENT_S = 0.5  # pre-copy: the RESUME event comes with 'cont' (this is a margin)
 CALLED_OFF_KEPT = 256  # aborts of moves not prepared yet, remembered to refuse their prepare
 
 
@@ -117,7 +121,10 @@ class MoveDestination:
 
     @staticmethod
     def _outcome(job: Job) -> wire.IncomingOutcome:
-        return wire.IncomingOutcome(state=IncomingState(job.state), error=job.detail.get("error"))
+        return wire.IncomingOutcome(state=IncomingState(job.state), error=job.detail.get("error"),
+                                    clock=time.time(), loaded_at=job.detail.get("loaded_at"),
+                                    resumed_at=job.detail.get("resumed_at"),
+                                    loaded_status=job.detail.get("loaded_status"))  # fmt: skip
 
     # -- the source's calls, in order ---------------------------------------------
 
@@ -189,6 +196,7 @@ class MoveDestination:
         job = self.jobs.adopt(request.job_id, INCOMING, spec.uuid, spec.name,
                               IncomingState.RECEIVING.value, source=caller.common_name,
                               source_dn=qemu_dn(caller), storage=storage.value,
+                              postcopy=request.postcopy,
                               # a takeover of the VM's replication must come with it
                               source_thumbprint=caller.thumbprint)  # fmt: skip
         vm_dir = self.vms.vm_dir(spec.uuid)
@@ -260,6 +268,7 @@ class MoveDestination:
                 tls_dir=self.config.tls_dir if tls else None,
                 source_dn=job.detail["source_dn"],
                 disks=len(record.spec.disks) if copy else 0,
+                postcopy=bool(job.detail.get("postcopy")),
             )
         except BaseException as exc:
             await self.abort_incoming(job, f"launch failed: {exc}")
@@ -278,12 +287,25 @@ class MoveDestination:
         async with self.vms.lock(record.uuid):
             try:
                 channel = self.vms.channel(record)
-                status = await qemu_incoming.settled(channel)
-                if status is not MigrationStatus.COMPLETED:
-                    raise MoveFailedError(f"the incoming migration is {status}, not completed")
-                self.vms.exit_hooks.pop(record.uuid, None)
                 copied = job.detail["storage"] == Storage.COPY and bool(record.spec.disks)
-                await qemu_incoming.resume(channel, nbd=copied, announce=bool(record.spec.nics))
+                with run_state_events(channel) as run_state:
+                    # The source may ask before its last pages went (it does, unless a
+                    # switch guard acts between): QEMU runs the guest once it loaded them.
+                    await qemu_incoming.autostart(channel)
+                    status = await qemu_incoming.settled(channel)
+                    if status not in qemu_incoming.RUNNABLE:
+                        raise MoveFailedError(f"the incoming migration is {status}, not completed")
+                    loaded_at = time.time()
+                    self.vms.exit_hooks.pop(record.uuid, None)
+                    postcopy = status is MigrationStatus.POSTCOPY_ACTIVE
+                    resumed_at = await run_state.first_resume(
+                        RESUME_WAIT_S if postcopy else RESUME_EVENT_S
+                    )
+                    await qemu_incoming.resume(channel, nbd=copied,
+                                               announce=bool(record.spec.nics))  # fmt: skip
+                    resumed_at = resumed_at or await run_state.first_resume(RESUME_EVENT_S)
+                self.jobs.update(job, loaded_at=loaded_at, resumed_at=resumed_at,
+                                 loaded_status=status.value)  # fmt: skip
                 self.vms.apply(record, VmOp.ARRIVED)
             except FerryError as exc:
                 words = self.vms.last_words(record.uuid)
@@ -293,7 +315,7 @@ class MoveDestination:
             self._step(job, IncomingOp.RESUME)
         self._turns.pop(job.id, None)
         log.getChild(record.name).info("arrived from %s; running here", job.detail["source"])
-        return wire.IncomingOutcome(state=IncomingState(job.state))
+        return self._outcome(job)
 
     async def status(self, call: Call[NoBody]) -> wire.IncomingOutcome:
         return self._outcome(self._incoming(call.params["id"], call.caller))

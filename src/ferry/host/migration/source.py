@@ -29,6 +29,8 @@ from ferry.adapters.migration import (
     MirrorProgress,
     OutgoingMigration,
 )
+from ferry.adapters.migration.convergence import Convergence
+from ferry.adapters.migration.run_state import run_state_events
 from ferry.core import log_context, vmstate
 from ferry.core.migration import (
     IncomingState,
@@ -53,6 +55,14 @@ from ferry.errors import (
 )
 from ferry.host.jobs import Job, JobRegistry
 from ferry.host.migration.attempt import KERNEL_FILES, MOVE, MoveAttempt
+from ferry.host.migration.pause import (
+    COMPLETED,
+    CONTINUED,
+    MIRRORS_DONE,
+    STOPPED,
+    PauseMarks,
+    measure_offset,
+)
 from ferry.host.vms.service import VmService
 from ferry.peer import migration as wire
 from ferry.peer.client import Connector, PeerClient
@@ -116,6 +126,7 @@ class MoveSource:
         self.observer: MoveObserver | None = None
         self.switch_guard: SwitchGuard | None = None
         self._slots = asyncio.Semaphore(self.config.max_live_migrations)
+        self.arrival: dict[str, wire.IncomingOutcome] = {}  # move -> the destination's last word
 
     @property
     def host(self) -> str:
@@ -162,6 +173,7 @@ class MoveSource:
         max_bandwidth: int | None,
         downtime_limit_ms: int | None,
         network_map: Mapping[str, str] | None = None,
+        postcopy: bool = False,
     ) -> Job:
         record = self._movable(name, to)
         bandwidth = self.config.migration_max_bandwidth if max_bandwidth is None else max_bandwidth
@@ -171,6 +183,7 @@ class MoveSource:
             phase_started={Phase.QUEUED.value: time.time()},
             max_bandwidth=bandwidth, downtime_limit_ms=downtime_limit_ms,
             network_map=dict(network_map or {}), progress={}, result=None, error=None,
+            postcopy=postcopy,
         )  # fmt: skip
         # Its log lines carry the VM, the job (the same id on the destination) and the peer.
         work = log_context.bound(self._run_move(job), vm=job.vm_name, vm_uuid=job.vm_uuid,
@@ -242,24 +255,34 @@ class MoveSource:
         record, storage, launched = await self._prepare(attempt, peer)
         qemu = attempt.qemu = OutgoingMigration(self.vms.channel(record), tag=job.id,
                                                 target=attempt.target)  # fmt: skip
+        postcopy = bool(job.detail.get("postcopy"))
         await qemu.configure(tls_dir=self.config.tls_dir if launched.tls else None,
                              max_bandwidth=job.detail["max_bandwidth"],
-                             downtime_limit_ms=job.detail.get("downtime_limit_ms"))  # fmt: skip
-        with qemu.listening():
+                             downtime_limit_ms=job.detail.get("downtime_limit_ms"),
+                             convergence=Convergence(postcopy=postcopy))  # fmt: skip
+        marks = PauseMarks(offset=await measure_offset(peer, job.id))
+        with qemu.listening(), run_state_events(qemu.channel) as run_state:
             if storage is Storage.COPY and record.spec.disks:
                 sizes = [disk.size for disk in record.spec.disks]
                 await self._copy_disks(job, qemu, peer, launched.nbd, sizes)
-            await self._copy_memory(job, qemu, peer, launched.uri)
-            info, resume_ms = await self._switch_over(attempt, qemu, peer, record, storage)
+            await self._copy_memory(job, qemu, peer, launched.uri, marks)
+            if (stopped := await run_state.last_stop()) is not None:
+                marks.note(STOPPED, stopped)
+            info, resume_ms = await self._switch_over(attempt, qemu, peer, record, storage,
+                                                      marks)  # fmt: skip
         total_s = round(time.monotonic() - attempt.started, 3)
         entered = job.detail["phase_started"]
         disk_s = (entered[Phase.COPYING_MEMORY] - entered[Phase.COPYING_DISKS]
                   if Phase.COPYING_DISKS in entered else 0.0)  # fmt: skip
         memory_s = time.time() - entered[Phase.COPYING_MEMORY]
+        copied = storage is Storage.COPY and bool(record.spec.disks)
         self.end(job, Phase.DONE, result={"result": "ok", "host": attempt.target,
-                 "total_s": total_s, "downtime_ms": info.downtime_ms,
+                 "total_s": total_s, **marks.result(qemu_downtime_ms=info.downtime_ms,
+                                                   postcopy_bytes=info.postcopy_bytes),
                  "resume_ms": resume_ms,
                  "storage": storage.value, "disk_copy_s": round(disk_s, 3),
+                 "disk_bytes": (job.detail.get("progress") or {}).get("disk_bytes", 0)
+                 if copied else 0, "memory_bytes": info.ram_transferred,
                  "memory_copy_s": round(memory_s, 3),
                  **(job.detail.get("result_extra") or {})})  # fmt: skip
 
@@ -278,7 +301,8 @@ class MoveSource:
         attempt.peer = peer  # from here on, a failure tells the destination to clean up
         prepared = await peer.call(wire.PREPARE, wire.PrepareRequest(
             job_id=job.id, spec=spec, storage=Storage(job.detail["storage"]),
-            disk_volumes=locations, into_volume=job.detail.get("into_volume")))  # fmt: skip
+            disk_volumes=locations, postcopy=bool(job.detail.get("postcopy")),
+            into_volume=job.detail.get("into_volume")))  # fmt: skip
         storage = attempt.storage = prepared.storage
         self.jobs.update(job, storage=storage.value)
         await self._send_files(peer, job.id, spec)
@@ -300,33 +324,67 @@ class MoveSource:
         await qemu.wait_mirrors_ready(self._disk_progress(job), PeerWatch(peer, job.id).check)
 
     async def _copy_memory(
-        self, job: Job, qemu: OutgoingMigration, peer: PeerClient, uri: str
+        self, job: Job, qemu: OutgoingMigration, peer: PeerClient, uri: str, marks: PauseMarks
     ) -> None:
         """``copying-memory``: stream the memory until QEMU pauses before switching over."""
         self.phase(job, Phase.COPYING_MEMORY)
         await qemu.migrate(uri)
+        watch = PeerWatch(peer, job.id)
+        if job.detail.get("postcopy"):
+            marks.postcopy = await qemu.start_postcopy(self._memory_progress(job), watch.check)
         await qemu.wait_for(MigrationStatus.PRE_SWITCHOVER, self._memory_progress(job),
-                            PeerWatch(peer, job.id).check)  # fmt: skip
+                            watch.check)  # fmt: skip
+        marks.heard_paused = time.time()
 
     async def _switch_over(self, attempt: MoveAttempt, qemu: OutgoingMigration,
-                           peer: PeerClient, record: VmRecord,
-                           storage: Storage) -> tuple[MigrationInfo, int]:  # fmt: skip
+                           peer: PeerClient, record: VmRecord, storage: Storage,
+                           marks: PauseMarks) -> tuple[MigrationInfo, int]:  # fmt: skip
         """``switching-over``: the last pages, then the destination resumes; never two copies.
 
         The point of no return: the source is paused with its last pages
-        unsent. Only once the destination says it runs the VM does the source
-        let go of it. Returns the stream's last state and how long after QEMU
-        completed the guest ran again (ms).
+        unsent. The mirrors complete side by side; then, unless a switch
+        guard (a clustered VM's owner) must act between, the destination is
+        asked to resume *before* the last pages go (``finish`` waits there
+        until its side has loaded the stream, then ``cont``s at once), which
+        saves a round trip of the pause. From that call on only the
+        destination's word decides: the source lets go of the VM only once
+        it says it runs it (and, in post-copy, once the last page went).
+        Returns the stream's last state and how long after QEMU completed
+        the guest ran again (ms, 0 if before).
         """
         job = attempt.job
         self.phase(job, Phase.SWITCHING_OVER)
-        info = await qemu.switch_over(self._memory_progress(job))
-        completed = time.monotonic()
+        progress = self._memory_progress(job)
+
+        def report(info: MigrationInfo) -> None:  # notes when the agent heard 'completed'
+            progress(info)
+            if info.status is MigrationStatus.COMPLETED and COMPLETED not in marks.local:
+                marks.note(COMPLETED)
+
+        if qemu.mirrors:
+            await qemu.complete_mirrors()
+            marks.note(MIRRORS_DONE)
         guard = self.switch_guard
-        if guard is not None:  # a failure here is undone like any before the finish
-            await guard.before_switch(job.vm_uuid, attempt.target, job.id)
-        attempt.finish_called = True
-        outcome, why = await self.outcome(job, peer, finish=True)
+        finishing: asyncio.Task[tuple[IncomingState, str | None]] | None = None
+        if guard is None:
+            attempt.finish_called = True
+            finishing = asyncio.create_task(self.outcome(job, peer, finish=True))
+        marks.note(CONTINUED)
+        source_error: FerryError | None = None
+        try:
+            info = await qemu.continue_switch_over(report)
+        except FerryError as exc:
+            if finishing is None:
+                raise
+            source_error, info = exc, MigrationInfo(MigrationStatus.FAILED)
+        completed = time.monotonic()
+        if finishing is None:
+            assert guard is not None
+            await guard.before_switch(job.vm_uuid, attempt.target, job.id)  # undone if it fails
+            attempt.finish_called = True
+            outcome, why = await self.outcome(job, peer, finish=True)
+        else:
+            outcome, why = await finishing
         if outcome is not IncomingState.DONE:  # the destination does not run it: take it back
             if guard is not None and not await guard.after_switch(
                     job.vm_uuid, attempt.target, job.id, resumed=False):  # fmt: skip
@@ -336,13 +394,20 @@ class MoveSource:
             await self.undo(attempt, f"destination could not resume: {why}")
             raise MoveFailedError(f"host {peer.name!r} could not resume the VM ({why}); it "
                                   f"runs on {self.host} again")  # fmt: skip
+        marks.arrived(self.arrival.pop(job.id, wire.IncomingOutcome(state=outcome)))
+        if source_error is not None and marks.postcopy:
+            raise MoveFailedError(
+                f"post-copy broke after the switch ({source_error}): VM "
+                f"{job.vm_name!r} runs on {peer.name!r} without all of its "
+                f"memory and is lost; its source QEMU stays on {self.host}"
+            )
         if guard is not None:  # the destination runs it: the owner settles there
             await guard.after_switch(job.vm_uuid, attempt.target, job.id, resumed=True)
         attempt.resumed_at = time.monotonic()
         await self.vms.forget(record, keep_disks=storage is Storage.SHARED)
         # QEMU's downtime ends when the source sent its last page; the guest
         # runs again once the destination resumed, this much later.
-        return info, round((attempt.resumed_at - completed) * 1000)
+        return info, max(0, round((attempt.resumed_at - completed) * 1000))
 
     async def _send_files(self, peer: PeerClient, job_id: str, spec: VmSpec) -> None:
         """The kernel and initrd a VM boots from travel ahead of it."""
@@ -395,6 +460,7 @@ class MoveSource:
                 route = wire.FINISH if finish else wire.STATUS
                 reply = await peer.call(route, id=job.id)
                 if reply.state in (IncomingState.DONE, IncomingState.ABORTED):
+                    self.arrival[job.id] = reply  # its marks, read by the switch-over
                     return reply.state, reply.error
             except ConnectionFailedError:
                 finish = False  # we cannot know whether it resumed: ask, do not repeat
