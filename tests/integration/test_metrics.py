@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import ssl
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -29,7 +29,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from ferry.adapters.pki import client_ssl_context
 from ferry.client.settings import load_settings
 from ferry.host.config import load_host_config
-from tests.conftest import LabEnv
+from tests.conftest import LabEnv, _run_in_process
+from tests.unit.test_metrics import dashboard_metric_names
 
 pytestmark = pytest.mark.integration
 
@@ -136,6 +137,12 @@ def test_metrics_over_admin_tls_and_loopback(lab_env: LabEnv, world: int) -> Non
     rss = value(one, "process_resident_memory_bytes")
     assert rss is not None and rss > 10 * 1024**2
 
+    # Every metric the Grafana dashboard queries is a family this real agent declares.
+    declared = set(re.findall(r"^# TYPE (\S+) ", one, re.MULTILINE))
+    for name in dashboard_metric_names():
+        family = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert name in declared or family in declared, f"the dashboard uses {name}"
+
     # host-2, the replica host and the move's destination.
     points = value(two, "ferry_replication_recovery_points", vm=REPLICATED)
     assert points is not None and points >= 1, points
@@ -165,9 +172,9 @@ def test_a_non_loopback_metrics_listen_stops_the_agent(lab_env: LabEnv, tmp_path
     settings.update(metrics_listen="0.0.0.0:9464", data_dir=str(tmp_path / "data"))
     config = tmp_path / "host.toml"
     config.write_text(tomli_w.dumps(settings))
-    done = subprocess.run([sys.executable, "-m", "ferry", "agent", "--config", str(config)],
-                          capture_output=True, text=True, timeout=60, check=False,
-                          stdin=subprocess.DEVNULL)  # fmt: skip
+    # In this process: the config is refused before the agent does anything (no
+    # lock, no port, no thread), so nothing can outlive the call.
+    done = _run_in_process(lab_env.home, ("agent", "--config", str(config)))
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
