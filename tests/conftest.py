@@ -334,6 +334,8 @@ MODULE_SECONDS = {
     # +40 s: a copy move with a 4 s disk phase (98 s at load 25, beside an 86 s move test)
     "integration/test_migration.py": 190,
     "integration/test_migration_cancel.py": 100,
+    # 2 hosts, 2 small guests moved (one with --postcopy at a 4 MiB/s cap): 101 s at load 5.
+    "integration/test_switchover.py": 110,
     "integration/test_guest_boot.py": 120,
     "integration/test_peer_authorisation.py": 80,
     "integration/test_migration_versions.py": 70,
