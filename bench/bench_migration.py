@@ -12,9 +12,19 @@ certificates, the same bandwidth cap. Scenarios:
   b. 1 GiB RAM, the guest dirtying 128 MiB continuously, shared storage
   c. shared-nothing: 4 GiB disk holding 1 GiB of data, 1 GiB RAM
 
-Prints total time and downtime (QEMU's own ``downtime``) for both and the
-ratios ferry / hand; for (c) also the disk copy throughput against
-``qemu-img convert`` of the same image in the same run. Numbers only.
+  e. as (b), shared-nothing (a 64 MiB local disk is mirrored first)
+  d. convergence: 1 GiB RAM dirtying 256 MiB against a 32 MiB/s cap (the
+     guest dirties faster than the link): ferry's default (auto-converge)
+     and ``--postcopy``; no hand-driven baseline (by hand it never converges)
+
+Prints the median total time and the median guest pause for both and the
+ratios ferry / hand. The pause is the honest one on both sides: the source
+QEMU's STOP event to the destination QEMU's RESUME event (ferry's
+``downtime_ms``; by hand from the same two events), with QEMU's own
+``downtime`` next to it, and ferry's per-phase breakdown of the pause
+(``pause_phases_ms`` medians); for (c) also the disk copy throughput against
+``qemu-img convert`` of the same image in the same run. ``--move-args``
+passes extra ``vm move`` options (e.g. ``--downtime-limit 100``). Numbers only.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
+from ferry.core.pause import event_time
 from ferry.core.spec import DiskSpec, RunContext, VmSpec, qemu_argv
 from ferry.guest.build import dirty_memory_param, ensure_guest
 from ferry.lab import Lab
@@ -65,12 +76,17 @@ def make_data_image(path: Path, size: str, data: str) -> None:
 # -- ferry -------------------------------------------------------------------
 
 
-def by_ferry(home: Path, lab: Lab, name: str, args: list[str], storage: str) -> dict[str, Any]:
+MOVE_ARGS: list[str] = []  # --move-args
+
+
+def by_ferry(home: Path, lab: Lab, name: str, args: list[str], storage: str,
+             move_args: tuple[str, ...] = ()) -> dict[str, Any]:  # fmt: skip
     ferry(home, "vm", "create", name, "--host", "host-1", "--guest", "test", *args, "--start")
     vm = json.loads(ferry(home, "vm", "show", name, "--json"))
     log = lab.root / "hosts" / "host-1" / "data" / "vms" / vm["uuid"] / "serial.log"
     wait_for(log, "seq 3")
-    lines = ferry(home, "vm", "move", name, "--to", "host-2", "--storage", storage, "--json")
+    lines = ferry(home, "vm", "move", name, "--to", "host-2", "--storage", storage, "--json",
+                  *MOVE_ARGS, *move_args)  # fmt: skip
     events = [json.loads(line) for line in lines.splitlines()]
     result: dict[str, Any] = events[-1]
     ferry(home, "vm", "delete", name, "--force")
@@ -202,6 +218,8 @@ async def by_hand(root: Path, lab: Lab, spec: VmSpec, copy: bool) -> dict[str, A
             while not all(j.get("ready") for j in await src.execute("query-block-jobs")):
                 await asyncio.sleep(0.05)
             disk_s = time.monotonic() - disk_started
+        src.events.clear()
+        dst.events.clear()
         await src.execute("migrate", {"uri": "tcp:127.0.0.1:10998"})
         while (await src.execute("query-migrate"))["status"] != "pre-switchover":
             await asyncio.sleep(0.01)
@@ -218,10 +236,15 @@ async def by_hand(root: Path, lab: Lab, spec: VmSpec, copy: bool) -> dict[str, A
         await dst.execute("cont")
         resume_ms = (time.monotonic() - completed) * 1000
         total = time.monotonic() - started
+        await asyncio.sleep(0.05)  # the RESUME event comes with cont's reply
+        stops = [event_time(dict(m)) for m in src.events.clear() if m["event"] == "STOP"]
+        resumes = [event_time(dict(m)) for m in dst.events.clear() if m["event"] == "RESUME"]
+        stopped, resumed = (stops or [None])[-1], (resumes or [None])[0]
+        pause_ms = (resumed - stopped) * 1000 if stopped and resumed else float("nan")
         await src.disconnect()
         await dst.disconnect()
-        return {"total_s": total, "downtime_ms": info.get("downtime", 0), "disk_s": disk_s,
-                "resume_ms": resume_ms}  # fmt: skip
+        return {"total_s": total, "qemu_downtime_ms": info.get("downtime", 0), "disk_s": disk_s,
+                "resume_ms": resume_ms, "downtime_ms": pause_ms}  # fmt: skip
     finally:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
@@ -235,19 +258,35 @@ def report(label: str, ferry_runs: list[dict[str, Any]], hand_runs: list[dict[st
         print("  hand: ", hand_runs)
     f_total = statistics.median(r["total_s"] for r in ferry_runs)
     h_total = statistics.median(r["total_s"] for r in hand_runs)
-    # Guest-visible pause: QEMU's downtime plus the time to resume the destination.
-    f_down = statistics.median(r["downtime_ms"] + r["resume_ms"] for r in ferry_runs)
-    h_down = statistics.median(r["downtime_ms"] + r["resume_ms"] for r in hand_runs)
-    print(f"{label}: total ferry {f_total:.2f}s / hand {h_total:.2f}s = {f_total / h_total:.2f}x; "
-          f"downtime ferry {f_down:.0f}ms / hand {h_down:.0f}ms = "
-          f"{(f_down / h_down) if h_down else float('nan'):.2f}x")  # fmt: skip
+    # The guest's pause (STOP -> RESUME events) on both sides; QEMU's own figure beside it.
+    f_down = statistics.median(r["downtime_ms"] for r in ferry_runs)
+    h_down = statistics.median(r["downtime_ms"] for r in hand_runs)
+    ratio = (f_down / h_down) if h_down else float("nan")
+    f_qemu = statistics.median(r["qemu_downtime_ms"] for r in ferry_runs)
+    h_qemu = statistics.median(r["qemu_downtime_ms"] for r in hand_runs)
+    print(f"{label} ({len(ferry_runs)} moves each): total ferry {f_total:.2f}s / hand "
+          f"{h_total:.2f}s = {f_total / h_total:.2f}x; pause (STOP->RESUME) median ferry "
+          f"{f_down:.0f}ms / hand {h_down:.0f}ms = {ratio:.2f}x"
+          f" (all ferry: {sorted(r['downtime_ms'] for r in ferry_runs)}); QEMU's downtime "
+          f"ferry {f_qemu:.0f}ms / hand {h_qemu:.0f}ms")  # fmt: skip
+    phases(ferry_runs)
+
+
+def phases(ferry_runs: list[dict[str, Any]]) -> None:
+    """Median of each phase of ferry's pause (pause_phases_ms)."""
+    names = list(ferry_runs[0].get("pause_phases_ms") or {})
+    medians = {n: statistics.median(r["pause_phases_ms"].get(n, 0) for r in ferry_runs)
+               for n in names}  # fmt: skip
+    print("   pause phases (median ms): " + ", ".join(f"{n} {v:.0f}" for n, v in medians.items()))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--only", choices=["a", "b", "c"], default=None)
+    parser.add_argument("--only", choices=["a", "b", "c", "d", "e"], default=None)
+    parser.add_argument("--move-args", default="", help="extra vm move options, one string")
     args = parser.parse_args()
+    MOVE_ARGS.extend(args.move_args.split())
     with tempfile.TemporaryDirectory(prefix="ferry-bench-mig-") as tmp:
         root = Path(tmp)
         home = root / "home"
@@ -265,6 +304,9 @@ def main() -> None:
                 "b": ("b. 1 GiB RAM dirtying 128 MiB, shared", ["--memory", "1G", "--disk",
                       "64M", "--volume", "shared", "--append", dirty_memory_param(128 * 1024**2)],
                       "shared", f"{guest.append} {dirty_memory_param(128 * 1024**2)}"),
+                "e": ("e. 1 GiB RAM dirtying 128 MiB, copy (64 MiB disk)", ["--memory", "1G",
+                      "--disk", "64M", "--append", dirty_memory_param(128 * 1024**2)],
+                      "copy", f"{guest.append} {dirty_memory_param(128 * 1024**2)}"),
             }  # fmt: skip
             for key, (label, create, storage, append) in scenarios.items():
                 if args.only not in (None, key):
@@ -272,15 +314,16 @@ def main() -> None:
                 ferry_runs, hand_runs = [], []
                 for run in range(args.runs):
                     ferry_runs.append(by_ferry(home, lab, f"bench-{key}{run}", create, storage))
-                    disk = shared / f"hand-{key}{run}.qcow2"
+                    disk = (shared if storage == "shared" else root) / f"hand-{key}{run}.qcow2"
                     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"],
                                    check=True)  # fmt: skip
                     spec = VmSpec(name=f"hand-{key}{run}", config_version=3, memory=GiB,
                                   disks=(DiskSpec(path=str(disk), size=64 * 1024**2,
-                                                  direct=True),),
+                                                  direct=storage == "shared"),),
                                   kernel=str(guest.kernel), initrd=str(guest.initrd),
                                   append=append)  # fmt: skip
-                    hand_runs.append(asyncio.run(by_hand(root, lab, spec, copy=False)))
+                    hand_runs.append(asyncio.run(by_hand(root, lab, spec,
+                                                         copy=storage == "copy")))  # fmt: skip
                     disk.unlink()
                 report(label, ferry_runs, hand_runs)
 
@@ -324,8 +367,26 @@ def main() -> None:
                       f"({hand_disk:.2f}s); qemu-img convert {GiB / convert_s / 1024**2:.0f} MiB/s "
                       f"({convert_s:.2f}s); ratio convert/mirror time "
                       f"{convert_s / hand_disk:.2f}")  # fmt: skip
+            if args.only == "d":  # not in the default set: it moves slowly on purpose
+                converge(home, lab, args.runs)
         finally:
             lab.down()
+
+
+def converge(home: Path, lab: Lab, runs: int) -> None:
+    """d. a guest dirtying memory faster than a capped link: auto-converge, then --postcopy."""
+    create = ["--memory", "1G", "--disk", "64M", "--volume", "shared", "--append",
+              dirty_memory_param(256 * 1024**2)]  # fmt: skip
+    for label, extra in (("auto-converge", ()), ("postcopy", ("--postcopy",))):
+        results = [by_ferry(home, lab, f"bench-d{label[:4]}{run}", create, "shared",
+                            ("--max-bandwidth", "32M", *extra)) for run in range(runs)]  # fmt: skip
+        totals = sorted(r["total_s"] for r in results)
+        downs = sorted(r["downtime_ms"] for r in results)
+        print(f"d. 1 GiB dirtying 256 MiB at a 32 MiB/s cap, {label}: all moved; total "
+              f"{statistics.median(totals):.1f}s {totals}, pause (STOP->RESUME) median "
+              f"{statistics.median(downs):.0f}ms {downs}, postcopy "
+              f"{[r.get('postcopy') for r in results]}")  # fmt: skip
+        phases(results)
 
 
 if __name__ == "__main__":
