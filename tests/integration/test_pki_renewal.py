@@ -62,7 +62,7 @@ def world(lab_env: LabEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         "--allow", "host-1")  # fmt: skip
     cli("vm", "create", VM, "--host", "host-1", "--guest", "test", "--memory", "96M",
         "--disk", "32M", "--start")  # fmt: skip
-    lab_env.wait_console(VM, lambda t: "seq " in t)
+    lab_env.wait_console(VM, lambda t: "seq " in t, timeout=240)  # slow under load
     cli("replication", "enable", VM, "--replica", "host-2", "--frequency", "15m")
     try:
         yield {"ca": str(lab_env.lab.ca_dir), "tmp": tmp_path_factory.mktemp("certs")}
