@@ -351,6 +351,11 @@ MODULE_SECONDS = {
     # One 2-host lab: doctor (healthy, missing bridge, short-lived cert), a JSON-logged move.
     "integration/test_operations.py": 80,
     "integration/test_agent_service.py": 25,
+    # Fault suites, short form (tests/faults), measured at load 20 to 30.
+    "faults/test_kill_ops.py": 300,
+    "faults/test_kill_move.py": 200,
+    "faults/test_disk_full.py": 190,
+    "faults/test_stream_faults.py": 180,
 }
 UNLISTED_S = 100
 UNIT_S = 5
