@@ -314,6 +314,8 @@ MODULE_SECONDS = {
     # Ten TCG boots, eight through OVMF and its shell: 6 tests in 267 s at load 5 (691 s at 14).
     "integration/test_firmware.py": 270,
     "integration/test_cluster_ha.py": 330,
+    # Two clusters of two nodes, three TCG boots, two node crashes: 470 s at load 25-33.
+    "integration/test_cluster_crossing.py": 470,
     "integration/test_replication.py": 300,
     "integration/test_failover.py": 300,
     "integration/test_network_moves.py": 320,
