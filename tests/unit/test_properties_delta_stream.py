@@ -12,7 +12,7 @@ from __future__ import annotations
 from uuid import UUID
 
 import zstandard
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from ferry.core.delta_stream import (
@@ -25,10 +25,9 @@ from ferry.core.delta_stream import (
     encode_frame,
 )
 from ferry.errors import DeltaCorruptError, VersionError
+from tests.unit.strategies import fast
 
-FAST = settings(
-    max_examples=50, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
-)
+FAST = fast(50)
 VM = UUID("6b3b3f0e-2d39-4a2b-9a53-0d5a8f1c2e11")
 OWN_ERRORS = (DeltaCorruptError, VersionError)
 

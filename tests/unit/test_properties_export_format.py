@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from ferry.core.export_format import (
@@ -23,22 +23,16 @@ from ferry.core.export_format import (
     parse_vm,
 )
 from ferry.errors import InvalidInputError
+from tests.unit.strategies import fast, json_values
 
-FAST = settings(max_examples=50, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+FAST = fast(50)
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False)
-    | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                  max_size=4),
-    max_leaves=12,
-)  # fmt: skip
 names = st.one_of(
     st.text(max_size=12),
     st.sampled_from(["disk0.qcow2", "vm.json", "../etc", "a/b", ".hidden", "..", ".", "a..b",
                      "kernel", "x" * 200, "disk0.qcow2\n", "C:\\x"]),
 )  # fmt: skip
+
 SHA = "0" * 64
 
 

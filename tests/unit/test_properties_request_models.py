@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
@@ -30,9 +30,9 @@ from ferry.api.edge import read_body
 from ferry.errors import FerryError
 from ferry.peer.routes import NoBody, Route, Upload
 from ferry.peer.server import PeerServer
+from tests.unit.strategies import fast, json_values
 
-FAST = settings(max_examples=25, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+FAST = fast(25)
 _READ = re.compile(r"(?:read_body|_body)\(\s*request,\s*([A-Z]\w+)\s*\)")
 
 
@@ -80,13 +80,6 @@ def test_the_models_are_found() -> None:
     assert "POST /v1/peer/migrations" in PEER
 
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False)
-    | st.text(max_size=16),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
-                                                                  max_size=3),
-    max_leaves=10,
-)  # fmt: skip
 plausible = st.sampled_from([
     "vm1", "host-1", "lab", "1G", "256M", "30s", "5m", "-1", "0", "../etc/passwd", "/tmp/x",
     "a" * 300, "vm1\n", "", "02:00:00:00:00:01", "lab=prod", "=", "https://127.0.0.1:1",
