@@ -64,7 +64,7 @@ def guest(lab_env: LabEnv, storage: Path, proxy: FaultProxy) -> Iterator[str]:
     cli = lab_env.cli
     cli("vm", "create", VM, "--host", "host-1", "--guest", "test", "--memory", "128M",
         "--disk", "64M", "--start")  # fmt: skip
-    lab_env.wait_console(VM, lambda t: t.count("seq ") >= 2)
+    lab_env.wait_console(VM, lambda t: t.count("seq ") >= 2, timeout=240)
     settings = load_settings(lab_env.home)
     direct = settings.hosts["host-2"].url
     settings.hosts["host-2"].url = f"https://{proxy.url_host}"
