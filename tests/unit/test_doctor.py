@@ -94,8 +94,11 @@ def test_bridge_and_etcd() -> None:
     assert down.status is Status.FAIL and "fence" in down.detail
 
 
-def _sample(offset: float, rtt: float = 0.01) -> ClockSample:
-    return ClockSample(before=1000.0, agent=1000.0 + rtt / 2 + offset, after=1000.0 + rtt)
+def _sample(offset: float, rtt: float = 0.01, work: float = 0.0) -> ClockSample:
+    """A round trip of ``rtt`` s on the network around ``work`` s in the agent."""
+    received = 1000.0 + rtt / 2 + offset
+    return ClockSample(before=1000.0, received=received, sent=received + work,
+                       after=1000.0 + rtt + work)  # fmt: skip
 
 
 def test_clock_skew_against_the_other_hosts() -> None:
@@ -113,6 +116,12 @@ def test_clock_round_trip_is_not_skew() -> None:
     # Two seconds apart, but the answer took three seconds: it may be no skew at all.
     slow = doctor.clock_checks({"a": _sample(0.0), "b": _sample(2.0, rtt=6.0), "c": _sample(0.0)})
     assert all(c.status is Status.OK for c in slow)
+    # An agent that worked 8 s on its answer (a slow QEMU probe) is not 4 s off.
+    busy = doctor.clock_checks({"a": _sample(0.0), "b": _sample(0.0, work=8.0)})
+    assert all(c.status is Status.OK for c in busy), busy
+    assert doctor.clock_checks({"a": _sample(0.0), "b": _sample(6.0, work=8.0)})[0].status is (
+        Status.WARN  # 6 s apart: each is 3 s from their median
+    )
     one = doctor.clock_checks({"a": _sample(1.5)})
     assert one[0].status is Status.WARN and "this client" in one[0].detail
     assert doctor.clock_checks({}) == []

@@ -1,8 +1,9 @@
 """``GET /v1/host/doctor``: this host's ``ferry doctor`` checks (admin certificate only).
 
-The reply is ``{"host", "time", "checks": [{"name", "status", "detail", "remedy",
-"host"}]}``; ``time`` is the agent's Unix time, which the client compares
-across hosts for the clock check. The work is :class:`ferry.host.doctor.HostDoctor`.
+The reply is ``{"host", "received", "time", "checks": [{"name", "status",
+"detail", "remedy", "host"}]}``; ``received`` and ``time`` are the agent's
+Unix times when the request came and when the answer left, which the client
+compares across hosts for the clock check. The work is :class:`ferry.host.doctor.HostDoctor`.
 """
 
 from __future__ import annotations

@@ -29,7 +29,9 @@ async def _ask(fleet: Fleet, host: str) -> tuple[list[Check], ClockSample | None
         return [doctor.unreachable_check(host, str(exc))], None
     after = time.time()
     checks = [Check.from_json(raw) for raw in reply["checks"]]
-    return checks, ClockSample(before=before, agent=float(reply["time"]), after=after)
+    sent = float(reply["time"])
+    received = float(reply.get("received", sent))
+    return checks, ClockSample(before=before, received=received, sent=sent, after=after)
 
 
 def _admin_cert(fleet: Fleet) -> Check:

@@ -237,24 +237,28 @@ _WHY_CLOCKS = ("recovery point times, replication lag/RPO and cluster lease and 
 
 @dataclass(frozen=True)
 class ClockSample:
-    """One host's clock as the client saw it, as Unix times.
+    """One host's clock as the client saw it, as Unix times (NTP's four timestamps).
 
-    The client sent at ``before`` and had the answer at ``after`` (its clock);
-    the agent said ``agent`` (its clock).
+    The client sent at ``before`` and had the answer at ``after`` (its
+    clock); the agent got the request at ``received`` and answered at
+    ``sent`` (its clock). The agent's work in between (a QEMU probe may take
+    seconds on a loaded host) is neither skew nor uncertainty.
     """
 
     before: float
-    agent: float
+    received: float
+    sent: float
     after: float
 
     @property
     def offset(self) -> float:
-        """The agent's clock less the client's, at the middle of the round trip."""
-        return self.agent - (self.before + self.after) / 2
+        """The agent's clock less the client's (NTP's offset)."""
+        return ((self.received - self.before) + (self.sent - self.after)) / 2
 
     @property
     def uncertainty(self) -> float:
-        return (self.after - self.before) / 2
+        """Half the time on the network: the offset is right to within this."""
+        return max(0.0, (self.after - self.before) - (self.sent - self.received)) / 2
 
 
 def clock_checks(samples: Mapping[str, ClockSample]) -> list[Check]:

@@ -90,11 +90,15 @@ class HostDoctor:
         self._features: dict[str, QemuFeatures] = {}  # by QEMU version
 
     async def report(self) -> dict[str, Any]:
-        """``{"host", "time", "checks": [...]}``: ``time`` is this host's clock, for the client."""
+        """``{"host", "received", "time", "checks": [...]}``: this host's clock for the client.
+
+        ``received`` is when the request came, ``time`` when the answer goes.
+        """
+        received = time.time()
         checks = [*await self._qemu(), self._kvm(), *self._certs(), *await self._space(),
                   *await self._bridges(), *await self._etcd()]  # fmt: skip
         checks = [Check(c.name, c.status, c.detail, c.remedy, self.config.name) for c in checks]
-        return {"host": self.config.name, "time": time.time(),
+        return {"host": self.config.name, "received": received, "time": time.time(),
                 "checks": [c.to_json() for c in checks]}  # fmt: skip
 
     async def _qemu(self) -> list[Check]:
