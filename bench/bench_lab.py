@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from ferry.guest.build import default_cache_dir, ensure_guest
 from ferry.lab import Lab
@@ -27,7 +28,8 @@ def ferry(home: Path, *args: str) -> str:
 
 
 @contextmanager
-def bench_lab(prefix: str, hosts: int = 2) -> Iterator[tuple[Path, Lab]]:
+def bench_lab(prefix: str, hosts: int = 2, **up: Any) -> Iterator[tuple[Path, Lab]]:
+    """``up``: more of ``Lab.up``'s keywords (``clusters=``, ``lease_ttl_s=``)."""
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         root = Path(tmp)
         home = root / "home"
@@ -37,7 +39,7 @@ def bench_lab(prefix: str, hosts: int = 2) -> Iterator[tuple[Path, Lab]]:
         ensure_guest(cache)
         lab = Lab(root / "lab")
         try:
-            lab.up(hosts)
+            lab.up(hosts, **up)
             yield home, lab
         finally:
             lab.down()
