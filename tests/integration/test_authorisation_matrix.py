@@ -397,6 +397,7 @@ def test_authorisation_matrix(lab_env: LabEnv, world: dict[str, Any]) -> None:
         finally:
             for transport in transports.values():
                 await transport.close()
+            await asyncio.sleep(0.25)  # let TLS transports the agents closed finish closing
 
     asyncio.run(run_all())
     wrong = {f"{caller} {m} {p}": (results[caller, (m, p)], expected)

@@ -49,6 +49,7 @@ def _call(lab_env: LabEnv, index: int, tls_dir: Path, path: str) -> tuple[int, A
             reply = await transport.request("GET", path)
         finally:
             await transport.close()
+            await asyncio.sleep(0.25)  # let TLS transports the agent closed finish closing
         return reply.status, reply.payload, reply.thumbprint
 
     return asyncio.run(go())
