@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,6 +85,14 @@ def move_job(env: LabEnv, host: str, uuid: str, known: set[str]) -> dict[str, ob
     return new[-1] if new else None
 
 
+def log_phase(log: Path, start: int, job_id: str) -> str:
+    """The newest phase the source agent logged for move ``job_id`` (``move ID: PHASE``)."""
+    with log.open("rb") as handle:
+        handle.seek(start)
+        found = re.findall(rf"move {job_id}: ([a-z-]+)".encode(), handle.read())
+    return found[-1].decode() if found else ""
+
+
 def kill(env: LabEnv, victim: str, source: str, dest: str, uuid: str) -> bool:
     host = source if victim.startswith("source") else dest
     if victim.endswith("agent"):
@@ -147,14 +156,22 @@ def one_run(env: LabEnv, tally: Tally, victim: str, phase: str) -> None:
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              stdin=subprocess.DEVNULL)  # fmt: skip
     seen = "ended-before-kill"
-    durable = 0
     try:
         deadline = time.monotonic() + 120
+        log = env.lab.host_named(source).log_path
+        log_from = log.stat().st_size
+        job_id = ""
+        durable = printed_seq(env, VM)  # refreshed while the move copies
         while mover.poll() is None and time.monotonic() < deadline:
-            job = move_job(env, source, uuid, known)
-            now = str(job["phase"]) if job else ""
-            if now in PHASES and PHASES.index(now) >= PHASES.index(phase):
+            if not job_id:  # the API names the job; its log lines then say each phase at once
+                job = move_job(env, source, uuid, known)
+                job_id = str(job["id"]) if job else ""
+                now = str(job["phase"]) if job else ""
+            else:
+                now = log_phase(log, log_from, job_id)
+            if now in PHASES and PHASES.index(now) < PHASES.index(phase) - 1:
                 durable = printed_seq(env, VM)
+            if now in PHASES and PHASES.index(now) >= PHASES.index(phase):
                 if kill(env, victim, source, dest, uuid):
                     seen = now
                 break
