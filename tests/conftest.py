@@ -317,7 +317,7 @@ MODULE_SECONDS = {
     # Two clusters of two nodes, three TCG boots, two node crashes: 470 s at load 25-33.
     "integration/test_cluster_crossing.py": 470,
     "integration/test_replication.py": 300,
-    # One TCG guest replicated every 5 s for 75 s: 300 s at load 25-30 (boot 174 s of it).
+    # One TCG guest replicated every 5 s for 75 s: 240 s at load 16-22 (its boot 100 s of it).
     "integration/test_continuous_replication.py": 130,
     "integration/test_failover.py": 300,
     "integration/test_network_moves.py": 320,
