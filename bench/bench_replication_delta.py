@@ -274,6 +274,9 @@ def run_https(cycles: int, root: Path) -> None:
                      key=lambda p: int(p.name[1:].split("-")[0]))  # fmt: skip
         same = subprocess.run(["qemu-img", "compare", "-U", str(latest), str(disk)],
                               capture_output=True).returncode == 0  # fmt: skip
+        log = (lab.root / "hosts" / "host-2" / "agent.log").read_text(errors="replace")
+        replica_side = [line.split(": ", 1)[-1] for line in log.splitlines()
+                        if "linked recovery point" in line][-cycles - 1 : -1]  # fmt: skip
     finally:
         lab.down()
 
@@ -296,6 +299,8 @@ def run_https(cycles: int, root: Path) -> None:
     print(f"  bytes sent {med('bytes') / MiB:.1f} MiB; / changed 64 MiB = "
           f"{med('bytes') / (64 * MiB):.3f} (goal <= 1.05)")  # fmt: skip
     print(f"  replica latest point == primary disk (paused, after a last sync): {same}")
+    for line in replica_side:
+        print(f"  replica: {line}")
     assert same, "the replica differs from the primary"
 
 
