@@ -23,6 +23,7 @@ enter, in the adapter that met them, with ``raise ... from exc``.
      +-- QemuError                  qemu              QEMU failed to start or answer
      +-- CatalogError               catalog           the SQLite catalog failed
      +-- StorageError               storage           a file or dir cannot be read/written
+     |    +-- StorageFullError      storage-full      its file system is full (ENOSPC, EDQUOT)
      +-- GuestBuildError            guest-build       the test guest cannot be built/read
      +-- ConfigError                config            a config file is missing or invalid
      +-- DeltaCorruptError          delta-corrupt     a replication delta arrived damaged
@@ -180,6 +181,12 @@ class StorageError(FerryError):
         self.path = path
 
 
+class StorageFullError(StorageError):
+    """No space (or quota) left where ``path`` is written; the message says how much is free."""
+
+    code = "storage-full"
+
+
 class GuestBuildError(FerryError):
     code = "guest-build"
     http_status = 500
@@ -290,6 +297,7 @@ _BY_CODE: dict[str, type[FerryError]] = {
         QemuError,
         CatalogError,
         StorageError,
+        StorageFullError,
         GuestBuildError,
         ConfigError,
         DeltaCorruptError,

@@ -22,11 +22,11 @@ def test_a_missing_file_is_not_found() -> None:
 
 
 def test_any_other_os_error_is_a_storage_error_with_the_path() -> None:
-    exc = OSError(errno.ENOSPC, "No space left on device", "/r/p.partial")
+    exc = OSError(errno.EIO, "Input/output error", "/r/p.partial")
     error = os_error("cannot write recovery point file /r/p.partial", exc)
     assert isinstance(error, StorageError)
     assert error.path == "/r/p.partial"
-    assert str(error) == "cannot write recovery point file /r/p.partial: No space left on device"
+    assert str(error) == "cannot write recovery point file /r/p.partial: Input/output error"
 
 
 def test_the_context_manager_chains_the_cause() -> None:

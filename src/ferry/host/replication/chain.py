@@ -27,6 +27,7 @@ from typing import Any
 from ferry.adapters import block_hashes, qemu_img
 from ferry.adapters.catalog import Catalog, VmRecord
 from ferry.adapters.durable import fsync_file
+from ferry.adapters.os_errors import os_errors
 from ferry.adapters.point_transfer import apply_merge, apply_thin, delete_point_file
 from ferry.core.relationship import Relationship, extension_pin
 from ferry.core.replication import (
@@ -236,22 +237,34 @@ class RecoveryPointChain:
     async def flatten(self, spec: VmSpec, storage: Path, vm_dir: Path) -> VmSpec:
         """The latest point as one plain qcow2 per disk: the spec of a VM without a chain.
 
-        Its kernel and initrd move to ``vm_dir``, so ``vm delete`` finds
-        everything it removes. Nothing is deleted here (see :meth:`drop`).
+        Its kernel and initrd are copied to ``vm_dir``, so ``vm delete`` finds
+        everything it removes. Nothing of the chain is deleted here (see
+        :meth:`drop`); on a failure what this made is removed again, the chain
+        unchanged (a full disk: :class:`~ferry.errors.StorageFullError`).
         """
-        disks = []
-        for i, disk in enumerate(spec.disks):
-            flat = storage / f"disk{i}.qcow2"
-            await qemu_img.convert_to_qcow2(Path(disk.path), flat, src_format="qcow2")
-            await asyncio.to_thread(fsync_file, flat)
-            disks.append(disk.model_copy(update={"path": str(flat)}))
-        update: dict[str, Any] = {"disks": tuple(disks)}
-        for kind in ("kernel", "initrd"):
-            current = getattr(spec, kind)
-            if current and Path(current).parent == storage:
-                vm_dir.mkdir(parents=True, exist_ok=True)
-                shutil.move(current, vm_dir / kind)
-                update[kind] = str(vm_dir / kind)
+        made: list[Path] = []
+        try:
+            disks = []
+            for i, disk in enumerate(spec.disks):
+                flat = storage / f"disk{i}.qcow2"
+                made.append(flat)
+                await qemu_img.convert_to_qcow2(Path(disk.path), flat, src_format="qcow2")
+                await asyncio.to_thread(fsync_file, flat)
+                disks.append(disk.model_copy(update={"path": str(flat)}))
+            update: dict[str, Any] = {"disks": tuple(disks)}
+            for kind in ("kernel", "initrd"):
+                current = getattr(spec, kind)
+                if current and Path(current).parent == storage:
+                    made.append(vm_dir / kind)
+                    with os_errors(f"cannot copy the {kind} of VM {spec.name!r} to {vm_dir}"):
+                        vm_dir.mkdir(parents=True, exist_ok=True)
+                        await asyncio.to_thread(shutil.copyfile, current, vm_dir / kind)
+                    await asyncio.to_thread(fsync_file, vm_dir / kind)
+                    update[kind] = str(vm_dir / kind)
+        except BaseException:
+            for path in made:
+                path.unlink(missing_ok=True)
+            raise
         return spec.model_copy(update=update)
 
     @staticmethod
@@ -261,3 +274,6 @@ class RecoveryPointChain:
         for path in storage.glob("*.qcow2"):
             if path.name not in kept:
                 path.unlink(missing_ok=True)
+        for kind in ("kernel", "initrd"):  # copied to the VM's directory by flatten()
+            if getattr(keep, kind) != str(storage / kind):
+                (storage / kind).unlink(missing_ok=True)

@@ -30,6 +30,7 @@ from ferry import __version__
 from ferry.adapters.catalog import Catalog, VmRecord
 from ferry.adapters.durable import fsync_file
 from ferry.adapters.firmware import check_firmware_here
+from ferry.adapters.os_errors import free_mib, os_errors
 from ferry.adapters.pki import CertInfo, Role
 from ferry.adapters.point_transfer import PointReceiver, receive_point
 from ferry.core.cpu_models import CpuFacts, check_cpu
@@ -64,6 +65,7 @@ from ferry.errors import (
     InvalidInputError,
     NotFoundError,
     StateError,
+    StorageFullError,
 )
 from ferry.host.config import HostConfig
 from ferry.host.networks import HostNetworks, Links
@@ -358,9 +360,12 @@ class ReplicaStore:
                 [disk_file(storage, chain[-1].file, i) for i in range(disks)]
                 if chain else [None] * disks
             )  # fmt: skip
-            receiver = PointReceiver(targets, vm_uuid=UUID(vm_uuid), point_id=point_id)
             started = time.monotonic()
-            end = await receive_point(stream, receiver, backings)
+            try:
+                receiver = PointReceiver(targets, vm_uuid=UUID(vm_uuid), point_id=point_id)
+                end = await receive_point(stream, receiver, backings)
+            except StorageFullError as exc:  # receive_point removed the partial files
+                raise self.full(rel, f"recovery point {point_id}") from exc
             received = time.monotonic()
             rel = self.chain.link(rel, record, PointInfo(id=point_id, time=point_time, file=stem))
             if app_consistent:
@@ -421,14 +426,33 @@ class ReplicaStore:
             raise InvalidInputError(f"unknown VM file {kind!r}")
         target = Path(rel.storage) / kind
         partial = target.with_name(kind + ".partial")
-        with partial.open("wb") as out:
-            async for chunk in stream:
-                out.write(chunk)
-        await asyncio.to_thread(fsync_file, partial)
-        partial.rename(target)
+        try:
+            with os_errors(f"cannot write the {kind} of VM {rel.vm_name!r} to {partial}"):
+                with partial.open("wb") as out:
+                    async for chunk in stream:
+                        out.write(chunk)
+                await asyncio.to_thread(fsync_file, partial)
+                partial.rename(target)
+        except BaseException as exc:
+            partial.unlink(missing_ok=True)  # a half-written file is never left
+            if isinstance(exc, StorageFullError):
+                raise self.full(rel, f"its {kind}") from exc
+            raise
         record = self.catalog.get(vm_uuid)
         self.catalog.update_spec(record.spec.model_copy(update={kind: str(target)}))
         return FileReceived(received=kind)
+
+    def full(self, rel: Relationship, what: str) -> StorageFullError:
+        """The one line for a replica storage that ran out of space while ``what`` arrived."""
+        root = Path(rel.storage).parent
+        free = free_mib(root)
+        left = "" if free is None else f" ({free} MiB free)"
+        return StorageFullError(
+            f"replica storage {root} on host {self.config.name!r} is full{left}: free space "
+            f"there or choose another --storage ('ferry replica-server enable'); {what} of VM "
+            f"{rel.vm_name!r} was not kept",
+            path=str(root),
+        )
 
     async def import_initial(self, folder: Path) -> dict[str, Any]:
         """``replication import-initial DIR``: link an initial copy carried on media."""
@@ -502,10 +526,18 @@ class ReplicaStore:
         async with self._locks[vm_uuid]:
             record = self.catalog.get(vm_uuid)
             kept = bool(self.catalog.points(vm_uuid))
-            self.catalog.delete_relationship(vm_uuid)
-            if kept:
-                await self._flatten(record, Path(rel.storage))
+            if kept:  # the relationship goes once the flat copy is made (a retry finds it)
+                try:
+                    await self._flatten(record, Path(rel.storage))
+                except StorageFullError as exc:
+                    raise StorageFullError(
+                        f"{exc}: host {self.config.name!r} cannot turn the replica of VM "
+                        f"{record.name!r} into a VM there; free space and run 'ferry "
+                        "replication remove' again (the replica is unchanged)",
+                        path=exc.path,
+                    ) from exc
             else:
+                self.catalog.delete_relationship(vm_uuid)
                 self.catalog.delete(vm_uuid)
                 with contextlib.suppress(OSError):
                     shutil.rmtree(rel.storage)
@@ -521,6 +553,7 @@ class ReplicaStore:
         """
         vm_dir = self.config.data_dir / "vms" / record.uuid  # where VmService keeps its files
         spec = await self.chain.flatten(record.spec, storage, vm_dir)
+        self.catalog.delete_relationship(record.uuid)
         self.catalog.update_spec(spec)
         self.states.apply(record, VmOp.RELEASE)
         self.chain.drop(storage, keep=spec)

@@ -16,6 +16,7 @@ same way, through :mod:`ferry.peer.replication`:
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
@@ -26,10 +27,13 @@ from ferry.core import replication as rules
 from ferry.core.rate import TokenBucket
 from ferry.core.relationship import InitialMethod
 from ferry.core.spec import VmSpec
+from ferry.errors import FerryError, error_from_code
 from ferry.host.config import HostConfig
 from ferry.host.jobs import Job, JobRegistry
 from ferry.peer.client import PeerClient
-from ferry.peer.replication import FILE, HELLO, OFFER, POINT, Offer, PointLinked
+from ferry.peer.replication import FILE, HELLO, OFFER, POINT, REMOVE, Offer, PointLinked
+
+log = logging.getLogger(__name__)
 
 
 async def offer_replica(peer: PeerClient, spec: VmSpec, *, sender: str, level: int,
@@ -51,12 +55,24 @@ async def offer_replica(peer: PeerClient, spec: VmSpec, *, sender: str, level: i
                   functional_level=level, initial=initial, primary_url=primary_url,
                   origin=origin, origin_url=origin_url,
                   network_map=dict(network_map or {}))  # fmt: skip
-    await peer.call(OFFER, offer)
-    for kind in ("kernel", "initrd"):
-        path = getattr(spec, kind)
-        if path and Path(path).exists():
-            data = await asyncio.to_thread(Path(path).read_bytes)
-            await peer.call(FILE, data=data, uuid=spec.uuid, kind=kind)
+    state = await peer.call(OFFER, offer)
+    try:
+        for kind in ("kernel", "initrd"):
+            path = getattr(spec, kind)
+            if path and Path(path).exists():
+                data = await asyncio.to_thread(Path(path).read_bytes)
+                await peer.call(FILE, data=data, uuid=spec.uuid, kind=kind)
+    except FerryError as exc:
+        if state.latest_point is not None:  # it holds data (adopted, or a resent offer): kept
+            raise
+        # The receiver recorded a replica VM the sender will not know of: withdraw it.
+        try:
+            await peer.call(REMOVE, uuid=spec.uuid)
+        except FerryError as undo:
+            log.warning("VM %s: the offer to %s was not withdrawn: %s", spec.name, peer.name, undo)
+            raise exc from None
+        raise error_from_code(exc.code, f"{exc}; the offer was withdrawn, nothing was kept "
+                                        f"on host {peer.name!r}") from exc  # fmt: skip
     return thumbprint
 
 
