@@ -16,7 +16,9 @@ import pytest
 from ferry.adapters.catalog import Catalog
 from ferry.adapters.os_errors import os_error
 from ferry.core.replica_server import AllowEntry, ReplicaServerSettings
+from ferry.core.replication import PointInfo
 from ferry.core.spec import VmSpec
+from ferry.core.vmstate import VmState
 from ferry.errors import StorageError, StorageFullError, error_from_code
 from ferry.host.config import HostConfig
 from ferry.host.replication.chain import RecoveryPointChain
@@ -114,3 +116,29 @@ def test_flatten_into_a_full_vm_dir_leaves_the_chain_as_it_was(tmp_path: Path) -
         asyncio.run(chain.flatten(spec, storage, vm_dir))
     assert list(vm_dir.iterdir()) == []
     assert (storage / "kernel").read_bytes() == b"k" * 100_000
+
+
+def test_remove_into_a_full_vm_dir_keeps_the_replica_until_a_retry(tmp_path: Path) -> None:
+    store, catalog, storage = _store(tmp_path)
+    spec = VmSpec(uuid=UUID, name="web", config_version=1, memory=1 << 27)
+    offer = Offer(spec=spec, frequency_s=300, recovery_points=4, functional_level=1)
+    primary = host_cert("host-1")
+    vm_dir = store.config.data_dir / "vms" / UUID
+    kernel = storage / UUID / "kernel"
+
+    async def run() -> None:
+        await store.accept(primary, offer)
+        kernel.write_bytes(b"k" * 100_000)
+        catalog.update_spec(catalog.get(UUID).spec.model_copy(update={"kernel": str(kernel)}))
+        catalog.add_point(UUID, PointInfo(id=1, time=1.0, file="base"))
+        vm_dir.mkdir(parents=True)
+        (vm_dir / "kernel").symlink_to(FULL)  # the VM dir is full
+        with pytest.raises(StorageFullError, match="run 'ferry replication remove' again"):
+            await store.remove(primary, UUID)
+        assert catalog.get(UUID).state is VmState.REPLICA and store.relationship(UUID)
+        assert list(vm_dir.iterdir()) == [] and kernel.exists()
+        assert (await store.remove(primary, UUID)).kept_replica_vm  # space freed: it completes
+        assert catalog.get(UUID).state is VmState.OFF and catalog.relationships() == []
+        assert (vm_dir / "kernel").read_bytes() == b"k" * 100_000 and not kernel.exists()
+
+    asyncio.run(run())
