@@ -436,7 +436,7 @@ class ReplicaStore:
         except BaseException as exc:
             partial.unlink(missing_ok=True)  # a half-written file is never left
             if isinstance(exc, StorageFullError):
-                raise self.full(rel, f"its {kind}") from exc
+                raise self.full(rel, f"the {kind}") from exc
             raise
         record = self.catalog.get(vm_uuid)
         self.catalog.update_spec(record.spec.model_copy(update={kind: str(target)}))
