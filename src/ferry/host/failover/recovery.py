@@ -27,6 +27,8 @@ _KINDS = frozenset(kind.value for kind in FailoverJob)
 _LIVE = frozenset({JobState.RUNNING.value, JobState.CANCELLING.value})
 # A planned failover interrupted in these phases may have left its -S QEMU.
 _STOPPED_QEMU = frozenset({Phase.FINAL_CYCLE.value, Phase.STARTING_ON_REPLICA.value})
+# Killed before its first 'cont', a -S QEMU is re-attached in prelaunch: 'starting'.
+_WITH_QEMU = frozenset({VmState.STARTING, VmState.PAUSED, VmState.RUNNING})
 
 
 class FailoverRecovery:
@@ -47,8 +49,7 @@ class FailoverRecovery:
                 f"status {job.vm_name}' and complete, cancel or run it again"))  # fmt: skip
             record = s.catalog.find(job.vm_uuid)
             if (job.kind == FailoverJob.PLANNED and record is not None
-                    and record.state in (VmState.PAUSED, VmState.RUNNING)
-                    and phase in _STOPPED_QEMU):  # fmt: skip
+                    and record.state in _WITH_QEMU and phase in _STOPPED_QEMU):  # fmt: skip
                 await self.planned.end_stopped_qemu(record)
                 log.warning("VM %s: planned failover interrupted; its stopped QEMU ended, "
                             "the VM is off here", job.vm_name)  # fmt: skip
