@@ -169,6 +169,8 @@ def test_the_network_drops_mid_copy(lab_env: LabEnv) -> None:
         if move.poll() is None:
             move.kill()
             move.wait()
+        if move.stderr is not None:
+            move.stderr.close()  # a failure above must not leak the pipe into later tests
     after = lab_env.vm("cutoff")
     assert after["host"] == "host-1" and after["state"] == "running"
     assert after["pid"] == before["pid"]

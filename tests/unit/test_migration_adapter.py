@@ -11,7 +11,7 @@ import pytest
 from ferry.adapters.migration import MigrationInfo, MigrationStatus, OutgoingMigration
 from ferry.adapters.migration import incoming as qemu_incoming
 from ferry.adapters.migration.channel import migration_status
-from ferry.adapters.migration.disk_copy import MIRROR_BUF_SIZE, MIRROR_GRANULARITY
+from ferry.adapters.migration.disk_copy import MIRROR_BUF_SIZE
 from ferry.core.vmstate import QemuStatus
 from ferry.errors import MoveFailedError, QemuError
 from ferry.testing.migration import SourceQemu
@@ -174,7 +174,6 @@ def test_mirrors_go_to_the_destinations_nbd_exports() -> None:
             "device": "disk0",
             "target": "nbd0-j5",
             "sync": "full",
-            "granularity": MIRROR_GRANULARITY,
             "buf-size": MIRROR_BUF_SIZE,
             "speed": 600,
         },
@@ -183,7 +182,6 @@ def test_mirrors_go_to_the_destinations_nbd_exports() -> None:
             "device": "disk1",
             "target": "nbd1-j5",
             "sync": "full",
-            "granularity": MIRROR_GRANULARITY,
             "buf-size": MIRROR_BUF_SIZE,
             "speed": 200,
         },

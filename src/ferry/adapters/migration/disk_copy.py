@@ -9,15 +9,20 @@ an allocated cluster that reads as zeroes is sent as such a command too.
 
 QEMU's default mirror (granularity = the qcow2 cluster, 64 KiB; 16 MiB in
 flight) copies the 1 GiB of the benchmark's disk over TLS in about 9.5 s;
-with 1 MiB granularity and 64 MiB in flight it runs at the speed of
-``qemu-img convert`` onto the same NBD export (``bench/bench_disk_phase.py``
-measures all three in one process). The limit of both is QEMU's NBD path
+with 64 MiB in flight it runs at about the speed of ``qemu-img convert``
+onto the same NBD export (``bench/bench_disk_phase.py`` measures them in one
+process): QEMU merges adjacent dirty granules into requests of up to
+buf-size/16, so the larger buffer makes the requests larger without a
+coarser granularity. The granularity stays the cluster's: a 1 MiB one was
+tried and dropped, because it is also the unit the mirror re-copies when the
+guest writes, and a guest writing a small record every 200 ms then dirtied
+5 MiB/s, more than a 4 MiB/s ``--max-bandwidth`` cap could carry, so the
+mirror never became ready (CI caught it in test_migration_refusals and
+test_cluster_crossing). The limit of both is QEMU's NBD path
 over one connection (about 170 MiB/s into a qcow2 here, 320 MiB/s into a
 ``null-co`` target, with less CPU time than wall time on both sides), not
-TLS: plain TCP measured the same. The granularity is also the unit the
-mirror re-copies when the guest writes during the copy: 1 MiB per dirtied
-region, bounded by what the guest writes. ``buf-size`` is memory the source
-QEMU holds for the job, 64 MiB per disk while it runs.
+TLS: plain TCP measured the same. ``buf-size`` is memory the source QEMU
+holds for the job, 64 MiB per disk while it runs.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from __future__ import annotations
 from typing import Any
 
 MiB = 1024**2
-MIRROR_GRANULARITY = 1 * MiB
 MIRROR_BUF_SIZE = 64 * MiB
 
 
@@ -49,7 +53,7 @@ def nbd_target(node: str, export: str, server: tuple[str, int], *,
 
 
 def mirror_arguments(job_id: str, device: str, target: str, *, speed: int) -> dict[str, Any]:
-    """``blockdev-mirror`` arguments: the whole disk, in 1 MiB pieces, 64 MiB in flight.
+    """``blockdev-mirror`` arguments: the whole disk, the cluster's granularity, 64 MiB in flight.
 
     ``speed`` (bytes/s, 0 for none) caps this one job.
     """
@@ -58,7 +62,6 @@ def mirror_arguments(job_id: str, device: str, target: str, *, speed: int) -> di
         "device": device,
         "target": target,
         "sync": "full",
-        "granularity": MIRROR_GRANULARITY,
         "buf-size": MIRROR_BUF_SIZE,
     }
     if speed:
