@@ -96,3 +96,43 @@ def test_corrupt_flips_one_byte_of_the_next_connections(proxy: FaultProxy) -> No
 def test_only_loopback() -> None:
     with pytest.raises(ValueError, match=r"127\.0\.0\.1"):
         FaultProxy(("10.0.0.1", 80))
+
+
+def connect(proxy: FaultProxy) -> socket.socket:
+    conn = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    return conn
+
+
+def echoes(conn: socket.socket, payload: bytes) -> bool:
+    """Whether ``payload`` comes back whole over ``conn``."""
+    try:
+        conn.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            chunk = conn.recv(65536)
+            if not chunk:
+                return False
+            got += chunk
+        return got == payload
+    except OSError:
+        return False
+
+
+def test_the_proxy_forwards_cuts_and_restores(proxy: FaultProxy) -> None:
+    port = proxy.port
+    big = bytes(range(256)) * 4096  # 1 MiB: several reads each way
+    with connect(proxy) as before:
+        assert echoes(before, b"hello") and echoes(before, big)
+        assert proxy.cut() == 2  # the client's end and the upstream end
+        assert proxy.is_cut
+        # The open connection is gone...
+        assert not echoes(before, b"still there?")
+    # ...and new ones are refused (accepted, then closed at once).
+    with connect(proxy) as during:
+        assert not echoes(during, b"anyone?")
+    assert proxy.refused == 1
+    proxy.restore()
+    assert proxy.port == port
+    with connect(proxy) as after:
+        assert echoes(after, b"back") and echoes(after, big)
+    assert proxy.accepted == 2
