@@ -152,6 +152,13 @@ def settle_jobs(env: LabEnv, uuid: str, tally: Tally, timeout: float = SETTLE_S)
         time.sleep(0.5)
 
 
+def boot_writing_guest(env: LabEnv, name: str) -> None:
+    """The suites' guest on host-1: a 128 MiB test guest whose 64 MiB disk takes its records."""
+    env.cli("vm", "create", name, "--host", "host-1", "--guest", "test", "--memory", "128M",
+            "--disk", "64M", "--start")  # fmt: skip
+    env.wait_console(name, lambda t: t.count("seq ") >= 2, timeout=240)
+
+
 def lab_up(env: LabEnv) -> None:
     """What an admin runs after a crash: idempotent, starts the agents that are down."""
     env.lab.up(len(env.lab.hosts()))

@@ -36,6 +36,7 @@ from tests.faults.conftest import (
     LONG_TIMEOUT,
     Tally,
     api,
+    boot_writing_guest,
     check_chain,
     lab_up,
     printed_seq,
@@ -90,9 +91,7 @@ def storage(lab_env: LabEnv, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def guest(lab_env: LabEnv, storage: Path) -> Iterator[str]:
     cli = lab_env.cli
-    cli("vm", "create", VM, "--host", "host-1", "--guest", "test", "--memory", "128M",
-        "--disk", "64M", "--start")  # fmt: skip
-    lab_env.wait_console(VM, lambda t: t.count("seq ") >= 2, timeout=240)
+    boot_writing_guest(lab_env, VM)
     cli("replication", "enable", VM, "--replica", "host-2", "--frequency", "5m")
     yield VM
     for host in ("host-1", "host-2"):

@@ -34,6 +34,7 @@ from tests.faults.conftest import (
     LONG_TIMEOUT,
     Tally,
     api,
+    boot_writing_guest,
     jobs_of,
     lab_up,
     printed_seq,
@@ -52,9 +53,7 @@ BANDWIDTH = "24M"  # 64 MiB of disk and the guest's memory: a few seconds a move
 
 @pytest.fixture(scope="module")
 def guest(lab_env: LabEnv) -> Iterator[str]:
-    lab_env.cli("vm", "create", VM, "--host", "host-1", "--guest", "test", "--memory", "128M",
-                "--disk", "64M", "--start")  # fmt: skip
-    lab_env.wait_console(VM, lambda t: t.count("seq ") >= 2, timeout=240)
+    boot_writing_guest(lab_env, VM)
     yield VM
     for host in ("host-1", "host-2"):
         lab_env.cli("vm", "delete", VM, "--force", "--host", host, check=False)

@@ -35,7 +35,7 @@ from ferry.client.settings import load_settings, save_settings
 from ferry.guest.records import read_records
 from ferry.testing.fault_proxy import PASS, Fault, FaultProxy, fault_proxy
 from tests.conftest import LabEnv, same_image
-from tests.faults.conftest import LONG_TIMEOUT, Tally, check_chain, runs
+from tests.faults.conftest import LONG_TIMEOUT, Tally, boot_writing_guest, check_chain, runs
 
 pytestmark = pytest.mark.integration
 
@@ -62,9 +62,7 @@ def proxy(lab_env: LabEnv) -> Iterator[FaultProxy]:
 @pytest.fixture(scope="module")
 def guest(lab_env: LabEnv, storage: Path, proxy: FaultProxy) -> Iterator[str]:
     cli = lab_env.cli
-    cli("vm", "create", VM, "--host", "host-1", "--guest", "test", "--memory", "128M",
-        "--disk", "64M", "--start")  # fmt: skip
-    lab_env.wait_console(VM, lambda t: t.count("seq ") >= 2, timeout=240)
+    boot_writing_guest(lab_env, VM)
     settings = load_settings(lab_env.home)
     direct = settings.hosts["host-2"].url
     settings.hosts["host-2"].url = f"https://{proxy.url_host}"
