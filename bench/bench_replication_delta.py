@@ -55,6 +55,10 @@ from ferry.adapters.point_transfer import PointReceiver, encode_point, receive_p
 from ferry.core.spec import DiskSpec, RunContext, VmSpec, qemu_argv
 from ferry.guest.build import ensure_guest
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_replication_fleet import ferry
+
 MiB = 1024**2
 GiB = 1024**3
 DISK = 4 * GiB
@@ -194,15 +198,6 @@ async def run(cycles: int, root: Path, verbose: bool) -> None:
           f"{med(ferry_rows, 2) / med(rsync_rows, 2):7.2f}")  # fmt: skip
 
 
-def ferry_cli(*args: str) -> str:
-    argv = [sys.executable, "-m", "ferry", *args]
-    done = subprocess.run(argv, text=True, capture_output=True, env=dict(os.environ))
-    if done.returncode != 0:
-        raise RuntimeError(f"'ferry {' '.join(args)}' exited {done.returncode}: "
-                           f"{done.stderr.strip() or done.stdout.strip()}")  # fmt: skip
-    return done.stdout
-
-
 async def https_cycles(lab_root: Path, uuid: str, cycles: int, scratch: Path) -> list[dict]:  # type: ignore[type-arg]
     from inject import TestMonitor, monitor_socket
 
@@ -248,11 +243,11 @@ def run_https(cycles: int, root: Path) -> None:
     lab = Lab(root / "lab")
     try:
         lab.up(2, host_settings={"test_monitor": True})
-        ferry_cli("replica-server", "enable", "--host", "host-2", "--storage",
+        ferry("replica-server", "enable", "--host", "host-2", "--storage",
                   str(root / "replicas"), "--allow", "host-1")  # fmt: skip
-        ferry_cli("vm", "create", "bench", "--host", "host-1", "--guest", "test",
+        ferry("vm", "create", "bench", "--host", "host-1", "--guest", "test",
                   "--memory", "256M", "--disk", "4G", "--start")  # fmt: skip
-        uuid = next(v["uuid"] for v in json.loads(ferry_cli("vm", "list", "--json"))
+        uuid = next(v["uuid"] for v in json.loads(ferry("vm", "list", "--json"))
                     if v["name"] == "bench")  # fmt: skip
 
         async def fill() -> None:
@@ -264,11 +259,11 @@ def run_https(cycles: int, root: Path) -> None:
                 await mon.flush()
 
         asyncio.run(fill())
-        ferry_cli("replication", "enable", "bench", "--replica", "host-2", "--frequency", "15m",
+        ferry("replication", "enable", "bench", "--replica", "host-2", "--frequency", "15m",
                   "--json")  # fmt: skip
         rows = asyncio.run(https_cycles(lab.root, uuid, cycles, root))
-        ferry_cli("vm", "pause", "bench")
-        ferry_cli("replication", "sync", "bench")
+        ferry("vm", "pause", "bench")
+        ferry("replication", "sync", "bench")
         disk = next(lab.root.glob(f"hosts/host-1/**/vms/{uuid}/*.qcow2"))
         latest = max((root / "replicas").glob(f"**/{uuid}/p*-disk0.qcow2"),
                      key=lambda p: int(p.name[1:].split("-")[0]))  # fmt: skip
