@@ -163,7 +163,9 @@ def test_planned_failover_loses_nothing_and_replication_flows_back(
 
     assert lab_env.vm(vm, "host-2")["state"] == "running"
     text = lab_env.wait_console(vm, lambda t: UP.search(t) is not None, host="host-2")
-    assert up_seq(text) == last_written  # zero data loss
+    # Zero data loss. The guest writes a record, then prints it, so a shutdown between
+    # the two leaves one record on disk that the console never showed: at most one more.
+    assert last_written <= up_seq(text) <= last_written + 1
 
     # Replication now flows host-2 -> host-1, from the old primary's disks.
     status = wait_for(lambda: cli.json("replication", "status", vm, "--host", "host-2"),
