@@ -7,6 +7,7 @@
     POST   /v1/clusters/{c}/drain   NodeRequest    -> job (202)     (on that node)
     POST   /v1/clusters/{c}/resume  NodeRequest    -> {cluster, node, draining}
     POST   /v1/clusters/{c}/upgrade-level          -> {cluster, functional_level, was}
+    POST   /v1/clusters/{c}/copy-roles  CopyRolesRequest -> the report (on a node of c)
 
 ``vm create`` with ``cluster`` (``POST /v1/vms``) and the clustered side of
 start, stop, kill, delete, move and show are in :mod:`ferry.api.server`.
@@ -17,13 +18,27 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict
 
 from ferry.adapters.catalog import VmRecord
 from ferry.api.edge import json_reply, read_body
 from ferry.api.models import ClusterVmRequest, NodeRequest, VmView
+from ferry.core.cluster.copy_roles import Step
 from ferry.core.cluster.roles import parse_priority
+from ferry.core.network import check_network_map
+from ferry.host.cluster.copy_roles import CopyRoles
 from ferry.host.cluster.maintenance import Maintenance
 from ferry.host.cluster.vms import ClusterVms
+
+
+class CopyRolesRequest(BaseModel):
+    """``cluster copy-roles``: the source is the path's cluster."""
+
+    model_config = ConfigDict(extra="forbid")
+    to: str
+    volume: str
+    step: Step
+    network_map: dict[str, str] = {}
 
 
 class ClusterVmRoutes:
@@ -33,6 +48,7 @@ class ClusterVmRoutes:
         self.maintenance = maintenance
         self.view = view
         self.host = host
+        self.copy = CopyRoles(cluster_vms)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -41,6 +57,7 @@ class ClusterVmRoutes:
             web.post("/v1/clusters/{cluster}/drain", self.drain),
             web.post("/v1/clusters/{cluster}/resume", self.resume),
             web.post("/v1/clusters/{cluster}/upgrade-level", self.upgrade_level),
+            web.post("/v1/clusters/{cluster}/copy-roles", self.copy_roles),
         ]
 
     async def add_vm(self, request: web.Request) -> web.Response:
@@ -65,3 +82,9 @@ class ClusterVmRoutes:
 
     async def upgrade_level(self, request: web.Request) -> web.Response:
         return json_reply(await self.maintenance.upgrade_level(request.match_info["cluster"]))
+
+    async def copy_roles(self, request: web.Request) -> web.Response:
+        body = await read_body(request, CopyRolesRequest)
+        return json_reply(await self.copy.step(
+            body.step, source=request.match_info["cluster"], target=body.to,
+            volume=body.volume, network_map=check_network_map(body.network_map)))  # fmt: skip

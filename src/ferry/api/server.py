@@ -265,6 +265,8 @@ class AgentApi:
         remote = await self._remote(name)
         if remote is not None:
             return _json(self._remote_view(remote))
+        if self.cluster_vms is not None and self.vms.catalog.find(name) is None:
+            await self.cluster_vms.check_copied(name)  # copy-roles gave it away
         return _json(self._view(self.vms.get(name)))
 
     async def _remote(self, name: str) -> RemoteVm | None:

@@ -155,3 +155,6 @@ def add_commands(app: typer.Typer) -> None:
     app.command("drain")(drain)
     app.command("resume")(resume)
     app.command("upgrade-level")(upgrade_level)
+    from ferry.cli.cluster_copy_cmd import copy_roles
+
+    app.command("copy-roles")(copy_roles)

@@ -98,6 +98,11 @@ class ClusterKeys:
     def vm_replication(self, uuid: str) -> str:
         return f"{self.vms}{uuid}/replication"
 
+    def vm_left(self, uuid: str) -> str:
+        """Set when ``cluster copy-roles`` gave the VM to another cluster: the node that
+        still has it drops its local entry (not a plain VM, as after ``vm remove``)."""
+        return f"{self.vms}{uuid}/left"
+
     @property
     def identities(self) -> str:
         return self.prefix + "identities/"

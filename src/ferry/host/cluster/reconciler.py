@@ -59,6 +59,7 @@ class RoleEntries:
     owner: Entry | None = None
     want: Entry | None = None
     state: Entry | None = None
+    left: Entry | None = None  # copy-roles gave it to another cluster
 
 
 class Reconciler:
@@ -141,7 +142,7 @@ class Reconciler:
         roles: dict[str, RoleEntries] = {}
         for entry in await m.store.range(m.keys.vms):
             part = entry.key.rsplit("/", 1)[-1]
-            if part in ("config", "owner", "want", "state"):
+            if part in ("config", "owner", "want", "state", "left"):
                 setattr(roles.setdefault(m.keys.vm_uuid_of(entry.key), RoleEntries()), part, entry)
         alive_entries = {m.keys.last_part(e.key): e
                          for e in await m.store.range(m.keys.alive_prefix)}  # fmt: skip
@@ -157,6 +158,11 @@ class Reconciler:
         done: list[tuple[str, Action]] = []
         for uuid in sorted(set(roles) | set(self.cvms.clustered)):
             entries = roles.get(uuid)
+            if entries is not None and entries.config is None and entries.left is not None:
+                record = local.get(uuid)
+                if record is not None and not self._local(record).live:
+                    await self.cvms.let_go(record)  # in another cluster now: not ours
+                continue
             if entries is None or entries.config is None:
                 self.cvms.mark(uuid, None)  # removed from the cluster: a plain VM now
                 continue

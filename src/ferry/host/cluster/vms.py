@@ -34,7 +34,15 @@ from ferry.core.cluster.roles import Owner, Priority, VmRole, Want, decode_want,
 from ferry.core.cluster.store import Compare, Delete, Entry, Op, Put
 from ferry.core.migration import Storage, locate_on_volume
 from ferry.core.spec import VmSpec
-from ferry.errors import ConflictError, FerryError, InvalidInputError, NotFoundError, StateError
+from ferry.errors import (
+    ConflictError,
+    FerryError,
+    InvalidInputError,
+    NotFoundError,
+    StateError,
+    StoreUnavailableError,
+)
+from ferry.host.cluster.copy_roles import copy_refusal
 from ferry.host.cluster.membership import ClusterContext, Membership
 from ferry.host.vms.requests import NewVm
 from ferry.host.vms.service import VmService
@@ -281,7 +289,16 @@ class ClusterVms:
     # -- checks around the VM service's own operations -------------------------------------
 
     async def before_start(self, name: str) -> None:
-        """A clustered VM starts only on its owner, and then should keep running."""
+        """A clustered VM starts only on its owner, and then should keep running; not one
+        that ``cluster copy-roles --run`` gave to another cluster."""
+        found = self.vms.catalog.find(name)
+        m = self.context.membership
+        if m is not None and (
+            found is None
+            or (found.uuid in self.clustered and await self.role_of(m, found.uuid) is None)
+        ):
+            # No longer a VM of this cluster (or not here): it may have been copied away.
+            await self.check_copied(name, found.uuid if found is not None else None)
         record = self.vms.get(name)
         cluster = self.clustered.get(record.uuid)
         if cluster is None:
@@ -292,6 +309,19 @@ class ClusterVms:
             raise StateError(f"host {self.node!r} holds no lease in cluster {cluster!r} now, "
                              "so it may not start clustered VMs")  # fmt: skip
         await m.store.put(m.keys.vm_want(record.uuid), Want.RUNNING.value.encode())
+
+    async def check_copied(self, name: str, uuid: str | None = None) -> None:
+        """Refuse VM ``name`` here when ``cluster copy-roles --run`` gave it to another
+        cluster (one line naming that cluster and ``--rollback``)."""
+        m = self.context.membership
+        if m is None:
+            return
+        try:
+            why = await copy_refusal(m.store, m.cluster, name, uuid)
+        except StoreUnavailableError:
+            return  # the store's own refusal comes where it is needed
+        if why:
+            raise StateError(why)
 
     async def after_start(self, record: VmRecord) -> None:
         """A clustered QEMU that just started is under the fence guard at once."""

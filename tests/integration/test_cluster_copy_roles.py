@@ -1,0 +1,134 @@
+"""Copy Cluster Roles between two clusters that see one volume, with real agents, etcd, QEMU.
+
+One lab for the module: four hosts, cluster ``c1`` of host-1 and host-2,
+cluster ``c2`` of host-3 and host-4, and a volume ``shared`` that both
+clusters have at the same directory (nothing is copied). One 128M test guest
+writes its records on it. In order: the refusals change nothing; ``--test``
+reports and registers the copy and leaves c1 as it was; ``--run`` stops the
+guest in c1 and starts it in c2 (``downtime_s`` reported), the guest finds
+every record it wrote, and c1 refuses to start it; ``--rollback`` gives it
+back to c1, running again on its old node.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import UP, LabEnv, lab_session, seqs
+
+pytestmark = pytest.mark.integration
+
+C1, C2 = ("host-1", "host-2"), ("host-3", "host-4")
+BOOT_S = 180  # a TCG boot, on a machine shared with other test runs
+COPY = ("cluster", "copy-roles", "--from", "c1", "--to", "c2", "--volume", "shared")
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory, guest_cache: Path) -> Iterator[LabEnv]:
+    with lab_session(tmp_path_factory.mktemp("lab")) as env:
+        env.lab.up(4, clusters={"c1": list(C1), "c2": list(C2)}, lease_ttl_s=4,
+                   host_settings={"image_locking": False})  # fmt: skip
+        shared = env.lab.root / "shared-volume"
+        shared.mkdir()
+        for cluster in ("c1", "c2"):
+            env.cli("cluster", "volume", "add", "shared", str(shared), "--cluster", cluster)
+        env.cli("vm", "create", "copied", "--cluster", "c1", "--volume", "shared", "--host",
+                "host-1", "--guest", "test", "--memory", "128M", "--disk", "32M",
+                "--start")  # fmt: skip
+        env.wait_console("copied", lambda t: len(seqs(t)) >= 2, timeout=BOOT_S)
+        yield env
+
+
+def shown(env: LabEnv, host: str) -> dict[str, Any] | None:
+    result = env.cli("vm", "show", "copied", "--host", host, "--json", check=False)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def running_in(env: LabEnv, hosts: tuple[str, ...], timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    seen: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        for host in hosts:
+            view = shown(env, host)
+            seen[host] = view and (view["host"], view["state"])
+            if view and view["host"] == host and view["state"] == "running" and view.get("pid"):
+                return view
+        time.sleep(0.3)
+    raise AssertionError(f"VM copied never ran on {hosts}: {seen}")
+
+
+def test_refusals_change_nothing(lab: LabEnv) -> None:
+    before = lab.vm("copied")
+    cases = {
+        ("--run",): "--run needs a --test of volume 'shared' first",
+        ("--rollback",): "nothing to roll back for volume 'shared'",
+        ("--test", "--run"): "exactly one of --test, --run or --rollback",
+    }
+    for args, words in cases.items():
+        line = lab.cli.fails(*COPY, *args)
+        assert words in line, (args, line)
+    line = lab.cli.fails("cluster", "copy-roles", "--from", "c1", "--to", "c9", "--volume",
+                         "shared", "--test")  # fmt: skip
+    assert "unknown cluster 'c9'" in line, line
+    line = lab.cli.fails("cluster", "copy-roles", "--from", "c9", "--to", "c2", "--volume",
+                         "shared", "--test")  # fmt: skip
+    assert "unknown cluster 'c9'" in line, line
+    after = lab.vm("copied")
+    assert (after["host"], after["state"], after["pid"]) == ("host-1", "running", before["pid"])
+
+
+def test_test_reports_and_changes_nothing_in_c1(lab: LabEnv) -> None:
+    before = lab.vm("copied")
+    text = lab.cli(*COPY, "--test").stdout
+    assert "copied: running" in text and "tested" in text, text
+    report = lab.cli.json(*COPY, "--test")
+    assert report["ok"] and report["phase"] == "tested", report
+    (row,) = report["vms"]
+    assert row["name"] == "copied" and row["state"] == "running", row
+    assert row["node"] == "host-1" and row["target_node"] in C2, row
+    after = lab.vm("copied")
+    assert (after["host"], after["state"], after["pid"]) == ("host-1", "running", before["pid"])
+    assert after["cluster"] == "c1"
+    assert all(shown(lab, h) is None for h in C2)
+
+
+def test_run_moves_it_into_c2_and_c1_refuses_a_start(lab: LabEnv) -> None:
+    text = lab.wait_console("copied", lambda t: len(seqs(t)) >= 3, timeout=BOOT_S)
+    written = max(seqs(text))
+    report = lab.cli.json(*COPY, "--run")
+    assert report["phase"] == "ran", report
+    (row,) = report["vms"]
+    assert row["state"] == "running" and row["downtime_s"] > 0, row
+    target = row["node"]
+    view = running_in(lab, (target,), timeout=BOOT_S)
+    assert view["cluster"] == "c2" and view["host"] == target, view
+    boot = lab.wait_console("copied", lambda t: bool(UP.search(t)) and len(seqs(t)) >= 1,
+                            timeout=BOOT_S, host=target)  # fmt: skip
+    (up,) = UP.findall(boot)
+    assert int(up) >= written, (up, written)  # every record written in c1 is on the disk
+    deadline = time.monotonic() + 30  # host-1's reconciler drops its entry of the VM
+    while shown(lab, "host-1") is not None and shown(lab, "host-1")["host"] == "host-1":
+        assert time.monotonic() < deadline, shown(lab, "host-1")
+        time.sleep(0.3)
+    line = lab.cli.fails("vm", "start", "copied", "--host", "host-1")
+    assert "belongs to cluster 'c2'" in line, line
+    assert lab.cli.fails(*COPY, "--test")  # run already: roll back first
+
+
+def test_rollback_runs_it_in_c1_again(lab: LabEnv) -> None:
+    report = lab.cli.json(*COPY, "--rollback")
+    assert report["phase"] == "rolled-back", report
+    (row,) = report["vms"]
+    assert row["state"] == "running" and row["node"] == "host-1", row
+    view = running_in(lab, ("host-1",), timeout=BOOT_S)
+    assert view["cluster"] == "c1", view
+    deadline = time.monotonic() + 30
+    while any((v := shown(lab, h)) is not None and v["host"] == h for h in C2):
+        assert time.monotonic() < deadline, "c2 still has VM copied"
+        time.sleep(0.5)
