@@ -1,0 +1,127 @@
+"""The replica broker: a cluster as a replication target (``--replica cluster:C``). Pure.
+
+The primary names the target ``cluster:C`` and never a node. It pins the
+cluster, not a host: the thumbprint of the CA that issued the replica
+cluster's node certificates plus the name :func:`cluster_san` of C, which the
+CA writes into the certificate of every node of C (see docs/architecture.md,
+*Replica broker*). Any node presenting such a certificate is C. So a cycle
+may land on whichever node of C answers; that node hands it to the node that
+owns the replica VM in C's store (:func:`route`), and the next cycle lands on
+the new owner after a node loss without the primary being told.
+
+A replica cluster admits a primary as a replica host does
+(:func:`ferry.core.replica_server.admit`, its settings kept once for the
+cluster) and must be at the primary's functional level or newer
+(:func:`ferry.core.cluster.crossing.check_replica_level`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+
+from ferry.core.cluster.crossing import check_replica_level
+from ferry.core.replica_server import Admission, ReplicaServerSettings, admit
+from ferry.errors import AuthError, InvalidInputError, NotFoundError, StateError
+
+PREFIX = "cluster:"
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class ReplicaTarget:
+    """Where ``--replica`` points: a host, or a cluster (the broker)."""
+
+    name: str
+    cluster: bool = False
+
+    def __str__(self) -> str:
+        return f"{PREFIX}{self.name}" if self.cluster else self.name
+
+
+def parse_target(text: str) -> ReplicaTarget:
+    """``host-4`` or ``cluster:c2``; one line on anything else."""
+    if not text.startswith(PREFIX):
+        return ReplicaTarget(text)
+    name = text[len(PREFIX) :]
+    if not _NAME_RE.fullmatch(name):
+        raise InvalidInputError(f"invalid replica {text!r}: give a host or cluster:NAME "
+                                "(a-z, 0-9, '-')")  # fmt: skip
+    return ReplicaTarget(name, cluster=True)
+
+
+def resolve_cluster(target: ReplicaTarget, known: Iterable[str]) -> str:
+    """The cluster a ``cluster:C`` target names, if the fleet's etcd knows it."""
+    names = sorted(known)
+    if target.name not in names:
+        listed = ", ".join(names) or "none"
+        raise NotFoundError(f"unknown cluster {target.name!r} (clusters in this etcd: {listed})")
+    return target.name
+
+
+def cluster_san(cluster: str) -> str:
+    """The DNS name every node certificate of ``cluster`` carries, and the primary checks."""
+    return f"{cluster}.cluster.ferry"
+
+
+@dataclass(frozen=True)
+class BrokerPin:
+    """What a primary pins of a replica cluster: the issuing CA and the cluster's name."""
+
+    cluster: str
+    ca_thumbprint: str
+
+
+def check_presented(pin: BrokerPin, *, ca_thumbprint: str, names: Collection[str],
+                    node: str) -> None:  # fmt: skip
+    """A node answering for the replica cluster shows a certificate of the pinned CA with
+    the cluster's name; anything else is not that cluster."""
+    if ca_thumbprint.lower() != pin.ca_thumbprint.lower():
+        raise AuthError(f"{node!r} answered for replica cluster {pin.cluster!r} with a "
+                        "certificate of another CA than the one pinned")  # fmt: skip
+    if cluster_san(pin.cluster) not in names:
+        raise AuthError(f"{node!r} is not a node of replica cluster {pin.cluster!r}: its "
+                        f"certificate does not name {cluster_san(pin.cluster)}")  # fmt: skip
+
+
+def admit_primary(settings: ReplicaServerSettings, primary: str, *, cluster: str,
+                  primary_level: int, cluster_level: int, vm: str) -> Admission:  # fmt: skip
+    """The replica cluster's answer to ``replication enable VM --replica cluster:C``."""
+    if not settings.enabled:
+        raise AuthError(f"cluster {cluster!r} is not a replica server; enable it with "
+                        f"'ferry replica-server enable --cluster {cluster} --storage-volume "
+                        "VOLUME --allow PATTERN'")  # fmt: skip
+    try:
+        admission = admit(settings, primary, server=cluster)
+    except AuthError as exc:
+        raise AuthError(str(exc).replace(f"host {cluster!r}", f"cluster {cluster!r}")) from exc
+    check_replica_level(vm, primary, primary_level, cluster, cluster_level)
+    return admission
+
+
+@dataclass(frozen=True)
+class Route:
+    """What the node that received a cycle does with it."""
+
+    node: str  # the node that handles it
+    local: bool  # this node (else: forward to ``node``)
+
+
+def route(here: str, *, owner: str | None, pending: bool, alive: Collection[str],
+          cluster: str, vm: str) -> Route:  # fmt: skip
+    """The node owning the replica VM handles a cycle; any other node forwards it there.
+
+    A replica VM without an owner yet (the first cycle) is taken by the node
+    that received it. A cycle refused here (owner down or a move pending) is
+    a failed cycle: the primary's next cycle, at its frequency, tries again.
+    """
+    if owner is None:
+        return Route(here, local=True)
+    if pending:
+        raise StateError(f"replica VM {vm!r} is moving inside cluster {cluster!r}; the next "
+                         "cycle lands on its new node")  # fmt: skip
+    if owner != here and owner not in alive:
+        raise StateError(f"replica VM {vm!r}'s node {owner!r} in cluster {cluster!r} is down; "
+                         "the next cycle lands on the node the cluster restarts it on")  # fmt: skip
+    return Route(owner, local=owner == here)

@@ -1,0 +1,75 @@
+"""The replica broker's rules (ferry.core.replication.broker)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ferry.core.replica_server import AllowEntry, ReplicaServerSettings
+from ferry.core.replication.broker import (
+    BrokerPin,
+    ReplicaTarget,
+    Route,
+    admit_primary,
+    check_presented,
+    cluster_san,
+    parse_target,
+    resolve_cluster,
+    route,
+)
+from ferry.errors import AuthError, InvalidInputError, NotFoundError, StateError, VersionError
+
+SETTINGS = ReplicaServerSettings(enabled=True, storage="/vol/csv2",
+                                 allow=(AllowEntry(pattern="host-*"),))  # fmt: skip
+
+
+def test_targets_are_hosts_or_clusters() -> None:
+    assert parse_target("host-4") == ReplicaTarget("host-4")
+    assert parse_target("cluster:c2") == ReplicaTarget("c2", cluster=True)
+    assert str(parse_target("cluster:c2")) == "cluster:c2"
+    for bad in ["cluster:", "cluster:C2", "cluster:a/b"]:
+        with pytest.raises(InvalidInputError, match="give a host or cluster:NAME"):
+            parse_target(bad)
+
+
+def test_unknown_cluster_is_one_line() -> None:
+    assert resolve_cluster(ReplicaTarget("c2", cluster=True), ["c1", "c2"]) == "c2"
+    with pytest.raises(NotFoundError, match=r"unknown cluster 'c9' \(clusters in this etcd: c1"):
+        resolve_cluster(ReplicaTarget("c9", cluster=True), ["c2", "c1"])
+
+
+def test_the_pin_is_the_ca_and_the_cluster_name() -> None:
+    pin = BrokerPin("c2", "AB" * 32)
+    check_presented(pin, ca_thumbprint="ab" * 32, names=["host-5", cluster_san("c2")], node="h5")
+    with pytest.raises(AuthError, match="another CA"):
+        check_presented(pin, ca_thumbprint="cd" * 32, names=[cluster_san("c2")], node="h5")
+    with pytest.raises(AuthError, match="not a node of replica cluster 'c2'"):
+        check_presented(pin, ca_thumbprint="ab" * 32, names=[cluster_san("c1")], node="h5")
+
+
+def test_admission_and_level() -> None:
+    got = admit_primary(SETTINGS, "host-1", cluster="c2", primary_level=2, cluster_level=3,
+                        vm="web")  # fmt: skip
+    assert got.storage == "/vol/csv2" and got.rule == "host-*"
+    with pytest.raises(AuthError, match="cluster 'c2' does not accept replication from 'db-1'"):
+        admit_primary(SETTINGS, "db-1", cluster="c2", primary_level=2, cluster_level=2, vm="web")
+    with pytest.raises(VersionError, match="replica cluster 'c2' is at functional level 1"):
+        admit_primary(SETTINGS, "host-1", cluster="c2", primary_level=2, cluster_level=1,
+                      vm="web")  # fmt: skip
+    with pytest.raises(AuthError, match="enable it with 'ferry replica-server enable --cluster"):
+        admit_primary(ReplicaServerSettings(), "host-1", cluster="c2", primary_level=1,
+                      cluster_level=1, vm="web")  # fmt: skip
+
+
+def at(owner: str | None, *, pending: bool = False) -> Route:
+    return route("host-5", owner=owner, pending=pending, alive={"host-5", "host-6"},
+                 cluster="c2", vm="web")  # fmt: skip
+
+
+def test_the_owner_handles_a_cycle() -> None:
+    assert at(None) == Route("host-5", local=True)  # the first cycle: the receiver takes it
+    assert at("host-5") == Route("host-5", local=True)
+    assert at("host-6") == Route("host-6", local=False)  # forwarded to the owner
+    with pytest.raises(StateError, match="'host-7' in cluster 'c2' is down"):
+        at("host-7")
+    with pytest.raises(StateError, match="is moving inside cluster 'c2'"):
+        at("host-6", pending=True)
