@@ -56,6 +56,7 @@ from ferry.host.failover.service import FailoverService
 from ferry.host.inventory import InventoryService
 from ferry.host.jobs import JobRegistry
 from ferry.host.log_format import LogFormat, configure_logging
+from ferry.host.memtrace import start_if_asked
 from ferry.host.metrics.wiring import agent_metrics
 from ferry.host.migration.service import INCOMING, MOVE, MigrationService
 from ferry.host.replication.cycle import INITIAL_JOB, RESYNC_JOB
@@ -264,7 +265,10 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         interval = sd_notify.watchdog_interval()
         if interval is not None:
             watchdog = asyncio.create_task(sd_notify.keep_watchdog(interval), name="watchdog")
+        memtrace = start_if_asked(config.name)  # FERRY_TRACEMALLOC=DIR, soaks only
         await stop.wait()
+        if memtrace is not None:
+            memtrace.cancel()
         log.info("agent %s stopping; VMs keep running", config.name)
     finally:
         sd_notify.notify(STOPPING="1", STATUS="stopping; VMs keep running")

@@ -1,0 +1,71 @@
+"""Opt-in memory tracing of the agent, for soaks: ``FERRY_TRACEMALLOC=DIR``.
+
+When the variable names a directory, the agent starts ``tracemalloc`` (one
+frame per allocation, cheap enough for a soak) and every
+``FERRY_TRACEMALLOC_EVERY`` seconds (default 60) appends one JSON line to
+``DIR/<host>.jsonl``: seconds since start, traced and peak bytes, ``VmRSS``,
+and the 15 allocation sites that grew most since the first snapshot. Flat
+traced bytes with a growing RSS is the allocator (arenas, fragmentation), not
+a leak in ferry; a site that grows every line is a leak. Off by default: it
+costs CPU and memory, so production never pays for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import time
+import tracemalloc
+from pathlib import Path
+
+ENV_DIR = "FERRY_TRACEMALLOC"
+ENV_EVERY = "FERRY_TRACEMALLOC_EVERY"
+TOP = 15
+
+
+def rss_kib() -> int | None:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def _site(stat: tracemalloc.StatisticDiff) -> dict[str, object]:
+    frame = stat.traceback[0]
+    return {"site": f"{frame.filename}:{frame.lineno}", "kib": round(stat.size / 1024, 1),
+            "grew_kib": round(stat.size_diff / 1024, 1), "count": stat.count,
+            "count_grew": stat.count_diff}  # fmt: skip
+
+
+async def trace_memory(out: Path, every_s: float) -> None:
+    """Append one line to ``out`` every ``every_s`` seconds until cancelled."""
+    tracemalloc.start(1)
+    started = time.monotonic()
+    ignore = [tracemalloc.Filter(False, tracemalloc.__file__)]
+    first = tracemalloc.take_snapshot().filter_traces(ignore)
+    try:
+        while True:
+            await asyncio.sleep(every_s)
+            snap = tracemalloc.take_snapshot().filter_traces(ignore)
+            current, peak = tracemalloc.get_traced_memory()
+            grown = snap.compare_to(first, "lineno")[:TOP]
+            row = {"t": round(time.monotonic() - started), "traced_kib": current // 1024,
+                   "peak_kib": peak // 1024, "rss_kib": rss_kib(),
+                   "top_growth": [_site(s) for s in grown]}  # fmt: skip
+            with out.open("a") as file:
+                file.write(json.dumps(row) + "\n")
+    finally:
+        tracemalloc.stop()
+
+
+def start_if_asked(host: str) -> asyncio.Task[None] | None:
+    """The tracing task when ``FERRY_TRACEMALLOC`` names a directory, else None."""
+    folder = os.environ.get(ENV_DIR)
+    if not folder or not Path(folder).is_dir():
+        return None
+    every = float(os.environ.get(ENV_EVERY) or 60)
+    return asyncio.create_task(trace_memory(Path(folder) / f"{host}.jsonl", every), name="memtrace")
