@@ -228,6 +228,8 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         certificates = HostCertificates.build(
             config, tls, peers, vms=vms, store=store, extensions=extensions, peer_server=peer_server
         )
+        if cluster_replication is not None:  # the node's identity record follows a renewal
+            certificates.on_renewed.append(cluster_replication.renewed)
         api.crossing = crossing
         app = api.app()
         PkiRoutes.install(app, certificates)  # renewal in place, the deny-list

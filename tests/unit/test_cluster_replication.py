@@ -36,6 +36,7 @@ from ferry.host.cluster.replication import (
     CLAIM_REFUSED,
     RESUMED,
     ClusterReplication,
+    Identity,
 )
 from ferry.host.config import HostConfig
 from ferry.host.jobs import JobRegistry
@@ -471,3 +472,17 @@ async def test_a_removal_the_store_missed_is_unpublished_by_the_next_pass(world:
     await two.service.on_owned(UUID)
     await two.service.pass_once()
     assert two.rel() is None and world.replica_rel().primary == "node-1"
+
+
+@with_world
+async def test_a_renewed_node_certificate_reaches_etcd_and_the_replica(world: World) -> None:
+    """``pki renew`` on node-2: its identity record and the replica's pins follow."""
+    await _settle(world)
+    new = "ab" * 32
+    world.nodes["node-2"].service.renewed(new)
+    await _settle(world)
+    keys = world.nodes["node-1"].context.membership.keys  # type: ignore[union-attr]
+    entry = await world.store.get(keys.identity("node-2"))
+    assert entry is not None and Identity.from_json(entry.value).thumbprint == new
+    hosts = {h.name: h.thumbprint for h in world.replica_rel().cluster_hosts}
+    assert hosts["node-2"] == new and hosts["node-1"] == world.thumbprint("node-1")

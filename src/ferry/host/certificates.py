@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ferry.adapters.pki import (
@@ -87,6 +88,8 @@ class HostCertificates:
         self.pins = pins
         self.revocations = revocations
         self.renewed = RenewedPins()
+        # Told the new thumbprint once it is installed (the cluster's identity record).
+        self.on_renewed: list[Callable[[str], None]] = []
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -168,6 +171,8 @@ class HostCertificates:
             self.server_tls.load_cert_chain(certfile=str(tls / SERVER_CERT),
                                             keyfile=str(tls / SERVER_KEY))  # fmt: skip
             self.peers.reload(tls / CLIENT_CERT, tls / CLIENT_KEY)
+            for hook in self.on_renewed:
+                hook(new.thumbprint)
             log.warning("renewed this host's certificate: %s -> %s (serial %s)",
                         old.thumbprint[:16], new.thumbprint[:16], new.serial)  # fmt: skip
             return Renewed(self.config.name, old, new, told)

@@ -141,6 +141,12 @@ class ClusterReplication:
 
     # -- life ----------------------------------------------------------------------------
 
+    def renewed(self, thumbprint: str) -> None:
+        """``pki renew`` installed a new certificate: the next pass rewrites
+        ``identities/<node>``, and each owner then tells its replicas the cluster's hosts
+        with the new thumbprint (what ``_told`` holds differs, so they are told again)."""
+        self.thumbprint = thumbprint
+
     def start(self) -> None:
         """Listen to replication and membership changes; run the pass every :data:`PASS_S`."""
         self.replication.listeners.append(self)
