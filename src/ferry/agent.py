@@ -161,6 +161,7 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
                              cpu=vms.cpu)  # fmt: skip
         await store.recover()
         replication = ReplicationService(vms, jobs, store, peers)
+        replication.recover()  # copy jobs a kill left running are failed
         migrations.observer = replication
         address, port = config.address
         url = f"https://{address}:{port}"

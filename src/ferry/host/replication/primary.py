@@ -42,7 +42,7 @@ from ferry.errors import (
 from ferry.host.jobs import JobRegistry
 from ferry.host.metrics.recorder import NO_METRICS, MetricEvents
 from ferry.host.replication import handover
-from ferry.host.replication.cycle import INITIAL_JOB, CycleRunner
+from ferry.host.replication.cycle import INITIAL_JOB, RESYNC_JOB, CycleRunner
 from ferry.host.replication.receiver import ReplicaStore
 from ferry.host.replication.scheduler import CycleScheduler
 from ferry.host.replication.sender import offer_replica
@@ -95,6 +95,20 @@ class ReplicationService:
         )  # fmt: skip
         self.listeners: list[RelationshipListener] = []
         self.metrics: MetricEvents = NO_METRICS  # counts every cycle's end (the agent's)
+
+    def recover(self) -> None:
+        """After a restart: a copy job left ``running`` has no task any more, and nothing
+        else would end it (its cancel is refused), so it is failed here; the relationship
+        keeps its state, so the next cycle starts the copy over under a new job."""
+        for job in self.jobs.all():
+            if job.kind not in (INITIAL_JOB, RESYNC_JOB) or job.state != "running":
+                continue
+            if job.detail.get("phase") == "to-media":
+                why = ("the agent restarted during the copy to media; the folder is "
+                       "incomplete: remove replication and enable it again")  # fmt: skip
+            else:
+                why = "the agent restarted during the copy; the next cycle starts it over"
+            self.jobs.update(job, "failed", error=why)
 
     async def _cycle(self, vm_uuid: str) -> dict[str, Any]:
         before = self._rel(vm_uuid)
