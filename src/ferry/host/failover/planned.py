@@ -55,7 +55,10 @@ class PlannedFailover:
 
     def check(self, name: str) -> tuple[VmRecord, Relationship]:
         record, rel = self.steps.replication.primary_of(name)
-        if rel.state is not ReplicationState.REPLICATING:
+        # Resynchronising is allowed: the final cycle, with the guest off, is then the
+        # resync, and it ends with the replica equal to the disk. Refusing it left a
+        # planned failover killed in its final cycle neither completable nor cancellable.
+        if rel.state not in (ReplicationState.REPLICATING, ReplicationState.RESYNCHRONISING):
             raise StateError(f"replication of VM {name!r} is {rel.state.value}; a planned "
                              "failover needs it replicating")  # fmt: skip
         return record, rel
