@@ -46,21 +46,13 @@ from tests.faults.conftest import (
 )
 from tests.faults.test_kill_move import check_records, qemu_pid_on, recover
 
-# Not in CI's short form yet: 2 of its first 4 runs failed. One cause is fixed
-# (a planned failover's -S QEMU killed before its first 'cont' was never ended
-# after the restart); the other is open: after an unplanned failover was
-# cancelled, a kill of the primary agent in a planned failover's final-cycle
-# once left a replication-resync job 'running' for over 135 s, which job cancel
-# refuses, so the retried failover failed (docs/reliability.md). Run it with
-# FERRY_FAULTS=full or FERRY_FAULTS=failover.
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        os.environ.get("FERRY_FAULTS") not in ("full", "failover"),
-        reason="open defect: a replication-resync job left running after an agent kill in a "
-        "planned failover (docs/reliability.md); FERRY_FAULTS=failover runs it",
-    ),
-]
+# Both defects this module found are fixed: a planned failover's -S QEMU killed
+# before its first 'cont' was never ended after the restart; and a primary-agent
+# kill in a planned failover's final-cycle (a resync after the cancelled
+# unplanned run) left a replication-resync job 'running' that nothing ended and
+# job cancel refused, and the retry was refused while replication resynchronised
+# (docs/reliability.md). The short plan kills in that final-cycle.
+pytestmark = pytest.mark.integration
 
 VM = "kfail"
 TEST_VM = f"{VM}-test"
@@ -76,7 +68,7 @@ KINDS: dict[str, tuple[str, list[str], list[str]]] = {
 }  # fmt: skip
 SHORT_PLAN = [("test", "replica-agent", "creating-overlays"),
               ("unplanned", "replica-qemu", "starting-vm"),
-              ("planned", "primary-agent", "shutting-down")]  # fmt: skip
+              ("planned", "primary-agent", "final-cycle")]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
