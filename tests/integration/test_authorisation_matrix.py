@@ -71,6 +71,7 @@ API_ROUTES = [
     ("POST", "/v1/cluster/create"), ("POST", "/v1/cluster/join"),
     ("POST", "/v1/cluster/leave"), ("POST", "/v1/clusters/{cluster}/drain"),
     ("POST", "/v1/clusters/{cluster}/resume"), ("POST", "/v1/clusters/{cluster}/upgrade-level"),
+    ("POST", "/v1/clusters/{cluster}/copy-roles"),
     ("POST", "/v1/clusters/{cluster}/vms"), ("DELETE", "/v1/clusters/{cluster}/vms/{vm}"),
     ("GET", "/v1/clusters/{c}"), ("GET", "/v1/clusters/{c}/events"),
     ("POST", "/v1/clusters/{c}/volumes"), ("GET", "/v1/host"),
