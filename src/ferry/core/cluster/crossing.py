@@ -24,6 +24,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from ferry.core.cluster.keys import ClusterKeys
+from ferry.core.cluster.roles import Owner
+from ferry.core.cluster.store import Delete, Op, Put
 from ferry.core.spec import VmSpec
 from ferry.errors import ConflictError, InvalidInputError, NotFoundError, VersionError
 
@@ -107,3 +110,17 @@ def unprotected_s(*, released_revision: int, taken_revision: int, released_at: f
     if taken_revision <= released_revision:
         return 0.0
     return round(max(0.0, taken_at - released_at), 3)
+
+
+def role_ops(keys: ClusterKeys, uuid: str, name: str,
+              put: tuple[bytes, str, bytes] | None) -> list[Op]:  # fmt: skip
+    """Delete the VM's role in ``keys``' cluster, or (``put`` = config, owner node, want)
+    write it there."""
+    if put is None:
+        return [Delete(keys.vm_config(uuid)), Delete(keys.vm_owner(uuid)),
+                Delete(keys.vm_want(uuid)), Delete(keys.vm_state(uuid)),
+                Delete(keys.vm_replication(uuid)), Delete(keys.name(name))]  # fmt: skip
+    config, node, want = put
+    return [Put(keys.vm_config(uuid), config), Put(keys.vm_owner(uuid),
+            Owner.settled(node).encode()), Put(keys.vm_want(uuid), want),
+            Put(keys.name(name), uuid.encode())]  # fmt: skip

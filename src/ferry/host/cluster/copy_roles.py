@@ -48,6 +48,7 @@ from ferry.core.cluster.copy_roles import (
     report,
     start_refusal,
 )
+from ferry.core.cluster.crossing import role_ops
 from ferry.core.cluster.keys import ROOT, ClusterKeys, cluster_names
 from ferry.core.cluster.nodes import node_views
 from ferry.core.cluster.records import ClusterMeta, VolumeRecord
@@ -263,17 +264,12 @@ async def _move_role(store: ClusterStore, src: ClusterKeys, dst: ClusterKeys, vm
     """The ops that delete VM ``vm``'s role in ``src`` and put it in ``dst`` with owner
     ``node``; its replication record moves with it (the new owner adopts it)."""
     uuid = vm.uuid
-    ops: list[Op] = [Delete(src.vm_config(uuid)), Delete(src.vm_owner(uuid)),
-                     Delete(src.vm_want(uuid)), Delete(src.vm_state(uuid)),
-                     Delete(src.name(vm.name)), Put(dst.vm_config(uuid), config),
-                     Put(dst.vm_owner(uuid), Owner.settled(node).encode()),
-                     Put(dst.vm_want(uuid), want.value.encode()),
-                     Put(dst.name(vm.name), uuid.encode()), Put(src.vm_left(uuid), b"1"),
-                     Delete(dst.vm_left(uuid))]  # fmt: skip
+    ops = [*role_ops(src, uuid, vm.name, None),
+           *role_ops(dst, uuid, vm.name, (config, node, want.value.encode())),
+           Put(src.vm_left(uuid), b"1"), Delete(dst.vm_left(uuid))]  # fmt: skip
     replication = await store.get(src.vm_replication(uuid))
-    if replication is not None:
-        ops += [Delete(src.vm_replication(uuid)), Put(dst.vm_replication(uuid),
-                                                      replication.value)]  # fmt: skip
+    if replication is not None:  # deleted in src by role_ops; put in dst as it was
+        ops.append(Put(dst.vm_replication(uuid), replication.value))
     return ops
 
 

@@ -47,6 +47,7 @@ from ferry.core.cluster.crossing import (
     check_target,
     choose_volume,
     crossed_spec,
+    role_ops,
     unprotected_s,
 )
 from ferry.core.cluster.keys import ROOT, ClusterKeys, cluster_names
@@ -54,7 +55,7 @@ from ferry.core.cluster.nodes import node_views
 from ferry.core.cluster.placement import VmDemand, place
 from ferry.core.cluster.records import ClusterMeta, EventRecord, VolumeRecord
 from ferry.core.cluster.roles import Owner, VmRole, Want, encode_role
-from ferry.core.cluster.store import Compare, Delete, Op, Put
+from ferry.core.cluster.store import Compare
 from ferry.core.migration import Storage
 from ferry.core.network import apply_network_map
 from ferry.core.vmstate import VmState
@@ -191,8 +192,8 @@ class CrossingGuard:
         result = await m.store.txn(
             [Compare.unchanged(entry.key, entry.mod_revision), Compare.absent(k2.name(plan.vm)),
              Compare.absent(k2.vm_config(uuid)), Compare.absent(k2.vm_owner(uuid))],
-            [*_role_ops(k1, uuid, plan.vm, None),
-             *_role_ops(k2, uuid, plan.vm, (encode_role(plan.role), plan.node,
+            [*role_ops(k1, uuid, plan.vm, None),
+             *role_ops(k2, uuid, plan.vm, (encode_role(plan.role), plan.node,
                                              Want.RUNNING.value.encode()))],
         )  # fmt: skip
         if not result.succeeded:
@@ -249,8 +250,8 @@ class CrossingGuard:
                     [Compare.unchanged(k2.vm_owner(plan.uuid), plan.revision),
                      Compare.absent(m.keys.vm_config(plan.uuid)),
                      Compare.absent(m.keys.name(plan.vm))],
-                    [*_role_ops(k2, plan.uuid, plan.vm, None),
-                     *_role_ops(m.keys, plan.uuid, plan.vm, (plan.old_role, cvms.node,
+                    [*role_ops(k2, plan.uuid, plan.vm, None),
+                     *role_ops(m.keys, plan.uuid, plan.vm, (plan.old_role, cvms.node,
                                                              plan.old_want))],
                 )  # fmt: skip
             except FerryError as exc:
@@ -263,20 +264,6 @@ class CrossingGuard:
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(1.0)
-
-
-def _role_ops(keys: ClusterKeys, uuid: str, name: str,
-              put: tuple[bytes, str, bytes] | None) -> list[Op]:  # fmt: skip
-    """Delete the VM's role in ``keys``' cluster, or (``put`` = config, owner node, want)
-    write it there."""
-    if put is None:
-        return [Delete(keys.vm_config(uuid)), Delete(keys.vm_owner(uuid)),
-                Delete(keys.vm_want(uuid)), Delete(keys.vm_state(uuid)),
-                Delete(keys.vm_replication(uuid)), Delete(keys.name(name))]  # fmt: skip
-    config, node, want = put
-    return [Put(keys.vm_config(uuid), config), Put(keys.vm_owner(uuid),
-            Owner.settled(node).encode()), Put(keys.vm_want(uuid), want),
-            Put(keys.name(name), uuid.encode())]  # fmt: skip
 
 
 def _remove_boot_files(own_dir: Path) -> None:
