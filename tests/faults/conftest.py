@@ -7,8 +7,11 @@ records, VMs running on two hosts, bad recovery point chains, corrupted
 streams sent and detected, operations left neither completable nor
 cancellable) and, at its end, appends the tally as one JSON line to the file
 named by ``FERRY_FAULTS_REPORT`` (if set); ``docs/reliability.md`` quotes
-those lines. The helpers here check the invariants after each run, through
-the API (never a mocked QEMU or etcd).
+those lines. The long form runs for hours, so each run also appends the
+tally so far (``"partial": true``) to ``FERRY_FAULTS_REPORT`` + ``.progress``:
+a long run cut short still leaves its figures. ``FERRY_FAULTS_RUNS=N`` sets
+the long form's runs per phase (default 50). The helpers here check the
+invariants after each run, through the API (never a mocked QEMU or etcd).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from tests.conftest import LabEnv
 FULL = os.environ.get("FERRY_FAULTS") == "full"
 # FERRY_FAULTS=off leaves the suites out (a quick local run of everything else).
 collect_ignore_glob = ["test_*.py"] if os.environ.get("FERRY_FAULTS") == "off" else []
-FULL_RUNS = 50  # per phase in the long form
+FULL_RUNS = int(os.environ.get("FERRY_FAULTS_RUNS", "50"))  # per phase in the long form
 SETTLE_S = 90.0
 ACTIVE_JOB_STATES = ("running", "cancelling")
 SEQ_LINE = re.compile(r"^seq (\d+)$", re.MULTILINE)
@@ -68,6 +71,12 @@ class Tally:
     def ran(self, phase: str) -> None:
         self.runs += 1
         self.by_phase[phase] = self.by_phase.get(phase, 0) + 1
+        report = os.environ.get("FERRY_FAULTS_REPORT")
+        if report:  # the tally so far: what a long run cut short still shows
+            line = dict(asdict(self), form="full" if FULL else "short", partial=True,
+                        at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # fmt: skip
+            with Path(report + ".progress").open("a") as out:
+                out.write(json.dumps(line) + "\n")
 
 
 @pytest.fixture(scope="module")
