@@ -6,7 +6,10 @@ frame per allocation, cheap enough for a soak) and every
 ``DIR/<host>.jsonl``: seconds since start, traced and peak bytes, ``VmRSS``,
 and the 15 allocation sites that grew most since the first snapshot. Flat
 traced bytes with a growing RSS is the allocator (arenas, fragmentation), not
-a leak in ferry; a site that grows every line is a leak. Off by default: it
+a leak in ferry; a site that grows every line is a leak. With
+``FERRY_TRACEMALLOC_FRAMES=N`` (N > 1) each allocation keeps N frames and a
+growing site is named by its whole stack, innermost first (``stack``), so
+who allocated it shows and not only ``json/decoder.py``. Off by default: it
 costs CPU and memory, so production never pays for it.
 """
 
@@ -22,6 +25,7 @@ from pathlib import Path
 
 ENV_DIR = "FERRY_TRACEMALLOC"
 ENV_EVERY = "FERRY_TRACEMALLOC_EVERY"
+ENV_FRAMES = "FERRY_TRACEMALLOC_FRAMES"
 TOP = 15
 
 
@@ -35,15 +39,19 @@ def rss_kib() -> int | None:
 
 
 def _site(stat: tracemalloc.StatisticDiff) -> dict[str, object]:
-    frame = stat.traceback[0]
-    return {"site": f"{frame.filename}:{frame.lineno}", "kib": round(stat.size / 1024, 1),
-            "grew_kib": round(stat.size_diff / 1024, 1), "count": stat.count,
-            "count_grew": stat.count_diff}  # fmt: skip
+    frame = stat.traceback[-1]  # the most recent frame: frames run oldest first
+    row: dict[str, object] = {
+        "site": f"{frame.filename}:{frame.lineno}", "kib": round(stat.size / 1024, 1),
+        "grew_kib": round(stat.size_diff / 1024, 1), "count": stat.count,
+        "count_grew": stat.count_diff}  # fmt: skip
+    if len(stat.traceback) > 1:  # innermost first
+        row["stack"] = [f"{f.filename}:{f.lineno}" for f in reversed(stat.traceback)]
+    return row
 
 
-async def trace_memory(out: Path, every_s: float) -> None:
+async def trace_memory(out: Path, every_s: float, frames: int = 1) -> None:
     """Append one line to ``out`` every ``every_s`` seconds until cancelled."""
-    tracemalloc.start(1)
+    tracemalloc.start(frames)
     started = time.monotonic()
     ignore = [tracemalloc.Filter(False, tracemalloc.__file__)]
     first = tracemalloc.take_snapshot().filter_traces(ignore)
@@ -52,7 +60,7 @@ async def trace_memory(out: Path, every_s: float) -> None:
             await asyncio.sleep(every_s)
             snap = tracemalloc.take_snapshot().filter_traces(ignore)
             current, peak = tracemalloc.get_traced_memory()
-            grown = snap.compare_to(first, "lineno")[:TOP]
+            grown = snap.compare_to(first, "traceback" if frames > 1 else "lineno")[:TOP]
             row = {"t": round(time.monotonic() - started), "traced_kib": current // 1024,
                    "peak_kib": peak // 1024, "rss_kib": rss_kib(),
                    "top_growth": [_site(s) for s in grown]}  # fmt: skip
@@ -68,4 +76,6 @@ def start_if_asked(host: str) -> asyncio.Task[None] | None:
     if not folder or not Path(folder).is_dir():
         return None
     every = float(os.environ.get(ENV_EVERY) or 60)
-    return asyncio.create_task(trace_memory(Path(folder) / f"{host}.jsonl", every), name="memtrace")
+    frames = max(1, int(os.environ.get(ENV_FRAMES) or 1))
+    out = Path(folder) / f"{host}.jsonl"
+    return asyncio.create_task(trace_memory(out, every, frames), name="memtrace")
