@@ -52,6 +52,23 @@ def seqs(text: str) -> list[int]:
     return [int(n) for n in SEQ.findall(complete(text))]
 
 
+def wait(what: str, probe: Callable[[], Any], timeout: float = 90) -> Any:
+    """Poll ``probe`` until it returns something true; that value (a failing CLI call,
+    an AssertionError, counts as not yet: the lab may still be settling)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = probe()
+        except AssertionError as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(0.5)
+    raise AssertionError(f"{what} did not happen within {timeout:.0f}s (last: {last!r})")
+
+
 @pytest.fixture(scope="session")
 def guest_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The test guest, built once per session (or taken from $FERRY_GUEST_CACHE)."""
@@ -317,7 +334,7 @@ MODULE_SECONDS = {
     # Two clusters of two nodes, three TCG boots, two node crashes: 470 s at load 25-33.
     "integration/test_cluster_crossing.py": 470,
     # Two clusters of two nodes sharing a volume, three boots of one 128M guest: 4 tests in 18 s.
-    "integration/test_cluster_copy_roles.py": 40,
+    "integration/test_cluster_copy_roles.py": 60,
     "integration/test_replication.py": 300,
     # One TCG guest replicated every 5 s for 75 s: 240 s at load 16-22 (its boot 100 s of it).
     "integration/test_continuous_replication.py": 130,

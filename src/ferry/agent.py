@@ -199,6 +199,7 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
             thumbprint=thumbprint(config.tls_dir / "client-cert.pem"))  # fmt: skip
         cluster_replication.start()
         reconciler.on_started.append(cluster_replication.on_owned)
+        reconciler.on_left.append(cluster_replication.on_left)
         exchange.cluster_vms = cluster_vms  # vm import --cluster
         maintenance = Maintenance(cluster_vms, migrations, jobs)
         # The planner's facts: inventory, dirty rates, the bandwidth probe (peer route too).

@@ -1,13 +1,17 @@
 """Copy Cluster Roles between two clusters that see one volume, with real agents, etcd, QEMU.
 
-One lab for the module: four hosts, cluster ``c1`` of host-1 and host-2,
-cluster ``c2`` of host-3 and host-4, and a volume ``shared`` that both
-clusters have at the same directory (nothing is copied). One 128M test guest
+One lab for the module: five hosts, cluster ``c1`` of host-1 and host-2,
+cluster ``c2`` of host-3 and host-4, host-5 standalone (a replica server), and
+a volume ``shared`` that both clusters have at the same directory (nothing is
+copied). One 128M test guest
 writes its records on it. In order: the refusals change nothing; ``--test``
 reports and registers the copy and leaves c1 as it was; ``--run`` stops the
 guest in c1 and starts it in c2 (``downtime_s`` reported), the guest finds
 every record it wrote, and c1 refuses to start it; ``--rollback`` gives it
-back to c1, running again on its old node.
+back to c1, running again on its old node. Then the guest replicates to
+host-5 and ``--run`` again: its replication follows it to its new owner in
+c2, whose next cycle is a delta (no initial copy, no resynchronisation), and
+the recovery points carry on unbroken.
 """
 
 from __future__ import annotations
@@ -20,19 +24,20 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import UP, LabEnv, lab_session, seqs
+from tests.conftest import UP, LabEnv, lab_session, seqs, wait
 
 pytestmark = pytest.mark.integration
 
 C1, C2 = ("host-1", "host-2"), ("host-3", "host-4")
 BOOT_S = 180  # a TCG boot, on a machine shared with other test runs
 COPY = ("cluster", "copy-roles", "--from", "c1", "--to", "c2", "--volume", "shared")
+REPLICA = "host-5"
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, guest_cache: Path) -> Iterator[LabEnv]:
     with lab_session(tmp_path_factory.mktemp("lab")) as env:
-        env.lab.up(4, clusters={"c1": list(C1), "c2": list(C2)}, lease_ttl_s=4,
+        env.lab.up(5, clusters={"c1": list(C1), "c2": list(C2)}, lease_ttl_s=4,
                    host_settings={"image_locking": False})  # fmt: skip
         shared = env.lab.root / "shared-volume"
         shared.mkdir()
@@ -132,3 +137,55 @@ def test_rollback_runs_it_in_c1_again(lab: LabEnv) -> None:
     while any((v := shown(lab, h)) is not None and v["host"] == h for h in C2):
         assert time.monotonic() < deadline, "c2 still has VM copied"
         time.sleep(0.5)
+
+
+def test_replication_carries_over_to_the_new_owner(lab: LabEnv) -> None:
+    cli = lab.cli
+    # Booted (its records counting): a guest stopped before it booted ignores the ACPI
+    # power-down, is forced off, and its bitmap is lost (a resynchronisation, rightly).
+    lab.wait_console("copied", lambda t: bool(UP.search(t)) and len(seqs(t)) >= 2,
+                     timeout=BOOT_S, host="host-1")  # fmt: skip
+    storage = lab.lab.root / "replicas"
+    storage.mkdir()
+    cli("replica-server", "enable", "--host", REPLICA, "--storage", str(storage),
+        "--allow", "host-*")  # fmt: skip
+    cli("replication", "enable", "copied", "--replica", REPLICA, "--frequency", "30s",
+        "--recovery-points", "12", "--json")  # fmt: skip
+    wait("the initial copy", lambda: cli.json("replication", "status", "copied", "--host",
+             "host-1")["state"] == "replicating", timeout=120)  # fmt: skip
+    assert cli.json("replication", "sync", "copied", "--host", "host-1")["result"] == "ok"
+
+    def points() -> list[int]:
+        return [p["id"] for p in cli.json("replication", "points", "copied", "--host", REPLICA)]
+
+    before = points()
+    assert len(before) >= 2, before
+    report = cli.json(*COPY, "--test")
+    (row,) = report["vms"]
+    assert row["replication"] == REPLICA, row
+    cli.json(*COPY, "--run")
+    target = running_in(lab, C2, timeout=BOOT_S)["host"]
+
+    def resumed() -> dict[str, Any] | None:
+        status: dict[str, Any] = cli.json("replication", "status", "copied", "--host", target)
+        return status if status["primary"] == target and status["state"] == "replicating" \
+            else None  # fmt: skip
+
+    status = wait("replication to resume on the new owner in c2", resumed, timeout=60)
+    assert status["replica"] == REPLICA and status["frequency_s"] == 30, status
+    assert cli.json("replication", "status", "copied", "--host", REPLICA)["primary"] == target
+    lab.wait_console("copied", lambda t: len(seqs(t)) >= 2, timeout=BOOT_S, host=target)
+    outcome = cli.json("replication", "sync", "copied", "--host", target)
+    assert outcome["result"] == "ok", outcome
+    # A delta of the bitmap the clean stop saved: no initial copy, no resynchronisation.
+    jobs = cli.json("job", "list", "--host", target)
+    assert not [j for j in jobs if j["kind"] in ("replication-initial", "replication-resync")
+                and j["vm"] == "copied"], jobs  # fmt: skip
+    assert outcome["bytes"] < 4 << 20, outcome  # the disk is 32M; a few records changed
+    events = cli.json("cluster", "events", "c2")
+    mine = [e for e in events if e["kind"] == "replication-resumed" and e["vm"] == "copied"]
+    assert mine and "handed over cleanly" in mine[-1]["reason"], events
+    after = points()
+    assert set(before) <= set(after), (before, after)  # no point lost
+    assert after == sorted(set(after)) and after[-1] > before[-1], (before, after)
+    print(f"points {before} -> {after}; first cycle in c2: {outcome['bytes']} bytes")

@@ -22,7 +22,6 @@ import os
 import signal
 import sqlite3
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from ferry.guest.records import read_records
 from ferry.host.config import load_host_config
 from ferry.peer.https import HttpsTransport
 from ferry.peer.replication import UPDATE
-from tests.conftest import UP, LabEnv, same_image, seqs
+from tests.conftest import UP, LabEnv, same_image, seqs, wait
 
 pytestmark = pytest.mark.integration
 
@@ -50,22 +49,6 @@ CLUSTER_LAB_STANDALONE = 1  # host-4 beside cluster c1 (tests/integration/confte
 def env(cluster_lab_env: LabEnv) -> LabEnv:
     """Cluster c1 of host-1..3 (lease TTL 4 s, volume csv1) and a standalone host-4."""
     return cluster_lab_env
-
-
-def wait(what: str, probe: Callable[[], Any], timeout: float = 90) -> Any:
-    """Poll ``probe`` until it returns something true; that value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-        except AssertionError as exc:  # a CLI call failing while the cluster settles
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.5)
-    raise AssertionError(f"{what} did not happen within {timeout:.0f}s (last: {last!r})")
 
 
 def status(env: LabEnv, host: str | None = None) -> dict[str, Any]:

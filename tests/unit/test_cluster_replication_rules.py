@@ -13,6 +13,7 @@ from ferry.core.relationship import (
     PendingPoint,
     Relationship,
     Role,
+    handed_to_new_owner,
     resumed_by_new_owner,
 )
 from ferry.core.relationship import resume as resume_relationship
@@ -169,3 +170,16 @@ def test_ids_carry_on_past_the_confirmed_point_even_if_the_record_lagged() -> No
 def test_only_a_primarys_record_follows_its_vm() -> None:
     with pytest.raises(ValueError, match="only a primary"):
         resumed_by_new_owner(_primary(role=Role.REPLICA), node="node-2")
+
+
+def test_a_clean_hand_over_between_clusters_keeps_the_bitmap() -> None:
+    # copy-roles: the old owner stopped the VM cleanly and sent its pending points.
+    before = _primary()
+    after = handed_to_new_owner(before, node="node-9")
+    assert after.primary == "node-9" and after.state is S.REPLICATING  # no resync
+    assert after.model_dump(exclude={"primary"}) == before.model_dump(exclude={"primary"})
+    # Files left behind on the old node: as after a node loss.
+    for left in ({"pending": (PENDING,)}, {"in_flight": FLIGHT}):
+        assert handed_to_new_owner(_primary(**left), node="node-9").state is S.RESYNCHRONISING
+    with pytest.raises(ValueError, match="only a primary"):
+        handed_to_new_owner(_primary(role=Role.REPLICA), node="node-9")

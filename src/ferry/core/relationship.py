@@ -187,6 +187,22 @@ def resumed_by_new_owner(rel: Relationship, *, node: str) -> Relationship:
         "in_flight": None, "next_point": max(rel.next_point, confirmed + 1)})  # fmt: skip
 
 
+def handed_to_new_owner(rel: Relationship, *, node: str) -> Relationship:
+    """A clustered VM its old cluster handed over cleanly (``cluster copy-roles --run``).
+
+    ``rel`` is what the old owner wrote for the new cluster after it stopped
+    the VM cleanly (the dirty bitmap saved in the qcow2) and sent its pending
+    points: nothing lives only on the old node, so, unlike
+    :func:`resumed_by_new_owner`, the state stays as it was and the next cycle
+    is a delta of the bitmap, not a resynchronisation.
+    """
+    if rel.role is not Role.PRIMARY:
+        raise ValueError("only a primary's relationship can follow its VM")
+    if rel.pending or rel.in_flight is not None:
+        return resumed_by_new_owner(rel, node=node)  # their files stayed behind
+    return rel.model_copy(update={"primary": node})
+
+
 class CycleMode(StrEnum):
     """What a cycle cuts after the pending points went."""
 

@@ -18,6 +18,8 @@ Everything of cluster ``C`` lives under ``/ferry/clusters/C/``::
                                                            saw it (put by its reconciler)
     vms/<uuid>/replication  Takeover JSON (relationship + recent cycles)   put by the owner
                             (compare-and-swap on owner) whenever it changes
+    vms/<uuid>/left         "1"     copy-roles gave the VM to another cluster
+    vms/<uuid>/handed       "<node>" the old cluster's owner handed its replication over
     identities/<node>       {"name", "url", "thumbprint"}   the node's host certificate, for
                                                             a replica of a clustered VM
     names/<vm name>         "<uuid>"                       unique names (create only if absent)
@@ -102,6 +104,12 @@ class ClusterKeys:
         """Set when ``cluster copy-roles`` gave the VM to another cluster: the node that
         still has it drops its local entry (not a plain VM, as after ``vm remove``)."""
         return f"{self.vms}{uuid}/left"
+
+    def vm_handed(self, uuid: str) -> str:
+        """``"<node>"``: after ``cluster copy-roles``, the old cluster's owner ``node`` sent
+        the VM's pending points, told its replica this cluster's hosts and wrote
+        ``vm_replication`` here from a clean stop, so the new owner keeps its bitmap."""
+        return f"{self.vms}{uuid}/handed"
 
     @property
     def identities(self) -> str:

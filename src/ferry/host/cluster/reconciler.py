@@ -86,6 +86,9 @@ class Reconciler:
         # VM's replication resumes here (host/cluster/replication.py on_owned).
         # A hook's failure is logged and changes nothing here.
         self.on_started: list[Callable[[str], Awaitable[None]]] = []
+        # Called with the VM's uuid before this node drops a VM copy-roles gave to
+        # another cluster (host/cluster/replication.py on_left hands its replication over).
+        self.on_left: list[Callable[[str], Awaitable[None]]] = []
 
     # -- life ------------------------------------------------------------------------
 
@@ -161,6 +164,11 @@ class Reconciler:
             if entries is not None and entries.config is None and entries.left is not None:
                 record = local.get(uuid)
                 if record is not None and not self._local(record).live:
+                    for gone in list(self.on_left):  # its replication first, from here
+                        try:
+                            await gone(uuid)
+                        except Exception:  # the hook's pass retries; the VM is not ours
+                            log.exception("a hook before dropping VM %s failed", record.name)
                     await self.cvms.let_go(record)  # in another cluster now: not ours
                 continue
             if entries is None or entries.config is None:

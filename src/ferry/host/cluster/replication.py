@@ -57,15 +57,21 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from ferry.core.cluster.keys import ClusterKeys
+from ferry.core.cluster.keys import ROOT, ClusterKeys, cluster_names
 from ferry.core.cluster.nodes import MemberRecord
 from ferry.core.cluster.roles import Owner
 from ferry.core.cluster.store import ClusterStore, Compare, Delete, Put
-from ferry.core.relationship import Relationship, Role, resumed_by_new_owner
+from ferry.core.relationship import (
+    Relationship,
+    Role,
+    handed_to_new_owner,
+    resumed_by_new_owner,
+)
 from ferry.core.replication import ClusterHost, format_frequency, is_running
 from ferry.core.tasks import cancel_and_wait
 from ferry.core.vmstate import VmState
 from ferry.errors import AuthError, FerryError
+from ferry.host.replication.handover import send_pending
 from ferry.host.replication.primary import CHANGE_TURN, ReplicationService
 from ferry.peer.replication import REPLICA, UPDATE, ReplicaChanges, Takeover
 
@@ -77,6 +83,7 @@ CYCLES_KEPT = 100  # cycle history published with the relationship
 LISTENER_TIMEOUT_S = 3.0  # a publication inside a cycle's turn waits no longer for the store
 RESUMED = "replication-resumed"  # cluster event kinds (cluster events C)
 CLAIM_REFUSED = "replication-claim-refused"
+HANDED = "replication-handed"  # to another cluster, after copy-roles
 
 
 class ClusterNode(Protocol):
@@ -193,6 +200,17 @@ class ClusterReplication:
         except FerryError as exc:
             log.warning("VM %s: replication not resumed here yet: %s", vm_uuid, exc)
 
+    async def on_left(self, vm_uuid: str) -> None:
+        """Hook for the node's reconciler, before it drops a VM ``cluster copy-roles``
+        gave to another cluster: hand its replication over now (the pass retries)."""
+        membership = self.context.membership
+        if membership is None:
+            return
+        try:
+            await self._hand_to_cluster(membership, vm_uuid)
+        except FerryError as exc:
+            log.warning("VM %s: replication not handed to its new cluster yet: %s", vm_uuid, exc)
+
     async def relationship_changed(self, vm_uuid: str) -> None:
         """Publish (if this node owns the VM). Runs inside a cycle's turn: bounded, never raises;
         a store out of reach only delays the publication to a later pass."""
@@ -250,6 +268,9 @@ class ClusterReplication:
         primaries = {r.vm_uuid for r in self.catalog.relationships() if r.role is Role.PRIMARY}
         for vm_uuid in sorted(primaries):
             config = await membership.store.get(membership.keys.vm_config(vm_uuid))
+            if config is None and await membership.store.get(membership.keys.vm_left(vm_uuid)):
+                await self._hand_to_cluster(membership, vm_uuid)  # copy-roles gave it away
+                continue
             if config is None:  # not (or no longer) clustered: standalone at the replica
                 await self._tell_replica(membership, vm_uuid, (), cluster="")
                 await membership.store.txn(  # a record left by the clustered VM it was
@@ -305,13 +326,15 @@ class ClusterReplication:
 
     async def _hosts(self, membership: ClusterNode) -> tuple[ClusterHost, ...]:
         """The cluster's members whose certificate the store knows, by name."""
-        store, keys = membership.store, membership.keys
+        return await self._hosts_of(membership.store, membership.keys)
+
+    async def _hosts_of(self, store: ClusterStore, keys: ClusterKeys) -> tuple[ClusterHost, ...]:
         members = [MemberRecord.from_json(e.value).name for e in await store.range(keys.members)]
         known = {ClusterKeys.last_part(e.key): Identity.from_json(e.value)
                  for e in await store.range(keys.identities)}  # fmt: skip
         missing = sorted(set(members) - set(known))
         if missing and missing != self._missing:  # said once, not every pass
-            log.info("cluster %s: no certificate published yet for %s", membership.cluster,
+            log.info("cluster %s: no certificate published yet for %s", keys.cluster,
                      ", ".join(missing))  # fmt: skip
         self._missing = missing
         return tuple(ClusterHost(name, known[name].thumbprint)
@@ -389,8 +412,19 @@ class ClusterReplication:
                 return False
             published = Takeover.model_validate_json(entry.value)
             before = Relationship.model_validate(published.model_dump(exclude={"cycles"}))
-            rel = resumed_by_new_owner(before, node=here)
             hosts = await self._hosts(membership)
+            handed = await membership.store.get(membership.keys.vm_handed(vm_uuid))
+            from_here = before.primary in {h.name for h in hosts}
+            if handed is None and not from_here:
+                # copy-roles carried it from another cluster, whose owner has not handed it
+                # over yet: the replica would refuse this node (its pass, then ours, retry).
+                self._warn(vm_uuid, f"VM {before.vm_name}: replication waits for "
+                           f"{before.primary} of its old cluster to hand it over")  # fmt: skip
+                return False
+            if handed is not None and handed.value.decode() == before.primary:
+                rel = handed_to_new_owner(before, node=here)
+            else:
+                rel = resumed_by_new_owner(before, node=here)
             claim = ReplicaChanges(primary=here, thumbprint=self.thumbprint,
                                    primary_url=self.url, cluster=membership.cluster,
                                    cluster_hosts=list(hosts))  # fmt: skip
@@ -405,6 +439,10 @@ class ClusterReplication:
                                                   reason=reason)  # fmt: skip
                 raise
             self._told[vm_uuid] = (membership.cluster, hosts)
+            if handed is not None:  # spent: a later adoption (a node loss) resynchronises
+                await membership.store.txn(
+                    [Compare.unchanged(handed.key, handed.mod_revision)], [Delete(handed.key)]
+                )
             self.catalog.put_relationship(rel)
             self.catalog.replace_cycles(vm_uuid, list(published.cycles))
             self._claims.discard(vm_uuid)
@@ -416,6 +454,8 @@ class ClusterReplication:
         else:
             self.replication.scheduler.spawn(vm_uuid)
         what = ("resynchronising by block hashes" if rel.state.value == "resynchronising"
+                else "handed over cleanly by the old cluster, its next cycle a delta"
+                if handed is not None and rel.state is before.state
                 else f"{rel.state.value}, resynchronising once resumed"
                 if rel.resume_to is not None and rel.resume_to.value == "resynchronising"
                 else rel.state.value)  # fmt: skip
@@ -425,6 +465,46 @@ class ClusterReplication:
         log.info("VM %s: %s", rel.vm_name, reason)
         await membership.record_event(RESUMED, vm=rel.vm_name, node=here, reason=reason)
         return True
+
+    async def _hand_to_cluster(self, membership: ClusterNode, vm_uuid: str) -> None:
+        """The VM is in another cluster now (``copy-roles --run``, after a clean stop):
+        send the pending points, tell the replica that cluster's hosts, write the
+        relationship there with ``vms/<uuid>/handed``, and forget this node's side.
+
+        Done here, by the old primary, because the replica trusts it and the hosts of its
+        cluster only: a claim from the new cluster's node would be refused.
+        """
+        store = membership.store
+        target = await _cluster_holding(store, vm_uuid, besides=membership.cluster)
+        if target is None:
+            return  # not in any cluster's store yet (or any more): the pass looks again
+        async with self.replication.turns.turn(vm_uuid, CHANGE_TURN), self._locks[vm_uuid]:
+            rel = self.replication.cycles.primary_rel(vm_uuid)
+            if rel is None:
+                return
+            moved = await send_pending(self.replication, rel)
+            hosts = await self._hosts_of(store, target)
+            async with self.replication.peer(rel) as peer:
+                change = ReplicaChanges(cluster=target.cluster, cluster_hosts=list(hosts))
+                await peer.call(UPDATE, change, uuid=vm_uuid)
+            cycles = self.catalog.cycles(vm_uuid)[-CYCLES_KEPT:]
+            doc = Takeover(**moved.model_dump(), cycles=cycles).model_dump_json().encode()
+            result = await store.txn(
+                [Compare.absent(membership.keys.vm_config(vm_uuid))],
+                [Put(target.vm_replication(vm_uuid), doc),
+                 Put(target.vm_handed(vm_uuid), membership.node.encode())])  # fmt: skip
+            if not result.succeeded:
+                return  # it came back meanwhile (--rollback): keep replicating it here
+            self.replication.forget(vm_uuid)
+            self.catalog.replace_cycles(vm_uuid, [])
+            self._published.pop(vm_uuid, None)
+            self._told.pop(vm_uuid, None)
+        names = ", ".join(h.name for h in hosts) or "nobody yet"
+        reason = (f"replication to {rel.replica} handed to cluster {target.cluster} ({names}) "
+                  f"after copy-roles; state {moved.state.value}")  # fmt: skip
+        log.info("VM %s: %s", rel.vm_name, reason)
+        await membership.record_event(HANDED, vm=rel.vm_name, node=membership.node,
+                                      reason=reason)  # fmt: skip
 
     async def _drop_if_taken(self, membership: ClusterNode, vm_uuid: str) -> None:
         """This node's primary side of a VM another node owns and replicates: drop it."""
@@ -441,3 +521,15 @@ class ClusterReplication:
             self._told.pop(vm_uuid, None)
         log.info("VM %s: replication now runs from %s; this node's old record dropped",
                  rel.vm_name, published)  # fmt: skip
+
+
+async def _cluster_holding(
+    store: ClusterStore, vm_uuid: str, *, besides: str
+) -> ClusterKeys | None:
+    """The cluster (other than ``besides``) whose store has VM ``vm_uuid``'s role."""
+    known = cluster_names([e.key for e in await store.range(ROOT) if e.key.endswith("/meta")])
+    for name in known:
+        keys = ClusterKeys(name)
+        if name != besides and await store.get(keys.vm_config(vm_uuid)) is not None:
+            return keys
+    return None

@@ -65,21 +65,7 @@ async def hand_over(service: ReplicationService, vm_uuid: str, host: str, url: s
     rel = service.cycles.primary_rel(vm_uuid)
     if rel is None:
         return
-    state = rel.state
-    try:
-        async with service.peer(rel) as peer:
-            remote = await peer.call(REPLICA, uuid=vm_uuid)
-            rel = service.cycles.confirm(rel, remote.latest_point)
-            for point in rel.pending:
-                await service.cycles.send(peer, rel, point)
-                rel = service.cycles.primary_rel(vm_uuid) or rel
-    except FerryError as exc:
-        log.warning("VM %s: pending points not sent before the hand-over: %s",
-                    rel.vm_name, exc)  # fmt: skip
-        if rel.pending and state is S.REPLICATING:
-            state = S.RESYNCHRONISING
-    moved = rel.model_copy(update={
-        "primary": host, "state": state, "pending": (), "in_flight": None})  # fmt: skip
+    moved = (await send_pending(service, rel)).model_copy(update={"primary": host})
     async with service.peers.connect(host, url, timeout=Timeout.CONTROL) as target:
         if thumbprint is None:
             await target.call(HELLO)
@@ -97,6 +83,26 @@ async def hand_over(service: ReplicationService, vm_uuid: str, host: str, url: s
     service.scheduler.cancel(vm_uuid)
     log.info("VM %s: replication handed over to %s (pinned %s)", rel.vm_name, host,
              thumbprint[:16])  # fmt: skip
+
+
+async def send_pending(service: ReplicationService, rel: Relationship) -> Relationship:
+    """Send the relationship's pending points before it leaves this host; the
+    relationship as the next primary takes it (no pending points, no cycle in
+    flight; resynchronising if some could not be sent, as their files stay here)."""
+    state = rel.state
+    try:
+        async with service.peer(rel) as peer:
+            remote = await peer.call(REPLICA, uuid=rel.vm_uuid)
+            rel = service.cycles.confirm(rel, remote.latest_point)
+            for point in rel.pending:
+                await service.cycles.send(peer, rel, point)
+                rel = service.cycles.primary_rel(rel.vm_uuid) or rel
+    except FerryError as exc:
+        log.warning("VM %s: pending points not sent before the hand-over: %s",
+                    rel.vm_name, exc)  # fmt: skip
+        if rel.pending and state is S.REPLICATING:
+            state = S.RESYNCHRONISING
+    return rel.model_copy(update={"state": state, "pending": (), "in_flight": None})
 
 
 def arrived_moves(jobs: JobRegistry) -> list[ArrivedMove]:
