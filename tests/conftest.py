@@ -335,6 +335,8 @@ MODULE_SECONDS = {
     "integration/test_cluster_crossing.py": 470,
     # Two clusters of two nodes sharing a volume, three boots of one 128M guest: 4 tests in 18 s.
     "integration/test_cluster_copy_roles.py": 60,
+    # A cluster of two nodes and a standalone primary, one 128M guest, one node kill: 2 in 24 s.
+    "integration/test_replica_broker.py": 60,
     "integration/test_replication.py": 300,
     # One TCG guest replicated every 5 s for 75 s: 240 s at load 16-22 (its boot 100 s of it).
     "integration/test_continuous_replication.py": 130,

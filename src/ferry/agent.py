@@ -25,12 +25,14 @@ from ferry.adapters.catalog import Catalog
 from ferry.adapters.etcd import open_store
 from ferry.adapters.pki import server_ssl_context, thumbprint
 from ferry.api.cluster import ClusterRoutes
+from ferry.api.replica_broker import ReplicaBrokerRoutes
 from ferry.api.doctor import DoctorRoutes
 from ferry.api.inventory import InventoryRoutes
 from ferry.api.metrics import MetricsRoutes, serve_plain
 from ferry.api.pki import PkiRoutes, open_connections
 from ferry.api.server import AgentApi
 from ferry.core import vmstate
+from ferry.core.cluster.roles import Priority
 from ferry.core.cluster.timing import ClusterTimings
 from ferry.errors import ConfigError
 from ferry.host import facts
@@ -60,6 +62,7 @@ from ferry.host.memtrace import start_if_asked
 from ferry.host.metrics.wiring import agent_metrics
 from ferry.host.migration.service import INCOMING, MOVE, MigrationService
 from ferry.host.replication.cycle import INITIAL_JOB, RESYNC_JOB
+from ferry.host.replication.broker import ReplicaBroker
 from ferry.host.replication.endpoints import ReplicationEndpoints
 from ferry.host.replication.extension import ExtensionService
 from ferry.host.replication.primary import ReplicationService
@@ -223,7 +226,14 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         )
         await failover.recover()
         mover = ReplicaMover(store, replication.cycles.sender, failover, url, peers)
-        ReplicationEndpoints(store, mover=mover, adopt=replication.adopt).register(peer_server)
+        # The replica broker: this node's cluster as a replica target (host/replication/broker.py).
+        broker = ReplicaBroker(cluster_context, catalog, node=config.name, url=url)
+        store.broker = broker
+        broker.make_clustered = lambda cluster, name: cluster_vms.add(
+            cluster, name, priority=Priority.MEDIUM)  # fmt: skip
+        failover.unplanned.started.append(broker.failed_over)  # into the cluster, HA there
+        ReplicationEndpoints(store, mover=mover, adopt=replication.adopt,
+                             broker=broker).register(peer_server)  # fmt: skip
         # GET /metrics: counters the services bump, gauges read at scrape time.
         metrics = agent_metrics(host=config.name, catalog=catalog, jobs=jobs,
                                 replication=replication, fencing=fencing)  # fmt: skip
@@ -237,6 +247,7 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         PkiRoutes.install(app, certificates)  # renewal in place, the deny-list
         app.add_routes(MetricsRoutes(metrics.registry).routes())
         app.add_routes(ClusterRoutes(clusters, cluster_volumes).routes())
+        app.add_routes(ReplicaBrokerRoutes(broker).routes())
         app.add_routes(InventoryRoutes(inventory).routes())
         doctor = HostDoctor(config, accelerator=accelerator, qemu_version=qemu_version,
                             networks=vms.networks, replica_server=store.server,

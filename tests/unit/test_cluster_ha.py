@@ -227,3 +227,23 @@ def test_running_loops_react_to_a_lost_node_and_leader_before_the_next_poll(
         assert await wait_for(new_leader, poll / 2) < poll / 2
 
     run(body, tmp_path)
+
+
+def test_the_leader_gives_a_lost_nodes_replica_vms_to_an_up_node(tmp_path: Path) -> None:
+    """The replica broker's replica VMs (replicas/<uuid>/owner) follow the lost node's
+    VMs: by compare-and-swap, to the up node with the most free memory, with an event."""
+
+    async def body(lab: MemoryCluster) -> None:
+        await lab.store.put(KEYS.replica_owner("r-1"), Owner.settled("host-2").encode())
+        await lab.store.put(KEYS.replica_owner("r-2"), Owner.settled("host-3").encode())
+        assert await lab.lead("host-1")
+        await lab.expire("host-2")
+        await lab.lead("host-1")
+        held = {ClusterKeys.replica_uuid_of(e.key): Owner.decode(e.value).node
+                for e in await lab.store.range(KEYS.replicas)}  # fmt: skip
+        assert held == {"r-1": "host-1", "r-2": "host-3"}  # host-1: 8 GiB free, host-3: 6
+        events = [(e.kind, e.vm, e.node) for e in await lab.membership("host-1").events()
+                  if e.kind == "replica-reowned"]  # fmt: skip
+        assert events == [("replica-reowned", "r-1", "host-1")]
+
+    run(body, tmp_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -492,6 +493,38 @@ def test_a_restarted_source_undoes_a_move_mid_copy(lab: Lab) -> None:
     assert job.state == Phase.FAILED
     assert job.detail["error"] == ("the agent restarted during the move; "
                                    "the VM stays on host-1")  # fmt: skip
+    assert_back_on_source(lab, job, model)
+
+
+def test_a_restarted_source_calls_off_a_destination_that_never_resumed(lab: Lab) -> None:
+    """Killed after QEMU's stream completed, before ``finish``: the destination still
+    receives and never resumes on its own, so the restarted source calls it off at
+    once (it used to ask for a minute, the agent serving nothing meanwhile)."""
+    model = lab.boot()
+    model.hold = True
+
+    async def go() -> tuple[Job, float]:
+        job = lab.move(storage=Storage.COPY)
+        await reached(job, Phase.COPYING_MEMORY)
+        assert job.task is not None
+        job.task.cancel()  # the agent dies at the switch-over ...
+        lab.one.migrations.source.undo = _no_undo  # type: ignore[method-assign]
+        with pytest.raises(asyncio.CancelledError):
+            await job.task
+        del lab.one.migrations.source.undo  # the restarted agent's undo is the real one
+        model.run = "postmigrate"  # ... after QEMU sent the last pages
+        model.migration = "completed"
+        lab.one.catalog.put_job(_row_of(job, Phase.SWITCHING_OVER))
+        service = _restart(lab.one, lab.network)
+        started = time.monotonic()
+        await service.recover()
+        return service.jobs.get(job.id), time.monotonic() - started
+
+    job, took = asyncio.run(go())
+    assert took < 10, took  # not OUTCOME_WAIT_S
+    assert job.state == Phase.FAILED
+    assert "the agent restarted during the switch-over" in job.detail["error"]
+    assert lab.two.jobs.get(job.id).state == IncomingState.ABORTED
     assert_back_on_source(lab, job, model)
 
 

@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import pytest
 
+from ferry.core.cluster.keys import ClusterKeys
+from ferry.core.cluster.store import Entry
+from ferry.core.relationship import Relationship
+from ferry.core.relationship import Role as RelRole
 from ferry.core.replica_server import AllowEntry, ReplicaServerSettings
 from ferry.core.replication.broker import (
     BrokerPin,
+    ReplicaRecord,
     ReplicaTarget,
     Route,
     admit_primary,
     check_presented,
     cluster_san,
     parse_target,
+    reowns,
     resolve_cluster,
     route,
 )
+from ferry.core.replication.retention import PointInfo
+from ferry.core.spec import VmSpec
 from ferry.errors import AuthError, InvalidInputError, NotFoundError, StateError, VersionError
 
 SETTINGS = ReplicaServerSettings(enabled=True, storage="/vol/csv2",
@@ -73,3 +81,16 @@ def test_the_owner_handles_a_cycle() -> None:
         at("host-7")
     with pytest.raises(StateError, match="is moving inside cluster 'c2'"):
         at("host-6", pending=True)
+
+
+def test_the_record_carries_the_chain_and_reowns_pick_an_up_node() -> None:
+    spec = VmSpec(name="web", config_version=3, memory=1 << 27)
+    rel = Relationship(vm_uuid=spec.uuid, vm_name="web", role=RelRole.REPLICA,
+                       primary="host-1", replica="host-2", broker="c2")  # fmt: skip
+    chain = [PointInfo(0, 1.0, "base", 10), PointInfo(1, 2.0, "p1", 5)]
+    record = ReplicaRecord(spec=spec, relationship=rel, points=ReplicaRecord.points_of(chain))
+    again = ReplicaRecord.model_validate_json(record.model_dump_json())
+    assert again == record and again.chain() == chain
+    keys = ClusterKeys("c2")
+    owner = Entry(keys.replica_owner(spec.uuid), b'{"node": "host-2"}', 1, 7, 1)
+    assert reowns([owner], keys) == []  # no member is up: nobody to take it

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from ferry.cli.output import print_json, print_table, say
 from ferry.cli.vm_cmd import JsonOpt, with_fleet
 from ferry.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from ferry.client.fleet import Fleet
 
 app = typer.Typer(help="Replica server settings of a host.", no_args_is_help=True)
 
@@ -69,14 +73,85 @@ def _show(settings: dict[str, Any], host: str, as_json: bool) -> None:
 )
 def enable(
     ctx: typer.Context,
-    host: str = HostOpt,
+    host: str | None = typer.Option(None, "--host", "-H", help="The host."),
+    cluster: str | None = typer.Option(
+        None, "--cluster", "-c", help="A cluster instead: any of its nodes accepts a cycle."
+    ),
+    volume: str | None = typer.Option(
+        None, "--volume", help="With --cluster: the cluster volume replica VMs live on."
+    ),
+    ca: Path | None = typer.Option(
+        None,
+        "--ca",
+        help="With --cluster: the CA dir, to add the cluster's name to node "
+        "certificates that lack it.",
+    ),
 ) -> None:
     """Accept replication: --storage DIR [--allow PATTERN [--storage DIR] [--trust-group G]]...
-    [--allow-any]. Patterns match the primary's host name (shell style: host-*)."""
+    [--allow-any]. Patterns match the primary's host name (shell style: host-*). With
+    --cluster C --volume V: the cluster accepts, its replica VMs on V."""
     body = parse_enable_args(ctx.args)
+    if (host is None) == (cluster is None):
+        raise InvalidInputError("name the replica server: --host H or --cluster C")
+    if cluster is not None:
+        _enable_cluster(cluster, volume, ca, body)
+        return
+    assert host is not None
+    if volume is not None or ca is not None:
+        raise InvalidInputError("--volume and --ca go with --cluster; a host takes --storage DIR")
     settings = with_fleet(lambda fleet: fleet.client(host).call("PUT", "/v1/replica-server",
                                                                 body=body))  # fmt: skip
     _show(settings, host, as_json=False)
+
+
+def _enable_cluster(cluster: str, volume: str | None, ca: Path | None,
+                    body: dict[str, Any]) -> None:  # fmt: skip
+    """The settings once in the cluster's store; every node certificate names the cluster."""
+    from ferry.cli.cluster_cmd import ask_cluster, nodes_of
+    from ferry.client.pki import add_cluster_name, cluster_names_missing
+    from ferry.core.replication.broker import cluster_san
+
+    if volume is None:
+        raise InvalidInputError(
+            f"a replica cluster keeps its replica VMs on one of its "
+            f"volumes: give --volume V ('ferry cluster show {cluster}')"
+        )
+    if body["storage"] or any(e.get("storage") for e in body["allow"]):
+        raise InvalidInputError("--storage is for a host; a cluster's replica VMs go on "
+                                "--volume V")  # fmt: skip
+    request = {
+        "volume": volume,
+        "allow_any": body["allow_any"],
+        "allow": [{k: v for k, v in e.items() if k != "storage"} for e in body["allow"]],
+    }
+    name = cluster_san(cluster)
+
+    async def run(fleet: Fleet) -> dict[str, Any]:
+        nodes = [node for node, _ in await nodes_of(fleet, cluster)]
+        missing = await cluster_names_missing(fleet, nodes, name)
+        if missing and ca is None:
+            raise InvalidInputError(f"the certificates of {', '.join(missing)} do not name "
+                                    f"{name}: pass --ca DIR to re-issue them with it")  # fmt: skip
+        settings: dict[str, Any] = await ask_cluster(
+            fleet, cluster, "PUT", f"/v1/clusters/{cluster}/replica-server", request
+        )
+        if missing:
+            assert ca is not None
+            await add_cluster_name(fleet, ca, missing, name)
+        settings["reissued"] = missing
+        return settings
+
+    settings = with_fleet(run)
+    say(f"cluster {cluster}: replica server enabled, replica VMs on volume {volume} "
+        f"({settings['storage']})" + (", accepts any host of this CA"
+                                      if settings["allow_any"] else ""))  # fmt: skip
+    if settings["reissued"]:
+        say(f"  certificates re-issued with {name}: {', '.join(settings['reissued'])}")
+    if settings["allow"]:
+        print_table(
+            ["ALLOW", "TRUST GROUP"],
+            [[e["pattern"], e.get("trust_group")] for e in settings["allow"]],
+        )
 
 
 @app.command("show")

@@ -87,6 +87,18 @@ def _parse_initial(text: str) -> tuple[str, str | None]:
     raise InvalidInputError(f"--initial must be network, media:DIR or existing, not {text!r}")
 
 
+async def _replica_url(fleet: Fleet, replica: str) -> str:
+    """A host's address; for ``cluster:C`` (the replica broker) the addresses of C's
+    nodes as the known hosts answer for their cluster, comma-separated."""
+    from ferry.cli.cluster_cmd import nodes_of
+    from ferry.core.replication.broker import parse_target
+
+    target = parse_target(replica)
+    if not target.cluster:
+        return fleet.settings.host(replica).url
+    return ",".join(fleet.settings.host(node).url for node, _ in await nodes_of(fleet, target.name))
+
+
 async def _primary(fleet: Fleet, name: str, host: str | None) -> str:
     where, _ = await fleet.locate(name, host)
     return where
@@ -141,7 +153,9 @@ def _show_status(status: dict[str, Any]) -> None:
 @app.command("enable")
 def enable(
     name: str,
-    replica: str = typer.Option(..., "--replica", help="The replica host."),
+    replica: str = typer.Option(
+        ..., "--replica", help="The replica host, or cluster:C (any node of cluster C)."
+    ),
     frequency: str = typer.Option(
         "5m",
         "--frequency",
@@ -179,10 +193,10 @@ def enable(
 
     async def run(fleet: Fleet) -> dict[str, Any]:
         primary = await _primary(fleet, name, host)
-        target = fleet.settings.host(replica)
         status: dict[str, Any] = await fleet.client(primary).post(
             f"/v1/vms/{name}/replication",
-            {"replica": replica, "replica_url": target.url, "frequency_s": seconds,
+            {"replica": replica, "replica_url": await _replica_url(fleet, replica),
+             "frequency_s": seconds,
              "recovery_points": recovery_points, "initial": method, "media_dir": media,
              "compression": compression == "on", "initial_after": after,
              "network_map": networks, "app_consistent_every_s": app_every},

@@ -14,6 +14,7 @@ catches up with the next one (``ferry pki revocations --push``).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,10 @@ async def revoke(fleet: Fleet, ca_dir: Path, *, host: str | None, serial: str | 
             "pushed": pushed}  # fmt: skip
 
 
-async def renew(fleet: Fleet, ca_dir: Path, host: str, *, force: bool) -> dict[str, Any]:
-    """Renew ``host``'s certificate in place and retire the old one."""
+async def renew(fleet: Fleet, ca_dir: Path, host: str, *, force: bool,
+                add_dns: Sequence[str] = ()) -> dict[str, Any]:  # fmt: skip
+    """Renew ``host``'s certificate in place and retire the old one; ``add_dns``: names
+    the new certificate carries besides the old one's (a replica cluster's name)."""
     revoked = ca_list(ca_dir)
     client = fleet.client(host)
     cert = await client.get("/v1/host/certificate")
@@ -76,6 +79,7 @@ async def renew(fleet: Fleet, ca_dir: Path, host: str, *, force: bool) -> dict[s
         raise InvalidInputError(f"the agent at {client.url} presents a certificate for "
                                 f"{cert['common_name']!r}, not {host!r}")  # fmt: skip
     extra_dns = [name for name in cert["dns_names"] if name != host]
+    extra_dns += [name for name in add_dns if name not in extra_dns]
     pems = await asyncio.to_thread(host_cert_pems, ca_dir, host, dns_names=extra_dns,
                                    ips=cert["ips"])  # fmt: skip
     done: dict[str, Any] = await client.post(
@@ -95,3 +99,20 @@ async def renew(fleet: Fleet, ca_dir: Path, host: str, *, force: bool) -> dict[s
     )
     done["old_revoked_on"] = await push(fleet, revoked)
     return done
+
+
+async def cluster_names_missing(fleet: Fleet, nodes: Sequence[str], name: str) -> list[str]:
+    """The nodes whose certificate does not carry DNS name ``name`` (nothing changes)."""
+    missing = []
+    for node in nodes:
+        cert = await fleet.client(node).get("/v1/host/certificate")
+        if name not in cert["dns_names"]:
+            missing.append(node)
+    return missing
+
+
+async def add_cluster_name(fleet: Fleet, ca_dir: Path, nodes: Sequence[str],
+                           name: str) -> list[dict[str, Any]]:  # fmt: skip
+    """Re-issue each node's certificate with DNS name ``name`` added (the replica broker's
+    cluster name, ``C.cluster.ferry``): a renewal in place, partners' pins follow."""
+    return [await renew(fleet, ca_dir, node, force=False, add_dns=[name]) for node in nodes]

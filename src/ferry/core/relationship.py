@@ -123,6 +123,9 @@ class Relationship(BaseModel):
     # any of which may take the primary's place (core/replication/authority.py).
     cluster: str = ""
     cluster_hosts: tuple[ClusterHost, ...] = ()
+    # Replica side of ``--replica cluster:C`` (the replica broker): C, whose store holds
+    # this replica VM's record and owner (host/replication/broker.py).
+    broker: str = ""
     # The VM's network -> the replica host's network its failovers use
     # (``--network-map``); the replica VM's spec already has it applied.
     network_map: dict[str, str] = Field(default_factory=dict)

@@ -19,9 +19,11 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from ferry.adapters.pki import client_ssl_context
+from ferry.adapters.pki import client_ssl_context, thumbprint
+from ferry.adapters.pki.files import CA_CERT
 from ferry.core.validation import first_error
 from ferry.errors import ConnectionFailedError
+from ferry.peer.broker import BrokerTransport, is_cluster_target
 from ferry.peer.https import HttpsTransport, ServerTrust, raise_for_error
 from ferry.peer.routes import NoBody, Route, Upload
 from ferry.peer.transport import Transport
@@ -112,6 +114,8 @@ class PeerConnector:
     def __init__(self, tls_dir: Path, trust: ServerTrust | None = None) -> None:
         self._tls: ssl.SSLContext = client_ssl_context(tls_dir)
         self.trust = trust
+        # What a replica cluster's pin names (the replica broker, ferry.peer.broker).
+        self.ca_thumbprint = thumbprint(tls_dir / CA_CERT)
 
     def reload(self, cert: Path, key: Path) -> None:
         """Present ``cert`` from now on (connections already open keep the old one)."""
@@ -120,6 +124,17 @@ class PeerConnector:
     def connect(
         self, name: str, url: str, *, timeout: Timeout = Timeout.CONTROL, pin: str | None = None
     ) -> PeerClient:
+        if is_cluster_target(name):  # url: the cluster's node addresses, comma-separated
+            broker = BrokerTransport(
+                name,
+                url,
+                self._tls,
+                timeout=float(timeout),
+                pin=pin,
+                ca_thumbprint=self.ca_thumbprint,
+                trust=self.trust,
+            )
+            return PeerClient(name, url, broker)
         transport = HttpsTransport(
             name, url, self._tls, server_name=name, timeout=float(timeout), pin=pin,
             trust=self.trust,

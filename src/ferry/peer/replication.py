@@ -16,6 +16,8 @@ receiving side then authorises the caller *for the object* (see
     GET    /v1/peer/replicas/{uuid}/hashes?block_size=N -> BlockHashes
     POST   /v1/peer/replicas/{uuid}/move  ReplicaMoveRequest -> ReplicaMoved
     POST   /v1/peer/replications  Takeover -> PrimaryStatus (201)
+    GET    /v1/peer/broker/{cluster}/replicas/{uuid} -> BrokerOwner (the replica broker:
+           which node of the cluster holds the replica VM now; any node answers)
 
 Who may call what:
 
@@ -78,6 +80,16 @@ class Offer(_Model):
     # The VM's network -> the receiver's network a failover puts its NICs on
     # (a network not named keeps its name); refused if the receiver lacks one.
     network_map: dict[str, str] = {}
+    # The replica broker (``--replica cluster:C``): the cluster admits the primary and
+    # holds the replica VM, not the node that answered.
+    cluster: str = ""
+
+
+class BrokerOwner(_Model):
+    """The node of a replica cluster that holds a replica VM now, and where it answers."""
+
+    node: str
+    url: str
 
 
 class ReplicaState(_Model):
@@ -215,3 +227,4 @@ FILE = Route("PUT", "/v1/peer/replicas/{uuid}/files/{kind}", Upload, FileReceive
 HASHES = Route("GET", "/v1/peer/replicas/{uuid}/hashes", NoBody, BlockHashes)
 MOVE_REPLICA = Route("POST", "/v1/peer/replicas/{uuid}/move", ReplicaMoveRequest, ReplicaMoved)
 TAKE_OVER = Route("POST", "/v1/peer/replications", Takeover, PrimaryStatus, status=201)
+LOCATE = Route("GET", "/v1/peer/broker/{cluster}/replicas/{uuid}", NoBody, BrokerOwner)

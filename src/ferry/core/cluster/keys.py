@@ -23,6 +23,11 @@ Everything of cluster ``C`` lives under ``/ferry/clusters/C/``::
     identities/<node>       {"name", "url", "thumbprint"}   the node's host certificate, for
                                                             a replica of a clustered VM
     names/<vm name>         "<uuid>"                       unique names (create only if absent)
+    replica-server          ReplicaServerSettings JSON     the cluster as a replica target
+    replicas/<uuid>/owner   {"node", "since"}              the node holding a replica VM
+                                                           (compare-and-swap, like vms/)
+    replicas/<uuid>/record  ReplicaRecord JSON             the replica VM, its relationship and
+                                                           chain, put by the owner per change
     events/<revision-padded> {"at", "kind", "node", "vm", "reason"}
 
 (``cluster volume add`` keeps nothing in the store while it probes: the
@@ -117,6 +122,25 @@ class ClusterKeys:
 
     def identity(self, node: str) -> str:
         return self.identities + node
+
+    @property
+    def replica_server(self) -> str:
+        return self.prefix + "replica-server"
+
+    @property
+    def replicas(self) -> str:
+        return self.prefix + "replicas/"
+
+    def replica_owner(self, uuid: str) -> str:
+        return f"{self.replicas}{uuid}/owner"
+
+    def replica_record(self, uuid: str) -> str:
+        return f"{self.replicas}{uuid}/record"
+
+    @staticmethod
+    def replica_uuid_of(key: str) -> str:
+        """The uuid in a ``.../replicas/<uuid>/...`` key."""
+        return key.split("/replicas/", 1)[1].split("/", 1)[0]
 
     @property
     def names(self) -> str:

@@ -21,8 +21,17 @@ import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
+from pydantic import BaseModel, ConfigDict
+
 from ferry.core.cluster.crossing import check_replica_level
+from ferry.core.cluster.keys import ClusterKeys
+from ferry.core.cluster.nodes import NodeState, node_views
+from ferry.core.cluster.roles import Owner
+from ferry.core.cluster.store import Entry
+from ferry.core.relationship import Relationship
 from ferry.core.replica_server import Admission, ReplicaServerSettings, admit
+from ferry.core.replication.retention import PointInfo
+from ferry.core.spec import VmSpec
 from ferry.errors import AuthError, InvalidInputError, NotFoundError, StateError
 
 PREFIX = "cluster:"
@@ -90,7 +99,7 @@ def admit_primary(settings: ReplicaServerSettings, primary: str, *, cluster: str
     """The replica cluster's answer to ``replication enable VM --replica cluster:C``."""
     if not settings.enabled:
         raise AuthError(f"cluster {cluster!r} is not a replica server; enable it with "
-                        f"'ferry replica-server enable --cluster {cluster} --storage-volume "
+                        f"'ferry replica-server enable --cluster {cluster} --volume "
                         "VOLUME --allow PATTERN'")  # fmt: skip
     try:
         admission = admit(settings, primary, server=cluster)
@@ -125,3 +134,57 @@ def route(here: str, *, owner: str | None, pending: bool, alive: Collection[str]
         raise StateError(f"replica VM {vm!r}'s node {owner!r} in cluster {cluster!r} is down; "
                          "the next cycle lands on the node the cluster restarts it on")  # fmt: skip
     return Route(owner, local=owner == here)
+
+
+class ReplicaRecord(BaseModel):
+    """``replicas/<uuid>/record``: what a node needs to hold a replica VM of the cluster.
+
+    The owner puts it after every change (offer, point, file, terms); a node
+    that becomes the owner writes it into its own catalog before it answers
+    a cycle. The chain's files are on the cluster's volume, which every node
+    sees at one path, so the record names them and nothing is copied.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    spec: VmSpec
+    relationship: Relationship
+    points: tuple[tuple[int, float, str, int], ...] = ()
+
+    def chain(self) -> list[PointInfo]:
+        return [PointInfo(id=i, time=t, file=f, size=n) for i, t, f, n in self.points]
+
+    @staticmethod
+    def points_of(chain: Iterable[PointInfo]) -> tuple[tuple[int, float, str, int], ...]:
+        return tuple((p.id, p.time, p.file, p.size) for p in chain)
+
+
+@dataclass(frozen=True)
+class ReOwn:
+    """The HA leader gives a lost node's replica VM to an up node (compare-and-swap)."""
+
+    uuid: str
+    source: str
+    target: str
+    owner_revision: int
+
+
+def reowns(entries: Iterable[Entry], keys: ClusterKeys) -> list[ReOwn]:
+    """The replica VMs whose owner node is lost (its lease gone), each to the up node
+    with the most free memory (nothing runs: the next cycle is all it does there)."""
+    entries = list(entries)
+    nodes = node_views(entries, keys)
+    up = sorted((n for n in nodes if n.state is NodeState.UP),
+                key=lambda n: (-n.memory_free, n.name))  # fmt: skip
+    alive = {ClusterKeys.last_part(e.key) for e in entries if e.key.startswith(keys.alive_prefix)}
+    members = {n.name for n in nodes}
+    found: list[ReOwn] = []
+    for entry in entries:
+        if not (entry.key.startswith(keys.replicas) and entry.key.endswith("/owner")):
+            continue
+        owner = Owner.decode(entry.value).node
+        if (owner in alive and owner in members) or not up:
+            continue
+        found.append(ReOwn(ClusterKeys.replica_uuid_of(entry.key), owner, up[0].name,
+                           entry.mod_revision))  # fmt: skip
+    return sorted(found, key=lambda r: r.uuid)

@@ -5,8 +5,10 @@ leads) reads the cluster's prefix once, asks :func:`ferry.core.cluster.ha.plan`
 what to do, and applies each restart as one transaction: the VM's ``owner``
 still at the revision read, the lost node's ``alive`` key still absent, and
 the leader key still this node's. Only then does ``owner`` name the new node,
-whose reconciler starts the VM. Events record each node found lost, each
-restart and each refusal (once while the VM stays refused); every
+whose reconciler starts the VM. The replica VMs a lost node held for the
+replica broker (``replicas/<uuid>/owner``) go to an up node the same way;
+nothing starts there (:mod:`ferry.host.replication.broker`). Events record
+each node found lost, each restart and each refusal (once while the VM stays refused); every
 :data:`PRUNE_EVERY` passes the leader trims the events log to its last 1000.
 """
 
@@ -19,6 +21,7 @@ from ferry.core.cluster.ha import HaPlan, Restart, plan
 from ferry.core.cluster.records import EventKind
 from ferry.core.cluster.roles import Owner
 from ferry.core.cluster.store import Compare, Put
+from ferry.core.replication.broker import ReOwn, reowns
 from ferry.host.cluster.membership import Membership
 
 log = logging.getLogger(__name__)
@@ -48,7 +51,8 @@ class HaLeader:
         if self._passes % PRUNE_EVERY == 0:
             await m.prune_events()
         self._passes += 1
-        result = PassResult(plan(await m.store.range(m.keys.prefix), m.keys))
+        entries = await m.store.range(m.keys.prefix)
+        result = PassResult(plan(entries, m.keys))
         for node in sorted(set(result.plan.lost) - self._seen_lost):
             await m.record_event(EventKind.NODE_DOWN, node=node,
                                  reason="its lease expired (alive record gone)")  # fmt: skip
@@ -59,6 +63,8 @@ class HaLeader:
                 self._refusals.pop(restart.uuid, None)
             else:
                 result.lost_races.append(restart)
+        for reown in reowns(entries, m.keys):  # the replica broker's replica VMs
+            await self._reown(reown)
         # A refusal is recorded once while the VM stays refused (its reason's
         # numbers move with every pass as other VMs land).
         still = {refused.uuid for refused in result.plan.refused}
@@ -70,16 +76,34 @@ class HaLeader:
                                      node=refused.source, reason=refused.reason)  # fmt: skip
         return result
 
+    async def _reown(self, reown: ReOwn) -> bool:
+        """A lost node's replica VM (replica broker) goes to an up node; nothing starts:
+        the primary's next cycle locates it there."""
+        m = self.membership
+        done = await self._swap(m.keys.replica_owner(reown.uuid), reown.owner_revision,
+                                source=reown.source, target=reown.target)  # fmt: skip
+        if done:
+            await m.record_event("replica-reowned", vm=reown.uuid, node=reown.target,
+                                 reason=f"node {reown.source} lost its lease; the replica VM "
+                                 f"is held by {reown.target} from its next cycle")  # fmt: skip
+        return done
+
+    async def _swap(self, owner_key: str, revision: int, *, source: str, target: str) -> bool:
+        """``owner_key`` names ``target`` if it is still at ``revision``, ``source`` still
+        has no lease and this node still leads."""
+        m = self.membership
+        done = await m.store.txn(
+            [Compare.unchanged(owner_key, revision),
+             Compare.absent(m.keys.alive(source)),
+             Compare.holds(m.keys.leader, m.node.encode())],
+            [Put(owner_key, Owner.settled(target).encode())],
+        )  # fmt: skip
+        return done.succeeded
+
     async def _move(self, restart: Restart) -> bool:
         m = self.membership
-        owner_key = m.keys.vm_owner(restart.uuid)
-        done = await m.store.txn(
-            [Compare.unchanged(owner_key, restart.owner_revision),
-             Compare.absent(m.keys.alive(restart.source)),
-             Compare.holds(m.keys.leader, m.node.encode())],
-            [Put(owner_key, Owner.settled(restart.target).encode())],
-        )  # fmt: skip
-        if not done.succeeded:
+        if not await self._swap(m.keys.vm_owner(restart.uuid), restart.owner_revision,
+                                source=restart.source, target=restart.target):  # fmt: skip
             log.info("HA restart of %s on %s lost its compare-and-swap; next pass reads again",
                      restart.vm, restart.target)  # fmt: skip
             return False

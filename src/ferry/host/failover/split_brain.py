@@ -21,6 +21,8 @@ from ferry.adapters.pki import CertInfo
 from ferry.adapters.pki import Role as CertRole
 from ferry.core.relationship import Extension, Relationship, Role
 from ferry.core.replication import Caller, check_partner
+from ferry.core.replication.broker import PREFIX as BROKER_PREFIX
+from ferry.core.replication.broker import cluster_san
 from ferry.errors import AuthError, ConflictError, ConnectionFailedError, NotFoundError
 from ferry.host.failover.steps import FailoverSteps
 from ferry.peer import failover as wire
@@ -135,6 +137,10 @@ class SplitBrainGuard:
                             f"is not replicated on host {s.config.name!r}; refused")  # fmt: skip
         if call.query.get("ask") == "primary":
             return await self._relay(caller, rel)
+        if rel.role is Role.PRIMARY and rel.replica.startswith(BROKER_PREFIX) and \
+                cluster_san(rel.replica[len(BROKER_PREFIX):]) in call.caller.dns_names:  # fmt: skip
+            # A node of the replica cluster (its certificate names it; TLS checked the CA).
+            return wire.VmState(state=record.state.value, host=s.config.name)
         extension = s.catalog.extension(vm_uuid) if rel.role is Role.REPLICA else None
         check_any_partner(caller, vm=rel.vm_name, allowed=partners(rel, extension))
         return wire.VmState(state=record.state.value, host=s.config.name)

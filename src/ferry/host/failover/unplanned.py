@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from ferry.adapters.firmware import check_firmware_here
 from ferry.core.cpu_models import check_cpu
 from ferry.core.failover import FailoverOp, FailoverState, Phase
+from ferry.core.relationship import Relationship
 from ferry.core.vmstate import VmOp, VmState
 from ferry.host.failover.split_brain import SplitBrainGuard
 from ferry.host.failover.steps import RUN_PREFIX, FailoverSteps
@@ -32,6 +34,9 @@ class Failover:
     def __init__(self, steps: FailoverSteps, guard: SplitBrainGuard) -> None:
         self.steps = steps
         self.guard = guard
+        # Run once a failed-over VM runs here (the replica broker makes it a VM of its
+        # cluster, host/replication/broker.py); what one returns joins the result.
+        self.started: list[Callable[[Relationship], Awaitable[dict[str, Any]]]] = []
 
     async def start(self, name: str, point_id: int | None, *, force: bool = False,
                     planned: bool = False, job: Job | None = None) -> dict[str, Any]:  # fmt: skip
@@ -59,8 +64,11 @@ class Failover:
         await s.vms.start(name)
         log.info("VM %s: failed over to %s on recovery point %d", name, s.config.name,
                  point.id)  # fmt: skip
-        return {"vm": name, "host": s.config.name, "point": point.id, "time": point.time,
-                "start_s": round(time.monotonic() - started, 3)}  # fmt: skip
+        result = {"vm": name, "host": s.config.name, "point": point.id, "time": point.time,
+                  "start_s": round(time.monotonic() - started, 3)}  # fmt: skip
+        for hook in self.started:
+            result.update(await hook(rel))
+        return result
 
     async def complete(self, name: str, job: Job | None = None) -> dict[str, Any]:
         """Make a failover final: the other recovery points go, the VM stays."""

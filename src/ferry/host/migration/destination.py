@@ -332,7 +332,10 @@ class MoveDestination:
                     del self._called_off[next(iter(self._called_off))]
                 return wire.IncomingOutcome(state=IncomingState.ABORTED)
             job = self._incoming(job_id, call.caller)
-            await self.abort_incoming(job, "the source called the move off")
+            # A finish under way holds the VM's lock: wait for it, so an abort
+            # never removes a VM that resumed here (it then answers done).
+            async with self.vms.lock(job.vm_uuid):
+                await self.abort_incoming(job, "the source called the move off")
         return wire.IncomingOutcome(state=IncomingState(job.state))
 
     # -- endings --------------------------------------------------------------------

@@ -6,24 +6,34 @@ destination, a VM found running arrived (it resumed just before the agent
 stopped); anything else is aborted. On the source, a stream QEMU reports
 ``completed`` may have arrived: only the destination's word that it runs the
 VM ends the move as done, otherwise the move is undone and the VM runs here.
+
+The destination resumes a VM only when the source tells it to (``finish``),
+so a destination still ``receiving`` has not resumed and will not: it is
+called off at once (its abort waits for a ``finish`` already under way, and
+answers ``done`` if that won) rather than asked again for a minute while the
+restarted agent does not serve. A destination that cannot be reached may run
+the VM: it stays paused here, so it never runs twice.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 
 from ferry.adapters.migration import MigrationStatus, OutgoingMigration
 from ferry.core.migration import IncomingState, Phase, Storage, is_final
 from ferry.core.vmstate import QemuStatus
-from ferry.errors import FerryError
+from ferry.errors import ConnectionFailedError, FerryError, NotFoundError
 from ferry.host.jobs import Job
 from ferry.host.migration.attempt import INCOMING, MOVE, MoveAttempt
 from ferry.host.migration.destination import MoveDestination
-from ferry.host.migration.source import MoveSource
-from ferry.peer.client import Timeout
+from ferry.host.migration.source import ABORT_WAIT_S, MoveSource
+from ferry.peer import migration as wire
+from ferry.peer.client import PeerClient, Timeout
 
 RESTARTED = "the agent restarted during the move"
+REACH_S = 15.0  # how long a restarted source tries to reach the destination
 
 
 async def recover(source: MoveSource, destination: MoveDestination) -> None:
@@ -64,9 +74,15 @@ async def _recover_move(source: MoveSource, job: Job) -> None:
                                     timeout=Timeout.PROBE) as peer:  # fmt: skip
         attempt.peer = peer
         if status is MigrationStatus.COMPLETED:
-            outcome = IncomingState.ABORTED
-            with contextlib.suppress(FerryError):
-                outcome, _ = await source.outcome(job, peer, finish=False)
+            try:
+                outcome = await _destination_fate(job, peer)
+            except FerryError as exc:  # it may run there: never run it twice
+                source.end(job, Phase.FAILED, error=(
+                    f"{RESTARTED}: cannot learn whether host {attempt.target!r} resumed VM "
+                    f"{job.vm_name!r} ({exc}); it stays paused on {source.host} so it never "
+                    f"runs twice: check host {attempt.target!r}, then 'ferry vm kill' the "
+                    "copy that must not run"))  # fmt: skip
+                return
             if outcome is IncomingState.DONE:
                 storage = Storage(job.detail["storage"])
                 await vms.forget(record, keep_disks=storage is Storage.SHARED)
@@ -78,3 +94,25 @@ async def _recover_move(source: MoveSource, job: Job) -> None:
                    f"the VM stays on {source.host}")  # fmt: skip
     else:
         source.end(job, Phase.FAILED, error=f"{RESTARTED}; the VM stays on {source.host}")
+
+
+async def _destination_fate(job: Job, peer: PeerClient) -> IncomingState:
+    """Done if the destination runs the VM; else it is called off (and says aborted).
+
+    Retries for :data:`REACH_S` while the destination cannot be reached (its
+    agent may be restarting too), then raises.
+    """
+    deadline = time.monotonic() + REACH_S
+    while True:
+        try:
+            reply = await peer.call(wire.STATUS, id=job.id)
+            if reply.state is IncomingState.RECEIVING:  # not resumed, and never will be
+                async with asyncio.timeout(ABORT_WAIT_S):
+                    reply = await peer.call(wire.ABORT, id=job.id)
+            return reply.state
+        except NotFoundError:
+            return IncomingState.ABORTED
+        except ConnectionFailedError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(1)

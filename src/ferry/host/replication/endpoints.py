@@ -18,7 +18,8 @@ from collections.abc import Awaitable, Callable
 from ferry import __version__
 from ferry.adapters.pki import CertInfo, Role
 from ferry.core.replica_server import Admission
-from ferry.errors import AuthError, InvalidInputError
+from ferry.errors import AuthError, InvalidInputError, NotFoundError
+from ferry.host.replication.broker import ReplicaBroker
 from ferry.host.replication.receiver import ReplicaStore
 from ferry.host.replication.replica_move import ReplicaMover
 from ferry.peer.replication import (
@@ -26,6 +27,7 @@ from ferry.peer.replication import (
     FILE,
     HASHES,
     HELLO,
+    LOCATE,
     MOVE_REPLICA,
     OFFER,
     POINT,
@@ -35,6 +37,7 @@ from ferry.peer.replication import (
     TAKE_OVER,
     UPDATE,
     BlockHashes,
+    BrokerOwner,
     FileReceived,
     Hello,
     Offer,
@@ -60,9 +63,11 @@ class ReplicationEndpoints:
 
     def __init__(self, store: ReplicaStore, *, mover: ReplicaMover,
                  adopt: Callable[[CertInfo, Takeover], Awaitable[PrimaryStatus]],
-                 ) -> None:  # fmt: skip
-        """``adopt``: the primary side's takeover (``ReplicationService.adopt``)."""
+                 broker: ReplicaBroker | None = None) -> None:  # fmt: skip
+        """``adopt``: the primary side's takeover (``ReplicationService.adopt``);
+        ``broker``: this node's cluster as a replica target (locating, publishing)."""
         self.store = store
+        self.broker = broker
         self.mover = mover
         self.adopt = adopt
         self.config = store.config
@@ -81,6 +86,19 @@ class ReplicationEndpoints:
         server.handle(FILE, self.file, guard=partner)
         server.handle(HASHES, self.hashes, guard=partner)
         server.handle(MOVE_REPLICA, self.move, guard=partner)
+        server.handle(LOCATE, self.locate)
+
+    async def _published(self, uuid: str, cluster: str = "") -> None:
+        """A brokered replica changed here: the cluster's record follows before the reply."""
+        if self.broker is not None and (cluster or self.broker.is_brokered(uuid)):
+            await self.broker.publish(uuid, cluster=cluster or None)
+
+    async def locate(self, call: Call[NoBody]) -> BrokerOwner:
+        if self.broker is None:
+            raise NotFoundError(f"host {self.config.name!r} is in no cluster")
+        uuid = call.params["uuid"]
+        async with self.store.lock(uuid):
+            return await self.broker.locate(call.caller, call.params["cluster"], uuid)
 
     def _partner(self, caller: CertInfo, params: dict[str, str]) -> None:
         self.store.partner_relationship(caller, params["uuid"])
@@ -101,7 +119,9 @@ class ReplicationEndpoints:
         return self.store.server.admit(call.caller.common_name)
 
     async def offer(self, call: Call[Offer]) -> ReplicaState:
-        return await self.store.accept(call.caller, call.body)
+        state = await self.store.accept(call.caller, call.body)
+        await self._published(call.body.spec.uuid)
+        return state
 
     async def take_over(self, call: Call[Takeover]) -> PrimaryStatus:
         return await self.adopt(call.caller, call.body)
@@ -112,10 +132,16 @@ class ReplicationEndpoints:
         return await self.store.checked_state(call.params["uuid"])
 
     async def update(self, call: Call[ReplicaChanges]) -> ReplicaState:
-        return self.store.update(call.caller, call.params["uuid"], call.body)
+        state = self.store.update(call.caller, call.params["uuid"], call.body)
+        await self._published(call.params["uuid"])
+        return state
 
     async def remove(self, call: Call[NoBody]) -> ReplicaRemoved:
-        return await self.store.remove(call.caller, call.params["uuid"])
+        uuid = call.params["uuid"]
+        rel = self.store.catalog.relationship(uuid)
+        removed = await self.store.remove(call.caller, uuid)
+        await self._published(uuid, rel.broker if rel is not None else "")
+        return removed
 
     async def point(self, call: Call[Upload]) -> PointLinked:
         try:
@@ -124,15 +150,20 @@ class ReplicationEndpoints:
         except ValueError:
             raise InvalidInputError("point id and time must be numbers") from None
         frozen = call.query.get("app_consistent") == "1"
-        return await self.store.receive(call.caller, call.params["uuid"], point_id, point_time,
-                                        call.stream, app_consistent=frozen)  # fmt: skip
+        linked = await self.store.receive(call.caller, call.params["uuid"], point_id,
+                                          point_time, call.stream,
+                                          app_consistent=frozen)  # fmt: skip
+        await self._published(call.params["uuid"])
+        return linked
 
     async def points(self, call: Call[NoBody]) -> PointList:
         return self.store.point_views(call.params["uuid"])
 
     async def file(self, call: Call[Upload]) -> FileReceived:
-        return await self.store.receive_file(call.caller, call.params["uuid"],
-                                             call.params["kind"], call.stream)  # fmt: skip
+        received = await self.store.receive_file(call.caller, call.params["uuid"],
+                                                 call.params["kind"], call.stream)  # fmt: skip
+        await self._published(call.params["uuid"])
+        return received
 
     async def hashes(self, call: Call[NoBody]) -> BlockHashes:
         try:

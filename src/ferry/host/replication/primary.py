@@ -29,6 +29,7 @@ from ferry.core.guest_agent import check_app_consistent_every
 from ferry.core.relationship import InitialMethod, Relationship, Role
 from ferry.core.relationship import resume as resume_relationship
 from ferry.core.replication import ReplicationOp, ReplicationState
+from ferry.core.replication.broker import parse_target
 from ferry.core.vmstate import VmState
 from ferry.errors import (
     AuthError,
@@ -265,11 +266,13 @@ class ReplicationService:
             created=time.time(), initial_after=initial_after,
             network_map=dict(network_map or {}), app_consistent_every_s=app_every,
         )  # fmt: skip
+        target = parse_target(replica)  # cluster:C: the replica broker (peer/broker.py)
         async with self.peer(rel, pin=False) as peer:
             thumbprint = await offer_replica(
                 peer, record.spec, sender=self.config.name, level=self.config.functional_level,
                 frequency_s=frequency_s, recovery_points=recovery_points, initial=initial,
-                primary_url=self.url, network_map=rel.network_map)  # fmt: skip
+                primary_url=self.url, network_map=rel.network_map,
+                cluster=target.name if target.cluster else "")  # fmt: skip
         rel = rel.model_copy(update={"thumbprint": thumbprint})
         self.catalog.put_relationship(rel)
         log.info("VM %s: replication to %s enabled (every %ss, initial %s, pinned %s)", name,

@@ -23,7 +23,7 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 from ferry import __version__
@@ -42,6 +42,7 @@ from ferry.core.network import (
 )
 from ferry.core.relationship import InitialMethod, Relationship
 from ferry.core.relationship import Role as RelRole
+from ferry.core.replica_server import Admission
 from ferry.core.replication import (
     Caller,
     PointInfo,
@@ -93,6 +94,14 @@ log = logging.getLogger(__name__)
 __all__ = ["ReplicaStore", "caller_of", "disk_file"]
 
 
+class Broker(Protocol):
+    """What accepting needs of the replica broker (:mod:`ferry.host.replication.broker`)."""
+
+    async def admit(self, caller: CertInfo, offer: Offer) -> Admission: ...
+
+    async def claim(self, cluster: str, uuid: str) -> None: ...
+
+
 def caller_of(cert: CertInfo) -> Caller:
     """A peer call's certificate, as the authorisation rules read it."""
     return Caller(cert.common_name, cert.thumbprint, admin=cert.role is Role.ADMIN)
@@ -111,6 +120,8 @@ class ReplicaStore:
         self.states = VmStates(catalog)  # the replica VMs' states change only through it
         self.server = server
         self.chain = RecoveryPointChain(catalog)
+        # The replica broker of this node's cluster (host/replication/broker.py), if any.
+        self.broker: Broker | None = None
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         # Background retention (continuous replication): VM -> another run wanted.
         self._retaining: dict[str, bool] = {}
@@ -217,7 +228,13 @@ class ReplicaStore:
         """
         if caller.role is not Role.HOST:
             raise AuthError("only a ferry host can be a primary")
-        admission = self.server.admit(caller.common_name)
+        if offer.cluster:  # the replica broker: the cluster admits, and holds the VM
+            if self.broker is None:
+                raise NotFoundError(f"host {self.config.name!r} is not a node of cluster "
+                                    f"{offer.cluster!r}")  # fmt: skip
+            admission = await self.broker.admit(caller, offer)
+        else:
+            admission = self.server.admit(caller.common_name)
         spec = offer.spec
         frequency = check_frequency(offer.frequency_s)
         keep = check_recovery_points(offer.recovery_points)
@@ -263,7 +280,7 @@ class ReplicaStore:
                 frequency_s=frequency, recovery_points=keep, initial=initial,
                 thumbprint=caller.thumbprint, created=time.time(), storage=str(storage),
                 primary_url=offer.primary_url, origin=offer.origin, origin_url=offer.origin_url,
-                network_map=network_map,
+                network_map=network_map, broker=offer.cluster,
             )  # fmt: skip
             if adopt:
                 assert record is not None
@@ -271,6 +288,14 @@ class ReplicaStore:
             else:
                 self.catalog.add_vm(replica_spec(spec, storage, stem=None), VmState.REPLICA)
             self.catalog.put_relationship(rel)
+            if self.broker is not None and offer.cluster:
+                try:
+                    await self.broker.claim(offer.cluster, spec.uuid)
+                except BaseException:  # not the cluster's: nothing stays here either
+                    self.catalog.delete_relationship(spec.uuid)
+                    self.catalog.delete(spec.uuid)
+                    shutil.rmtree(storage, ignore_errors=True)
+                    raise
         log.info("replica of VM %s from %s accepted into %s (%s)", spec.name,
                  caller.common_name, storage, admission.rule)  # fmt: skip
         return self.state(spec.uuid)

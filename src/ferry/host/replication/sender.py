@@ -40,8 +40,12 @@ async def offer_replica(peer: PeerClient, spec: VmSpec, *, sender: str, level: i
                         frequency_s: int, recovery_points: int,
                         initial: InitialMethod = InitialMethod.NETWORK, primary_url: str,
                         origin: str = "", origin_url: str = "",
-                        network_map: Mapping[str, str] | None = None) -> str:  # fmt: skip
+                        network_map: Mapping[str, str] | None = None,
+                        cluster: str = "") -> str:  # fmt: skip
     """Offer VM ``spec`` to ``peer``'s host; returns its certificate thumbprint to pin.
+
+    ``cluster``: the replica broker's target cluster (``peer`` reaches its nodes);
+    the thumbprint returned is then that of the CA that issued them.
 
     ``origin``: for an extension, the VM's own primary (``sender`` is then
     its replica host). ``network_map``: the VM's networks -> the receiver's
@@ -54,7 +58,7 @@ async def offer_replica(peer: PeerClient, spec: VmSpec, *, sender: str, level: i
     offer = Offer(spec=spec, frequency_s=frequency_s, recovery_points=recovery_points,
                   functional_level=level, initial=initial, primary_url=primary_url,
                   origin=origin, origin_url=origin_url,
-                  network_map=dict(network_map or {}))  # fmt: skip
+                  network_map=dict(network_map or {}), cluster=cluster)  # fmt: skip
     state = await peer.call(OFFER, offer)
     try:
         for kind in ("kernel", "initrd"):
