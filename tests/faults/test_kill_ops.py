@@ -35,6 +35,7 @@ from tests.faults.conftest import (
     api,
     boot_writing_guest,
     check_chain,
+    jobs_of,
     lab_up,
     printed_seq,
     running_on,
@@ -180,10 +181,20 @@ def test_kill_during_export_and_import(lab_env: LabEnv, guest: str, tally: Tally
         tally.ran("export-agent")
         lab_up(lab_env)
         settle_jobs(lab_env, uuid, tally)
-        if code != 0 and folder.exists():  # cut short: import must refuse it, in one line
+        if code != 0 and folder.exists():
             name = f"half{i}"
-            lab_env.cli.fails("vm", "import", str(folder), "--host", "host-2", "--mode",
-                              "new-id", "--name", name)  # fmt: skip
+            exports = sorted((j for j in jobs_of(lab_env, uuid) if j["kind"] == "export"),
+                             key=lambda j: str(j.get("created", "")))  # fmt: skip
+            if exports and exports[-1]["state"] == "done":
+                # The export ended before the kill, only its reply was lost: the
+                # folder is whole, and import takes it.
+                tally.notes.append(f"export {i}: done before the kill; its folder imports")
+                lab_env.cli("vm", "import", str(folder), "--host", "host-2", "--mode",
+                            "new-id", "--name", name)  # fmt: skip
+                lab_env.cli("vm", "delete", name, "--force", "--host", "host-2")
+            else:  # cut short: import must refuse it, in one line
+                lab_env.cli.fails("vm", "import", str(folder), "--host", "host-2", "--mode",
+                                  "new-id", "--name", name)  # fmt: skip
             assert not [v for v in api(lab_env, "host-2", "GET", "/v1/vms") if v["name"] == name]
         whole = tmp_path / f"whole{i}"
         lab_env.cli("vm", "export", VM, "--to", str(whole), "--live")  # a retry completes
