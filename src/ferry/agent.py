@@ -25,11 +25,11 @@ from ferry.adapters.catalog import Catalog
 from ferry.adapters.etcd import open_store
 from ferry.adapters.pki import server_ssl_context, thumbprint
 from ferry.api.cluster import ClusterRoutes
-from ferry.api.replica_broker import ReplicaBrokerRoutes
 from ferry.api.doctor import DoctorRoutes
 from ferry.api.inventory import InventoryRoutes
 from ferry.api.metrics import MetricsRoutes, serve_plain
 from ferry.api.pki import PkiRoutes, open_connections
+from ferry.api.replica_broker import ReplicaBrokerRoutes
 from ferry.api.server import AgentApi
 from ferry.core import vmstate
 from ferry.core.cluster.roles import Priority
@@ -61,8 +61,8 @@ from ferry.host.log_format import LogFormat, configure_logging
 from ferry.host.memtrace import start_if_asked
 from ferry.host.metrics.wiring import agent_metrics
 from ferry.host.migration.service import INCOMING, MOVE, MigrationService
-from ferry.host.replication.cycle import INITIAL_JOB, RESYNC_JOB
 from ferry.host.replication.broker import ReplicaBroker
+from ferry.host.replication.cycle import INITIAL_JOB, RESYNC_JOB
 from ferry.host.replication.endpoints import ReplicationEndpoints
 from ferry.host.replication.extension import ExtensionService
 from ferry.host.replication.primary import ReplicationService
