@@ -37,9 +37,11 @@ class ReplicaBrokerRoutes:
         self.broker = broker
 
     def routes(self) -> list[web.RouteDef]:
-        path = "/v1/clusters/{cluster}/replica-server"
-        return [web.get(path, self.show), web.put(path, self.configure),
-                web.delete(path, self.disable)]  # fmt: skip
+        return [
+            web.get("/v1/clusters/{cluster}/replica-server", self.show),
+            web.put("/v1/clusters/{cluster}/replica-server", self.configure),
+            web.delete("/v1/clusters/{cluster}/replica-server", self.disable),
+        ]
 
     async def show(self, request: web.Request) -> web.Response:
         return json_reply(await self.broker.show(request.match_info["cluster"]))
