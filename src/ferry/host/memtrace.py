@@ -9,19 +9,24 @@ traced bytes with a growing RSS is the allocator (arenas, fragmentation), not
 a leak in ferry; a site that grows every line is a leak. With
 ``FERRY_TRACEMALLOC_FRAMES=N`` (N > 1) each allocation keeps N frames and a
 growing site is named by its whole stack, innermost first (``stack``), so
-who allocated it shows and not only ``json/decoder.py``. Off by default: it
+who allocated it shows and not only ``json/decoder.py``; each line then also
+counts the live QMP messages (:func:`qmp_holders`): by kind, and by the type
+of object that holds them. Off by default: it
 costs CPU and memory, so production never pays for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import re
 import time
 import tracemalloc
 from pathlib import Path
+
+from qemu.qmp.message import Message
 
 ENV_DIR = "FERRY_TRACEMALLOC"
 ENV_EVERY = "FERRY_TRACEMALLOC_EVERY"
@@ -49,6 +54,22 @@ def _site(stat: tracemalloc.StatisticDiff) -> dict[str, object]:
     return row
 
 
+def qmp_holders() -> dict[str, dict[str, int]]:
+    """Live ``qemu.qmp`` messages by event/reply kind and by what refers to them."""
+    kinds: dict[str, int] = {}
+    holders: dict[str, int] = {}
+    messages = [o for o in gc.get_objects() if isinstance(o, Message)]
+    for message in messages:
+        kind = str(message.get("event") or ("return" if "return" in message else "other"))
+        kinds[kind] = kinds.get(kind, 0) + 1
+        for ref in gc.get_referrers(message):
+            if ref is messages:
+                continue
+            name = type(ref).__qualname__
+            holders[name] = holders.get(name, 0) + 1
+    return {"kinds": kinds, "holders": holders}
+
+
 async def trace_memory(out: Path, every_s: float, frames: int = 1) -> None:
     """Append one line to ``out`` every ``every_s`` seconds until cancelled."""
     tracemalloc.start(frames)
@@ -61,9 +82,12 @@ async def trace_memory(out: Path, every_s: float, frames: int = 1) -> None:
             snap = tracemalloc.take_snapshot().filter_traces(ignore)
             current, peak = tracemalloc.get_traced_memory()
             grown = snap.compare_to(first, "traceback" if frames > 1 else "lineno")[:TOP]
-            row = {"t": round(time.monotonic() - started), "traced_kib": current // 1024,
-                   "peak_kib": peak // 1024, "rss_kib": rss_kib(),
-                   "top_growth": [_site(s) for s in grown]}  # fmt: skip
+            row: dict[str, object] = {
+                "t": round(time.monotonic() - started), "traced_kib": current // 1024,
+                "peak_kib": peak // 1024, "rss_kib": rss_kib(),
+                "top_growth": [_site(s) for s in grown]}  # fmt: skip
+            if frames > 1:
+                row["qmp_messages"] = qmp_holders()
             with out.open("a") as file:
                 file.write(json.dumps(row) + "\n")
     finally:
