@@ -38,6 +38,7 @@ from ferry.errors import ConfigError
 from ferry.host import facts
 from ferry.host.adopt import ADOPT, AdoptionService
 from ferry.host.certificates import HostCertificates
+from ferry.host.cluster.copy_disks import DiskCopies
 from ferry.host.cluster.crossing import ClusterCrossing, CrossingGuard
 from ferry.host.cluster.fencing import NodeFencing
 from ferry.host.cluster.guard import GuardPaths
@@ -187,6 +188,8 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         cluster_volumes = VolumeService(cluster_context, peers, node=config.name)
         cluster_volumes.register(peer_server)
         cluster_vms = ClusterVms(cluster_context, vms)
+        cluster_vms.disk_copies = DiskCopies(cluster_context, vms, peers, node=config.name)
+        cluster_vms.disk_copies.register(peer_server)  # copy-roles, copied storage
         fencing.protected = lambda: dict(cluster_vms.clustered_processes())
         cluster_vms.lease_ok = fencing.holds_lease  # no clustered start without the lease
         cluster_vms.protect = fencing.protect_now  # a started clustered QEMU is guarded at once

@@ -131,6 +131,8 @@ HOST_ONLY = {
     ("PUT", "/v1/peer/probe"): "measures the link from the calling host",
     ("GET", "/v1/peer/replica-server/admission"): "admits a host as a primary, by its name",
     ("POST", "/v1/peer/clusters/{cluster}/probe"): "only a node of the cluster asks",
+    ("POST", "/v1/peer/clusters/{cluster}/copy-disks"): "only a node of the cluster asks "
+    "(copy-roles --run asks the VM's owner)",
 }
 # Open peer endpoints whose answer for host-3 is itself a refusal.
 REFUSES_UNRELATED = {
@@ -290,6 +292,11 @@ def _peer_calls(world: dict[str, Any], lab_env: LabEnv) -> dict[tuple[str, str],
         ("POST", "/v1/peer/clusters/{cluster}/probe"): {
             "host": 1, "related": 2, "params": {"cluster": "c1"},
             "body": {"volume": "v", "path": "/tmp", "action": "write", "tokens": {"host-1": "x"}},
+        },
+        ("POST", "/v1/peer/clusters/{cluster}/copy-disks"): {
+            "host": 1, "related": 2, "params": {"cluster": "c1"},
+            "body": {"vm_uuid": NOBODY_UUID, "phase": "full", "volume_path": "/nonexistent",
+                     "targets": []},
         },
         # Open to any host: called with bodies that do not validate, so nothing is offered.
         ("GET", "/v1/peer/hello"): {"host": 2, "related": 1},

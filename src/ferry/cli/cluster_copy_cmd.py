@@ -3,8 +3,11 @@
 The request goes to a node of the source cluster (``--from``), which reads and
 writes both clusters' records in the etcd they share
 (:mod:`ferry.host.cluster.copy_roles`). One step per call: ``--test`` (the
-report, nothing changed in the source), ``--run`` (stop, hand over, start in
-the target), ``--rollback`` (give them back as they were).
+report, nothing changed in the source; with copied storage, how much each VM
+copies), ``--run`` (stop, hand over, start in the target; with copied
+storage a full copy first while they run, then only the changes while they
+are stopped), ``--rollback`` (give them back as they were; shared storage
+only).
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ def copy_roles(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Copy Cluster Roles: move every VM of a volume both clusters see into another cluster."""
+    """Copy Cluster Roles: move every VM of a volume into another cluster (its disks are
+    copied when the two clusters' volumes are different directories)."""
     steps = [name for name, on in (("test", test), ("run", run), ("rollback", rollback)) if on]
     if len(steps) != 1:
         raise InvalidInputError("copy-roles needs exactly one of --test, --run or --rollback")
@@ -62,6 +66,16 @@ def copy_roles(
         for field in ("node", "target_node", "capacity", "config_version", "downtime_s"):
             if vm.get(field) is not None:
                 extra.append(f"{field}={vm[field]}")
+        if vm.get("copy"):
+            extra.append(f"copies {_mib(vm['copy']['bytes'])} into {vm['copy']['to']}")
+        if vm.get("copied_bytes"):
+            done = vm["copied_bytes"]
+            extra.append(f"copied {_mib(done['full'])} running, then {_mib(done['final'])} "
+                         "stopped")  # fmt: skip
         if vm.get("missing_networks"):
             extra.append("missing networks: " + ", ".join(vm["missing_networks"]))
         say(f"  {vm['name']}: {vm['state']} " + " ".join(extra))
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"

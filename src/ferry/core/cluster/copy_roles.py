@@ -15,7 +15,9 @@ decided here before anything changes, each refusal one line with its remedy:
 - ``--run`` needs that record for the same volume and source
   (:func:`check_step`); it then becomes phase ``ran``, holding what each VM
   was before (node, state), so that
-- ``--rollback`` (only after a ``--run``) can give the VMs back as they were.
+- ``--rollback`` (only after a ``--run``) can give the VMs back as they were;
+  not after a ``--run`` that copied the disks (:attr:`CopyRecord.copied`): the
+  source's disks are stale by then, and copying the changes back is not built.
 
 The record is the ownership record of the hand-over: while it says ``ran``,
 C2 owns V's VMs and C1 refuses to start them (:func:`start_refusal`).
@@ -76,6 +78,7 @@ class CopyRecord:
     phase: Phase
     at: float
     vms: tuple[CopyVm, ...] = ()
+    copied: bool = False  # the volumes were different directories: --run copied the disks
 
     def to_json(self) -> bytes:
         data = dataclasses.asdict(self)
@@ -88,7 +91,8 @@ class CopyRecord:
         vms = tuple(CopyVm(**{**vm, "networks": tuple(vm.get("networks", ()))})
                     for vm in data.get("vms", ()))  # fmt: skip
         return cls(str(data["source"]), str(data["target"]), str(data["volume"]),
-                   Phase(data["phase"]), float(data["at"]), vms)  # fmt: skip
+                   Phase(data["phase"]), float(data["at"]), vms,
+                   bool(data.get("copied", False)))  # fmt: skip
 
 
 def record_key(target: ClusterKeys, volume: str) -> str:
@@ -154,6 +158,13 @@ def check_step(step: Step, *, source: str, volume: str, record: CopyRecord | Non
     if step is Step.ROLLBACK and phase is not Phase.RAN:
         raise StateError(f"nothing to roll back for volume {volume!r}: no --run of it "
                          "stands")  # fmt: skip
+    if step is Step.ROLLBACK and record is not None and record.copied:
+        raise StateError(
+            f"volume {volume!r} was copied into cluster {record.target!r} (its disks in "
+            f"{source!r} are stale since --run): --rollback of copied storage is not built; "
+            f"copy them back with 'ferry cluster copy-roles --from {record.target} --to "
+            f"{source} --volume {volume} --test', then --run"
+        )
 
 
 def check_vms(vms: Iterable[CopyVm], *, target: str, level: int) -> None:

@@ -1,4 +1,4 @@
-"""Copy Cluster Roles, the host side: every VM of one volume from C1 into C2 (shared storage).
+"""Copy Cluster Roles, the host side: every VM of one volume from C1 into C2.
 
 Runs on any node of C1 (the CLI asks one); both clusters' records are in the
 one etcd they share, so this node reads and writes C2's keys directly. The
@@ -20,8 +20,22 @@ what they need and does what they decide:
 - ``--rollback`` does the same the other way, onto the C1 nodes and states the
   record kept; the record becomes ``rolled-back``.
 
-Only the shared-storage case is built: C1's and C2's volume ``V`` must be the
-same directory (nothing is copied); otherwise the request is refused.
+When C1's and C2's volume ``V`` are the same directory nothing is copied
+(shared storage). When they are not (copied storage), ``--test`` reports per
+VM what its disks hold (``copy``), and ``--run`` asks each VM's owner
+(:mod:`ferry.host.cluster.copy_disks`) for a full copy of its disks into
+``<C2's V>/<uuid>/`` while the VMs run, then, for all at once, the stop and
+a copy of only what changed since (a dirty bitmap started with the full
+copy), then does the same transaction with the disks' new paths
+(:func:`ferry.core.cluster.crossing.crossed_spec`); each row gets
+``copied_bytes`` (``full``, ``final`` and their seconds) and ``downtime_s``
+from the guest's pause to running in C2. ``--rollback`` of a copied
+``--run`` is refused (C1's disks are stale; copying the changes back is not
+built): copy-roles the other way instead.
+
+Replication carries over (:mod:`ferry.host.cluster.replication`): the old
+owner hands it to C2 before it drops the VM, and after a clean stop the new
+owner's next cycle is a delta of the bitmap.
 """
 
 from __future__ import annotations
@@ -48,16 +62,19 @@ from ferry.core.cluster.copy_roles import (
     report,
     start_refusal,
 )
-from ferry.core.cluster.crossing import role_ops
+from ferry.core.cluster.crossing import crossed_spec, role_ops
 from ferry.core.cluster.keys import ROOT, ClusterKeys, cluster_names
 from ferry.core.cluster.nodes import node_views
 from ferry.core.cluster.records import ClusterMeta, VolumeRecord
 from ferry.core.cluster.roles import Owner, VmRole, Want, encode_role
 from ferry.core.cluster.store import ClusterStore, Compare, Delete, Entry, Op, Put
 from ferry.core.network import apply_network_map
-from ferry.errors import ConflictError, InvalidInputError, MoveFailedError, NotFoundError
+from ferry.errors import ConflictError, FerryError, MoveFailedError, NotFoundError
+from ferry.host.cluster.copy_disks import allocated_bytes
+from ferry.peer.cluster import CopyDisksReply, CopyDisksRequest
 
 if TYPE_CHECKING:
+    from ferry.host.cluster.membership import Membership
     from ferry.host.cluster.vms import ClusterVms
 
 log = logging.getLogger(__name__)
@@ -65,6 +82,7 @@ log = logging.getLogger(__name__)
 STOP_WAIT_S = 180.0  # a clean stop (ACPI, then forced after the host's stop_timeout_s)
 START_WAIT_S = 120.0  # the new owner's reconciler registers and starts it
 _AT_REST = ("off", "crashed")
+Copies = dict[str, dict[str, float]]  # VM name -> "full", "final" bytes and their seconds
 
 
 class CopyRoles:
@@ -96,13 +114,11 @@ class CopyRoles:
             assert record is not None and entry is not None
             return await self._rollback(store, k1, k2, record, entry)
         own = (await _volumes(store, k1)).get(volume)
-        if own is None or Path(own).resolve() != Path(target_volumes[volume]).resolve():
-            raise InvalidInputError(
-                f"cluster {source!r}'s volume {volume!r} is not the directory of cluster "
-                f"{target!r}'s ({target_volumes[volume]}): copy-roles handles shared storage "
-                "only so far; move the VMs one by one with 'ferry vm move VM --to-cluster "
-                f"{target}'"
-            )
+        if own is None:
+            raise NotFoundError(f"cluster {source!r} has no volume {volume!r}")
+        target_path = target_volumes[volume]
+        # Not one directory: --run copies the disks into the target's (copy_disks.py).
+        copied = Path(own).resolve() != Path(target_path).resolve()
         vms, roles = await self._vms(store, k1)
         chosen, note = pick(volume, vms)
         meta = await store.get(k2.meta)
@@ -114,8 +130,15 @@ class CopyRoles:
         shown = report(chosen, source=source, target=target, volume=volume, level=level,
                        nodes=nodes, network_map=network_map, target_networks=mapped,
                        note=note)  # fmt: skip
+        for row in shown["vms"]:
+            spec = VmRole.model_validate_json(roles[row["uuid"]].value).spec
+            disks = [d.path for d in spec.disks]
+            row["copy"] = {"disks": len(disks), "bytes": await asyncio.to_thread(
+                allocated_bytes, disks), "to": target_path} if copied else None  # fmt: skip
+        shown["storage"] = "copied" if copied else "shared"
         if step is Step.TEST:
-            tested = CopyRecord(source, target, volume, Phase.TESTED, time.time(), tuple(chosen))
+            tested = CopyRecord(source, target, volume, Phase.TESTED, time.time(), tuple(chosen),
+                                copied)  # fmt: skip
             await _put_record(store, record_key(k2, volume), entry, tested)
             return {**shown, "step": step.value, "phase": tested.phase.value}
         if not shown["ok"]:
@@ -127,10 +150,16 @@ class CopyRoles:
         assert entry is not None
         placed = {row["name"]: str(row["target_node"]) for row in shown["vms"]}
         moves = [(vm, roles[vm.uuid], placed[vm.name]) for vm in chosen]
-        ran = CopyRecord(source, target, volume, Phase.RAN, time.time(), tuple(chosen))
-        times = await self._hand_over(store, k1, k2, moves, entry, ran, network_map)
+        ran = CopyRecord(source, target, volume, Phase.RAN, time.time(), tuple(chosen), copied)
+        copies: Copies = {}
+        if copied:
+            times, copies = await self._copy_over(m, k2, moves, entry, ran, network_map,
+                                                  target_path)  # fmt: skip
+        else:
+            times = await self._hand_over(store, k1, k2, moves, entry, ran, network_map)
         for row in shown["vms"]:
             row["downtime_s"] = times.get(row["name"])
+            row["copied_bytes"] = copies.get(row["name"])
             row["state"] = "running" if row["name"] in times else row["state"]
             row["node"], row["cluster"] = placed[row["name"]], target
         return {**shown, "step": step.value, "phase": ran.phase.value}
@@ -173,11 +202,75 @@ class CopyRoles:
             asked = await store.put(k1.vm_want(vm.uuid), Want.OFF.value.encode())
         live = [vm for vm, _, _ in moves if vm.state not in _AT_REST]
         await _wait_states(store, k1, live, _AT_REST, STOP_WAIT_S, asked)
+        started = await self._transfer(store, k1, k2, moves, entry, record, network_map, None)
+        return {name: downtime_s(stopped_at, at) for name, at in started.items()}
+
+    async def _copy_over(self, m: Membership, k2: ClusterKeys,
+                         moves: Sequence[tuple[CopyVm, Entry, str]], entry: Entry,
+                         record: CopyRecord, network_map: Mapping[str, str],
+                         target_path: str) -> tuple[dict[str, float], Copies]:  # fmt: skip
+        """Copied storage: a full copy of each VM's disks while they run, then each stopped
+        and only its changes copied (on its owner, :mod:`ferry.host.cluster.copy_disks`),
+        then the same transaction and start as for shared storage. name -> downtime_s, and
+        name -> {"full", "final"} bytes."""
+        copier = self.cvms.disk_copies
+        if copier is None:
+            raise MoveFailedError("this node cannot copy disks (no disk copier): nothing done")
+        urls = {n.name: n.url for n in await m.nodes()}
+        asks = []
+        for vm, config, _ in moves:
+            spec = VmRole.model_validate_json(config.value).spec
+            crossed = crossed_spec(spec, target_path)
+            files = {src: dst for src, dst in ((spec.kernel, crossed.kernel),
+                     (spec.initrd, crossed.initrd)) if src and dst}  # fmt: skip
+            asks.append((vm, CopyDisksRequest(vm_uuid=vm.uuid, phase="full",
+                                              volume_path=target_path,
+                                              targets=[d.path for d in crossed.disks],
+                                              files=files)))  # fmt: skip
+
+        async def phase(which: str) -> list[CopyDisksReply]:
+            return list(await asyncio.gather(*(
+                copier.ask(m, vm.node, urls.get(vm.node, ""),
+                           body.model_copy(update={"phase": which}))
+                for vm, body in asks)))  # fmt: skip
+
+        try:
+            full = await phase("full")
+        except FerryError as exc:
+            raise MoveFailedError(f"the full copy of volume {record.volume!r}'s disks into "
+                                  f"cluster {record.target!r} failed: {exc}; nothing handed "
+                                  "over, the VMs run on in the source") from exc  # fmt: skip
+        try:
+            final = await phase("final")
+        except FerryError as exc:
+            raise MoveFailedError(
+                f"the final copy of volume {record.volume!r}'s changes failed: {exc}; nothing "
+                "handed over (a VM whose copy ended is stopped: start it again in the source)"
+            ) from exc
+        started = await self._transfer(m.store, m.keys, k2, moves, entry, record, network_map,
+                                       target_path)  # fmt: skip
+        times: dict[str, float] = {}
+        copies: Copies = {}
+        for (vm, _), done, last in zip(asks, full, final, strict=True):
+            copies[vm.name] = {"full": done.bytes, "final": last.bytes,
+                               "full_s": done.seconds, "final_s": last.seconds}  # fmt: skip
+            if vm.name in started and last.stopped_at is not None:
+                times[vm.name] = downtime_s(last.stopped_at, started[vm.name])
+        return times, copies
+
+    async def _transfer(self, store: ClusterStore, k1: ClusterKeys, k2: ClusterKeys,
+                        moves: Sequence[tuple[CopyVm, Entry, str]], entry: Entry,
+                        record: CopyRecord, network_map: Mapping[str, str],
+                        target_path: str | None) -> dict[str, float]:  # fmt: skip
+        """The one transaction (the VMs stopped), then wait for them running in the target;
+        name -> when seen running. ``target_path``: their disks were copied there."""
         compares = [Compare.unchanged(entry.key, entry.mod_revision)]
         ops: list[Op] = [Put(entry.key, record.to_json())]
         for vm, config, node in moves:
             role = VmRole.model_validate_json(config.value)
             spec = apply_network_map(role.spec, network_map)
+            if target_path is not None:
+                spec = crossed_spec(spec, target_path)
             compares += [
                 Compare.unchanged(config.key, config.mod_revision),
                 Compare.absent(k2.vm_config(vm.uuid)),
@@ -194,10 +287,7 @@ class CopyRoles:
         log.info("copy-roles: volume %s's %d VM(s) owned by cluster %s from revision %d",
                  record.volume, len(moves), record.target, result.revision)  # fmt: skip
         running = [vm for vm, _, _ in moves if vm.state == "running"]
-        started = await _wait_states(
-            store, k2, running, ("running",), START_WAIT_S, result.revision
-        )
-        return {vm.name: downtime_s(stopped_at, started[vm.name]) for vm in running}
+        return await _wait_states(store, k2, running, ("running",), START_WAIT_S, result.revision)
 
     async def _rollback(self, store: ClusterStore, k1: ClusterKeys, k2: ClusterKeys,
                         record: CopyRecord, entry: Entry) -> dict[str, Any]:  # fmt: skip

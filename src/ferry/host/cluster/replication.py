@@ -475,6 +475,8 @@ class ClusterReplication:
         cluster only: a claim from the new cluster's node would be refused.
         """
         store = membership.store
+        if self.replication.cycles.primary_rel(vm_uuid) is None:
+            return  # not replicated from here (the usual case)
         target = await _cluster_holding(store, vm_uuid, besides=membership.cluster)
         if target is None:
             return  # not in any cluster's store yet (or any more): the pass looks again

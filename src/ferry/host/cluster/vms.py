@@ -24,6 +24,7 @@ import logging
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ferry.adapters.catalog import VmRecord
 from ferry.core import vmstate
@@ -46,6 +47,9 @@ from ferry.host.cluster.copy_roles import copy_refusal
 from ferry.host.cluster.membership import ClusterContext, Membership
 from ferry.host.vms.requests import NewVm
 from ferry.host.vms.service import VmService
+
+if TYPE_CHECKING:
+    from ferry.host.cluster.copy_disks import DiskCopies
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,8 @@ class ClusterVms:
         # VMs now (its lease renewed in time), and what protects a new QEMU at once.
         self.lease_ok: Callable[[], bool] = lambda: True
         self.protect: Callable[[str, int], Awaitable[None]] | None = None
+        # Set by the composition: copy-roles' disk copies on VMs' owners (copy_disks.py).
+        self.disk_copies: DiskCopies | None = None
         self._versions: dict[str, tuple[int, int]] = {}  # uuid -> (config's revision, version)
 
     # -- which cluster -----------------------------------------------------------------

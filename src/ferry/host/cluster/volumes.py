@@ -16,7 +16,7 @@ import logging
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ferry.adapters.os_errors import os_errors
 from ferry.adapters.pki import CertInfo, Role
@@ -65,6 +65,14 @@ def clean_probe(path: Path, volume: str, node: str) -> None:
         log.warning("cannot remove probe file in %s: %s", path, exc)
 
 
+async def require_node(call: Call[Any], m: Membership) -> None:
+    """The caller is an admin or a node of ``m``'s cluster; AuthError otherwise."""
+    if call.caller.role is not Role.ADMIN:
+        caller = call.require_host()
+        if await m.store.get(m.keys.member(caller)) is None:
+            raise AuthError(f"host {caller!r} is not a node of cluster {m.cluster}")
+
+
 def odd_nodes(missing: dict[str, list[str]], *, prefer: str) -> list[str]:
     """The nodes whose view of the directory differs from the most common one.
 
@@ -110,10 +118,7 @@ class VolumeService:
     async def answer_probe(self, call: Call[wire.ProbeRequest]) -> wire.ProbeReply:
         m = self.context.membership
         assert m is not None  # the guard saw one
-        if call.caller.role is not Role.ADMIN:
-            caller = call.require_host()
-            if await m.store.get(m.keys.member(caller)) is None:
-                raise AuthError(f"host {caller!r} is not a node of cluster {m.cluster}")
+        await require_node(call, m)
         return await asyncio.to_thread(self._probe_here, call.body)
 
     def _probe_here(self, body: wire.ProbeRequest) -> wire.ProbeReply:

@@ -1,0 +1,199 @@
+"""Copying a clustered VM's disks into another cluster's volume, on the VM's owner.
+
+``cluster copy-roles --run`` between clusters whose volume ``V`` is not one
+directory (:mod:`ferry.host.cluster.copy_roles`) asks each VM's owner in the
+source cluster for two phases (wire format
+:class:`ferry.peer.cluster.CopyDisksRequest`):
+
+1. ``full``, while the VM runs: one ``blockdev-backup sync: full`` per disk
+   into a new qcow2 in the target cluster's volume directory, with a
+   non-persistent dirty bitmap ``ferry-copy`` added in the same transaction
+   (:class:`ferry.adapters.backup.BlockBackup`, the machinery of replication's
+   cycle 0). The boot files are copied too. An off VM is copied whole with
+   ``qemu-img convert``.
+2. ``final``: ``want`` off in the source's store (so nothing restarts it), the
+   guest paused, ``blockdev-backup sync: incremental`` of the bitmap into the
+   same targets (only what the guest wrote since the full copy), then QEMU
+   ended. If that copy fails, the guest runs again and ``want`` is back.
+
+Both phases hold the VM's disk turn, so no replication cycle or move races
+them and the reconciler leaves the VM alone. The owner writes the target
+directory itself, so it must see the target cluster's volume directory; a
+node that does not is refused with one line (streaming the copy to a node
+of the target cluster over NBD is not built).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ferry.adapters import qemu_img
+from ferry.adapters.backup import BlockBackup, Sync
+from ferry.adapters.os_errors import os_errors
+from ferry.adapters.pki import CertInfo
+from ferry.core.cluster.roles import Want
+from ferry.core.vmstate import VmState, is_live
+from ferry.errors import AuthError, FerryError, NotFoundError, StorageError
+from ferry.host.cluster.volumes import require_node
+from ferry.peer import cluster as wire
+from ferry.peer.client import Connector, Timeout
+from ferry.peer.server import Call, PeerServer
+
+if TYPE_CHECKING:
+    from ferry.adapters.catalog import VmRecord
+    from ferry.host.cluster.membership import ClusterContext, Membership
+    from ferry.host.vms.service import VmService
+
+log = logging.getLogger(__name__)
+
+BITMAP = "ferry-copy"
+GRANULARITY = 64 * 1024
+TURN = "a copy-roles disk copy"
+
+
+class DiskCopies:
+    """Both sides of a copy-roles disk copy: the owner's answer and the asker's call."""
+
+    def __init__(self, context: ClusterContext, vms: VmService, connector: Connector, *,
+                 node: str) -> None:  # fmt: skip
+        self.context = context
+        self.vms = vms
+        self.connector = connector
+        self.node = node
+
+    def register(self, server: PeerServer) -> None:
+        server.handle(wire.COPY_DISKS, self.answer, guard=self._guard)
+
+    # -- the asking side -------------------------------------------------------------
+
+    async def ask(self, m: Membership, owner: str, url: str,
+                  body: wire.CopyDisksRequest) -> wire.CopyDisksReply:  # fmt: skip
+        """Run a phase on VM's owner ``owner`` (this node answers itself directly)."""
+        if owner == self.node:
+            return await self.copy_here(m, body)
+        async with self.connector.connect(owner, url, timeout=Timeout.TRANSFER) as peer:
+            return await peer.call(wire.COPY_DISKS, body, cluster=m.cluster)
+
+    # -- the owner's side ------------------------------------------------------------
+
+    def _guard(self, caller: CertInfo, params: dict[str, str]) -> None:
+        m = self.context.membership
+        if m is None or params.get("cluster") != m.cluster:
+            raise AuthError(f"{caller.common_name!r} asked node {self.node} to copy disks of "
+                            f"cluster {params.get('cluster')!r}, which this host is not "
+                            "in")  # fmt: skip
+
+    async def answer(self, call: Call[wire.CopyDisksRequest]) -> wire.CopyDisksReply:
+        m = self.context.membership
+        assert m is not None  # the guard saw one
+        await require_node(call, m)
+        return await self.copy_here(m, call.body)
+
+    async def copy_here(self, m: Membership, body: wire.CopyDisksRequest) -> wire.CopyDisksReply:
+        record = self.vms.catalog.find(body.vm_uuid)
+        if record is None:
+            raise NotFoundError(f"VM {body.vm_uuid} is not on node {self.node}")
+        if len(body.targets) != len(record.spec.disks):
+            raise ValueError(f"{len(record.spec.disks)} disks, {len(body.targets)} targets")
+        volume = Path(body.volume_path)
+        if not await asyncio.to_thread(volume.is_dir):
+            raise StorageError(
+                f"node {self.node} does not see the target cluster's volume directory "
+                f"{volume}: copy-roles with copied storage needs the source's nodes to see "
+                "it (mount it there), or move the VMs with 'ferry vm move VM --to-cluster'"
+            )
+        targets = [Path(t) for t in body.targets]
+        started = time.monotonic()
+        async with self.vms.turns.turn(record.uuid, TURN):
+            record = self.vms.catalog.get(record.uuid)
+            if body.phase == "full":
+                copied = await self._full(record, targets, body.files)
+                took = round(time.monotonic() - started, 3)
+                return wire.CopyDisksReply(node=self.node, bytes=copied, seconds=took)
+            stopped_at, copied = await self._final(m, record, targets)
+        return wire.CopyDisksReply(node=self.node, bytes=copied, stopped_at=stopped_at,
+                                   seconds=round(time.monotonic() - started, 3))  # fmt: skip
+
+    async def _full(self, record: VmRecord, targets: Sequence[Path],
+                    files: dict[str, str]) -> int:  # fmt: skip
+        for target in targets:
+            with os_errors(f"node {self.node} cannot make {target.parent}"):
+                await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
+        for src, dst in files.items():
+            with os_errors(f"node {self.node} cannot copy {src} to {dst}"):
+                await asyncio.to_thread(shutil.copyfile, src, dst)
+        if not is_live(record.state):
+            for disk, target in zip(record.spec.disks, targets, strict=True):
+                await qemu_img.convert_to_qcow2(Path(disk.path), target, src_format=disk.format)
+            return sum(_allocated(t) for t in targets)
+        channel = self.vms.channel(record)
+        await _drop_bitmap(channel, len(targets))  # a failed earlier --run leaves one
+        for disk, target in zip(record.spec.disks, targets, strict=True):
+            await qemu_img.create(target, disk.size)
+        added = [{"type": "block-dirty-bitmap-add",
+                  "data": {"node": f"disk{i}", "name": BITMAP, "persistent": False,
+                           "granularity": GRANULARITY}}
+                 for i in range(len(targets))]  # fmt: skip
+        copied = [0]
+        await self._backup(record, "full").run(
+            targets, sync=Sync.FULL, also=added, progress=lambda n: copied.__setitem__(0, n)
+        )
+        log.info("VM %s: full copy of %d disk(s) into %s: %d bytes", record.name,
+                 len(targets), targets[0].parent, copied[0])  # fmt: skip
+        return copied[0]
+
+    async def _final(self, m: Membership, record: VmRecord,
+                     targets: Sequence[Path]) -> tuple[float, int]:  # fmt: skip
+        """Stop it and copy what changed since the full copy; (paused at, bytes)."""
+        want = m.keys.vm_want(record.uuid)
+        await m.store.put(want, Want.OFF.value.encode())
+        stopped_at = time.time()
+        if not is_live(record.state):
+            return stopped_at, 0
+        if record.state is VmState.RUNNING:
+            await self.vms.pause(record.name)
+        copied = [0]
+        try:
+            await self._backup(record, "final").run(
+                targets, sync=Sync.INCREMENTAL, bitmap=BITMAP,
+                progress=lambda n: copied.__setitem__(0, n))  # fmt: skip
+        except FerryError:
+            if record.state is VmState.RUNNING:  # it runs on here, as before
+                await self.vms.pause(record.name, resume=True)
+            await m.store.put(want, Want.RUNNING.value.encode())
+            raise
+        await self.vms.kill(record.name)  # the copy is whole; the source's disks are left
+        log.info("VM %s: stopped, final delta of %d bytes copied", record.name, copied[0])
+        return stopped_at, copied[0]
+
+    def _backup(self, record: VmRecord, phase: str) -> BlockBackup:
+        devices = [f"disk{i}" for i in range(len(record.spec.disks))]
+        return BlockBackup(self.vms.channel(record), f"copy-{phase}-{record.uuid[:8]}", devices,
+                           what=f"copy-roles {phase} copy of VM {record.name!r}")  # fmt: skip
+
+
+async def _drop_bitmap(channel: Any, disks: int) -> None:
+    for index in range(disks):
+        try:
+            await channel.execute("block-dirty-bitmap-remove",
+                                  {"node": f"disk{index}", "name": BITMAP})  # fmt: skip
+        except FerryError:
+            continue  # none there: the usual case
+
+
+def _allocated(path: Path) -> int:
+    try:
+        return path.stat().st_blocks * 512
+    except OSError:
+        return 0
+
+
+def allocated_bytes(paths: Sequence[str]) -> int:
+    """What a full copy of these disk files reads, about (their allocated bytes)."""
+    return sum(_allocated(Path(p)) for p in paths)
