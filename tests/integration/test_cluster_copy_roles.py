@@ -14,8 +14,9 @@ c2, whose next cycle is a delta (no initial copy, no resynchronisation), and
 the recovery points carry on unbroken. Last, volume ``csv1``, each
 cluster's own directory (copied storage): two guests with 400 MiB of data
 each are copied while they run, stopped for the delta, and run in c2 with
-every record they had made durable; each was down less than its full copy
-took, and ``--rollback`` is refused.
+every record they had made durable (shut down cleanly, the last changes
+copied before QEMU quit); each was down less than its full copy took, and
+``--rollback`` is refused.
 """
 
 from __future__ import annotations
@@ -239,7 +240,7 @@ def test_copied_storage_copies_while_running_and_stops_for_the_delta(lab: LabEnv
         boot = lab.wait_console(name, lambda t: bool(UP.search(t)), timeout=BOOT_S,
                                 host=view["host"])  # fmt: skip
         (up,) = UP.findall(boot)
-        # The source disk holds what the guest had made durable when it was paused;
+        # The source disk holds what the guest had made durable when it shut down;
         # all of it, and every record the console showed before --run, is in c2.
         at_stop = cli.json("guest", "records", sources[name])
         assert at_stop["corrupt"] == 0 and at_stop["last_seq"] >= seen[name]

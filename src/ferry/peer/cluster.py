@@ -52,7 +52,7 @@ class CopyDisksRequest(_Model):
     ``full``: copy each disk of the running VM into ``targets`` (one per disk, new
     qcow2 files in the target cluster's volume at ``volume_path``) and start the
     bitmap ``ferry-copy`` at that instant; copy ``files`` (kernel, initrd: source
-    -> target). ``final``: want off, guest paused, only the clusters the bitmap
+    -> target). ``final``: want off, the VM stopped, only the clusters the bitmap
     marks copied into the same targets, QEMU ended. An off VM is copied whole by
     ``full`` and has nothing for ``final``.
     """
@@ -68,7 +68,7 @@ class CopyDisksReply(_Model):
     node: str
     bytes: int  # copied by this phase (a full copy: each disk's size as QEMU copied it)
     seconds: float
-    stopped_at: float | None = None  # ``final``: when the guest was paused (epoch)
+    stopped_at: float | None = None  # ``final``: when its stop was asked (epoch)
 
 
 COPY_DISKS = Route("POST", "/v1/peer/clusters/{cluster}/copy-disks", CopyDisksRequest,

@@ -12,9 +12,12 @@ source cluster for two phases (wire format
    cycle 0). The boot files are copied too. An off VM is copied whole with
    ``qemu-img convert``.
 2. ``final``: ``want`` off in the source's store (so nothing restarts it), the
-   guest paused, ``blockdev-backup sync: incremental`` of the bitmap into the
-   same targets (only what the guest wrote since the full copy), then QEMU
-   ended. If that copy fails, the guest runs again and ``want`` is back.
+   guest shut down cleanly as ``vm stop`` does (ACPI; a guest that ignores it
+   is frozen and forced off), and before QEMU quits (it stays after the
+   guest's power-off: ``-no-shutdown``) ``blockdev-backup sync: incremental``
+   of the bitmap into the same targets: only what the guest wrote since the
+   full copy, up to its last write. If that copy fails, the VM is off in the
+   source with whole disks and ``--run`` says to start it there again.
 
 Both phases hold the VM's disk turn, so no replication cycle or move races
 them and the reconciler leaves the VM alone. The owner writes the target
@@ -37,9 +40,10 @@ from ferry.adapters import qemu_img
 from ferry.adapters.backup import BlockBackup, Sync
 from ferry.adapters.os_errors import os_errors
 from ferry.adapters.pki import CertInfo
+from ferry.adapters.qemu import QmpChannel
 from ferry.core.cluster.roles import Want
-from ferry.core.vmstate import VmState, is_live
-from ferry.errors import AuthError, FerryError, NotFoundError, StorageError
+from ferry.core.vmstate import is_live
+from ferry.errors import AuthError, FerryError, MoveFailedError, NotFoundError, StorageError
 from ferry.host.cluster.volumes import require_node
 from ferry.peer import cluster as wire
 from ferry.peer.client import Connector, Timeout
@@ -150,32 +154,44 @@ class DiskCopies:
 
     async def _final(self, m: Membership, record: VmRecord,
                      targets: Sequence[Path]) -> tuple[float, int]:  # fmt: skip
-        """Stop it and copy what changed since the full copy; (paused at, bytes)."""
-        want = m.keys.vm_want(record.uuid)
-        await m.store.put(want, Want.OFF.value.encode())
+        """Stop it cleanly and copy what changed since the full copy; (stop asked, bytes)."""
+        await m.store.put(m.keys.vm_want(record.uuid), Want.OFF.value.encode())
         stopped_at = time.time()
         if not is_live(record.state):
             return stopped_at, 0
-        if record.state is VmState.RUNNING:
-            await self.vms.pause(record.name)
         copied = [0]
-        try:
-            await self._backup(record, "final").run(
-                targets, sync=Sync.INCREMENTAL, bitmap=BITMAP,
-                progress=lambda n: copied.__setitem__(0, n))  # fmt: skip
-        except FerryError:
-            if record.state is VmState.RUNNING:  # it runs on here, as before
-                await self.vms.pause(record.name, resume=True)
-            await m.store.put(want, Want.RUNNING.value.encode())
-            raise
-        await self.vms.kill(record.name)  # the copy is whole; the source's disks are left
-        log.info("VM %s: stopped, final delta of %d bytes copied", record.name, copied[0])
+        failed: list[FerryError] = []
+
+        async def last_copy(channel: QmpChannel, forced: bool) -> None:
+            # The guest is down and QEMU still holds the disks (-no-shutdown); a guest
+            # that ignored the power-down is frozen for the copy, then forced off.
+            try:
+                if forced:
+                    await channel.execute("stop")
+                await self._backup(record, "final", channel).run(
+                    targets, sync=Sync.INCREMENTAL, bitmap=BITMAP,
+                    progress=lambda n: copied.__setitem__(0, n))  # fmt: skip
+            except FerryError as exc:
+                failed.append(exc)  # QEMU ends anyway; the copy is refused below
+
+        _, forced = await self.vms.stop(record.name, before_quit=last_copy)
+        if failed:
+            raise MoveFailedError(f"VM {record.name!r}: the copy of its last changes failed "
+                                  f"({failed[0]}); it is off in the source, whose disks are "
+                                  "whole: start it there again")  # fmt: skip
+        log.info("VM %s: stopped (%s), final delta of %d bytes copied", record.name,
+                 "forced" if forced else "clean", copied[0])  # fmt: skip
         return stopped_at, copied[0]
 
-    def _backup(self, record: VmRecord, phase: str) -> BlockBackup:
+    def _backup(self, record: VmRecord, phase: str,
+                channel: QmpChannel | None = None) -> BlockBackup:  # fmt: skip
         devices = [f"disk{i}" for i in range(len(record.spec.disks))]
-        return BlockBackup(self.vms.channel(record), f"copy-{phase}-{record.uuid[:8]}", devices,
-                           what=f"copy-roles {phase} copy of VM {record.name!r}")  # fmt: skip
+        return BlockBackup(
+            channel or self.vms.channel(record),
+            f"copy-{phase}-{record.uuid[:8]}",
+            devices,
+            what=f"copy-roles {phase} copy of VM {record.name!r}",
+        )
 
 
 async def _drop_bitmap(channel: Any, disks: int) -> None:

@@ -29,7 +29,7 @@ a copy of only what changed since (a dirty bitmap started with the full
 copy), then does the same transaction with the disks' new paths
 (:func:`ferry.core.cluster.crossing.crossed_spec`); each row gets
 ``copied_bytes`` (``full``, ``final`` and their seconds) and ``downtime_s``
-from the guest's pause to running in C2. ``--rollback`` of a copied
+from the stop asked to running in C2. ``--rollback`` of a copied
 ``--run`` is refused (C1's disks are stale; copying the changes back is not
 built): copy-roles the other way instead.
 

@@ -51,6 +51,9 @@ from ferry.host.vms.states import VmStates
 
 log = logging.getLogger(__name__)
 
+# Called by stop with the VM's QMP channel and whether it is being forced off.
+BeforeQuit = Callable[[qemu.QmpChannel, bool], Awaitable[None]]
+
 # Below this the test guest's kernel does not get to /init (measured: 64M
 # hangs silently, 80M boots); refuse rather than let it hang.
 TEST_GUEST_MIN_MEMORY = 96 * 1024**2
@@ -320,12 +323,15 @@ class VmService:
             self._log(record).info("started, QEMU pid %d", pid)
             return self.get(name)
 
-    async def stop(self, name: str, *, timeout: float | None = None) -> tuple[VmRecord, bool]:
+    async def stop(self, name: str, *, timeout: float | None = None,
+                   before_quit: BeforeQuit | None = None) -> tuple[VmRecord, bool]:  # fmt: skip
         """ACPI power-down; force off after ``timeout``. Returns (record, forced).
 
         A VM with a guest agent channel gets half the time for ACPI; a guest
         that ignores it is then asked through its agent (``guest-shutdown``)
-        for the rest, and only then forced off.
+        for the rest, and only then forced off. ``before_quit`` runs once the
+        guest is down (or, ``forced`` True, before it is forced off), while
+        QEMU still holds its disks (``-no-shutdown``): copy-roles' last copy.
         """
         record = self.get(name)
         deadline = timeout or self.config.stop_timeout_s
@@ -346,6 +352,8 @@ class VmService:
                                                         deadline - acpi_wait):  # fmt: skip
                 forced, via = False, "clean, through the guest agent"
             runtime.expect_exit = True
+            if before_quit is not None:
+                await before_quit(runtime.channel, forced)
             if not forced:
                 with contextlib.suppress(QemuError):
                     await runtime.channel.execute("quit")
