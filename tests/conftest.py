@@ -376,6 +376,7 @@ MODULE_SECONDS = {
     # One 2-host lab: doctor (healthy, missing bridge, short-lived cert), a JSON-logged move.
     "integration/test_operations.py": 80,
     "integration/test_agent_service.py": 25,
+    "integration/test_qmp_events.py": 3,  # one QEMU with no machine: 1.4 s
     # systemd as PID 1 of a namespace, one idle QEMU, two restarts: 29 s at load 3.
     "integration/test_systemd_unit.py": 30,
     # Fault suites, short form (tests/faults), measured at load 20 to 30.
