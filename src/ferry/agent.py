@@ -234,7 +234,9 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         store.broker = broker
         broker.make_clustered = lambda cluster, name: cluster_vms.add(
             cluster, name, priority=Priority.MEDIUM)  # fmt: skip
+        failover.unplanned.checks.append(broker.check_held)  # only the holder fails over
         failover.unplanned.started.append(broker.failed_over)  # into the cluster, HA there
+        cluster_context.listen(broker.on_membership)  # a node back drops its stale copies
         ReplicationEndpoints(store, mover=mover, adopt=replication.adopt,
                              broker=broker).register(peer_server)  # fmt: skip
         # GET /metrics: counters the services bump, gauges read at scrape time.

@@ -160,6 +160,10 @@ def test_cycles_follow_the_replica_vm_through_a_node_loss_then_fail_over_into_c2
     reowned = [e for e in events if e["kind"] == "replica-reowned"]
     assert reowned and reowned[-1]["node"] == other, events
     after = point_ids(lab)
+    # The lost node comes back: it drops its stale copy, so only the holder shows one.
+    lab.restart_agent(index)
+    wait("c2 to settle again", lambda: _settled(lab), timeout=60)
+    assert wait("the stale copy to go", lambda: holder(lab) == other, timeout=30)
     # No gap: the points before the loss are all still there (12 kept), and the ids go on
     # one by one across it.
     assert set(before) <= set(after) and after[-1] > before[-1], (before, after)

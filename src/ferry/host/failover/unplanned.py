@@ -34,6 +34,8 @@ class Failover:
     def __init__(self, steps: FailoverSteps, guard: SplitBrainGuard) -> None:
         self.steps = steps
         self.guard = guard
+        # Run before anything changes (the replica broker: this node must hold the replica).
+        self.checks: list[Callable[[Relationship], Awaitable[None]]] = []
         # Run once a failed-over VM runs here (the replica broker makes it a VM of its
         # cluster, host/replication/broker.py); what one returns joins the result.
         self.started: list[Callable[[Relationship], Awaitable[dict[str, Any]]]] = []
@@ -52,6 +54,8 @@ class Failover:
         s.phase(job, Phase.CHECKING_PRIMARY)
         if not (force or planned):
             await self.guard.check(rel)
+        for check in self.checks:
+            await check(rel)
         async with s.store.lock(rel.vm_uuid):
             point = s.point(rel, point_id)
             # The decision first: a restart finds a failed-over relationship and

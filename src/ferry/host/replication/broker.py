@@ -72,6 +72,32 @@ class ReplicaBroker:
 
     # -- failover ----------------------------------------------------------------------
 
+    async def check_held(self, rel: Relationship) -> None:
+        """A failover of a brokered replica runs only on the node that holds it now."""
+        if rel.role is not RelRole.REPLICA or not rel.broker:
+            return
+        m = self.membership(rel.broker)
+        entry = await m.store.get(m.keys.replica_owner(rel.vm_uuid))
+        holder = Owner.decode(entry.value).node if entry is not None else None
+        if holder != self.node:
+            self.drop_stale(rel.vm_uuid)
+            where = f"node {holder!r} holds it now: fail over there (--host {holder})" \
+                if holder else "no node of the cluster holds it"  # fmt: skip
+            raise StateError(f"this copy of the replica of VM {rel.vm_name!r} on {self.node!r} "
+                             f"is stale; {where}")  # fmt: skip
+
+    async def on_membership(self, membership: Membership | None) -> None:
+        """A node back in its cluster drops its copies of replica VMs another node holds
+        now (it lost them while down), so only the holder shows and fails them over."""
+        if membership is None:
+            return
+        for rel in self.catalog.relationships():
+            if rel.role is not RelRole.REPLICA or rel.broker != membership.cluster:
+                continue
+            entry = await membership.store.get(membership.keys.replica_owner(rel.vm_uuid))
+            if entry is not None and Owner.decode(entry.value).node != self.node:
+                self.drop_stale(rel.vm_uuid)
+
     async def failed_over(self, rel: Relationship) -> dict[str, Any]:
         """A failover started a brokered replica VM here: it becomes a VM of the cluster
         (role, owner this node, want running: the cluster's HA restarts it from now on),

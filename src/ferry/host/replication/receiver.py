@@ -584,16 +584,20 @@ class ReplicaStore:
         self.chain.drop(storage, keep=spec)
 
     def clean_partials(self) -> None:
-        """On agent start: drop half-received points (their primaries resend them)."""
+        """On agent start: drop half-received points (their primaries resend them).
+
+        A replica of the replica broker is left alone: its files are on the cluster's
+        volume, and another node may hold it now (its owner cleans up as it goes)."""
         for rel in self.catalog.relationships():
-            if rel.role is RelRole.REPLICA and rel.state is not ReplicationState.REMOVED:
+            if rel.role is RelRole.REPLICA and rel.state is not ReplicationState.REMOVED \
+                    and not rel.broker:  # fmt: skip
                 for partial in Path(rel.storage).glob("*.partial"):
                     partial.unlink(missing_ok=True)
 
     async def recover(self) -> None:
         self.clean_partials()
         for rel in self.catalog.relationships():
-            if rel.role is RelRole.REPLICA:
+            if rel.role is RelRole.REPLICA and not rel.broker:  # the broker's: as above
                 try:
                     async with self._locks[rel.vm_uuid]:
                         await self.chain.retain(rel)
