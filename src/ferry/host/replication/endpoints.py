@@ -91,7 +91,8 @@ class ReplicationEndpoints:
     async def _published(self, uuid: str, cluster: str = "") -> None:
         """A brokered replica changed here: the cluster's record follows before the reply."""
         if self.broker is not None and (cluster or self.broker.is_brokered(uuid)):
-            await self.broker.publish(uuid, cluster=cluster or None)
+            async with self.store.lock(uuid):  # one at a time with background retention's
+                await self.broker.publish(uuid, cluster=cluster or None)
 
     async def locate(self, call: Call[NoBody]) -> BrokerOwner:
         if self.broker is None:

@@ -101,6 +101,8 @@ class Broker(Protocol):
 
     async def claim(self, cluster: str, uuid: str) -> None: ...
 
+    async def publish(self, uuid: str, *, cluster: str | None = None) -> None: ...
+
 
 def caller_of(cert: CertInfo) -> Caller:
     """A peer call's certificate, as the authorisation rules read it."""
@@ -429,6 +431,9 @@ class ReplicaStore:
                 self._retaining[vm_uuid] = False
                 try:
                     await self.retain(vm_uuid)
+                    if self.broker is not None and self.relationship(vm_uuid).broker:
+                        async with self._locks[vm_uuid]:  # the merged chain, for a new owner
+                            await self.broker.publish(vm_uuid)
                 except FerryError as exc:
                     log.error("VM %s: retention failed: %s", vm_uuid, exc)
                 if not self._retaining[vm_uuid]:
