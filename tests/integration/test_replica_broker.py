@@ -108,6 +108,9 @@ def test_a_cluster_that_does_not_admit_the_primary_refuses_and_nothing_changes(
 ) -> None:
     cli = lab.cli
     enable_c2(lab, "host-9")
+    shown = cli.json("replica-server", "show", "--cluster", "c2")
+    assert shown["enabled"] and [e["pattern"] for e in shown["allow"]] == ["host-9"], shown
+    assert shown["storage"].endswith("/replicas"), shown
     line = cli.fails("replication", "enable", VM, "--replica", "cluster:c2")
     assert "cluster 'c2' does not accept replication from 'host-1'" in line, line
     assert cli("replication", "status", VM, "--host", PRIMARY, check=False).returncode != 0

@@ -17,8 +17,6 @@ if TYPE_CHECKING:
 
 app = typer.Typer(help="Replica server settings of a host.", no_args_is_help=True)
 
-HostOpt = typer.Option(..., "--host", "-H", help="The host.")
-
 
 def parse_enable_args(tokens: Sequence[str]) -> dict[str, Any]:
     """``--storage DIR [--allow PATTERN [--storage DIR] [--trust-group G]]... [--allow-any]``.
@@ -91,8 +89,7 @@ def enable(
     [--allow-any]. Patterns match the primary's host name (shell style: host-*). With
     --cluster C --volume V: the cluster accepts, its replica VMs on V."""
     body = parse_enable_args(ctx.args)
-    if (host is None) == (cluster is None):
-        raise InvalidInputError("name the replica server: --host H or --cluster C")
+    _target(host, cluster)
     if cluster is not None:
         _enable_cluster(cluster, volume, ca, body)
         return
@@ -154,15 +151,58 @@ def _enable_cluster(cluster: str, volume: str | None, ca: Path | None,
         )
 
 
+def _target(host: str | None, cluster: str | None) -> None:
+    if (host is None) == (cluster is None):
+        raise InvalidInputError("name the replica server: --host H or --cluster C")
+
+
+def _on_cluster(cluster: str, method: str) -> dict[str, Any]:
+    from ferry.cli.cluster_cmd import ask_cluster
+
+    async def run(fleet: Fleet) -> dict[str, Any]:
+        found: dict[str, Any] = await ask_cluster(
+            fleet, cluster, method, f"/v1/clusters/{cluster}/replica-server"
+        )
+        return found
+
+    result: dict[str, Any] = with_fleet(run)
+    return result
+
+
+HostOrNone = typer.Option(None, "--host", "-H", help="The host.")
+ClusterOrNone = typer.Option(None, "--cluster", "-c", help="A cluster instead (replica broker).")
+
+
 @app.command("show")
-def show(host: str = HostOpt, as_json: bool = JsonOpt) -> None:
-    """Show a host's replica server settings."""
+def show(host: str | None = HostOrNone, cluster: str | None = ClusterOrNone,
+         as_json: bool = JsonOpt) -> None:  # fmt: skip
+    """Show a host's (or a cluster's) replica server settings."""
+    _target(host, cluster)
+    if cluster is not None:
+        found = _on_cluster(cluster, "GET")
+        if as_json:
+            print_json(found)
+            return
+        state = "enabled" if found["enabled"] else "disabled"
+        say(f"cluster {cluster}: replica server {state}, storage {found['storage'] or '-'}"
+            + (", accepts any host of this CA" if found["allow_any"] else ""))  # fmt: skip
+        if found["allow"]:
+            print_table(["ALLOW", "TRUST GROUP"],
+                        [[e["pattern"], e.get("trust_group")] for e in found["allow"]])  # fmt: skip
+        return
+    assert host is not None
     settings = with_fleet(lambda fleet: fleet.client(host).get("/v1/replica-server"))
     _show(settings, host, as_json)
 
 
 @app.command("disable")
-def disable(host: str = HostOpt) -> None:
+def disable(host: str | None = HostOrNone, cluster: str | None = ClusterOrNone) -> None:
     """Stop accepting replication (the settings are kept for a later enable)."""
+    _target(host, cluster)
+    if cluster is not None:
+        _on_cluster(cluster, "DELETE")
+        say(f"cluster {cluster} no longer accepts replication")
+        return
+    assert host is not None
     with_fleet(lambda fleet: fleet.client(host).delete("/v1/replica-server"))
     say(f"host {host} no longer accepts replication")
