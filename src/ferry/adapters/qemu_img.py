@@ -58,6 +58,13 @@ async def create(path: Path, size: int, *, qemu_img: str = "qemu-img") -> None:
     await _run(qemu_img, "create", "-q", "-f", "qcow2", str(path), str(size))
 
 
+async def add_bitmap(path: Path, name: str, *, granularity: int,
+                     qemu_img: str = "qemu-img") -> None:  # fmt: skip
+    """A persistent dirty bitmap in a qcow2 that no QEMU has open: the QEMU that opens it
+    next records every write in it."""
+    await _run(qemu_img, "bitmap", "--add", "-g", str(granularity), str(path), name)
+
+
 async def create_overlay(
     path: Path, backing: Path, size: int, *, qemu_img: str = "qemu-img"
 ) -> None:

@@ -6,8 +6,8 @@ writes both clusters' records in the etcd they share
 report, nothing changed in the source; with copied storage, how much each VM
 copies), ``--run`` (stop, hand over, start in the target; with copied
 storage a full copy first while they run, then only the changes while they
-are stopped), ``--rollback`` (give them back as they were; shared storage
-only).
+are stopped), ``--rollback`` (give them back as they were; copied storage:
+what they wrote in the target copied back first).
 """
 
 from __future__ import annotations
@@ -68,10 +68,12 @@ def copy_roles(
                 extra.append(f"{field}={vm[field]}")
         if vm.get("copy"):
             extra.append(f"copies {_mib(vm['copy']['bytes'])} into {vm['copy']['to']}")
-        if vm.get("copied_bytes"):
-            done = vm["copied_bytes"]
+        done = vm.get("copied_bytes") or {}
+        if "full" in done:
             extra.append(f"copied {_mib(done['full'])} running, then {_mib(done['final'])} "
                          "stopped")  # fmt: skip
+        if "back" in done:
+            extra.append(f"copied back {_mib(done['back'])}")
         if vm.get("missing_networks"):
             extra.append("missing networks: " + ", ".join(vm["missing_networks"]))
         say(f"  {vm['name']}: {vm['state']} " + " ".join(extra))

@@ -53,15 +53,20 @@ class CopyDisksRequest(_Model):
     qcow2 files in the target cluster's volume at ``volume_path``) and start the
     bitmap ``ferry-copy`` at that instant; copy ``files`` (kernel, initrd: source
     -> target). ``final``: want off, the VM stopped, only the clusters the bitmap
-    marks copied into the same targets, QEMU ended. An off VM is copied whole by
-    ``full`` and has nothing for ``final``.
+    marks copied into the same targets, QEMU ended, and a persistent bitmap
+    ``ferry-back`` added to the targets (it records what the VM writes in the
+    target cluster). An off VM is copied whole by ``full`` and has nothing for
+    ``final``. ``back`` (``--rollback``, asked of the VM's owner in the target
+    cluster by a node of the source): like ``final`` with ``ferry-back``, into
+    the source's disks (``targets``), which are as they were at ``--run``.
     """
 
     vm_uuid: str
-    phase: Literal["full", "final"]
+    phase: Literal["full", "final", "back"]
     volume_path: str
     targets: list[str]
     files: dict[str, str] = {}
+    volume: str = ""  # ``back``: the volume whose copy record names the asker's cluster
 
 
 class CopyDisksReply(_Model):

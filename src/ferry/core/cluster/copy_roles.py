@@ -15,9 +15,9 @@ decided here before anything changes, each refusal one line with its remedy:
 - ``--run`` needs that record for the same volume and source
   (:func:`check_step`); it then becomes phase ``ran``, holding what each VM
   was before (node, state), so that
-- ``--rollback`` (only after a ``--run``) can give the VMs back as they were;
-  not after a ``--run`` that copied the disks (:attr:`CopyRecord.copied`): the
-  source's disks are stale by then, and copying the changes back is not built.
+- ``--rollback`` (only after a ``--run``) can give the VMs back as they were
+  (after a ``--run`` that copied the disks, :attr:`CopyRecord.copied`, what
+  they wrote in the target is copied back first).
 
 The record is the ownership record of the hand-over: while it says ``ran``,
 C2 owns V's VMs and C1 refuses to start them (:func:`start_refusal`).
@@ -158,13 +158,6 @@ def check_step(step: Step, *, source: str, volume: str, record: CopyRecord | Non
     if step is Step.ROLLBACK and phase is not Phase.RAN:
         raise StateError(f"nothing to roll back for volume {volume!r}: no --run of it "
                          "stands")  # fmt: skip
-    if step is Step.ROLLBACK and record is not None and record.copied:
-        raise StateError(
-            f"volume {volume!r} was copied into cluster {record.target!r} (its disks in "
-            f"{source!r} are stale since --run): --rollback of copied storage is not built; "
-            f"copy them back with 'ferry cluster copy-roles --from {record.target} --to "
-            f"{source} --volume {volume} --test', then --run"
-        )
 
 
 def check_vms(vms: Iterable[CopyVm], *, target: str, level: int) -> None:

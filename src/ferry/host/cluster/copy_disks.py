@@ -17,9 +17,18 @@ source cluster for two phases (wire format
    guest's power-off: ``-no-shutdown``) ``blockdev-backup sync: incremental``
    of the bitmap into the same targets: only what the guest wrote since the
    full copy, up to its last write. If that copy fails, the VM is off in the
-   source with whole disks and ``--run`` says to start it there again.
+   source with whole disks and ``--run`` says to start it there again. Once
+   QEMU is gone, each target gets a persistent bitmap ``ferry-back``
+   (``qemu-img bitmap --add``): the QEMU that runs the copy in the target
+   cluster records every write in it.
+3. ``back`` (``--rollback``, asked of the VM's owner in the target cluster by
+   a node of the source, which this node admits from its copy record): the
+   same stop and last copy with ``ferry-back``, into the source's disks, so
+   only what the VM wrote in the target travels. A VM whose ``ferry-back``
+   is gone or inconsistent (restarted after a crash) is refused with one
+   line; an off VM is copied back whole with ``qemu-img convert``.
 
-Both phases hold the VM's disk turn, so no replication cycle or move races
+Every phase holds the VM's disk turn, so no replication cycle or move races
 them and the reconciler leaves the VM alone. The owner writes the target
 directory itself, so it must see the target cluster's volume directory; a
 node that does not is refused with one line (streaming the copy to a node
@@ -39,11 +48,20 @@ from typing import TYPE_CHECKING, Any
 from ferry.adapters import qemu_img
 from ferry.adapters.backup import BlockBackup, Sync
 from ferry.adapters.os_errors import os_errors
-from ferry.adapters.pki import CertInfo
+from ferry.adapters.pki import CertInfo, Role
 from ferry.adapters.qemu import QmpChannel
+from ferry.core.cluster.copy_roles import CopyRecord, Phase, record_key
+from ferry.core.cluster.keys import ClusterKeys
 from ferry.core.cluster.roles import Want
 from ferry.core.vmstate import is_live
-from ferry.errors import AuthError, FerryError, MoveFailedError, NotFoundError, StorageError
+from ferry.errors import (
+    AuthError,
+    ConflictError,
+    FerryError,
+    MoveFailedError,
+    NotFoundError,
+    StorageError,
+)
 from ferry.host.cluster.volumes import require_node
 from ferry.peer import cluster as wire
 from ferry.peer.client import Connector, Timeout
@@ -57,6 +75,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BITMAP = "ferry-copy"
+BACK = "ferry-back"  # persistent on the copies: what the VM writes in the target cluster
 GRANULARITY = 64 * 1024
 TURN = "a copy-roles disk copy"
 
@@ -76,13 +95,14 @@ class DiskCopies:
 
     # -- the asking side -------------------------------------------------------------
 
-    async def ask(self, m: Membership, owner: str, url: str,
-                  body: wire.CopyDisksRequest) -> wire.CopyDisksReply:  # fmt: skip
-        """Run a phase on VM's owner ``owner`` (this node answers itself directly)."""
+    async def ask(self, m: Membership, owner: str, url: str, body: wire.CopyDisksRequest, *,
+                  cluster: str | None = None) -> wire.CopyDisksReply:  # fmt: skip
+        """Run a phase on VM's owner ``owner`` of ``cluster`` (default this node's; this
+        node answers itself directly)."""
         if owner == self.node:
             return await self.copy_here(m, body)
         async with self.connector.connect(owner, url, timeout=Timeout.TRANSFER) as peer:
-            return await peer.call(wire.COPY_DISKS, body, cluster=m.cluster)
+            return await peer.call(wire.COPY_DISKS, body, cluster=cluster or m.cluster)
 
     # -- the owner's side ------------------------------------------------------------
 
@@ -96,7 +116,10 @@ class DiskCopies:
     async def answer(self, call: Call[wire.CopyDisksRequest]) -> wire.CopyDisksReply:
         m = self.context.membership
         assert m is not None  # the guard saw one
-        await require_node(call, m)
+        if call.body.phase == "back":
+            await _require_copy_source(call, m)
+        else:
+            await require_node(call, m)
         return await self.copy_here(m, call.body)
 
     async def copy_here(self, m: Membership, body: wire.CopyDisksRequest) -> wire.CopyDisksReply:
@@ -120,7 +143,12 @@ class DiskCopies:
                 copied = await self._full(record, targets, body.files)
                 took = round(time.monotonic() - started, 3)
                 return wire.CopyDisksReply(node=self.node, bytes=copied, seconds=took)
-            stopped_at, copied = await self._final(m, record, targets)
+            if body.phase == "back":
+                stopped_at, copied = await self._back(m, record, targets)
+            else:
+                stopped_at, copied = await self._final(m, record, targets)
+                for target in targets:  # from here on, what changes in the target cluster
+                    await qemu_img.add_bitmap(target, BACK, granularity=GRANULARITY)
         return wire.CopyDisksReply(node=self.node, bytes=copied, stopped_at=stopped_at,
                                    seconds=round(time.monotonic() - started, 3))  # fmt: skip
 
@@ -152,9 +180,32 @@ class DiskCopies:
                  len(targets), targets[0].parent, copied[0])  # fmt: skip
         return copied[0]
 
-    async def _final(self, m: Membership, record: VmRecord,
-                     targets: Sequence[Path]) -> tuple[float, int]:  # fmt: skip
-        """Stop it cleanly and copy what changed since the full copy; (stop asked, bytes)."""
+    async def _back(self, m: Membership, record: VmRecord,
+                    targets: Sequence[Path]) -> tuple[float, int]:  # fmt: skip
+        """``--rollback``: stop it and copy what it wrote here since ``--run`` (``ferry-back``)
+        into the source's disks; an off VM is copied back whole."""
+        missing = [t for t in targets if not await asyncio.to_thread(t.is_file)]
+        if missing:
+            raise NotFoundError(f"VM {record.name!r}: its disk {missing[0]} in the source "
+                                "cluster is gone: nothing to copy the changes onto, nothing "
+                                "rolled back")  # fmt: skip
+        if not is_live(record.state):
+            await m.store.put(m.keys.vm_want(record.uuid), Want.OFF.value.encode())
+            stopped_at = time.time()
+            for disk, target in zip(record.spec.disks, targets, strict=True):
+                await qemu_img.convert_to_qcow2(Path(disk.path), target, src_format=disk.format)
+            return stopped_at, sum(_allocated(t) for t in targets)
+        if not await _bitmap_usable(self.vms.channel(record), len(targets), BACK):
+            raise ConflictError(
+                f"VM {record.name!r} lost its record of what it wrote since --run (it was "
+                "restarted after a crash): nothing rolled back; copy it back with "
+                "'ferry cluster copy-roles' the other way"
+            )
+        return await self._final(m, record, targets, bitmap=BACK)
+
+    async def _final(self, m: Membership, record: VmRecord, targets: Sequence[Path], *,
+                     bitmap: str = BITMAP) -> tuple[float, int]:  # fmt: skip
+        """Stop it cleanly and copy what ``bitmap`` marks; (stop asked, bytes)."""
         await m.store.put(m.keys.vm_want(record.uuid), Want.OFF.value.encode())
         stopped_at = time.time()
         if not is_live(record.state):
@@ -169,7 +220,7 @@ class DiskCopies:
                 if forced:
                     await channel.execute("stop")
                 await self._backup(record, "final", channel).run(
-                    targets, sync=Sync.INCREMENTAL, bitmap=BITMAP,
+                    targets, sync=Sync.INCREMENTAL, bitmap=bitmap,
                     progress=lambda n: copied.__setitem__(0, n))  # fmt: skip
             except FerryError as exc:
                 failed.append(exc)  # QEMU ends anyway; the copy is refused below
@@ -192,6 +243,33 @@ class DiskCopies:
             devices,
             what=f"copy-roles {phase} copy of VM {record.name!r}",
         )
+
+
+async def _bitmap_usable(channel: QmpChannel, disks: int, name: str) -> bool:
+    """Every disk node carries bitmap ``name``, consistent."""
+    found: dict[str, bool] = {}
+    for device in await channel.execute("query-block"):
+        inserted = device.get("inserted") or {}
+        for bitmap in inserted.get("dirty-bitmaps") or []:
+            if bitmap.get("name") == name:
+                found[str(inserted.get("node-name"))] = not bitmap.get("inconsistent")
+    return all(found.get(f"disk{i}", False) for i in range(disks))
+
+
+async def _require_copy_source(call: Call[wire.CopyDisksRequest], m: Membership) -> None:
+    """``back`` is asked by a node of the cluster this node's copy record of the volume
+    names as the source, for a VM of that record that ran here."""
+    if call.caller.role is Role.ADMIN:
+        return
+    caller = call.require_host()
+    entry = await m.store.get(record_key(m.keys, call.body.volume))
+    record = None if entry is None else CopyRecord.from_json(entry.value)
+    if (record is None or record.phase is not Phase.RAN
+            or all(vm.uuid != call.body.vm_uuid for vm in record.vms)
+            or await m.store.get(ClusterKeys(record.source).member(caller)) is None):  # fmt: skip
+        raise AuthError(f"host {caller!r} may not copy VM {call.body.vm_uuid} back: no copy "
+                        f"of volume {call.body.volume!r} from its cluster stands in "
+                        f"{m.cluster}")  # fmt: skip
 
 
 async def _drop_bitmap(channel: Any, disks: int) -> None:

@@ -29,9 +29,11 @@ a copy of only what changed since (a dirty bitmap started with the full
 copy), then does the same transaction with the disks' new paths
 (:func:`ferry.core.cluster.crossing.crossed_spec`); each row gets
 ``copied_bytes`` (``full``, ``final`` and their seconds) and ``downtime_s``
-from the stop asked to running in C2. ``--rollback`` of a copied
-``--run`` is refused (C1's disks are stale; copying the changes back is not
-built): copy-roles the other way instead.
+from the stop asked to running in C2. ``--rollback`` of a copied ``--run``
+asks each VM's owner in C2 to stop it and copy only what it wrote in C2
+(the persistent bitmap ``ferry-back`` the copies got at ``--run``) back onto
+its disks in C1, which are as they were at ``--run``; then the transaction
+back with C1's disk paths (rows get ``copied_bytes`` ``back``).
 
 Replication carries over (:mod:`ferry.host.cluster.replication`): the old
 owner hands it to C2 before it drops the VM, and after a clean stop the new
@@ -291,15 +293,25 @@ class CopyRoles:
 
     async def _rollback(self, store: ClusterStore, k1: ClusterKeys, k2: ClusterKeys,
                         record: CopyRecord, entry: Entry) -> dict[str, Any]:  # fmt: skip
-        """The VMs back to C1, on their old nodes and in their old states."""
+        """The VMs back to C1, on their old nodes and in their old states; copied storage:
+        what they wrote in C2 copied back onto C1's disks first."""
         stopped_at = time.time()
-        asked = 0
-        for vm in record.vms:
-            asked = await store.put(k2.vm_want(vm.uuid), Want.OFF.value.encode())
-        live = [vm for vm in record.vms if vm.state == "running"]  # started in C2 by --run
-        await _wait_states(store, k2, live, _AT_REST, STOP_WAIT_S, asked)
+        stops: dict[str, tuple[float, dict[str, float]]] = {}
+        back_to: str | None = None
+        if record.copied:
+            back_to = (await _volumes(store, k1)).get(record.volume)
+            if back_to is None:
+                raise NotFoundError(f"cluster {record.source!r} has no volume "
+                                    f"{record.volume!r} any more: nothing rolled back")  # fmt: skip
+            stops = await self._copy_back(store, k2, record, back_to)
+        else:
+            asked = 0
+            for vm in record.vms:
+                asked = await store.put(k2.vm_want(vm.uuid), Want.OFF.value.encode())
+            live = [vm for vm in record.vms if vm.state == "running"]  # started in C2 by --run
+            await _wait_states(store, k2, live, _AT_REST, STOP_WAIT_S, asked)
         back = CopyRecord(record.source, record.target, record.volume, Phase.ROLLED_BACK,
-                          time.time(), record.vms)  # fmt: skip
+                          time.time(), record.vms, record.copied)  # fmt: skip
         compares = [Compare.unchanged(entry.key, entry.mod_revision)]
         ops: list[Op] = [Put(entry.key, back.to_json())]
         for vm in record.vms:
@@ -315,7 +327,12 @@ class CopyRoles:
                 Compare.absent(k1.name(vm.name)),
             ]
             want = Want.RUNNING if vm.state == "running" else Want.OFF
-            ops += await _move_role(store, k2, k1, vm, config.value, vm.node, want)
+            value = config.value
+            if back_to is not None:  # its disks are C1's again
+                role = VmRole.model_validate_json(value)
+                value = encode_role(role.model_copy(update={
+                    "spec": crossed_spec(role.spec, back_to)}))  # fmt: skip
+            ops += await _move_role(store, k2, k1, vm, value, vm.node, want)
         result = await store.txn(compares, ops)
         if not result.succeeded:
             raise MoveFailedError(
@@ -328,11 +345,51 @@ class CopyRoles:
         )
         rows = [{"name": vm.name, "uuid": vm.uuid, "node": vm.node, "cluster": record.source,
                  "state": "running" if vm.name in started else vm.state,
-                 "downtime_s": downtime_s(stopped_at, started[vm.name])
-                 if vm.name in started else None} for vm in record.vms]  # fmt: skip
+                 "downtime_s": downtime_s(stops.get(vm.name, (stopped_at, {}))[0],
+                                          started[vm.name]) if vm.name in started else None,
+                 "copied_bytes": stops[vm.name][1] if vm.name in stops else None}
+                for vm in record.vms]  # fmt: skip
         return {"from": record.source, "to": record.target, "volume": record.volume,
                 "step": Step.ROLLBACK.value, "phase": back.phase.value, "ok": True,
                 "vms": rows}  # fmt: skip
+
+    async def _copy_back(self, store: ClusterStore, k2: ClusterKeys, record: CopyRecord,
+                         back_to: str) -> dict[str, tuple[float, dict[str, float]]]:  # fmt: skip
+        """Each VM's owner in C2 stops it and copies what it wrote there since ``--run`` onto
+        its disks in C1 (as they were at ``--run``); name -> (when its stop was asked, the
+        bytes copied back and their seconds)."""
+        copier = self.cvms.disk_copies
+        if copier is None:
+            raise MoveFailedError("this node cannot copy disks (no disk copier): nothing done")
+        m = self.cvms.membership(record.source)
+        urls = {n.name: n.url for n in node_views(await store.range(k2.prefix), k2)}
+        asks = []
+        for vm in record.vms:
+            config, owner = (await store.get(k2.vm_config(vm.uuid)),
+                             await store.get(k2.vm_owner(vm.uuid)))  # fmt: skip
+            if config is None or owner is None:
+                raise NotFoundError(f"VM {vm.name!r} has no role in cluster {record.target!r}: "
+                                    "deleted there? nothing rolled back")  # fmt: skip
+            spec = crossed_spec(VmRole.model_validate_json(config.value).spec, back_to)
+            node = Owner.decode(owner.value).node
+            body = CopyDisksRequest(
+                vm_uuid=vm.uuid,
+                phase="back",
+                volume_path=back_to,
+                targets=[d.path for d in spec.disks],
+                volume=record.volume,
+            )
+            asks.append(copier.ask(m, node, urls.get(node, ""), body, cluster=record.target))
+        try:
+            replies = await asyncio.gather(*asks)
+        except FerryError as exc:
+            raise MoveFailedError(
+                f"copying volume {record.volume!r}'s changes back to cluster {record.source!r} "
+                f"failed: {exc}; nothing rolled back (a VM whose copy ended is off in "
+                f"{record.target!r}: start it there again)"
+            ) from exc
+        return {vm.name: (r.stopped_at or time.time(), {"back": r.bytes, "back_s": r.seconds})
+                for vm, r in zip(record.vms, replies, strict=True)}  # fmt: skip
 
 
 async def _volumes(store: ClusterStore, keys: ClusterKeys) -> dict[str, str]:
