@@ -237,6 +237,9 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         failover.unplanned.checks.append(broker.check_held)  # only the holder fails over
         failover.unplanned.started.append(broker.failed_over)  # into the cluster, HA there
         cluster_context.listen(broker.on_membership)  # a node back drops its stale copies
+        broker.peers, broker.tls_dir = peers, config.tls_dir  # extensions from its replicas
+        broker.resume = extensions.scheduler.spawn
+        extensions.listeners.append(broker.extension_changed)
         ReplicationEndpoints(store, mover=mover, adopt=replication.adopt,
                              broker=broker).register(peer_server)  # fmt: skip
         # GET /metrics: counters the services bump, gauges read at scrape time.

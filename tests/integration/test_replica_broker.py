@@ -1,14 +1,16 @@
 """The replica broker: a cluster as a replica target, with real agents, etcd and QEMU.
 
 One lab for the module: host-1 standalone (the primary), cluster ``c2`` of
-host-2 and host-3 (lease TTL 4 s, volume ``csv1`` that both see). In order:
+host-2 and host-3 (lease TTL 4 s, volume ``csv1`` that both see), host-4
+standalone (extended replication onward from c2). In order:
 a c2 that does not admit host-1 refuses ``replication enable --replica
 cluster:c2`` with one line and nothing changes; then c2 admits host-1, its
 node certificates are re-issued with ``c2.cluster.ferry``, and a test guest
 on host-1 replicates to ``cluster:c2`` while it writes. The agent of the
 node holding the replica VM is SIGKILLed: the next cycle lands on the other
 node (the primary is told nothing), the recovery points go on without a gap
-and the chain passes ``qemu-img check``. Then ``failover start`` runs the VM
+and the chain passes ``qemu-img check``; the extension to host-4 goes on from
+the new holder, which host-4 takes as its primary. Then ``failover start`` runs the VM
 in c2 as a clustered VM (its role, owner and want in c2's store).
 """
 
@@ -32,6 +34,7 @@ from tests.conftest import UP, LabEnv, lab_session, same_image, seqs, wait
 pytestmark = pytest.mark.integration
 
 PRIMARY = "host-1"
+EXTENDED = "host-4"  # standalone: extended replication onward from c2
 C2 = ("host-2", "host-3")
 VM = "web"
 BOOT_S = 180  # a TCG boot, on a machine shared with other test runs
@@ -40,7 +43,7 @@ BOOT_S = 180  # a TCG boot, on a machine shared with other test runs
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, guest_cache: Path) -> Iterator[LabEnv]:
     with lab_session(tmp_path_factory.mktemp("lab")) as env:
-        env.lab.up(3, clusters={"c2": list(C2)}, lease_ttl_s=4,
+        env.lab.up(4, clusters={"c2": list(C2)}, lease_ttl_s=4,
                    host_settings={"image_locking": False})  # fmt: skip
         wait("c2 to settle", lambda: _settled(env), timeout=60)
         env.cli("vm", "create", VM, "--host", PRIMARY, "--guest", "test", "--memory", "128M",
@@ -147,6 +150,15 @@ def test_cycles_follow_the_replica_vm_through_a_node_loss_then_fail_over_into_c2
         assert outcome["result"] == "ok", outcome
     before = point_ids(lab)
 
+    # Extended onward from the replica cluster to host-4 (it learns c2's nodes).
+    extended = lab.lab.root / "extended"
+    extended.mkdir()
+    cli("replica-server", "enable", "--host", EXTENDED, "--storage", str(extended),
+        "--allow", "host-*")  # fmt: skip
+    out = cli("replication", "extend", VM, "--to", EXTENDED, "--frequency", "5m", "--json")
+    assert json.loads(out.stdout.splitlines()[-1])["state"] == "replicating", out.stdout
+    assert cli.json("replication", "status", VM, "--host", EXTENDED)["primary"] == first
+
     index = int(first.rsplit("-", 1)[1])
     killed_at = time.monotonic()
     lab.kill_agent(index)
@@ -167,6 +179,13 @@ def test_cycles_follow_the_replica_vm_through_a_node_loss_then_fail_over_into_c2
     lab.restart_agent(index)
     wait("c2 to settle again", lambda: _settled(lab), timeout=60)
     assert wait("the stale copy to go", lambda: holder(lab) == other, timeout=30)
+    # The extension goes on from the new holder: host-4 takes it as its primary.
+    assert sync(lab)["result"] == "ok"
+    onward = cli.json("replication", "sync", VM, "--host", other)
+    assert onward["result"] == "ok", onward
+    assert cli.json("replication", "status", VM, "--host", EXTENDED)["primary"] == other
+    on_4 = [p["id"] for p in cli.json("replication", "points", VM, "--host", EXTENDED)]
+    assert on_4[-1] == point_ids(lab)[-1], on_4
     # No gap: the points before the loss are all still there (12 kept), and the ids go on
     # one by one across it.
     assert set(before) <= set(after) and after[-1] > before[-1], (before, after)

@@ -28,7 +28,7 @@ from ferry.core.cluster.keys import ClusterKeys
 from ferry.core.cluster.nodes import NodeState, node_views
 from ferry.core.cluster.roles import Owner
 from ferry.core.cluster.store import Entry
-from ferry.core.relationship import Relationship
+from ferry.core.relationship import Extension, Relationship
 from ferry.core.replica_server import Admission, ReplicaServerSettings, admit
 from ferry.core.replication.retention import PointInfo
 from ferry.core.spec import VmSpec
@@ -150,6 +150,8 @@ class ReplicaRecord(BaseModel):
     spec: VmSpec
     relationship: Relationship
     points: tuple[tuple[int, float, str, int], ...] = ()
+    # Its extended replication onward (the extended host pins the cluster's nodes).
+    extension: Extension | None = None
 
     def chain(self) -> list[PointInfo]:
         return [PointInfo(id=i, time=t, file=f, size=n) for i, t, f, n in self.points]

@@ -30,28 +30,37 @@ this keeps them in the cluster's store:
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from ferry.adapters.catalog import Catalog
-from ferry.adapters.pki import CertInfo, Role
+from ferry.adapters.pki import CLIENT_CERT, CertInfo, Role, thumbprint
 from ferry.core.cluster.keys import ClusterKeys
 from ferry.core.cluster.nodes import MemberRecord
 from ferry.core.cluster.records import VolumeRecord
 from ferry.core.cluster.roles import Owner
 from ferry.core.cluster.store import Compare, Delete, Entry, Put
-from ferry.core.relationship import Relationship
+from ferry.core.relationship import Extension, Relationship
 from ferry.core.relationship import Role as RelRole
 from ferry.core.replica_server import Admission, AllowEntry, ReplicaServerSettings, check_settings
-from ferry.core.replication import check_partner
+from ferry.core.replication import ClusterHost, check_partner
 from ferry.core.replication.broker import ReplicaRecord, admit_primary, route
 from ferry.core.vmstate import VmState
-from ferry.errors import AuthError, ConflictError, InvalidInputError, NotFoundError, StateError
+from ferry.errors import (
+    AuthError,
+    ConflictError,
+    FerryError,
+    InvalidInputError,
+    NotFoundError,
+    StateError,
+)
 from ferry.host.cluster.membership import ClusterContext, Membership
 from ferry.host.replication.receiver import caller_of
-from ferry.peer.replication import BrokerOwner, Offer
+from ferry.peer.client import Connector, Timeout
+from ferry.peer.replication import UPDATE, BrokerOwner, Offer, ReplicaChanges
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +78,67 @@ class ReplicaBroker:
         self.url = url
         # Makes a VM of this node one of its cluster (ClusterVms.add; set by the agent).
         self.make_clustered: Callable[[str, str], Awaitable[object]] | None = None
+        # Extended replication from a replica VM taken over here (set by the agent):
+        # reaching the extended host, and starting the extension's schedule.
+        self.peers: Connector | None = None
+        self.tls_dir = Path()
+        self.resume: Callable[[str], None] | None = None
+
+    # -- extended replication onward ----------------------------------------------------
+
+    async def _hosts(self, m: Membership) -> list[ClusterHost]:
+        """C's nodes with the certificate each publishes (``identities/<node>``)."""
+        members = {MemberRecord.from_json(e.value).name
+                   for e in await m.store.range(m.keys.members)}  # fmt: skip
+        found = []
+        for entry in await m.store.range(m.keys.identities):
+            data = json.loads(entry.value)
+            if data.get("name") in members and data.get("thumbprint"):
+                found.append(ClusterHost(str(data["name"]), str(data["thumbprint"])))
+        return sorted(found, key=lambda h: h.name)
+
+    async def _tell_extended(self, m: Membership, ext: Extension, *,
+                             claim: bool) -> None:  # fmt: skip
+        """The extended host accepts any node of C as its primary (``claim``: this one is)."""
+        if self.peers is None:
+            return
+        hosts = await self._hosts(m)
+        change = ReplicaChanges(cluster=m.cluster, cluster_hosts=hosts)
+        if claim:
+            change = change.model_copy(update={
+                "primary": self.node, "thumbprint": thumbprint(self.tls_dir / CLIENT_CERT),
+                "primary_url": self.url})  # fmt: skip
+        async with self.peers.connect(ext.host, ext.url, timeout=Timeout.CONTROL,
+                                      pin=ext.thumbprint) as peer:  # fmt: skip
+            await peer.call(UPDATE, change, uuid=ext.vm_uuid)
+
+    async def extension_changed(self, uuid: str, *, created: bool = False) -> None:
+        """After ``replication extend`` (the extended host learns C's nodes) and after
+        each of its cycles: the cluster's record follows."""
+        rel = self.catalog.relationship(uuid)
+        ext = self.catalog.extension(uuid)
+        if rel is None or not rel.broker or ext is None:
+            return
+        m = self.membership(rel.broker)
+        if created:
+            await self._tell_extended(m, ext, claim=False)
+        await self.publish(uuid)
+
+    async def resume_extension(self, m: Membership, record: ReplicaRecord) -> None:
+        """This node just took the replica VM over: it takes the extended host's primary's
+        place and runs the extension's schedule. A failure is logged; the extension's next
+        cycle then fails on its pin, and the next take-over tries again."""
+        assert record.extension is not None
+        try:
+            await self._tell_extended(m, record.extension, claim=True)
+        except FerryError as exc:
+            log.warning("VM %s: extended host %s did not take %s as its primary: %s",
+                        record.spec.name, record.extension.host, self.node, exc)  # fmt: skip
+            return
+        if self.resume is not None:
+            self.resume(record.spec.uuid)
+        log.info("VM %s: extended replication to %s runs from %s now", record.spec.name,
+                 record.extension.host, self.node)  # fmt: skip
 
     # -- failover ----------------------------------------------------------------------
 
@@ -203,7 +273,8 @@ class ReplicaBroker:
         if rel is None or vm is None:
             raise NotFoundError(f"host {self.node!r} holds no replica of VM {uuid}")
         return ReplicaRecord(spec=vm.spec, relationship=rel,
-                             points=ReplicaRecord.points_of(self.catalog.points(uuid)))  # fmt: skip
+                             points=ReplicaRecord.points_of(self.catalog.points(uuid)),
+                             extension=self.catalog.extension(uuid))  # fmt: skip
 
     def is_brokered(self, uuid: str) -> bool:
         rel = self.catalog.relationship(uuid)
@@ -262,7 +333,8 @@ class ReplicaBroker:
         where = route(self.node, owner=owner.node, pending=owner.pending, alive=alive,
                       cluster=cluster, vm=rel.vm_name)  # fmt: skip
         if where.local:
-            self.import_record(record)
+            if self.import_record(record) and record.extension is not None:
+                await self.resume_extension(m, record)
             return BrokerOwner(node=self.node, url=self.url)
         self.drop_stale(uuid)
         member = await m.store.get(m.keys.member(where.node))
@@ -277,7 +349,8 @@ class ReplicaBroker:
         (the store wins); True if anything was written."""
         uuid = record.spec.uuid
         if self.catalog.relationship(uuid) == record.relationship and \
-                self.catalog.points(uuid) == record.chain():  # fmt: skip
+                self.catalog.points(uuid) == record.chain() and \
+                self.catalog.extension(uuid) == record.extension:  # fmt: skip
             vm = self.catalog.find(uuid)
             if vm is not None and vm.spec == record.spec:
                 return False
@@ -291,6 +364,10 @@ class ReplicaBroker:
             self.catalog.delete_point(uuid, point.id)
         for point in record.chain():
             self.catalog.add_point(uuid, point)
+        if record.extension is not None:
+            self.catalog.put_extension(record.extension)
+        elif self.catalog.extension(uuid) is not None:
+            self.catalog.delete_extension(uuid)
         log.info("VM %s: replica taken over from cluster %s's record (point %s)",
                  record.spec.name, record.relationship.broker,
                  record.points[-1][0] if record.points else "none")  # fmt: skip
@@ -307,6 +384,8 @@ class ReplicaBroker:
             return  # failed over or under test here: not silently dropped
         for point in self.catalog.points(uuid):
             self.catalog.delete_point(uuid, point.id)
+        if self.catalog.extension(uuid) is not None:  # its schedule ends on its next look
+            self.catalog.delete_extension(uuid)
         self.catalog.delete_relationship(uuid)
         if vm is not None:
             self.catalog.delete(uuid)

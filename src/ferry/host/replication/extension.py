@@ -31,6 +31,7 @@ import contextlib
 import logging
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from ferry.errors import (
     AuthError,
     ConflictError,
     ConnectionFailedError,
+    FerryError,
     InvalidInputError,
     NotFoundError,
     ReplicationStoppedError,
@@ -82,6 +84,16 @@ class ExtensionService:
         self.config = store.config
         self.catalog = store.catalog
         self.scheduler = CycleScheduler("extend", delay=self._delay, cycle=self._cycle)
+        # Hear of each extend and cycle (the replica broker publishes the extension to its
+        # cluster's record; created=True after an extend).
+        self.listeners: list[Callable[..., Awaitable[None]]] = []
+
+    async def _changed(self, vm_uuid: str, *, created: bool = False) -> None:
+        for listener in self.listeners:
+            try:
+                await listener(vm_uuid, created=created)
+            except FerryError as exc:
+                log.warning("VM %s: extension listener: %s", vm_uuid, exc)
 
     @property
     def work_dir(self) -> Path:
@@ -169,6 +181,7 @@ class ExtensionService:
             self.catalog.put_extension(ext)
         log.info("VM %s: extended replication to %s every %ss (pinned %s)", name, to, frequency,
                  ext.thumbprint[:16])  # fmt: skip
+        await self._changed(record.uuid, created=True)
         self.scheduler.wake(record.uuid)
         return self.view(record.uuid) or {}
 
@@ -224,6 +237,7 @@ class ExtensionService:
                                     ext.frequency_s, self._forward(ext, rel), stopped)  # fmt: skip
         if outcome["result"] == "ok":
             outcome["point"] = (self.catalog.extension(vm_uuid) or ext).confirmed_point
+        await self._changed(vm_uuid)
         return outcome
 
     async def _forward(self, ext: Extension, rel: Relationship) -> int | None:
