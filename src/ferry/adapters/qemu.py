@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import re
@@ -231,3 +232,19 @@ class QmpChannel:
     async def close(self) -> None:
         with contextlib.suppress(QMPError, OSError, EOFError):
             await self._client.disconnect()
+
+
+def qmp_holders() -> dict[str, dict[str, int]]:
+    """Live ``qemu.qmp`` messages by event/reply kind and by what refers to them."""
+    kinds: dict[str, int] = {}
+    holders: dict[str, int] = {}
+    messages = [o for o in gc.get_objects() if isinstance(o, Message)]
+    for message in messages:
+        kind = str(message.get("event") or ("return" if "return" in message else "other"))
+        kinds[kind] = kinds.get(kind, 0) + 1
+        for ref in gc.get_referrers(message):
+            if ref is messages:
+                continue
+            name = type(ref).__qualname__
+            holders[name] = holders.get(name, 0) + 1
+    return {"kinds": kinds, "holders": holders}

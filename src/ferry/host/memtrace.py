@@ -18,7 +18,6 @@ costs CPU and memory, so production never pays for it.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import os
 import re
@@ -26,7 +25,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from qemu.qmp.message import Message
+from ferry.adapters.qemu import qmp_holders
 
 ENV_DIR = "FERRY_TRACEMALLOC"
 ENV_EVERY = "FERRY_TRACEMALLOC_EVERY"
@@ -52,22 +51,6 @@ def _site(stat: tracemalloc.StatisticDiff) -> dict[str, object]:
     if len(stat.traceback) > 1:  # innermost first
         row["stack"] = [f"{f.filename}:{f.lineno}" for f in reversed(stat.traceback)]
     return row
-
-
-def qmp_holders() -> dict[str, dict[str, int]]:
-    """Live ``qemu.qmp`` messages by event/reply kind and by what refers to them."""
-    kinds: dict[str, int] = {}
-    holders: dict[str, int] = {}
-    messages = [o for o in gc.get_objects() if isinstance(o, Message)]
-    for message in messages:
-        kind = str(message.get("event") or ("return" if "return" in message else "other"))
-        kinds[kind] = kinds.get(kind, 0) + 1
-        for ref in gc.get_referrers(message):
-            if ref is messages:
-                continue
-            name = type(ref).__qualname__
-            holders[name] = holders.get(name, 0) + 1
-    return {"kinds": kinds, "holders": holders}
 
 
 async def trace_memory(out: Path, every_s: float, frames: int = 1) -> None:

@@ -414,7 +414,10 @@ class ClusterReplication:
             before = Relationship.model_validate(published.model_dump(exclude={"cycles"}))
             hosts = await self._hosts(membership)
             handed = await membership.store.get(membership.keys.vm_handed(vm_uuid))
-            from_here = before.primary in {h.name for h in hosts}
+            # A member of this cluster, whether or not its certificate was published
+            # (a node lost before its first pass has none in the store).
+            members = await membership.store.range(membership.keys.members)
+            from_here = before.primary in {MemberRecord.from_json(e.value).name for e in members}
             if handed is None and not from_here:
                 # copy-roles carried it from another cluster, whose owner has not handed it
                 # over yet: the replica would refuse this node (its pass, then ours, retry).
