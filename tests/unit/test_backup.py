@@ -94,6 +94,16 @@ def test_a_failed_job_fails_the_copy_and_everything_is_cleaned_up() -> None:
     assert "block-job-cancel" not in qmp.actions()  # the jobs had ended
 
 
+def test_a_copy_is_whole_only_once_its_targets_closed() -> None:
+    """The jobs concluded, then QEMU went before the target nodes were closed: the
+    targets' newest qcow2 metadata may never have reached the files, so the copy fails."""
+    qmp = _qemu()
+    qmp.fail("blockdev-del", "Disconnected")
+    with pytest.raises(QemuError, match="backup of VM 'web' could not close its copy, so it "
+                       "may not be whole"):  # fmt: skip
+        asyncio.run(_backup(qmp).run(TARGETS, sync=Sync.INCREMENTAL, bitmap="cbt"))
+
+
 @pytest.mark.parametrize("cancel_on_exit", [True, False])
 def test_a_cancelled_copy_cancels_its_jobs_or_leaves_them(cancel_on_exit: bool) -> None:
     qmp = _qemu(finish=False)
