@@ -227,7 +227,13 @@ class Lab:
                 progress(f"starting the agent of {host.name}")
                 started.append((host, self._spawn(host)))
         for host, proc in started:
-            asyncio.run(self._wait_ready(host, proc))
+            try:
+                asyncio.run(self._wait_ready(host, proc))
+            except BaseException:
+                # Not ready in time: end it, or it outlives the lab (its pid file
+                # may not be written yet, so 'lab down' would not find it).
+                _end(proc)
+                raise
         asyncio.run(self._add_lab_network(hosts, progress))
         if wanted:
             asyncio.run(self._make_clusters(wanted, progress))
@@ -503,3 +509,15 @@ def _check_clusters(count: int, clusters: Mapping[str, Sequence[str]]) -> dict[s
             seen[name] = cluster
         wanted[cluster] = names
     return wanted
+
+
+def _end(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after AGENT_STOP_TIMEOUT_S, of an agent this lab started."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=AGENT_STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
