@@ -136,34 +136,13 @@ class BlockBackup:
             errors = [j["error"] for j in states.values() if j.get("error")]
             if errors:
                 raise QemuError(f"{self.what} failed: {errors[0]}")
-            await self._close_targets()
+            await self.cleanup(strict=True)
             closed = True
         finally:
             if not finished and cancel_on_exit:
                 await self._cancel()
             if not closed:
                 await self.cleanup()
-
-    async def _close_targets(self) -> None:
-        """Close the target nodes; a target is whole only once this returned.
-
-        A concluded job's data may sit in QEMU's qcow2 metadata cache of the
-        target (its L2 tables and refcounts are written back when the node is
-        closed), so a QEMU that dies between the jobs' end and the close
-        leaves target files whose newest clusters read as unallocated: a
-        recovery point without the guest's last writes (the long fault suite
-        lost 3 records so, a planned failover's QEMU killed at the end of
-        its final cycle). So the close is part of the copy: if it fails, the
-        copy failed.
-        """
-        for job in self.jobs:
-            await self.channel.execute("job-dismiss", {"id": job})
-        for node in self.nodes:
-            try:
-                await self.channel.execute("blockdev-del", {"node-name": node})
-            except FerryError as exc:
-                raise QemuError(f"{self.what} could not close its copy, so it may not be "
-                                f"whole: {exc}") from exc  # fmt: skip
 
     async def outcome(self) -> Outcome:
         """What became of this backup after the agent lost track of it.
@@ -184,14 +163,28 @@ class BlockBackup:
         await self.cleanup()
         return verdict
 
-    async def cleanup(self) -> None:
-        """Dismiss the concluded jobs and delete the target nodes (each step may fail)."""
+    async def cleanup(self, *, strict: bool = False) -> None:
+        """Dismiss the concluded jobs and delete the target nodes (each step may fail).
+
+        ``strict`` (a copy that succeeded): a failure raises. A target is whole
+        only once its node is closed: a concluded job's data may sit in QEMU's
+        qcow2 metadata cache of the target (L2 tables, refcounts, written back
+        at the close), so a QEMU that dies between the jobs' end and the close
+        leaves target files whose newest clusters read as unallocated: a
+        recovery point without the guest's last writes (the long fault suite
+        lost 3 records so, a planned failover's QEMU killed at the end of its
+        final cycle). So the close is part of the copy.
+        """
         for job in self.jobs:
-            with contextlib.suppress(FerryError):
+            with contextlib.suppress(*(() if strict else (FerryError,))):
                 await self.channel.execute("job-dismiss", {"id": job})
         for node in self.nodes:
-            with contextlib.suppress(FerryError):
+            try:
                 await self.channel.execute("blockdev-del", {"node-name": node})
+            except FerryError as exc:
+                if strict:
+                    raise QemuError(f"{self.what} could not close its copy, so it may not "
+                                    f"be whole: {exc}") from exc  # fmt: skip
 
     async def _cancel(self) -> None:
         for job in self.jobs:
