@@ -232,7 +232,9 @@ class Lab:
             except BaseException:
                 # Not ready in time: end it, or it outlives the lab (its pid file
                 # may not be written yet, so 'lab down' would not find it).
-                _end(proc)
+                marker = str(host.config_path).encode()
+                loopback.terminate(proc.pid, marker, AGENT_STOP_TIMEOUT_S)
+                proc.wait()
                 raise
         asyncio.run(self._add_lab_network(hosts, progress))
         if wanted:
@@ -509,15 +511,3 @@ def _check_clusters(count: int, clusters: Mapping[str, Sequence[str]]) -> dict[s
             seen[name] = cluster
         wanted[cluster] = names
     return wanted
-
-
-def _end(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL after AGENT_STOP_TIMEOUT_S, of an agent this lab started."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=AGENT_STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
