@@ -36,6 +36,7 @@ from ferry.adapters import loopback
 from ferry.adapters.pki.issue import create_ca, issue_admin_cert, issue_host_cert
 from ferry.client.settings import ClientSettings, HostEntry, save_settings
 from ferry.packaging import agent_unit
+from tests.conftest import qemu_pids_for
 
 pytestmark = pytest.mark.integration
 
@@ -106,16 +107,9 @@ def _children(pid: int) -> list[int]:
 
 def _qemu_pid(uuid: str) -> int | None:
     """The host pid of the QEMU running VM ``uuid`` (it lives in the namespace)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"qemu-system-x86_64") and uuid.encode() in argv:
-            return int(proc.name)
-    return None
+    pids = qemu_pids_for(uuid)
+    assert len(pids) <= 1, pids
+    return pids[0] if pids else None
 
 
 @pytest.fixture
