@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from tests.conftest import LabEnv, seqs
 pytestmark = pytest.mark.integration
 
 M = 1024**2
+UNCAPPED = 1024**3  # host.toml's migration_max_bandwidth default
 EVENT_TIMEOUT_S = 240.0  # a move under TCG at a load of ~15 takes well under a minute
 
 
@@ -90,7 +91,8 @@ def apply_until(env: LabEnv, plan: Path, when: Callable[[dict[str, Any]], bool],
             lines.put(line)
         lines.put(None)
 
-    threading.Thread(target=pump, daemon=True).start()
+    pumping = threading.Thread(target=pump, daemon=True)
+    pumping.start()
     events: Events = []
     deadline = time.monotonic() + EVENT_TIMEOUT_S
     try:
@@ -107,15 +109,17 @@ def apply_until(env: LabEnv, plan: Path, when: Callable[[dict[str, Any]], bool],
                     act()
                 break
         code = proc.wait(timeout=EVENT_TIMEOUT_S)
+        while (line := lines.get(timeout=10)) is not None:
+            events.append(json.loads(line))
     finally:
         if proc.poll() is None:  # only on a failed test: end what this test started
             proc.kill()
             proc.wait()
-    while (line := lines.get(timeout=10)) is not None:
-        events.append(json.loads(line))
-    for stream in (proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
+        # Closed on every way out: a pipe left to the collector warns in a later test.
+        pumping.join(timeout=10)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
     return code, events
 
 
@@ -169,10 +173,22 @@ def test_bad_plans_are_refused_with_one_line_and_change_nothing(
     assert "c" not in vm_hosts(env)
 
 
+@pytest.fixture
+def slow_moves(lab_env: LabEnv) -> Iterator[LabEnv]:
+    """Moves capped at 40 MiB/s (the agents restart with it, and again without): a
+    256M test guest's memory copy then takes seconds, so apply's 0.5 s poll reports
+    it. Uncapped it took 0.4 s at a load of ~10 and the poll missed it."""
+    lab_env.lab.up(2, host_settings={"migration_max_bandwidth": 40 * M})
+    try:
+        yield lab_env
+    finally:
+        lab_env.lab.up(2, host_settings={"migration_max_bandwidth": UNCAPPED})
+
+
 def test_plan_apply_moves_the_vms_resumes_after_kill_and_ctrl_c_and_twice_is_done(
-    lab_env: LabEnv, tmp_path: Path
+    slow_moves: LabEnv, tmp_path: Path
 ) -> None:
-    env = lab_env
+    env = slow_moves
     for name in ("a", "b"):
         env.cli("vm", "create", name, "--host", "host-1", "--guest", "test", "--memory", "256M",
                 "--disk", "32M", "--start")  # fmt: skip
@@ -217,6 +233,8 @@ def test_plan_apply_moves_the_vms_resumes_after_kill_and_ctrl_c_and_twice_is_don
     # 3. Resumed: step one stays done (its VM moved once), step two finishes.
     result = json.loads(env.cli("plan", "apply", str(plan), "--json").stdout.splitlines()[-1])
     assert result["result"] == "ok" and result["done"] == [key1, key2]
+    # The cap held: ~100 MiB of guest memory at 40 MiB/s (uncapped: 0.4 s).
+    assert result["steps"][1]["result"]["memory_copy_s"] > 1.5, result["steps"][1]
     assert [j["id"] for j in moves_of(env, first["vm"])] == [job1]
     hosts = vm_hosts(env)
     assert hosts["a"] == ("host-2", "running") and hosts["b"] == ("host-2", "running")
