@@ -32,6 +32,7 @@ from tests.conftest import LabEnv
 from tests.faults.conftest import (
     FULL,
     LONG_TIMEOUT,
+    ONLY,
     Tally,
     api,
     boot_writing_guest,
@@ -104,6 +105,35 @@ def kill(env: LabEnv, victim: str, source: str, dest: str, uuid: str) -> bool:
     return True
 
 
+def snapshot(env: LabEnv) -> Path:
+    """What a stuck move leaves to read: every lab QEMU's TCP sockets (``ss``) and
+    where each of its threads waits in the kernel, written beside the lab."""
+    out = env.lab.root / f"stuck-{time.strftime('%H%M%S')}.txt"
+    pids = [pid for host in ("host-1", "host-2") for pid in qemu_pids(env, host)]
+    lines = [f"qemu pids: {pids}"]
+    sockets = subprocess.run(["ss", "-tanpi"], capture_output=True, text=True).stdout
+    lines += [ln for ln in sockets.splitlines() if any(f"pid={p}," in ln for p in pids)]
+    for pid in pids:
+        for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+            with contextlib.suppress(OSError):
+                comm, wchan = ((task / f).read_text().strip() for f in ("comm", "wchan"))
+                stack = (task / "stack").read_text().replace("\n", " | ")
+                lines.append(f"{pid}/{task.name} {comm}: {wchan} {stack}")
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def qemu_pids(env: LabEnv, host: str) -> list[int]:
+    marker = f"/hosts/{host}/".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
+            if marker in argv and b"qemu-system" in argv and str(env.lab.root).encode() in argv:
+                found.append(int(entry.name))
+    return found
+
+
 def recover(env: LabEnv, name: str, tally: Tally) -> str:
     """Restart what was killed; start the guest if no QEMU runs it; the host it runs on."""
     lab_up(env)
@@ -120,7 +150,8 @@ def recover(env: LabEnv, name: str, tally: Tally) -> str:
         if time.monotonic() > deadline:
             states = {h: [(v["state"], v.get("incoming")) for v in api(env, h, "GET", "/v1/vms")
                           if v["name"] == name] for h in ("host-1", "host-2")}  # fmt: skip
-            raise AssertionError(f"{name} never ran again: {states}")
+            dump = snapshot(env)
+            raise AssertionError(f"{name} never ran again: {states} (sockets and threads: {dump})")
         if not started:
             for host in ("host-1", "host-2"):
                 found = [v for v in api(env, host, "GET", "/v1/vms")
@@ -206,7 +237,11 @@ def one_run(env: LabEnv, tally: Tally, victim: str, phase: str) -> None:
 def test_kill_at_every_phase_of_a_move(lab_env: LabEnv, guest: str, tally: Tally) -> None:
     # Short form (CI's time budget): an agent and a QEMU, the disk copy and the
     # switch-over; long form: N runs per phase, the four victims in turn.
-    if FULL:
+    if ONLY:
+        victim, _, phase = ONLY.partition("@")
+        assert victim in VICTIMS and phase in PHASES, f"FERRY_FAULTS_ONLY={ONLY}: no such case"
+        plan = [(victim, phase)] * runs(1)
+    elif FULL:
         plan = [(VICTIMS[i % 4], p) for p in PHASES for i in range(runs(1))]
     else:
         plan = [("source-agent", "copying-disks"), ("destination-qemu", "switching-over")]
