@@ -31,6 +31,7 @@ from typing import Any
 
 MiB = 1024**2
 MIRROR_BUF_SIZE = 64 * MiB
+NBD_OPEN_TIMEOUT_S = 10  # a healthy destination answers in milliseconds
 
 
 def nbd_target(node: str, export: str, server: tuple[str, int], *,
@@ -45,6 +46,11 @@ def nbd_target(node: str, export: str, server: tuple[str, int], *,
         # A block of zeroes goes as a write-zeroes command, not as data.
         "detect-zeroes": "unmap",
         "discard": "unmap",
+        # QEMU 7.2 connects in a thread and runs the TLS handshake's wait on the
+        # main GLib context, which blockdev-add holds: if the destination dies
+        # mid-handshake, both wait on each other for ever (the guest frozen with
+        # them). open-timeout arms a timer that ends the wait with an error.
+        "open-timeout": NBD_OPEN_TIMEOUT_S,
     }
     if tls_id:
         args["tls-creds"] = tls_id
