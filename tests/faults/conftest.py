@@ -10,8 +10,10 @@ named by ``FERRY_FAULTS_REPORT`` (if set); ``docs/reliability.md`` quotes
 those lines. The long form runs for hours, so each run also appends the
 tally so far (``"partial": true``) to ``FERRY_FAULTS_REPORT`` + ``.progress``:
 a long run cut short still leaves its figures. ``FERRY_FAULTS_RUNS=N`` sets
-the long form's runs per phase (default 50); ``FERRY_FAULTS_ONLY=victim@phase``
-(kill_move) runs that one case N times, to chase a defect. The helpers here check the
+the long form's runs per phase (default 50); ``FERRY_FAULTS_ONLY``
+runs only the cases named, N times each, to chase a defect (kill_move:
+``victim@phase``, ``*`` for the four victims in turn; kill_failover:
+``kind:victim@phase``; comma-separated). The helpers here check the
 invariants after each run, through the API (never a mocked QEMU or etcd).
 """
 
@@ -40,7 +42,7 @@ FULL = os.environ.get("FERRY_FAULTS") == "full"
 # FERRY_FAULTS=off leaves the suites out (a quick local run of everything else).
 collect_ignore_glob = ["test_*.py"] if os.environ.get("FERRY_FAULTS") == "off" else []
 FULL_RUNS = int(os.environ.get("FERRY_FAULTS_RUNS", "50"))  # per phase in the long form
-ONLY = os.environ.get("FERRY_FAULTS_ONLY", "")  # "victim@phase": that case only
+ONLY = os.environ.get("FERRY_FAULTS_ONLY", "")  # the cases named only (see above)
 SETTLE_S = 90.0
 ACTIVE_JOB_STATES = ("running", "cancelling")
 SEQ_LINE = re.compile(r"^seq (\d+)$", re.MULTILINE)

@@ -34,6 +34,7 @@ from tests.conftest import LabEnv
 from tests.faults.conftest import (
     FULL,
     LONG_TIMEOUT,
+    ONLY,
     Tally,
     api,
     boot_writing_guest,
@@ -236,7 +237,16 @@ def one_run(env: LabEnv, storage: Path, tally: Tally, kind: str, victim: str,
 @LONG_TIMEOUT
 def test_kill_in_each_kind_of_failover(lab_env: LabEnv, storage: Path, guest: str,
                                        tally: Tally) -> None:  # fmt: skip
-    if FULL:
+    # FERRY_FAULTS_ONLY=kind:victim@phase[,...]: those cases, N runs each.
+    if ONLY:
+        plan = []
+        for case in ONLY.split(","):
+            kind, _, rest = case.partition(":")
+            victim, _, phase = rest.partition("@")
+            assert kind in KINDS and victim in KINDS[kind][2] and phase in KINDS[kind][1], (
+                f"{case}: no such case")  # fmt: skip
+            plan += [(kind, victim, phase)] * runs(1)
+    elif FULL:
         plan = [(kind, victims[i % len(victims)], p)
                 for kind, (_, phases, victims) in KINDS.items()
                 for p in phases for i in range(runs(1))]  # fmt: skip
