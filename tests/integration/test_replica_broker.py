@@ -150,6 +150,13 @@ def test_cycles_follow_the_replica_vm_through_a_node_loss_then_fail_over_into_c2
         assert outcome["result"] == "ok", outcome
     before = point_ids(lab)
 
+    # Moving the replica from c2 to a host is refused in one line; nothing changes.
+    line = cli.fails("replication", "set", VM, "--replica", EXTENDED, "--frequency", "5m")
+    assert "replicates to cluster:c2" in line and "from a cluster to a host" in line, line
+    kept = cli.json("replication", "status", VM, "--host", PRIMARY)
+    assert (kept["replica"], kept["frequency_s"]) == ("cluster:c2", 30), kept
+    assert holder(lab) == first and point_ids(lab) == before
+
     # Extended onward from the replica cluster to host-4 (it learns c2's nodes).
     extended = lab.lab.root / "extended"
     extended.mkdir()

@@ -18,6 +18,7 @@ from ferry.core.replication.broker import (
     check_presented,
     cluster_san,
     parse_target,
+    refuse_cluster_move,
     reowns,
     resolve_cluster,
     route,
@@ -94,3 +95,23 @@ def test_the_record_carries_the_chain_and_reowns_pick_an_up_node() -> None:
     keys = ClusterKeys("c2")
     owner = Entry(keys.replica_owner(spec.uuid), b'{"node": "host-2"}', 1, 7, 1)
     assert reowns([owner], keys) == []  # no member is up: nobody to take it
+
+
+@pytest.mark.parametrize(("current", "wanted", "says"), [
+    ("cluster:c2", "host-4", "from a cluster to a host"),
+    ("host-2", "cluster:c2", "from a host to a cluster"),
+    ("cluster:c2", "cluster:c3", "between clusters"),
+])  # fmt: skip
+def test_set_replica_between_a_host_and_a_cluster_is_refused_with_the_way(
+    current: str, wanted: str, says: str
+) -> None:
+    with pytest.raises(InvalidInputError) as refused:
+        refuse_cluster_move("web", current, wanted)
+    line = str(refused.value)
+    assert says in line and "\n" not in line
+    way = f"'ferry replication enable web --replica {wanted}' (a new initial copy)"
+    assert line.endswith(f"'ferry replication remove web' then {way}; nothing was changed")
+
+
+def test_set_replica_between_hosts_is_not_refused_here() -> None:
+    refuse_cluster_move("web", "host-2", "host-3")

@@ -396,7 +396,7 @@ def set_(
 
     async def run(fleet: Fleet) -> dict[str, Any]:
         where = await _primary(fleet, name, host)
-        body = {"replica": replica, "replica_url": fleet.settings.host(replica).url if replica
+        body = {"replica": replica, "replica_url": await _replica_url(fleet, replica) if replica
                 else None, "frequency_s": seconds, "recovery_points": recovery_points,
                 "certificate_thumbprint": thumbprint, "network_map": networks,
                 "app_consistent_every_s": app_every}  # fmt: skip

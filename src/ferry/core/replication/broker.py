@@ -60,6 +60,27 @@ def parse_target(text: str) -> ReplicaTarget:
     return ReplicaTarget(name, cluster=True)
 
 
+def refuse_cluster_move(vm: str, current: str, wanted: str) -> None:
+    """``replication set --replica`` between a host and a cluster is not built: the
+    replica VM would have to change stores (a host's catalog, C's etcd) with its
+    points. One line with the way that works (remove, then enable)."""
+    was, new = parse_target(current), parse_target(wanted)
+    if not (was.cluster or new.cluster):
+        return
+    if was.cluster and new.cluster:
+        why = f"VM {vm!r} replicates to {current}; a replica moves between clusters"
+    elif was.cluster:
+        why = (
+            f"VM {vm!r} replicates to {current}, whose HA keeps its replica on a live "
+            "node; a replica moves from a cluster to a host"
+        )
+    else:
+        why = f"VM {vm!r} replicates to host {current!r}; a replica moves from a host to a cluster"
+    raise InvalidInputError(f"{why} only by 'ferry replication remove {vm}' then "
+                            f"'ferry replication enable {vm} --replica {wanted}' "
+                            "(a new initial copy); nothing was changed")  # fmt: skip
+
+
 def resolve_cluster(target: ReplicaTarget, known: Iterable[str]) -> str:
     """The cluster a ``cluster:C`` target names, if the fleet's etcd knows it."""
     names = sorted(known)

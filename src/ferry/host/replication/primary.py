@@ -29,7 +29,7 @@ from ferry.core.guest_agent import check_app_consistent_every
 from ferry.core.relationship import InitialMethod, Relationship, Role
 from ferry.core.relationship import resume as resume_relationship
 from ferry.core.replication import ReplicationOp, ReplicationState
-from ferry.core.replication.broker import parse_target
+from ferry.core.replication.broker import parse_target, refuse_cluster_move
 from ferry.core.vmstate import VmState
 from ferry.errors import (
     AuthError,
@@ -316,6 +316,7 @@ class ReplicationService:
                                             "(64 hex digits)")  # fmt: skip
                 update["thumbprint"] = tp
             if replica is not None and replica != rel.replica:
+                refuse_cluster_move(name, rel.replica, replica)
                 if not replica_url:
                     raise InvalidInputError(f"no address known for host {replica!r}")
                 found = await self._replica_on(rel, replica, replica_url)
