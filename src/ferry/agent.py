@@ -236,6 +236,15 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
             cluster, name, priority=Priority.MEDIUM)  # fmt: skip
         failover.unplanned.checks.append(broker.check_held)  # only the holder fails over
         failover.unplanned.started.append(broker.failed_over)  # into the cluster, HA there
+
+        async def make_plain(cluster: str, name: str) -> None:
+            found = catalog.find(name)
+            if found is not None and found.uuid in cluster_vms.clustered:
+                await cluster_vms.remove(cluster, name)
+
+        broker.make_plain = make_plain
+        failover.unplanned.cancelling.append(broker.leave_cluster)  # out of C before it stops
+        failover.unplanned.cancelled.append(broker.replica_again)  # C's replica record again
         cluster_context.listen(broker.on_membership)  # a node back drops its stale copies
         broker.peers, broker.tls_dir = peers, config.tls_dir  # extensions from its replicas
         broker.resume = extensions.scheduler.spawn

@@ -11,7 +11,8 @@ node holding the replica VM is SIGKILLed: the next cycle lands on the other
 node (the primary is told nothing), the recovery points go on without a gap
 and the chain passes ``qemu-img check``; the extension to host-4 goes on from
 the new holder, which host-4 takes as its primary. Then ``failover start`` runs the VM
-in c2 as a clustered VM (its role, owner and want in c2's store).
+in c2 as a clustered VM (its role, owner and want in c2's store), and
+``failover cancel`` takes it out of c2 and makes it c2's replica again.
 """
 
 from __future__ import annotations
@@ -227,6 +228,21 @@ def test_cycles_follow_the_replica_vm_through_a_node_loss_then_fail_over_into_c2
     text = lab.wait_console(VM, lambda t: bool(UP.search(t)), timeout=BOOT_S, host=other)
     match = UP.search(text)
     assert match is not None and int(match.group(1)) >= last_seq, text[-300:]
+
+    # Cancelled after it joined c2: it leaves c2 before it stops (c2's HA does not start
+    # it again), is a replica on the same node again, held there in c2's store; the
+    # primary's copy runs again and its next cycle lands there.
+    out = cli("failover", "cancel", VM, "--host", other, "--json")
+    assert json.loads(out.stdout.splitlines()[-1]).get("cancelled") is True, out.stdout
+    view = lab.vm(VM, other)
+    assert view["state"] == "replica" and not view.get("cluster"), view
+    assert not [k for k in store_keys(lab, "vms/") if uuid in k], store_keys(lab, "vms/")
+    assert any(uuid in k for k in store_keys(lab, "replicas/")), store_keys(lab, "replicas/")
+    events = lab.cli.json("cluster", "events", "c2")
+    assert [e for e in events if e["kind"] == "vm-removed" and e.get("vm") == VM], events
+    cli("vm", "start", VM, "--host", PRIMARY)
+    assert wait("a cycle after the cancel", lambda: sync(lab)["result"] == "ok", timeout=60)
+    assert holder(lab) == other and lab.vm(VM, other)["state"] == "replica"
     print(f"\nreplica broker: initial copy {initial_s:.1f} s; cycles "
           f"{', '.join(f'{s:.2f}' for s in cycle_s)} s; node kill -> next good cycle "
           f"{recovered_s:.1f} s; points {before} -> {after}; {first} -> {other}")  # fmt: skip

@@ -39,6 +39,11 @@ class Failover:
         # Run once a failed-over VM runs here (the replica broker makes it a VM of its
         # cluster, host/replication/broker.py); what one returns joins the result.
         self.started: list[Callable[[Relationship], Awaitable[dict[str, Any]]]] = []
+        # A cancel runs these before it stops the VM (the broker takes it out of its
+        # cluster, so that cluster's HA does not start it again) and these once it is
+        # a replica again (the broker's store holds the replica here again).
+        self.cancelling: list[Callable[[Relationship], Awaitable[None]]] = []
+        self.cancelled: list[Callable[[Relationship], Awaitable[None]]] = []
 
     async def start(self, name: str, point_id: int | None, *, force: bool = False,
                     planned: bool = False, job: Job | None = None) -> dict[str, Any]:  # fmt: skip
@@ -99,6 +104,8 @@ class Failover:
         record, rel = s.replica(name)
         s.check(rel, FailoverOp.CANCEL)
         s.phase(job, Phase.STOPPING_VM)
+        for hook in self.cancelling:
+            await hook(rel)
         if record.state not in (VmState.OFF, VmState.CRASHED, VmState.REPLICA):
             await s.vms.kill(name)
         s.phase(job, Phase.RESTORING_REPLICA)
@@ -111,7 +118,9 @@ class Failover:
                 overlay.unlink(missing_ok=True)
             s.catalog.update_spec(s.store.replica_spec(record.spec, Path(rel.storage), stem))
             s.vms.apply(record.uuid, VmOp.MAKE_REPLICA)
-            s.advance(rel.vm_uuid, FailoverOp.CANCEL)
+            rel = s.advance(rel.vm_uuid, FailoverOp.CANCEL)
+        for after in self.cancelled:
+            await after(rel)
         log.info("VM %s: failover cancelled; a replica again", name)
         return {"vm": name, "host": s.config.name, "cancelled": True}
 

@@ -78,6 +78,8 @@ class ReplicaBroker:
         self.url = url
         # Makes a VM of this node one of its cluster (ClusterVms.add; set by the agent).
         self.make_clustered: Callable[[str, str], Awaitable[object]] | None = None
+        # Takes a VM out of a cluster if it is in it (failover cancel after it joined).
+        self.make_plain: Callable[[str, str], Awaitable[object]] | None = None
         # Extended replication from a replica VM taken over here (set by the agent):
         # reaching the extended host, and starting the extension's schedule.
         self.peers: Connector | None = None
@@ -181,6 +183,22 @@ class ReplicaBroker:
         log.info("VM %s: failed over into cluster %s, highly available there", rel.vm_name,
                  rel.broker)  # fmt: skip
         return {"cluster": rel.broker}
+
+    async def leave_cluster(self, rel: Relationship) -> None:
+        """A failover into the cluster is cancelled: the VM leaves it before it stops
+        (a clustered VM that stops wanting to run is restarted by the cluster's HA)."""
+        if rel.role is not RelRole.REPLICA or not rel.broker or self.make_plain is None:
+            return
+        self.membership(rel.broker)  # one line if this node left the cluster meanwhile
+        await self.make_plain(rel.broker, rel.vm_name)
+
+    async def replica_again(self, rel: Relationship) -> None:
+        """After the cancel: this node holds the replica in the store again, with its
+        record, so cycles and a later failover find it here."""
+        if rel.role is RelRole.REPLICA and rel.broker:
+            await self.claim(rel.broker, rel.vm_uuid)
+            log.info("VM %s: failover into cluster %s cancelled; its replica again on %s",
+                     rel.vm_name, rel.broker, self.node)  # fmt: skip
 
     def membership(self, cluster: str) -> Membership:
         m = self.context.membership
