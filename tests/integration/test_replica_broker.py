@@ -158,6 +158,10 @@ def test_cycles_follow_the_replica_vm_through_a_node_loss_then_fail_over_into_c2
     assert (kept["replica"], kept["frequency_s"]) == ("cluster:c2", 30), kept
     assert holder(lab) == first and point_ids(lab) == before
 
+    # Extended replication to a cluster is not built: one line, from the replica's node.
+    line = cli.fails("replication", "extend", VM, "--to", "cluster:c2", "--host", first)
+    assert "to a cluster (cluster:c2) is not built" in line, line
+
     # Extended onward from the replica cluster to host-4 (it learns c2's nodes).
     extended = lab.lab.root / "extended"
     extended.mkdir()

@@ -18,6 +18,7 @@ from ferry.core.replication.broker import (
     check_presented,
     cluster_san,
     parse_target,
+    refuse_cluster_extension,
     refuse_cluster_move,
     reowns,
     resolve_cluster,
@@ -115,3 +116,9 @@ def test_set_replica_between_a_host_and_a_cluster_is_refused_with_the_way(
 
 def test_set_replica_between_hosts_is_not_refused_here() -> None:
     refuse_cluster_move("web", "host-2", "host-3")
+
+
+def test_extended_replication_to_a_cluster_is_refused_and_to_a_host_is_not() -> None:
+    with pytest.raises(InvalidInputError, match=r"to a cluster \(cluster:c3\) is not built"):
+        refuse_cluster_extension("web", "cluster:c3")
+    refuse_cluster_extension("web", "host-4")

@@ -475,7 +475,7 @@ def extend(
             return removed
         assert to is not None
         view: dict[str, Any] = await client.post(f"/v1/vms/{name}/replication/extend", {
-            "to": to, "to_url": fleet.settings.host(to).url, "frequency_s": seconds,
+            "to": to, "to_url": await _replica_url(fleet, to), "frequency_s": seconds,
             "recovery_points": recovery_points})  # fmt: skip
         job = await _initial_job(fleet, where, name)
         if job is not None:

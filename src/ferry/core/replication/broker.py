@@ -81,6 +81,16 @@ def refuse_cluster_move(vm: str, current: str, wanted: str) -> None:
                             "(a new initial copy); nothing was changed")  # fmt: skip
 
 
+def refuse_cluster_extension(vm: str, to: str) -> None:
+    """Extended replication goes to a host: to a cluster it is not built (the onward
+    sender would need C's broker: locate, pin and re-own as the primary's cycles have)."""
+    if parse_target(to).cluster:
+        raise InvalidInputError(
+            f"extended replication of VM {vm!r} to a cluster ({to}) is not built: "
+            "extend to a standalone host; nothing was changed"
+        )
+
+
 def resolve_cluster(target: ReplicaTarget, known: Iterable[str]) -> str:
     """The cluster a ``cluster:C`` target names, if the fleet's etcd knows it."""
     names = sorted(known)

@@ -42,6 +42,7 @@ from ferry.adapters.point_transfer import combine_overlays
 from ferry.core import replication as rules
 from ferry.core.relationship import Extension, Relationship, Role, extension_confirmed
 from ferry.core.replication import PointInfo, ReplicationOp, ReplicationState
+from ferry.core.replication.broker import refuse_cluster_extension
 from ferry.errors import (
     AuthError,
     ConflictError,
@@ -146,6 +147,7 @@ class ExtensionService:
     async def extend(self, name: str, *, to: str, url: str, frequency_s: int | None,
                      recovery_points: int | None) -> dict[str, Any]:  # fmt: skip
         record, rel = self._replica(name)
+        refuse_cluster_extension(name, to)
         if rel.origin:
             raise InvalidInputError(
                 f"the copy of VM {name!r} on host {self.config.name!r} is itself an extended "
