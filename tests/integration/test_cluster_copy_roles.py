@@ -17,7 +17,9 @@ each are copied while they run, stopped for the delta, and run in c2 with
 every record they had made durable (shut down cleanly, the last changes
 copied before QEMU quit); each was down less than its full copy took.
 ``--rollback`` copies what they wrote in c2 back onto c1's disks and runs
-them there again, with every record.
+them there again, with every record. Then one of them replicates to host-5
+and is copied into c2 again: its new owner resynchronises by block hashes
+(a copy carries no bitmap) and the replica equals the disk in c2.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import UP, LabEnv, lab_session, seqs, wait
+from tests.conftest import UP, LabEnv, lab_session, same_image, seqs, wait
 
 pytestmark = pytest.mark.integration
 
@@ -281,3 +283,53 @@ def running_in_named(lab: LabEnv, name: str, hosts: tuple[str, ...]) -> dict[str
 
     found: dict[str, Any] = wait(f"VM {name} running in {hosts}", probe, timeout=BOOT_S)
     return found
+
+
+def test_replication_goes_on_after_a_copied_run(lab: LabEnv) -> None:
+    """A replicated VM copied into c2: its new owner's first cycle brings the replica
+    level with the disk in c2 (a copy has no bitmap of what changed), and the replica
+    then equals that disk."""
+    cli = lab.cli
+    name = "pair-a"
+    lab.wait_console(name, lambda t: len(seqs(t)) >= 2, timeout=BOOT_S, host=PAIR[name])
+    cli("replication", "enable", name, "--replica", REPLICA, "--frequency", "30s", "--json")
+    wait("the initial copy", lambda: cli.json("replication", "status", name, "--host",
+         PAIR[name])["state"] == "replicating", timeout=180)  # fmt: skip
+    assert cli.json("replication", "sync", name, "--host", PAIR[name])["result"] == "ok"
+    before = [p["id"] for p in cli.json("replication", "points", name, "--host", REPLICA)]
+
+    assert cli.json(*COPY_CSV1, "--test")["ok"]  # a --run after a rollback tests first
+    report = cli.json(*COPY_CSV1, "--run")
+    assert report["phase"] == "ran", report
+    view = running_in_named(lab, name, C2)
+    target = view["host"]
+
+    def resumed() -> dict[str, Any] | None:
+        status: dict[str, Any] = cli.json("replication", "status", name, "--host", target)
+        return status if status["primary"] == target and status["state"] in (
+            "replicating", "resynchronising") else None  # fmt: skip
+
+    wait("replication to resume on the new owner in c2", resumed, timeout=90)
+    lab.wait_console(name, lambda t: bool(UP.search(t)), timeout=BOOT_S, host=target)
+
+    def good_cycle() -> dict[str, Any] | None:
+        done = cli("replication", "sync", name, "--host", target, "--json", check=False)
+        found: dict[str, Any] = json.loads(done.stdout) if done.returncode == 0 else {}
+        return found if found.get("result") == "ok" else None
+
+    outcome = wait("a good cycle from c2", good_cycle, timeout=120)
+    cli("vm", "pause", name, "--host", target)
+    try:
+        assert cli.json("replication", "sync", name, "--host", target)["result"] == "ok"
+        disk = Path(lab.vm(name, target)["disks"][0]["path"])
+        replica = Path(lab.vm(name, REPLICA)["disks"][0]["path"])
+        assert disk.is_relative_to(lab.lab.root / "clusters" / "c2"), disk
+        assert same_image(disk, replica), "the replica differs from the disk in c2"
+    finally:
+        cli("vm", "resume", name, "--host", target)
+    after = [p["id"] for p in cli.json("replication", "points", name, "--host", REPLICA)]
+    assert after[-1] > before[-1], (before, after)
+    kinds = sorted({j["kind"] for j in cli.json("job", "list", "--host", target)
+                    if j["vm"] == name and j["kind"].startswith("replication")})  # fmt: skip
+    print(f"after a copied --run: first cycle {outcome.get('bytes')} bytes, jobs {kinds}, "
+          f"points {before} -> {after}")  # fmt: skip
