@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from ferry.guest.records import read_records
-from tests.conftest import LabEnv
+from tests.conftest import LabEnv, _lab_processes
 from tests.faults.conftest import (
     FULL,
     LONG_TIMEOUT,
@@ -106,11 +106,19 @@ def kill(env: LabEnv, victim: str, source: str, dest: str, uuid: str) -> bool:
     return True
 
 
+def _is_qemu(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().startswith("qemu-system")
+    except OSError:
+        return False
+
+
 def snapshot(env: LabEnv) -> Path:
-    """What a stuck move leaves to read: every lab QEMU's TCP sockets (``ss``) and
-    where each of its threads waits in the kernel, written beside the lab."""
+    """What a stuck move leaves to read, written beside the lab: every lab QEMU's TCP
+    sockets (``ss``), where each of its threads waits in the kernel, and gdb's
+    backtrace of each thread."""
     out = env.lab.root / f"stuck-{time.strftime('%H%M%S')}.txt"
-    pids = [pid for host in ("host-1", "host-2") for pid in qemu_pids(env, host)]
+    pids = [pid for pid in _lab_processes(env.lab.root) if _is_qemu(pid)]
     lines = [f"qemu pids: {pids}"]
     sockets = subprocess.run(["ss", "-tanpi"], capture_output=True, text=True).stdout
     lines += [ln for ln in sockets.splitlines() if any(f"pid={p}," in ln for p in pids)]
@@ -128,17 +136,6 @@ def snapshot(env: LabEnv) -> Path:
                     capture_output=True, text=True, timeout=60).stdout)  # fmt: skip
     out.write_text("\n".join(lines) + "\n")
     return out
-
-
-def qemu_pids(env: LabEnv, host: str) -> list[int]:
-    marker = f"/hosts/{host}/".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError):
-            argv = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
-            if marker in argv and b"qemu-system" in argv and str(env.lab.root).encode() in argv:
-                found.append(int(entry.name))
-    return found
 
 
 def recover(env: LabEnv, name: str, tally: Tally) -> str:

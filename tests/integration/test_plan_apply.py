@@ -26,12 +26,13 @@ from typing import Any
 
 import pytest
 
+from ferry.host.config import HostConfig
 from tests.conftest import LabEnv, seqs
 
 pytestmark = pytest.mark.integration
 
 M = 1024**2
-UNCAPPED = 1024**3  # host.toml's migration_max_bandwidth default
+UNCAPPED = HostConfig.model_fields["migration_max_bandwidth"].default  # host.toml's
 EVENT_TIMEOUT_S = 240.0  # a move under TCG at a load of ~15 takes well under a minute
 
 
