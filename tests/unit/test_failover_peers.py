@@ -112,6 +112,20 @@ def test_the_old_primary_does_not_yield_while_its_copy_runs(lab: Lab) -> None:
     assert lab.one.rel(lab.uuid) is not None
 
 
+def test_the_replica_starts_no_second_copy_when_the_primary_asks_while_its_vm_runs(
+    lab: Lab,
+) -> None:
+    # A planned failover's call that comes while the VM runs on the primary (late,
+    # repeated after a cancel started it there again, or from a faulty primary).
+    before = lab.snapshot()
+    with pytest.raises(ConflictError, match="still runs on host 'host-1'"):
+        lab.call("host-1", "host-2", wire.PLANNED)
+    assert lab.snapshot() == before
+    asyncio.run(lab.one.vms.stop("web"))  # the primary shut it down: now it may start
+    assert lab.call("host-1", "host-2", wire.PLANNED).host == "host-2"  # type: ignore[attr-defined]
+    assert ("start", "web") in lab.two.vms.calls
+
+
 def test_a_host_that_answers_but_will_not_say_refuses_the_failover(lab: Lab) -> None:
     rel = lab.two.rel(lab.uuid)
     assert rel is not None

@@ -193,8 +193,8 @@ def test_a_planned_failover_walks_both_hosts_and_reverses(lab: Lab) -> None:
     assert lab.state(lab.two) is VmState.RUNNING
     assert lab.states == [F.FAILED_OVER, F.COMPLETED]
     assert lab.two.replication.enabled[0]["replica"] == "host-1"
-    # Planned: the replica does not ask the primary whether the VM runs there.
-    assert ("host-2", "host-1", "GET", f"/v1/peer/vms/{lab.uuid}") not in lab.network.calls
+    # Planned too, the replica asks the primary whether the VM runs there (it is off).
+    assert ("host-2", "host-1", "GET", f"/v1/peer/vms/{lab.uuid}") in lab.network.calls
 
 
 def test_a_planned_failover_cancelled_in_its_last_cycle_runs_the_vm_here_again(

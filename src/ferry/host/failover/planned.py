@@ -6,7 +6,10 @@ level), shuts the VM down cleanly, starts its QEMU with the guest stopped
 (``-S``: the bitmap saved at shutdown is loaded) to cut the last delta, ends
 that QEMU and asks the replica (``POST /v1/peer/replicas/{uuid}/failover``,
 only from the pinned primary) to start the VM from the latest point and
-reverse replication at once.
+reverse replication at once. The replica still asks the primary whether the
+VM runs there (the split-brain guard) before it starts it, so a call that
+comes while the VM runs (late, repeated, or from a faulty primary) is
+refused and starts no second copy.
 
 A cancel is honoured until the replica is asked: the VM is then started here
 again if it ran before (it was shut down cleanly, so it boots as after a
@@ -145,7 +148,7 @@ class PlannedFailover:
         check_partner(caller_of(call.caller), vm=rel.vm_name, partner=rel.primary,
                       thumbprint=rel.thumbprint)  # fmt: skip
         record = s.catalog.get(vm_uuid)
-        result = await self.failover.start(record.name, None, planned=True)
+        result = await self.failover.start(record.name, None)
         # Reverse at once: the old primary's disks are the initial copy. It is
         # told to yield by the reversal itself (its VM is off by now).
         await self.reversal.reverse(record.name)

@@ -46,7 +46,7 @@ class Failover:
         self.cancelled: list[Callable[[Relationship], Awaitable[None]]] = []
 
     async def start(self, name: str, point_id: int | None, *, force: bool = False,
-                    planned: bool = False, job: Job | None = None) -> dict[str, Any]:  # fmt: skip
+                    job: Job | None = None) -> dict[str, Any]:  # fmt: skip
         s = self.steps
         record, rel = s.replica(name)
         s.check(rel, FailoverOp.START)
@@ -57,7 +57,7 @@ class Failover:
         # when the replica was made or set; they and their bridges must be here.
         await s.store.networks().check_runnable(record.spec)
         s.phase(job, Phase.CHECKING_PRIMARY)
-        if not (force or planned):
+        if not force:  # a planned failover's primary is asked too: its VM must be off
             await self.guard.check(rel)
         for check in self.checks:
             await check(rel)
