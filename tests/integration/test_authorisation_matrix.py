@@ -1,13 +1,15 @@
 """Every API and peer endpoint against every kind of caller (issue 14, item 6; issue 11).
 
-Three lab hosts over real mutual TLS: host-1 replicates a VM to host-2 and
-moved another VM to host-2; host-3 is related to neither. Each endpoint is
-called by:
+Four lab hosts over real mutual TLS: host-1 replicates a VM to host-2,
+moved another VM to host-2, and replicates a third into cluster ``c1``
+(host-3 and host-4, a replica broker). Each endpoint is called by:
 
 - ``admin``: the lab's admin certificate;
 - ``related``: the host of the same CA that the object belongs to (host-1
-  for the replica on host-2, host-2 for the VM on host-1);
-- ``unrelated``: host-3, of the same CA;
+  for the replica on host-2, host-2 for the VM on host-1, host-3 for its
+  cluster's endpoints on host-4);
+- ``unrelated``: a host of the same CA with no part in the object (host-3,
+  or host-1 for c1's own endpoints, host-2 for c1's replica);
 - ``other_ca``: a host certificate named host-3 from another CA;
 - ``no_cert``: no client certificate;
 - ``expired``: an admin certificate of the lab's CA, expired yesterday;
@@ -19,8 +21,15 @@ the call got past the checks of who calls, whatever it then answered, never
 401/403), ``REFUSED`` (403 and one line) or ``TLS`` (cut off in the
 handshake). Admin calls name objects that do not exist or carry bodies that
 do not validate, so they change nothing either; refused calls name the real
-objects. Afterwards the VMs, relationships, pins, recovery points and jobs
-on every host are as before.
+objects. The related host's calls name the real objects too, and each one's
+exact answer is in :data:`RELATED`: a read, or a change the object's state
+turns down after the check of who calls (a finished move, a VM that still
+runs, a resent point), or a body that does not validate, which the route's
+guard only reaches after the caller passed. Each of those is also sent by
+the unrelated host, word for word, and refused: the certificate alone makes
+the difference. Afterwards the VMs, relationships, pins, recovery points and
+jobs on every host are as before; then the related host removes the replica
+for real, the one change it may make that nothing here turns down.
 
 The API routes are read from the sources (every ``web.get("/...")`` and the
 like under ``ferry/api`` and the agent) and the peer routes from the peer
@@ -50,12 +59,14 @@ from ferry.errors import FerryError
 from ferry.host.config import load_host_config
 from ferry.peer.https import HttpsTransport
 from ferry.peer.routes import NoBody, Route
-from tests.conftest import LabEnv
+from tests.conftest import LabEnv, wait
 
 pytestmark = pytest.mark.integration
 
 REPLICATED = "authz"
 MOVED = "authz-moved"
+BROKERED = "authz-brokered"  # replicated into cluster c1 (host-3, host-4)
+HOSTS = ("host-1", "host-2", "host-3", "host-4")
 OK, REFUSED, TLS = "ok", "refused", "tls"
 NOBODY_UUID = "00000000-0000-4000-8000-000000000000"
 
@@ -116,13 +127,40 @@ OPEN_TO_ANY_HOST = {
     ("POST", "/v1/peer/renewals"): "answers for the caller itself: only the pins of the "
     "caller's own name and presented certificate change",
 }
-# Peer endpoints the related host is asked here (they change nothing); the others change
-# the object and run as the partner in the replication, failover and migration tests.
-RELATED_READS = {
-    ("GET", "/v1/peer/replicas/{uuid}"), ("GET", "/v1/peer/replicas/{uuid}/points"),
-    ("GET", "/v1/peer/replicas/{uuid}/hashes"), ("GET", "/v1/peer/vms/{uuid}"),
-    ("GET", "/v1/peer/migrations/{id}"),
-}  # fmt: skip
+# What each peer endpoint answers its related host here: (HTTP status, words of the
+# answer). Every one changes nothing: a read, a resend, a change the object's state
+# turns down after the check of who calls, or a body the guard let through to validation.
+RELATED = {
+    ("POST", "/v1/peer/replicas"): (201, ""),  # the offer resent: answered as the first was
+    ("GET", "/v1/peer/replicas/{uuid}"): (200, ""),
+    ("PATCH", "/v1/peer/replicas/{uuid}"): (400, "invalid request"),
+    ("DELETE", "/v1/peer/replicas/{uuid}"): (200, ""),  # for real, after the matrix
+    ("PUT", "/v1/peer/replicas/{uuid}/points/{id}"): (200, ""),  # a linked point resent
+    ("GET", "/v1/peer/replicas/{uuid}/points"): (200, ""),
+    ("PUT", "/v1/peer/replicas/{uuid}/files/{kind}"): (400, "unknown VM file 'no-such'"),
+    ("GET", "/v1/peer/replicas/{uuid}/hashes"): (200, ""),
+    ("POST", "/v1/peer/replicas/{uuid}/move"): (400, "invalid request"),
+    ("POST", "/v1/peer/replicas/{uuid}/failover"): (409, "still runs on host 'host-1'"),
+    ("POST", "/v1/peer/replications"): (400, "names 'host-1' as primary"),
+    ("GET", "/v1/peer/broker/{cluster}/replicas/{uuid}"): (200, ""),
+    ("POST", "/v1/peer/replications/{uuid}/yield"): (409, "is running on host 'host-1'"),
+    ("GET", "/v1/peer/vms/{uuid}"): (200, ""),
+    ("PUT", "/v1/peer/migrations/{id}/files/{file}"): (409, ""),  # the move has ended
+    ("POST", "/v1/peer/migrations/{id}/launch"): (409, ""),
+    ("POST", "/v1/peer/migrations/{id}/finish"): (200, ""),  # idempotent: its outcome
+    ("POST", "/v1/peer/migrations/{id}/abort"): (200, ""),  # an ended move stays as it is
+    ("GET", "/v1/peer/migrations/{id}"): (200, ""),
+    ("POST", "/v1/peer/clusters/{cluster}/probe"): (200, ""),
+    ("POST", "/v1/peer/clusters/{cluster}/copy-disks"): (404, "is not on node host-4"),
+    ("GET", "/v1/peer/hello"): (200, ""),
+    ("GET", "/v1/peer/replica-server/admission"): (200, ""),
+    ("POST", "/v1/peer/migrations"): (400, "invalid request"),
+    ("POST", "/v1/peer/migrations/check"): (400, "invalid request"),
+    ("PUT", "/v1/peer/probe"): (200, ""),
+    ("POST", "/v1/peer/renewals"): (400, "invalid request"),
+}
+# The one related call that changes its object, made for real once the matrix is done.
+REAL_CHANGE = ("DELETE", "/v1/peer/replicas/{uuid}")
 # Peer endpoints that refuse even an admin certificate, and why.
 HOST_ONLY = {
     ("POST", "/v1/peer/migrations"): "only a host sends a VM (its QEMU streams the memory)",
@@ -140,11 +178,10 @@ REFUSES_UNRELATED = {
 }
 
 
-def _peer_row(key: tuple[str, str]) -> dict[str, str | None]:
+def _peer_row(key: tuple[str, str]) -> dict[str, str]:
     open_route = key in OPEN_TO_ANY_HOST
-    related = OK if key in RELATED_READS or open_route else None
     unrelated = OK if open_route and key not in REFUSES_UNRELATED else REFUSED
-    return {"admin": REFUSED if key in HOST_ONLY else OK, "related": related,
+    return {"admin": REFUSED if key in HOST_ONLY else OK, "related": OK,
             "unrelated": unrelated, **ALWAYS}  # fmt: skip
 
 
@@ -180,20 +217,31 @@ def _context(verify_ca: Path, chain: Path | None) -> ssl.SSLContext:
     return ctx
 
 
+def _settled(lab_env: LabEnv) -> bool:
+    view = lab_env.cli.json("cluster", "show", "c1")
+    return bool(view.get("leader")) and all(n["state"] == "up" for n in view["nodes"])
+
+
 @pytest.fixture(scope="module")
 def world(lab_env: LabEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """host-1 replicates REPLICATED to host-2; MOVED moved from host-1 to host-2."""
+    """host-1 replicates REPLICATED to host-2 and BROKERED to cluster c1 (host-3, host-4);
+    MOVED moved from host-1 to host-2."""
     cli = lab_env.cli
-    cli("lab", "up", "--hosts", "3", "--no-guest")
+    cli("lab", "up", "--hosts", "4", "--no-guest", "--cluster", "c1=host-3,host-4")
+    wait("c1 to settle", lambda: _settled(lab_env), timeout=60)
     storage = tmp_path_factory.mktemp("replicas")
     cli("replica-server", "enable", "--host", "host-2", "--storage", str(storage),
         "--allow", "host-1")  # fmt: skip
-    for name in (REPLICATED, MOVED):
+    # Re-issues c1's node certificates with the cluster's name: before the callers load.
+    cli("replica-server", "enable", "--cluster", "c1", "--volume", "csv1", "--allow", "host-1",
+        "--ca", str(lab_env.lab.ca_dir))  # fmt: skip
+    for name in (REPLICATED, MOVED, BROKERED):
         cli("vm", "create", name, "--host", "host-1", "--guest", "test", "--memory", "96M",
             "--disk", "32M", "--start")  # fmt: skip
-    for name in (REPLICATED, MOVED):  # slow on a loaded machine: let TCG boot
+    for name in (REPLICATED, MOVED, BROKERED):  # slow on a loaded machine: let TCG boot
         lab_env.wait_console(name, lambda t: "seq " in t, timeout=240)
     cli("replication", "enable", REPLICATED, "--replica", "host-2", "--frequency", "15m")
+    cli("replication", "enable", BROKERED, "--replica", "cluster:c1", "--frequency", "15m")
     cli("vm", "move", MOVED, "--to", "host-2")
     move = next(j for j in cli.json("job", "list", "--host", "host-2")
                 if j["kind"] == "incoming" and j["vm"] == MOVED)  # fmt: skip
@@ -205,12 +253,14 @@ def world(lab_env: LabEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     assert rel is not None
     try:
         yield {"replicated": lab_env.vm(REPLICATED, "host-1"), "moved": lab_env.vm(MOVED, "host-2"),
+               "brokered": lab_env.vm(BROKERED, "host-1"),
                "move_job": move["id"], "relationship": rel.model_dump(mode="json"),
                "callers": _callers(lab_env, tmp_path_factory.mktemp("callers"))}  # fmt: skip
     finally:
-        cli("replication", "remove", REPLICATED, "--host", "host-1", check=False)
-        for host in ("host-1", "host-2", "host-3"):
-            for name in (REPLICATED, MOVED):
+        for name in (REPLICATED, BROKERED):
+            cli("replication", "remove", name, "--host", "host-1", check=False)
+        for host in HOSTS:
+            for name in (REPLICATED, MOVED, BROKERED):
                 cli("vm", "delete", name, "--force", "--host", host, check=False)
 
 
@@ -234,13 +284,15 @@ def _callers(lab_env: LabEnv, root: Path) -> dict[str, ssl.SSLContext | int]:
         "expired": _context(ca, root / "expired"),
         "revoked_admin": client_ssl_context(root / "stolen-admin"),
         "revoked_host": client_ssl_context(root / "stolen-host"),
-        "host-1": client_ssl_context(lab.host(1).dir / "tls"),
-        "host-2": client_ssl_context(lab.host(2).dir / "tls"),
+        **{f"host-{i}": client_ssl_context(lab.host(i).dir / "tls") for i in (1, 2, 3, 4)},
     }
 
 
 def _peer_calls(world: dict[str, Any], lab_env: LabEnv) -> dict[tuple[str, str], dict[str, Any]]:
-    """(method, path) -> the host asked, the related host, path params, a valid body/upload."""
+    """(method, path) -> the host asked, its related and unrelated hosts, path params and a
+    body or upload that would change the object; ``as_related``: what the related host
+    sends instead (it may change it; see RELATED), word for word also sent by the
+    unrelated host."""
     uuid = world["replicated"]["uuid"]
     moved_uuid = world["moved"]["uuid"]
     job = world["move_job"]
@@ -249,52 +301,65 @@ def _peer_calls(world: dict[str, Any], lab_env: LabEnv) -> dict[tuple[str, str],
     hijack = {**rel, "vm_uuid": moved_uuid, "vm_name": MOVED, "primary": "host-2",
               "replica": "host-3", "pending": [], "in_flight": None}  # fmt: skip
     on_replica = {"host": 2, "related": 1, "params": {"uuid": uuid}}
+    on_move = {"host": 2, "related": 1, "params": {"id": job}}  # the move has ended
+    invalid = {"body": []}  # the guard passes the caller first, then the body fails
+    # c1's own endpoints on host-4: host-3 is its other node, host-1 no node of it. Their
+    # guards check only the cluster's name; the node is checked after the body validates
+    # (an etcd read), so the related host sends bodies that validate and change nothing.
+    on_c1 = {"host": 4, "related": 3, "unrelated": 1, "params": {"cluster": "c1"}}
     return {
         ("POST", "/v1/peer/replicas"): {
             "host": 2, "related": 1,
             "body": {"spec": spec, "frequency_s": 30, "recovery_points": 4, "functional_level": 3},
         },
         ("GET", "/v1/peer/replicas/{uuid}"): on_replica,
-        ("PATCH", "/v1/peer/replicas/{uuid}"): {**on_replica, "body": {"primary": "host-3"}},
+        ("PATCH", "/v1/peer/replicas/{uuid}"): {**on_replica, "body": {"primary": "host-3"},
+                                                "as_related": invalid},
         ("DELETE", "/v1/peer/replicas/{uuid}"): on_replica,
         ("PUT", "/v1/peer/replicas/{uuid}/points/{id}"): {
             **on_replica, "params": {"uuid": uuid, "id": "99"}, "query": {"time": "1.0"},
             "data": b"not a delta stream",
+            "as_related": {"params": {"uuid": uuid, "id": "0"}},  # linked already: a resend
         },
         ("GET", "/v1/peer/replicas/{uuid}/points"): on_replica,
         ("PUT", "/v1/peer/replicas/{uuid}/files/{kind}"): {
             **on_replica, "params": {"uuid": uuid, "kind": "kernel"}, "data": b"not a kernel",
+            "as_related": {"params": {"uuid": uuid, "kind": "no-such"}},
         },
         ("GET", "/v1/peer/replicas/{uuid}/hashes"): {
             **on_replica, "query": {"block_size": str(1 << 20)},
         },
         ("POST", "/v1/peer/replicas/{uuid}/move"): {
             **on_replica, "body": {"to": "host-3", "to_url": _url(lab_env, 3)},
+            "as_related": invalid,
         },
-        ("POST", "/v1/peer/replicas/{uuid}/failover"): on_replica,
-        ("POST", "/v1/peer/replications"): {"host": 2, "related": 1, "body": hijack},
+        ("POST", "/v1/peer/replicas/{uuid}/failover"): on_replica,  # the VM runs on host-1
+        # host-1 is the host MOVED arrived from; it may hand over, not name itself primary.
+        ("POST", "/v1/peer/replications"): {"host": 2, "related": 1, "body": hijack,
+                                            "as_related": {"body": {**hijack,
+                                                                    "primary": "host-1"}}},
         ("GET", "/v1/peer/broker/{cluster}/replicas/{uuid}"): {
-            "host": 2, "related": 1, "params": {"cluster": "c1", "uuid": uuid},
+            "host": 3, "related": 1, "unrelated": 2,
+            "params": {"cluster": "c1", "uuid": world["brokered"]["uuid"]},
         },
         ("POST", "/v1/peer/replications/{uuid}/yield"): {**on_replica, "host": 1, "related": 2},
         ("GET", "/v1/peer/vms/{uuid}"): {**on_replica, "host": 1, "related": 2},
         ("PUT", "/v1/peer/migrations/{id}/files/{file}"): {
-            "host": 2, "related": 1, "params": {"id": job, "file": "kernel"},
-            "data": b"not a kernel",
+            **on_move, "params": {"id": job, "file": "kernel"}, "data": b"not a kernel",
         },
-        ("POST", "/v1/peer/migrations/{id}/launch"): {"host": 2, "related": 1,
-                                                      "params": {"id": job}},
-        ("POST", "/v1/peer/migrations/{id}/finish"): {"host": 2, "related": 1,
-                                                      "params": {"id": job}},
-        ("POST", "/v1/peer/migrations/{id}/abort"): {"host": 2, "related": 1,
-                                                     "params": {"id": job}},
-        ("GET", "/v1/peer/migrations/{id}"): {"host": 2, "related": 1, "params": {"id": job}},
+        ("POST", "/v1/peer/migrations/{id}/launch"): on_move,
+        ("POST", "/v1/peer/migrations/{id}/finish"): on_move,
+        ("POST", "/v1/peer/migrations/{id}/abort"): on_move,
+        ("GET", "/v1/peer/migrations/{id}"): on_move,
         ("POST", "/v1/peer/clusters/{cluster}/probe"): {
-            "host": 1, "related": 2, "params": {"cluster": "c1"},
-            "body": {"volume": "v", "path": "/tmp", "action": "write", "tokens": {"host-1": "x"}},
+            **on_c1,
+            "body": {"volume": "csv1", "path": "/tmp", "action": "write",
+                     "tokens": {"host-4": "x"}},
+            "as_related": {"body": {"volume": "csv1", "path": "/tmp", "action": "read",
+                                    "tokens": {"host-4": "x"}}},  # looks, writes nothing
         },
         ("POST", "/v1/peer/clusters/{cluster}/copy-disks"): {
-            "host": 1, "related": 2, "params": {"cluster": "c1"},
+            **on_c1,
             "body": {"vm_uuid": NOBODY_UUID, "phase": "full", "volume_path": "/nonexistent",
                      "targets": []},
         },
@@ -306,6 +371,10 @@ def _peer_calls(world: dict[str, Any], lab_env: LabEnv) -> dict[tuple[str, str],
         ("PUT", "/v1/peer/probe"): {"host": 2, "related": 1, "data": b"x" * 1024},
         ("POST", "/v1/peer/renewals"): {"host": 2, "related": 1, "body": []},
     }  # fmt: skip
+
+
+def _as_related(call: dict[str, Any]) -> dict[str, Any]:
+    return {**call, **call.get("as_related", {})}
 
 
 def _harmless(route: Route[Any, Any], call: dict[str, Any]) -> dict[str, Any]:
@@ -321,7 +390,7 @@ def _snapshot(lab_env: LabEnv) -> dict[str, Any]:
     """What a refused call must not change, on every host."""
     cli = lab_env.cli
     state: dict[str, Any] = {}
-    for host in ("host-1", "host-2", "host-3"):
+    for host in HOSTS:
         state[f"{host} vms"] = sorted((v["name"], v["uuid"], v["state"], v["host"])
                                       for v in cli.json("vm", "list", "--host", host))  # fmt: skip
         jobs = cli.json("job", "list", "--host", host)
@@ -332,21 +401,24 @@ def _snapshot(lab_env: LabEnv) -> dict[str, Any]:
     state["primary"] = {k: primary.get(k) for k in keep}
     state["replica"] = {k: replica.get(k) for k in (*keep, "points")}
     state["points"] = cli.json("replication", "points", REPLICATED, "--host", "host-1")
+    brokered = cli.json("replication", "status", BROKERED, "--host", "host-1")
+    state["brokered"] = {k: brokered.get(k) for k in keep}
+    state["brokered points"] = cli.json("replication", "points", BROKERED, "--host", "host-1")
     return state
 
 
 async def _call(transport: HttpsTransport, route_path: str, call: dict[str, Any],
-                method: str) -> tuple[str | int, str]:  # fmt: skip
-    """(status or TLS, the error message) of one call."""
+                method: str) -> tuple[str | int, str, Any]:  # fmt: skip
+    """(status or TLS, the error message, the payload) of one call."""
     path = re.sub(r"\{(\w+)\}", lambda m: str(call.get("params", {})[m.group(1)]), route_path)
     try:
         reply = await transport.request(
             method, path, body=call.get("body"), params=call.get("query"), data=call.get("data")
         )
     except FerryError as exc:
-        return TLS, str(exc)
+        return TLS, str(exc), None
     payload = reply.payload if isinstance(reply.payload, dict) else {}
-    return reply.status, str((payload.get("error") or {}).get("message", ""))
+    return reply.status, str((payload.get("error") or {}).get("message", "")), payload
 
 
 def _verdict(outcome: str | int, message: str) -> str:
@@ -365,27 +437,39 @@ def test_authorisation_matrix(lab_env: LabEnv, world: dict[str, Any]) -> None:
     peer_routes = {(r.method, r.path): r for r in _peer_routes()}
     calls = _peer_calls(world, lab_env)
     assert set(calls) == set(peer_routes), "every peer endpoint needs a row in _peer_calls"
+    assert set(RELATED) == set(peer_routes), "every peer endpoint needs a row in RELATED"
     scanned = _api_routes_in_sources()
     assert len(scanned) > 50, "the route scan found too little; has the route style changed?"
     assert scanned == set(API_ROUTES), "every API endpoint needs a row in API_ROUTES"
     callers = world["callers"]
-    cells: list[tuple[str, tuple[str, str], int, dict[str, Any], str, str | None]] = []
+    # (caller, route, host asked, call, TLS context, expected, the unrelated host's name)
+    Cell = tuple[str, tuple[str, str], int, dict[str, Any], str, str, str]
+    cells: list[Cell] = []
     for key in API_ROUTES:
         params = {p: "no-such" for p in re.findall(r"\{(\w+)\}", key[1])}
         call = {"params": params, "body": [] if key[0] in ("POST", "PUT", "PATCH") else None}
         for caller, expected in API_ROW.items():
-            cells.append((caller, key, 3, call, "host-1" if caller == "related" else caller,
-                          expected))  # fmt: skip
+            ctx = {"related": "host-1", "unrelated": "host-3"}.get(caller, caller)
+            cells.append((caller, key, 3, call, ctx, expected, "host-3"))
     for key, route in peer_routes.items():
         real = calls[key]
+        stranger = f"host-{real.get('unrelated', 3)}"
         for caller, expected in _peer_row(key).items():
             call = _harmless(route, real) if caller == "admin" else real
             if caller == "unrelated" and key in OPEN_TO_ANY_HOST:
                 call = _harmless(route, real) if route.request is not NoBody else real
-            ctx = f"host-{real['related']}" if caller == "related" else caller
-            cells.append((caller, key, real["host"], call, ctx, expected))
+            if caller == "related":
+                if key == REAL_CHANGE:
+                    continue  # made for real once the matrix is done
+                call = _as_related(real)
+            ctx = {"related": f"host-{real['related']}", "unrelated": stranger}.get(caller, caller)
+            cells.append((caller, key, real["host"], call, ctx, expected, stranger))
+        if "as_related" in real and key not in OPEN_TO_ANY_HOST:
+            # The related host's very call, from the unrelated host: refused.
+            cells.append(("unrelated, as related", key, real["host"], _as_related(real),
+                          stranger, REFUSED, stranger))  # fmt: skip
     before = _snapshot(lab_env)
-    results: dict[tuple[str, tuple[str, str]], tuple[str, str | int, str]] = {}
+    results: dict[tuple[str, tuple[str, str]], tuple[str, str | int, str, Any]] = {}
 
     async def run_all() -> None:
         transports: dict[tuple[str, int], HttpsTransport] = {}
@@ -398,15 +482,16 @@ def test_authorisation_matrix(lab_env: LabEnv, world: dict[str, Any]) -> None:
                                                        _url(lab_env, host), callers[ctx],
                                                        timeout=120)  # fmt: skip
             async with gate:
-                outcome, message = await _call(transports[ctx, host], key[1], call, key[0])
-            results[caller, key] = (_verdict(outcome, message), outcome, message)
+                outcome, message, payload = await _call(transports[ctx, host], key[1], call,
+                                                        key[0])  # fmt: skip
+            results[caller, key] = (_verdict(outcome, message), outcome, message, payload)
 
         try:
-            # Refused callers first, then the ones let through (on objects that do not exist).
+            # Refused callers first, then the ones let through.
             for allowed in (False, True):
                 batch = [one(caller, key, host, call, ctx)
-                         for caller, key, host, call, ctx, expected in cells
-                         if expected is not None and (expected == OK) == allowed]  # fmt: skip
+                         for caller, key, host, call, ctx, expected, _ in cells
+                         if (expected == OK) == allowed]  # fmt: skip
                 await asyncio.gather(*batch)
         finally:
             for transport in transports.values():
@@ -414,14 +499,49 @@ def test_authorisation_matrix(lab_env: LabEnv, world: dict[str, Any]) -> None:
             await asyncio.sleep(0.25)  # let TLS transports the agents closed finish closing
 
     asyncio.run(run_all())
-    wrong = {f"{caller} {m} {p}": (results[caller, (m, p)], expected)
-             for caller, (m, p), _, _, _, expected in cells
-             if expected is not None and results[caller, (m, p)][0] != expected}  # fmt: skip
+    wrong = {f"{caller} {m} {p}": (results[caller, (m, p)][:3], expected)
+             for caller, (m, p), _, _, _, expected, _ in cells
+             if results[caller, (m, p)][0] != expected}  # fmt: skip
     assert not wrong, f"{len(wrong)} cells not as the table says: {wrong}"
-    # host-3's refusals name it; a revoked certificate's say so.
-    for (caller, _key), (verdict, _, message) in results.items():
-        if verdict == REFUSED and caller == "unrelated":
-            assert "host-3" in message, message
+    # The related host got the answer each endpoint gives after the check of who calls.
+    answers = {key: results["related", key][1:3] for key in RELATED if key != REAL_CHANGE}
+    off = {f"{m} {p}": got for (m, p), got in answers.items()
+           if got[0] != RELATED[m, p][0] or RELATED[m, p][1] not in got[1]}  # fmt: skip
+    assert not off, f"the related host's answers are not as RELATED says: {off}"
+    point = results["related", ("PUT", "/v1/peer/replicas/{uuid}/points/{id}")][3]
+    assert point["linked"] is False, point  # a resend: linked before, nothing new
+    owner = results["related", ("GET", "/v1/peer/broker/{cluster}/replicas/{uuid}")][3]
+    assert owner["node"] in ("host-3", "host-4"), owner
+    # The unrelated host's refusals name it; a revoked certificate's say so.
+    for caller, _key, _, _, _, _, stranger in cells:
+        verdict, _, message, _ = results[caller, _key]
+        if verdict == REFUSED and caller.startswith("unrelated"):
+            assert repr(stranger) in message, message
         if caller.startswith("revoked"):
             assert "revoked" in message, message
     assert _snapshot(lab_env) == before
+    _the_related_host_removes_the_replica(lab_env, world, calls[REAL_CHANGE])
+
+
+def _the_related_host_removes_the_replica(lab_env: LabEnv, world: dict[str, Any],
+                                          call: dict[str, Any]) -> None:  # fmt: skip
+    """The one related call that changes its object: the primary removes its replica."""
+    host = call["host"]
+
+    async def remove() -> tuple[str | int, str, Any]:
+        ctx = world["callers"][f"host-{call['related']}"]
+        transport = HttpsTransport(lab_env.lab.host(host).name, _url(lab_env, host), ctx,
+                                   timeout=120)  # fmt: skip
+        try:
+            return await _call(transport, REAL_CHANGE[1], call, REAL_CHANGE[0])
+        finally:
+            await transport.close()
+            await asyncio.sleep(0.25)
+
+    status, message, payload = asyncio.run(remove())
+    assert (status, message) == (RELATED[REAL_CHANGE][0], ""), (status, message)
+    assert payload == {"vm": REPLICATED, "kept_replica_vm": True}, payload
+    gone = lab_env.cli("replication", "status", REPLICATED, "--host", "host-2", check=False)
+    assert gone.returncode != 0, gone.stdout
+    # The replica VM stays there as an ordinary VM, off, on its latest point.
+    assert lab_env.vm(REPLICATED, "host-2")["state"] == "off"
