@@ -112,6 +112,49 @@ def test_test_reports_and_changes_nothing_in_c1(lab: LabEnv) -> None:
     assert all(shown(lab, h) is None for h in C2)
 
 
+def _c2_up(env: LabEnv) -> bool:
+    view = env.cli.json("cluster", "show", "c2")
+    return bool(view.get("leader")) and all(n["state"] == "up" for n in view["nodes"])
+
+
+def test_the_report_checks_cpu_models_and_networks_on_every_node_of_c2(lab: LabEnv) -> None:
+    """An off VM with a NIC on the lab network and CPU model max, alone on volume probe."""
+    cli, probe = lab.cli, lab.lab.root / "probe-volume"
+    probe.mkdir()
+    for cluster in ("c1", "c2"):
+        cli("cluster", "volume", "add", "probe", str(probe), "--cluster", cluster)
+    cli("vm", "create", "picky", "--cluster", "c1", "--volume", "probe", "--host", "host-2",
+        "--memory", "64M", "--disk", "16M", "--cpu-model", "max", "--nic", "lab")  # fmt: skip
+    args = ("cluster", "copy-roles", "--from", "c1", "--to", "c2", "--volume", "probe")
+    report = cli.json(*args, "--test")
+    (row,) = report["vms"]
+    assert report["ok"] and report["checked_nodes"] == list(C2), report
+    assert row["networks"] == {"lab": "lab"} and row["cpu_ok"] and row["cpu_refusals"] == {}
+    # Mapped onto a network no node of c2 has: the report and --run refuse it.
+    mapped = ("--network-map", "lab=nowhere")
+    report = cli.json(*args, "--test", *mapped)
+    (row,) = report["vms"]
+    assert not report["ok"] and row["missing_on"] == {"nowhere": list(C2)}, row
+    line = cli.fails(*args, "--run", *mapped)
+    assert "the report refuses VM(s) picky" in line, line
+    assert lab.vm("picky", "host-2")["cluster"] == "c1"
+    # host-4 offers only qemu64 (its host.toml): max is refused there, by name.
+    lab.restart_agent(4, cpu_models=["qemu64"])
+    try:
+        wait("c2 up again", lambda: _c2_up(lab), timeout=60)
+        report = cli.json(*args, "--test")
+        (row,) = report["vms"]
+        assert not report["ok"] and not row["cpu_ok"] and list(row["cpu_refusals"]) == ["host-4"]
+        assert "does not offer CPU model 'max'" in row["cpu_refusals"]["host-4"], row
+        text = cli(*args, "--test").stdout
+        assert "CPU: host 'host-4' does not offer CPU model 'max'" in text, text
+    finally:
+        lab.restart_agent(4, cpu_models=[])
+        wait("c2 up again", lambda: _c2_up(lab), timeout=60)
+    assert cli.json(*args, "--test")["ok"]
+    assert lab.vm("picky", "host-2")["state"] == "off"
+
+
 def test_run_moves_it_into_c2_and_c1_refuses_a_start(lab: LabEnv) -> None:
     text = lab.wait_console("copied", lambda t: len(seqs(t)) >= 3, timeout=BOOT_S)
     written = max(seqs(text))

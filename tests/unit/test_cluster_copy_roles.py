@@ -10,6 +10,7 @@ import pytest
 from ferry.core.cluster.copy_roles import (
     CopyRecord,
     CopyVm,
+    NodeFacts,
     Phase,
     Step,
     check_request,
@@ -22,6 +23,7 @@ from ferry.core.cluster.copy_roles import (
     start_refusal,
 )
 from ferry.core.cluster.keys import ClusterKeys
+from ferry.core.cpu_models import CpuFacts, CpuModel
 from ferry.errors import ConflictError, InvalidInputError, NotFoundError, StateError, VersionError
 
 MIB = 1 << 20
@@ -123,12 +125,23 @@ def test_record_round_trip_and_ownership() -> None:
     assert start_refusal("web", "u1", "c1", [record(Phase.TESTED)]) is None
 
 
+def facts(node: str, networks: tuple[str, ...] | None, models: tuple[str, ...] = ("max",),
+          *, denied: tuple[str, ...] = ()) -> NodeFacts:  # fmt: skip
+    """A node's hello: its runnable CPU models, and ``denied`` ones host.toml leaves out."""
+    cpus = tuple(CpuModel(name=m, runnable=True) for m in models) + tuple(
+        CpuModel(name=m, runnable=False, allowed=False) for m in denied)  # fmt: skip
+    return NodeFacts(CpuFacts(host=node, models=cpus),
+                     None if networks is None else frozenset(networks))  # fmt: skip
+
+
 def test_report_checks_levels_cpus_networks_capacity_replication() -> None:
     chosen, note = pick("csv1", VMS)
     nodes = [Node("host-3"), Node("host-4", memory_free=64 * MIB)]
+    both = {"host-3": facts("host-3", ("lan2",)), "host-4": facts("host-4", ("lan2", "x"))}
     shown = report(chosen, source="c1", target="c2", volume="csv1", level=2, nodes=nodes,
-                   network_map={"lan": "lan2"}, target_networks=["lan2"], note=note)  # fmt: skip
+                   network_map={"lan": "lan2"}, facts=both, note=note)  # fmt: skip
     assert shown["ok"] and shown["picked"] == note
+    assert shown["checked_nodes"] == ["host-3", "host-4"] and shown["unanswered"] == {}
     rows = {r["name"]: r for r in shown["vms"]}
     assert rows["web"]["networks"] == {"lan": "lan2"} and rows["web"]["replication"] == "host-9"
     assert {r["target_node"] for r in rows.values()} == {"host-3"}  # only host-3 has room
@@ -138,11 +151,34 @@ def test_report_checks_levels_cpus_networks_capacity_replication() -> None:
              CopyVm("db", "u2", "csv1", 3, 900 * MIB)]  # fmt: skip
     shown = report(picky, source="c1", target="c2", volume="csv1", level=2,
                    nodes=[Node("host-3", memory_free=950 * MIB)], network_map={},
-                   target_networks=["lan2"], cpu_models=["qemu64"])  # fmt: skip
+                   facts={"host-3": facts("host-3", ("lan2",))})  # fmt: skip
     rows = {r["name"]: r for r in shown["vms"]}
     assert not shown["ok"]
     assert rows["web"]["missing_networks"] == ["lan"] and not rows["web"]["cpu_ok"]
+    assert "host 'host-3' has no CPU model 'EPYC'" in rows["web"]["cpu_refusals"]["host-3"]
     assert not rows["db"]["level_ok"] and rows["db"]["capacity"] != "fits", rows["db"]
+
+
+def test_report_wants_each_cpu_model_and_network_on_every_node_that_answered() -> None:
+    vm = [CopyVm("web", "u1", "csv1", 1, 128 * MIB, networks=("lan", "dmz"), cpu_model="max")]
+    nodes = [Node("host-3"), Node("host-4"), Node("host-5")]
+    said = {"host-3": facts("host-3", ("lan", "dmz")),
+            "host-4": facts("host-4", ("lan",), models=(), denied=("max",)),
+            "host-5": facts("host-5", None)}  # fmt: skip
+    shown = report(vm, source="c1", target="c2", volume="csv1", level=2, nodes=nodes,
+                   network_map={}, facts=said, unanswered={"host-6": "timed out"})  # fmt: skip
+    row = shown["vms"][0]
+    assert not shown["ok"] and not row["ok"]
+    # host-4 lacks dmz; host-5 did not say (older host): nothing refused on it.
+    assert row["missing_networks"] == ["dmz"] and row["missing_on"] == {"dmz": ["host-4"]}
+    assert list(row["cpu_refusals"]) == ["host-4"], row["cpu_refusals"]
+    assert "host.toml cpu_models allows only none" in row["cpu_refusals"]["host-4"]
+    assert shown["unanswered"] == {"host-6": "timed out"}
+    # The same VM where every node has both: ok, whatever an unanswered node is.
+    fine = {"host-3": facts("host-3", ("lan", "dmz")), "host-5": facts("host-5", None)}
+    again = report(vm, source="c1", target="c2", volume="csv1", level=2, nodes=nodes,
+                   network_map={}, facts=fine, unanswered={"host-6": "timed out"})  # fmt: skip
+    assert again["ok"] and again["vms"][0]["missing_on"] == {}
 
 
 def test_downtime() -> None:

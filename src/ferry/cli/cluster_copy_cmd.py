@@ -75,8 +75,16 @@ def copy_roles(
         if "back" in done:
             extra.append(f"copied back {_mib(done['back'])}")
         if vm.get("missing_networks"):
-            extra.append("missing networks: " + ", ".join(vm["missing_networks"]))
+            where = vm.get("missing_on") or {}
+            extra.append("missing networks: " + ", ".join(
+                f"{n} (on {', '.join(where[n])})" if where.get(n) else n
+                for n in vm["missing_networks"]))  # fmt: skip
         say(f"  {vm['name']}: {vm['state']} " + " ".join(extra))
+        for line in (vm.get("cpu_refusals") or {}).values():
+            say(f"    CPU: {line}")
+    for node, why in (result.get("unanswered") or {}).items():
+        say(f"  node {node} of {target} did not answer, so its CPU models and networks are "
+            f"not checked: {why}")  # fmt: skip
 
 
 def _mib(n: float) -> str:

@@ -63,6 +63,8 @@ class Hello(_Model):
     caller_role: str
     # The CPU models this host runs (core/cpu_models.py); empty from an older host.
     cpu_models: tuple[CpuModel, ...] = ()
+    # The names of this host's networks (copy-roles' report); None from an older host.
+    networks: tuple[str, ...] | None = None
 
 
 class Offer(_Model):

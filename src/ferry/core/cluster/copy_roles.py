@@ -8,10 +8,11 @@ decided here before anything changes, each refusal one line with its remedy:
   C2 (:func:`check_request`, then :func:`check_vms`: none migrating, the
   *version rule* of :func:`ferry.core.cluster.crossing.check_level` for each)
   and builds the pre-migration report (:func:`report`: configuration versions
-  against C2's functional level, CPU models, networks as ``--network-map``
-  maps them, capacity through :func:`ferry.core.cluster.placement.place_all`,
-  replication). Its :class:`CopyRecord` (phase ``tested``) goes into C2's
-  store at :func:`record_key`.
+  against C2's functional level, CPU models and networks as ``--network-map``
+  maps them, on every up node of C2 (:class:`NodeFacts`), capacity through
+  :func:`ferry.core.cluster.placement.place_all`, replication). Its
+  :class:`CopyRecord` (phase ``tested``) goes into C2's store at
+  :func:`record_key`.
 - ``--run`` needs that record for the same volume and source
   (:func:`check_step`); it then becomes phase ``ran``, holding what each VM
   was before (node, state), so that
@@ -34,6 +35,7 @@ from typing import Any
 from ferry.core.cluster.crossing import check_level, check_target
 from ferry.core.cluster.keys import ClusterKeys
 from ferry.core.cluster.placement import PlacementNode, VmDemand, place_all
+from ferry.core.cpu_models import CpuFacts, cpu_refusal
 from ferry.errors import ConflictError, InvalidInputError, NotFoundError, StateError
 
 
@@ -181,21 +183,41 @@ def start_refusal(vm: str, uuid: str, cluster: str, records: Iterable[CopyRecord
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class NodeFacts:
+    """What one up node of C2 says it runs (its ``hello``): CPU models and networks.
+
+    ``networks`` None: the node did not say (an older host); nothing is refused on it.
+    """
+
+    cpu: CpuFacts
+    networks: frozenset[str] | None = None
+
+
 def report(vms: Sequence[CopyVm], *, source: str, target: str, volume: str, level: int,
            nodes: Iterable[PlacementNode], network_map: Mapping[str, str],
-           target_networks: Iterable[str], cpu_models: Iterable[str] | None = None,
+           facts: Mapping[str, NodeFacts], unanswered: Mapping[str, str] | None = None,
            note: str = "") -> dict[str, Any]:  # fmt: skip
-    """The pre-migration report; ``ok`` is False when something in it would refuse ``--run``."""
-    have = set(target_networks)
-    known_cpus = None if cpu_models is None else set(cpu_models)
+    """The pre-migration report; ``ok`` is False when something in it would refuse ``--run``.
+
+    ``facts``: each up node of C2 that answered. C2's HA may restart a VM on any of
+    them, so a VM's CPU model and each of its networks (mapped) must be on every one:
+    a row names the nodes that lack them. ``unanswered``: up nodes that did not
+    answer, node -> why; they are listed and refuse nothing (nothing is known of them).
+    """
     placed = dict((d.name, r) for d, r in place_all(
         [VmDemand(vm.name, vm.memory, vm.config_version) for vm in vms], list(nodes)))  # fmt: skip
     rows: list[dict[str, Any]] = []
     ok = True
     for vm in vms:
         mapped = [network_map.get(n, n) for n in vm.networks]
-        missing = [n for n in mapped if n not in have]
-        cpu_ok = known_cpus is None or vm.cpu_model is None or vm.cpu_model in known_cpus
+        lacking = {n: sorted(node for node, f in facts.items()
+                             if f.networks is not None and n not in f.networks)
+                   for n in dict.fromkeys(mapped)}  # fmt: skip
+        missing = [n for n, where in lacking.items() if where]
+        refusals = {node: line for node, f in sorted(facts.items())
+                    if (line := cpu_refusal(vm.cpu_model, f.cpu)) is not None}  # fmt: skip
+        cpu_ok = not refusals
         where = placed[vm.name]
         node = where if isinstance(where, str) else None
         fits = node is not None
@@ -204,14 +226,16 @@ def report(vms: Sequence[CopyVm], *, source: str, target: str, volume: str, leve
         rows.append({
             "name": vm.name, "uuid": vm.uuid, "state": vm.state, "node": vm.node,
             "config_version": vm.config_version, "level_ok": vm.config_version <= level,
-            "cpu_model": vm.cpu_model, "cpu_ok": cpu_ok,
+            "cpu_model": vm.cpu_model, "cpu_ok": cpu_ok, "cpu_refusals": refusals,
             "networks": dict(zip(vm.networks, mapped, strict=True)), "missing_networks": missing,
+            "missing_on": {n: lacking[n] for n in missing},
             "memory": vm.memory, "target_node": node,
             "capacity": "fits" if fits else str(where),
             "replication": vm.replica, "ok": row_ok,
         })  # fmt: skip
     return {"from": source, "to": target, "volume": volume, "functional_level": level,
-            "picked": note, "ok": ok, "vms": rows}  # fmt: skip
+            "picked": note, "ok": ok, "checked_nodes": sorted(facts),
+            "unanswered": dict(sorted((unanswered or {}).items())), "vms": rows}  # fmt: skip
 
 
 def downtime_s(stopped_at: float, started_at: float) -> float:

@@ -65,6 +65,7 @@ from ferry.errors import (
 from ferry.host.cluster.volumes import require_node
 from ferry.peer import cluster as wire
 from ferry.peer.client import Connector, Timeout
+from ferry.peer.replication import HELLO, Hello
 from ferry.peer.server import Call, PeerServer
 
 if TYPE_CHECKING:
@@ -94,6 +95,11 @@ class DiskCopies:
         server.handle(wire.COPY_DISKS, self.answer, guard=self._guard)
 
     # -- the asking side -------------------------------------------------------------
+
+    async def hello(self, node: str, url: str) -> Hello:
+        """What a node of the target cluster runs (CPU models, networks), for the report."""
+        async with self.connector.connect(node, url, timeout=Timeout.PROBE) as peer:
+            return await peer.call(HELLO)
 
     async def ask(self, m: Membership, owner: str, url: str, body: wire.CopyDisksRequest, *,
                   cluster: str | None = None) -> wire.CopyDisksReply:  # fmt: skip

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 from ferry.core.cluster.copy_roles import (
     CopyRecord,
     CopyVm,
+    NodeFacts,
     Phase,
     Step,
     check_request,
@@ -66,10 +67,11 @@ from ferry.core.cluster.copy_roles import (
 )
 from ferry.core.cluster.crossing import crossed_spec, role_ops
 from ferry.core.cluster.keys import ROOT, ClusterKeys, cluster_names
-from ferry.core.cluster.nodes import node_views
+from ferry.core.cluster.nodes import NodeState, NodeView, node_views
 from ferry.core.cluster.records import ClusterMeta, VolumeRecord
 from ferry.core.cluster.roles import Owner, VmRole, Want, encode_role
 from ferry.core.cluster.store import ClusterStore, Compare, Delete, Entry, Op, Put
+from ferry.core.cpu_models import CpuFacts
 from ferry.core.network import apply_network_map
 from ferry.errors import ConflictError, FerryError, MoveFailedError, NotFoundError
 from ferry.host.cluster.copy_disks import allocated_bytes
@@ -128,10 +130,10 @@ class CopyRoles:
         level = ClusterMeta.from_json(meta.value).functional_level
         check_vms(chosen, target=target, level=level)
         nodes = node_views(await store.range(k2.prefix), k2)
-        mapped = {network_map.get(n, n) for vm in chosen for n in vm.networks}
+        facts, unanswered = await self._target_facts([n for n in nodes if n.state is NodeState.UP])
         shown = report(chosen, source=source, target=target, volume=volume, level=level,
-                       nodes=nodes, network_map=network_map, target_networks=mapped,
-                       note=note)  # fmt: skip
+                       nodes=nodes, network_map=network_map, facts=facts,
+                       unanswered=unanswered, note=note)  # fmt: skip
         for row in shown["vms"]:
             spec = VmRole.model_validate_json(roles[row["uuid"]].value).spec
             disks = [d.path for d in spec.disks]
@@ -165,6 +167,31 @@ class CopyRoles:
             row["state"] = "running" if row["name"] in times else row["state"]
             row["node"], row["cluster"] = placed[row["name"]], target
         return {**shown, "step": step.value, "phase": ran.phase.value}
+
+    async def _target_facts(
+        self, nodes: Sequence[NodeView]
+    ) -> tuple[dict[str, NodeFacts], dict[str, str]]:
+        """Each up node of C2's CPU models and networks (its hello), all asked at once;
+        and the nodes that did not answer, with why."""
+        copier = self.cvms.disk_copies
+        if copier is None:
+            return {}, {n.name: "this node has no peer connector to ask it" for n in nodes}
+
+        async def ask(node: NodeView) -> NodeFacts | str:
+            assert copier is not None
+            try:
+                hello = await copier.hello(node.name, node.url)
+            except FerryError as exc:
+                return str(exc)
+            said = None if hello.networks is None else frozenset(hello.networks)
+            return NodeFacts(CpuFacts(host=node.name, models=hello.cpu_models), said)
+
+        answers = await asyncio.gather(*(ask(n) for n in nodes))
+        facts = {n.name: a for n, a in zip(nodes, answers, strict=True)
+                 if isinstance(a, NodeFacts)}  # fmt: skip
+        unanswered = {n.name: a for n, a in zip(nodes, answers, strict=True)
+                      if isinstance(a, str)}  # fmt: skip
+        return facts, unanswered
 
     async def _vms(
         self, store: ClusterStore, k1: ClusterKeys

@@ -112,7 +112,8 @@ class ReplicationEndpoints:
         return Hello(name=self.config.name, version=__version__,
                      functional_level=self.config.functional_level, caller=caller.common_name,
                      caller_role=caller.role.value if caller.role else "none",
-                     cpu_models=self.store.cpu.models)  # fmt: skip
+                     cpu_models=self.store.cpu.models,
+                     networks=tuple(sorted(self.store.networks().all())))  # fmt: skip
 
     async def admission(self, call: Call[NoBody]) -> Admission:
         if call.caller.role is not Role.HOST:
