@@ -197,7 +197,10 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         reconciler = Reconciler(cluster_vms, migrations, jobs)
         cluster_context.listen(reconciler.on_membership)
         crossing = ClusterCrossing(cluster_vms, jobs)  # vm move --to-cluster
-        migrations.switch_guard = CrossingGuard(crossing, OwnerHandover(cluster_vms))
+        crossing.hold_after_handover_s = config.hold_after_handover_s
+        handover = OwnerHandover(cluster_vms, jobs)
+        handover.hold_after_handover_s = config.hold_after_handover_s
+        migrations.switch_guard = CrossingGuard(crossing, handover)
         # Replication of a clustered VM follows its owner (host/cluster/replication.py);
         # it listens before the membership reconnects, and resumes on the reconciler's start.
         cluster_replication = ClusterReplication(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,24 +148,35 @@ def move_job(env: LabEnv, host: str) -> dict[str, Any] | None:
     return jobs[-1] if jobs else None
 
 
-def test_source_node_lost_mid_move_c1_restarts_it(lab: LabEnv) -> None:
-    vm = create(lab, "stayer", "host-1")
-    # A slow stream, so the move is still copying when host-1 dies.
+Moving = tuple[threading.Thread, dict[str, Any], dict[str, Any] | None]
+
+
+def move_until(lab: LabEnv, args: tuple[str, ...], reached: Callable[[dict[str, Any]], bool],
+               timeout: float) -> Moving:  # fmt: skip
+    """Run the move ``args`` in a thread until host-1's move job is as ``reached`` says."""
     outcome: dict[str, Any] = {}
 
-    def move() -> None:
-        outcome["r"] = lab.cli("vm", "move", "stayer", "--to-cluster", "c2", "--max-bandwidth",
-                               "2M", check=False)  # fmt: skip
+    def run() -> None:
+        outcome["r"] = lab.cli(*args, check=False)
 
-    mover = threading.Thread(target=move, daemon=True)
+    mover = threading.Thread(target=run, daemon=True)
     mover.start()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout
     job = None
     while time.monotonic() < deadline:
         job = move_job(lab, "host-1")
-        if job is not None and job["state"] == "copying-memory":
+        if job is not None and reached(job):
             break
         time.sleep(0.2)
+    return mover, outcome, job
+
+
+def test_source_node_lost_mid_move_c1_restarts_it(lab: LabEnv) -> None:
+    vm = create(lab, "stayer", "host-1")
+    # A slow stream, so the move is still copying when host-1 dies.
+    mover, outcome, job = move_until(
+        lab, ("vm", "move", "stayer", "--to-cluster", "c2", "--max-bandwidth", "2M"),
+        lambda j: j["state"] == "copying-memory", timeout=60)  # fmt: skip
     assert job is not None and job["state"] == "copying-memory", job
     lab.lab.crash("host-1")
     mover.join(60)
@@ -182,3 +193,67 @@ def test_source_node_lost_mid_move_c1_restarts_it(lab: LabEnv) -> None:
     assert not list(lab.lab.cluster_volume_dir("c2").glob(f"{vm['uuid']}*"))
     lab.lab.up(4)
     wait_states(lab, "c1", {"up"}, timeout=60)
+
+
+def lose_source_after_hand_over(lab: LabEnv, name: str, *, cluster: str, to: str,
+                                move: tuple[str, ...]) -> None:  # fmt: skip
+    """host-1 waits after the hand-over transaction (a test hook) and dies whole there:
+    the store gives VM ``name`` to ``to``, whose incoming QEMU holds the complete
+    stream, and nobody will ask ``to`` to resume it. Once host-1's lease is gone, ``to``
+    takes the owner by compare-and-swap and resumes that very QEMU: the guest goes on
+    without a reboot. host-1's agent, back, ends its move done and forgets its copy."""
+    lab.restart_agent(1, hold_after_handover_s=20.0)
+    wait_states(lab, "c1", {"up"}, timeout=60)
+    try:
+        create(lab, name, "host-1")
+        mover, outcome, job = move_until(lab, ("vm", "move", name, *move, "--to", to),
+                                         lambda j: bool(j.get("handover_revision")),
+                                         timeout=120)  # fmt: skip
+        assert job is not None and job.get("handover_revision"), job
+        arriving = lab.vm(name, to)
+        assert arriving["state"] != "running", arriving  # not resumed: host-1 holds
+        lab.lab.crash("host-1")
+        crashed_at = time.time()
+        mover.join(90)
+        assert outcome["r"].returncode != 0
+        again = running_on(lab, name, (to,), timeout=TTL_S + 60)
+        assert again["cluster"] == cluster, again
+        if arriving.get("pid"):
+            assert again["pid"] == arriving["pid"], (again, arriving)  # the same QEMU
+        incoming = next(j for j in lab.cli.json("job", "list", "--host", to)
+                        if j["id"] == job["id"])  # fmt: skip
+        assert incoming["state"] == "done", incoming
+        assert "host-1 was lost during the switch-over" in incoming["finished_without_source"]
+        print(f"{name}: resumed on {to} {incoming['resumed_at'] - crashed_at:.1f} s after "
+              f"host-1 was powered off (lease TTL {TTL_S} s)")  # fmt: skip
+        kinds = [e["kind"] for e in lab.cli.json("cluster", "events", cluster)]
+        assert "vm-resumed-without-source" in kinds, kinds
+        # The guest goes on writing, with no new boot (its console here began at resume).
+        text = lab.wait_console(name, lambda t: len(seqs(t)) >= 2, timeout=60, host=to)
+        assert not UP.search(text), text[-500:]
+    finally:
+        lab.restart_agent(1, hold_after_handover_s=0.0)  # host-1's agent back
+        wait_states(lab, "c1", {"up"}, timeout=60)
+    # host-1's restart finds the hand-over in its job: done there, its copy forgotten.
+    deadline = time.monotonic() + 60
+    while True:
+        ended = next(j for j in lab.cli.json("job", "list", "--host", "host-1")
+                     if j["id"] == job["id"])  # fmt: skip
+        if ended["state"] in ("done", "failed") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert ended["state"] == "done", ended
+    assert name not in [v["name"] for v in lab.cli.json("vm", "list", "--host", "host-1")]
+    lab.cli("vm", "kill", name, "--host", to)
+    records = lab.cli.json("guest", "records", again["disks"][0]["path"])
+    assert records["corrupt"] == 0 and records["count"] == records["last_seq"], records
+    lab.cli("vm", "delete", name, "--force", "--host", to)
+
+
+def test_source_node_lost_between_hand_over_and_resume_c2_resumes_it(lab: LabEnv) -> None:
+    lose_source_after_hand_over(lab, "orphan", cluster="c2", to="host-3",
+                                move=("--to-cluster", "c2"))  # fmt: skip
+
+
+def test_source_node_lost_in_a_move_within_c1_the_destination_resumes_it(lab: LabEnv) -> None:
+    lose_source_after_hand_over(lab, "orphan-1", cluster="c1", to="host-2", move=())

@@ -109,6 +109,8 @@ def test_one_revision_releases_c1_and_gives_c2_the_vm() -> None:
     revisions = {now[k].mod_revision for k in (K2.vm_config(UUID), K2.vm_owner(UUID),
                                                K2.vm_want(UUID), K2.name("web"))}  # fmt: skip
     assert len(revisions) == 1  # written with c1's deletes, in one transaction
+    # ... and into the move's job at once, for a restart of this agent.
+    assert jobs.detail["handover_revision"] in revisions and jobs.detail["durable"], jobs.detail
     role = VmRole.model_validate_json(now[K2.vm_config(UUID)].value)
     assert role.spec.disks[0].path.startswith("/c2/csv1/")
     assert asyncio.run(guard.after_switch(UUID, "host-3", "job1", resumed=True))

@@ -8,6 +8,7 @@ network, and each VM's QEMU is a scripted model (``ferry.testing.migration``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -477,13 +478,7 @@ def test_a_restarted_source_undoes_a_move_mid_copy(lab: Lab) -> None:
     model.hold = True
 
     async def go() -> Job:
-        job = lab.move(storage=Storage.COPY)
-        await reached(job, Phase.COPYING_MEMORY)
-        assert job.task is not None
-        job.task.cancel()  # the agent dies: no undo runs ...
-        lab.one.migrations.source.undo = _no_undo  # type: ignore[method-assign]
-        with pytest.raises(asyncio.CancelledError):
-            await job.task
+        job = await _agent_dies_mid_move(lab)  # the agent dies: no undo runs ...
         lab.one.catalog.put_job(_row_of(job, Phase.COPYING_MEMORY))  # ... nor is it recorded
         service = _restart(lab.one, lab.network)
         await service.recover()
@@ -504,13 +499,7 @@ def test_a_restarted_source_calls_off_a_destination_that_never_resumed(lab: Lab)
     model.hold = True
 
     async def go() -> tuple[Job, float]:
-        job = lab.move(storage=Storage.COPY)
-        await reached(job, Phase.COPYING_MEMORY)
-        assert job.task is not None
-        job.task.cancel()  # the agent dies at the switch-over ...
-        lab.one.migrations.source.undo = _no_undo  # type: ignore[method-assign]
-        with pytest.raises(asyncio.CancelledError):
-            await job.task
+        job = await _agent_dies_mid_move(lab)  # the agent dies at the switch-over ...
         del lab.one.migrations.source.undo  # the restarted agent's undo is the real one
         model.run = "postmigrate"  # ... after QEMU sent the last pages
         model.migration = "completed"
@@ -528,6 +517,33 @@ def test_a_restarted_source_calls_off_a_destination_that_never_resumed(lab: Lab)
     assert_back_on_source(lab, job, model)
 
 
+def test_a_restarted_source_finishes_a_move_whose_hand_over_was_written(lab: Lab) -> None:
+    """Killed at the switch-over after the cluster's store gave the VM to the
+    destination (``handover_revision`` in the job): the restarted source must not
+    call the destination off and run the VM here; it asks the destination to resume."""
+    model = lab.boot()
+    model.hold = True
+
+    async def go() -> Job:
+        job = await _agent_dies_mid_move(
+            lab
+        )  # the agent dies at the switch-over, after the hand-over
+        del lab.one.migrations.source.undo
+        model.run = "postmigrate"
+        model.migration = "completed"
+        row = _row_of(job, Phase.SWITCHING_OVER)
+        detail = dict(json.loads(row.detail), handover_revision=42, to_cluster="c2")
+        lab.one.catalog.put_job(dataclasses.replace(row, detail=json.dumps(detail)))
+        service = _restart(lab.one, lab.network)
+        await service.recover()
+        return service.jobs.get(job.id)
+
+    job = asyncio.run(go())
+    assert job.state == Phase.DONE, job.detail
+    assert lab.two.jobs.get(job.id).state == IncomingState.DONE
+    assert lab.one.vm("roamer") is None  # forgotten here: it runs there
+
+
 def test_a_restarted_destination_aborts_what_did_not_arrive(lab: Lab) -> None:
     async def go() -> None:
         async with lab.network.connector("host-1").connect("host-2", "") as peer:
@@ -543,6 +559,18 @@ def test_a_restarted_destination_aborts_what_did_not_arrive(lab: Lab) -> None:
 
 async def _no_undo(*args: Any) -> None:
     return None
+
+
+async def _agent_dies_mid_move(lab: Lab) -> Job:
+    """A copy move whose source agent dies while the memory is copied: no undo runs."""
+    job = lab.move(storage=Storage.COPY)
+    await reached(job, Phase.COPYING_MEMORY)
+    assert job.task is not None
+    job.task.cancel()
+    lab.one.migrations.source.undo = _no_undo  # type: ignore[method-assign]
+    with pytest.raises(asyncio.CancelledError):
+        await job.task
+    return job
 
 
 def _row_of(job: Job, phase: Phase) -> JobRow:

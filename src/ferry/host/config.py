@@ -112,6 +112,11 @@ class HostConfig(BaseModel):
     # enters this phase, so tests can prove the restart leaves a state that
     # can be completed or cancelled. Empty: never.
     crash_failover_at: str = ""
+    # Test hook: a clustered VM's move (in its cluster, or into another) waits
+    # this long right after its hand-over transaction, before it asks the
+    # destination to resume, so a test can lose the source node in that
+    # window. 0: never.
+    hold_after_handover_s: float = 0.0
     # Plain TCP for memory and disk streams: only for a trusted network.
     insecure_migration: bool = False
     # QEMU's image locks on disk files (on by default, as on real hosts). Lab

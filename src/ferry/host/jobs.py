@@ -147,8 +147,12 @@ class JobRegistry:
 
         return waiting
 
-    def update(self, job: Job, state: str | None = None, **detail: Any) -> None:
-        """Record progress, a new phase (``phase=``) or a new state (through the table)."""
+    def update(self, job: Job, state: str | None = None, *, durable: bool = False,
+               **detail: Any) -> None:  # fmt: skip
+        """Record progress, a new phase (``phase=``) or a new state (through the table).
+
+        ``durable``: written to the catalog now, as a new state is (a fact a restart
+        must find, e.g. a move's hand-over), not only within ``PERSIST_EVERY_S``."""
         new_state = state is not None and state != job.state
         new_phase = "phase" in detail and detail["phase"] != job.detail.get("phase")
         if new_state and state is not None and self._follows_table(job):
@@ -161,7 +165,7 @@ class JobRegistry:
             self._note(job)
         if new_state:
             self.metrics.job_changed(job.kind, job.state, job.detail, job.updated - job.created)
-        if new_state or new_phase or job.updated - job.persisted >= PERSIST_EVERY_S:
+        if durable or new_state or new_phase or job.updated - job.persisted >= PERSIST_EVERY_S:
             self._persist(job)
 
     def _follows_table(self, job: Job) -> bool:

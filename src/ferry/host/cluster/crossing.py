@@ -89,6 +89,7 @@ class Crossing:
     old_dir: str | None = None  # C1's ``<volume>/<uuid>/`` (its copy goes when the move ends)
     revision: int = 0  # the hand-over's revision (release and take)
     released_at: float = 0.0
+    job: str = ""  # the move's job id, once it exists
 
 
 class ClusterCrossing:
@@ -98,6 +99,7 @@ class ClusterCrossing:
         self.cvms = cluster_vms
         self.jobs = jobs
         self.plans: dict[str, Crossing] = {}  # move job id -> its crossing
+        self.hold_after_handover_s = 0.0  # host.toml's test hook of that name
 
     async def plan(self, name: str, *, target: str, volume: str | None, to: str | None,
                    network_map: Mapping[str, str]) -> Crossing:  # fmt: skip
@@ -151,6 +153,7 @@ class ClusterCrossing:
         for old in [j for j in self.plans if self.jobs.find(j) is None]:
             del self.plans[old]
         self.plans[job_id] = crossing
+        crossing.job = job_id
         into = crossing.volume if crossing.storage is Storage.COPY else None
         self.jobs.update(self.jobs.get(job_id), to_cluster=crossing.target, into_volume=into)
 
@@ -203,6 +206,13 @@ class CrossingGuard:
         log.info("VM %s: owned by cluster %s (node %s) from revision %d, released by %s in "
                  "the same transaction", plan.vm, plan.target, plan.node, result.revision,
                  plan.source)  # fmt: skip
+        job = self.crossing.jobs.find(plan.job)
+        if job is not None:  # a restart must finish it there, never resume it here
+            self.crossing.jobs.update(job, durable=True, handover_revision=result.revision)
+        hold = self.crossing.hold_after_handover_s
+        if hold > 0:
+            log.warning("test hook hold_after_handover_s: waiting %.1f s", hold)
+            await asyncio.sleep(hold)
 
     async def after_switch(self, vm_uuid: str, target: str, job: str, *, resumed: bool) -> bool:
         plan = self.crossing.plans.pop(job, None)

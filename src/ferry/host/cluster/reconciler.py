@@ -30,11 +30,12 @@ from dataclasses import dataclass
 
 from ferry.adapters.catalog import VmRecord
 from ferry.core import vmstate
+from ferry.core.cluster.keys import ROOT, ClusterKeys, cluster_names
 from ferry.core.cluster.nodes import still_fenced
 from ferry.core.cluster.reconcile import Action, Local, decide
 from ferry.core.cluster.roles import Owner, VmRole, Want, decode_role, decode_want
 from ferry.core.cluster.store import Compare, Entry, Put
-from ferry.core.migration import Phase, is_final
+from ferry.core.migration import IncomingState, Phase, is_final
 from ferry.core.tasks import cancel_and_wait
 from ferry.core.vmstate import VmState
 from ferry.errors import FerryError
@@ -46,6 +47,7 @@ from ferry.host.migration.service import MOVE, MigrationService
 log = logging.getLogger(__name__)
 
 PASS_EVERY_S = 10.0  # a fallback: changes under vms/ wake a pass at once (watch)
+ARRIVING_EVERY_S = 1.0  # while a VM owned here still arrives by a move (see _rescue)
 START_BACKOFF_S = 15.0
 _BUSY_STATES = frozenset({VmState.MIGRATING, VmState.STARTING, VmState.STOPPING})
 _AT_REST = frozenset({VmState.OFF, VmState.CRASHED})
@@ -80,6 +82,7 @@ class Reconciler:
         self._stopping: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
+        self._arriving = False  # a VM owned here still arrived by a move at the last pass
         self._pass_lock = asyncio.Lock()
         # Hook point (helper R, replication): called with the VM's uuid after this
         # node registered and started a VM it owns, e.g. after a node loss; the
@@ -118,7 +121,9 @@ class Reconciler:
             except Exception:  # a bug must not end the loop that keeps VMs where they belong
                 log.exception("reconcile pass of %s failed", m.cluster)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(PASS_EVERY_S):
+                # A VM waiting here between a move's hand-over and its resume is looked
+                # at again soon: if its source is lost, its lease's end is the signal.
+                async with asyncio.timeout(ARRIVING_EVERY_S if self._arriving else PASS_EVERY_S):
                     await self._wake.wait()
             self._wake.clear()
 
@@ -159,6 +164,7 @@ class Reconciler:
         await self.cvms.volumes(m)
         local = {record.uuid: record for record in self.vms.list()}
         done: list[tuple[str, Action]] = []
+        self._arriving = False
         for uuid in sorted(set(roles) | set(self.cvms.clustered)):
             entries = roles.get(uuid)
             if entries is not None and entries.config is None and entries.left is not None:
@@ -180,6 +186,13 @@ class Reconciler:
                 self.cvms.mark(uuid, m.cluster)  # arrived by a move, or owned again
                 if not owner.pending:  # vm upgrade-version ran here
                     await self.cvms.sync_version(m, local[uuid], entries.config)
+            arriving = owner is not None and owner.node == self.node and (
+                self.migrations.is_incoming(uuid))  # fmt: skip
+            if arriving and owner is not None:
+                if await self._rescue(m, uuid, owner, entries, alive=alive, self_ok=self_ok):
+                    done.append((uuid, Action.TAKE))
+                    continue
+                self._arriving = True
             here = self._local(local.get(uuid))
             want_revision = entries.want.mod_revision if entries.want else 0
             if here.live:
@@ -308,6 +321,50 @@ class Reconciler:
             await self._settle(m, action, owner, entries.owner)
             if action in (Action.CONFIRM, Action.RECLAIM) and record is not None:
                 self.cvms.mark(uuid, m.cluster)
+
+    async def _rescue(self, m: Membership, uuid: str, owner: Owner, entries: RoleEntries, *,
+                      alive: set[str], self_ok: bool) -> bool:  # fmt: skip
+        """A VM still arriving here by a live move that the store gives to this node (a
+        move in this cluster pending to it, or one from another cluster handed over),
+        whose source node is lost (its lease gone, so its QEMUs are fenced): nobody else
+        will resume it. Take the owner by compare-and-swap (the source's take-back then
+        fails), then resume it here as the source's finish would. True if it acted."""
+        destination = self.migrations.destination
+        job = destination.orphaned(uuid)
+        if not self_ok or entries.owner is None or job is None:
+            return False
+        source = str(job.detail.get("source", ""))
+        if not await self._source_lost(m, owner, source, alive):
+            return False
+        result = await m.store.txn(
+            [Compare.unchanged(entries.owner.key, entries.owner.mod_revision)],
+            [Put(entries.owner.key, Owner.settled(self.node).encode())],
+        )
+        if not result.succeeded:
+            return False
+        why = (f"its source {source} was lost during the switch-over (its lease is gone); "
+               f"owner {self.node} from revision {result.revision}")  # fmt: skip
+        outcome = await destination.finish_without_source(job, why)
+        resumed = outcome.state is IncomingState.DONE
+        if resumed:
+            self.cvms.mark(uuid, m.cluster)
+        await self._event(m, "vm-resumed-without-source" if resumed else "vm-start-failed",
+                          uuid, entries, why if resumed else f"{why}: {outcome.error}")  # fmt: skip
+        return True
+
+    async def _source_lost(self, m: Membership, owner: Owner, source: str,
+                           alive: set[str]) -> bool:  # fmt: skip
+        """Whether the source node of an incoming move is gone (no lease in its cluster)."""
+        if owner.pending:  # a move within this cluster
+            return owner.source is not None and owner.source not in alive
+        # Settled here while it still arrives: handed over from another cluster.
+        clusters = cluster_names([e.key for e in await m.store.range(ROOT)
+                                  if e.key.endswith("/meta")])  # fmt: skip
+        for cluster in clusters:
+            keys = ClusterKeys(cluster)
+            if cluster != m.cluster and await m.store.get(keys.member(source)) is not None:
+                return await m.store.get(keys.alive(source)) is None
+        return False
 
     async def _stop(self, m: Membership, uuid: str, entries: RoleEntries, name: str) -> None:
         """Stop VM ``name`` cleanly, as ``vm stop`` does, if it is still wanted off."""

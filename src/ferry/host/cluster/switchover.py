@@ -14,7 +14,9 @@ fails the move is undone before the destination ever ran the VM. Then
   only if that compare-and-swap wins may the source resume its QEMU. Until
   then nobody starts the VM: a pending owner is never started by either side
   (:mod:`ferry.core.cluster.reconcile`), unless the source's lease expired
-  (its QEMUs are fenced), when the destination takes it.
+  (its QEMUs are fenced), when the destination takes it: it resumes its
+  incoming QEMU if it holds the stream (the reconciler's rescue), else starts
+  the VM from its disks.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ferry.core.cluster.roles import Owner
 from ferry.core.cluster.store import Compare, Put
 from ferry.errors import FerryError, MoveFailedError
 from ferry.host.cluster.vms import ClusterVms
+from ferry.host.jobs import JobRegistry
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +39,12 @@ RECLAIM_WAIT_S = 20.0  # how long the source tries to take the owner back
 class OwnerHandover:
     """The switch-over guard of :class:`ferry.host.migration.source.MoveSource`."""
 
-    def __init__(self, cluster_vms: ClusterVms) -> None:
+    def __init__(self, cluster_vms: ClusterVms, jobs: JobRegistry | None = None) -> None:
+        """``jobs``: where the move's job is, to record its hand-over for a restart."""
         self.cluster_vms = cluster_vms
+        self.jobs = jobs
         self._pending: dict[str, int] = {}  # move job id -> owner's revision while pending
+        self.hold_after_handover_s = 0.0  # host.toml's test hook of that name
 
     async def before_switch(self, vm_uuid: str, target: str, job: str) -> None:
         """Owner: this node -> ``target`` (pending). Raises to undo the move."""
@@ -64,6 +70,13 @@ class OwnerHandover:
                                   f"stays on {cvms.node}")  # fmt: skip
         self._pending[job] = result.revision
         log.info("move %s: owner of %s pending %s -> %s", job, vm_uuid, cvms.node, target)
+        record = self.jobs.find(job) if self.jobs is not None else None
+        if self.jobs is not None and record is not None:  # a restart finishes it there
+            self.jobs.update(record, durable=True, handover_revision=result.revision)
+        if self.hold_after_handover_s > 0:
+            log.warning("test hook hold_after_handover_s: waiting %.1f s",
+                        self.hold_after_handover_s)  # fmt: skip
+            await asyncio.sleep(self.hold_after_handover_s)
 
     async def after_switch(self, vm_uuid: str, target: str, job: str, *, resumed: bool) -> bool:
         """Settle the owner; False: the source must not resume (it stays paused)."""

@@ -280,11 +280,32 @@ class MoveDestination:
 
     async def finish(self, call: Call[NoBody]) -> wire.IncomingOutcome:
         """Switch-over: resume here. Idempotent: a repeated call reports the outcome."""
-        job = self._incoming(call.params["id"], call.caller)
+        return await self._finish(self._incoming(call.params["id"], call.caller))
+
+    def orphaned(self, vm_uuid: str) -> Job | None:
+        """The incoming move of VM ``vm_uuid`` still receiving here, if any."""
+        return next((job for job in self.jobs.all() if job.kind == INCOMING
+                     and job.state == IncomingState.RECEIVING
+                     and job.vm_uuid == vm_uuid), None)  # fmt: skip
+
+    async def finish_without_source(self, job: Job, why: str) -> wire.IncomingOutcome:
+        """Resume here a VM whose source is lost after the switch-over began.
+
+        Only the cluster layer calls this, once the cluster's store gave the VM
+        to this node and the source node's lease is gone (its QEMUs fenced), so
+        the source can neither resume nor take it back. As :meth:`finish`.
+        """
+        log.getChild(job.vm_name).warning("move %s: %s; resuming it here", job.id, why)
+        self.jobs.update(job, finished_without_source=why)
+        return await self._finish(job)
+
+    async def _finish(self, job: Job) -> wire.IncomingOutcome:
         if incoming_ended(IncomingState(job.state)):
             return self._outcome(job)
         record = self.vms.get(job.vm_uuid)
         async with self.vms.lock(record.uuid):
+            if incoming_ended(IncomingState(job.state)):  # the other caller finished it
+                return self._outcome(job)
             try:
                 channel = self.vms.channel(record)
                 copied = job.detail["storage"] == Storage.COPY and bool(record.spec.disks)

@@ -12,7 +12,11 @@ so a destination still ``receiving`` has not resumed and will not: it is
 called off at once (its abort waits for a ``finish`` already under way, and
 answers ``done`` if that won) rather than asked again for a minute while the
 restarted agent does not serve. A destination that cannot be reached may run
-the VM: it stays paused here, so it never runs twice.
+the VM: it stays paused here, so it never runs twice. A move into another
+cluster whose hand-over was written (``handover_revision`` in its job) belongs
+to that cluster: it is finished there (``finish`` if still ``receiving``) and
+never undone here; so is a move within a cluster whose pending owner was
+written.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import asyncio
 import contextlib
 import time
 
+from ferry.adapters.catalog import VmRecord
 from ferry.adapters.migration import MigrationStatus, OutgoingMigration
 from ferry.core.migration import IncomingState, Phase, Storage, is_final
 from ferry.core.vmstate import QemuStatus
@@ -63,6 +68,9 @@ async def _recover_move(source: MoveSource, job: Job) -> None:
     if record is None:  # the VM was let go of: it resumed there
         source.end(job, Phase.DONE if job.state == Phase.SWITCHING_OVER else Phase.FAILED)
         return
+    if job.detail.get("handover_revision"):
+        await _recover_handed_over(source, job, record)
+        return
     attempt = MoveAttempt(job, started=time.monotonic(), record=record)
     status: MigrationStatus | None = None
     try:
@@ -94,6 +102,35 @@ async def _recover_move(source: MoveSource, job: Job) -> None:
                    f"the VM stays on {source.host}")  # fmt: skip
     else:
         source.end(job, Phase.FAILED, error=f"{RESTARTED}; the VM stays on {source.host}")
+
+
+async def _recover_handed_over(source: MoveSource, job: Job, record: VmRecord) -> None:
+    """A clustered VM's move whose hand-over was written: the store gives the VM to the
+    destination (the stream was complete), so it is finished there, never resumed here
+    (a pending owner the reconcilers settle; another cluster's owner is final)."""
+    target, url = job.detail["target"], job.detail["target_url"]
+    cluster = job.detail.get("to_cluster")
+    owner = (
+        f"cluster {cluster} owns it"
+        if cluster
+        else f"host {job.detail['target']} owns it in the cluster"
+    ) + f" since revision {job.detail['handover_revision']}"
+    try:
+        async with source.peers.connect(target, url, timeout=Timeout.TRANSFER) as peer:
+            reply = await peer.call(wire.STATUS, id=job.id)
+            if reply.state is IncomingState.RECEIVING:  # the finish never came: now
+                reply = await peer.call(wire.FINISH, id=job.id)
+        state: IncomingState | str = reply.state
+    except FerryError as exc:
+        state = str(exc)
+    if state is IncomingState.DONE:
+        storage = Storage(job.detail["storage"])
+        await source.vms.forget(record, keep_disks=storage is Storage.SHARED)
+        source.end(job, Phase.DONE, result={"result": "ok", "host": target})
+        return
+    source.end(job, Phase.FAILED, error=(
+        f"{RESTARTED} after the hand-over: {owner}, and host {target!r} did not resume it "
+        f"({state}); it stays stopped on {source.host}, never run here again"))  # fmt: skip
 
 
 async def _destination_fate(job: Job, peer: PeerClient) -> IncomingState:
