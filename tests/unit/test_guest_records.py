@@ -426,6 +426,7 @@ def test_newc_archive_extracts_with_busybox_cpio(tmp_path: Path) -> None:
 def test_dirty_memory_param() -> None:
     assert dirty_memory_param(128 * 1024**2) == "ferry.dirty=128M"
     assert dirty_memory_param(2 * 1024**3) == "ferry.dirty=2G"
+    assert dirty_memory_param(32 * 1024**2, pause_s=4) == "ferry.dirty=32M ferry.dirty_pause=4"
     assert dirty_memory_param(12 * 1024) == "ferry.dirty=12K"
     assert dirty_memory_param(1000) == "ferry.dirty=1000"
     with pytest.raises(InvalidInputError):

@@ -128,19 +128,24 @@ def default_cache_dir() -> Path:
     return base / "ferry" / "guest"
 
 
-def dirty_memory_param(nbytes: int) -> str:
-    """Return the kernel parameter that makes the guest keep ``nbytes`` of memory dirty.
+def dirty_memory_param(nbytes: int, *, pause_s: int = 0) -> str:
+    """Return the kernel parameters that make the guest keep ``nbytes`` of memory dirty.
 
     The guest rewrites that much of a tmpfs file (rounded up to whole MiB)
     in a loop, with data that changes on every pass; the memory comes out of
-    the guest's RAM, so keep it well under ``-m`` (half is fine).
+    the guest's RAM, so keep it well under ``-m`` (half is fine). ``pause_s``:
+    the guest sleeps that long after each pass, so it dirties at most
+    ``nbytes`` per ``pause_s`` seconds (0: as fast as it can).
     """
     if nbytes <= 0:
         raise InvalidInputError(f"memory to dirty must be larger than zero, got {nbytes}")
+    if pause_s < 0:
+        raise InvalidInputError(f"the pause between passes must be 0 or more, got {pause_s}")
+    pause = f" ferry.dirty_pause={pause_s}" if pause_s else ""
     for suffix, scale in (("G", 1024**3), ("M", 1024**2), ("K", 1024)):
         if nbytes % scale == 0:
-            return f"ferry.dirty={nbytes // scale}{suffix}"
-    return f"ferry.dirty={nbytes}"
+            return f"ferry.dirty={nbytes // scale}{suffix}{pause}"
+    return f"ferry.dirty={nbytes}{pause}"
 
 
 # --- newc cpio ---------------------------------------------------------------

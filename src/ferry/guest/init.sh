@@ -41,6 +41,9 @@
 # Kernel parameters read from /proc/cmdline:
 #   ferry.dirty=SIZE  (bytes, or with a K/M/G suffix) keep rewriting that
 #                     much memory in the background, for live-migration tests.
+#   ferry.dirty_pause=SECONDS  sleep that long after each pass of ferry.dirty,
+#                     so the guest dirties at most SIZE per that many seconds
+#                     (a rate tests can count on; none: as fast as it can).
 #   ferry.fs=DISK     DISK (e.g. vdb) holds a file system the test made: no
 #                     records go to it; it is mounted at /mnt/fs and every
 #                     200 ms the guest writes file fN there (N after the
@@ -208,15 +211,25 @@ dirty_memory() {
 		done
 		# shellcheck disable=SC2086
 		cat $chunks 1<>/run/dirty/mem
+		if [ -n "$2" ]; then sleep "$2"; fi
 	done
 }
 
-# Sets DIRTY to the byte count of ferry.dirty= ("" when not given).
+# Sets DIRTY to the byte count of ferry.dirty= ("" when not given), and
+# DIRTY_PAUSE to ferry.dirty_pause= (whole seconds, "" when not given).
 parse_cmdline() {
 	DIRTY=
+	DIRTY_PAUSE=
 	read -r cmdline </proc/cmdline
 	for arg in $cmdline; do
 		case $arg in
+		ferry.dirty_pause=*)
+			DIRTY_PAUSE=${arg#ferry.dirty_pause=}
+			case $DIRTY_PAUSE in
+			'' | *[!0-9]*) fail "bad kernel parameter $arg: use e.g. ferry.dirty_pause=4" ;;
+			esac
+			continue
+			;;
 		ferry.dirty=*) value=${arg#ferry.dirty=} ;;
 		*) continue ;;
 		esac
@@ -475,7 +488,7 @@ fi
 echo "ferry-guest up last-seq=$MAX"
 
 if [ -n "$DIRTY" ] && [ "$DIRTY" -gt 0 ]; then
-	dirty_memory "$DIRTY" &
+	dirty_memory "$DIRTY" "$DIRTY_PAUSE" &
 	renice -n 19 -p $! >/dev/null
 fi
 
