@@ -366,8 +366,15 @@ def test_an_etcd_restart_restarts_nothing(ha: Ha) -> None:
     if died is None:  # bridged (for sure below `bridged`, by luck of phase above it)
         assert qemu_pids_for(vm["uuid"]) == [pid], f"etcd was down {outage:.1f}s"
         assert ha.where("steady", "host-2")["pid"] == pid
-        assert ha.events(t0, "node-fenced") == [] and ha.events(t0, "vm-restart") == []
-        assert set(node_states(ha.env).values()) == {"up"}
+        assert ha.events(t0, "vm-restart") == []
+        # Above `bridged`, each node's luck of phase is its own: another node may have
+        # fenced itself (seen at 2.15 s against 1.45 s, load ~6). host-2 did not: a node
+        # that fences kills its QEMUs, and this one lives. Those that fenced rejoin.
+        fenced = {e["node"] for e in ha.events(t0, "node-fenced")}
+        assert "host-2" not in fenced, fenced
+        if outage < bridged:
+            assert not fenced, f"fenced after an outage of {outage:.2f}s that the TTL bridges"
+        wait_all_up(ha)
         text = ha.env.console("steady", "host-2")
         assert len(UP.findall(text)) == 1, "the guest booted again"
         ha.check_records("steady", "host-2")
