@@ -252,6 +252,7 @@ async def serve(config: HostConfig, *, ready: asyncio.Event | None = None) -> No
         broker.peers, broker.tls_dir = peers, config.tls_dir  # extensions from its replicas
         broker.resume = extensions.scheduler.spawn
         extensions.listeners.append(broker.extension_changed)
+        extensions.reclaim = broker.reclaim_extension  # a claim at E lost at a take-over
         ReplicationEndpoints(store, mover=mover, adopt=replication.adopt,
                              broker=broker).register(peer_server)  # fmt: skip
         # GET /metrics: counters the services bump, gauges read at scrape time.

@@ -173,6 +173,9 @@ def test_cycles_follow_the_replica_vm_through_a_node_loss_then_fail_over_into_c2
 
     index = int(first.rsplit("-", 1)[1])
     killed_at = time.monotonic()
+    # host-4 is down while the replica changes node, so the new holder's claim of the
+    # primary's place there cannot land: the extension's next cycle claims it again.
+    lab.kill_agent(4)
     lab.kill_agent(index)
     other = next(node for node in C2 if node != first)
 
@@ -187,12 +190,15 @@ def test_cycles_follow_the_replica_vm_through_a_node_loss_then_fail_over_into_c2
     reowned = [e for e in events if e["kind"] == "replica-reowned"]
     assert reowned and reowned[-1]["node"] == other, events
     after = point_ids(lab)
-    # The lost node comes back: it drops its stale copy, so only the holder shows one.
+    # The lost node comes back (and host-4): it drops its stale copy, so only the holder
+    # shows one.
     lab.restart_agent(index)
     wait("c2 to settle again", lambda: _settled(lab), timeout=60)
     assert wait("the stale copy to go", lambda: holder(lab) == other, timeout=30)
-    # The extension goes on from the new holder: host-4 takes it as its primary.
+    # The extension goes on from the new holder: host-4 still names the old one, refuses
+    # the cycle, and the holder claims the place again and sends.
     assert sync(lab)["result"] == "ok"
+    assert cli.json("replication", "status", VM, "--host", EXTENDED)["primary"] == first
     onward = cli.json("replication", "sync", VM, "--host", other)
     assert onward["result"] == "ok", onward
     assert cli.json("replication", "status", VM, "--host", EXTENDED)["primary"] == other

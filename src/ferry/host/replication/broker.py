@@ -129,18 +129,31 @@ class ReplicaBroker:
     async def resume_extension(self, m: Membership, record: ReplicaRecord) -> None:
         """This node just took the replica VM over: it takes the extended host's primary's
         place and runs the extension's schedule. A failure is logged; the extension's next
-        cycle then fails on its pin, and the next take-over tries again."""
+        cycle, refused there, claims again (:meth:`reclaim_extension`)."""
         assert record.extension is not None
         try:
             await self._tell_extended(m, record.extension, claim=True)
-        except FerryError as exc:
-            log.warning("VM %s: extended host %s did not take %s as its primary: %s",
+        except FerryError as exc:  # its schedule runs all the same: a cycle claims again
+            log.warning("VM %s: extended host %s did not take %s as its primary yet: %s",
                         record.spec.name, record.extension.host, self.node, exc)  # fmt: skip
-            return
         if self.resume is not None:
             self.resume(record.spec.uuid)
         log.info("VM %s: extended replication to %s runs from %s now", record.spec.name,
                  record.extension.host, self.node)  # fmt: skip
+
+    async def reclaim_extension(self, uuid: str) -> bool:
+        """The extended host refused this node as its primary: if this node holds the
+        brokered replica, claim the primary's place there again (True if it did)."""
+        rel = self.catalog.relationship(uuid)
+        ext = self.catalog.extension(uuid)
+        if rel is None or not rel.broker or ext is None:
+            return False
+        m = self.membership(rel.broker)
+        entry = await m.store.get(m.keys.replica_owner(uuid))
+        if entry is None or Owner.decode(entry.value).node != self.node:
+            return False  # not the holder: the refusal stands
+        await self._tell_extended(m, ext, claim=True)
+        return True
 
     # -- failover ----------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ from ferry.errors import (
     NotFoundError,
     ReplicationStoppedError,
     StateError,
+    ThumbprintMismatchError,
 )
 from ferry.host.jobs import Job, JobRegistry
 from ferry.host.replication.cycle import (
@@ -88,6 +89,10 @@ class ExtensionService:
         # Hear of each extend and cycle (the replica broker publishes the extension to its
         # cluster's record; created=True after an extend).
         self.listeners: list[Callable[..., Awaitable[None]]] = []
+        # Asked when the extended host refuses this host as the primary (the replica
+        # broker: this node took the replica over and its claim at E did not land):
+        # True if it claimed the primary's place again, so the cycle is tried once more.
+        self.reclaim: Callable[[str], Awaitable[bool]] | None = None
 
     async def _changed(self, vm_uuid: str, *, created: bool = False) -> None:
         for listener in self.listeners:
@@ -236,11 +241,33 @@ class ExtensionService:
                     "error": error}))  # fmt: skip
 
         outcome = await timed_cycle(self.catalog, vm_uuid, ext.vm_name, now, last,
-                                    ext.frequency_s, self._forward(ext, rel), stopped)  # fmt: skip
+                                    ext.frequency_s, self._forward_claimed(ext, rel),
+                                    stopped)  # fmt: skip
         if outcome["result"] == "ok":
             outcome["point"] = (self.catalog.extension(vm_uuid) or ext).confirmed_point
         await self._changed(vm_uuid)
         return outcome
+
+    async def _forward_claimed(self, ext: Extension, rel: Relationship) -> int | None:
+        """:meth:`_forward`; refused as the primary by the extended host, once more after
+        :attr:`reclaim` claimed the place again (a claim lost when this host took over)."""
+        try:
+            return await self._forward(ext, rel)
+        except ReplicationStoppedError as exc:
+            cause = exc.__cause__  # the session's refusal (a pin mismatch is not this)
+            if not isinstance(cause, AuthError) or isinstance(cause, ThumbprintMismatchError):
+                raise
+            try:
+                claimed = self.reclaim is not None and await self.reclaim(ext.vm_uuid)
+            except FerryError as why:
+                log.warning("VM %s: extended host %s: the claim again failed: %s",
+                            ext.vm_name, ext.host, why)  # fmt: skip
+                claimed = False
+            if not claimed:
+                raise exc from None
+            log.info("VM %s: extended host %s refused this host as its primary (%s); "
+                     "claimed again", ext.vm_name, ext.host, exc)  # fmt: skip
+            return await self._forward(self.catalog.extension(ext.vm_uuid) or ext, rel)
 
     async def _forward(self, ext: Extension, rel: Relationship) -> int | None:
         name = ext.vm_name
