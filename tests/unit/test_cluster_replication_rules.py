@@ -34,6 +34,10 @@ MEMBER = Caller("node-2", TP2)
 STRANGER = Caller("host-4", TP4)  # a ferry host outside the cluster
 MEMBER_NAME_OTHER_CERT = Caller("node-2", TP4)
 ADMIN = Caller("admin", "a" * 64, admin=True)
+# A member whose certificate was renewed after the hosts were told: it names the
+# cluster (a replica cluster's node certificates do), so it counts by that.
+RENEWED = Caller("node-2", TP4, dns_names=("c1.cluster.ferry",))
+OTHER_CLUSTER = Caller("host-4", TP4, dns_names=("c9.cluster.ferry",))
 
 # (caller, cluster hosts the replica holds, claimed primary, claimed thumbprint,
 #  expected: "own" = the pinned primary's change, "claim" = a cluster host's claim,
@@ -61,6 +65,11 @@ CASES = [
     (STRANGER, HOSTS, "host-4", TP4, "nor a host of its cluster 'c1'"),
     (MEMBER_NAME_OTHER_CERT, HOSTS, "node-2", TP4, "nor a host of its cluster 'c1'"),
     (Caller("node-1", TP4), HOSTS, "node-1", TP4, "nor a host of its cluster 'c1'"),
+    # A certificate that names the cluster: a host of it, for itself only.
+    (RENEWED, HOSTS, "node-2", TP4, "claim"),
+    (RENEWED, HOSTS, "node-3", TP3, "may make only itself the primary"),
+    (RENEWED, (), "node-2", TP4, "is not the primary of VM 'web'"),  # not clustered
+    (OTHER_CLUSTER, HOSTS, "host-4", TP4, "nor a host of its cluster 'c1'"),
 ]
 
 

@@ -106,7 +106,7 @@ def _enable_cluster(cluster: str, volume: str | None, ca: Path | None,
     """The settings once in the cluster's store; every node certificate names the cluster."""
     from ferry.cli.cluster_cmd import ask_cluster, nodes_of
     from ferry.client.pki import add_cluster_name, cluster_names_missing
-    from ferry.core.replication.broker import cluster_san
+    from ferry.core.replication.authority import cluster_san
 
     if volume is None:
         raise InvalidInputError(

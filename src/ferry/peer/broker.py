@@ -4,7 +4,7 @@ A relationship to ``cluster:C`` names the cluster and the addresses of its
 nodes (``replica_url``, comma-separated, as ``replication enable`` found them)
 and pins the cluster: the thumbprint of the CA that issued C's node
 certificates, and the name ``C.cluster.ferry`` every one of them carries
-(:func:`ferry.core.replication.broker.cluster_san`). TLS checks that name as
+(:func:`ferry.core.replication.authority.cluster_san`). TLS checks that name as
 the host name of every node it talks to, and the CA is this host's trust
 anchor, whose thumbprint must be the pinned one.
 
@@ -24,7 +24,8 @@ import ssl
 from collections.abc import AsyncIterable
 from typing import Any
 
-from ferry.core.replication.broker import PREFIX, BrokerPin, cluster_san
+from ferry.core.replication.authority import cluster_san
+from ferry.core.replication.broker import PREFIX, BrokerPin
 from ferry.errors import AuthError, ConnectionFailedError, FerryError
 from ferry.peer.https import HttpsTransport, ServerTrust, raise_for_error
 from ferry.peer.replication import LOCATE, BrokerOwner

@@ -43,6 +43,13 @@ class Caller:
     name: str  # the certificate's common name: the host's name
     thumbprint: str  # SHA-256 of the certificate, lowercase hex
     admin: bool = False
+    dns_names: tuple[str, ...] = ()  # its subject alternative names (a cluster's, below)
+
+
+def cluster_san(cluster: str) -> str:
+    """The DNS name every node certificate of a replica cluster carries (the CA issues it
+    to its nodes only: ``replica-server enable --cluster``), and what a primary pins."""
+    return f"{cluster}.cluster.ferry"
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,12 @@ class ClusterHost:
     thumbprint: str  # SHA-256 of its host certificate, lowercase hex
 
 
-def _member(caller: Caller, hosts: Iterable[ClusterHost]) -> bool:
+def _member(caller: Caller, hosts: Iterable[ClusterHost], cluster: str) -> bool:
+    """A host of the cluster: by the name and certificate the cluster told, or by a
+    certificate that names the cluster (its thumbprint may be newer than what was told:
+    a node's certificate renewed after the hosts were told)."""
+    if cluster and cluster_san(cluster) in caller.dns_names:
+        return True
     return any(h.name == caller.name and h.thumbprint == caller.thumbprint for h in hosts)
 
 
@@ -86,7 +98,7 @@ def check_primary_or_cluster(caller: Caller, *, vm: str, partner: str, thumbprin
     What a cluster host may change is :func:`check_primary_change`'s to say.
     """
     hosts = tuple(hosts)
-    if hosts and _member(caller, hosts):
+    if hosts and _member(caller, hosts, cluster):
         return
     try:
         check_partner(caller, vm=vm, partner=partner, thumbprint=thumbprint)

@@ -30,6 +30,7 @@ from ferry.core.cluster.roles import Owner
 from ferry.core.cluster.store import Entry
 from ferry.core.relationship import Extension, Relationship
 from ferry.core.replica_server import Admission, ReplicaServerSettings, admit
+from ferry.core.replication.authority import cluster_san
 from ferry.core.replication.retention import PointInfo
 from ferry.core.spec import VmSpec
 from ferry.errors import AuthError, InvalidInputError, NotFoundError, StateError
@@ -98,11 +99,6 @@ def resolve_cluster(target: ReplicaTarget, known: Iterable[str]) -> str:
         listed = ", ".join(names) or "none"
         raise NotFoundError(f"unknown cluster {target.name!r} (clusters in this etcd: {listed})")
     return target.name
-
-
-def cluster_san(cluster: str) -> str:
-    """The DNS name every node certificate of ``cluster`` carries, and the primary checks."""
-    return f"{cluster}.cluster.ferry"
 
 
 @dataclass(frozen=True)

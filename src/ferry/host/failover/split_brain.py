@@ -21,8 +21,8 @@ from ferry.adapters.pki import CertInfo
 from ferry.adapters.pki import Role as CertRole
 from ferry.core.relationship import Extension, Relationship, Role
 from ferry.core.replication import Caller, check_partner
+from ferry.core.replication.authority import cluster_san
 from ferry.core.replication.broker import PREFIX as BROKER_PREFIX
-from ferry.core.replication.broker import cluster_san
 from ferry.errors import AuthError, ConflictError, ConnectionFailedError, NotFoundError
 from ferry.host.failover.steps import FailoverSteps
 from ferry.peer import failover as wire

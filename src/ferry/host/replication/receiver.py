@@ -106,7 +106,12 @@ class Broker(Protocol):
 
 def caller_of(cert: CertInfo) -> Caller:
     """A peer call's certificate, as the authorisation rules read it."""
-    return Caller(cert.common_name, cert.thumbprint, admin=cert.role is Role.ADMIN)
+    return Caller(
+        cert.common_name,
+        cert.thumbprint,
+        admin=cert.role is Role.ADMIN,
+        dns_names=tuple(cert.dns_names),
+    )
 
 
 class ReplicaStore:
