@@ -330,7 +330,7 @@ class Reconciler:
         will resume it. Take the owner by compare-and-swap (the source's take-back then
         fails), then resume it here as the source's finish would. True if it acted."""
         destination = self.migrations.destination
-        job = destination.orphaned(uuid)
+        job = destination.receiving(uuid)
         if not self_ok or entries.owner is None or job is None:
             return False
         source = str(job.detail.get("source", ""))

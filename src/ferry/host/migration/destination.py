@@ -103,8 +103,7 @@ class MoveDestination:
 
     def is_incoming(self, uuid: str) -> bool:
         """True while a VM is arriving here and still runs on its source."""
-        return any(job.kind == INCOMING and job.state == IncomingState.RECEIVING
-                   and job.vm_uuid == uuid for job in self.jobs.all())  # fmt: skip
+        return self.receiving(uuid) is not None
 
     def _incoming(self, job_id: str, caller: CertInfo) -> Job:
         """The incoming job ``job_id``, if ``caller`` is the host that prepared it."""
@@ -282,7 +281,7 @@ class MoveDestination:
         """Switch-over: resume here. Idempotent: a repeated call reports the outcome."""
         return await self._finish(self._incoming(call.params["id"], call.caller))
 
-    def orphaned(self, vm_uuid: str) -> Job | None:
+    def receiving(self, vm_uuid: str) -> Job | None:
         """The incoming move of VM ``vm_uuid`` still receiving here, if any."""
         return next((job for job in self.jobs.all() if job.kind == INCOMING
                      and job.state == IncomingState.RECEIVING
